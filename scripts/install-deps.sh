@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Installs the system packages Wayfinder's tests and benchmarks need, idempotently,
+# on a fresh Debian bookworm machine (see ../shared/notes/environment.md).
+#
+#   scripts/install-deps.sh          # what the test suite needs
+#   scripts/install-deps.sh --bench  # plus the load generators and peers for benches/
+#
+# Consul is not in bookworm: it comes from Debian's bullseye suite, fetched with a
+# private apt state so the system's sources are never touched.
+set -euo pipefail
+
+want_bench=0
+[ "${1:-}" = "--bench" ] && want_bench=1
+
+packages=(bind9-dnsutils knot-dnsutils unbound dnsmasq-base iproute2 procps ca-certificates)
+[ $want_bench = 1 ] && packages+=(dnsperf)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}"
+  # Packages with services (unbound) must not start them: tests run their own
+  # instances on free ports, and a system unbound would take port 53.
+  policy=/usr/sbin/policy-rc.d
+  made_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+    as_root chmod +x "$policy"
+    made_policy=1
+  fi
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  [ $made_policy = 1 ] && as_root rm -f "$policy"
+fi
+
+if ! command -v consul >/dev/null 2>&1; then
+  echo "install-deps: installing consul from Debian bullseye"
+  mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  if [ -z "$mirror" ]; then
+    mirror=$(awk '/^deb / && $0 !~ /security/ {for (i=2;i<=NF;i++) if ($i ~ /^https?:/) {print $i; exit}}' /etc/apt/sources.list 2>/dev/null || true)
+  fi
+  [ -n "$mirror" ] || { echo "install-deps: cannot find the Debian mirror in /etc/apt/sources.list.d/debian.sources" >&2; exit 1; }
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  mkdir -p "$work/lists/partial" "$work/archives/partial"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror bullseye main" >"$work/sources.list"
+  apt_opts=(-o APT::Sandbox::User=root -o Dir::Etc::SourceList="$work/sources.list" -o Dir::Etc::SourceParts=/dev/null
+            -o Dir::State::Lists="$work/lists" -o Dir::Cache::Archives="$work/archives")
+  apt-get "${apt_opts[@]}" update -qq
+  (cd "$work" && apt-get "${apt_opts[@]}" download consul)
+  dpkg-deb -x "$work"/consul_*.deb "$work/root"
+  as_root install -m 0755 "$work/root/usr/bin/consul" /usr/local/bin/consul
+fi
+
+echo "install-deps: ok ($(consul version | head -1), $(dig -v 2>&1 | head -1), unbound $(unbound -V 2>/dev/null | awk '/^Version/ {print $2}'))"

@@ -1,0 +1,805 @@
+//! Configuration: the TOML file, the PanteraS environment, and the validated result.
+//!
+//! ```text
+//!  wayfinder.toml ──serde (unknown keys rejected)──▶ FileConfig
+//!  PanteraS env (LISTEN_IP, CONSUL_IP, ...) ──overrides──▶ FileConfig   (env beats file)
+//!  FileConfig ──validate()──▶ Config  (addresses parsed, resolv.conf read, loops refused)
+//! ```
+//!
+//! Precedence: environment variable, then the file, then the built-in default named
+//! next to each field. Every error names the file, the key and the problem; `main`
+//! maps a [`ConfigError`] to exit status 64.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hickory_proto::rr::Name;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::env::{self, Env};
+
+/// The config file used when `-c` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "wayfinder.toml";
+
+/// A configuration problem: which file, which key, what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {problem}")]
+pub struct ConfigError {
+    /// The config file (or `environment` for a bad variable).
+    pub file: String,
+    /// The key, e.g. `dns.listen`, or the variable name.
+    pub key: String,
+    /// What is wrong, in words.
+    pub problem: String,
+}
+
+/// The file as written, after environment overrides. Serialised back by `check`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// How to reach the Consul agent.
+    #[serde(default)]
+    pub consul: ConsulSection,
+    /// The DNS server.
+    #[serde(default)]
+    pub dns: DnsSection,
+}
+
+/// `[consul]`: the local Consul agent.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsulSection {
+    /// Consul's HTTP API. Default `127.0.0.1:8500`; `CONSUL_IP` replaces the address.
+    #[serde(default = "default_consul_http")]
+    pub http: SocketAddr,
+    /// Consul DNS interfaces, tried in order (failover). Default `["127.0.0.1:8600"]`.
+    #[serde(default = "default_consul_dns")]
+    pub dns: Vec<SocketAddr>,
+    /// Consul's DNS domain. Default `consul`; `CONSUL_DOMAIN` overrides.
+    #[serde(default = "default_consul_domain")]
+    pub domain: String,
+    /// This host's datacenter. Default `dc1`; `CONSUL_DC` overrides.
+    #[serde(default = "default_consul_datacenter")]
+    pub datacenter: String,
+}
+
+/// How A/AAAA questions for `*.service.<consul domain>` are answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsulARecords {
+    /// Ask Consul: the instances' own addresses (the default).
+    Consul,
+    /// Answer with the load-balancer hosts (the wildcard targets), as PanteraS's
+    /// dnsmasq `--address=/consul/HOST_IP` did; SRV still goes to Consul.
+    Lb,
+}
+
+/// `[dns]`: the host DNS server.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSection {
+    /// Addresses to answer on, UDP and TCP on each. Default `["0.0.0.0:53"]`;
+    /// `LISTEN_IP` replaces the address of each (ports kept).
+    #[serde(default = "default_dns_listen")]
+    pub listen: Vec<SocketAddr>,
+    /// Client networks that get answers; everyone else gets REFUSED.
+    /// Default: loopback and the RFC 1918 private ranges.
+    #[serde(default = "default_dns_allow")]
+    pub allow: Vec<IpNet>,
+    /// Resolvers for every other name: resolv.conf paths and/or `IP[:port]` entries.
+    /// Default: `/etc/resolv.conf.orig` if it exists, else `/etc/resolv.conf`
+    /// (nameservers that are this server itself are skipped in the default only).
+    #[serde(default)]
+    pub upstreams: Vec<String>,
+    /// Directory of RFC 1035 master files, one zone per file, served authoritatively.
+    /// Default `zones`; a missing directory means no zones.
+    #[serde(default = "default_zones_dir")]
+    pub zones_dir: PathBuf,
+    /// How often `zones_dir` is checked for changes (SIGHUP reloads at once). Default `1s`.
+    #[serde(default = "default_zones_poll", with = "humantime_serde")]
+    pub zones_poll: Duration,
+    /// The wildcard domain answered with the LB hosts, e.g. `.apps.example.com`.
+    /// Default: none; `HAPROXY_ADD_DOMAIN` overrides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wildcard_domain: Option<String>,
+    /// Targets of wildcard answers: IP addresses and/or `consul:SERVICE` (the passing
+    /// instances of SERVICE). Default: `HOST_IP` when set.
+    #[serde(default)]
+    pub wildcard_targets: Vec<String>,
+    /// TTL of wildcard and LB answers. Default `0s` (as dnsmasq's `address=`).
+    #[serde(default, with = "humantime_serde")]
+    pub wildcard_ttl: Duration,
+    /// `consul` (default) or `lb`; see [`ConsulARecords`].
+    #[serde(default = "default_consul_a_records")]
+    pub consul_a_records: ConsulARecords,
+    /// Deadline for a Consul answer over all Consul addresses; SERVFAIL after it. Default `2s`.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub consul_timeout: Duration,
+    /// Deadline for an upstream answer over all upstreams; stale or SERVFAIL after it. Default `2s`.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub upstream_timeout: Duration,
+    /// Maximum number of cached answers. Default `65536`.
+    #[serde(default = "default_cache_size")]
+    pub cache_size: u64,
+    /// Upper bound on the TTL of a cached positive answer. Default `1d`.
+    #[serde(default = "default_max_ttl", with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// Upper bound on negative caching (RFC 2308). Default `1h`.
+    #[serde(default = "default_negative_max_ttl", with = "humantime_serde")]
+    pub negative_max_ttl: Duration,
+    /// How long an expired answer may still be served when every upstream fails
+    /// (RFC 8767). Default `1d`; `0s` disables serve-stale.
+    #[serde(default = "default_serve_stale", with = "humantime_serde")]
+    pub serve_stale: Duration,
+    /// UDP worker threads (one SO_REUSEPORT socket each) per listen address.
+    /// Default `0` = one per CPU.
+    #[serde(default)]
+    pub workers: usize,
+    /// Queries being resolved at once (Consul, upstreams, zones); more are dropped
+    /// and counted. Default `4096`.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: usize,
+    /// Idle time after which a TCP client connection is closed. Default `10s`.
+    #[serde(default = "default_tcp_idle_timeout", with = "humantime_serde")]
+    pub tcp_idle_timeout: Duration,
+}
+
+impl Default for ConsulSection {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
+}
+
+impl Default for DnsSection {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
+}
+
+fn default_consul_http() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8500))
+}
+fn default_consul_dns() -> Vec<SocketAddr> {
+    vec![SocketAddr::from(([127, 0, 0, 1], 8600))]
+}
+fn default_consul_domain() -> String {
+    "consul".into()
+}
+fn default_consul_datacenter() -> String {
+    "dc1".into()
+}
+fn default_dns_listen() -> Vec<SocketAddr> {
+    vec![SocketAddr::from(([0, 0, 0, 0], 53))]
+}
+fn default_dns_allow() -> Vec<IpNet> {
+    [
+        "127.0.0.0/8",
+        "::1/128",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+    ]
+    .iter()
+    .map(|n| n.parse().expect("valid default network"))
+    .collect()
+}
+fn default_zones_dir() -> PathBuf {
+    PathBuf::from("zones")
+}
+fn default_zones_poll() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_consul_a_records() -> ConsulARecords {
+    ConsulARecords::Consul
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_cache_size() -> u64 {
+    65536
+}
+fn default_max_ttl() -> Duration {
+    Duration::from_secs(86400)
+}
+fn default_negative_max_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_serve_stale() -> Duration {
+    Duration::from_secs(86400)
+}
+fn default_max_inflight() -> usize {
+    4096
+}
+fn default_tcp_idle_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// The validated configuration every component is built from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the configuration came from (for messages).
+    pub source: String,
+    /// Consul connection.
+    pub consul: ConsulConfig,
+    /// DNS server.
+    pub dns: DnsConfig,
+}
+
+/// Validated `[consul]`.
+#[derive(Debug, Clone)]
+pub struct ConsulConfig {
+    /// Consul HTTP API address.
+    pub http: SocketAddr,
+    /// Consul DNS addresses in failover order.
+    pub dns: Vec<SocketAddr>,
+    /// Consul DNS domain as a fully qualified, lower-case name (`consul.`).
+    pub domain: Name,
+    /// Datacenter.
+    pub datacenter: String,
+}
+
+/// A wildcard answer target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WildcardTarget {
+    /// A fixed address.
+    Static(IpAddr),
+    /// The addresses of the passing instances of a Consul service.
+    ConsulService(String),
+}
+
+/// Validated `[dns]`.
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    /// Listen addresses (UDP and TCP on each).
+    pub listen: Vec<SocketAddr>,
+    /// Allowed client networks.
+    pub allow: Vec<IpNet>,
+    /// Upstream resolvers, in order.
+    pub upstreams: Vec<SocketAddr>,
+    /// Zone directory.
+    pub zones_dir: PathBuf,
+    /// Zone directory poll interval.
+    pub zones_poll: Duration,
+    /// The wildcard domain apex (`apps.example.com.`), if any.
+    pub wildcard_domain: Option<Name>,
+    /// Wildcard/LB answer targets.
+    pub wildcard_targets: Vec<WildcardTarget>,
+    /// TTL of wildcard answers, seconds.
+    pub wildcard_ttl: u32,
+    /// A/AAAA policy for Consul service names.
+    pub consul_a_records: ConsulARecords,
+    /// Consul deadline.
+    pub consul_timeout: Duration,
+    /// Upstream deadline.
+    pub upstream_timeout: Duration,
+    /// Cache capacity in answers.
+    pub cache_size: u64,
+    /// Positive TTL cap, seconds.
+    pub max_ttl: u32,
+    /// Negative TTL cap, seconds.
+    pub negative_max_ttl: u32,
+    /// Serve-stale window.
+    pub serve_stale: Duration,
+    /// UDP workers per listen address (resolved: never 0).
+    pub workers: usize,
+    /// Bound on queries being resolved at once.
+    pub max_inflight: usize,
+    /// TCP idle timeout.
+    pub tcp_idle_timeout: Duration,
+}
+
+/// Reads `path` (or the default file), applies `env`, validates.
+///
+/// A missing default file means "all defaults"; a missing `-c` file is an error.
+pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<(FileConfig, Config), ConfigError> {
+    let (text, source) = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| ConfigError {
+                file: p.display().to_string(),
+                key: "(file)".into(),
+                problem: format!("could not read the config file: {e}"),
+            })?;
+            (text, p.display().to_string())
+        }
+        None => match std::fs::read_to_string(DEFAULT_CONFIG_PATH) {
+            Ok(text) => (text, DEFAULT_CONFIG_PATH.to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (String::new(), "(built-in defaults)".to_string()),
+            Err(e) => {
+                return Err(ConfigError {
+                    file: DEFAULT_CONFIG_PATH.into(),
+                    key: "(file)".into(),
+                    problem: format!("could not read the config file: {e}"),
+                });
+            }
+        },
+    };
+    let file = parse(&text, &source, env)?;
+    let config = validate(&file, &source)?;
+    Ok((file, config))
+}
+
+/// Parses TOML text and applies environment overrides.
+pub fn parse(text: &str, source: &str, env: &dyn Env) -> Result<FileConfig, ConfigError> {
+    let mut file: FileConfig = toml::from_str(text).map_err(|e| ConfigError {
+        file: source.to_string(),
+        key: toml_error_key(&e, text),
+        problem: e.message().to_string()
+            + &e.span()
+                .map(|s| format!(" (line {})", line_of(text, s.start)))
+                .unwrap_or_default(),
+    })?;
+    apply_env(&mut file, env)?;
+    Ok(file)
+}
+
+/// The dotted key a TOML error points at, read from the text around its span
+/// (`[dns]` … `consul_timeout = "soon"` → `dns.consul_timeout`).
+fn toml_error_key(e: &toml::de::Error, text: &str) -> String {
+    let Some(span) = e.span() else {
+        return "(syntax)".to_string();
+    };
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let section = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    match (line.split_once('='), section) {
+        (Some((key, _)), Some(section)) => format!("{section}.{}", key.trim()),
+        (Some((key, _)), None) => key.trim().to_string(),
+        (None, Some(section)) if line.trim().starts_with('[') => section,
+        (None, _) => line.trim().trim_matches(|c| c == '[' || c == ']').to_string(),
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+fn env_error(var: &str, problem: String) -> ConfigError {
+    ConfigError {
+        file: "environment".into(),
+        key: var.into(),
+        problem,
+    }
+}
+
+fn env_ip(env: &dyn Env, var: &str) -> Result<Option<IpAddr>, ConfigError> {
+    env.get(var)
+        .map(|v| {
+            v.trim()
+                .parse::<IpAddr>()
+                .map_err(|e| env_error(var, format!("`{v}` is not an IP address: {e}")))
+        })
+        .transpose()
+}
+
+/// Applies the PanteraS variables (see [`crate::env::VARS`]) over the file.
+fn apply_env(file: &mut FileConfig, env: &dyn Env) -> Result<(), ConfigError> {
+    if let Some(ip) = env_ip(env, env::LISTEN_IP)? {
+        for addr in &mut file.dns.listen {
+            addr.set_ip(ip);
+        }
+    }
+    if let Some(ip) = env_ip(env, env::CONSUL_IP)? {
+        file.consul.http.set_ip(ip);
+        let port = file.consul.dns.first().map_or(8600, |a| a.port());
+        file.consul.dns = vec![SocketAddr::new(ip, port)];
+    }
+    if let Some(domain) = env.get(env::CONSUL_DOMAIN) {
+        file.consul.domain = domain;
+    }
+    if let Some(dc) = env.get(env::CONSUL_DC) {
+        file.consul.datacenter = dc;
+    }
+    if let Some(domain) = env.get(env::HAPROXY_ADD_DOMAIN) {
+        file.dns.wildcard_domain = Some(domain);
+    }
+    if let Some(ip) = env_ip(env, env::HOST_IP)?
+        && file.dns.wildcard_targets.is_empty()
+    {
+        file.dns.wildcard_targets = vec![ip.to_string()];
+    }
+    Ok(())
+}
+
+/// Parses a domain written by a person (`.apps.example.com`, `consul`) into a
+/// fully qualified lower-case name.
+pub fn parse_domain(text: &str) -> Result<Name, String> {
+    let trimmed = text.trim().trim_start_matches('.');
+    if trimmed.is_empty() || trimmed == "." {
+        return Err("must be a domain name such as `apps.example.com`".into());
+    }
+    let mut name = Name::from_ascii(trimmed).map_err(|e| format!("`{text}` is not a domain: {e}"))?;
+    name.set_fqdn(true);
+    Ok(name.to_lowercase())
+}
+
+/// Turns the (overridden) file into a [`Config`], checking everything that can be
+/// checked before binding sockets.
+pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> {
+    let err = |key: &str, problem: String| ConfigError {
+        file: source.to_string(),
+        key: key.to_string(),
+        problem,
+    };
+    let FileConfig { consul, dns } = file;
+    let ConsulSection {
+        http,
+        dns: consul_dns,
+        domain,
+        datacenter,
+    } = consul;
+    if consul_dns.is_empty() {
+        return Err(err("consul.dns", "needs at least one address".into()));
+    }
+    if datacenter.trim().is_empty() || datacenter.contains('.') {
+        return Err(err(
+            "consul.datacenter",
+            format!("`{datacenter}` is not a datacenter name"),
+        ));
+    }
+    let consul = ConsulConfig {
+        http: *http,
+        dns: consul_dns.clone(),
+        domain: parse_domain(domain).map_err(|p| err("consul.domain", p))?,
+        datacenter: datacenter.clone(),
+    };
+
+    let DnsSection {
+        listen,
+        allow,
+        upstreams,
+        zones_dir,
+        zones_poll,
+        wildcard_domain,
+        wildcard_targets,
+        wildcard_ttl,
+        consul_a_records,
+        consul_timeout,
+        upstream_timeout,
+        cache_size,
+        max_ttl,
+        negative_max_ttl,
+        serve_stale,
+        workers,
+        max_inflight,
+        tcp_idle_timeout,
+    } = dns;
+
+    if listen.is_empty() {
+        return Err(err("dns.listen", "needs at least one address".into()));
+    }
+    for (key, d) in [
+        ("dns.consul_timeout", consul_timeout),
+        ("dns.upstream_timeout", upstream_timeout),
+        ("dns.zones_poll", zones_poll),
+        ("dns.tcp_idle_timeout", tcp_idle_timeout),
+    ] {
+        if d.is_zero() {
+            return Err(err(key, "must be longer than 0s".into()));
+        }
+    }
+    if *max_inflight == 0 {
+        return Err(err("dns.max_inflight", "must be at least 1".into()));
+    }
+
+    let wildcard_domain = wildcard_domain
+        .as_deref()
+        .map(parse_domain)
+        .transpose()
+        .map_err(|p| err("dns.wildcard_domain", p))?;
+    if let Some(w) = &wildcard_domain
+        && (consul.domain.zone_of(w) || w.zone_of(&consul.domain))
+    {
+        return Err(err(
+            "dns.wildcard_domain",
+            format!("`{w}` overlaps the Consul domain `{}`", consul.domain),
+        ));
+    }
+    let wildcard_targets = wildcard_targets
+        .iter()
+        .map(|t| parse_target(t))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|p| err("dns.wildcard_targets", p))?;
+    if wildcard_domain.is_some() && wildcard_targets.is_empty() {
+        return Err(err(
+            "dns.wildcard_targets",
+            "a wildcard_domain needs targets: set dns.wildcard_targets or HOST_IP".into(),
+        ));
+    }
+    if *consul_a_records == ConsulARecords::Lb && wildcard_targets.is_empty() {
+        return Err(err(
+            "dns.consul_a_records",
+            "`lb` answers with the LB hosts: set dns.wildcard_targets or HOST_IP".into(),
+        ));
+    }
+
+    let explicit = !upstreams.is_empty();
+    let entries: Vec<String> = if explicit {
+        upstreams.clone()
+    } else if Path::new("/etc/resolv.conf.orig").exists() {
+        vec!["/etc/resolv.conf.orig".into()]
+    } else {
+        vec!["/etc/resolv.conf".into()]
+    };
+    let mut resolved = Vec::new();
+    for entry in &entries {
+        for addr in parse_upstream(entry).map_err(|p| err("dns.upstreams", p))? {
+            if let Some(own) = listen.iter().find(|l| is_self(**l, addr)) {
+                if explicit {
+                    return Err(err(
+                        "dns.upstreams",
+                        format!(
+                            "upstream {addr} (from `{entry}`) is this server's own listen address {own}: \
+                             queries would loop; point upstreams at the host's real resolvers"
+                        ),
+                    ));
+                }
+                tracing::warn!(%addr, entry, "skipping upstream that is this server itself");
+                continue;
+            }
+            if !resolved.contains(&addr) {
+                resolved.push(addr);
+            }
+        }
+    }
+    if resolved.is_empty() {
+        return Err(err(
+            "dns.upstreams",
+            format!("no usable upstream resolver in {entries:?}"),
+        ));
+    }
+
+    let workers = if *workers == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        *workers
+    };
+    let secs = |d: &Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+
+    Ok(Config {
+        source: source.to_string(),
+        consul,
+        dns: DnsConfig {
+            listen: listen.clone(),
+            allow: allow.clone(),
+            upstreams: resolved,
+            zones_dir: zones_dir.clone(),
+            zones_poll: *zones_poll,
+            wildcard_domain,
+            wildcard_targets,
+            wildcard_ttl: secs(wildcard_ttl),
+            consul_a_records: *consul_a_records,
+            consul_timeout: *consul_timeout,
+            upstream_timeout: *upstream_timeout,
+            cache_size: *cache_size,
+            max_ttl: secs(max_ttl),
+            negative_max_ttl: secs(negative_max_ttl),
+            serve_stale: *serve_stale,
+            workers,
+            max_inflight: *max_inflight,
+            tcp_idle_timeout: *tcp_idle_timeout,
+        },
+    })
+}
+
+fn parse_target(text: &str) -> Result<WildcardTarget, String> {
+    let text = text.trim();
+    if let Some(service) = text.strip_prefix("consul:") {
+        let ok = !service.is_empty()
+            && service
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        return if ok {
+            Ok(WildcardTarget::ConsulService(service.to_string()))
+        } else {
+            Err(format!("`{text}`: `consul:` needs a service name"))
+        };
+    }
+    text.parse::<IpAddr>()
+        .map(WildcardTarget::Static)
+        .map_err(|_| format!("`{text}` is neither an IP address nor `consul:SERVICE`"))
+}
+
+/// An upstream entry: `IP`, `IP:port`, `[v6]:port`, or a resolv.conf path.
+fn parse_upstream(entry: &str) -> Result<Vec<SocketAddr>, String> {
+    let entry = entry.trim();
+    if let Ok(addr) = entry.parse::<SocketAddr>() {
+        return Ok(vec![addr]);
+    }
+    if let Ok(ip) = entry.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, 53)]);
+    }
+    if entry.starts_with('/') || entry.starts_with('.') {
+        let text = std::fs::read_to_string(entry).map_err(|e| format!("could not read resolv.conf `{entry}`: {e}"))?;
+        let servers = parse_resolv_conf(&text);
+        if servers.is_empty() {
+            return Err(format!("`{entry}` has no `nameserver` lines"));
+        }
+        return Ok(servers);
+    }
+    Err(format!(
+        "`{entry}` is neither an `IP[:port]` nor a resolv.conf path (paths start with `/`)"
+    ))
+}
+
+/// The `nameserver` addresses of a resolv.conf, port 53 (scoped v6 addresses kept
+/// without their zone, which resolv.conf users rarely need on a server).
+pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next()? == "nameserver").then_some(())?;
+            let ip = words.next()?.split('%').next()?.parse::<IpAddr>().ok()?;
+            Some(SocketAddr::new(ip, 53))
+        })
+        .collect()
+}
+
+/// True when a query sent to `upstream` would reach the listener `listen`.
+fn is_self(listen: SocketAddr, upstream: SocketAddr) -> bool {
+    if listen.port() != upstream.port() {
+        return false;
+    }
+    if listen.ip() == upstream.ip() {
+        return true;
+    }
+    // A wildcard listener also owns loopback and every local interface address.
+    listen.ip().is_unspecified() && (upstream.ip().is_loopback() || is_local_address(upstream.ip()))
+}
+
+fn is_local_address(ip: IpAddr) -> bool {
+    // Binding to an address succeeds only if it is assigned to this host.
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn check(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let file = parse(text, "test.toml", &env(vars))?;
+        validate(&file, "test.toml")
+    }
+
+    const MIN: &str = "[dns]\nupstreams = [\"192.0.2.1\"]\n";
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let c = check(MIN, &[]).unwrap();
+        assert_eq!(c.dns.listen, vec!["0.0.0.0:53".parse().unwrap()]);
+        assert_eq!(c.consul.dns, vec!["127.0.0.1:8600".parse().unwrap()]);
+        assert_eq!(c.consul.domain.to_string(), "consul.");
+        assert_eq!(c.dns.upstreams, vec!["192.0.2.1:53".parse().unwrap()]);
+        assert_eq!(c.dns.consul_timeout, Duration::from_secs(2));
+        assert!(c.dns.workers >= 1);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_in_every_table() {
+        for text in ["bogus = 1", "[consul]\nbogus = 1", "[dns]\nbogus = 1", "[nope]\n"] {
+            let e = check(text, &[]).unwrap_err();
+            assert!(e.problem.contains("unknown"), "{text}: {e}");
+        }
+        let e = check("[dns]\nlistne = []", &[]).unwrap_err();
+        assert_eq!(e.file, "test.toml");
+        assert!(e.to_string().contains("listne"), "{e}");
+    }
+
+    #[test]
+    fn panteras_environment_overrides_the_file() {
+        let c = check(
+            "[dns]\nlisten = [\"127.0.0.1:5353\"]\nupstreams = [\"192.0.2.1\"]\n",
+            &[
+                ("LISTEN_IP", "10.1.1.1"),
+                ("CONSUL_IP", "10.1.1.2"),
+                ("CONSUL_DOMAIN", "disco"),
+                ("CONSUL_DC", "eu1"),
+                ("HAPROXY_ADD_DOMAIN", ".apps.example.com"),
+                ("HOST_IP", "10.1.1.3"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.dns.listen, vec!["10.1.1.1:5353".parse().unwrap()]);
+        assert_eq!(c.consul.http, "10.1.1.2:8500".parse().unwrap());
+        assert_eq!(c.consul.dns, vec!["10.1.1.2:8600".parse().unwrap()]);
+        assert_eq!(c.consul.domain.to_string(), "disco.");
+        assert_eq!(c.consul.datacenter, "eu1");
+        assert_eq!(c.dns.wildcard_domain.unwrap().to_string(), "apps.example.com.");
+        assert_eq!(
+            c.dns.wildcard_targets,
+            vec![WildcardTarget::Static("10.1.1.3".parse().unwrap())]
+        );
+    }
+
+    #[test]
+    fn bad_environment_values_name_the_variable() {
+        let e = check(MIN, &[("CONSUL_IP", "not-an-ip")]).unwrap_err();
+        assert_eq!(e.key, "CONSUL_IP");
+    }
+
+    #[test]
+    fn upstream_loop_to_own_listener_is_refused() {
+        let e = check(
+            "[dns]\nlisten = [\"127.0.0.1:5353\"]\nupstreams = [\"127.0.0.1:5353\"]\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "dns.upstreams");
+        assert!(e.problem.contains("loop"), "{e}");
+        let e = check("[dns]\nlisten = [\"0.0.0.0:53\"]\nupstreams = [\"127.0.0.53\"]\n", &[]).unwrap_err();
+        assert!(e.problem.contains("loop"), "{e}");
+        assert!(
+            check(
+                "[dns]\nlisten = [\"127.0.0.1:5353\"]\nupstreams = [\"127.0.0.1:53\"]\n",
+                &[]
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn resolv_conf_upstreams_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resolv.conf");
+        std::fs::write(
+            &path,
+            "# comment\nsearch example.com\nnameserver 192.0.2.7\nnameserver fe80::1%eth0\n",
+        )
+        .unwrap();
+        let c = check(&format!("[dns]\nupstreams = [{:?}]\n", path), &[]).unwrap();
+        assert_eq!(
+            c.dns.upstreams,
+            vec!["192.0.2.7:53".parse().unwrap(), "[fe80::1]:53".parse().unwrap()]
+        );
+        let e = check("[dns]\nupstreams = [\"/nonexistent/resolv.conf\"]\n", &[]).unwrap_err();
+        assert!(e.problem.contains("could not read"), "{e}");
+    }
+
+    #[test]
+    fn wildcard_needs_targets_and_parses_consul_targets() {
+        let e = check(
+            "[dns]\nupstreams = [\"192.0.2.1\"]\nwildcard_domain = \".apps.example.com\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "dns.wildcard_targets");
+        let c = check(
+            "[dns]\nupstreams = [\"192.0.2.1\"]\nwildcard_domain = \"apps.example.com\"\n\
+             wildcard_targets = [\"10.0.0.5\", \"consul:wayfinder-lb\"]\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.dns.wildcard_targets[1],
+            WildcardTarget::ConsulService("wayfinder-lb".into())
+        );
+        let e = check(
+            "[dns]\nupstreams = [\"192.0.2.1\"]\nwildcard_domain = \"a.b\"\nwildcard_targets = [\"nope\"]\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.problem.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn type_errors_name_the_key_and_line() {
+        let e = check("[dns]\nupstreams = [\"192.0.2.1\"]\nlisten = [\"nope\"]\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("line 3"), "{e}");
+        let e = check("[dns]\nconsul_timeout = \"soon\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("consul_timeout"), "{e}");
+        let e = check("[dns]\nupstreams = [\"192.0.2.1\"]\nconsul_a_records = \"x\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("consul_a_records"), "{e}");
+    }
+}

@@ -1,0 +1,482 @@
+//! The question router and answer cache: every query, from UDP or TCP, ends here.
+//!
+//! ```text
+//!  packet ─parse─▶ allowed? ──no──▶ REFUSED
+//!    │ fast path (inline in the receive loop, no task, no allocation):
+//!    ├─ not Consul, and the cache holds a valid pre-encoded answer ─▶ finish() ─▶ send
+//!    │ slow path (a tokio task):
+//!    ├─ *.consul ───────────────▶ Consul forwarder (merged, never cached)
+//!    ├─ consul A/AAAA, mode lb ─▶ LB hosts   ┐
+//!    ├─ wildcard domain ────────▶ LB hosts   ├─ local answer, cached under the
+//!    ├─ zones_dir zone ─────────▶ Catalog    ┘  current generation
+//!    └─ anything else ──────────▶ upstream forwarder ─▶ cached by TTL (RFC 2308 for
+//!                                  negatives), stale served on failure (RFC 8767)
+//! ```
+//!
+//! Cache entries are [`Template`]s keyed by question (type, class, DO/CD, name), so
+//! an answer is encoded once and only patched per client. Local answers carry the
+//! generation they were built in; a change of LB hosts or zones bumps the
+//! generation and they are rebuilt on next use.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hickory_proto::rr::Name;
+use ipnet::IpNet;
+use moka::Expiry;
+use moka::sync::Cache;
+
+use super::forward::Forwarder;
+use super::stats::{DnsStats, Route};
+use super::wildcard::LbAnswers;
+use super::wire::{self, Malformed, Query, Template, Transport, TtlRewrite, rcode, rtype};
+use super::zones::Zones;
+use crate::config::{Config, ConsulARecords};
+
+/// TTL of a stale answer (RFC 8767 section 4 suggests 30 seconds).
+const STALE_TTL: u32 = 30;
+/// Local answers are rebuilt at least this often even without a generation change.
+const LOCAL_ENTRY_LIFETIME: Duration = Duration::from_secs(3600);
+/// EDNS payload we advertise to Consul: large, it is (nearly always) local.
+const CONSUL_PAYLOAD: u16 = 4096;
+
+#[derive(Debug)]
+enum EntryKind {
+    /// From an upstream, valid until `fresh_until`, then stale.
+    Upstream,
+    /// Built here from LB hosts or zones, valid while the generation holds.
+    Local { generation: u64, route: Route },
+}
+
+#[derive(Debug)]
+struct Entry {
+    template: Template,
+    stored: Instant,
+    fresh_until: Instant,
+    kind: EntryKind,
+}
+
+struct EntryExpiry {
+    serve_stale: Duration,
+}
+
+impl Expiry<Box<[u8]>, Arc<Entry>> for EntryExpiry {
+    fn expire_after_create(&self, _key: &Box<[u8]>, value: &Arc<Entry>, created_at: Instant) -> Option<Duration> {
+        Some(value.fresh_until.saturating_duration_since(created_at) + self.serve_stale)
+    }
+
+    fn expire_after_update(
+        &self,
+        key: &Box<[u8]>,
+        value: &Arc<Entry>,
+        updated_at: Instant,
+        _current: Option<Duration>,
+    ) -> Option<Duration> {
+        self.expire_after_create(key, value, updated_at)
+    }
+}
+
+/// Logs at most once per interval (per-query logging under an outage would both
+/// flood the log and slow the hot path).
+struct LogLimiter {
+    next_ms: AtomicU64,
+    base: Instant,
+}
+
+impl LogLimiter {
+    fn new() -> Self {
+        Self {
+            next_ms: AtomicU64::new(0),
+            base: Instant::now(),
+        }
+    }
+
+    fn allow(&self) -> bool {
+        let now = self.base.elapsed().as_millis() as u64;
+        let next = self.next_ms.load(Ordering::Relaxed);
+        now >= next
+            && self
+                .next_ms
+                .compare_exchange(next, now + 10_000, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+/// What the caller of [`Engine::classify`] should do with a packet.
+pub enum Verdict {
+    /// The response is in the output buffer: send it.
+    Answered,
+    /// Needs the slow path ([`Engine::resolve`]).
+    Resolve,
+    /// Do not answer.
+    Drop,
+}
+
+/// Routes questions and owns the answer cache.
+pub struct Engine {
+    allow: Vec<IpNet>,
+    consul_zone: Vec<u8>,
+    service_zone: Vec<u8>,
+    lb_for_consul: bool,
+    wildcard: Option<(Name, Vec<u8>)>,
+    lb: Arc<LbAnswers>,
+    zones: Arc<Zones>,
+    consul: Forwarder,
+    upstream: Forwarder,
+    cache: Cache<Box<[u8]>, Arc<Entry>>,
+    generation: AtomicU64,
+    max_ttl: u32,
+    negative_max_ttl: u32,
+    serve_stale: Duration,
+    stats: Arc<DnsStats>,
+    inflight: AtomicUsize,
+    max_inflight: usize,
+    consul_log: LogLimiter,
+    upstream_log: LogLimiter,
+}
+
+impl Engine {
+    /// Builds the engine; must run inside the tokio runtime (forwarder sockets).
+    pub fn new(
+        config: &Config,
+        lb: Arc<LbAnswers>,
+        zones: Arc<Zones>,
+        stats: Arc<DnsStats>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        let dns = &config.dns;
+        let service = Name::from_ascii("service")
+            .ok()
+            .and_then(|s| s.append_domain(&config.consul.domain).ok())
+            .unwrap_or_else(|| config.consul.domain.clone());
+        Self {
+            allow: dns.allow.clone(),
+            consul_zone: wire::name_to_wire(&config.consul.domain),
+            service_zone: wire::name_to_wire(&service),
+            lb_for_consul: dns.consul_a_records == ConsulARecords::Lb,
+            wildcard: dns.wildcard_domain.as_ref().map(|n| (n.clone(), wire::name_to_wire(n))),
+            lb,
+            zones,
+            consul: Forwarder::new(
+                &config.consul.dns,
+                dns.consul_timeout,
+                false,
+                CONSUL_PAYLOAD,
+                shutdown.clone(),
+            ),
+            upstream: Forwarder::new(
+                &dns.upstreams,
+                dns.upstream_timeout,
+                true,
+                wire::MAX_UDP_PAYLOAD,
+                shutdown,
+            ),
+            cache: Cache::builder()
+                .max_capacity(dns.cache_size)
+                .expire_after(EntryExpiry {
+                    serve_stale: dns.serve_stale,
+                })
+                .build(),
+            generation: AtomicU64::new(1),
+            max_ttl: dns.max_ttl,
+            negative_max_ttl: dns.negative_max_ttl,
+            serve_stale: dns.serve_stale,
+            stats,
+            inflight: AtomicUsize::new(0),
+            max_inflight: dns.max_inflight,
+            consul_log: LogLimiter::new(),
+            upstream_log: LogLimiter::new(),
+        }
+    }
+
+    /// Invalidates every local answer (LB hosts changed).
+    pub fn local_data_changed(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Zones changed: local answers are rebuilt, and cached upstream answers that
+    /// a new zone may now shadow are dropped.
+    pub fn zones_changed(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        self.cache.invalidate_all();
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Arc<DnsStats> {
+        &self.stats
+    }
+
+    /// True when `ip` may ask us questions.
+    #[inline]
+    pub fn allowed(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.allow.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The hot path: answers what needs no I/O into `out`.
+    pub fn classify(&self, packet: &[u8], src: SocketAddr, transport: Transport, out: &mut Vec<u8>) -> Verdict {
+        let query = match wire::parse_query(packet) {
+            Ok(q) => q,
+            Err(Malformed::Drop) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                return Verdict::Drop;
+            }
+            Err(Malformed::Reply { id, flags, rcode }) => {
+                wire::header_error(id, flags, rcode, out);
+                self.stats.route(Route::Rejected).answered(rcode);
+                return Verdict::Answered;
+            }
+        };
+        if !self.allowed(src.ip()) {
+            wire::error_response(&query, u16::from(rcode::REFUSED), out);
+            self.stats.route(Route::Rejected).answered(rcode::REFUSED);
+            return Verdict::Answered;
+        }
+        if query.edns.is_some_and(|e| e.version > 0) {
+            // RFC 6891 6.1.3: BADVERS (16) for versions we do not speak.
+            wire::error_response(&query, 16, out);
+            self.stats.route(Route::Rejected).answered(16);
+            return Verdict::Answered;
+        }
+        let limit = query.response_limit(transport);
+        if self.answer_from_cache(&query, limit, out) {
+            Verdict::Answered
+        } else {
+            Verdict::Resolve
+        }
+    }
+
+    fn is_lb_consul_question(&self, query: &Query<'_>) -> bool {
+        self.lb_for_consul
+            && matches!(query.qtype, rtype::A | rtype::AAAA)
+            && wire::name_in_zone(query.qname, &self.service_zone)
+    }
+
+    fn answer_from_cache(&self, query: &Query<'_>, limit: usize, out: &mut Vec<u8>) -> bool {
+        if wire::name_in_zone(query.qname, &self.consul_zone) && !self.is_lb_consul_question(query) {
+            return false;
+        }
+        let mut key_buf = [0u8; wire::MAX_KEY_LEN];
+        let key = query.key(&mut key_buf);
+        let Some(entry) = self.cache.get(key) else {
+            return false;
+        };
+        let (ttl, route) = match entry.kind {
+            EntryKind::Local { generation, route } => {
+                if generation != self.generation.load(Ordering::Relaxed) {
+                    return false;
+                }
+                (TtlRewrite::Keep, route)
+            }
+            EntryKind::Upstream => {
+                let now = Instant::now();
+                if now >= entry.fresh_until {
+                    return false;
+                }
+                let age = now.saturating_duration_since(entry.stored).as_secs() as u32;
+                (TtlRewrite::Age(age), Route::Upstream)
+            }
+        };
+        wire::finish(&entry.template, query, ttl, limit, out);
+        let stats = self.stats.route(route);
+        stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+        stats.answered(entry.template.rcode);
+        true
+    }
+
+    /// Claims a slot for a slow-path query; `None` when overloaded (the query is
+    /// dropped and counted, like a full socket buffer would).
+    pub fn admit(self: &Arc<Self>) -> Option<InflightSlot> {
+        let now = self.inflight.fetch_add(1, Ordering::Relaxed);
+        if now >= self.max_inflight {
+            self.inflight.fetch_sub(1, Ordering::Relaxed);
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(InflightSlot(self.clone()))
+    }
+
+    /// The slow path: answers `packet` (already admitted by [`Engine::classify`]
+    /// or about to be) into a new response; `None` means no answer is sent.
+    pub async fn resolve(&self, packet: &[u8], src: SocketAddr, transport: Transport) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(512);
+        match self.classify(packet, src, transport, &mut out) {
+            Verdict::Answered => return Some(out),
+            Verdict::Drop => return None,
+            Verdict::Resolve => {}
+        }
+        let query = wire::parse_query(packet).ok()?;
+        let limit = query.response_limit(transport);
+        let mut key_buf = [0u8; wire::MAX_KEY_LEN];
+        let key = query.key(&mut key_buf);
+
+        if wire::name_in_zone(query.qname, &self.consul_zone) {
+            if self.is_lb_consul_question(&query) {
+                let generation = self.generation.load(Ordering::Relaxed);
+                let answer = self.lb.answer(&query, None);
+                return Some(self.local_answer(&query, key, answer, Route::Lb, generation, limit, out));
+            }
+            return Some(self.forward_consul(&query, key, limit, out).await);
+        }
+        if let Some((apex, apex_wire)) = &self.wildcard
+            && wire::name_in_zone(query.qname, apex_wire)
+        {
+            let generation = self.generation.load(Ordering::Relaxed);
+            let answer = self.lb.answer(&query, Some(apex));
+            return Some(self.local_answer(&query, key, answer, Route::Lb, generation, limit, out));
+        }
+        let zones = self.zones.current();
+        if zones.contains(query.qname) {
+            let generation = self.generation.load(Ordering::Relaxed);
+            let answer = zones.lookup(packet, src).await;
+            return Some(self.local_answer(&query, key, answer, Route::Zone, generation, limit, out));
+        }
+        drop(zones);
+        if matches!(query.qtype, rtype::AXFR | rtype::IXFR) {
+            wire::error_response(&query, u16::from(rcode::REFUSED), &mut out);
+            self.stats.route(Route::Upstream).answered(rcode::REFUSED);
+            return Some(out);
+        }
+        Some(self.forward_upstream(&query, key, limit, out).await)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn local_answer(
+        &self,
+        query: &Query<'_>,
+        key: &[u8],
+        answer: Option<Vec<u8>>,
+        route: Route,
+        generation: u64,
+        limit: usize,
+        mut out: Vec<u8>,
+    ) -> Vec<u8> {
+        let stats = self.stats.route(route);
+        let Some(template) = answer.as_deref().and_then(wire::make_template) else {
+            wire::error_response(query, u16::from(rcode::SERVFAIL), &mut out);
+            stats.answered(rcode::SERVFAIL);
+            return out;
+        };
+        wire::finish(&template, query, TtlRewrite::Keep, limit, &mut out);
+        stats.answered(template.rcode);
+        let now = Instant::now();
+        self.cache.insert(
+            key.into(),
+            Arc::new(Entry {
+                template,
+                stored: now,
+                fresh_until: now + LOCAL_ENTRY_LIFETIME,
+                kind: EntryKind::Local { generation, route },
+            }),
+        );
+        out
+    }
+
+    async fn forward_consul(&self, query: &Query<'_>, key: &[u8], limit: usize, mut out: Vec<u8>) -> Vec<u8> {
+        let stats = self.stats.route(Route::Consul);
+        let started = Instant::now();
+        match self.consul.resolve(key, query).await {
+            Ok(template) => {
+                stats.upstream_latency(started.elapsed());
+                wire::finish(&template, query, TtlRewrite::Keep, limit, &mut out);
+                stats.answered(template.rcode);
+            }
+            Err(error) => {
+                stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                if self.consul_log.allow() {
+                    tracing::warn!(%error, name = %wire::name_to_string(query.qname), "consul did not answer; SERVFAIL (logged at most every 10 s)");
+                }
+                wire::error_response(query, u16::from(rcode::SERVFAIL), &mut out);
+                stats.answered(rcode::SERVFAIL);
+            }
+        }
+        out
+    }
+
+    /// How long an upstream answer may be cached: positive answers by their
+    /// smallest TTL, NXDOMAIN/NODATA by the SOA (RFC 2308 5); errors never.
+    fn cache_ttl(&self, t: &Template) -> Option<u32> {
+        let ttl = match t.rcode {
+            rcode::NOERROR if t.answers > 0 => t.min_answer_ttl.map(|v| v.min(self.max_ttl)),
+            rcode::NOERROR | rcode::NXDOMAIN => t.negative_ttl.map(|v| v.min(self.negative_max_ttl)),
+            _ => None,
+        };
+        ttl.filter(|&v| v > 0)
+    }
+
+    async fn forward_upstream(&self, query: &Query<'_>, key: &[u8], limit: usize, mut out: Vec<u8>) -> Vec<u8> {
+        let stats = self.stats.route(Route::Upstream);
+        let previous = self.cache.get(key);
+        if let Some(entry) = &previous {
+            // A fresh answer can appear between the fast path and here (TCP, or a
+            // merged query that just finished).
+            let now = Instant::now();
+            if matches!(entry.kind, EntryKind::Upstream) && now < entry.fresh_until {
+                let age = now.saturating_duration_since(entry.stored).as_secs() as u32;
+                wire::finish(&entry.template, query, TtlRewrite::Age(age), limit, &mut out);
+                stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                stats.answered(entry.template.rcode);
+                return out;
+            }
+        }
+        let started = Instant::now();
+        let result = self.upstream.resolve(key, query).await;
+        let failed = match &result {
+            Ok(t) => matches!(t.rcode, rcode::SERVFAIL | rcode::REFUSED),
+            Err(_) => true,
+        };
+        if failed {
+            stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            let stale = previous
+                .filter(|e| matches!(e.kind, EntryKind::Upstream) && Instant::now() < e.fresh_until + self.serve_stale);
+            if let Some(entry) = stale {
+                wire::finish(&entry.template, query, TtlRewrite::Fixed(STALE_TTL), limit, &mut out);
+                stats.stale_served.fetch_add(1, Ordering::Relaxed);
+                stats.answered(entry.template.rcode);
+                return out;
+            }
+        } else {
+            stats.upstream_latency(started.elapsed());
+        }
+        match result {
+            Ok(template) => {
+                wire::finish(&template, query, TtlRewrite::Keep, limit, &mut out);
+                stats.answered(template.rcode);
+                if let Some(ttl) = self.cache_ttl(&template) {
+                    let now = Instant::now();
+                    self.cache.insert(
+                        key.into(),
+                        Arc::new(Entry {
+                            template: Arc::unwrap_or_clone(template),
+                            stored: now,
+                            fresh_until: now + Duration::from_secs(u64::from(ttl)),
+                            kind: EntryKind::Upstream,
+                        }),
+                    );
+                }
+            }
+            Err(error) => {
+                if self.upstream_log.allow() {
+                    tracing::warn!(%error, name = %wire::name_to_string(query.qname), "upstream resolvers did not answer; SERVFAIL (logged at most every 10 s)");
+                }
+                wire::error_response(query, u16::from(rcode::SERVFAIL), &mut out);
+                stats.answered(rcode::SERVFAIL);
+            }
+        }
+        out
+    }
+}
+
+/// A claimed slow-path slot, released on drop.
+pub struct InflightSlot(Arc<Engine>);
+
+impl Drop for InflightSlot {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,244 @@
+//! The dns component: the host's DNS server (replaces PanteraS's dnsmasq).
+//!
+//! ```text
+//!  DnsSockets::bind ─▶ N SO_REUSEPORT UDP sockets + 1 TCP listener per address
+//!  run(config, sockets, control, shutdown):
+//!     Zones (zones_dir, polled + SIGHUP) ─┐
+//!     LbAnswers (static + consul: watch) ─┼─▶ Engine (router + answer cache)
+//!     Forwarders (Consul, upstreams) ─────┘        ▲            ▲
+//!                        udp::spawn_workers (threads)   tcp::serve (tasks)
+//! ```
+//!
+//! Tests bind port 0 and pass the sockets in; `control` carries the counters and
+//! the zone-reload trigger shared with the supervisor and admin API.
+
+pub mod engine;
+pub mod forward;
+pub mod stats;
+pub mod tcp;
+pub mod udp;
+pub mod wildcard;
+pub mod wire;
+pub mod zones;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::consul::ConsulClient;
+use engine::Engine;
+use stats::DnsStats;
+use wildcard::LbAnswers;
+use zones::Zones;
+
+/// Errors of the dns component.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    /// A listen address could not be bound.
+    #[error("could not bind dns {proto} socket on {addr}: {source}")]
+    Bind {
+        /// `udp` or `tcp`.
+        proto: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The cause (EADDRINUSE, EACCES for port 53 without CAP_NET_BIND_SERVICE ...).
+        source: std::io::Error,
+    },
+    /// The UDP worker threads could not start.
+    #[error("could not start dns workers: {0}")]
+    Workers(std::io::Error),
+}
+
+/// Already-bound sockets for [`run`].
+#[derive(Debug)]
+pub struct DnsSockets {
+    /// UDP sockets (several per address share it with SO_REUSEPORT).
+    pub udp: Vec<std::net::UdpSocket>,
+    /// One TCP listener per address.
+    pub tcp: Vec<std::net::TcpListener>,
+}
+
+impl DnsSockets {
+    /// Binds `workers` UDP sockets and one TCP listener on each address. Port 0
+    /// picks a free port, shared by the UDP and TCP sockets of that address.
+    pub fn bind(listen: &[SocketAddr], workers: usize) -> Result<Self, DnsError> {
+        let mut udp = Vec::new();
+        let mut tcp = Vec::new();
+        for &requested in listen {
+            let mut addr = requested;
+            for _ in 0..workers.max(1) {
+                let socket = udp_socket(addr).map_err(|source| DnsError::Bind {
+                    proto: "udp",
+                    addr,
+                    source,
+                })?;
+                if addr.port() == 0 {
+                    addr = socket.local_addr().map_err(|source| DnsError::Bind {
+                        proto: "udp",
+                        addr,
+                        source,
+                    })?;
+                }
+                udp.push(socket);
+            }
+            tcp.push(tcp_listener(addr).map_err(|source| DnsError::Bind {
+                proto: "tcp",
+                addr,
+                source,
+            })?);
+        }
+        Ok(Self { udp, tcp })
+    }
+
+    /// The bound addresses, one per listen address.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.tcp.iter().filter_map(|t| t.local_addr().ok()).collect()
+    }
+}
+
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_port(true)?;
+    // Room for bursts while a worker is busy (the kernel caps this at rmem_max).
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    let _ = socket.set_send_buffer_size(4 << 20);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Handles shared between the dns component and whoever runs it.
+#[derive(Clone, Default)]
+pub struct DnsControl {
+    /// The counters (read by the admin API).
+    pub stats: Arc<DnsStats>,
+    /// Notified to reload `zones_dir` now (SIGHUP, admin action).
+    pub reload_zones: Arc<Notify>,
+}
+
+/// Runs the DNS server on `sockets` until `shutdown` is cancelled.
+pub async fn run(
+    config: &Config,
+    sockets: DnsSockets,
+    control: DnsControl,
+    shutdown: CancellationToken,
+) -> Result<(), DnsError> {
+    let dns = &config.dns;
+    let tasks = TaskTracker::new();
+    let local = shutdown.child_token();
+
+    let zones = Arc::new(Zones::new(&dns.zones_dir));
+    if dns.zones_dir.is_dir() {
+        let (_, errors) = zones.reload(true);
+        tracing::info!(dir = %dns.zones_dir.display(), zones = zones.current().len(), broken = errors.len(), "zones loaded");
+    } else {
+        tracing::info!(dir = %dns.zones_dir.display(), "zones directory does not exist; serving no zones");
+    }
+    let lb = LbAnswers::new(&dns.wildcard_targets, dns.wildcard_ttl);
+    let engine = Arc::new(Engine::new(
+        config,
+        lb.clone(),
+        zones.clone(),
+        control.stats.clone(),
+        local.clone(),
+    ));
+
+    let consul = ConsulClient::new(config.consul.http);
+    let on_change = {
+        let engine = engine.clone();
+        Arc::new(move || engine.local_data_changed()) as Arc<dyn Fn() + Send + Sync>
+    };
+    lb.spawn_watches(&consul, &local, on_change);
+
+    tasks.spawn(watch_zones(
+        zones,
+        engine.clone(),
+        dns.zones_poll,
+        control.reload_zones.clone(),
+        local.clone(),
+    ));
+
+    let addrs = sockets.local_addrs();
+    let udp_count = sockets.udp.len();
+    for listener in sockets.tcp {
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(DnsError::Workers)?;
+        tasks.spawn(tcp::serve(
+            listener,
+            engine.clone(),
+            dns.tcp_idle_timeout,
+            local.clone(),
+            tasks.clone(),
+        ));
+    }
+    let threads = udp::spawn_workers(sockets.udp, &engine, &tokio::runtime::Handle::current(), &local)
+        .map_err(DnsError::Workers)?;
+    tracing::info!(
+        listen = ?addrs,
+        udp_workers = udp_count,
+        consul = ?config.consul.dns,
+        upstreams = ?dns.upstreams,
+        wildcard = ?dns.wildcard_domain.as_ref().map(|n| n.to_string()),
+        "dns listening"
+    );
+
+    shutdown.cancelled().await;
+    local.cancel();
+    tasks.close();
+    tasks.wait().await;
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    })
+    .await;
+    tracing::info!("dns stopped");
+    Ok(())
+}
+
+async fn watch_zones(
+    zones: Arc<Zones>,
+    engine: Arc<Engine>,
+    poll: std::time::Duration,
+    reload: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let force = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(poll) => false,
+            _ = reload.notified() => true,
+        };
+        let z = zones.clone();
+        let Ok((changed, errors)) = tokio::task::spawn_blocking(move || z.reload(force)).await else {
+            continue;
+        };
+        if changed || force {
+            engine.zones_changed();
+            tracing::info!(
+                zones = zones.current().len(),
+                broken = errors.len(),
+                forced = force,
+                "zones reloaded"
+            );
+        }
+    }
+}

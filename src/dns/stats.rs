@@ -1,0 +1,137 @@
+//! Counters per route, kept in the process for the admin API.
+//!
+//! Plain relaxed atomics: the hot path adds to two or three of them per query.
+//! Readers take a [`RouteSnapshot`]; nothing here allocates after start.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Where a question was answered from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Forwarded to Consul (never cached).
+    Consul,
+    /// The wildcard domain or Consul A/AAAA answered with LB hosts.
+    Lb,
+    /// An authoritative zone from `zones_dir`.
+    Zone,
+    /// Everything else: the upstream resolvers, through the cache.
+    Upstream,
+    /// Refused (client outside `allow`) or malformed before routing.
+    Rejected,
+}
+
+impl Route {
+    /// Every route, in display order.
+    pub const ALL: [Route; 5] = [Route::Consul, Route::Lb, Route::Zone, Route::Upstream, Route::Rejected];
+
+    /// Name used in logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Route::Consul => "consul",
+            Route::Lb => "lb",
+            Route::Zone => "zone",
+            Route::Upstream => "upstream",
+            Route::Rejected => "rejected",
+        }
+    }
+}
+
+/// Upper bounds (microseconds) of the upstream latency histogram buckets.
+pub const LATENCY_BUCKETS_US: [u64; 10] = [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000, 1_000_000];
+
+/// Counters of one route.
+#[derive(Debug, Default)]
+pub struct RouteStats {
+    /// Questions routed here.
+    pub queries: AtomicU64,
+    /// Responses by RCODE 0..=5; index 6 counts every other code.
+    pub rcodes: [AtomicU64; 7],
+    /// Answers served from the cache (upstream) or pre-encoded local answers.
+    pub cache_hits: AtomicU64,
+    /// Expired answers served because every upstream failed (RFC 8767).
+    pub stale_served: AtomicU64,
+    /// Upstream exchanges by latency bucket; the last slot is "slower".
+    pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    /// Sum of upstream latencies, microseconds.
+    pub latency_sum_us: AtomicU64,
+    /// Upstream exchanges that failed (timeout, unreachable).
+    pub upstream_errors: AtomicU64,
+}
+
+impl RouteStats {
+    /// Counts one answered query with its RCODE.
+    #[inline]
+    pub fn answered(&self, rcode: u8) {
+        self.queries.fetch_add(1, Ordering::Relaxed);
+        self.rcodes[usize::from(rcode.min(6))].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records one upstream exchange.
+    pub fn upstream_latency(&self, took: Duration) {
+        let us = took.as_micros() as u64;
+        let bucket = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// A copy of the counters.
+    pub fn snapshot(&self) -> RouteSnapshot {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RouteSnapshot {
+            queries: load(&self.queries),
+            rcodes: std::array::from_fn(|i| load(&self.rcodes[i])),
+            cache_hits: load(&self.cache_hits),
+            stale_served: load(&self.stale_served),
+            latency_buckets: std::array::from_fn(|i| load(&self.latency_buckets[i])),
+            latency_sum_us: load(&self.latency_sum_us),
+            upstream_errors: load(&self.upstream_errors),
+        }
+    }
+}
+
+/// A point-in-time copy of [`RouteStats`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RouteSnapshot {
+    /// Questions.
+    pub queries: u64,
+    /// By RCODE (NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED, other).
+    pub rcodes: [u64; 7],
+    /// Cache hits.
+    pub cache_hits: u64,
+    /// Stale answers served.
+    pub stale_served: u64,
+    /// Upstream latency histogram.
+    pub latency_buckets: [u64; LATENCY_BUCKETS_US.len() + 1],
+    /// Upstream latency sum, microseconds.
+    pub latency_sum_us: u64,
+    /// Failed upstream exchanges.
+    pub upstream_errors: u64,
+}
+
+/// All DNS counters.
+#[derive(Debug, Default)]
+pub struct DnsStats {
+    routes: [RouteStats; 5],
+    /// Packets dropped unanswered (responses, runt packets, overload).
+    pub dropped: AtomicU64,
+}
+
+impl DnsStats {
+    /// The counters of `route`.
+    #[inline]
+    pub fn route(&self, route: Route) -> &RouteStats {
+        &self.routes[route as usize]
+    }
+
+    /// Snapshot of every route, by name.
+    pub fn snapshot(&self) -> Vec<(&'static str, RouteSnapshot)> {
+        Route::ALL
+            .iter()
+            .map(|r| (r.name(), self.route(*r).snapshot()))
+            .collect()
+    }
+}

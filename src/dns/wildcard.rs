@@ -1,0 +1,214 @@
+//! The load-balancer answers: the wildcard domain (`HAPROXY_ADD_DOMAIN`) and, with
+//! `consul_a_records = "lb"`, A/AAAA for Consul service names.
+//!
+//! ```text
+//!  static targets ─────────────────────────┐
+//!  consul:SERVICE ─blocking query watch────┴─▶ targets (ArcSwap) ─▶ on_change()
+//!  question under the domain ──answer()──▶ response bytes (A/AAAA = targets,
+//!                                          SOA/NS at the apex, NODATA otherwise)
+//! ```
+//!
+//! Answers are built on the slow path and cached by the engine as local data;
+//! `on_change` bumps the engine's generation so no old answer is served after the
+//! set of LB hosts changes.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use hickory_proto::op::{Message, MessageType, OpCode, Query as HQuery, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, NS, SOA};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+use tokio_util::sync::CancellationToken;
+
+use super::wire::{self, Query, rtype};
+use crate::config::WildcardTarget;
+use crate::consul::{ConsulClient, Watch};
+
+/// The current LB hosts and how to answer for them.
+pub struct LbAnswers {
+    /// Static targets from the configuration.
+    static_targets: Vec<IpAddr>,
+    /// Consul services whose passing instances are targets, with their last result.
+    consul_targets: Mutex<BTreeMap<String, Vec<IpAddr>>>,
+    /// The merged, sorted, de-duplicated set answered right now.
+    current: ArcSwap<Vec<IpAddr>>,
+    /// TTL of every answer.
+    ttl: u32,
+}
+
+impl LbAnswers {
+    /// From the configured targets; `consul:` targets start empty until their
+    /// first watch result arrives.
+    pub fn new(targets: &[WildcardTarget], ttl: u32) -> Arc<Self> {
+        let static_targets: Vec<IpAddr> = targets
+            .iter()
+            .filter_map(|t| match t {
+                WildcardTarget::Static(ip) => Some(*ip),
+                WildcardTarget::ConsulService(_) => None,
+            })
+            .collect();
+        let consul_targets = targets
+            .iter()
+            .filter_map(|t| match t {
+                WildcardTarget::ConsulService(s) => Some((s.clone(), Vec::new())),
+                WildcardTarget::Static(_) => None,
+            })
+            .collect();
+        let this = Arc::new(Self {
+            static_targets,
+            consul_targets: Mutex::new(consul_targets),
+            current: ArcSwap::from_pointee(Vec::new()),
+            ttl,
+        });
+        this.recompute();
+        this
+    }
+
+    /// The addresses answered now.
+    pub fn targets(&self) -> Arc<Vec<IpAddr>> {
+        self.current.load_full()
+    }
+
+    fn recompute(&self) -> bool {
+        let mut all = self.static_targets.clone();
+        for addrs in self.consul_targets.lock().expect("targets lock").values() {
+            all.extend(addrs);
+        }
+        all.sort();
+        all.dedup();
+        let changed = **self.current.load() != all;
+        if changed {
+            self.current.store(Arc::new(all));
+        }
+        changed
+    }
+
+    /// Starts one blocking-query watch per `consul:` target; `on_change` runs
+    /// whenever the answered set changes.
+    pub fn spawn_watches(
+        self: &Arc<Self>,
+        consul: &ConsulClient,
+        shutdown: &CancellationToken,
+        on_change: Arc<dyn Fn() + Send + Sync>,
+    ) {
+        let services: Vec<String> = self
+            .consul_targets
+            .lock()
+            .expect("targets lock")
+            .keys()
+            .cloned()
+            .collect();
+        for service in services {
+            let this = self.clone();
+            let consul = consul.clone();
+            let shutdown = shutdown.clone();
+            let on_change = on_change.clone();
+            tokio::spawn(async move {
+                let mut watch = Watch::default();
+                loop {
+                    let result = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        r = consul.passing_addresses(&service, watch.index()) => r,
+                    };
+                    let pause = match result {
+                        Ok((addrs, index)) => {
+                            watch.success(index);
+                            let changed = {
+                                let mut map = this.consul_targets.lock().expect("targets lock");
+                                let slot = map.entry(service.clone()).or_default();
+                                let changed = *slot != addrs;
+                                *slot = addrs;
+                                changed
+                            };
+                            if changed && this.recompute() {
+                                tracing::info!(service, targets = ?this.targets(), "wildcard targets changed");
+                                on_change();
+                            }
+                            watch.spacing()
+                        }
+                        Err(error) => {
+                            // Keep the last known targets: a Consul outage must not
+                            // take the wildcard domain down with it.
+                            let pause = watch.failure();
+                            tracing::warn!(service, %error, retry_in = ?pause, "wildcard target watch failed; keeping last targets");
+                            pause
+                        }
+                    };
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+            });
+        }
+    }
+
+    /// The response for `query`, whose name is at or below `apex` (the wildcard
+    /// domain) or, with `apex = None`, a Consul service name answered with LB hosts.
+    pub fn answer(&self, query: &Query<'_>, apex: Option<&Name>) -> Option<Vec<u8>> {
+        let name = Name::read(&mut BinDecoder::new(query.qname)).ok()?.to_lowercase();
+        let qtype = RecordType::from(query.qtype);
+        let targets = self.targets();
+        let mut answers = Vec::new();
+        let mut authority = Vec::new();
+        let at_apex = apex.is_some_and(|a| *a == name);
+        let want_v4 = matches!(query.qtype, rtype::A) || qtype == RecordType::ANY;
+        let want_v6 = matches!(query.qtype, rtype::AAAA) || qtype == RecordType::ANY;
+        for ip in targets.iter() {
+            let rdata = match ip {
+                IpAddr::V4(v4) if want_v4 => RData::A(A(*v4)),
+                IpAddr::V6(v6) if want_v6 => RData::AAAA(AAAA(*v6)),
+                _ => continue,
+            };
+            answers.push(Record::from_rdata(name.clone(), self.ttl, rdata));
+        }
+        if let Some(apex) = apex {
+            let ns_name = Name::from_str("ns").ok()?.append_domain(apex).ok()?;
+            if at_apex && qtype == RecordType::NS {
+                answers.push(Record::from_rdata(
+                    apex.clone(),
+                    self.ttl,
+                    RData::NS(NS(ns_name.clone())),
+                ));
+            }
+            let soa = Record::from_rdata(
+                apex.clone(),
+                self.ttl,
+                RData::SOA(SOA::new(
+                    ns_name,
+                    Name::from_str("hostmaster").ok()?.append_domain(apex).ok()?,
+                    1,
+                    3600,
+                    600,
+                    86400,
+                    self.ttl,
+                )),
+            );
+            if at_apex && qtype == RecordType::SOA {
+                answers.push(soa);
+            } else if answers.is_empty() {
+                // NODATA: the SOA lets resolvers cache the absence (RFC 2308 3).
+                authority.push(soa);
+            }
+        }
+        let mut m = Message::new(0, MessageType::Response, OpCode::Query);
+        m.metadata.authoritative = true;
+        m.metadata.recursion_available = true;
+        m.metadata.response_code = ResponseCode::NoError;
+        let mut q = HQuery::query(name, qtype);
+        q.set_query_class(DNSClass::from(query.qclass));
+        m.add_query(q);
+        m.add_answers(answers);
+        m.add_authorities(authority);
+        m.to_vec().ok()
+    }
+}
+
+/// True when the wire name is `service.<consul domain>` or below it.
+pub fn is_consul_service_name(qname: &[u8], service_zone_wire: &[u8]) -> bool {
+    wire::name_in_zone(qname, service_zone_wire)
+}

@@ -1,0 +1,52 @@
+//! The PanteraS environment variables, read through one trait.
+//!
+//! Configuration resolution asks an [`Env`] rather than `std::env`, so tests hand in
+//! a map and never mutate the process environment (which would race between
+//! parallel tests). [`VARS`] is the one table of every variable Wayfinder reads.
+
+use std::collections::HashMap;
+
+/// A source of environment variables.
+pub trait Env {
+    /// The value of `key`, if set and not empty.
+    fn get(&self, key: &str) -> Option<String>;
+}
+
+/// The real process environment.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn get(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok().filter(|v| !v.trim().is_empty())
+    }
+}
+
+impl Env for HashMap<String, String> {
+    fn get(&self, key: &str) -> Option<String> {
+        HashMap::get(self, key).filter(|v| !v.trim().is_empty()).cloned()
+    }
+}
+
+/// Bind address of every listener (keeps each listener's port).
+pub const LISTEN_IP: &str = "LISTEN_IP";
+/// This host's address: the default target of wildcard and LB answers.
+pub const HOST_IP: &str = "HOST_IP";
+/// Consul agent address: HTTP on its configured port (8500), DNS on 8600.
+pub const CONSUL_IP: &str = "CONSUL_IP";
+/// Consul's DNS domain.
+pub const CONSUL_DOMAIN: &str = "CONSUL_DOMAIN";
+/// Consul datacenter.
+pub const CONSUL_DC: &str = "CONSUL_DC";
+/// The wildcard domain answered with the load-balancer hosts.
+pub const HAPROXY_ADD_DOMAIN: &str = "HAPROXY_ADD_DOMAIN";
+
+/// Every variable Wayfinder reads, with what it overrides (printed by `check`).
+pub const VARS: &[(&str, &str)] = &[
+    (LISTEN_IP, "the address of every dns listener (ports kept)"),
+    (HOST_IP, "dns.wildcard_targets when none are configured"),
+    (CONSUL_IP, "consul.http and consul.dns addresses (ports kept)"),
+    (CONSUL_DOMAIN, "consul.domain"),
+    (CONSUL_DC, "consul.datacenter"),
+    (HAPROXY_ADD_DOMAIN, "dns.wildcard_domain"),
+];

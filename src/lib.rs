@@ -1,0 +1,104 @@
+//! Wayfinder: the per-host service-discovery appliance of a PanteraS-style
+//! platform, in one binary.
+//!
+//! `main` parses the command line and sets up logging; [`run`] loads the
+//! configuration and runs the chosen command. Each component lives in its own
+//! module with one entry point that takes its config, bound sockets and a
+//! shutdown token (see [`dns::run`]).
+
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod consul;
+pub mod dns;
+pub mod env;
+pub mod signals;
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use cli::{Cli, Command};
+use config::ConfigError;
+
+/// How long components get to finish after SIGTERM before the process exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Exit status for a configuration error (`EX_USAGE` in sysexits.h).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// Everything that can end a command with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Bad configuration (exit 64).
+    #[error("configuration error: {0}")]
+    Config(#[source] ConfigError),
+    /// The dns component failed.
+    #[error("dns: {0}")]
+    Dns(#[source] dns::DnsError),
+}
+
+impl AppError {
+    /// The process exit status for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AppError::Config(_) => EXIT_CONFIG,
+            AppError::Dns(dns::DnsError::Bind { .. }) => EXIT_CONFIG,
+            AppError::Dns(_) => 1,
+        }
+    }
+}
+
+/// Runs a parsed command line to completion.
+pub async fn run(cli: Cli) -> Result<(), AppError> {
+    match cli.command {
+        Command::Check { config } => {
+            let (file, config) = config::load(config.as_deref(), &env::ProcessEnv).map_err(AppError::Config)?;
+            print!("{}", render_check(&file, &config));
+            Ok(())
+        }
+        Command::Dns { config } => {
+            let (_, config) = config::load(config.as_deref(), &env::ProcessEnv).map_err(AppError::Config)?;
+            tracing::info!(config = %config.source, "starting dns");
+            let sockets = dns::DnsSockets::bind(&config.dns.listen, config.dns.workers).map_err(AppError::Dns)?;
+            let control = dns::DnsControl::default();
+            signals::forward_hangups(control.reload_zones.clone());
+            let shutdown = CancellationToken::new();
+            let server = tokio::spawn({
+                let shutdown = shutdown.clone();
+                async move { dns::run(&config, sockets, control, shutdown).await }
+            });
+            let signal = signals::shutdown().await;
+            tracing::info!(signal, "shutting down");
+            shutdown.cancel();
+            match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+                Ok(Ok(result)) => result.map_err(AppError::Dns),
+                Ok(Err(join)) => {
+                    tracing::error!(error = %join, "dns task failed");
+                    Ok(())
+                }
+                Err(_) => {
+                    tracing::warn!(grace = ?SHUTDOWN_GRACE, "dns did not stop in time; exiting anyway");
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+/// What `wayfinder check` prints: the effective file (after the environment) and
+/// the values derived from it.
+pub fn render_check(file: &config::FileConfig, config: &config::Config) -> String {
+    let mut out = format!("# effective configuration ({} + environment)\n", config.source);
+    out.push_str(&toml::to_string_pretty(file).unwrap_or_else(|e| format!("# (could not render: {e})\n")));
+    out.push_str("\n# derived\n");
+    out.push_str(&format!("# dns upstreams resolved: {:?}\n", config.dns.upstreams));
+    out.push_str(&format!("# dns udp workers per address: {}\n", config.dns.workers));
+    out.push_str("# environment variables read:\n");
+    for (var, what) in env::VARS {
+        out.push_str(&format!("#   {var:<20} {what}\n"));
+    }
+    out.push_str("configuration ok\n");
+    out
+}
