@@ -379,15 +379,12 @@ impl Engine {
 
     async fn forward_consul(&self, query: &Query<'_>, key: &[u8], limit: usize, mut out: Vec<u8>) -> Vec<u8> {
         let stats = self.stats.route(Route::Consul);
-        let started = Instant::now();
-        match self.consul.resolve(key, query).await {
+        match self.consul.resolve(key, query, stats).await {
             Ok(template) => {
-                stats.upstream_latency(started.elapsed());
                 wire::finish(&template, query, TtlRewrite::Keep, limit, &mut out);
                 stats.answered(template.rcode);
             }
             Err(error) => {
-                stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
                 if self.consul_log.allow() {
                     tracing::warn!(%error, name = %wire::name_to_string(query.qname), "consul did not answer; SERVFAIL (logged at most every 10 s)");
                 }
@@ -424,14 +421,12 @@ impl Engine {
                 return out;
             }
         }
-        let started = Instant::now();
-        let result = self.upstream.resolve(key, query).await;
+        let result = self.upstream.resolve(key, query, stats).await;
         let failed = match &result {
             Ok(t) => matches!(t.rcode, rcode::SERVFAIL | rcode::REFUSED),
             Err(_) => true,
         };
         if failed {
-            stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
             let stale = previous
                 .filter(|e| matches!(e.kind, EntryKind::Upstream) && Instant::now() < e.fresh_until + self.serve_stale);
             if let Some(entry) = stale {
@@ -440,8 +435,6 @@ impl Engine {
                 stats.answered(entry.template.rcode);
                 return out;
             }
-        } else {
-            stats.upstream_latency(started.elapsed());
         }
         match result {
             Ok(template) => {

@@ -26,6 +26,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use super::stats::RouteStats;
 use super::wire::{self, Query, Template};
 
 /// Sockets per server in the UDP pool.
@@ -133,8 +134,14 @@ impl Forwarder {
     }
 
     /// Resolves `query`'s question; identical questions already on the wire share
-    /// that exchange (`key` identifies the question, see [`Query::key`]).
-    pub async fn resolve(&self, key: &[u8], query: &Query<'_>) -> Result<Arc<Template>, ForwardError> {
+    /// that exchange (`key` identifies the question, see [`Query::key`]). Only
+    /// real exchanges are recorded in `stats` (latency, errors), not merged waiters.
+    pub async fn resolve(
+        &self,
+        key: &[u8],
+        query: &Query<'_>,
+        stats: &RouteStats,
+    ) -> Result<Arc<Template>, ForwardError> {
         let waiting = {
             let mut inflight = self.inflight.lock().expect("inflight lock");
             match inflight.get_mut(key) {
@@ -155,7 +162,14 @@ impl Forwarder {
         // We lead: whatever happens (even cancellation), the guard removes the
         // entry; dropped waiters then see `Abandoned`.
         let guard = LeaderGuard { forwarder: self, key };
+        let started = Instant::now();
         let result = self.exchange(query).await;
+        match &result {
+            Ok(_) => stats.upstream_latency(started.elapsed()),
+            Err(_) => {
+                stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         guard.finish(&result);
         result
     }

@@ -67,6 +67,11 @@ impl RouteStats {
         self.rcodes[usize::from(rcode.min(6))].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Upstream exchanges made (merged questions count once).
+    pub fn exchanges(&self) -> u64 {
+        self.latency_buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
     /// Records one upstream exchange.
     pub fn upstream_latency(&self, took: Duration) {
         let us = took.as_micros() as u64;

@@ -1,0 +1,523 @@
+//! Real components for the integration tests: a Consul agent, an unbound upstream,
+//! `dig`, and Wayfinder (in-process on port 0, or the built binary).
+//!
+//! Every port is picked free at run time and every process is killed when its
+//! handle drops (or, for the shared agent, when the test binary exits), so test
+//! binaries and tests within one run in parallel without colliding. A missing
+//! program is a failure naming the install step, never a skipped test.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use wayfinder::dns::{self, DnsControl, DnsSockets};
+
+/// Fails the test when `program` is not installed, naming the fix.
+pub fn require(program: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!("`{program}` is not installed: run `scripts/install-deps.sh` (the README's test command does)")
+    })
+}
+
+/// A port free for both UDP and TCP on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let port = udp.local_addr().unwrap().port();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Puts the child in its own process group and kills it if the test process dies.
+fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl and setpgid are async-signal-safe and touch only the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Ports of one Consul agent.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsulPorts {
+    /// HTTP API.
+    pub http: u16,
+    /// DNS interface.
+    pub dns: u16,
+    grpc: u16,
+    serf_lan: u16,
+    serf_wan: u16,
+    server: u16,
+}
+
+impl ConsulPorts {
+    fn pick() -> Self {
+        Self {
+            http: free_port(),
+            dns: free_port(),
+            grpc: free_port(),
+            serf_lan: free_port(),
+            serf_wan: free_port(),
+            server: free_port(),
+        }
+    }
+}
+
+/// A real Consul agent in dev mode (single-node server, in-memory state).
+pub struct Consul {
+    child: Option<Child>,
+    /// Its ports.
+    pub ports: ConsulPorts,
+    dir: tempfile::TempDir,
+}
+
+impl Consul {
+    /// Starts a private agent (for tests that stop or restart Consul).
+    pub fn start() -> Self {
+        let mut consul = Consul {
+            child: None,
+            ports: ConsulPorts::pick(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        consul.launch();
+        consul
+    }
+
+    /// One agent shared by every test of this binary that only registers
+    /// services under names of its own. Dies with the test process.
+    pub fn shared() -> &'static Consul {
+        static SHARED: OnceLock<Consul> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            // PDEATHSIG fires when the *thread* that spawned the child exits, so
+            // the shared agent is spawned from a thread that lives forever.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                tx.send(Consul::start()).unwrap();
+                loop {
+                    std::thread::park();
+                }
+            });
+            rx.recv().unwrap()
+        })
+    }
+
+    fn launch(&mut self) {
+        let p = self.ports;
+        let log = std::fs::File::create(self.dir.path().join("consul.log")).unwrap();
+        let mut cmd = Command::new(require("consul"));
+        cmd.args(["agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1"])
+            .args(["-http-port", &p.http.to_string()])
+            .args(["-dns-port", &p.dns.to_string()])
+            .args(["-grpc-port", &p.grpc.to_string()])
+            .args(["-serf-lan-port", &p.serf_lan.to_string()])
+            .args(["-serf-wan-port", &p.serf_wan.to_string()])
+            .args(["-server-port", &p.server.to_string()])
+            .args(["-node", &format!("node-{}", p.http)])
+            .args(["-hcl", "dns_config { enable_truncate = true }"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null());
+        self.child = Some(die_with_parent(&mut cmd).spawn().expect("start consul"));
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(body) = http_get(self.http_addr(), "/v1/status/leader")
+                && body.trim().len() > 2
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "consul did not elect a leader in 30 s; log:\n{}",
+                std::fs::read_to_string(self.dir.path().join("consul.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// HTTP API address.
+    pub fn http_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.ports.http))
+    }
+
+    /// DNS interface address.
+    pub fn dns_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.ports.dns))
+    }
+
+    /// Stops the agent (its state is lost: dev mode).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c);
+        }
+    }
+
+    /// Starts it again on the same ports.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    /// Registers a service instance; `check_ttl` adds a TTL check `service:<id>`
+    /// starting in `passing` state.
+    pub fn register(&self, id: &str, name: &str, address: &str, port: u16, tags: &[&str], check_ttl: bool) {
+        let mut body = serde_json::json!({
+            "ID": id, "Name": name, "Address": address, "Port": port, "Tags": tags,
+        });
+        if check_ttl {
+            body["Check"] = serde_json::json!({ "TTL": "10m", "Status": "passing" });
+        }
+        http_put(self.http_addr(), "/v1/agent/service/register", &body.to_string()).expect("register");
+    }
+
+    /// Removes a service instance.
+    pub fn deregister(&self, id: &str) {
+        http_put(self.http_addr(), &format!("/v1/agent/service/deregister/{id}"), "").expect("deregister");
+    }
+
+    /// Sets the TTL check of instance `id` to passing or critical.
+    pub fn set_health(&self, id: &str, passing: bool) {
+        let verb = if passing { "pass" } else { "fail" };
+        http_put(self.http_addr(), &format!("/v1/agent/check/{verb}/service:{id}"), "").expect("set health");
+    }
+
+    /// Waits until the catalog reports exactly `count` passing instances of `name`.
+    pub fn wait_passing(&self, name: &str, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let body = http_get(self.http_addr(), &format!("/v1/health/service/{name}?passing=1")).unwrap_or_default();
+            let n = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.as_array().map(Vec::len))
+                .unwrap_or(usize::MAX);
+            if n == count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: wanted {count} passing instances, consul has {n}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Consul {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn http_request(addr: SocketAddr, request: String) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(request.as_bytes())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    if !(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200")) {
+        return Err(std::io::Error::other(format!("{head}\n{body}")));
+    }
+    Ok(body.to_string())
+}
+
+/// A plain HTTP/1.0 GET (no chunked bodies; keeps the harness free of async in setup code).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    http_request(
+        addr,
+        format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+}
+
+/// A plain HTTP/1.0 PUT.
+pub fn http_put(addr: SocketAddr, path: &str, body: &str) -> std::io::Result<String> {
+    http_request(
+        addr,
+        format!(
+            "PUT {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+/// An unbound resolver serving `local-data` for the `test.` zone: the upstream.
+pub struct Unbound {
+    child: Option<Child>,
+    /// Where it answers.
+    pub addr: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Unbound {
+    /// Starts unbound with these extra `local-data` records (the `test.` zone
+    /// has a SOA with a 300 s negative TTL).
+    pub fn start(records: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut conf = format!(
+            "server:\n  interface: 127.0.0.1@{port}\n  port: {port}\n  do-daemonize: no\n  chroot: \"\"\n  username: \"\"\n  \
+             pidfile: \"\"\n  directory: \"{d}\"\n  use-syslog: no\n  logfile: \"{d}/unbound.log\"\n  log-queries: yes\n  \
+             verbosity: 0\n  do-ip6: no\n  local-zone: \"test.\" static\n  \
+             local-data: \"test. 3600 IN SOA ns.test. hostmaster.test. 1 3600 600 86400 300\"\n",
+            d = dir.path().display()
+        );
+        for r in records {
+            conf.push_str(&format!("  local-data: \"{r}\"\n"));
+        }
+        std::fs::write(dir.path().join("unbound.conf"), conf).unwrap();
+        let mut cmd = Command::new(require("unbound"));
+        cmd.arg("-c")
+            .arg(dir.path().join("unbound.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = die_with_parent(&mut cmd).spawn().expect("start unbound");
+        let unbound = Unbound {
+            child: Some(child),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            dir,
+        };
+        unbound.wait_ready();
+        unbound
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log().contains("start of service") {
+            assert!(Instant::now() < deadline, "unbound did not start: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("unbound.log")).unwrap_or_default()
+    }
+
+    /// How many queries for `name` (`www.test.`) of `qtype` it has received.
+    pub fn queries(&self, name: &str, qtype: &str) -> usize {
+        let needle = format!(" {name} {qtype} IN");
+        self.log().lines().filter(|l| l.contains(&needle)).count()
+    }
+
+    /// Kills it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c);
+        }
+    }
+}
+
+impl Drop for Unbound {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Wayfinder's dns component running in this process on 127.0.0.1:<free port>.
+pub struct Wayfinder {
+    /// Where it answers (UDP and TCP).
+    pub addr: SocketAddr,
+    /// Counters and the zone-reload trigger.
+    pub control: DnsControl,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Wayfinder {
+    /// Starts the dns component from TOML text; the listen address is replaced
+    /// by 127.0.0.1:0. Must be called inside a multi-thread tokio runtime.
+    pub async fn start(toml: &str) -> Self {
+        let env = std::collections::HashMap::<String, String>::new();
+        let mut file = wayfinder::config::parse(toml, "test.toml", &env).expect("test config parses");
+        file.dns.listen = vec![SocketAddr::from(([127, 0, 0, 1], 0))];
+        if file.dns.workers == 0 {
+            file.dns.workers = 2;
+        }
+        let config = wayfinder::config::validate(&file, "test.toml").expect("test config validates");
+        let sockets = DnsSockets::bind(&config.dns.listen, config.dns.workers).expect("bind");
+        let addr = sockets.local_addrs()[0];
+        let control = DnsControl::default();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let control = control.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                dns::run(&config, sockets, control, shutdown).await.expect("dns runs");
+            }
+        });
+        Wayfinder {
+            addr,
+            control,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Stops it and waits until it has.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .expect("dns stops within 5 s")
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for Wayfinder {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The `[consul]` section pointing at `consul`.
+pub fn consul_section(consul: &Consul) -> String {
+    format!(
+        "[consul]\nhttp = \"{}\"\ndns = [\"{}\"]\n",
+        consul.http_addr(),
+        consul.dns_addr()
+    )
+}
+
+/// A unique service name for this test (the shared agent is shared).
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The output of one `dig` run.
+#[derive(Debug, Clone)]
+pub struct Dig {
+    /// Everything dig printed.
+    pub out: String,
+    /// How long it took.
+    pub took: Duration,
+}
+
+/// Runs real `dig @server -p port <args>` (one try, 3 s timeout unless overridden).
+pub async fn dig(server: SocketAddr, args: &[&str]) -> Dig {
+    let started = Instant::now();
+    let output = tokio::process::Command::new(require("dig"))
+        .arg(format!("@{}", server.ip()))
+        .args(["-p", &server.port().to_string(), "+tries=1", "+time=3"])
+        .args(args)
+        .output()
+        .await
+        .expect("run dig");
+    Dig {
+        out: String::from_utf8_lossy(&output.stdout).into_owned(),
+        took: started.elapsed(),
+    }
+}
+
+impl Dig {
+    /// The status word (`NOERROR`, `NXDOMAIN`, `SERVFAIL`, `REFUSED` ...), or
+    /// `TIMEOUT` when no answer came.
+    pub fn status(&self) -> String {
+        self.out
+            .lines()
+            .find_map(|l| l.split("status: ").nth(1))
+            .map(|s| s.split(',').next().unwrap_or("").to_string())
+            .unwrap_or_else(|| "TIMEOUT".to_string())
+    }
+
+    /// The header flags (`qr`, `aa`, `tc`, `rd`, `ra` ...).
+    pub fn flags(&self) -> Vec<String> {
+        self.out
+            .lines()
+            .find_map(|l| l.strip_prefix(";; flags: "))
+            .map(|f| {
+                f.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// True when the header has `flag`.
+    pub fn has_flag(&self, flag: &str) -> bool {
+        self.flags().iter().any(|f| f == flag)
+    }
+
+    /// Records of a section (`ANSWER`, `AUTHORITY`, `ADDITIONAL`) as
+    /// `(name, ttl, type, data)`.
+    pub fn section(&self, name: &str) -> Vec<(String, u32, String, String)> {
+        let header = format!(";; {name} SECTION:");
+        let mut lines = self.out.lines().skip_while(|l| !l.starts_with(&header));
+        lines.next();
+        lines
+            .take_while(|l| !l.trim().is_empty())
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                let owner = w.next()?.to_string();
+                let ttl = w.next()?.parse().ok()?;
+                let _class = w.next()?;
+                let rtype = w.next()?.to_string();
+                let data = w.collect::<Vec<_>>().join(" ");
+                Some((owner, ttl, rtype, data))
+            })
+            .collect()
+    }
+
+    /// The data of the answer records, sorted.
+    pub fn answers(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.section("ANSWER").into_iter().map(|r| r.3).collect();
+        v.sort();
+        v
+    }
+
+    /// The message size dig reports (`MSG SIZE  rcvd: N`).
+    pub fn size(&self) -> usize {
+        self.out
+            .lines()
+            .find_map(|l| l.split("MSG SIZE  rcvd: ").nth(1))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// The wayfinder binary built for these tests.
+pub fn wayfinder_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_wayfinder"))
+}
+
+/// Waits until `f` is true or panics with `what` after `limit`.
+pub async fn eventually<F: FnMut() -> bool>(limit: Duration, what: &str, mut f: F) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
