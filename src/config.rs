@@ -802,4 +802,18 @@ mod tests {
         let e = check("[dns]\nupstreams = [\"192.0.2.1\"]\nconsul_a_records = \"x\"\n", &[]).unwrap_err();
         assert!(e.to_string().contains("consul_a_records"), "{e}");
     }
+
+    /// Every shipped example config is valid (style: every deploy file is a fixture).
+    #[test]
+    fn shipped_configs_are_valid() {
+        for (name, text) in [
+            ("deploy/wayfinder.toml", include_str!("../deploy/wayfinder.toml")),
+            ("deploy/standalone.toml", include_str!("../deploy/standalone.toml")),
+        ] {
+            let mut file = parse(text, name, &env(&[])).unwrap_or_else(|e| panic!("{e}"));
+            // The machine's resolv.conf may point anywhere; the rest must validate.
+            file.dns.upstreams = vec!["192.0.2.53".into()];
+            validate(&file, name).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
 }

@@ -7,8 +7,9 @@
 //!  fails keeps its previous version and the error is logged with file and line
 //! ```
 //!
-//! The origin of a zone is its file name without the `.zone` suffix (`example.com.zone`
-//! → `example.com.`); `$ORIGIN` inside the file may still move names around.
+//! Only files named `<origin>.zone` are read; the origin is the file name without
+//! the suffix (`example.com.zone` → `example.com.`); `$ORIGIN` inside the file may
+//! still move names around.
 //! Lookups go through hickory-server's `Catalog`, which does the authoritative work
 //! (AA, NXDOMAIN vs NODATA, SOA in authority, CNAME chasing, wildcards, referrals).
 
@@ -147,9 +148,11 @@ impl Zones {
         let mut files: Vec<_> = entries
             .filter_map(Result::ok)
             .filter(|e| {
+                // Only `<origin>.zone` files are zones: editors' backups, READMEs
+                // and `.sample` files next to them are left alone.
                 let name = e.file_name();
                 let name = name.to_string_lossy();
-                !name.starts_with('.') && !name.ends_with('~') && !name.ends_with(".swp")
+                !name.starts_with('.') && name.ends_with(".zone")
             })
             .filter_map(|e| {
                 let meta = e.metadata().ok()?;
@@ -239,4 +242,40 @@ fn load_zone(path: &Path) -> Result<(Name, InMemoryZoneHandler), String> {
         .map_err(|e| e.to_string())?;
     let handler = InMemoryZoneHandler::new(origin.clone(), records, ZoneType::Primary, AxfrPolicy::Deny)?;
     Ok((origin, handler))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_sample_zone_loads_and_only_zone_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("example.internal.zone"),
+            include_str!("../../zones/example.internal.zone.sample"),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("README.md"), "not a zone").unwrap();
+        std::fs::write(dir.path().join("bad.zone.sample"), "not a zone").unwrap();
+        let zones = Zones::new(dir.path());
+        let (changed, errors) = zones.reload(false);
+        assert!(changed);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(zones.current().len(), 1);
+        assert!(zones.current().contains(b"\x02db\x07example\x08internal\x00"));
+        let (changed, _) = zones.reload(false);
+        assert!(!changed, "an unchanged directory is not reloaded");
+    }
+
+    #[test]
+    fn a_zone_without_soa_is_rejected_with_its_file_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("nosoa.test.zone"), "www 60 IN A 10.0.0.1\n").unwrap();
+        let zones = Zones::new(dir.path());
+        let (_, errors) = zones.reload(false);
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].to_string().contains("nosoa.test.zone"), "{}", errors[0]);
+        assert!(zones.current().is_empty());
+    }
 }

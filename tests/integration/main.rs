@@ -4,3 +4,5 @@
 mod harness;
 
 mod dns_consul; // *.consul forwarded to a real Consul agent: freshness, failover, truncation
+mod dns_local; // wildcard LB domain and zones_dir zones: AA, reloads, broken files
+mod dns_upstream; // the cache in front of the upstream resolvers: TTLs, negatives, stale
