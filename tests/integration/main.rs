@@ -3,6 +3,8 @@
 
 mod harness;
 
+mod cli; // black-box: the built binary, its exit codes, signals
 mod dns_consul; // *.consul forwarded to a real Consul agent: freshness, failover, truncation
 mod dns_local; // wildcard LB domain and zones_dir zones: AA, reloads, broken files
+mod dns_robustness; // malformed packets over UDP and TCP never hurt the server
 mod dns_upstream; // the cache in front of the upstream resolvers: TTLs, negatives, stale

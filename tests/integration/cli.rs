@@ -1,0 +1,423 @@
+//! The built binary as an operator meets it: `wayfinder check` (exit 0 and the
+//! effective configuration, or exit 64 naming the file and the key), the PanteraS
+//! environment overrides, and `wayfinder dns` as a child process: serving, zone
+//! reload on SIGHUP, clean exit 0 on SIGTERM, and a clear failure when its port is
+//! taken.
+
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::{Unbound, dig, free_port, wayfinder_bin};
+
+/// Exit status of a configuration error (sysexits `EX_USAGE`).
+const EXIT_CONFIG: i32 = 64;
+
+/// `wayfinder <args>` with a clean, known environment: none of the PanteraS
+/// variables the test process may have, `RUST_LOG=info`, run in `dir`.
+fn wayfinder(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(wayfinder_bin());
+    cmd.args(args).current_dir(dir).env("RUST_LOG", "info");
+    for (var, _) in wayfinder::env::VARS {
+        cmd.env_remove(var);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Runs `wayfinder check -c <file holding text>` to completion.
+fn check(text: &str, env: &[(&str, &str)]) -> (PathBuf, Output, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wayfinder.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = wayfinder(dir.path(), &["check", "-c", path.to_str().unwrap()], env)
+        .output()
+        .expect("run wayfinder check");
+    (path, out, dir)
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The TOML that `check` printed: everything before the `configuration ok` line
+/// (the derived values are `#` comments).
+fn printed_toml(out: &Output) -> toml::Table {
+    let text = stdout(out);
+    let body = text
+        .strip_suffix("configuration ok\n")
+        .unwrap_or_else(|| panic!("`configuration ok` is not the last line:\n{text}"));
+    toml::from_str(body).unwrap_or_else(|e| panic!("check printed invalid TOML ({e}):\n{text}"))
+}
+
+fn get<'a>(t: &'a toml::Table, section: &str, key: &str) -> &'a toml::Value {
+    t.get(section)
+        .and_then(|s| s.get(key))
+        .unwrap_or_else(|| panic!("{section}.{key} missing from {t:#?}"))
+}
+
+/// A `wayfinder dns` child: killed (and reaped) on drop, so a failed assertion
+/// never leaves a server behind; also killed if the test process dies.
+struct Running {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Running {
+    fn spawn(mut cmd: Command, log: PathBuf) -> Self {
+        let file = std::fs::File::create(&log).unwrap();
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file);
+        // SAFETY: prctl is async-signal-safe and affects only the child.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        Running {
+            child: Some(cmd.spawn().expect("start wayfinder")),
+            log,
+        }
+    }
+
+    fn pid(&self) -> libc::pid_t {
+        self.child.as_ref().expect("running").id() as libc::pid_t
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(rc, 0, "kill({}, {signal})", self.pid());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its exit status, if it exits within `limit`.
+    async fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.as_mut().expect("running").try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `check` on a good file exits 0, prints the effective TOML with every default
+/// filled in (itself a valid config) and ends with `configuration ok`.
+#[test]
+fn check_prints_the_effective_configuration() {
+    let text = "[dns]\nlisten = [\"127.0.0.1:5353\"]\nupstreams = [\"192.0.2.1\"]\n\
+                wildcard_domain = \".apps.example.com\"\nwildcard_targets = [\"10.0.0.5\"]\n";
+    let (path, out, _dir) = check(text, &[]);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{}", stderr(&out));
+    assert!(stdout(&out).contains(&path.display().to_string()), "{}", stdout(&out));
+    let t = printed_toml(&out);
+    assert_eq!(
+        get(&t, "dns", "listen").as_array().unwrap()[0].as_str(),
+        Some("127.0.0.1:5353")
+    );
+    assert_eq!(
+        get(&t, "dns", "upstreams").as_array().unwrap()[0].as_str(),
+        Some("192.0.2.1")
+    );
+    assert_eq!(get(&t, "dns", "wildcard_domain").as_str(), Some(".apps.example.com"));
+    assert_eq!(
+        get(&t, "dns", "consul_timeout").as_str(),
+        Some("2s"),
+        "default filled in"
+    );
+    assert_eq!(
+        get(&t, "consul", "http").as_str(),
+        Some("127.0.0.1:8500"),
+        "default filled in"
+    );
+    assert!(
+        stdout(&out).contains("# dns upstreams resolved: [192.0.2.1:53]"),
+        "{}",
+        stdout(&out)
+    );
+
+    // The printed configuration is itself a valid file meaning the same thing.
+    let printed = toml::to_string(&t).unwrap();
+    let (_, again, _dir2) = check(&printed, &[]);
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    assert_eq!(printed_toml(&again), t);
+}
+
+/// Every configuration mistake exits 64 with one message on stderr naming the file
+/// and the key (and nothing claiming success on stdout).
+#[test]
+fn broken_configs_exit_64_naming_file_and_key() {
+    const UP: &str = "upstreams = [\"192.0.2.1\"]\n";
+    let cases: &[(&str, String, &str, &str)] = &[
+        (
+            "unknown key",
+            format!("[dns]\n{UP}bogus = 1\n"),
+            "dns.bogus",
+            "unknown field",
+        ),
+        (
+            "wrong type",
+            format!("[dns]\n{UP}listen = [\"nope\"]\n"),
+            "dns.listen",
+            "line 3",
+        ),
+        (
+            "bad duration",
+            format!("[dns]\n{UP}consul_timeout = \"soon\"\n"),
+            "dns.consul_timeout",
+            "soon",
+        ),
+        (
+            "upstream loop",
+            "[dns]\nlisten = [\"127.0.0.1:5353\"]\nupstreams = [\"127.0.0.1:5353\"]\n".into(),
+            "dns.upstreams",
+            "loop",
+        ),
+        (
+            "missing resolv.conf",
+            "[dns]\nupstreams = [\"/nonexistent/wayfinder-test/resolv.conf\"]\n".into(),
+            "dns.upstreams",
+            "/nonexistent/wayfinder-test/resolv.conf",
+        ),
+        (
+            "wildcard without targets",
+            format!("[dns]\n{UP}wildcard_domain = \".apps.example.com\"\n"),
+            "dns.wildcard_targets",
+            "needs targets",
+        ),
+    ];
+    for (what, text, key, problem) in cases {
+        let (path, out, _dir) = check(text, &[]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{what}: stderr:\n{err}");
+        assert!(!stdout(&out).contains("configuration ok"), "{what}: {}", stdout(&out));
+        let file = path.display().to_string();
+        assert!(
+            err.contains(&format!("{file}: {key}:")),
+            "{what}: wanted `{file}: {key}:` in:\n{err}"
+        );
+        assert!(err.contains(problem), "{what}: wanted `{problem}` in:\n{err}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("absent.toml");
+    let out = wayfinder(dir.path(), &["check", "-c", missing.to_str().unwrap()], &[])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "missing -c file: {err}");
+    assert!(err.contains(&missing.display().to_string()), "missing -c file: {err}");
+    assert!(err.contains("could not read"), "missing -c file: {err}");
+}
+
+/// The PanteraS variables override the file, and `check` shows the result:
+/// `CONSUL_IP` moves both Consul addresses (ports kept), `HAPROXY_ADD_DOMAIN` sets
+/// the wildcard domain and `HOST_IP` becomes its target.
+#[test]
+fn environment_overrides_show_in_check() {
+    let (_, out, _dir) = check(
+        "[consul]\nhttp = \"127.0.0.1:8501\"\n[dns]\nupstreams = [\"192.0.2.1\"]\n",
+        &[
+            ("CONSUL_IP", "10.1.1.2"),
+            ("HAPROXY_ADD_DOMAIN", ".apps.example.com"),
+            ("HOST_IP", "10.1.1.3"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{}", stderr(&out));
+    let t = printed_toml(&out);
+    assert_eq!(get(&t, "consul", "http").as_str(), Some("10.1.1.2:8501"));
+    let consul_dns: Vec<&str> = get(&t, "consul", "dns")
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(consul_dns, ["10.1.1.2:8600"]);
+    assert_eq!(get(&t, "dns", "wildcard_domain").as_str(), Some(".apps.example.com"));
+    let targets: Vec<&str> = get(&t, "dns", "wildcard_targets")
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(targets, ["10.1.1.3"]);
+}
+
+/// A malformed variable is a configuration error naming the variable.
+#[test]
+fn bad_environment_value_exits_64_naming_the_variable() {
+    let (_, out, _dir) = check("[dns]\nupstreams = [\"192.0.2.1\"]\n", &[("CONSUL_IP", "not-an-ip")]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{err}");
+    assert!(err.contains("environment: CONSUL_IP:"), "{err}");
+    assert!(err.contains("not-an-ip"), "{err}");
+}
+
+/// Usage errors are clap's (exit 2); `--version` works.
+#[test]
+fn usage_errors_and_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = wayfinder(dir.path(), &["--version"], &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout(&out).starts_with("wayfinder "), "{}", stdout(&out));
+    for args in [&["frobnicate"][..], &[], &["check", "--bogus"]] {
+        let out = wayfinder(dir.path(), args, &[]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+    }
+}
+
+fn zone(serial: u32, db: &str) -> String {
+    format!(
+        "$TTL 60\n\
+         @  IN SOA ns.example.internal. hostmaster.example.internal. {serial} 3600 600 86400 30\n\
+         @  IN NS  ns.example.internal.\n\
+         ns IN A   127.0.0.1\n\
+         db IN A   {db}\n"
+    )
+}
+
+/// Dig until `name` answers `want` or `limit` passes; the last output otherwise.
+async fn dig_until(addr: SocketAddr, args: &[&str], want: &[&str], limit: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let d = dig(addr, args).await;
+        if d.answers() == want {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(d.out);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `wayfinder dns` as a real process: it serves the zone authoritatively (AA) and
+/// the upstream; SIGHUP reloads the zone at once (polling is set to an hour, so
+/// nothing else could); SIGTERM stops it with exit status 0 within 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_serves_reloads_on_sighup_and_exits_0_on_sigterm() {
+    let upstream = Unbound::start(&["www.test. 300 IN A 192.0.2.10"]);
+    let dir = tempfile::tempdir().unwrap();
+    let zones = dir.path().join("zones");
+    std::fs::create_dir(&zones).unwrap();
+    let zone_file = zones.join("example.internal.zone");
+    std::fs::write(&zone_file, zone(1, "10.9.9.10")).unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = dir.path().join("wayfinder.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[dns]\nlisten = [\"{addr}\"]\nupstreams = [\"{}\"]\nzones_dir = {:?}\nzones_poll = \"1h\"\nworkers = 2\n",
+            upstream.addr,
+            zones.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut server = Running::spawn(
+        wayfinder(dir.path(), &["dns", "-c", config.to_str().unwrap()], &[]),
+        dir.path().join("wayfinder.log"),
+    );
+
+    if let Err(out) = dig_until(addr, &["www.test", "A"], &["192.0.2.10"], Duration::from_secs(10)).await {
+        panic!("wayfinder dns never answered:\n{out}\nlog:\n{}", server.log());
+    }
+    let d = dig(addr, &["db.example.internal", "A"]).await;
+    assert_eq!(d.answers(), ["10.9.9.10"], "{}\nlog:\n{}", d.out, server.log());
+    assert!(d.has_flag("aa"), "zone answers are authoritative: {}", d.out);
+
+    std::fs::write(&zone_file, zone(2, "10.9.9.11")).unwrap();
+    // Nothing reloads without the signal (zones_poll is an hour).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let d = dig(addr, &["db.example.internal", "A"]).await;
+    assert_eq!(d.answers(), ["10.9.9.10"], "reloaded without SIGHUP: {}", d.out);
+
+    server.signal(libc::SIGHUP);
+    let started = Instant::now();
+    if let Err(out) = dig_until(
+        addr,
+        &["db.example.internal", "A"],
+        &["10.9.9.11"],
+        Duration::from_secs(2),
+    )
+    .await
+    {
+        panic!(
+            "SIGHUP did not reload the zone within 2 s:\n{out}\nlog:\n{}",
+            server.log()
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    let soa = dig(addr, &["example.internal", "SOA"]).await;
+    assert_eq!(soa.section("ANSWER")[0].3.split(' ').nth(2), Some("2"), "{}", soa.out);
+    // Still alive after the hangup (SIGHUP's default action would have killed it).
+    assert!(server.wait_exit(Duration::ZERO).await.is_none(), "exited on SIGHUP");
+
+    server.signal(libc::SIGTERM);
+    let status = server
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("still running 5 s after SIGTERM; log:\n{}", server.log()));
+    assert_eq!(status.code(), Some(0), "{status:?}; log:\n{}", server.log());
+    assert!(
+        server.log().contains("SIGTERM"),
+        "shutdown not logged:\n{}",
+        server.log()
+    );
+}
+
+/// A listen port that is already taken (UDP or TCP) ends `wayfinder dns` at once
+/// with a non-zero status and `could not bind` naming the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_in_use_exits_nonzero_with_could_not_bind() {
+    let dir = tempfile::tempdir().unwrap();
+    for proto in ["udp", "tcp"] {
+        let port = free_port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let _udp_holder = (proto == "udp").then(|| std::net::UdpSocket::bind(addr).unwrap());
+        let _tcp_holder = (proto == "tcp").then(|| std::net::TcpListener::bind(addr).unwrap());
+        let config = dir.path().join(format!("{proto}.toml"));
+        std::fs::write(
+            &config,
+            format!("[dns]\nlisten = [\"{addr}\"]\nupstreams = [\"192.0.2.1\"]\nworkers = 2\n"),
+        )
+        .unwrap();
+        let mut server = Running::spawn(
+            wayfinder(dir.path(), &["dns", "-c", config.to_str().unwrap()], &[]),
+            dir.path().join(format!("{proto}.log")),
+        );
+        let status = server
+            .wait_exit(Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|| panic!("{proto} port taken: still running after 5 s; log:\n{}", server.log()));
+        let log = server.log();
+        assert!(!status.success(), "{proto} port taken: {status:?}\n{log}");
+        assert!(log.contains("could not bind"), "{proto}: {log}");
+        assert!(log.contains(&format!("{proto} socket on {addr}")), "{proto}: {log}");
+    }
+}
