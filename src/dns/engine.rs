@@ -39,6 +39,8 @@ use crate::config::{Config, ConsulARecords};
 const STALE_TTL: u32 = 30;
 /// Local answers are rebuilt at least this often even without a generation change.
 const LOCAL_ENTRY_LIFETIME: Duration = Duration::from_secs(3600);
+/// Class IN.
+const CLASS_IN: u16 = 1;
 /// EDNS payload we advertise to Consul: large, it is (nearly always) local.
 const CONSUL_PAYLOAD: u16 = 4096;
 
@@ -315,26 +317,37 @@ impl Engine {
         let mut key_buf = [0u8; wire::MAX_KEY_LEN];
         let key = query.key(&mut key_buf);
 
-        if wire::name_in_zone(query.qname, &self.consul_zone) {
-            if self.is_lb_consul_question(&query) {
-                let generation = self.generation.load(Ordering::Relaxed);
-                let answer = self.lb.answer(&query, None);
-                return Some(self.local_answer(&query, key, answer, Route::Lb, generation, limit, out));
-            }
+        let in_consul = wire::name_in_zone(query.qname, &self.consul_zone);
+        if in_consul && !self.is_lb_consul_question(&query) {
             return Some(self.forward_consul(&query, key, limit, out).await);
         }
-        if let Some((apex, apex_wire)) = &self.wildcard
-            && wire::name_in_zone(query.qname, apex_wire)
-        {
-            let generation = self.generation.load(Ordering::Relaxed);
-            let answer = self.lb.answer(&query, Some(apex));
-            return Some(self.local_answer(&query, key, answer, Route::Lb, generation, limit, out));
-        }
+        let apex = self
+            .wildcard
+            .as_ref()
+            .filter(|(_, apex_wire)| !in_consul && wire::name_in_zone(query.qname, apex_wire))
+            .map(|(apex, _)| apex);
         let zones = self.zones.current();
-        if zones.contains(query.qname) {
+        let local = if in_consul || apex.is_some() {
+            Some(Route::Lb)
+        } else if zones.contains(query.qname) {
+            Some(Route::Zone)
+        } else {
+            None
+        };
+        if let Some(route) = local {
+            // Local data exists in class IN only (RFC 1035 3.2.4); CH and friends
+            // for these names are refused rather than answered with IN records.
+            if query.qclass != CLASS_IN {
+                wire::error_response(&query, u16::from(rcode::REFUSED), &mut out);
+                self.stats.route(route).answered(rcode::REFUSED);
+                return Some(out);
+            }
             let generation = self.generation.load(Ordering::Relaxed);
-            let answer = zones.lookup(packet, src).await;
-            return Some(self.local_answer(&query, key, answer, Route::Zone, generation, limit, out));
+            let answer = match route {
+                Route::Zone => zones.lookup(packet, src).await,
+                _ => self.lb.answer(&query, apex).ok_or(rcode::SERVFAIL),
+            };
+            return Some(self.local_answer(&query, key, answer, route, generation, limit, out));
         }
         drop(zones);
         if matches!(query.qtype, rtype::AXFR | rtype::IXFR) {
@@ -350,17 +363,20 @@ impl Engine {
         &self,
         query: &Query<'_>,
         key: &[u8],
-        answer: Option<Vec<u8>>,
+        answer: Result<Vec<u8>, u8>,
         route: Route,
         generation: u64,
         limit: usize,
         mut out: Vec<u8>,
     ) -> Vec<u8> {
         let stats = self.stats.route(route);
-        let Some(template) = answer.as_deref().and_then(wire::make_template) else {
-            wire::error_response(query, u16::from(rcode::SERVFAIL), &mut out);
-            stats.answered(rcode::SERVFAIL);
-            return out;
+        let template = match answer.map(|a| wire::make_template(&a).ok_or(rcode::SERVFAIL)) {
+            Ok(Ok(t)) => t,
+            Ok(Err(code)) | Err(code) => {
+                wire::error_response(query, u16::from(code), &mut out);
+                stats.answered(code);
+                return out;
+            }
         };
         wire::finish(&template, query, TtlRewrite::Keep, limit, &mut out);
         stats.answered(template.rcode);

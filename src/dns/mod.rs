@@ -65,32 +65,28 @@ pub struct DnsSockets {
 
 impl DnsSockets {
     /// Binds `workers` UDP sockets and one TCP listener on each address. Port 0
-    /// picks a free port, shared by the UDP and TCP sockets of that address.
+    /// picks a free port, shared by the UDP and TCP sockets of that address (tried
+    /// again with another port when TCP happens to have that one in use).
     pub fn bind(listen: &[SocketAddr], workers: usize) -> Result<Self, DnsError> {
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
         for &requested in listen {
-            let mut addr = requested;
-            for _ in 0..workers.max(1) {
-                let socket = udp_socket(addr).map_err(|source| DnsError::Bind {
-                    proto: "udp",
-                    addr,
-                    source,
-                })?;
-                if addr.port() == 0 {
-                    addr = socket.local_addr().map_err(|source| DnsError::Bind {
-                        proto: "udp",
-                        addr,
-                        source,
-                    })?;
+            let mut attempt = 0;
+            let (sockets, listener) = loop {
+                match bind_address(requested, workers) {
+                    Ok(bound) => break bound,
+                    Err(DnsError::Bind { source, .. })
+                        if requested.port() == 0
+                            && attempt < 20
+                            && source.kind() == std::io::ErrorKind::AddrInUse =>
+                    {
+                        attempt += 1;
+                    }
+                    Err(e) => return Err(e),
                 }
-                udp.push(socket);
-            }
-            tcp.push(tcp_listener(addr).map_err(|source| DnsError::Bind {
-                proto: "tcp",
-                addr,
-                source,
-            })?);
+            };
+            udp.extend(sockets);
+            tcp.push(listener);
         }
         Ok(Self { udp, tcp })
     }
@@ -99,6 +95,36 @@ impl DnsSockets {
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.tcp.iter().filter_map(|t| t.local_addr().ok()).collect()
     }
+}
+
+/// `workers` UDP sockets and one TCP listener on one address.
+fn bind_address(
+    requested: SocketAddr,
+    workers: usize,
+) -> Result<(Vec<std::net::UdpSocket>, std::net::TcpListener), DnsError> {
+    let mut addr = requested;
+    let mut udp = Vec::with_capacity(workers.max(1));
+    for _ in 0..workers.max(1) {
+        let socket = udp_socket(addr).map_err(|source| DnsError::Bind {
+            proto: "udp",
+            addr,
+            source,
+        })?;
+        if addr.port() == 0 {
+            addr = socket.local_addr().map_err(|source| DnsError::Bind {
+                proto: "udp",
+                addr,
+                source,
+            })?;
+        }
+        udp.push(socket);
+    }
+    let tcp = tcp_listener(addr).map_err(|source| DnsError::Bind {
+        proto: "tcp",
+        addr,
+        source,
+    })?;
+    Ok((udp, tcp))
 }
 
 fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {

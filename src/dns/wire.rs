@@ -355,7 +355,9 @@ pub fn make_template(resp: &[u8]) -> Option<Template> {
     let mut negative_ttl = None;
     let mut opt_seen = 0u16;
     let mut pos = question_end;
-    for index in 0..(an as usize + ns as usize + ar as usize) {
+    let (an, ns, ar) = (an as usize, ns as usize, ar as usize);
+    let total = an + ns + ar;
+    for index in 0..total {
         let start = pos;
         pos = skip_name(resp, pos)?;
         let rr_type = u16_at(resp, pos)?;
@@ -367,27 +369,35 @@ pub fn make_template(resp: &[u8]) -> Option<Template> {
             return None;
         }
         if rr_type == rtype::OPT {
+            // RFC 6891 6.1.1: one OPT, in ADDITIONAL. Anywhere else the reply is
+            // malformed; not last, dropping it could break later compression
+            // pointers, so that (legal, rare) layout is re-encoded instead.
+            if index < an + ns || opt_seen > 0 {
+                return None;
+            }
+            if index + 1 != total {
+                return make_template(&reencode_without_opt(resp)?);
+            }
             opt_seen += 1;
             pos = end;
             continue;
         }
         let ttl_at = wire.len() + (pos + 4 - start);
         ttl_offsets.push(u16::try_from(ttl_at).ok()?);
-        if index < an as usize {
+        if index < an {
             min_answer_ttl = Some(min_answer_ttl.map_or(ttl, |m| m.min(ttl)));
-        } else if index < (an + ns) as usize && rr_type == rtype::SOA && rdlen >= 20 {
+        } else if index < an + ns && rr_type == rtype::SOA && rdlen >= 20 {
             let minimum = u32_at(resp, end - 4)?;
             negative_ttl = Some(ttl.min(minimum));
         }
         // Copying a record keeps its compression pointers valid: everything
-        // before it is copied verbatim and only OPT (which holds no names that
-        // could be pointed at by later records, being last) is left out.
+        // before it is copied verbatim and only a final OPT is left out.
         wire.extend_from_slice(&resp[start..end]);
         pos = end;
     }
     wire[0] = 0;
     wire[1] = 0;
-    let ar_left = ar - opt_seen;
+    let ar_left = (ar - usize::from(opt_seen)) as u16;
     wire[10..12].copy_from_slice(&ar_left.to_be_bytes());
     for b in &mut wire[HEADER_LEN..qname_end] {
         b.make_ascii_lowercase();
@@ -396,10 +406,17 @@ pub fn make_template(resp: &[u8]) -> Option<Template> {
         wire: wire.into_boxed_slice(),
         ttl_offsets: ttl_offsets.into_boxed_slice(),
         rcode: resp[3] & 0x0F,
-        answers: an,
+        answers: an as u16,
         min_answer_ttl,
         negative_ttl,
     })
+}
+
+/// The same response without its OPT record, re-encoded by hickory.
+fn reencode_without_opt(resp: &[u8]) -> Option<Vec<u8>> {
+    let mut message = hickory_proto::op::Message::from_vec(resp).ok()?;
+    message.edns = None;
+    message.to_vec().ok()
 }
 
 /// How the TTLs of a template are rewritten for one client.

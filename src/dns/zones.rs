@@ -59,16 +59,19 @@ impl ZoneSet {
         self.origins.is_empty()
     }
 
-    /// Answers `packet` from the zones (full response bytes; the caller templates it).
-    pub async fn lookup(&self, packet: &[u8], src: SocketAddr) -> Option<Vec<u8>> {
+    /// Answers `packet` from the zones: the full response bytes (the caller
+    /// templates them), or the RCODE to answer with when hickory cannot take the
+    /// request (FORMERR) or produced nothing (SERVFAIL).
+    pub async fn lookup(&self, packet: &[u8], src: SocketAddr) -> Result<Vec<u8>, u8> {
         // TCP framing tells the catalog not to truncate: sizing is ours.
-        let request = Request::from_bytes(packet.to_vec(), src, Protocol::Tcp).ok()?;
+        let request = Request::from_bytes(packet.to_vec(), src, Protocol::Tcp).map_err(|_| super::wire::rcode::FORMERR)?;
         let capture = Capture::default();
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         self.catalog.lookup(&request, None, now, capture.clone()).await;
-        capture.0.lock().expect("capture lock").take()
+        let response = capture.0.lock().expect("capture lock").take();
+        response.ok_or(super::wire::rcode::SERVFAIL)
     }
 }
 
