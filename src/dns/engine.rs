@@ -225,24 +225,24 @@ impl Engine {
         let query = match wire::parse_query(packet) {
             Ok(q) => q,
             Err(Malformed::Drop) => {
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                self.stats.count_dropped();
                 return Verdict::Drop;
             }
             Err(Malformed::Reply { id, flags, rcode }) => {
                 wire::header_error(id, flags, rcode, out);
-                self.stats.route(Route::Rejected).answered(rcode);
+                self.stats.at(Route::Rejected).answered(rcode);
                 return Verdict::Answered;
             }
         };
         if !self.allowed(src.ip()) {
             wire::error_response(&query, u16::from(rcode::REFUSED), out);
-            self.stats.route(Route::Rejected).answered(rcode::REFUSED);
+            self.stats.at(Route::Rejected).answered(rcode::REFUSED);
             return Verdict::Answered;
         }
         if query.edns.is_some_and(|e| e.version > 0) {
             // RFC 6891 6.1.3: BADVERS (16) for versions we do not speak.
             wire::error_response(&query, 16, out);
-            self.stats.route(Route::Rejected).answered(16);
+            self.stats.at(Route::Rejected).answered(16);
             return Verdict::Answered;
         }
         let limit = query.response_limit(transport);
@@ -285,7 +285,7 @@ impl Engine {
             }
         };
         wire::finish(&entry.template, query, ttl, limit, out);
-        let stats = self.stats.route(route);
+        let stats = self.stats.at(route);
         stats.cache_hits.fetch_add(1, Ordering::Relaxed);
         stats.answered(entry.template.rcode);
         true
@@ -297,7 +297,7 @@ impl Engine {
         let now = self.inflight.fetch_add(1, Ordering::Relaxed);
         if now >= self.max_inflight {
             self.inflight.fetch_sub(1, Ordering::Relaxed);
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            self.stats.count_dropped();
             return None;
         }
         Some(InflightSlot(self.clone()))
@@ -339,7 +339,7 @@ impl Engine {
             // for these names are refused rather than answered with IN records.
             if query.qclass != CLASS_IN {
                 wire::error_response(&query, u16::from(rcode::REFUSED), &mut out);
-                self.stats.route(route).answered(rcode::REFUSED);
+                self.stats.at(route).answered(rcode::REFUSED);
                 return Some(out);
             }
             let generation = self.generation.load(Ordering::Relaxed);
@@ -352,7 +352,7 @@ impl Engine {
         drop(zones);
         if matches!(query.qtype, rtype::AXFR | rtype::IXFR) {
             wire::error_response(&query, u16::from(rcode::REFUSED), &mut out);
-            self.stats.route(Route::Upstream).answered(rcode::REFUSED);
+            self.stats.at(Route::Upstream).answered(rcode::REFUSED);
             return Some(out);
         }
         Some(self.forward_upstream(&query, key, limit, out).await)
@@ -369,7 +369,7 @@ impl Engine {
         limit: usize,
         mut out: Vec<u8>,
     ) -> Vec<u8> {
-        let stats = self.stats.route(route);
+        let stats = self.stats.at(route);
         let template = match answer.map(|a| wire::make_template(&a).ok_or(rcode::SERVFAIL)) {
             Ok(Ok(t)) => t,
             Ok(Err(code)) | Err(code) => {
@@ -394,7 +394,7 @@ impl Engine {
     }
 
     async fn forward_consul(&self, query: &Query<'_>, key: &[u8], limit: usize, mut out: Vec<u8>) -> Vec<u8> {
-        let stats = self.stats.route(Route::Consul);
+        let stats = self.stats.at(Route::Consul);
         match self.consul.resolve(key, query, stats).await {
             Ok(template) => {
                 wire::finish(&template, query, TtlRewrite::Keep, limit, &mut out);
@@ -423,7 +423,7 @@ impl Engine {
     }
 
     async fn forward_upstream(&self, query: &Query<'_>, key: &[u8], limit: usize, mut out: Vec<u8>) -> Vec<u8> {
-        let stats = self.stats.route(Route::Upstream);
+        let stats = self.stats.at(Route::Upstream);
         let previous = self.cache.get(key);
         if let Some(entry) = &previous {
             // A fresh answer can appear between the fast path and here (TCP, or a

@@ -76,9 +76,7 @@ impl DnsSockets {
                 match bind_address(requested, workers) {
                     Ok(bound) => break bound,
                     Err(DnsError::Bind { source, .. })
-                        if requested.port() == 0
-                            && attempt < 20
-                            && source.kind() == std::io::ErrorKind::AddrInUse =>
+                        if requested.port() == 0 && attempt < 20 && source.kind() == std::io::ErrorKind::AddrInUse =>
                     {
                         attempt += 1;
                     }

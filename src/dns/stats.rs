@@ -1,8 +1,11 @@
 //! Counters per route, kept in the process for the admin API.
 //!
-//! Plain relaxed atomics: the hot path adds to two or three of them per query.
-//! Readers take a [`RouteSnapshot`]; nothing here allocates after start.
+//! Relaxed atomics, sharded: each UDP worker thread writes to its own cache-line
+//! aligned shard (two workers bumping one counter would bounce its cache line
+//! between cores on every query); readers sum the shards into a [`RouteSnapshot`].
+//! Nothing here allocates after start.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -67,11 +70,6 @@ impl RouteStats {
         self.rcodes[usize::from(rcode.min(6))].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Upstream exchanges made (merged questions count once).
-    pub fn exchanges(&self) -> u64 {
-        self.latency_buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
-    }
-
     /// Records one upstream exchange.
     pub fn upstream_latency(&self, took: Duration) {
         let us = took.as_micros() as u64;
@@ -117,26 +115,83 @@ pub struct RouteSnapshot {
     pub upstream_errors: u64,
 }
 
+/// Counter shards: UDP workers take 1.., every other thread shares shard 0.
+const SHARDS: usize = 8;
+
+thread_local! {
+    static SHARD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Makes the calling thread write to shard `index` (UDP workers call this once).
+pub fn set_worker_shard(index: usize) {
+    SHARD.with(|s| s.set(index % SHARDS));
+}
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard {
+    routes: [RouteStats; 5],
+    dropped: AtomicU64,
+}
+
 /// All DNS counters.
 #[derive(Debug, Default)]
 pub struct DnsStats {
-    routes: [RouteStats; 5],
-    /// Packets dropped unanswered (responses, runt packets, overload).
-    pub dropped: AtomicU64,
+    shards: [Shard; SHARDS],
 }
 
 impl DnsStats {
-    /// The counters of `route`.
+    /// The calling thread's counters of `route`, to record into.
     #[inline]
-    pub fn route(&self, route: Route) -> &RouteStats {
-        &self.routes[route as usize]
+    pub fn at(&self, route: Route) -> &RouteStats {
+        &self.shards[SHARD.with(Cell::get)].routes[route as usize]
+    }
+
+    /// Counts a packet dropped unanswered (responses, runt packets, overload).
+    #[inline]
+    pub fn count_dropped(&self) {
+        self.shards[SHARD.with(Cell::get)]
+            .dropped
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Packets dropped unanswered so far.
+    pub fn dropped(&self) -> u64 {
+        self.shards.iter().map(|s| s.dropped.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The counters of `route`, summed over all threads.
+    pub fn route(&self, route: Route) -> RouteSnapshot {
+        let mut total = RouteSnapshot::default();
+        for shard in &self.shards {
+            total.add(&shard.routes[route as usize].snapshot());
+        }
+        total
     }
 
     /// Snapshot of every route, by name.
     pub fn snapshot(&self) -> Vec<(&'static str, RouteSnapshot)> {
-        Route::ALL
-            .iter()
-            .map(|r| (r.name(), self.route(*r).snapshot()))
-            .collect()
+        Route::ALL.iter().map(|r| (r.name(), self.route(*r))).collect()
+    }
+}
+
+impl RouteSnapshot {
+    fn add(&mut self, other: &RouteSnapshot) {
+        self.queries += other.queries;
+        for (a, b) in self.rcodes.iter_mut().zip(other.rcodes) {
+            *a += b;
+        }
+        self.cache_hits += other.cache_hits;
+        self.stale_served += other.stale_served;
+        for (a, b) in self.latency_buckets.iter_mut().zip(other.latency_buckets) {
+            *a += b;
+        }
+        self.latency_sum_us += other.latency_sum_us;
+        self.upstream_errors += other.upstream_errors;
+    }
+
+    /// Upstream exchanges made (merged questions count once).
+    pub fn exchanges(&self) -> u64 {
+        self.latency_buckets.iter().sum()
     }
 }

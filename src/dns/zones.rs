@@ -64,7 +64,8 @@ impl ZoneSet {
     /// request (FORMERR) or produced nothing (SERVFAIL).
     pub async fn lookup(&self, packet: &[u8], src: SocketAddr) -> Result<Vec<u8>, u8> {
         // TCP framing tells the catalog not to truncate: sizing is ours.
-        let request = Request::from_bytes(packet.to_vec(), src, Protocol::Tcp).map_err(|_| super::wire::rcode::FORMERR)?;
+        let request =
+            Request::from_bytes(packet.to_vec(), src, Protocol::Tcp).map_err(|_| super::wire::rcode::FORMERR)?;
         let capture = Capture::default();
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)

@@ -28,7 +28,7 @@ async fn upstream_answers_are_cached_and_age() {
     let ttl = aged.section("ANSWER")[0].1;
     assert!((297..=298).contains(&ttl), "TTL should have aged by 2 s: {ttl}");
     assert_eq!(upstream.queries("www.test.", "A"), 1);
-    let stats = wf.control.stats.route(Route::Upstream).snapshot();
+    let stats = wf.control.stats.route(Route::Upstream);
     assert_eq!(stats.cache_hits, 2);
     assert_eq!(stats.queries, 3);
     wf.stop().await;
@@ -68,7 +68,7 @@ async fn stale_answers_are_served_when_the_upstream_dies() {
     let never = dig(wf.addr, &["never.test", "A"]).await;
     assert_eq!(never.status(), "SERVFAIL", "{}", never.out);
     assert!(never.took < Duration::from_millis(1000), "took {:?}", never.took);
-    let stats = wf.control.stats.route(Route::Upstream).snapshot();
+    let stats = wf.control.stats.route(Route::Upstream);
     assert_eq!(stats.stale_served, 1);
     wf.stop().await;
 }
@@ -103,5 +103,28 @@ async fn upstream_failover_and_tcp() {
     assert_eq!(d.answers(), ["192.0.2.11"], "{}", d.out);
     let d = dig(wf.addr, &["www.test", "A", "+tcp"]).await;
     assert_eq!(d.answers(), ["192.0.2.10"], "cached answer over TCP: {}", d.out);
+    wf.stop().await;
+}
+
+/// An upstream answer larger than the UDP size we advertise (1232) comes back
+/// with TC; Wayfinder asks again over TCP and caches the whole answer, which a
+/// TCP client then gets complete (RFC 7766 section 5, RFC 6891 section 7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_upstream_answers_are_fetched_over_tcp() {
+    let records: Vec<String> = (0..20)
+        .map(|i| format!("big.test. 300 IN TXT \\\"{i:02}{}\\\"", "x".repeat(100)))
+        .collect();
+    let refs: Vec<&str> = records.iter().map(String::as_str).collect();
+    let upstream = Unbound::start(&refs);
+    let wf = cached_server(&upstream, "").await;
+    let udp = dig(wf.addr, &["big.test", "TXT", "+ignore"]).await;
+    assert!(udp.has_flag("tc"), "2 KiB does not fit 1232 bytes: {}", udp.out);
+    let tcp = dig(wf.addr, &["big.test", "TXT", "+tcp"]).await;
+    assert_eq!(tcp.section("ANSWER").len(), 20, "{}", tcp.out);
+    assert_eq!(
+        upstream.queries("big.test.", "TXT"),
+        2,
+        "one UDP try, then TCP; the second client is served from cache"
+    );
     wf.stop().await;
 }
