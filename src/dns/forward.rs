@@ -161,7 +161,11 @@ impl Forwarder {
         }
         // We lead: whatever happens (even cancellation), the guard removes the
         // entry; dropped waiters then see `Abandoned`.
-        let guard = LeaderGuard { forwarder: self, key };
+        let guard = LeaderGuard {
+            forwarder: self,
+            key,
+            finished: false,
+        };
         let started = Instant::now();
         let result = self.exchange(query).await;
         match &result {
@@ -235,11 +239,15 @@ impl Forwarder {
 struct LeaderGuard<'a> {
     forwarder: &'a Forwarder,
     key: &'a [u8],
+    /// Set once the entry is removed: by then a new leader may own the key, and
+    /// removing it again would abandon that leader's waiters.
+    finished: bool,
 }
 
 impl LeaderGuard<'_> {
-    fn finish(self, result: &Result<Arc<Template>, ForwardError>) {
+    fn finish(mut self, result: &Result<Arc<Template>, ForwardError>) {
         let waiters = self.take();
+        self.finished = true;
         for w in waiters {
             let _ = w.send(result.clone());
         }
@@ -257,8 +265,11 @@ impl LeaderGuard<'_> {
 
 impl Drop for LeaderGuard<'_> {
     fn drop(&mut self) {
-        // After finish() the entry is gone and this is a no-op.
-        drop(self.take());
+        // A leader dropped before finishing (cancelled): its waiters see
+        // `Abandoned` instead of hanging.
+        if !self.finished {
+            drop(self.take());
+        }
     }
 }
 

@@ -239,6 +239,7 @@ async fn identical_inflight_questions_are_merged() {
     };
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let total = 200u16;
+    let started = std::time::Instant::now();
     for id in 0..total {
         let mut q = query.clone();
         q[0..2].copy_from_slice(&id.to_be_bytes());
@@ -252,7 +253,14 @@ async fn identical_inflight_questions_are_merged() {
             .expect("every query answered")
             .unwrap();
         let m = hickory_proto::op::Message::from_vec(&buf[..n]).unwrap();
-        assert_eq!(m.answers.len(), 1);
+        assert_eq!(
+            m.answers.len(),
+            1,
+            "{:?} after {:?}; consul route: {:?}",
+            m.metadata,
+            started.elapsed(),
+            wf.control.stats.route(wayfinder::dns::stats::Route::Consul)
+        );
         answered += 1;
     }
     let stats = wf.control.stats.route(wayfinder::dns::stats::Route::Consul);

@@ -88,16 +88,48 @@ pub struct Consul {
     child: Option<Child>,
     /// Its ports.
     pub ports: ConsulPorts,
-    dir: tempfile::TempDir,
+    /// Holds the agent's log.
+    dir: PathBuf,
+    /// Removes `dir` on drop (private agents; the shared one is swept later).
+    _cleanup: Option<tempfile::TempDir>,
 }
 
 impl Consul {
     /// Starts a private agent (for tests that stop or restart Consul).
     pub fn start() -> Self {
+        let temp = tempfile::tempdir().unwrap();
         let mut consul = Consul {
             child: None,
             ports: ConsulPorts::pick(),
-            dir: tempfile::tempdir().unwrap(),
+            dir: temp.path().to_path_buf(),
+            _cleanup: Some(temp),
+        };
+        consul.launch();
+        consul
+    }
+
+    /// The shared agent lives as long as the process, which never drops statics:
+    /// its log goes to a directory named after our pid, and directories of test
+    /// processes that have exited are removed here.
+    fn start_shared() -> Self {
+        let base = std::env::temp_dir();
+        if let Ok(entries) = std::fs::read_dir(&base) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name.strip_prefix("wayfinder-test-consul-")
+                    && !Path::new("/proc").join(pid).exists()
+                {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let dir = base.join(format!("wayfinder-test-consul-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut consul = Consul {
+            child: None,
+            ports: ConsulPorts::pick(),
+            dir,
+            _cleanup: None,
         };
         consul.launch();
         consul
@@ -112,7 +144,7 @@ impl Consul {
             // the shared agent is spawned from a thread that lives forever.
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
-                tx.send(Consul::start()).unwrap();
+                tx.send(Consul::start_shared()).unwrap();
                 loop {
                     std::thread::park();
                 }
@@ -123,7 +155,7 @@ impl Consul {
 
     fn launch(&mut self) {
         let p = self.ports;
-        let log = std::fs::File::create(self.dir.path().join("consul.log")).unwrap();
+        let log = std::fs::File::create(self.dir.join("consul.log")).unwrap();
         let mut cmd = Command::new(require("consul"));
         cmd.args(["agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1"])
             .args(["-http-port", &p.http.to_string()])
@@ -152,7 +184,7 @@ impl Consul {
             assert!(
                 Instant::now() < deadline,
                 "consul did not elect a leader in 30 s; log:\n{}",
-                std::fs::read_to_string(self.dir.path().join("consul.log")).unwrap_or_default()
+                std::fs::read_to_string(self.dir.join("consul.log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
