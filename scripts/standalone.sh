@@ -14,14 +14,22 @@ consul agent -server -bootstrap-expect 1 -ui -node "$(hostname)" \
   -data-dir "$state/consul" -bind 127.0.0.1 -client 127.0.0.1 \
   -hcl 'dns_config { enable_truncate = true }' >"$state/consul.log" 2>&1 &
 consul_pid=$!
-trap 'kill $consul_pid 2>/dev/null; wait $consul_pid 2>/dev/null' EXIT
+cleanup() { kill "$consul_pid" 2>/dev/null || true; wait "$consul_pid" 2>/dev/null || true; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 echo "consul: starting (log: $state/consul.log)"
-for _ in $(seq 1 100); do
+leader=""
+for _ in $(seq 1 150); do
+  if ! kill -0 "$consul_pid" 2>/dev/null; then
+    echo "consul exited; the end of its log:" >&2
+    tail -5 "$state/consul.log" >&2
+    exit 1
+  fi
   leader=$(curl -fsS 127.0.0.1:8500/v1/status/leader 2>/dev/null || true)
   [ "${#leader}" -gt 2 ] && break
   sleep 0.2
 done
-[ "${#leader:-0}" -gt 2 ] || { echo "consul did not start; see $state/consul.log" >&2; exit 1; }
+[ "${#leader}" -gt 2 ] || { echo "consul elected no leader in 30 s; see $state/consul.log" >&2; exit 1; }
 
 cat <<MSG
 consul: ready at http://127.0.0.1:8500
@@ -31,4 +39,5 @@ wayfinder dns: starting on ${LISTEN_IP:-127.0.0.1}:53. Try, in another terminal:
   dig @${LISTEN_IP:-127.0.0.1} anything.apps.127.0.0.1.nip.test
   dig @${LISTEN_IP:-127.0.0.1} example.org
 MSG
-target/release/wayfinder dns -c deploy/standalone.toml
+target/release/wayfinder dns -c deploy/standalone.toml &
+wait $!
