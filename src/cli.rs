@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-/// Wayfinder: service discovery for container hosts (DNS for Consul services, with
-/// more components arriving).
+/// Wayfinder: service discovery for container hosts: DNS for Consul services and a
+/// Consul-fed load balancer, with more components arriving.
 #[derive(Debug, Parser)]
 #[command(name = "wayfinder", version, about, propagate_version = true)]
 pub struct Cli {
@@ -19,6 +19,12 @@ pub struct Cli {
 pub enum Command {
     /// Run the DNS server in the foreground (replaces dnsmasq).
     Dns {
+        /// Config file (default: ./wayfinder.toml if present, else built-in defaults).
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Run the HTTP load balancer in the foreground (replaces HAProxy + consul-template).
+    Lb {
         /// Config file (default: ./wayfinder.toml if present, else built-in defaults).
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,

@@ -45,6 +45,55 @@ pub struct FileConfig {
     /// The DNS server.
     #[serde(default)]
     pub dns: DnsSection,
+    /// The HTTP load balancer.
+    #[serde(default)]
+    pub lb: LbSection,
+}
+
+/// `[lb]`: the HTTP/TCP load balancer fed by the Consul catalog.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LbSection {
+    /// HTTP listener. Default `0.0.0.0:80`; `LISTEN_IP` replaces the address.
+    #[serde(default = "default_lb_http")]
+    pub http: SocketAddr,
+    /// Extra Host names answered with the landing page (besides `localhost`,
+    /// 127.0.0.1, the host name and `HOST_IP`). Default none.
+    #[serde(default)]
+    pub landing_hosts: Vec<String>,
+    /// Time to connect to a backend instance before trying another. Default `5s`.
+    #[serde(default = "default_lb_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time a client may take to send request headers, and idle keep-alive time.
+    /// Default `60s`.
+    #[serde(default = "default_lb_io_timeout", with = "humantime_serde")]
+    pub client_timeout: Duration,
+    /// Time a backend may take to start its response. Default `60s`.
+    #[serde(default = "default_lb_io_timeout", with = "humantime_serde")]
+    pub server_timeout: Duration,
+    /// How long an instance that refused a connection gets no new requests
+    /// (passive ejection). Default `10s`.
+    #[serde(default = "default_lb_eject_time", with = "humantime_serde")]
+    pub eject_time: Duration,
+}
+
+impl Default for LbSection {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
+}
+
+fn default_lb_http() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 80))
+}
+fn default_lb_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_lb_io_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_lb_eject_time() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// `[consul]`: the local Consul agent.
@@ -225,6 +274,30 @@ pub struct Config {
     pub consul: ConsulConfig,
     /// DNS server.
     pub dns: DnsConfig,
+    /// Load balancer.
+    pub lb: LbConfig,
+    /// This host's address (`HOST_IP`), when known.
+    pub host_ip: Option<IpAddr>,
+}
+
+/// Validated `[lb]`.
+#[derive(Debug, Clone)]
+pub struct LbConfig {
+    /// HTTP listener.
+    pub http: SocketAddr,
+    /// Host names answered with the landing page (lower-case, complete list).
+    pub landing_hosts: Vec<String>,
+    /// The wildcard domain (`HAPROXY_ADD_DOMAIN`) without the trailing dot, with a
+    /// leading one: `.apps.example.com`.
+    pub add_domain: Option<String>,
+    /// Backend connect timeout.
+    pub connect_timeout: Duration,
+    /// Client header/idle timeout.
+    pub client_timeout: Duration,
+    /// Backend response-start timeout.
+    pub server_timeout: Duration,
+    /// Passive ejection time.
+    pub eject_time: Duration,
 }
 
 /// Validated `[consul]`.
@@ -315,13 +388,22 @@ pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<(FileConfig, Config), 
             }
         },
     };
-    let file = parse(&text, &source, env)?;
-    let config = validate(&file, &source)?;
+    let (file, host_ip) = parse_with_host(&text, &source, env)?;
+    let mut config = validate(&file, &source)?;
+    if let Some(ip) = host_ip {
+        config.host_ip = Some(ip);
+        config.lb.landing_hosts.push(ip.to_string());
+    }
     Ok((file, config))
 }
 
 /// Parses TOML text and applies environment overrides.
 pub fn parse(text: &str, source: &str, env: &dyn Env) -> Result<FileConfig, ConfigError> {
+    parse_with_host(text, source, env).map(|(file, _)| file)
+}
+
+/// [`parse`], also returning `HOST_IP` (which has no key of its own).
+pub fn parse_with_host(text: &str, source: &str, env: &dyn Env) -> Result<(FileConfig, Option<IpAddr>), ConfigError> {
     let mut file: FileConfig = toml::from_str(text).map_err(|e| ConfigError {
         file: source.to_string(),
         key: toml_error_key(&e, text),
@@ -331,7 +413,7 @@ pub fn parse(text: &str, source: &str, env: &dyn Env) -> Result<FileConfig, Conf
                 .unwrap_or_default(),
     })?;
     apply_env(&mut file, env)?;
-    Ok(file)
+    Ok((file, env_ip(env, env::HOST_IP)?))
 }
 
 /// The dotted key a TOML error points at, read from the text around its span
@@ -385,6 +467,7 @@ fn apply_env(file: &mut FileConfig, env: &dyn Env) -> Result<(), ConfigError> {
         for addr in &mut file.dns.listen {
             addr.set_ip(ip);
         }
+        file.lb.http.set_ip(ip);
     }
     if let Some(ip) = env_ip(env, env::CONSUL_IP)? {
         file.consul.http.set_ip(ip);
@@ -428,7 +511,7 @@ pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> 
         key: key.to_string(),
         problem,
     };
-    let FileConfig { consul, dns } = file;
+    let FileConfig { consul, dns, lb } = file;
     let ConsulSection {
         http,
         dns: consul_dns,
@@ -562,9 +645,12 @@ pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> 
         *workers
     };
     let secs = |d: &Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+    let lb = validate_lb(lb, wildcard_domain.as_ref(), &err)?;
 
     Ok(Config {
         source: source.to_string(),
+        lb,
+        host_ip: None,
         consul,
         dns: DnsConfig {
             listen: listen.clone(),
@@ -586,6 +672,51 @@ pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> 
             max_inflight: *max_inflight,
             tcp_idle_timeout: *tcp_idle_timeout,
         },
+    })
+}
+
+fn validate_lb(
+    lb: &LbSection,
+    wildcard_domain: Option<&Name>,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<LbConfig, ConfigError> {
+    let LbSection {
+        http,
+        landing_hosts,
+        connect_timeout,
+        client_timeout,
+        server_timeout,
+        eject_time,
+    } = lb;
+    for (key, d) in [
+        ("lb.connect_timeout", connect_timeout),
+        ("lb.client_timeout", client_timeout),
+        ("lb.server_timeout", server_timeout),
+    ] {
+        if d.is_zero() {
+            return Err(err(key, "must be longer than 0s".into()));
+        }
+    }
+    let mut hosts: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "[::1]".into()];
+    if let Ok(name) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        hosts.push(name.trim().to_ascii_lowercase());
+    }
+    for h in landing_hosts {
+        if h.trim().is_empty() || h.contains(char::is_whitespace) {
+            return Err(err("lb.landing_hosts", format!("`{h}` is not a host name")));
+        }
+        hosts.push(h.trim().to_ascii_lowercase());
+    }
+    hosts.sort();
+    hosts.dedup();
+    Ok(LbConfig {
+        http: *http,
+        landing_hosts: hosts,
+        add_domain: wildcard_domain.map(|n| format!(".{}", n.to_string().trim_end_matches('.'))),
+        connect_timeout: *connect_timeout,
+        client_timeout: *client_timeout,
+        server_timeout: *server_timeout,
+        eject_time: *eject_time,
     })
 }
 

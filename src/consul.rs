@@ -9,6 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 /// Errors talking to Consul.
 #[derive(Debug, thiserror::Error)]
@@ -46,22 +47,58 @@ pub struct ConsulClient {
 /// One instance in a `/v1/health/service` answer (only the fields we read).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct HealthEntry {
-    node: HealthNode,
-    service: HealthService,
+pub struct HealthEntry {
+    /// The node the instance runs on.
+    pub node: HealthNode,
+    /// The instance.
+    pub service: HealthService,
 }
 
+/// The node part of a [`HealthEntry`].
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct HealthNode {
-    address: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct HealthService {
+pub struct HealthNode {
+    /// Node name.
     #[serde(default)]
-    address: String,
+    pub node: String,
+    /// Node address.
+    pub address: String,
+}
+
+/// The service part of a [`HealthEntry`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct HealthService {
+    /// Instance ID.
+    #[serde(rename = "ID", default)]
+    pub id: String,
+    /// Service name.
+    #[serde(default)]
+    pub service: String,
+    /// Instance address; empty means the node's address.
+    #[serde(default)]
+    pub address: String,
+    /// Instance port.
+    #[serde(default)]
+    pub port: u16,
+    /// Tags (null in Consul's JSON when there are none).
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub tags: Vec<String>,
+}
+
+impl HealthEntry {
+    /// The address to reach the instance at: its own, else its node's.
+    pub fn address(&self) -> &str {
+        if self.service.address.is_empty() {
+            &self.node.address
+        } else {
+            &self.service.address
+        }
+    }
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(Option::<Vec<String>>::deserialize(d)?.unwrap_or_default())
 }
 
 impl ConsulClient {
@@ -76,14 +113,13 @@ impl ConsulClient {
         Self { addr, http }
     }
 
-    /// The addresses of the passing instances of `service` (instance address, else
-    /// node address), blocking until the result's index passes `index`.
-    pub async fn passing_addresses(&self, service: &str, index: u64) -> Result<(Vec<IpAddr>, u64), ConsulError> {
+    /// A blocking GET of `path` (which already carries its query string, without
+    /// `index`/`wait`): returns the decoded body once Consul's index passes `index`.
+    pub async fn blocking_get<T: DeserializeOwned>(&self, path: &str, index: u64) -> Result<(T, u64), ConsulError> {
+        let sep = if path.contains('?') { '&' } else { '?' };
         let url = format!(
-            "http://{}/v1/health/service/{}?passing=1&stale&index={}&wait={}s",
+            "http://{}{path}{sep}index={index}&wait={}s",
             self.addr,
-            service,
-            index,
             BLOCKING_WAIT.as_secs()
         );
         let resp = self
@@ -110,24 +146,41 @@ impl ConsulClient {
                 body: body.chars().take(200).collect(),
             });
         }
-        let entries: Vec<HealthEntry> = resp.json().await.map_err(|source| ConsulError::Request {
+        let value = resp.json().await.map_err(|source| ConsulError::Request {
             addr: self.addr,
             source,
         })?;
-        let mut addrs: Vec<IpAddr> = entries
-            .iter()
-            .filter_map(|e| {
-                let a = if e.service.address.is_empty() {
-                    &e.node.address
-                } else {
-                    &e.service.address
-                };
-                a.parse().ok()
-            })
-            .collect();
+        Ok((value, new_index))
+    }
+
+    /// The passing instances of `service` (stale reads allowed), blocking until
+    /// the result's index passes `index`.
+    pub async fn passing_instances(&self, service: &str, index: u64) -> Result<(Vec<HealthEntry>, u64), ConsulError> {
+        self.blocking_get(&format!("/v1/health/service/{service}?passing=1&stale"), index)
+            .await
+    }
+
+    /// The addresses of the passing instances of `service` (instance address, else
+    /// node address), sorted and de-duplicated.
+    pub async fn passing_addresses(&self, service: &str, index: u64) -> Result<(Vec<IpAddr>, u64), ConsulError> {
+        let (entries, new_index) = self.passing_instances(service, index).await?;
+        let mut addrs: Vec<IpAddr> = entries.iter().filter_map(|e| e.address().parse().ok()).collect();
         addrs.sort();
         addrs.dedup();
         Ok((addrs, new_index))
+    }
+
+    /// Every service in the catalog with the union of its instances' tags.
+    pub async fn services(
+        &self,
+        index: u64,
+    ) -> Result<(std::collections::BTreeMap<String, Vec<String>>, u64), ConsulError> {
+        let (map, new_index): (std::collections::BTreeMap<String, Option<Vec<String>>>, u64) =
+            self.blocking_get("/v1/catalog/services?stale", index).await?;
+        Ok((
+            map.into_iter().map(|(k, v)| (k, v.unwrap_or_default())).collect(),
+            new_index,
+        ))
     }
 }
 

@@ -43,8 +43,14 @@ pub const HAPROXY_ADD_DOMAIN: &str = "HAPROXY_ADD_DOMAIN";
 
 /// Every variable Wayfinder reads, with what it overrides (printed by `check`).
 pub const VARS: &[(&str, &str)] = &[
-    (LISTEN_IP, "the address of every dns listener (ports kept)"),
-    (HOST_IP, "dns.wildcard_targets when none are configured"),
+    (
+        LISTEN_IP,
+        "the address of every listener: dns.listen, lb.http (ports kept)",
+    ),
+    (
+        HOST_IP,
+        "dns.wildcard_targets when none are configured; a landing-page host of the lb",
+    ),
     (CONSUL_IP, "consul.http and consul.dns addresses (ports kept)"),
     (CONSUL_DOMAIN, "consul.domain"),
     (CONSUL_DC, "consul.datacenter"),

@@ -13,8 +13,10 @@ pub mod config;
 pub mod consul;
 pub mod dns;
 pub mod env;
+pub mod lb;
 pub mod signals;
 
+use std::future::Future;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -37,6 +39,9 @@ pub enum AppError {
     /// The dns component failed.
     #[error("dns: {0}")]
     Dns(#[source] dns::DnsError),
+    /// The lb component failed.
+    #[error("lb: {0}")]
+    Lb(#[source] lb::LbError),
 }
 
 impl AppError {
@@ -46,6 +51,7 @@ impl AppError {
             AppError::Config(_) => EXIT_CONFIG,
             AppError::Dns(dns::DnsError::Bind { .. }) => EXIT_CONFIG,
             AppError::Dns(_) => 1,
+            AppError::Lb(lb::LbError::Bind { .. }) => EXIT_CONFIG,
         }
     }
 }
@@ -64,25 +70,47 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
             let sockets = dns::DnsSockets::bind(&config.dns.listen, config.dns.workers).map_err(AppError::Dns)?;
             let control = dns::DnsControl::default();
             signals::forward_hangups(control.reload_zones.clone());
-            let shutdown = CancellationToken::new();
-            let server = tokio::spawn({
-                let shutdown = shutdown.clone();
-                async move { dns::run(&config, sockets, control, shutdown).await }
-            });
-            let signal = signals::shutdown().await;
-            tracing::info!(signal, "shutting down");
-            shutdown.cancel();
-            match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
-                Ok(Ok(result)) => result.map_err(AppError::Dns),
-                Ok(Err(join)) => {
-                    tracing::error!(error = %join, "dns task failed");
-                    Ok(())
-                }
-                Err(_) => {
-                    tracing::warn!(grace = ?SHUTDOWN_GRACE, "dns did not stop in time; exiting anyway");
-                    Ok(())
-                }
-            }
+            until_signal("dns", move |shutdown| async move {
+                dns::run(&config, sockets, control, shutdown)
+                    .await
+                    .map_err(AppError::Dns)
+            })
+            .await
+        }
+        Command::Lb { config } => {
+            let (_, config) = config::load(config.as_deref(), &env::ProcessEnv).map_err(AppError::Config)?;
+            tracing::info!(config = %config.source, "starting lb");
+            let sockets = lb::LbSockets::bind(config.lb.http).map_err(AppError::Lb)?;
+            let state = lb::LbState::new(&lb::table_config(&config));
+            until_signal("lb", move |shutdown| async move {
+                lb::run(&config, sockets, state, shutdown).await.map_err(AppError::Lb)
+            })
+            .await
+        }
+    }
+}
+
+/// Runs a component until SIGTERM/SIGINT, then cancels it and gives it
+/// [`SHUTDOWN_GRACE`] to finish.
+async fn until_signal<F, Fut>(name: &'static str, component: F) -> Result<(), AppError>
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), AppError>> + Send + 'static,
+{
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(component(shutdown.clone()));
+    let signal = signals::shutdown().await;
+    tracing::info!(signal, component = name, "shutting down");
+    shutdown.cancel();
+    match tokio::time::timeout(SHUTDOWN_GRACE, task).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(join)) => {
+            tracing::error!(component = name, error = %join, "component task failed");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!(component = name, grace = ?SHUTDOWN_GRACE, "did not stop in time; exiting anyway");
+            Ok(())
         }
     }
 }

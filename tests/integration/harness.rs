@@ -553,3 +553,171 @@ pub async fn eventually<F: FnMut() -> bool>(limit: Duration, what: &str, mut f: 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A real HTTP/1.1 backend on 127.0.0.1:<free port> answering every request with
+/// its name, and echoing what the proxy sent in `x-seen-*` response headers.
+/// Dropping it closes the listener and every connection (a killed instance).
+pub struct HttpBackend {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The name in every response body.
+    pub name: String,
+    shutdown: CancellationToken,
+}
+
+impl HttpBackend {
+    /// Starts a backend named `name`.
+    pub async fn start(name: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let body_name = name.to_string();
+        tokio::spawn(async move {
+            let conns = tokio_util::task::TaskTracker::new();
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+                };
+                let name = body_name.clone();
+                let stop = stop.clone();
+                conns.spawn(async move {
+                    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let name = name.clone();
+                        async move {
+                            let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(name)));
+                            for (h, seen) in [
+                                ("x-forwarded-for", "x-seen-xff"),
+                                ("x-forwarded-proto", "x-seen-proto"),
+                                ("x-unique-id", "x-seen-unique-id"),
+                                ("host", "x-seen-host"),
+                            ] {
+                                if let Some(v) = req.headers().get(h) {
+                                    resp.headers_mut().insert(seen, v.clone());
+                                }
+                            }
+                            resp.headers_mut()
+                                .insert("x-seen-path", http::HeaderValue::from_str(req.uri().path()).unwrap());
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stop.cancelled() => {}
+                    }
+                });
+            }
+        });
+        HttpBackend {
+            addr,
+            name: name.to_string(),
+            shutdown,
+        }
+    }
+}
+
+impl Drop for HttpBackend {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Wayfinder's lb component running in this process on 127.0.0.1:<free port>.
+pub struct Lb {
+    /// The HTTP listener.
+    pub addr: SocketAddr,
+    /// Routing table, health and counters.
+    pub state: std::sync::Arc<wayfinder::lb::LbState>,
+    /// A keep-alive client for this test's runtime (clients must not outlive it).
+    pub client: reqwest::Client,
+    shutdown: CancellationToken,
+}
+
+impl Lb {
+    /// Starts the lb from TOML text (listener replaced by 127.0.0.1:0).
+    pub async fn start(toml: &str) -> Self {
+        let env = std::collections::HashMap::<String, String>::new();
+        let mut file = wayfinder::config::parse(toml, "test.toml", &env).expect("test config parses");
+        file.lb.http = SocketAddr::from(([127, 0, 0, 1], 0));
+        if file.dns.upstreams.is_empty() {
+            file.dns.upstreams = vec!["127.0.0.1:9".into()];
+        }
+        let config = wayfinder::config::validate(&file, "test.toml").expect("test config validates");
+        let sockets = wayfinder::lb::LbSockets::bind(config.lb.http).expect("bind lb");
+        let addr = sockets.http.local_addr().unwrap();
+        let state = wayfinder::lb::LbState::new(&wayfinder::lb::table_config(&config));
+        let shutdown = CancellationToken::new();
+        tokio::spawn({
+            let state = state.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                wayfinder::lb::run(&config, sockets, state, shutdown)
+                    .await
+                    .expect("lb runs")
+            }
+        });
+        Lb {
+            addr,
+            state,
+            client: http_client(),
+            shutdown,
+        }
+    }
+
+    /// GET `path` with `Host: host`: (status, body, response headers).
+    pub async fn get(&self, host: &str, path: &str) -> (u16, String, http::HeaderMap) {
+        get_with(&self.client, self.addr, host, path).await
+    }
+
+    /// Waits until `host` answers with a body from one of `names` (routes are live).
+    pub async fn wait_for(&self, host: &str, path: &str, names: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, body, _) = self.get(host, path).await;
+            if status == 200 && names.contains(&body.as_str()) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{host}{path}: still {status} {body:?}, wanted one of {names:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A GET with `Host: host` through `client`: (status, body, headers).
+pub async fn get_with(
+    client: &reqwest::Client,
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+) -> (u16, String, http::HeaderMap) {
+    let resp = client
+        .get(format!("http://{addr}{path}"))
+        .header("Host", host)
+        .send()
+        .await
+        .expect("lb answers");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    (status, resp.text().await.unwrap_or_default(), headers)
+}
+
+/// A new keep-alive client (one per test runtime).
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .no_proxy()
+        .build()
+        .unwrap()
+}

@@ -8,3 +8,4 @@ mod dns_consul; // *.consul forwarded to a real Consul agent: freshness, failove
 mod dns_local; // wildcard LB domain and zones_dir zones: AA, reloads, broken files
 mod dns_robustness; // malformed packets over UDP and TCP never hurt the server
 mod dns_upstream; // the cache in front of the upstream resolvers: TTLs, negatives, stale
+mod lb; // the load balancer against real Consul and HTTP backends

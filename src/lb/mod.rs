@@ -1,0 +1,136 @@
+//! The lb component: the HTTP load balancer fed live by the Consul catalog
+//! (replaces HAProxy + consul-template), with PanteraS's tags and no reloads.
+//!
+//! ```text
+//!  Consul ──watch::run (blocking queries)──▶ RoutingTable::build ──ArcSwap──┐
+//!  client ──TCP──▶ proxy::serve (hyper, HTTP/1.1 keep-alive) ──route()──────┘
+//!                     └─ Backend::pick (smooth WRR, ejected instances skipped)
+//!                         └─ pool: connected backend sessions, retry on another
+//!                            instance when a connection cannot be made
+//! ```
+//!
+//! Per-instance state that must outlive a table (ejection, in-flight counts) lives
+//! in the [`table::HealthRegistry`], keyed by address.
+
+pub mod proxy;
+pub mod stats;
+pub mod table;
+pub mod tags;
+pub mod watch;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use arc_swap::ArcSwap;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::consul::ConsulClient;
+use stats::LbStats;
+use table::{HealthRegistry, RoutingTable, TableConfig};
+
+/// Errors of the lb component.
+#[derive(Debug, thiserror::Error)]
+pub enum LbError {
+    /// A listener could not be bound.
+    #[error("could not bind lb listener on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause (EADDRINUSE, EACCES for port 80 without CAP_NET_BIND_SERVICE ...).
+        source: std::io::Error,
+    },
+}
+
+/// Already-bound listeners for [`run`].
+#[derive(Debug)]
+pub struct LbSockets {
+    /// The HTTP listener.
+    pub http: std::net::TcpListener,
+}
+
+impl LbSockets {
+    /// Binds the HTTP listener (port 0 picks a free port).
+    pub fn bind(http: SocketAddr) -> Result<Self, LbError> {
+        let bind = || -> std::io::Result<std::net::TcpListener> {
+            let socket = Socket::new(Domain::for_address(http), Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_reuse_address(true)?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&http.into())?;
+            socket.listen(1024)?;
+            Ok(socket.into())
+        };
+        Ok(Self {
+            http: bind().map_err(|source| LbError::Bind { addr: http, source })?,
+        })
+    }
+}
+
+/// What the lb shares with the admin API and the tests.
+pub struct LbState {
+    /// The routing table in force.
+    pub table: ArcSwap<RoutingTable>,
+    /// Per-instance state across tables.
+    pub health: HealthRegistry,
+    /// Counters.
+    pub stats: LbStats,
+    /// False while Consul cannot be reached (the last good table stays).
+    pub consul_ok: AtomicBool,
+}
+
+impl LbState {
+    /// An empty state (no routes yet) for these naming rules.
+    pub fn new(table_config: &TableConfig) -> Arc<Self> {
+        Arc::new(Self {
+            table: ArcSwap::from_pointee(RoutingTable::empty(table_config)),
+            health: HealthRegistry::new(),
+            stats: LbStats::default(),
+            consul_ok: AtomicBool::new(false),
+        })
+    }
+}
+
+/// The table naming rules from the configuration.
+pub fn table_config(config: &Config) -> TableConfig {
+    TableConfig {
+        consul_domain: config.consul.domain.to_string().trim_end_matches('.').to_string(),
+        local_datacenter: config.consul.datacenter.clone(),
+        add_domain: config.lb.add_domain.clone(),
+        landing_hosts: config.lb.landing_hosts.clone(),
+    }
+}
+
+/// Runs the load balancer on `sockets` until `shutdown` is cancelled; in-flight
+/// requests are given the grace the caller allows.
+pub async fn run(
+    config: &Config,
+    sockets: LbSockets,
+    state: Arc<LbState>,
+    shutdown: CancellationToken,
+) -> Result<(), LbError> {
+    let tasks = TaskTracker::new();
+    let consul = ConsulClient::new(config.consul.http);
+    tasks.spawn(watch::run(
+        consul,
+        table_config(config),
+        config.consul.datacenter.clone(),
+        state.clone(),
+        shutdown.clone(),
+    ));
+    let addr = sockets.http.local_addr().ok();
+    let listener = tokio::net::TcpListener::from_std(sockets.http).map_err(|source| LbError::Bind {
+        addr: addr.unwrap_or(config.lb.http),
+        source,
+    })?;
+    let proxy = proxy::Proxy::new(config, state.clone());
+    tasks.spawn(proxy.serve(listener, shutdown.clone(), tasks.clone()));
+    tracing::info!(http = ?addr, consul = %config.consul.http, "lb listening");
+    shutdown.cancelled().await;
+    tasks.close();
+    tasks.wait().await;
+    tracing::info!("lb stopped");
+    Ok(())
+}

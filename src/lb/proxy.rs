@@ -1,0 +1,389 @@
+//! The HTTP proxy: client connections in, backend sessions out.
+//!
+//! ```text
+//!  accept ─▶ hyper http1 (keep-alive, header size limit → 431, header timeout)
+//!    request ─▶ table.route(Host, path) ─▶ Landing page | 503 page | Backend
+//!      Backend: pick an instance (smooth WRR) ─▶ checkout a pooled session
+//!         connect failed ─▶ eject the instance, pick another (the request body is
+//!                           still untouched, so any request can be retried)
+//!         session failed after sending ─▶ retried only when the request had no body
+//!      response streamed back; 101 Switching Protocols ─▶ both upgraded
+//!      connections spliced (WebSocket and other Upgrades)
+//! ```
+//!
+//! Sessions are hyper client connections kept per instance address; a session is
+//! reused once hyper reports it ready, so no request waits behind another.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::LbState;
+use super::table::{Backend, Route};
+use crate::config::Config;
+
+/// The body type on both sides of the proxy.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// Instances tried for one request at most.
+const MAX_ATTEMPTS: usize = 3;
+/// Idle sessions kept per backend instance.
+const MAX_IDLE_PER_INSTANCE: usize = 64;
+/// Largest request head accepted; more gets 431 (hyper's minimum buffer is 8 KiB).
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// How long an upgraded (WebSocket) connection may live.
+const TUNNEL_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Hop-by-hop headers (RFC 9110 7.6.1): never forwarded.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// The proxy and its backend sessions.
+pub struct Proxy {
+    state: Arc<LbState>,
+    pool: SessionPool,
+    connect_timeout: Duration,
+    client_timeout: Duration,
+    server_timeout: Duration,
+    eject_ms: u64,
+    request_ids: AtomicU64,
+    id_prefix: u32,
+}
+
+impl Proxy {
+    /// A proxy over `state` with the configured timeouts.
+    pub fn new(config: &Config, state: Arc<LbState>) -> Arc<Self> {
+        Arc::new(Self {
+            state,
+            pool: SessionPool::default(),
+            connect_timeout: config.lb.connect_timeout,
+            client_timeout: config.lb.client_timeout,
+            server_timeout: config.lb.server_timeout,
+            eject_ms: config.lb.eject_time.as_millis() as u64,
+            request_ids: AtomicU64::new(0),
+            id_prefix: rand::random(),
+        })
+    }
+
+    /// Accepts client connections until shutdown; open connections finish their
+    /// current request.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken, tasks: TaskTracker) {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                a = listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "lb accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let proxy = self.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move { proxy.connection(stream, peer, shutdown).await });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
+        let proxy = self.clone();
+        let service = service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .header_read_timeout(self.client_timeout)
+            .max_buf_size(MAX_HEADER_BYTES);
+        let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "lb client connection ended");
+                }
+            }
+            _ = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let table = self.state.table.load_full();
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().host());
+        let response = match table.route(host, req.uri().path()) {
+            Route::Landing => landing_page(&table),
+            Route::NotFound => error_page(StatusCode::SERVICE_UNAVAILABLE, "No service answers to this name."),
+            Route::Backend(backend) => {
+                let backend = backend.clone();
+                drop(table);
+                self.forward(req, peer, &backend).await
+            }
+        };
+        self.state.stats.request(response.status().as_u16(), started.elapsed());
+        response
+    }
+
+    async fn forward(&self, mut req: Request<Incoming>, peer: SocketAddr, backend: &Backend) -> Response<ProxyBody> {
+        let wants_upgrade = req.headers().contains_key(header::UPGRADE);
+        let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        // A request without a body can be sent again after any failure that
+        // happened before a response; one with a body only before it was sent.
+        let bodiless = !parts.headers.contains_key(header::TRANSFER_ENCODING)
+            && parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .is_none_or(|v| v.as_bytes() == b"0");
+        let mut body = Some(body);
+        let headers = self.outgoing_headers(&parts.headers, peer, wants_upgrade);
+        let uri = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+        let mut tried: Vec<SocketAddr> = Vec::with_capacity(MAX_ATTEMPTS);
+        for attempt in 0..MAX_ATTEMPTS {
+            let now = self.state.health.now_ms();
+            let Some(instance) = backend.pick(now, &tried) else {
+                break;
+            };
+            tried.push(instance.addr);
+            if attempt > 0 {
+                self.state.stats.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            let mut session = match self.pool.checkout(instance.addr, self.connect_timeout).await {
+                Ok(s) => s,
+                Err(error) => {
+                    tracing::warn!(service = %backend.service, instance = %instance.id, addr = %instance.addr, %error,
+                        "lb: cannot connect; instance ejected, trying another");
+                    self.state.health.eject(&instance.health, self.eject_ms);
+                    continue;
+                }
+            };
+            let out_body: ProxyBody = if bodiless {
+                empty()
+            } else {
+                match body.take() {
+                    Some(b) => b.boxed(),
+                    None => break,
+                }
+            };
+            let mut out = Request::new(out_body);
+            *out.method_mut() = parts.method.clone();
+            *out.uri_mut() = uri.clone();
+            *out.headers_mut() = headers.clone();
+            instance.health.inflight.fetch_add(1, Ordering::Relaxed);
+            let sent = tokio::time::timeout(self.server_timeout, session.send_request(out)).await;
+            instance.health.inflight.fetch_sub(1, Ordering::Relaxed);
+            match sent {
+                Ok(Ok(mut resp)) => {
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        if let Some(client) = client_upgrade {
+                            let server = hyper::upgrade::on(&mut resp);
+                            tokio::spawn(splice(client, server));
+                        }
+                    } else {
+                        self.pool.checkin(instance.addr, session);
+                    }
+                    let (mut parts, body) = resp.into_parts();
+                    if parts.status != StatusCode::SWITCHING_PROTOCOLS {
+                        strip_hop_by_hop(&mut parts.headers);
+                    }
+                    return Response::from_parts(parts, body.boxed());
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(service = %backend.service, addr = %instance.addr, %error, "lb: backend session failed");
+                    if !bodiless {
+                        return error_page(StatusCode::BAD_GATEWAY, "The service failed while answering.");
+                    }
+                }
+                Err(_) => {
+                    return error_page(StatusCode::GATEWAY_TIMEOUT, "The service did not answer in time.");
+                }
+            }
+        }
+        error_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "No instance of this service could be reached.",
+        )
+    }
+
+    fn outgoing_headers(&self, incoming: &HeaderMap, peer: SocketAddr, upgrade: bool) -> HeaderMap {
+        let mut headers = incoming.clone();
+        let upgrade_value = upgrade.then(|| headers.get(header::UPGRADE).cloned()).flatten();
+        strip_hop_by_hop(&mut headers);
+        if let Some(value) = upgrade_value {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, value);
+        }
+        let client_ip = peer.ip().to_string();
+        let forwarded_for = match incoming.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prior) => format!("{prior}, {client_ip}"),
+            None => client_ip,
+        };
+        if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+            headers.insert("x-forwarded-for", v);
+        }
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        if !headers.contains_key("x-unique-id") {
+            let n = self.request_ids.fetch_add(1, Ordering::Relaxed);
+            if let Ok(v) = HeaderValue::from_str(&format!("{:08X}{n:012X}", self.id_prefix)) {
+                headers.insert("x-unique-id", v);
+            }
+        }
+        headers
+    }
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+async fn splice(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade) {
+    let (Ok(client), Ok(server)) = tokio::join!(client, server) else {
+        return;
+    };
+    let mut client = TokioIo::new(client);
+    let mut server = TokioIo::new(server);
+    let _ = tokio::time::timeout(TUNNEL_TIMEOUT, tokio::io::copy_bidirectional(&mut client, &mut server)).await;
+}
+
+fn empty() -> ProxyBody {
+    Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
+}
+
+fn html(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn error_page(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    html(
+        status,
+        format!(
+            "<!doctype html><html><head><meta charset=\"utf-8\"><title>{code}</title></head>\
+             <body><h1>{code} {reason}</h1><p>{message}</p><hr><p>wayfinder</p></body></html>\n",
+            code = status.as_u16(),
+            reason = status.canonical_reason().unwrap_or(""),
+        ),
+    )
+}
+
+fn landing_page(table: &super::table::RoutingTable) -> Response<ProxyBody> {
+    let mut rows = String::new();
+    for backend in table.backends() {
+        let up = backend.instances.iter().filter(|i| i.weight > 0).count();
+        rows.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&backend.service),
+            escape(&backend.datacenter),
+            up
+        ));
+    }
+    html(
+        StatusCode::OK,
+        format!(
+            "<!doctype html><html><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\">\
+             <title>wayfinder</title></head><body><h1>wayfinder</h1>\
+             <table><tr><th>service</th><th>datacenter</th><th>instances</th></tr>{rows}</table></body></html>\n"
+        ),
+    )
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// Backend sessions by instance address.
+#[derive(Default)]
+struct SessionPool {
+    idle: Mutex<HashMap<SocketAddr, Vec<SendRequest<ProxyBody>>>>,
+}
+
+impl SessionPool {
+    /// A ready session to `addr`: a pooled one, else a new connection.
+    async fn checkout(&self, addr: SocketAddr, connect_timeout: Duration) -> Result<SendRequest<ProxyBody>, String> {
+        {
+            let mut idle = self.idle.lock().expect("pool lock");
+            if let Some(list) = idle.get_mut(&addr) {
+                list.retain(|s| !s.is_closed());
+                if let Some(i) = list.iter().position(SendRequest::is_ready) {
+                    return Ok(list.swap_remove(i));
+                }
+            }
+        }
+        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| format!("connect timed out after {connect_timeout:?}"))?
+            .map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(sender)
+    }
+
+    /// Keeps a session for reuse (it becomes ready when its response is read).
+    fn checkin(&self, addr: SocketAddr, session: SendRequest<ProxyBody>) {
+        let mut idle = self.idle.lock().expect("pool lock");
+        let list = idle.entry(addr).or_default();
+        if list.len() < MAX_IDLE_PER_INSTANCE {
+            list.push(session);
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! Load-balancer counters for the admin API: requests by status class, request
+//! latency, and the propagation time of every routing change (Consul's answer to
+//! the new table being live). Relaxed atomics on the request path; the
+//! propagation samples (rare) keep a bounded ring for percentiles.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds (microseconds) of the request latency buckets.
+pub const LATENCY_BUCKETS_US: [u64; 10] = [
+    250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000, 1_000_000, 10_000_000,
+];
+/// Propagation samples kept for percentiles.
+const PROPAGATION_SAMPLES: usize = 1024;
+
+/// All load-balancer counters.
+#[derive(Debug, Default)]
+pub struct LbStats {
+    /// Requests by status class: 1xx..5xx at index 1..=5; index 0 counts
+    /// requests that got no response (client gone).
+    pub status_classes: [AtomicU64; 6],
+    /// Request latency histogram (last slot: slower than every bound).
+    pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    /// Requests retried on another instance after a connect failure.
+    pub retries: AtomicU64,
+    /// Routing changes applied.
+    pub changes: AtomicU64,
+    propagation: Mutex<Vec<Duration>>,
+}
+
+/// A copy of the counters.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LbSnapshot {
+    /// Requests by status class (index = first digit).
+    pub status_classes: [u64; 6],
+    /// Request latency histogram.
+    pub latency_buckets: [u64; LATENCY_BUCKETS_US.len() + 1],
+    /// Retries on another instance.
+    pub retries: u64,
+    /// Routing changes applied.
+    pub changes: u64,
+    /// Median propagation time of the recent changes.
+    pub propagation_p50: Option<Duration>,
+    /// 99th percentile propagation time of the recent changes.
+    pub propagation_p99: Option<Duration>,
+}
+
+impl LbStats {
+    /// Counts one answered request.
+    #[inline]
+    pub fn request(&self, status: u16, took: Duration) {
+        let class = usize::from(status / 100).min(5);
+        self.status_classes[class].fetch_add(1, Ordering::Relaxed);
+        let us = took.as_micros() as u64;
+        let bucket = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records one routing change and how long it took to go live.
+    pub fn propagation(&self, took: Duration) {
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        let mut ring = self.propagation.lock().expect("propagation lock");
+        if ring.len() == PROPAGATION_SAMPLES {
+            ring.remove(0);
+        }
+        ring.push(took);
+    }
+
+    /// A copy of the counters.
+    pub fn snapshot(&self) -> LbSnapshot {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut samples = self.propagation.lock().expect("propagation lock").clone();
+        samples.sort();
+        let pct = |p: usize| (!samples.is_empty()).then(|| samples[(samples.len() - 1) * p / 100]);
+        LbSnapshot {
+            status_classes: std::array::from_fn(|i| load(&self.status_classes[i])),
+            latency_buckets: std::array::from_fn(|i| load(&self.latency_buckets[i])),
+            retries: load(&self.retries),
+            changes: load(&self.changes),
+            propagation_p50: pct(50),
+            propagation_p99: pct(99),
+        }
+    }
+}

@@ -1,0 +1,1310 @@
+//! The routing table: which backend an HTTP request or a TCP port goes to. Built
+//! from the watcher's view of Consul, never changed afterwards, and swapped whole.
+//!
+//! ```text
+//!  ServiceSpec per (service, datacenter) ──build──▶ RoutingTable ──ArcSwap──▶ proxy
+//!    (passing instances + parsed tags)        │       route(host, path) ─▶ Route
+//!  HealthRegistry (outlives every table) ─────┘       tcp_ports()       ─▶ listeners
+//!                                                     Backend::pick()   ─▶ instance
+//! ```
+//!
+//! `route` looks up, in order: the Host (exact names, then Fabio host+path prefixes,
+//! then `svc.service.<dc>.<domain>` falling back to the local service), the path
+//! prefixes (`haproxy_route`, host-less Fabio prefixes, longest wins), the landing
+//! hosts, and otherwise gives up. Names are lower-cased at build time, so a request
+//! costs a few hash lookups on slices of its Host and path; only a Host with
+//! upper-case letters is copied.
+//!
+//! Conflicts (two services claiming one host, path or port) go to the service whose
+//! name sorts first, and are reported as warnings, so the outcome never depends on
+//! the order Consul answered in.
+//!
+//! What must outlive a rebuild (ejections, check verdicts, in-flight counts) lives in
+//! [`InstanceHealth`], shared by address through the [`HealthRegistry`]. The
+//! round-robin position is per table: a rebuild restarts the sequence, which skews
+//! a weighted split only for the few requests around the swap.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use super::tags::{self, HttpCheck, InstanceTags};
+
+// The health fields are independent flags read on the hot path; nothing is
+// published through them, so Relaxed ordering is enough everywhere below.
+
+/// Per-instance state that must survive table rebuilds (keyed by address).
+#[derive(Debug)]
+pub struct InstanceHealth {
+    /// Passive ejection: the instance is skipped until this many ms after the
+    /// [`HealthRegistry`] epoch. 0 = never ejected.
+    pub ejected_until_ms: AtomicU64,
+    /// Verdict of the active check. Starts true: Consul already says the instance
+    /// passes, and waiting for our own first check would delay every new deploy.
+    pub check_up: AtomicBool,
+    /// Requests in flight to this instance (for maxconn and the status page).
+    pub inflight: AtomicUsize,
+}
+
+// Not derived: a derived Default would start with check_up = false.
+impl Default for InstanceHealth {
+    fn default() -> Self {
+        Self {
+            ejected_until_ms: AtomicU64::new(0),
+            check_up: AtomicBool::new(true),
+            inflight: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl InstanceHealth {
+    /// True when the instance is neither ejected at `now_ms` nor failing its check.
+    pub fn is_available(&self, now_ms: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms && self.check_up.load(Ordering::Relaxed)
+    }
+}
+
+/// Owns [`InstanceHealth`] objects across table generations.
+#[derive(Debug)]
+pub struct HealthRegistry {
+    /// One entry per address in a live table; the tables hold clones of the Arcs.
+    by_addr: Mutex<HashMap<SocketAddr, Arc<InstanceHealth>>>,
+    /// Zero of every `*_ms` time, so the times fit an atomic u64.
+    epoch: Instant,
+}
+
+impl Default for HealthRegistry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HealthRegistry {
+    /// An empty registry whose clock starts now.
+    pub fn new() -> Self {
+        Self {
+            by_addr: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// The state of `addr`, created on first use (available, nothing in flight).
+    pub fn get(&self, addr: SocketAddr) -> Arc<InstanceHealth> {
+        // The map cannot be left half-updated by a panic, so a poisoned lock is fine to use.
+        let mut map = self.by_addr.lock().unwrap_or_else(PoisonError::into_inner);
+        map.entry(addr).or_default().clone()
+    }
+
+    /// Forgets instances not in `live` (no longer in any table), so a returning
+    /// address starts afresh and the map does not grow forever.
+    pub fn retain(&self, live: &HashSet<SocketAddr>) {
+        let mut map = self.by_addr.lock().unwrap_or_else(PoisonError::into_inner);
+        map.retain(|addr, _| live.contains(addr));
+    }
+
+    /// Milliseconds since the registry was created.
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Passive ejection after a connect failure: skip the instance for `for_ms`.
+    /// Never shortens an ejection already running.
+    pub fn eject(&self, h: &InstanceHealth, for_ms: u64) {
+        let until = self.now_ms().saturating_add(for_ms);
+        h.ejected_until_ms.fetch_max(until, Ordering::Relaxed);
+    }
+}
+
+/// One Consul service instance as the watcher sees it (already only *passing* instances).
+#[derive(Debug, Clone)]
+pub struct InstanceSpec {
+    /// Consul service ID (for logs and the status page).
+    pub id: String,
+    /// Consul node name.
+    pub node: String,
+    /// Service address (node address when the service has none) and port.
+    pub addr: SocketAddr,
+    /// The instance's parsed tags.
+    pub tags: InstanceTags,
+}
+
+/// One service's passing instances in one datacenter.
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    /// Consul service name as registered.
+    pub name: String,
+    /// Datacenter the instances were read from.
+    pub datacenter: String,
+    /// The passing instances.
+    pub instances: Vec<InstanceSpec>,
+}
+
+/// Naming inputs of the table.
+#[derive(Debug, Clone)]
+pub struct TableConfig {
+    /// Consul's DNS domain, e.g. `consul` (dots at the ends are ignored).
+    pub consul_domain: String,
+    /// This host's datacenter, e.g. `dc1`.
+    pub local_datacenter: String,
+    /// `HAPROXY_ADD_DOMAIN`, e.g. `.apps.example.com`; a missing leading dot is added.
+    pub add_domain: Option<String>,
+    /// Names and addresses answered with the landing page: `localhost`, `HOST_IP`,
+    /// the hostname... (any case; a port or trailing dot is ignored).
+    pub landing_hosts: Vec<String>,
+}
+
+/// One instance as the proxy uses it.
+#[derive(Debug)]
+pub struct BackendInstance {
+    /// Consul service ID.
+    pub id: String,
+    /// Consul node name.
+    pub node: String,
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// Share of new traffic (`haproxy_weight`); 0 takes none.
+    pub weight: u16,
+    /// State shared with every other table that has this address.
+    pub health: Arc<InstanceHealth>,
+    /// The active HTTP check, or `None` for a TCP connect check.
+    pub httpchk: Option<HttpCheck>,
+}
+
+/// The instances of one service that take HTTP (or, for a port from
+/// [`RoutingTable::tcp_ports`], TCP) traffic, with smooth weighted round-robin state.
+#[derive(Debug)]
+pub struct Backend {
+    /// Consul service name as registered.
+    pub service: String,
+    /// Datacenter of the instances.
+    pub datacenter: String,
+    /// The instances, in the order Consul listed them.
+    pub instances: Vec<BackendInstance>,
+    /// Current weight per instance (nginx's `current_weight`), index-aligned with
+    /// `instances`. A std Mutex: held for a few additions, never across `.await`.
+    current: Mutex<Vec<i64>>,
+}
+
+impl Backend {
+    /// A backend over `instances`, starting its round-robin sequence afresh.
+    pub fn new(service: String, datacenter: String, instances: Vec<BackendInstance>) -> Self {
+        let current = Mutex::new(vec![0; instances.len()]);
+        Self {
+            service,
+            datacenter,
+            instances,
+            current,
+        }
+    }
+
+    /// Next instance by smooth weighted round-robin (nginx's algorithm: add each
+    /// eligible weight to its current, pick the max, subtract the total) among
+    /// instances with weight > 0 that are available at `now_ms` (not ejected, check
+    /// not down) and not in `exclude` (addresses this request already tried).
+    ///
+    /// If every such instance is ejected or down, falls back to the least recently
+    /// ejected ones (round-robin among equals) rather than failing: better a
+    /// maybe-recovered backend than a certain 503. `None` when nothing is left.
+    pub fn pick(&self, now_ms: u64, exclude: &[SocketAddr]) -> Option<&BackendInstance> {
+        let usable = |i: &BackendInstance| i.weight > 0 && !exclude.contains(&i.addr);
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let chosen = smooth_wrr(&self.instances, &mut current, |i| {
+            usable(i) && i.health.is_available(now_ms)
+        })
+        .or_else(|| {
+            // An ejection that has run out counts as "never": those instances are
+            // only failing their active check, and go first.
+            let ejected_until = |i: &BackendInstance| {
+                let until = i.health.ejected_until_ms.load(Ordering::Relaxed);
+                if until <= now_ms { 0 } else { until }
+            };
+            let oldest = self.instances.iter().filter(|i| usable(i)).map(ejected_until).min()?;
+            smooth_wrr(&self.instances, &mut current, |i| {
+                usable(i) && ejected_until(i) == oldest
+            })
+        })?;
+        self.instances.get(chosen)
+    }
+}
+
+/// One step of nginx's smooth weighted round-robin over the instances `eligible`
+/// accepts; `current` is index-aligned with `instances`. Ties go to the earlier
+/// instance, as in nginx, so sequences are reproducible.
+fn smooth_wrr(
+    instances: &[BackendInstance],
+    current: &mut [i64],
+    eligible: impl Fn(&BackendInstance) -> bool,
+) -> Option<usize> {
+    let mut total = 0i64;
+    let mut best: Option<(usize, i64)> = None;
+    for (index, (instance, cur)) in instances.iter().zip(current.iter_mut()).enumerate() {
+        if !eligible(instance) {
+            continue;
+        }
+        let weight = i64::from(instance.weight);
+        *cur += weight;
+        total += weight;
+        if best.is_none_or(|(_, max)| *cur > max) {
+            best = Some((index, *cur));
+        }
+    }
+    let (index, _) = best?;
+    if let Some(cur) = current.get_mut(index) {
+        *cur -= total;
+    }
+    Some(index)
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone, Copy)]
+pub enum Route<'a> {
+    /// Proxy to this backend (`pick` may still find no instance: then 503).
+    Backend(&'a Arc<Backend>),
+    /// The landing/status page.
+    Landing,
+    /// Nobody answers to this Host and path.
+    NotFound,
+}
+
+/// Path prefixes to backends, matched by whole segments: `/minions` takes
+/// `/minions` and `/minions/...` but not `/minionsX`; `/` takes everything.
+#[derive(Debug, Default)]
+struct PrefixMap {
+    /// Non-root prefixes (normalised: leading `/`, no trailing `/`).
+    by_prefix: HashMap<String, Arc<Backend>>,
+    /// The distinct lengths of the keys of `by_prefix`, longest first: a lookup
+    /// tries only the cuts of the path that could be a key, longest match first.
+    lens: Vec<usize>,
+    /// The `/` prefix.
+    root: Option<Arc<Backend>>,
+}
+
+impl PrefixMap {
+    /// Claims `prefix` for `backend`; returns the backend that keeps it when another
+    /// one got there first.
+    fn claim(&mut self, prefix: &str, backend: &Arc<Backend>) -> Result<(), Arc<Backend>> {
+        let owner = if prefix == "/" {
+            self.root.get_or_insert_with(|| backend.clone())
+        } else {
+            if let Err(at) = self.lens.binary_search_by(|len| prefix.len().cmp(len)) {
+                self.lens.insert(at, prefix.len());
+            }
+            self.by_prefix
+                .entry(prefix.to_owned())
+                .or_insert_with(|| backend.clone())
+        };
+        if Arc::ptr_eq(owner, backend) {
+            Ok(())
+        } else {
+            Err(owner.clone())
+        }
+    }
+
+    /// The backend of the longest prefix of `path`.
+    fn longest(&self, path: &str) -> Option<&Arc<Backend>> {
+        for &len in &self.lens {
+            // A cut is a candidate only at a segment boundary (which also makes it a
+            // char boundary, so `get` cannot fail there).
+            if !matches!(path.as_bytes().get(len), None | Some(b'/')) {
+                continue;
+            }
+            if let Some(backend) = path.get(..len).and_then(|cut| self.by_prefix.get(cut)) {
+                return Some(backend);
+            }
+        }
+        self.root.as_ref()
+    }
+}
+
+/// Immutable once built; swapped atomically by the watcher (arc-swap), so it must be Send + Sync.
+#[derive(Debug)]
+pub struct RoutingTable {
+    /// Lower-case host name to its prefixes (`/` for the names a service gets).
+    hosts: HashMap<String, PrefixMap>,
+    /// Host-independent path prefixes.
+    paths: PrefixMap,
+    /// Local HTTP backends by lower-case service name, for `svc.service.<dc>.<domain>`
+    /// when there is no spec for that datacenter.
+    local: HashMap<String, Arc<Backend>>,
+    /// `.<domain>` (empty when the domain is).
+    domain_suffix: String,
+    /// Lower-case landing host names and addresses.
+    landing: HashSet<String>,
+    /// TCP port to backend.
+    tcp: BTreeMap<u16, Arc<Backend>>,
+    /// Every HTTP backend, by service name then datacenter.
+    backends: Vec<Arc<Backend>>,
+}
+
+impl RoutingTable {
+    /// A table that routes nothing but the landing page (before Consul answers).
+    pub fn empty(cfg: &TableConfig) -> Self {
+        let names = Naming::new(cfg);
+        let landing = cfg
+            .landing_hosts
+            .iter()
+            .map(|h| tags::bare_host(h).to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect();
+        Self {
+            hosts: HashMap::new(),
+            paths: PrefixMap::default(),
+            local: HashMap::new(),
+            domain_suffix: if names.domain.is_empty() {
+                String::new()
+            } else {
+                format!(".{}", names.domain)
+            },
+            landing,
+            tcp: BTreeMap::new(),
+            backends: Vec::new(),
+        }
+    }
+
+    /// Builds from the watcher's view; returns warnings (conflicts such as two
+    /// services claiming the same haproxy_route or tcp port: the alphabetically first
+    /// service wins, deterministic, logged).
+    ///
+    /// Only specs of the local datacenter contribute path routes, Fabio prefixes, the
+    /// add-domain name and TCP ports; another datacenter's spec only answers to
+    /// `svc.service.<dc>.<domain>`. A service gets an HTTP backend when at least one
+    /// instance takes HTTP; its routes are the union over its instances.
+    pub fn build(cfg: &TableConfig, services: &[ServiceSpec], health: &HealthRegistry) -> (Self, Vec<String>) {
+        let mut builder = Builder {
+            table: Self::empty(cfg),
+            names: Naming::new(cfg),
+            warnings: Vec::new(),
+        };
+        let mut order: Vec<&ServiceSpec> = services.iter().collect();
+        // Stable: equal keys keep the caller's order, which only the duplicate check sees.
+        order.sort_by_cached_key(|s| {
+            (
+                s.name.to_ascii_lowercase(),
+                s.name.clone(),
+                s.datacenter.to_ascii_lowercase(),
+            )
+        });
+        let mut seen = HashSet::new();
+        for spec in order {
+            if !seen.insert((spec.name.as_str(), spec.datacenter.to_ascii_lowercase())) {
+                builder.warnings.push(format!(
+                    "service '{}' ({}) is listed twice; using the first list",
+                    spec.name, spec.datacenter
+                ));
+                continue;
+            }
+            builder.add_service(spec, health);
+        }
+        (builder.table, builder.warnings)
+    }
+
+    /// Routing decision for an HTTP request: `host` is the raw Host header (may carry
+    /// :port, trailing dot, any case) or None; `path` is the request path (no query).
+    pub fn route(&self, host: Option<&str>, path: &str) -> Route<'_> {
+        let host = host.map(tags::bare_host).filter(|h| !h.is_empty()).map(|h| {
+            if h.bytes().any(|b| b.is_ascii_uppercase()) {
+                Cow::Owned(h.to_ascii_lowercase())
+            } else {
+                Cow::Borrowed(h)
+            }
+        });
+        let host = host.as_deref();
+        if let Some(backend) = host.and_then(|h| self.host_backend(h, path)) {
+            return Route::Backend(backend);
+        }
+        if let Some(backend) = self.paths.longest(path) {
+            return Route::Backend(backend);
+        }
+        if host.is_some_and(|h| self.landing.contains(h)) {
+            return Route::Landing;
+        }
+        Route::NotFound
+    }
+
+    /// TCP listeners wanted: port -> backend (haproxy_tcp), by port.
+    pub fn tcp_ports(&self) -> impl Iterator<Item = (u16, &Arc<Backend>)> {
+        self.tcp.iter().map(|(port, backend)| (*port, backend))
+    }
+
+    /// Every HTTP backend (for the status page and health checks), by service name
+    /// then datacenter.
+    pub fn backends(&self) -> impl Iterator<Item = &Arc<Backend>> {
+        self.backends.iter()
+    }
+
+    /// The backend a lower-case host name asks for, if any.
+    fn host_backend(&self, host: &str, path: &str) -> Option<&Arc<Backend>> {
+        if let Some(backend) = self.hosts.get(host).and_then(|prefixes| prefixes.longest(path)) {
+            return Some(backend);
+        }
+        // `svc.service.<dc>.<domain>` for a datacenter we have no spec for: the local
+        // instances, as PanteraS always did, rather than a 503.
+        let rest = host.strip_suffix(self.domain_suffix.as_str())?;
+        let (service, dc) = rest.rsplit_once('.')?;
+        let name = service.strip_suffix(".service")?;
+        if dc.is_empty() || name.is_empty() {
+            return None;
+        }
+        self.local.get(name)
+    }
+}
+
+/// The naming inputs, normalised once per build.
+struct Naming {
+    /// Lower-case Consul domain without dots at the ends.
+    domain: String,
+    /// Lower-case local datacenter.
+    local_dc: String,
+    /// Lower-case add-domain with exactly one leading dot and no trailing dot.
+    add_domain: Option<String>,
+}
+
+impl Naming {
+    fn new(cfg: &TableConfig) -> Self {
+        let add_domain = cfg
+            .add_domain
+            .as_deref()
+            .map(|d| d.trim().trim_matches('.').to_ascii_lowercase())
+            .filter(|d| !d.is_empty())
+            .map(|d| format!(".{d}"));
+        Self {
+            domain: cfg.consul_domain.trim().trim_matches('.').to_ascii_lowercase(),
+            local_dc: cfg.local_datacenter.trim().to_ascii_lowercase(),
+            add_domain,
+        }
+    }
+}
+
+/// Joins the non-empty labels with dots (an empty domain must not leave `svc.service.`).
+fn dotted(labels: &[&str]) -> String {
+    labels
+        .iter()
+        .filter(|l| !l.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// How a backend is named in warnings.
+fn label(backend: &Backend) -> String {
+    format!("'{}' ({})", backend.service, backend.datacenter)
+}
+
+/// A table under construction and what went wrong so far.
+struct Builder {
+    table: RoutingTable,
+    names: Naming,
+    warnings: Vec<String>,
+}
+
+impl Builder {
+    fn add_service(&mut self, spec: &ServiceSpec, health: &HealthRegistry) {
+        let name = spec.name.to_ascii_lowercase();
+        let dc = spec.datacenter.to_ascii_lowercase();
+        let local = dc == self.names.local_dc;
+        let http: Vec<&InstanceSpec> = spec.instances.iter().filter(|i| i.tags.takes_http()).collect();
+        if !http.is_empty() {
+            let backend = Arc::new(Self::backend(spec, &http, health));
+            self.table.backends.push(backend.clone());
+            if local {
+                self.add_local_http(spec, &name, &http, &backend);
+            } else {
+                let host = dotted(&[&name, "service", &dc, &self.names.domain]);
+                self.claim_host(&host, "/", &backend);
+            }
+        }
+        // Another datacenter's ports are that datacenter's load balancers' business.
+        let tcp: Vec<&InstanceSpec> = spec.instances.iter().filter(|i| i.tags.tcp_port.is_some()).collect();
+        if local && !tcp.is_empty() {
+            let backend = Arc::new(Self::backend(spec, &tcp, health));
+            let ports: BTreeSet<u16> = tcp.iter().filter_map(|i| i.tags.tcp_port).collect();
+            self.check_agreement(spec, "haproxy_tcp", &tcp, |t| {
+                t.tcp_port.iter().map(u16::to_string).collect()
+            });
+            for port in ports {
+                match self.table.tcp.get(&port) {
+                    Some(owner) => {
+                        let warning = conflict(&format!("haproxy_tcp port {port}"), owner, &backend);
+                        self.warnings.push(warning);
+                    }
+                    None => {
+                        self.table.tcp.insert(port, backend.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// The names, routes and prefixes of a local service's HTTP backend.
+    fn add_local_http(&mut self, spec: &ServiceSpec, name: &str, http: &[&InstanceSpec], backend: &Arc<Backend>) {
+        let domain = self.names.domain.clone();
+        let mut hosts = vec![
+            format!("{name}.service"),
+            dotted(&[name, "service", &domain]),
+            dotted(&[name, "service", &self.names.local_dc, &domain]),
+        ];
+        if let Some(add) = &self.names.add_domain {
+            hosts.push(format!("{name}{add}"));
+        }
+        for host in hosts {
+            self.claim_host(&host, "/", backend);
+        }
+        self.table
+            .local
+            .entry(name.to_owned())
+            .or_insert_with(|| backend.clone());
+
+        self.check_agreement(spec, "haproxy_route", http, |t| t.routes.clone());
+        let routes: BTreeSet<&str> = http
+            .iter()
+            .flat_map(|i| i.tags.routes.iter().map(String::as_str))
+            .collect();
+        for route in routes {
+            if let Err(owner) = self.table.paths.claim(route, backend) {
+                self.warnings
+                    .push(conflict(&format!("haproxy_route {route}"), &owner, backend));
+            }
+        }
+
+        self.check_agreement(spec, "urlprefix-", http, |t| {
+            t.fabio
+                .iter()
+                .map(|p| format!("{}{}", p.host.as_deref().unwrap_or(""), p.path))
+                .collect()
+        });
+        let prefixes: BTreeSet<(Option<&str>, &str)> = http
+            .iter()
+            .flat_map(|i| i.tags.fabio.iter().map(|p| (p.host.as_deref(), p.path.as_str())))
+            .collect();
+        for (host, path) in prefixes {
+            match host {
+                Some(host) => self.claim_host(host, path, backend),
+                None => {
+                    if let Err(owner) = self.table.paths.claim(path, backend) {
+                        self.warnings
+                            .push(conflict(&format!("urlprefix-{path}"), &owner, backend));
+                    }
+                }
+            }
+        }
+    }
+
+    fn claim_host(&mut self, host: &str, path: &str, backend: &Arc<Backend>) {
+        let claimed = self
+            .table
+            .hosts
+            .entry(host.to_owned())
+            .or_default()
+            .claim(path, backend);
+        if let Err(owner) = claimed {
+            let what = if path == "/" {
+                format!("host {host}")
+            } else {
+                format!("host {host} path {path}")
+            };
+            self.warnings.push(conflict(&what, &owner, backend));
+        }
+    }
+
+    fn backend(spec: &ServiceSpec, members: &[&InstanceSpec], health: &HealthRegistry) -> Backend {
+        let instances = members
+            .iter()
+            .map(|i| BackendInstance {
+                id: i.id.clone(),
+                node: i.node.clone(),
+                addr: i.addr,
+                weight: i.tags.weight,
+                health: health.get(i.addr),
+                httpchk: i.tags.httpchk.clone(),
+            })
+            .collect();
+        Backend::new(spec.name.clone(), spec.datacenter.clone(), instances)
+    }
+
+    /// Warns when the instances of one service disagree on a tag: the union is used,
+    /// which is right during a rolling change and worth a look otherwise.
+    fn check_agreement(
+        &mut self,
+        spec: &ServiceSpec,
+        what: &str,
+        members: &[&InstanceSpec],
+        values: impl Fn(&InstanceTags) -> Vec<String>,
+    ) {
+        let sets: Vec<BTreeSet<String>> = members.iter().map(|i| values(&i.tags).into_iter().collect()).collect();
+        if sets.windows(2).all(|w| w[0] == w[1]) {
+            return;
+        }
+        let union: BTreeSet<&String> = sets.iter().flatten().collect();
+        let union: Vec<&str> = union.into_iter().map(String::as_str).collect();
+        self.warnings.push(format!(
+            "service '{}' ({}): instances disagree on {what} tags; using all of: {}",
+            spec.name,
+            spec.datacenter,
+            union.join(", ")
+        ));
+    }
+}
+
+/// The warning for a claim lost to an earlier (alphabetically first) service.
+fn conflict(what: &str, winner: &Backend, loser: &Backend) -> String {
+    format!(
+        "{what} is claimed by services {} and {}; {} wins",
+        label(winner),
+        label(loser),
+        label(winner)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(last: u8, port: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, last], port))
+    }
+
+    fn inst(last: u8, tag_list: &[&str]) -> InstanceSpec {
+        let (parsed, warnings) = tags::parse_tags(&tag_list.iter().map(|t| t.to_string()).collect::<Vec<_>>());
+        assert!(warnings.is_empty(), "{warnings:?}");
+        InstanceSpec {
+            id: format!("i{last}"),
+            node: format!("node{last}"),
+            addr: addr(last, 8080),
+            tags: parsed,
+        }
+    }
+
+    fn spec(name: &str, dc: &str, instances: Vec<InstanceSpec>) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            datacenter: dc.into(),
+            instances,
+        }
+    }
+
+    fn cfg() -> TableConfig {
+        TableConfig {
+            consul_domain: "consul".into(),
+            local_datacenter: "dc1".into(),
+            add_domain: Some(".apps.example.com".into()),
+            landing_hosts: vec!["localhost".into(), "10.0.0.5".into(), "Host1.".into(), "[::1]".into()],
+        }
+    }
+
+    fn build_with(cfg: &TableConfig, specs: &[ServiceSpec]) -> (RoutingTable, Vec<String>) {
+        RoutingTable::build(cfg, specs, &HealthRegistry::new())
+    }
+
+    fn build(specs: &[ServiceSpec]) -> RoutingTable {
+        let (table, warnings) = build_with(&cfg(), specs);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        table
+    }
+
+    /// The routing decision as `service@dc`, `landing` or `none`.
+    fn to(table: &RoutingTable, host: Option<&str>, path: &str) -> String {
+        match table.route(host, path) {
+            Route::Backend(b) => format!("{}@{}", b.service, b.datacenter),
+            Route::Landing => "landing".into(),
+            Route::NotFound => "none".into(),
+        }
+    }
+
+    fn web() -> ServiceSpec {
+        spec("web", "dc1", vec![inst(1, &["haproxy"])])
+    }
+
+    #[test]
+    fn local_service_host_forms() {
+        let t = build(&[web()]);
+        for host in [
+            "web.service",
+            "web.service.consul",
+            "web.service.dc1.consul",
+            "web.apps.example.com",
+            "WEB.Service.Consul",
+            "web.service.consul.",
+            "web.service.consul:80",
+            "Web.Service.DC1.Consul.:8080",
+            " web.apps.example.com ",
+        ] {
+            assert_eq!(to(&t, Some(host), "/"), "web@dc1", "{host}");
+        }
+        for host in [
+            "web",
+            "web.consul",
+            "xweb.service.consul",
+            "web.service.consul.evil.com",
+            "web.apps.example.org",
+            "",
+        ] {
+            assert_eq!(to(&t, Some(host), "/"), "none", "{host}");
+        }
+        assert_eq!(to(&t, None, "/"), "none");
+    }
+
+    #[test]
+    fn add_domain_is_normalised() {
+        for add in [
+            "apps.example.com",
+            ".apps.example.com",
+            ".APPS.Example.com.",
+            " apps.example.com ",
+        ] {
+            let c = TableConfig {
+                add_domain: Some(add.into()),
+                ..cfg()
+            };
+            let (t, _) = build_with(&c, &[web()]);
+            assert_eq!(to(&t, Some("web.apps.example.com"), "/"), "web@dc1", "{add:?}");
+            assert_eq!(to(&t, Some("webapps.example.com"), "/"), "none", "{add:?}");
+        }
+        for add in [None, Some(""), Some(".")] {
+            let c = TableConfig {
+                add_domain: add.map(Into::into),
+                ..cfg()
+            };
+            let (t, _) = build_with(&c, &[web()]);
+            assert_eq!(to(&t, Some("web.apps.example.com"), "/"), "none");
+            assert_eq!(
+                to(&t, Some("web"), "/"),
+                "none",
+                "no add-domain must not mean the bare name"
+            );
+            assert_eq!(to(&t, Some("web.service.consul"), "/"), "web@dc1");
+        }
+    }
+
+    #[test]
+    fn domain_and_datacenter_are_case_and_dot_insensitive() {
+        let c = TableConfig {
+            consul_domain: ".Consul.".into(),
+            local_datacenter: "DC1".into(),
+            ..cfg()
+        };
+        let (t, w) = build_with(&c, &[spec("Web", "dc1", vec![inst(1, &["haproxy"])])]);
+        assert!(w.is_empty());
+        assert_eq!(to(&t, Some("web.service.dc1.consul"), "/"), "Web@dc1");
+        assert_eq!(to(&t, Some("web.service.consul"), "/"), "Web@dc1");
+        assert_eq!(to(&t, Some("web.apps.example.com"), "/"), "Web@dc1");
+    }
+
+    #[test]
+    fn other_datacenters_and_their_fallback() {
+        let t = build(&[
+            web(),
+            spec(
+                "web",
+                "DC2",
+                vec![inst(21, &["haproxy", "haproxy_route=/remote", "haproxy_tcp=7000"])],
+            ),
+            spec("api", "dc1", vec![inst(2, &["haproxy"])]),
+            spec("db", "dc2", vec![inst(22, &["haproxy"])]),
+        ]);
+        assert_eq!(to(&t, Some("web.service.dc2.consul"), "/"), "web@DC2");
+        assert_eq!(to(&t, Some("WEB.service.dc2.consul."), "/x"), "web@DC2");
+        assert_eq!(
+            to(&t, Some("web.service.consul"), "/"),
+            "web@dc1",
+            "the plain name stays local"
+        );
+        assert_eq!(
+            to(&t, Some("web.service.dc3.consul"), "/"),
+            "web@dc1",
+            "unknown dc falls back to local"
+        );
+        assert_eq!(
+            to(&t, Some("api.service.dc2.consul"), "/"),
+            "api@dc1",
+            "no dc2 spec for api"
+        );
+        assert_eq!(to(&t, Some("db.service.dc2.consul"), "/"), "db@dc2");
+        assert_eq!(
+            to(&t, Some("db.service.consul"), "/"),
+            "none",
+            "a remote-only service has no local names"
+        );
+        assert_eq!(to(&t, Some("db.service.dc3.consul"), "/"), "none");
+        assert_eq!(to(&t, Some("db.apps.example.com"), "/"), "none");
+        // Another datacenter's routes and ports are not ours.
+        assert_eq!(to(&t, Some("unknown.example.com"), "/remote"), "none");
+        assert_eq!(t.tcp_ports().count(), 0);
+        // Malformed variants of the pattern.
+        for host in [
+            "service.dc2.consul",
+            ".service.dc2.consul",
+            "web.service..consul",
+            "web.service.dc2",
+            "consul",
+        ] {
+            assert_eq!(to(&t, Some(host), "/"), "none", "{host}");
+        }
+        // A remote spec whose instances are all gone falls back to local too.
+        let t = build(&[web(), spec("web", "dc2", vec![])]);
+        assert_eq!(to(&t, Some("web.service.dc2.consul"), "/"), "web@dc1");
+    }
+
+    #[test]
+    fn path_routes_take_the_longest_segment_prefix() {
+        let t = build(&[
+            spec("minions", "dc1", vec![inst(1, &["haproxy_route=/minions"])]),
+            spec("admin", "dc1", vec![inst(2, &["haproxy_route=/minions/admin/"])]),
+        ]);
+        for (path, want) in [
+            ("/minions", "minions@dc1"),
+            ("/minions/", "minions@dc1"),
+            ("/minions/x", "minions@dc1"),
+            ("/minions/admin", "admin@dc1"),
+            ("/minions/admin/x/y", "admin@dc1"),
+            ("/minions/administrator", "minions@dc1"),
+            ("/minionsX", "none"),
+            ("/minion", "none"),
+            ("/Minions", "none"),
+            ("/", "none"),
+            ("", "none"),
+            ("minions", "none"),
+            ("/caf\u{e9}/minions", "none"),
+        ] {
+            assert_eq!(to(&t, Some("any.example.com"), path), want, "{path:?}");
+        }
+        assert_eq!(
+            to(&t, None, "/minions/x"),
+            "minions@dc1",
+            "whatever the Host, even none"
+        );
+        let t = build(&[
+            spec("minions", "dc1", vec![inst(1, &["haproxy_route=/minions"])]),
+            spec("root", "dc1", vec![inst(2, &["haproxy_route=/"])]),
+        ]);
+        for (path, want) in [
+            ("/minionsX", "root@dc1"),
+            ("/", "root@dc1"),
+            ("", "root@dc1"),
+            ("*", "root@dc1"),
+        ] {
+            assert_eq!(to(&t, Some("x"), path), want, "{path:?}");
+        }
+        assert_eq!(to(&t, Some("x"), "/minions/1"), "minions@dc1");
+    }
+
+    #[test]
+    fn host_beats_path_and_path_beats_landing() {
+        let t = build(&[
+            spec("app", "dc1", vec![inst(1, &["haproxy"])]),
+            spec(
+                "catch",
+                "dc1",
+                vec![inst(2, &["haproxy_route=/", "haproxy_route=/very/long/prefix"])],
+            ),
+        ]);
+        assert_eq!(to(&t, Some("app.service.consul"), "/very/long/prefix/x"), "app@dc1");
+        assert_eq!(to(&t, Some("other.example.com"), "/very/long/prefix/x"), "catch@dc1");
+        assert_eq!(to(&t, Some("localhost"), "/"), "catch@dc1");
+    }
+
+    #[test]
+    fn landing_hosts() {
+        let t = build(&[web()]);
+        for host in [
+            "localhost",
+            "LOCALHOST:80",
+            "localhost.",
+            "10.0.0.5",
+            "10.0.0.5:8080",
+            "host1",
+            "[::1]:80",
+            "::1",
+        ] {
+            assert_eq!(to(&t, Some(host), "/anything"), "landing", "{host}");
+        }
+        assert_eq!(to(&t, Some("unknown.example.com"), "/"), "none");
+        assert_eq!(to(&t, None, "/"), "none");
+        let empty = RoutingTable::empty(&cfg());
+        assert_eq!(to(&empty, Some("localhost"), "/"), "landing");
+        assert_eq!(to(&empty, Some("web.service.consul"), "/"), "none");
+        assert_eq!((empty.backends().count(), empty.tcp_ports().count()), (0, 0));
+        // A service that claims a landing name gets it.
+        let t = build(&[spec("home", "dc1", vec![inst(1, &["urlprefix-localhost/"])])]);
+        assert_eq!(to(&t, Some("localhost"), "/"), "home@dc1");
+    }
+
+    #[test]
+    fn fabio_prefixes_route_by_host_and_path() {
+        let t = build(&[
+            spec(
+                "shop",
+                "dc1",
+                vec![inst(
+                    1,
+                    &[
+                        "urlprefix-shop.example.com/",
+                        "urlprefix-api.example.com/v1",
+                        "urlprefix-/static",
+                    ],
+                )],
+            ),
+            spec("api", "dc1", vec![inst(2, &["urlprefix-API.example.com:443/"])]),
+        ]);
+        assert_eq!(to(&t, Some("Shop.Example.com"), "/cart"), "shop@dc1");
+        assert_eq!(to(&t, Some("api.example.com"), "/v1/items"), "shop@dc1");
+        assert_eq!(to(&t, Some("api.example.com"), "/v1"), "shop@dc1");
+        assert_eq!(to(&t, Some("api.example.com"), "/v10"), "api@dc1");
+        assert_eq!(to(&t, Some("api.example.com"), "/"), "api@dc1");
+        assert_eq!(to(&t, Some("elsewhere.example.com"), "/static/app.js"), "shop@dc1");
+        assert_eq!(to(&t, Some("elsewhere.example.com"), "/v1"), "none");
+        // Fabio tags alone make an HTTP service, with its Consul names too.
+        assert_eq!(to(&t, Some("shop.service.consul"), "/"), "shop@dc1");
+        // A host with only a deeper prefix falls through to the path routes.
+        let t = build(&[
+            spec("v1", "dc1", vec![inst(1, &["urlprefix-only.example.com/v1"])]),
+            spec("rest", "dc1", vec![inst(2, &["haproxy_route=/"])]),
+        ]);
+        assert_eq!(to(&t, Some("only.example.com"), "/v1/x"), "v1@dc1");
+        assert_eq!(to(&t, Some("only.example.com"), "/v2"), "rest@dc1");
+    }
+
+    #[test]
+    fn http_membership_and_union_of_route_tags() {
+        let (t, w) = build_with(
+            &cfg(),
+            &[spec(
+                "mixed",
+                "dc1",
+                vec![
+                    inst(1, &["haproxy", "haproxy_route=/a"]),
+                    inst(2, &["haproxy_route=/b"]),
+                    inst(3, &["haproxy_tcp=9000"]),
+                ],
+            )],
+        );
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("disagree on haproxy_route") && w[0].contains("/a, /b"),
+            "{w:?}"
+        );
+        let backend = t.backends().next().expect("one HTTP backend");
+        let addrs: Vec<SocketAddr> = backend.instances.iter().map(|i| i.addr).collect();
+        assert_eq!(
+            addrs,
+            [addr(1, 8080), addr(2, 8080)],
+            "the TCP-only instance takes no HTTP"
+        );
+        assert_eq!(to(&t, None, "/a"), "mixed@dc1");
+        assert_eq!(to(&t, None, "/b/c"), "mixed@dc1");
+        let tcp: Vec<(u16, Vec<SocketAddr>)> = t
+            .tcp_ports()
+            .map(|(p, b)| (p, b.instances.iter().map(|i| i.addr).collect()))
+            .collect();
+        assert_eq!(tcp, [(9000, vec![addr(3, 8080)])]);
+        // TCP only: no HTTP names at all.
+        let t = build(&[spec("pg", "dc1", vec![inst(1, &["haproxy_tcp=5432"])])]);
+        assert_eq!(to(&t, Some("pg.service.consul"), "/"), "none");
+        assert_eq!(t.backends().count(), 0);
+        assert_eq!(t.tcp_ports().map(|(p, _)| p).collect::<Vec<_>>(), [5432]);
+        // Instances nobody asked us to balance are left out entirely.
+        let t = build(&[spec("plain", "dc1", vec![inst(1, &["production"])])]);
+        assert_eq!((t.backends().count(), t.tcp_ports().count()), (0, 0));
+    }
+
+    #[test]
+    fn tcp_ports_union_and_disagreement() {
+        let (t, w) = build_with(
+            &cfg(),
+            &[
+                spec(
+                    "db",
+                    "dc1",
+                    vec![inst(1, &["haproxy_tcp=5433"]), inst(2, &["haproxy_tcp=5432"])],
+                ),
+                spec(
+                    "cache",
+                    "dc1",
+                    vec![inst(3, &["haproxy_tcp=6379"]), inst(4, &["haproxy_tcp=6379"])],
+                ),
+            ],
+        );
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("'db'") && w[0].contains("5432, 5433"), "{w:?}");
+        let ports: Vec<(u16, String, usize)> = t
+            .tcp_ports()
+            .map(|(p, b)| (p, b.service.clone(), b.instances.len()))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (5432, "db".into(), 2),
+                (5433, "db".into(), 2),
+                (6379, "cache".into(), 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn all_weight_zero_still_routes_but_picks_nothing() {
+        let t = build(&[spec("drain", "dc1", vec![inst(1, &["haproxy", "haproxy_weight=0"])])]);
+        let Route::Backend(backend) = t.route(Some("drain.service.consul"), "/") else {
+            panic!("drained service must still route (503 from the proxy, not 'unknown host')");
+        };
+        assert!(backend.pick(0, &[]).is_none());
+    }
+
+    #[test]
+    fn conflicts_go_to_the_first_name_whatever_the_input_order() {
+        let alpha = spec(
+            "alpha",
+            "dc1",
+            vec![inst(
+                1,
+                &[
+                    "haproxy_route=/x",
+                    "haproxy_tcp=5432",
+                    "urlprefix-shared.example.com/",
+                    "urlprefix-/f",
+                ],
+            )],
+        );
+        let beta = spec(
+            "beta",
+            "dc1",
+            vec![inst(
+                2,
+                &[
+                    "haproxy_route=/x",
+                    "haproxy_tcp=5432",
+                    "urlprefix-shared.example.com/",
+                    "urlprefix-/f",
+                ],
+            )],
+        );
+        let (t1, w1) = build_with(&cfg(), &[beta.clone(), alpha.clone()]);
+        let (t2, w2) = build_with(&cfg(), &[alpha, beta]);
+        assert_eq!(w1, w2);
+        assert_eq!(w1.len(), 4, "{w1:?}");
+        for w in &w1 {
+            assert!(w.contains("'alpha' (dc1) and 'beta' (dc1); 'alpha' (dc1) wins"), "{w}");
+        }
+        assert!(w1.iter().any(|w| w.starts_with("haproxy_route /x ")), "{w1:?}");
+        assert!(w1.iter().any(|w| w.starts_with("haproxy_tcp port 5432 ")), "{w1:?}");
+        assert!(w1.iter().any(|w| w.starts_with("host shared.example.com ")), "{w1:?}");
+        assert!(w1.iter().any(|w| w.starts_with("urlprefix-/f ")), "{w1:?}");
+        for t in [&t1, &t2] {
+            assert_eq!(to(t, None, "/x"), "alpha@dc1");
+            assert_eq!(to(t, None, "/f"), "alpha@dc1");
+            assert_eq!(to(t, Some("shared.example.com"), "/"), "alpha@dc1");
+            assert_eq!(t.tcp_ports().next().map(|(_, b)| b.service.as_str()), Some("alpha"));
+            assert_eq!(
+                to(t, Some("beta.service.consul"), "/"),
+                "beta@dc1",
+                "the loser keeps its own names"
+            );
+            let names: Vec<&str> = t.backends().map(|b| b.service.as_str()).collect();
+            assert_eq!(names, ["alpha", "beta"]);
+        }
+        // Names differing only in case collide on every host name.
+        let (t, w) = build_with(
+            &cfg(),
+            &[
+                spec("web", "dc1", vec![inst(1, &["haproxy"])]),
+                spec("Web", "dc1", vec![inst(2, &["haproxy"])]),
+            ],
+        );
+        assert_eq!(w.len(), 4, "{w:?}");
+        assert!(w.iter().all(|w| w.contains("'Web' (dc1) wins")), "{w:?}");
+        assert_eq!(to(&t, Some("web.service.consul"), "/"), "Web@dc1");
+        assert_eq!(to(&t, Some("web.service.dc9.consul"), "/"), "Web@dc1");
+    }
+
+    #[test]
+    fn one_service_claiming_a_thing_twice_is_no_conflict() {
+        build(&[spec(
+            "web",
+            "dc1",
+            vec![
+                inst(
+                    1,
+                    &[
+                        "haproxy",
+                        "urlprefix-web.service.consul/",
+                        "urlprefix-/a",
+                        "haproxy_route=/a",
+                    ],
+                ),
+                inst(
+                    2,
+                    &[
+                        "haproxy",
+                        "urlprefix-web.service.consul/",
+                        "urlprefix-/a",
+                        "haproxy_route=/a",
+                    ],
+                ),
+            ],
+        )]);
+    }
+
+    #[test]
+    fn duplicate_specs_are_warned() {
+        let (t, w) = build_with(&cfg(), &[web(), spec("web", "DC1", vec![inst(9, &["haproxy"])])]);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("listed twice"));
+        assert_eq!(t.backends().count(), 1);
+        assert_eq!(
+            t.backends().next().map(|b| b.instances[0].addr),
+            Some(addr(1, 8080)),
+            "the first list is kept"
+        );
+    }
+
+    fn backend(weights: &[u16]) -> Backend {
+        let instances = weights
+            .iter()
+            .zip(b'a'..)
+            .map(|(w, id)| BackendInstance {
+                id: char::from(id).to_string(),
+                node: "n".into(),
+                addr: addr(id, 80),
+                weight: *w,
+                health: Arc::default(),
+                httpchk: None,
+            })
+            .collect();
+        Backend::new("svc".into(), "dc1".into(), instances)
+    }
+
+    /// `n` picks at `now` as instance ids, `-` for none.
+    fn picks(b: &Backend, n: usize, now: u64, exclude: &[SocketAddr]) -> String {
+        (0..n)
+            .map(|_| b.pick(now, exclude).map_or("-", |i| i.id.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn smooth_wrr_matches_nginx() {
+        let b = backend(&[5, 1, 1]);
+        assert_eq!(picks(&b, 7, 0, &[]), "aabacaa");
+        assert_eq!(picks(&b, 14, 0, &[]), "aabacaaaabacaa", "the cycle repeats exactly");
+        let b = backend(&[100, 50]);
+        assert_eq!(picks(&b, 6, 0, &[]), "abaaba");
+        let many = picks(&b, 300, 0, &[]);
+        assert_eq!((many.matches('a').count(), many.matches('b').count()), (200, 100));
+        let b = backend(&[1, 1, 1]);
+        assert_eq!(picks(&b, 6, 0, &[]), "abcabc");
+    }
+
+    #[test]
+    fn weight_zero_is_never_picked() {
+        let b = backend(&[0, 1, 0]);
+        assert_eq!(picks(&b, 5, 0, &[]), "bbbbb");
+        b.instances[1].health.ejected_until_ms.store(100, Ordering::Relaxed);
+        assert_eq!(picks(&b, 3, 0, &[]), "bbb", "not even as a fallback");
+        assert_eq!(picks(&b, 1, 0, &[addr(b'b', 80)]), "-");
+        assert_eq!(picks(&backend(&[]), 1, 0, &[]), "-");
+    }
+
+    #[test]
+    fn ejected_and_down_instances_are_skipped_until_they_recover() {
+        let b = backend(&[1, 1, 1]);
+        b.instances[0].health.ejected_until_ms.store(1000, Ordering::Relaxed);
+        assert_eq!(picks(&b, 4, 999, &[]), "bcbc");
+        assert!(
+            picks(&b, 3, 1000, &[]).contains('a'),
+            "back once the ejection has run out"
+        );
+        let b = backend(&[1, 1, 1]);
+        b.instances[1].health.check_up.store(false, Ordering::Relaxed);
+        assert_eq!(picks(&b, 4, 0, &[]), "acac");
+        b.instances[1].health.check_up.store(true, Ordering::Relaxed);
+        assert!(picks(&b, 3, 0, &[]).contains('b'));
+    }
+
+    #[test]
+    fn exclude_list_skips_tried_addresses() {
+        let b = backend(&[5, 1, 1]);
+        assert_eq!(picks(&b, 4, 0, &[addr(b'a', 80)]), "bcbc");
+        assert_eq!(picks(&b, 2, 0, &[addr(b'a', 80), addr(b'c', 80)]), "bb");
+        assert_eq!(picks(&b, 1, 0, &[addr(b'a', 80), addr(b'b', 80), addr(b'c', 80)]), "-");
+    }
+
+    #[test]
+    fn all_unavailable_falls_back_to_the_least_recently_ejected() {
+        let b = backend(&[1, 1, 1]);
+        for (instance, until) in b.instances.iter().zip([5000, 3000, 4000]) {
+            instance.health.ejected_until_ms.store(until, Ordering::Relaxed);
+        }
+        assert_eq!(picks(&b, 2, 1000, &[]), "bb");
+        assert_eq!(picks(&b, 1, 1000, &[addr(b'b', 80)]), "c");
+        assert_eq!(picks(&b, 1, 1000, &[addr(b'b', 80), addr(b'c', 80)]), "a");
+        // Failing only the active check counts as never ejected: those go first.
+        b.instances[0].health.ejected_until_ms.store(0, Ordering::Relaxed);
+        b.instances[0].health.check_up.store(false, Ordering::Relaxed);
+        assert_eq!(picks(&b, 2, 1000, &[]), "aa");
+        // All failing their check: round-robin among them, not one instance taking it all.
+        let b = backend(&[1, 1]);
+        for i in &b.instances {
+            i.health.check_up.store(false, Ordering::Relaxed);
+        }
+        assert_eq!(picks(&b, 4, 0, &[]), "abab");
+    }
+
+    #[test]
+    fn eject_uses_the_registry_clock_and_never_shortens() {
+        let registry = HealthRegistry::new();
+        let h = registry.get(addr(1, 80));
+        assert!(h.is_available(registry.now_ms()));
+        registry.eject(&h, 60_000);
+        let until = h.ejected_until_ms.load(Ordering::Relaxed);
+        assert!(until >= 60_000 && !h.is_available(registry.now_ms()));
+        registry.eject(&h, 1);
+        assert_eq!(h.ejected_until_ms.load(Ordering::Relaxed), until);
+        assert!(h.is_available(until));
+        registry.eject(&h, u64::MAX);
+        assert_eq!(h.ejected_until_ms.load(Ordering::Relaxed), u64::MAX, "saturates");
+    }
+
+    #[test]
+    fn health_survives_rebuilds_and_retain_forgets() {
+        let registry = HealthRegistry::new();
+        let specs = [spec("web", "dc1", vec![inst(1, &["haproxy"]), inst(2, &["haproxy"])])];
+        let (t1, _) = RoutingTable::build(&cfg(), &specs, &registry);
+        let (t2, _) = RoutingTable::build(&cfg(), &specs, &registry);
+        let h = |t: &RoutingTable, i: usize| {
+            t.backends()
+                .next()
+                .map(|b| b.instances[i].health.clone())
+                .expect("backend")
+        };
+        assert!(Arc::ptr_eq(&h(&t1, 0), &h(&t2, 0)));
+        assert!(!Arc::ptr_eq(&h(&t1, 0), &h(&t1, 1)));
+        assert!(Arc::ptr_eq(&h(&t1, 0), &registry.get(addr(1, 8080))));
+        // An ejection recorded through the old table is seen by the new one.
+        h(&t1, 0).ejected_until_ms.store(u64::MAX, Ordering::Relaxed);
+        let picked = t2.backends().next().and_then(|b| b.pick(0, &[])).map(|i| i.addr);
+        assert_eq!(picked, Some(addr(2, 8080)));
+        // The TCP and HTTP backends of one address share its state too.
+        let both = [spec("svc", "dc1", vec![inst(1, &["haproxy", "haproxy_tcp=9000"])])];
+        let (t3, _) = RoutingTable::build(&cfg(), &both, &registry);
+        let tcp_health = t3
+            .tcp_ports()
+            .next()
+            .map(|(_, b)| b.instances[0].health.clone())
+            .expect("tcp");
+        assert!(Arc::ptr_eq(&tcp_health, &h(&t1, 0)));
+
+        registry.retain(&HashSet::from([addr(1, 8080)]));
+        assert!(Arc::ptr_eq(&registry.get(addr(1, 8080)), &h(&t1, 0)));
+        let fresh = registry.get(addr(2, 8080));
+        assert!(!Arc::ptr_eq(&fresh, &h(&t1, 1)), "forgotten, so a new state");
+        assert!(fresh.check_up.load(Ordering::Relaxed), "new instances start up");
+    }
+
+    #[test]
+    fn table_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<RoutingTable>();
+        assert_send_sync::<HealthRegistry>();
+        assert_send_sync::<Arc<Backend>>();
+    }
+}

@@ -1,0 +1,289 @@
+//! The load balancer against a real Consul and real HTTP backends: Host forms,
+//! path routes, weights, health gating, retries, headers, Consul outages and
+//! live changes under load.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::harness::{Consul, HttpBackend, Lb, consul_section, unique};
+
+async fn lb_for(consul: &Consul) -> Lb {
+    Lb::start(&format!(
+        "{}[dns]\nwildcard_domain = \".apps.example.com\"\nwildcard_targets = [\"127.0.0.1\"]\n",
+        consul_section(consul)
+    ))
+    .await
+}
+
+fn register(consul: &Consul, id: &str, svc: &str, backend: &HttpBackend, tags: &[&str]) {
+    consul.register(id, svc, &backend.addr.ip().to_string(), backend.addr.port(), tags, true);
+}
+
+/// Every Host form of panteras-lb.md reaches the service; unknown hosts get the
+/// 503 page; the host itself gets the landing page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_host_form_reaches_the_service() {
+    let consul = Consul::shared();
+    let svc = unique("hosts");
+    let backend = HttpBackend::start("one").await;
+    register(consul, &format!("{svc}-1"), &svc, &backend, &["haproxy"]);
+    let lb = lb_for(consul).await;
+    lb.wait_for(&format!("{svc}.service.consul"), "/", &["one"]).await;
+    for host in [
+        format!("{svc}.service"),
+        format!("{svc}.service.consul"),
+        format!("{svc}.service.dc1.consul"),
+        format!("{svc}.apps.example.com"),
+        format!("{}.Service.Consul:80", svc.to_uppercase()),
+        format!("{svc}.service.consul."),
+    ] {
+        let (status, body, headers) = lb.get(&host, "/some/path?q=1").await;
+        assert_eq!((status, body.as_str()), (200, "one"), "Host: {host}");
+        assert_eq!(headers["x-seen-path"], "/some/path", "no rewrite");
+    }
+    let (status, body, _) = lb.get("nobody.service.consul", "/").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("503"), "{body}");
+    let (status, body, _) = lb.get("localhost", "/").await;
+    assert_eq!(status, 200);
+    assert!(body.contains(&svc), "landing page lists the services: {body}");
+}
+
+/// `haproxy_route=` prefixes: longest wins, `/minions` does not match
+/// `/minionsX`, and a Host match beats any path route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_routes_and_their_precedence() {
+    let consul = Consul::shared();
+    let (a, b, c) = (unique("minions"), unique("admin"), unique("plain"));
+    let (ba, bb, bc) = (
+        HttpBackend::start("a").await,
+        HttpBackend::start("b").await,
+        HttpBackend::start("c").await,
+    );
+    let route_a = format!("haproxy_route=/{a}");
+    let route_b = format!("haproxy_route=/{a}/admin");
+    register(consul, &format!("{a}-1"), &a, &ba, &[&route_a]);
+    register(consul, &format!("{b}-1"), &b, &bb, &[&route_b]);
+    register(consul, &format!("{c}-1"), &c, &bc, &["haproxy"]);
+    let lb = lb_for(consul).await;
+    lb.wait_for("anything.example", &format!("/{a}/admin/x"), &["b"]).await;
+    lb.wait_for(&format!("{c}.service"), "/", &["c"]).await;
+    assert_eq!(lb.get("anything.example", &format!("/{a}")).await.1, "a");
+    assert_eq!(lb.get("anything.example", &format!("/{a}/x")).await.1, "a");
+    assert_eq!(lb.get("anything.example", &format!("/{a}X")).await.0, 503);
+    assert_eq!(
+        lb.get(&format!("{c}.service"), &format!("/{a}/x")).await.1,
+        "c",
+        "Host beats path"
+    );
+}
+
+/// `haproxy_weight=` splits traffic (smooth weighted round-robin) within 10%.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_split_traffic() {
+    let consul = Consul::shared();
+    let svc = unique("weights");
+    let (heavy, light, none) = (
+        HttpBackend::start("heavy").await,
+        HttpBackend::start("light").await,
+        HttpBackend::start("none").await,
+    );
+    register(
+        consul,
+        &format!("{svc}-1"),
+        &svc,
+        &heavy,
+        &["haproxy", "haproxy_weight=200"],
+    );
+    register(
+        consul,
+        &format!("{svc}-2"),
+        &svc,
+        &light,
+        &["haproxy", "haproxy_weight=100"],
+    );
+    register(
+        consul,
+        &format!("{svc}-3"),
+        &svc,
+        &none,
+        &["haproxy", "haproxy_weight=0"],
+    );
+    consul.wait_passing(&svc, 3);
+    let lb = lb_for(consul).await;
+    let host = format!("{svc}.service");
+    lb.wait_for(&host, "/", &["heavy", "light"]).await;
+    let (mut h, mut l) = (0u32, 0u32);
+    for _ in 0..3000 {
+        match lb.get(&host, "/").await.1.as_str() {
+            "heavy" => h += 1,
+            "light" => l += 1,
+            other => panic!("weight 0 instance or error answered: {other:?}"),
+        }
+    }
+    let share = f64::from(h) / f64::from(h + l);
+    assert!((share - 2.0 / 3.0).abs() < 0.0667, "heavy got {share:.3} of traffic");
+}
+
+/// Instances that fail their Consul check or are deregistered stop receiving
+/// traffic, and come back when healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_health_gates_instances() {
+    let consul = Consul::shared();
+    let svc = unique("health");
+    let (one, two) = (HttpBackend::start("one").await, HttpBackend::start("two").await);
+    register(consul, &format!("{svc}-1"), &svc, &one, &["haproxy"]);
+    register(consul, &format!("{svc}-2"), &svc, &two, &["haproxy"]);
+    let lb = lb_for(consul).await;
+    let host = format!("{svc}.service");
+    lb.wait_for(&host, "/", &["one"]).await;
+    lb.wait_for(&host, "/", &["two"]).await;
+
+    consul.set_health(&format!("{svc}-1"), false);
+    consul.wait_passing(&svc, 1);
+    wait_only(&lb, &host, "two").await;
+    consul.set_health(&format!("{svc}-1"), true);
+    lb.wait_for(&host, "/", &["one"]).await;
+    consul.deregister(&format!("{svc}-2"));
+    wait_only(&lb, &host, "one").await;
+}
+
+/// Waits until 20 requests in a row all reach `name`.
+async fn wait_only(lb: &Lb, host: &str, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    'outer: loop {
+        assert!(Instant::now() < deadline, "{host} still reaches others than {name}");
+        for _ in 0..20 {
+            if lb.get(host, "/").await.1 != name {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue 'outer;
+            }
+        }
+        return;
+    }
+}
+
+/// A backend killed between checks costs no request: the connection failure is
+/// retried on another instance and the dead one is ejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_instance_costs_no_request() {
+    let consul = Consul::shared();
+    let svc = unique("killed");
+    let one = HttpBackend::start("one").await;
+    let two = HttpBackend::start("two").await;
+    register(consul, &format!("{svc}-1"), &svc, &one, &["haproxy"]);
+    register(consul, &format!("{svc}-2"), &svc, &two, &["haproxy"]);
+    let lb = lb_for(consul).await;
+    let host = format!("{svc}.service");
+    lb.wait_for(&host, "/", &["one"]).await;
+    lb.wait_for(&host, "/", &["two"]).await;
+    drop(one); // killed outright; Consul still says it passes
+    for i in 0..200 {
+        let (status, body, _) = lb.get(&host, "/").await;
+        assert_eq!((status, body.as_str()), (200, "two"), "request {i}");
+    }
+    assert!(lb.state.stats.snapshot().retries >= 1);
+}
+
+/// The proxy adds X-Forwarded-For, X-Forwarded-Proto and X-Unique-ID and keeps
+/// the Host header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_are_added() {
+    let consul = Consul::shared();
+    let svc = unique("headers");
+    let backend = HttpBackend::start("h").await;
+    register(consul, &format!("{svc}-1"), &svc, &backend, &["haproxy"]);
+    let lb = lb_for(consul).await;
+    let host = format!("{svc}.service");
+    lb.wait_for(&host, "/", &["h"]).await;
+    let (_, _, h1) = lb.get(&host, "/").await;
+    let (_, _, h2) = lb.get(&host, "/").await;
+    assert_eq!(h1["x-seen-xff"], "127.0.0.1");
+    assert_eq!(h1["x-seen-proto"], "http");
+    assert_eq!(h1["x-seen-host"], host.as_str());
+    assert_ne!(h1["x-seen-unique-id"], h2["x-seen-unique-id"]);
+}
+
+/// With Consul gone the last good routes stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_outage_keeps_the_routes() {
+    let mut consul = Consul::start();
+    let backend = HttpBackend::start("kept").await;
+    register(&consul, "kept-1", "kept", &backend, &["haproxy"]);
+    let lb = lb_for(&consul).await;
+    lb.wait_for("kept.service", "/", &["kept"]).await;
+    consul.stop();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..20 {
+        assert_eq!(lb.get("kept.service", "/").await.1, "kept");
+    }
+}
+
+/// Bad tag values are logged and ignored: the instance is routed with defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tag_values_are_ignored() {
+    let consul = Consul::shared();
+    let svc = unique("badtags");
+    let backend = HttpBackend::start("ok").await;
+    register(
+        consul,
+        &format!("{svc}-1"),
+        &svc,
+        &backend,
+        &[
+            "haproxy",
+            "haproxy_weight=lots",
+            "haproxy_tcp=notaport",
+            "haproxy_route=",
+        ],
+    );
+    let lb = lb_for(consul).await;
+    lb.wait_for(&format!("{svc}.service"), "/", &["ok"]).await;
+}
+
+/// 50 changes in a row (instances added and removed) under a load loop: no
+/// request fails, and every change is live within well under a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_changes_under_load_lose_no_request() {
+    let consul = Consul::shared();
+    let svc = unique("churn");
+    let stable = HttpBackend::start("stable").await;
+    register(consul, &format!("{svc}-stable"), &svc, &stable, &["haproxy"]);
+    let lb = Arc::new(lb_for(consul).await);
+    let host = format!("{svc}.service");
+    lb.wait_for(&host, "/", &["stable"]).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load = {
+        let (lb, stop, ok, failed, host) = (lb.clone(), stop.clone(), ok.clone(), failed.clone(), host.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let (status, _, _) = lb.get(&host, "/").await;
+                if status == 200 { &ok } else { &failed }.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let churn = HttpBackend::start("churn").await;
+    for i in 0..25 {
+        let id = format!("{svc}-churn-{i}");
+        register(consul, &id, &svc, &churn, &["haproxy"]);
+        lb.wait_for(&host, "/", &["churn"]).await;
+        consul.deregister(&id);
+        wait_only(&lb, &host, "stable").await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(ok > 100, "load loop made only {ok} requests");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed during 50 changes",
+        ok + failed
+    );
+    let stats = lb.state.stats.snapshot();
+    assert!(stats.changes >= 50, "{stats:?}");
+    assert!(stats.propagation_p99.unwrap() < Duration::from_millis(100), "{stats:?}");
+}
