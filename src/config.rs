@@ -75,6 +75,13 @@ pub struct LbSection {
     /// (passive ejection). Default `10s`.
     #[serde(default = "default_lb_eject_time", with = "humantime_serde")]
     pub eject_time: Duration,
+    /// Interval of the active checks (`haproxy_httpchk=` or a TCP connect).
+    /// Default `2s` (HAProxy's `inter`).
+    #[serde(default = "default_lb_check_interval", with = "humantime_serde")]
+    pub check_interval: Duration,
+    /// Time one active check may take. Default `2s`.
+    #[serde(default = "default_lb_check_interval", with = "humantime_serde")]
+    pub check_timeout: Duration,
 }
 
 impl Default for LbSection {
@@ -91,6 +98,9 @@ fn default_lb_connect_timeout() -> Duration {
 }
 fn default_lb_io_timeout() -> Duration {
     Duration::from_secs(60)
+}
+fn default_lb_check_interval() -> Duration {
+    Duration::from_secs(2)
 }
 fn default_lb_eject_time() -> Duration {
     Duration::from_secs(10)
@@ -298,6 +308,10 @@ pub struct LbConfig {
     pub server_timeout: Duration,
     /// Passive ejection time.
     pub eject_time: Duration,
+    /// Active check interval.
+    pub check_interval: Duration,
+    /// Active check timeout.
+    pub check_timeout: Duration,
 }
 
 /// Validated `[consul]`.
@@ -687,8 +701,12 @@ fn validate_lb(
         client_timeout,
         server_timeout,
         eject_time,
+        check_interval,
+        check_timeout,
     } = lb;
     for (key, d) in [
+        ("lb.check_interval", check_interval),
+        ("lb.check_timeout", check_timeout),
         ("lb.connect_timeout", connect_timeout),
         ("lb.client_timeout", client_timeout),
         ("lb.server_timeout", server_timeout),
@@ -717,6 +735,8 @@ fn validate_lb(
         client_timeout: *client_timeout,
         server_timeout: *server_timeout,
         eject_time: *eject_time,
+        check_interval: *check_interval,
+        check_timeout: *check_timeout,
     })
 }
 

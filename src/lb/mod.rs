@@ -7,11 +7,13 @@
 //!                     └─ Backend::pick (smooth WRR, ejected instances skipped)
 //!                         └─ pool: connected backend sessions, retry on another
 //!                            instance when a connection cannot be made
+//!  health::run: haproxy_httpchk / TCP connect checks every 2 s (rise 2, fall 3)
 //! ```
 //!
 //! Per-instance state that must outlive a table (ejection, in-flight counts) lives
 //! in the [`table::HealthRegistry`], keyed by address.
 
+pub mod health;
 pub mod proxy;
 pub mod stats;
 pub mod table;
@@ -118,6 +120,12 @@ pub async fn run(
         table_config(config),
         config.consul.datacenter.clone(),
         state.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(health::run(
+        state.clone(),
+        config.lb.check_interval,
+        config.lb.check_timeout,
         shutdown.clone(),
     ));
     let addr = sockets.http.local_addr().ok();

@@ -45,8 +45,10 @@ pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 const MAX_ATTEMPTS: usize = 3;
 /// Idle sessions kept per backend instance.
 const MAX_IDLE_PER_INSTANCE: usize = 64;
-/// Largest request head accepted; more gets 431 (hyper's minimum buffer is 8 KiB).
-const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Largest request head accepted; more gets 431. hyper's read buffer bounds what
+/// it parses, but does not reliably refuse a head below that bound, so the sum
+/// of header sizes is checked again per request.
+const MAX_HEADER_BYTES: usize = 32 * 1024;
 /// How long an upgraded (WebSocket) connection may live.
 const TUNNEL_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -120,7 +122,7 @@ impl Proxy {
             .timer(TokioTimer::new())
             .keep_alive(true)
             .header_read_timeout(self.client_timeout)
-            .max_buf_size(MAX_HEADER_BYTES);
+            .max_buf_size(2 * MAX_HEADER_BYTES);
         let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
         tokio::pin!(conn);
         tokio::select! {
@@ -138,6 +140,22 @@ impl Proxy {
 
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();
+        let head_bytes: usize = req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>()
+            + req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+        if head_bytes > MAX_HEADER_BYTES {
+            let mut resp = error_page(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "The request headers are too large.",
+            );
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            self.state.stats.request(resp.status().as_u16(), started.elapsed());
+            return resp;
+        }
         let table = self.state.table.load_full();
         let host = req
             .headers()

@@ -562,6 +562,8 @@ pub struct HttpBackend {
     pub addr: SocketAddr,
     /// The name in every response body.
     pub name: String,
+    /// When false, `/health` answers 503 (for active checks).
+    pub healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
     shutdown: CancellationToken,
 }
 
@@ -573,6 +575,8 @@ impl HttpBackend {
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let body_name = name.to_string();
+        let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let health_flag = healthy.clone();
         tokio::spawn(async move {
             let conns = tokio_util::task::TaskTracker::new();
             loop {
@@ -582,10 +586,35 @@ impl HttpBackend {
                 };
                 let name = body_name.clone();
                 let stop = stop.clone();
+                let health_flag = health_flag.clone();
                 conns.spawn(async move {
-                    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let service = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                         let name = name.clone();
+                        let healthy = health_flag.load(std::sync::atomic::Ordering::Relaxed);
                         async move {
+                            if req.uri().path() == "/health" && !healthy {
+                                let mut resp =
+                                    http::Response::new(http_body_util::Full::new(bytes::Bytes::from("sick")));
+                                *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                                return Ok::<_, std::convert::Infallible>(resp);
+                            }
+                            if req.headers().contains_key("upgrade") {
+                                // An echo protocol after 101, standing in for WebSocket.
+                                let upgrade = hyper::upgrade::on(&mut req);
+                                tokio::spawn(async move {
+                                    if let Ok(upgraded) = upgrade.await {
+                                        let (mut r, mut w) = tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+                                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                                    }
+                                });
+                                let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+                                *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                                resp.headers_mut()
+                                    .insert("connection", http::HeaderValue::from_static("upgrade"));
+                                resp.headers_mut()
+                                    .insert("upgrade", http::HeaderValue::from_static("echo"));
+                                return Ok(resp);
+                            }
                             let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(name)));
                             for (h, seen) in [
                                 ("x-forwarded-for", "x-seen-xff"),
@@ -603,7 +632,8 @@ impl HttpBackend {
                         }
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .with_upgrades();
                     tokio::select! {
                         _ = conn => {}
                         _ = stop.cancelled() => {}
@@ -614,6 +644,7 @@ impl HttpBackend {
         HttpBackend {
             addr,
             name: name.to_string(),
+            healthy,
             shutdown,
         }
     }

@@ -287,3 +287,117 @@ async fn fifty_changes_under_load_lose_no_request() {
     assert!(stats.changes >= 50, "{stats:?}");
     assert!(stats.propagation_p99.unwrap() < Duration::from_millis(100), "{stats:?}");
 }
+
+/// `haproxy_httpchk=` is run by the lb itself: an instance whose check fails 3
+/// times stops getting requests and returns after 2 passes (HAProxy fall/rise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn httpchk_failures_take_an_instance_out_and_back() {
+    let consul = Consul::shared();
+    let svc = unique("httpchk");
+    let (one, two) = (HttpBackend::start("one").await, HttpBackend::start("two").await);
+    let chk = "haproxy_httpchk=GET /health HTTP/1.1";
+    register(consul, &format!("{svc}-1"), &svc, &one, &["haproxy", chk]);
+    register(consul, &format!("{svc}-2"), &svc, &two, &["haproxy", chk]);
+    let lb = Lb::start(&format!(
+        "{}[lb]\ncheck_interval = \"100ms\"\ncheck_timeout = \"500ms\"\n",
+        consul_section(consul)
+    ))
+    .await;
+    let host = format!("{svc}.service");
+    lb.wait_for(&host, "/", &["one"]).await;
+    lb.wait_for(&host, "/", &["two"]).await;
+    one.healthy.store(false, Ordering::Relaxed);
+    wait_only(&lb, &host, "two").await;
+    one.healthy.store(true, Ordering::Relaxed);
+    lb.wait_for(&host, "/", &["one"]).await;
+}
+
+/// `Upgrade` requests are passed through and the two connections spliced
+/// (WebSocket and friends, RFC 9110 7.8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgraded_connections_are_spliced() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let consul = Consul::shared();
+    let svc = unique("upgrade");
+    let backend = HttpBackend::start("u").await;
+    register(consul, &format!("{svc}-1"), &svc, &backend, &["haproxy"]);
+    let lb = lb_for(consul).await;
+    lb.wait_for(&format!("{svc}.service"), "/", &["u"]).await;
+    let mut s = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    s.write_all(
+        format!("GET /chat HTTP/1.1\r\nHost: {svc}.service\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "closed during the 101 head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    for msg in ["ping", "second message"] {
+        s.write_all(msg.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(buf, msg.as_bytes());
+    }
+}
+
+/// Oversized request heads get 431; clients that trickle their headers do not
+/// hold up anyone else and are cut off after `client_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_headers_and_slow_clients_do_no_harm() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let consul = Consul::shared();
+    let svc = unique("abuse");
+    let backend = HttpBackend::start("fine").await;
+    register(consul, &format!("{svc}-1"), &svc, &backend, &["haproxy"]);
+    let lb = Lb::start(&format!("{}[lb]\nclient_timeout = \"1s\"\n", consul_section(consul))).await;
+    let host = format!("{svc}.service");
+    lb.wait_for(&host, "/", &["fine"]).await;
+
+    let mut big = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    let filler = "a".repeat(100 * 1024);
+    let _ = big
+        .write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nX-Big: {filler}\r\n\r\n").as_bytes())
+        .await;
+    let mut resp = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), big.read(&mut resp))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&resp[..n]).starts_with("HTTP/1.1 431"),
+        "{:?}",
+        String::from_utf8_lossy(&resp[..n])
+    );
+
+    let mut slow = Vec::new();
+    for _ in 0..50 {
+        let mut s = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: ").await.unwrap();
+        slow.push(s);
+    }
+    for _ in 0..20 {
+        let started = Instant::now();
+        assert_eq!(lb.get(&host, "/").await.1, "fine");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "slow clients delayed others"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for mut s in slow {
+        let mut buf = [0u8; 256];
+        let closed = matches!(
+            tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await,
+            Ok(Ok(_)) | Ok(Err(_))
+        );
+        assert!(closed, "a slow client was not cut off after client_timeout");
+    }
+}

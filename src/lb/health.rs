@@ -1,0 +1,127 @@
+//! Active health checks of every backend instance, HAProxy style: each interval,
+//! `haproxy_httpchk=` instances get that HTTP request (2xx/3xx = up), the others a
+//! TCP connect. An instance goes down after [`FALL`] failures in a row and comes
+//! back after [`RISE`] successes; the verdict is written to
+//! [`InstanceHealth::check_up`](super::table::InstanceHealth), which
+//! `Backend::pick` reads. Consul's own checks still gate membership; these catch
+//! what Consul's may not (a wedged HTTP server whose port still accepts).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::LbState;
+use super::table::InstanceHealth;
+use super::tags::HttpCheck;
+
+/// Successes in a row that bring a down instance back (HAProxy `rise`).
+pub const RISE: u32 = 2;
+/// Failures in a row that take an instance down (HAProxy `fall`).
+pub const FALL: u32 = 3;
+
+#[derive(Default)]
+struct Streak {
+    ok: u32,
+    failed: u32,
+}
+
+/// Checks every instance of the current table each `interval` until shutdown.
+pub async fn run(state: Arc<LbState>, interval: Duration, timeout: Duration, shutdown: CancellationToken) {
+    let mut streaks: HashMap<SocketAddr, Streak> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let table = state.table.load_full();
+        let mut targets: HashMap<SocketAddr, (Arc<InstanceHealth>, Option<HttpCheck>, String)> = HashMap::new();
+        let tcp = table.tcp_ports().map(|(_, b)| b);
+        for backend in table.backends().chain(tcp) {
+            for i in &backend.instances {
+                let entry = targets
+                    .entry(i.addr)
+                    .or_insert_with(|| (i.health.clone(), None, backend.service.clone()));
+                if i.httpchk.is_some() {
+                    entry.1 = i.httpchk.clone();
+                }
+            }
+        }
+        drop(table);
+        streaks.retain(|addr, _| targets.contains_key(addr));
+        let mut checks = JoinSet::new();
+        for (addr, (health, httpchk, service)) in targets {
+            checks.spawn(async move {
+                let result = tokio::time::timeout(timeout, check(addr, httpchk.as_ref())).await;
+                let ok = matches!(result, Ok(Ok(())));
+                let reason = match result {
+                    Ok(Err(e)) => e,
+                    Err(_) => format!("no answer within {timeout:?}"),
+                    Ok(Ok(())) => String::new(),
+                };
+                (addr, health, service, ok, reason)
+            });
+        }
+        while let Some(Ok((addr, health, service, ok, reason))) = checks.join_next().await {
+            let streak = streaks.entry(addr).or_default();
+            if ok {
+                streak.ok += 1;
+                streak.failed = 0;
+            } else {
+                streak.failed += 1;
+                streak.ok = 0;
+            }
+            let up = health.check_up.load(Ordering::Relaxed);
+            if up && streak.failed >= FALL {
+                health.check_up.store(false, Ordering::Relaxed);
+                tracing::warn!(service, %addr, %reason, "lb: instance failed its health check; no new requests");
+            } else if !up && streak.ok >= RISE {
+                health.check_up.store(true, Ordering::Relaxed);
+                tracing::info!(service, %addr, "lb: instance passes its health check again");
+            }
+        }
+    }
+}
+
+async fn check(addr: SocketAddr, httpchk: Option<&HttpCheck>) -> Result<(), String> {
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let Some(chk) = httpchk else {
+        return Ok(());
+    };
+    let mut request = format!("{} {} {}\r\n", chk.method, chk.path, chk.version);
+    if !chk.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        request.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (k, v) in &chk.headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("Connection: close\r\nUser-Agent: wayfinder-check\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut head = [0u8; 32];
+    let mut got = 0;
+    while got < 12 {
+        let n = stream.read(&mut head[got..]).await.map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("closed before a status line".into());
+        }
+        got += n;
+    }
+    // "HTTP/1.x NNN ..."
+    let status = std::str::from_utf8(&head[9..12])
+        .ok()
+        .and_then(|s| s.parse::<u16>().ok());
+    match status {
+        Some(s) if (200..400).contains(&s) => Ok(()),
+        Some(s) => Err(format!("status {s}")),
+        None => Err("not an HTTP response".into()),
+    }
+}
