@@ -7,6 +7,7 @@
 //!                     └─ Backend::pick (smooth WRR, ejected instances skipped)
 //!                         └─ pool: connected backend sessions, retry on another
 //!                            instance when a connection cannot be made
+//!  tcp::run: haproxy_tcp= listeners opened and closed as the table changes
 //!  health::run: haproxy_httpchk / TCP connect checks every 2 s (rise 2, fall 3)
 //! ```
 //!
@@ -18,6 +19,7 @@ pub mod proxy;
 pub mod stats;
 pub mod table;
 pub mod tags;
+pub mod tcp;
 pub mod watch;
 
 use std::net::SocketAddr;
@@ -81,6 +83,8 @@ pub struct LbState {
     pub stats: LbStats,
     /// False while Consul cannot be reached (the last good table stays).
     pub consul_ok: AtomicBool,
+    /// Bumped after every table swap (TCP listeners reconcile on it).
+    pub changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl LbState {
@@ -91,6 +95,7 @@ impl LbState {
             health: HealthRegistry::new(),
             stats: LbStats::default(),
             consul_ok: AtomicBool::new(false),
+            changes: tokio::sync::watch::Sender::new(0),
         })
     }
 }
@@ -126,6 +131,13 @@ pub async fn run(
         state.clone(),
         config.lb.check_interval,
         config.lb.check_timeout,
+        shutdown.clone(),
+    ));
+    tasks.spawn(tcp::run(
+        state.clone(),
+        config.lb.http.ip(),
+        config.lb.connect_timeout,
+        config.lb.eject_time.as_millis() as u64,
         shutdown.clone(),
     ));
     let addr = sockets.http.local_addr().ok();

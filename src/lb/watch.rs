@@ -246,6 +246,7 @@ async fn build_tables(
         let live: HashSet<SocketAddr> = specs.iter().flat_map(|s| s.instances.iter().map(|i| i.addr)).collect();
         state.health.retain(&live);
         state.table.store(Arc::new(table));
+        state.changes.send_modify(|n| *n += 1);
         let took = earliest.elapsed();
         state.stats.propagation(took);
         let warnings: HashSet<String> = warnings.into_iter().collect();

@@ -401,3 +401,55 @@ async fn huge_headers_and_slow_clients_do_no_harm() {
         assert!(closed, "a slow client was not cut off after client_timeout");
     }
 }
+
+/// `haproxy_tcp=<port>` opens a TCP listener at runtime that forwards to the
+/// instances, and closes it when the tag goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_listeners_follow_their_tags() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let consul = Consul::shared();
+    let svc = unique("tcp");
+    // A TCP echo server standing for a database.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let port = crate::harness::free_port();
+    let tag = format!("haproxy_tcp={port}");
+    consul.register(&format!("{svc}-1"), &svc, "127.0.0.1", echo_addr.port(), &[&tag], true);
+    let lb = lb_for(consul).await;
+    let target = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        if let Ok(s) = tokio::net::TcpStream::connect(target).await {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "tcp listener on {port} never opened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    s.write_all(b"select 1").await.unwrap();
+    let mut buf = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"select 1");
+    drop(s);
+
+    consul.deregister(&format!("{svc}-1"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(target).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "tcp listener on {port} still open after the tag went away"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(lb);
+}

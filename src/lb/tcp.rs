@@ -1,0 +1,125 @@
+//! `haproxy_tcp=<port>` listeners, reconciled with the routing table at runtime.
+//!
+//! ```text
+//!  table change ─▶ reconcile: ports wanted now vs listeners open
+//!     new port ─▶ bind + accept loop      gone port ─▶ listener closed
+//!  accepted connection ─▶ current table's backend for that port ─▶ pick
+//!     (smooth WRR) ─▶ connect (eject + next instance on failure) ─▶ splice
+//! ```
+//!
+//! Connections already spliced are left alone when their port goes away; a
+//! listener that cannot be bound is logged and tried again at the next change.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::LbState;
+
+/// Instances tried per connection at most.
+const MAX_ATTEMPTS: usize = 3;
+/// Longest life of one proxied TCP connection (PanteraS: `timeout tunnel 3600s`).
+const TUNNEL_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Keeps one listener per wanted port on `ip` until shutdown.
+pub async fn run(
+    state: Arc<LbState>,
+    ip: std::net::IpAddr,
+    connect_timeout: Duration,
+    eject_ms: u64,
+    shutdown: CancellationToken,
+) {
+    let mut changes = state.changes.subscribe();
+    let mut open: HashMap<u16, CancellationToken> = HashMap::new();
+    loop {
+        let wanted: Vec<u16> = state.table.load().tcp_ports().map(|(p, _)| p).collect();
+        open.retain(|port, token| {
+            let keep = wanted.contains(port);
+            if !keep {
+                token.cancel();
+                tracing::info!(port, "lb: tcp listener closed (no service claims it any more)");
+            }
+            keep
+        });
+        for port in wanted {
+            if open.contains_key(&port) {
+                continue;
+            }
+            let addr = SocketAddr::new(ip, port);
+            match TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    let token = shutdown.child_token();
+                    open.insert(port, token.clone());
+                    tracing::info!(%addr, "lb: tcp listener opened");
+                    tokio::spawn(accept(listener, port, state.clone(), connect_timeout, eject_ms, token));
+                }
+                Err(error) => {
+                    tracing::warn!(%addr, %error, "lb: cannot open tcp listener; retrying at the next change")
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = changes.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+async fn accept(
+    listener: TcpListener,
+    port: u16,
+    state: Arc<LbState>,
+    connect_timeout: Duration,
+    eject_ms: u64,
+    stop: CancellationToken,
+) {
+    loop {
+        let (client, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            if let Some(server) = connect_backend(&state, port, connect_timeout, eject_ms).await {
+                splice(client, server).await;
+            } else {
+                tracing::debug!(port, %peer, "lb: no tcp instance reachable; closing");
+            }
+        });
+    }
+}
+
+async fn connect_backend(state: &LbState, port: u16, connect_timeout: Duration, eject_ms: u64) -> Option<TcpStream> {
+    let table = state.table.load_full();
+    let backend = table.tcp_ports().find(|(p, _)| *p == port)?.1.clone();
+    drop(table);
+    let mut tried = Vec::with_capacity(MAX_ATTEMPTS);
+    for _ in 0..MAX_ATTEMPTS {
+        let instance = backend.pick(state.health.now_ms(), &tried)?;
+        tried.push(instance.addr);
+        match tokio::time::timeout(connect_timeout, TcpStream::connect(instance.addr)).await {
+            Ok(Ok(stream)) => return Some(stream),
+            _ => {
+                tracing::warn!(service = %backend.service, addr = %instance.addr, "lb: tcp connect failed; instance ejected");
+                state.health.eject(&instance.health, eject_ms);
+            }
+        }
+    }
+    None
+}
+
+async fn splice(mut client: TcpStream, mut server: TcpStream) {
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let _ = tokio::time::timeout(TUNNEL_TIMEOUT, tokio::io::copy_bidirectional(&mut client, &mut server)).await;
+}
