@@ -82,6 +82,11 @@ pub struct LbSection {
     /// Time one active check may take. Default `2s`.
     #[serde(default = "default_lb_check_interval", with = "humantime_serde")]
     pub check_timeout: Duration,
+    /// Consul service name the lb registers itself under (with a TCP check), so
+    /// that `dns.wildcard_targets = ["consul:wayfinder-lb"]` follows the live LB
+    /// hosts. Default `wayfinder-lb`; `""` turns self-registration off.
+    #[serde(default = "default_lb_register")]
+    pub register: String,
 }
 
 impl Default for LbSection {
@@ -98,6 +103,9 @@ fn default_lb_connect_timeout() -> Duration {
 }
 fn default_lb_io_timeout() -> Duration {
     Duration::from_secs(60)
+}
+fn default_lb_register() -> String {
+    "wayfinder-lb".into()
 }
 fn default_lb_check_interval() -> Duration {
     Duration::from_secs(2)
@@ -312,6 +320,8 @@ pub struct LbConfig {
     pub check_interval: Duration,
     /// Active check timeout.
     pub check_timeout: Duration,
+    /// Consul service name to register as, if any.
+    pub register: Option<String>,
 }
 
 /// Validated `[consul]`.
@@ -703,7 +713,15 @@ fn validate_lb(
         eject_time,
         check_interval,
         check_timeout,
+        register,
     } = lb;
+    let register = register.trim();
+    if !register
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(err("lb.register", format!("`{register}` is not a Consul service name")));
+    }
     for (key, d) in [
         ("lb.check_interval", check_interval),
         ("lb.check_timeout", check_timeout),
@@ -737,6 +755,7 @@ fn validate_lb(
         eject_time: *eject_time,
         check_interval: *check_interval,
         check_timeout: *check_timeout,
+        register: (!register.is_empty()).then(|| register.to_string()),
     })
 }
 

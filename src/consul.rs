@@ -153,6 +153,30 @@ impl ConsulClient {
         Ok((value, new_index))
     }
 
+    /// A PUT with a JSON body (agent endpoints such as service registration).
+    pub async fn put(&self, path: &str, body: &serde_json::Value) -> Result<(), ConsulError> {
+        let resp = self
+            .http
+            .put(format!("http://{}{path}", self.addr))
+            .json(body)
+            .send()
+            .await
+            .map_err(|source| ConsulError::Request {
+                addr: self.addr,
+                source,
+            })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = resp.text().await.unwrap_or_default();
+        Err(ConsulError::Status {
+            addr: self.addr,
+            status,
+            body: body.chars().take(200).collect(),
+        })
+    }
+
     /// The passing instances of `service` (stale reads allowed), blocking until
     /// the result's index passes `index`.
     pub async fn passing_instances(&self, service: &str, index: u64) -> Result<(Vec<HealthEntry>, u64), ConsulError> {

@@ -8,6 +8,7 @@
 //!                         └─ pool: connected backend sessions, retry on another
 //!                            instance when a connection cannot be made
 //!  tcp::run: haproxy_tcp= listeners opened and closed as the table changes
+//!  register::run: the lb itself as Consul service `wayfinder-lb` (DNS follows it)
 //!  health::run: haproxy_httpchk / TCP connect checks every 2 s (rise 2, fall 3)
 //! ```
 //!
@@ -16,6 +17,7 @@
 
 pub mod health;
 pub mod proxy;
+pub mod register;
 pub mod stats;
 pub mod table;
 pub mod tags;
@@ -147,6 +149,21 @@ pub async fn run(
     })?;
     let proxy = proxy::Proxy::new(config, state.clone());
     tasks.spawn(proxy.serve(listener, shutdown.clone(), tasks.clone()));
+    if let (Some(name), Some(bound)) = (&config.lb.register, addr) {
+        // Consul must reach the address it checks: the configured one, else HOST_IP,
+        // else loopback (a single host).
+        let ip = if !bound.ip().is_unspecified() {
+            bound.ip()
+        } else {
+            config.host_ip.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]))
+        };
+        tasks.spawn(register::run(
+            ConsulClient::new(config.consul.http),
+            name.clone(),
+            SocketAddr::new(ip, bound.port()),
+            shutdown.clone(),
+        ));
+    }
     tracing::info!(http = ?addr, consul = %config.consul.http, "lb listening");
     shutdown.cancelled().await;
     tasks.close();

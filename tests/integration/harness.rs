@@ -698,6 +698,12 @@ impl Lb {
         }
     }
 
+    /// Stops it (clean shutdown: deregistration included) and waits a moment.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
     /// GET `path` with `Host: host`: (status, body, response headers).
     pub async fn get(&self, host: &str, path: &str) -> (u16, String, http::HeaderMap) {
         get_with(&self.client, self.addr, host, path).await

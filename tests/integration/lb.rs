@@ -453,3 +453,18 @@ async fn tcp_listeners_follow_their_tags() {
     }
     drop(lb);
 }
+
+/// The lb registers itself in Consul with a passing check, so the DNS wildcard
+/// target `consul:wayfinder-lb` follows it, and deregisters on shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lb_registers_itself_and_deregisters_on_shutdown() {
+    let consul = Consul::start();
+    let name = unique("wayfinder-lb");
+    let lb = Lb::start(&format!("{}[lb]\nregister = \"{name}\"\n", consul_section(&consul))).await;
+    consul.wait_passing(&name, 1);
+    let body = crate::harness::http_get(consul.http_addr(), &format!("/v1/health/service/{name}?passing=1")).unwrap();
+    let entries: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(entries[0]["Service"]["Port"], lb.addr.port(), "{body}");
+    lb.stop().await;
+    consul.wait_passing(&name, 0);
+}
