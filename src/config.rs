@@ -82,6 +82,10 @@ pub struct LbSection {
     /// Time one active check may take. Default `2s`.
     #[serde(default = "default_lb_check_interval", with = "humantime_serde")]
     pub check_timeout: Duration,
+    /// How long a request waits for an instance below its KV `maxconn` before
+    /// it gets 503. Default `5s`.
+    #[serde(default = "default_lb_queue_timeout", with = "humantime_serde")]
+    pub queue_timeout: Duration,
     /// Consul service name the lb registers itself under (with a TCP check), so
     /// that `dns.wildcard_targets = ["consul:wayfinder-lb"]` follows the live LB
     /// hosts. Default `wayfinder-lb`; `""` turns self-registration off.
@@ -103,6 +107,9 @@ fn default_lb_connect_timeout() -> Duration {
 }
 fn default_lb_io_timeout() -> Duration {
     Duration::from_secs(60)
+}
+fn default_lb_queue_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 fn default_lb_register() -> String {
     "wayfinder-lb".into()
@@ -322,6 +329,8 @@ pub struct LbConfig {
     pub check_timeout: Duration,
     /// Consul service name to register as, if any.
     pub register: Option<String>,
+    /// Queue wait for a free instance.
+    pub queue_timeout: Duration,
 }
 
 /// Validated `[consul]`.
@@ -713,6 +722,7 @@ fn validate_lb(
         eject_time,
         check_interval,
         check_timeout,
+        queue_timeout,
         register,
     } = lb;
     let register = register.trim();
@@ -756,6 +766,7 @@ fn validate_lb(
         check_interval: *check_interval,
         check_timeout: *check_timeout,
         register: (!register.is_empty()).then(|| register.to_string()),
+        queue_timeout: *queue_timeout,
     })
 }
 

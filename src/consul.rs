@@ -153,6 +153,43 @@ impl ConsulClient {
         Ok((value, new_index))
     }
 
+    /// A blocking GET of a KV key's raw value: `None` when the key does not exist.
+    pub async fn kv_raw(&self, key: &str, index: u64) -> Result<(Option<String>, u64), ConsulError> {
+        let url = format!(
+            "http://{}/v1/kv/{key}?raw&stale&index={index}&wait={}s",
+            self.addr,
+            BLOCKING_WAIT.as_secs()
+        );
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|source| ConsulError::Request {
+                addr: self.addr,
+                source,
+            })?;
+        let status = resp.status();
+        let new_index = resp
+            .headers()
+            .get("X-Consul-Index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok((None, new_index));
+        }
+        let body = resp.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(ConsulError::Status {
+                addr: self.addr,
+                status,
+                body: body.chars().take(200).collect(),
+            });
+        }
+        Ok((Some(body), new_index))
+    }
+
     /// A PUT with a JSON body (agent endpoints such as service registration).
     pub async fn put(&self, path: &str, body: &serde_json::Value) -> Result<(), ConsulError> {
         let resp = self

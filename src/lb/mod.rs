@@ -87,7 +87,15 @@ pub struct LbState {
     pub consul_ok: AtomicBool,
     /// Bumped after every table swap (TCP listeners reconcile on it).
     pub changes: tokio::sync::watch::Sender<u64>,
+    /// Per-instance connection caps by service, from Consul KV
+    /// `haproxy/<svc>/maxconn` (absent: [`DEFAULT_MAXCONN`]).
+    pub maxconn: ArcSwap<std::collections::HashMap<String, usize>>,
+    /// Requests waiting for a free instance right now (bounded).
+    pub queued: std::sync::atomic::AtomicUsize,
 }
+
+/// Requests in flight per instance when Consul KV says nothing (PanteraS: 128).
+pub const DEFAULT_MAXCONN: usize = 128;
 
 impl LbState {
     /// An empty state (no routes yet) for these naming rules.
@@ -98,6 +106,8 @@ impl LbState {
             stats: LbStats::default(),
             consul_ok: AtomicBool::new(false),
             changes: tokio::sync::watch::Sender::new(0),
+            maxconn: ArcSwap::from_pointee(std::collections::HashMap::new()),
+            queued: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 }

@@ -49,6 +49,10 @@ const MAX_IDLE_PER_INSTANCE: usize = 64;
 /// it parses, but does not reliably refuse a head below that bound, so the sum
 /// of header sizes is checked again per request.
 const MAX_HEADER_BYTES: usize = 32 * 1024;
+/// Requests waiting for a free instance, over all services, at most.
+const MAX_QUEUED: usize = 4096;
+/// How often a queued request looks for a free instance.
+const QUEUE_POLL: Duration = Duration::from_millis(2);
 /// How long an upgraded (WebSocket) connection may live.
 const TUNNEL_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -70,6 +74,7 @@ pub struct Proxy {
     client_timeout: Duration,
     server_timeout: Duration,
     eject_ms: u64,
+    queue_timeout: Duration,
     request_ids: AtomicU64,
     id_prefix: u32,
 }
@@ -84,6 +89,7 @@ impl Proxy {
             client_timeout: config.lb.client_timeout,
             server_timeout: config.lb.server_timeout,
             eject_ms: config.lb.eject_time.as_millis() as u64,
+            queue_timeout: config.lb.queue_timeout,
             request_ids: AtomicU64::new(0),
             id_prefix: rand::random(),
         })
@@ -193,15 +199,31 @@ impl Proxy {
             .path_and_query()
             .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
         let mut tried: Vec<SocketAddr> = Vec::with_capacity(MAX_ATTEMPTS);
+        let maxconn = self
+            .state
+            .maxconn
+            .load()
+            .get(&backend.service)
+            .copied()
+            .unwrap_or(super::DEFAULT_MAXCONN);
+        let mut exclude: Vec<SocketAddr> = Vec::with_capacity(backend.instances.len() + MAX_ATTEMPTS);
         for attempt in 0..MAX_ATTEMPTS {
-            let now = self.state.health.now_ms();
-            let Some(instance) = backend.pick(now, &tried) else {
+            let Some(instance) = self.pick_with_capacity(backend, maxconn, &tried, &mut exclude).await else {
+                if tried.is_empty() && !backend.instances.is_empty() {
+                    return error_page(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Every instance of this service is busy.",
+                    );
+                }
                 break;
             };
             tried.push(instance.addr);
             if attempt > 0 {
                 self.state.stats.retries.fetch_add(1, Ordering::Relaxed);
             }
+            // pick_with_capacity reserved a slot; it is released when the response
+            // body is done, or on any early return.
+            let release = Release(&instance.health);
             let mut session = match self.pool.checkout(instance.addr, self.connect_timeout).await {
                 Ok(s) => s,
                 Err(error) => {
@@ -223,9 +245,7 @@ impl Proxy {
             *out.method_mut() = parts.method.clone();
             *out.uri_mut() = uri.clone();
             *out.headers_mut() = headers.clone();
-            instance.health.inflight.fetch_add(1, Ordering::Relaxed);
             let sent = tokio::time::timeout(self.server_timeout, session.send_request(out)).await;
-            instance.health.inflight.fetch_sub(1, Ordering::Relaxed);
             match sent {
                 Ok(Ok(mut resp)) => {
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -240,6 +260,11 @@ impl Proxy {
                     if parts.status != StatusCode::SWITCHING_PROTOCOLS {
                         strip_hop_by_hop(&mut parts.headers);
                     }
+                    // The instance counts this request until its body is done.
+                    let body = CountedBody {
+                        inner: body,
+                        _release: release.owned(),
+                    };
                     return Response::from_parts(parts, body.boxed());
                 }
                 Ok(Err(error)) => {
@@ -257,6 +282,62 @@ impl Proxy {
             StatusCode::SERVICE_UNAVAILABLE,
             "No instance of this service could be reached.",
         )
+    }
+
+    /// An instance below `maxconn` (PanteraS's per-instance cap), with one
+    /// in-flight slot reserved for this request; when all are at the cap, the
+    /// request waits in a bounded queue for up to `queue_timeout`.
+    async fn pick_with_capacity<'b>(
+        &self,
+        backend: &'b Backend,
+        maxconn: usize,
+        tried: &[SocketAddr],
+        exclude: &mut Vec<SocketAddr>,
+    ) -> Option<&'b super::table::BackendInstance> {
+        let deadline = Instant::now() + self.queue_timeout;
+        let mut queued = false;
+        let result = loop {
+            exclude.clear();
+            exclude.extend_from_slice(tried);
+            exclude.extend(
+                backend
+                    .instances
+                    .iter()
+                    .filter(|i| i.health.inflight.load(Ordering::Relaxed) >= maxconn)
+                    .map(|i| i.addr),
+            );
+            let now = self.state.health.now_ms();
+            if let Some(instance) = backend.pick(now, exclude) {
+                // Reserve the slot atomically: another request may have taken
+                // the last one since the cap was read above.
+                let reserved = instance
+                    .health
+                    .inflight
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < maxconn).then_some(n + 1))
+                    .is_ok();
+                if reserved {
+                    break Some(instance);
+                }
+                continue;
+            }
+            // Nothing below the cap (or nothing at all): queue, if there is room.
+            let full = exclude.len() > tried.len();
+            if !full || Instant::now() >= deadline {
+                break None;
+            }
+            if !queued {
+                if self.state.queued.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED {
+                    self.state.queued.fetch_sub(1, Ordering::Relaxed);
+                    return None;
+                }
+                queued = true;
+            }
+            tokio::time::sleep(QUEUE_POLL).await;
+        };
+        if queued {
+            self.state.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        result
     }
 
     fn outgoing_headers(&self, incoming: &HeaderMap, peer: SocketAddr, upgrade: bool) -> HeaderMap {
@@ -283,6 +364,59 @@ impl Proxy {
             }
         }
         headers
+    }
+}
+
+/// Decrements an instance's in-flight count when dropped.
+struct Release<'a>(&'a Arc<super::table::InstanceHealth>);
+
+impl Release<'_> {
+    /// Hands the count over to something that outlives this function.
+    fn owned(self) -> OwnedRelease {
+        let health = self.0.clone();
+        std::mem::forget(self);
+        OwnedRelease(health)
+    }
+}
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct OwnedRelease(Arc<super::table::InstanceHealth>);
+
+impl Drop for OwnedRelease {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its instance's in-flight count until it is done
+/// (or the client goes away).
+struct CountedBody {
+    inner: Incoming,
+    _release: OwnedRelease,
+}
+
+impl hyper::body::Body for CountedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -84,6 +84,12 @@ pub async fn run(
                     if !watched.contains_key(name) {
                         let token = shutdown.child_token();
                         watched.insert(name.clone(), token.clone());
+                        tokio::spawn(watch_maxconn(
+                            consul.clone(),
+                            name.clone(),
+                            state.clone(),
+                            token.clone(),
+                        ));
                         tokio::spawn(watch_service(
                             consul.clone(),
                             name.clone(),
@@ -164,6 +170,64 @@ async fn watch_service(
             _ = tokio::time::sleep(pause) => {}
         }
     }
+}
+
+/// Follows Consul KV `haproxy/<svc>/maxconn` (PanteraS's per-instance cap).
+async fn watch_maxconn(consul: ConsulClient, service: String, state: Arc<LbState>, stop: CancellationToken) {
+    let key = format!("haproxy/{service}/maxconn");
+    let mut watch = Watch::default();
+    let mut last: Option<usize> = None;
+    loop {
+        let result = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = consul.kv_raw(&key, watch.index()) => r,
+        };
+        let pause = match result {
+            Ok((value, index)) => {
+                watch.success(index);
+                let value = value.map(|v| v.trim().to_string());
+                let parsed = match value.as_deref().map(str::parse::<usize>) {
+                    None => None,
+                    Some(Ok(n)) if n > 0 => Some(n),
+                    Some(_) => {
+                        tracing::warn!(key, value = ?value, "lb: maxconn is not a positive number; using the default");
+                        None
+                    }
+                };
+                if parsed != last {
+                    last = parsed;
+                    set_maxconn(&state, &service, parsed);
+                    tracing::info!(
+                        service,
+                        maxconn = parsed.unwrap_or(super::DEFAULT_MAXCONN),
+                        "lb: maxconn set"
+                    );
+                }
+                watch.spacing()
+            }
+            Err(error) => {
+                let pause = watch.failure();
+                tracing::debug!(key, %error, "lb: maxconn watch failed; keeping the last value");
+                pause
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+    set_maxconn(&state, &service, None);
+}
+
+fn set_maxconn(state: &LbState, service: &str, value: Option<usize>) {
+    state.maxconn.rcu(|map| {
+        let mut map = HashMap::clone(map);
+        match value {
+            Some(n) => map.insert(service.to_string(), n),
+            None => map.remove(service),
+        };
+        map
+    });
 }
 
 /// What makes two answers for a service the same (Consul returns at the end of

@@ -598,6 +598,9 @@ impl HttpBackend {
                                 *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
                                 return Ok::<_, std::convert::Infallible>(resp);
                             }
+                            if req.uri().path() == "/slow" {
+                                tokio::time::sleep(Duration::from_millis(400)).await;
+                            }
                             if req.headers().contains_key("upgrade") {
                                 // An echo protocol after 101, standing in for WebSocket.
                                 let upgrade = hyper::upgrade::on(&mut req);

@@ -468,3 +468,56 @@ async fn lb_registers_itself_and_deregisters_on_shutdown() {
     lb.stop().await;
     consul.wait_passing(&name, 0);
 }
+
+/// Consul KV `haproxy/<svc>/maxconn` caps the requests in flight per instance:
+/// over the cap requests queue for `queue_timeout`, then get 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_maxconn_queues_then_refuses() {
+    let consul = Consul::shared();
+    let svc = unique("maxconn");
+    let backend = HttpBackend::start("m").await;
+    register(consul, &format!("{svc}-1"), &svc, &backend, &["haproxy"]);
+    let lb = Arc::new(Lb::start(&format!("{}[lb]\nqueue_timeout = \"1s\"\n", consul_section(consul))).await);
+    let host = format!("{svc}.service");
+    lb.wait_for(&host, "/", &["m"]).await;
+    let burst = |n: usize| {
+        let (lb, host) = (lb.clone(), host.clone());
+        async move {
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for _ in 0..n {
+                let (lb, host) = (lb.clone(), host.clone());
+                tasks.push(tokio::spawn(async move { lb.get(&host, "/slow").await.0 }));
+            }
+            let mut statuses = Vec::new();
+            for t in tasks {
+                statuses.push(t.await.unwrap());
+            }
+            statuses.sort();
+            (statuses, started.elapsed())
+        }
+    };
+    // Default cap (128): three slow requests run side by side.
+    let (statuses, took) = burst(3).await;
+    assert_eq!(statuses, [200, 200, 200]);
+    assert!(took < Duration::from_millis(1100), "took {took:?}");
+
+    crate::harness::http_put(consul.http_addr(), &format!("/v1/kv/haproxy/{svc}/maxconn"), "1").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lb.state.maxconn.load().get(&svc) != Some(&1) {
+        assert!(Instant::now() < deadline, "maxconn from KV never applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Cap 1: two requests queue and are served one after the other (400 ms each)...
+    let (statuses, took) = burst(2).await;
+    assert_eq!(statuses, [200, 200]);
+    assert!(took >= Duration::from_millis(780), "not serialised: {took:?}");
+    // ...and with four, the last ones wait longer than the 1 s queue timeout.
+    let (statuses, _) = burst(4).await;
+    let served = statuses.iter().filter(|&&s| s == 200).count();
+    assert!(
+        served >= 2,
+        "queued requests within the timeout must be served: {statuses:?}"
+    );
+    assert_eq!(statuses.last(), Some(&503), "the 4th waits 1.2 s > 1 s: {statuses:?}");
+}
