@@ -22,6 +22,14 @@ pub enum ConsulError {
         /// The cause.
         source: reqwest::Error,
     },
+    /// Consul's answer could not be decoded.
+    #[error("could not decode consul's answer from {addr}: {source}")]
+    Decode {
+        /// Agent address.
+        addr: SocketAddr,
+        /// The cause.
+        source: serde_json::Error,
+    },
     /// Consul answered with an error status.
     #[error("consul at {addr} answered {status}: {body}")]
     Status {
@@ -113,9 +121,9 @@ impl ConsulClient {
         Self { addr, http }
     }
 
-    /// A blocking GET of `path` (which already carries its query string, without
-    /// `index`/`wait`): returns the decoded body once Consul's index passes `index`.
-    pub async fn blocking_get<T: DeserializeOwned>(&self, path: &str, index: u64) -> Result<(T, u64), ConsulError> {
+    /// GETs `path` (query string included, without `index`/`wait`) as a blocking
+    /// query: the status, Consul's index and the body, once the index passes `index`.
+    async fn get_indexed(&self, path: &str, index: u64) -> Result<(reqwest::StatusCode, u64, String), ConsulError> {
         let sep = if path.contains('?') { '&' } else { '?' };
         let url = format!(
             "http://{}{path}{sep}index={index}&wait={}s",
@@ -138,15 +146,28 @@ impl ConsulClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        if !status.is_success() {
-            let body = resp.text().await.unwrap_or_default();
-            return Err(ConsulError::Status {
-                addr: self.addr,
-                status,
-                body: body.chars().take(200).collect(),
-            });
+        let body = resp.text().await.map_err(|source| ConsulError::Request {
+            addr: self.addr,
+            source,
+        })?;
+        Ok((status, new_index, body))
+    }
+
+    fn status_error(&self, status: reqwest::StatusCode, body: &str) -> ConsulError {
+        ConsulError::Status {
+            addr: self.addr,
+            status,
+            body: body.chars().take(200).collect(),
         }
-        let value = resp.json().await.map_err(|source| ConsulError::Request {
+    }
+
+    /// A blocking GET of `path` decoded from JSON.
+    pub async fn blocking_get<T: DeserializeOwned>(&self, path: &str, index: u64) -> Result<(T, u64), ConsulError> {
+        let (status, new_index, body) = self.get_indexed(path, index).await?;
+        if !status.is_success() {
+            return Err(self.status_error(status, &body));
+        }
+        let value = serde_json::from_str(&body).map_err(|source| ConsulError::Decode {
             addr: self.addr,
             source,
         })?;
@@ -155,37 +176,12 @@ impl ConsulClient {
 
     /// A blocking GET of a KV key's raw value: `None` when the key does not exist.
     pub async fn kv_raw(&self, key: &str, index: u64) -> Result<(Option<String>, u64), ConsulError> {
-        let url = format!(
-            "http://{}/v1/kv/{key}?raw&stale&index={index}&wait={}s",
-            self.addr,
-            BLOCKING_WAIT.as_secs()
-        );
-        let resp = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|source| ConsulError::Request {
-                addr: self.addr,
-                source,
-            })?;
-        let status = resp.status();
-        let new_index = resp
-            .headers()
-            .get("X-Consul-Index")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+        let (status, new_index, body) = self.get_indexed(&format!("/v1/kv/{key}?raw&stale"), index).await?;
         if status == reqwest::StatusCode::NOT_FOUND {
             return Ok((None, new_index));
         }
-        let body = resp.text().await.unwrap_or_default();
         if !status.is_success() {
-            return Err(ConsulError::Status {
-                addr: self.addr,
-                status,
-                body: body.chars().take(200).collect(),
-            });
+            return Err(self.status_error(status, &body));
         }
         Ok((Some(body), new_index))
     }
