@@ -241,11 +241,32 @@ impl ConsulClient {
     }
 }
 
-/// Blocking-query bookkeeping: the index to send next and the error backoff.
-#[derive(Debug, Default)]
+/// Blocking-query bookkeeping: the index to send next, the error backoff, and a
+/// token bucket (burst [`WATCH_BURST`], one token per [`WATCH_REFILL`]) that lets
+/// quick successive changes through at once but rate-limits a storm of immediate
+/// answers (Consul's advice for blocking queries).
+#[derive(Debug)]
 pub struct Watch {
     index: u64,
     failures: u32,
+    tokens: f64,
+    refilled: std::time::Instant,
+}
+
+/// Immediate re-queries a watch may make in a row.
+pub const WATCH_BURST: f64 = 2.0;
+/// Time to earn one more immediate re-query.
+pub const WATCH_REFILL: Duration = Duration::from_millis(50);
+
+impl Default for Watch {
+    fn default() -> Self {
+        Self {
+            index: 0,
+            failures: 0,
+            tokens: WATCH_BURST,
+            refilled: std::time::Instant::now(),
+        }
+    }
 }
 
 impl Watch {
@@ -273,10 +294,22 @@ impl Watch {
         Duration::from_millis(ms.min(30_000))
     }
 
-    /// The minimum spacing between two successful requests (rate limit when
-    /// Consul returns at once, e.g. index reset storms).
-    pub fn spacing(&self) -> Duration {
-        Duration::from_millis(50)
+    /// How long to wait before the next request after a successful one: nothing
+    /// while the bucket has a token, else until it earns one.
+    pub fn spacing(&mut self) -> Duration {
+        let now = std::time::Instant::now();
+        let earned = now.duration_since(self.refilled).as_secs_f64() / WATCH_REFILL.as_secs_f64();
+        self.tokens = (self.tokens + earned).min(WATCH_BURST);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Duration::ZERO
+        } else {
+            let wait = WATCH_REFILL.mul_f64(1.0 - self.tokens);
+            self.tokens = 0.0;
+            self.refilled = now + wait;
+            wait
+        }
     }
 }
 
@@ -295,6 +328,11 @@ mod tests {
         w.success(0);
         assert_eq!(w.index(), 0);
         assert!(w.failure() >= Duration::from_millis(250));
+        // Two immediate re-queries, then paced.
+        assert_eq!(w.spacing(), Duration::ZERO);
+        assert_eq!(w.spacing(), Duration::ZERO);
+        let paced = w.spacing();
+        assert!(paced > Duration::from_millis(40) && paced <= WATCH_REFILL, "{paced:?}");
         for _ in 0..20 {
             assert!(w.failure() <= Duration::from_secs(30));
         }

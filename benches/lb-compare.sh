@@ -1,0 +1,525 @@
+#!/usr/bin/env bash
+# Side-by-side HTTP load-balancer benchmark: Wayfinder's lb vs HAProxy 2.6 (what
+# PanteraS ran, one thread) vs an nginx reverse proxy (one worker), all on
+# 127.0.0.1, all in front of the same two nginx backends registered in one Consul
+# dev agent as service `web` (tag `haproxy`, weights 100/100). See benches/README.md
+# for how to read the output.
+#
+#   benches/lb-compare.sh                   # ROUNDS=3 SECONDS=5
+#   ROUNDS=1 SECONDS=3 benches/lb-compare.sh
+#
+# Environment (all optional):
+#   ROUNDS        rounds; every round measures every proxy once              (3)
+#   SECONDS       length of one wrk run, seconds                             (5)
+#   CONNECTIONS   wrk -c: client connections, all keep-alive                 (64)
+#   WRK_CPU       CPU list wrk is pinned to with taskset; empty = none       (last CPU)
+#   KEEP_TMP=1    keep the temp dir (configs, logs, raw wrk output)
+#
+# Method (shared/notes/environment.md): absolute numbers on a 2-core shared machine
+# swing by +-40%, so the three proxies are measured in alternating order within
+# every round (the starting proxy rotates per round), each with identical wrk
+# settings, and the summary reports medians and the median of the per-round ratios.
+#
+# Load generator: `wrk -t1 -c64 --latency`: one thread, 64 keep-alive connections,
+# pinned with taskset to one core so it never takes more than that core from the
+# proxy under test. Every request carries `Host: web.service`.
+#
+# CPU: for every run the script records the CPU (utime + stime, all threads, plus
+# the cutime + cstime of reaped children) of every process of the proxy instance
+# under test (Wayfinder: one process; HAProxy: one process; nginx: master + worker),
+# read from /proc/PID/stat right before and right after wrk; also wrk's own CPU
+# (bash `time`) and the two backends' CPU. "req/cpu-s" = requests answered per
+# CPU-second of the proxy: the proxy's cost per request, comparable even when the
+# load generator (one core) sets the pace.
+#
+# Exit status: 0 when every measurement ran (targets met or not: this is a
+# measurement, not a test); non-zero when a component fails to start or to answer.
+set -euo pipefail
+
+# SECONDS is bash's elapsed-time counter: an inherited value is its start, so read
+# it before anything else (0 means "not given").
+run_seconds=$SECONDS
+[ "$run_seconds" -gt 0 ] 2>/dev/null || run_seconds=5
+SECONDS=0
+rounds=${ROUNDS:-3}
+connections=${CONNECTIONS:-64}
+ncpu=$(nproc)
+wrk_cpu=${WRK_CPU-$((ncpu - 1))}
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+
+echo "== lb-compare: Wayfinder vs HAProxy vs nginx (HTTP/1.1 keep-alive, Host: web.service)"
+echo "command:  ROUNDS=$rounds SECONDS=$run_seconds CONNECTIONS=$connections WRK_CPU=${wrk_cpu:-none} $0 $*"
+echo "machine:  nproc=$ncpu kernel=$(uname -r) $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo 2>/dev/null || true)"
+
+# --- packages: wrk, HAProxy 2.6, nginx (and Consul, curl via install-deps) --------
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+missing=()
+for p in wrk haproxy nginx-light; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "lb-compare: installing ${missing[*]}"
+  # The haproxy and nginx packages ship services: they must not start (a system
+  # nginx would take port 80); this script runs its own instances on free ports.
+  policy=/usr/sbin/policy-rc.d
+  made_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+    as_root chmod +x "$policy"
+    made_policy=1
+  fi
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  [ $made_policy = 1 ] && as_root rm -f "$policy"
+fi
+command -v consul >/dev/null 2>&1 || scripts/install-deps.sh
+nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
+haproxy_bin=$(command -v haproxy || echo /usr/sbin/haproxy)
+echo "versions: $("$haproxy_bin" -v | head -1 | awk '{print "HAProxy", $3}'), $("$nginx_bin" -v 2>&1 | awk -F/ '{print "nginx", $2}'), $(wrk -v 2>&1 | head -1 | awk '{print "wrk", $2}'), $(consul version | head -1)"
+
+cargo build --release --bin wayfinder
+wayfinder="$repo/target/release/wayfinder"
+[ -x "$wayfinder" ] || { echo "lb-compare: $wayfinder was not built" >&2; exit 1; }
+
+tmp=$(mktemp -d -t wayfinder-lb-compare.XXXXXX)
+chmod 755 "$tmp" # nginx workers run as nobody
+pids=()
+names=()
+declare -A pid_of=()
+
+cleanup() {
+  local status=$?
+  trap - EXIT INT TERM
+  # Stop in reverse start order, so Wayfinder can still deregister itself from
+  # Consul before Consul goes; each gets 5 s after SIGTERM, then SIGKILL.
+  local i
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill -TERM "${pids[$i]}" 2>/dev/null || true
+    for _ in $(seq 50); do
+      kill -0 "${pids[$i]}" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL "${pids[$i]}" 2>/dev/null || true
+    wait "${pids[$i]}" 2>/dev/null || true
+  done
+  if [ "${KEEP_TMP:-0}" = 1 ]; then
+    echo "lb-compare: kept $tmp"
+  else
+    rm -rf "$tmp"
+  fi
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+die() {
+  echo "lb-compare: FAILED: $*" >&2
+  local log
+  for log in "$tmp"/*.log; do
+    [ -e "$log" ] || continue
+    echo "--- last lines of $log" >&2
+    tail -n 15 "$log" >&2 || true
+  done
+  exit 1
+}
+
+# start NAME CMD...: runs CMD in the background, logging to $tmp/NAME.log.
+start() {
+  local name=$1
+  shift
+  "$@" >"$tmp/$name.log" 2>&1 &
+  pids+=($!)
+  names+=("$name")
+  pid_of[$name]=$!
+}
+
+# Fails when any started process has exited.
+check_alive() {
+  local i
+  for i in "${!pids[@]}"; do
+    kill -0 "${pids[$i]}" 2>/dev/null || die "${names[$i]} exited (see $tmp/${names[$i]}.log)"
+  done
+}
+
+# --- ports: free on 127.0.0.1 (TCP and UDP: Consul's serf and DNS use both) -------
+read -r p_http p_cdns p_grpc p_serf_lan p_serf_wan p_server p_b1 p_b2 p_wf p_hap p_ngx < <(python3 - <<'EOF'
+import random, socket
+ports = set()
+while len(ports) < 11:
+    p = random.randint(20000, 60000)
+    if p in ports:
+        continue
+    try:
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            s = socket.socket(socket.AF_INET, kind)
+            s.bind(("127.0.0.1", p))
+            s.close()
+    except OSError:
+        continue
+    ports.add(p)
+print(*ports)
+EOF
+)
+echo "ports:    consul http=$p_http, backends=$p_b1,$p_b2, wayfinder=$p_wf, haproxy=$p_hap, nginx=$p_ngx"
+
+# --- two nginx backends: one master + one worker each ------------------------------
+# keepalive_requests is raised so that no side closes a keep-alive connection every
+# 1000 requests (nginx's default), which would charge reconnects to whichever proxy
+# happens to be in front.
+for b in b1 b2; do
+  port_var=p_$b
+  mkdir -p "$tmp/$b/logs"
+  cat >"$tmp/$b/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+master_process on;
+pid $tmp/$b/nginx.pid;
+error_log $tmp/$b/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 75s;
+  server {
+    listen 127.0.0.1:${!port_var} backlog=1024;
+    location / {
+      default_type text/plain;
+      add_header X-Backend $b always;
+      return 200 "ok\n";
+    }
+  }
+}
+EOF
+  "$nginx_bin" -t -q -p "$tmp/$b/" -c "$tmp/$b/nginx.conf" 2>"$tmp/$b-check.log" || die "backend $b nginx config is invalid: $(cat "$tmp/$b-check.log")"
+  start "backend-$b" "$nginx_bin" -p "$tmp/$b/" -c "$tmp/$b/nginx.conf"
+done
+
+# --- Consul dev agent, service web = the two backends ------------------------------
+start consul consul agent -dev -bind 127.0.0.1 -client 127.0.0.1 \
+  -http-port "$p_http" -dns-port "$p_cdns" -grpc-port "$p_grpc" \
+  -serf-lan-port "$p_serf_lan" -serf-wan-port "$p_serf_wan" -server-port "$p_server" \
+  -hcl 'disable_update_check = true'
+leader=""
+for _ in $(seq 150); do
+  check_alive
+  leader=$(curl -s --max-time 1 "http://127.0.0.1:$p_http/v1/status/leader" || true)
+  [[ "$leader" =~ ^\"[^\"]+\"$ ]] && break
+  sleep 0.2
+done
+[[ "$leader" =~ ^\"[^\"]+\"$ ]] || die "consul has no leader after 30 s"
+for b in b1 b2; do
+  port_var=p_$b
+  curl -sf --max-time 5 -X PUT "http://127.0.0.1:$p_http/v1/agent/service/register" \
+    -d "{\"ID\":\"web-$b\",\"Name\":\"web\",\"Address\":\"127.0.0.1\",\"Port\":${!port_var},\"Tags\":[\"haproxy\",\"haproxy_weight=100\"]}" \
+    || die "registering web-$b in consul"
+done
+# PanteraS's per-service connection cap (Wayfinder's default is the same 128).
+curl -sf --max-time 5 -X PUT "http://127.0.0.1:$p_http/v1/kv/haproxy/web/maxconn" -d 128 >/dev/null \
+  || die "writing haproxy/web/maxconn to consul"
+
+# --- the three proxies under test ----------------------------------------------------
+# Each forwards Host unchanged and adds X-Forwarded-For, X-Forwarded-Proto and
+# X-Unique-ID, as Wayfinder does (and PanteraS's HAProxy did), so all three do the
+# same work per request.
+cat >"$tmp/wayfinder.toml" <<EOF
+[consul]
+http = "127.0.0.1:$p_http"
+dns = ["127.0.0.1:$p_cdns"]
+
+[dns]
+upstreams = ["127.0.0.1:9"]
+zones_dir = "$tmp/nozones"
+
+[lb]
+http = "127.0.0.1:$p_wf"
+EOF
+"$wayfinder" check -c "$tmp/wayfinder.toml" >"$tmp/wayfinder-check.log" 2>&1 \
+  || die "wayfinder config is invalid: $(cat "$tmp/wayfinder-check.log")"
+start wayfinder env RUST_LOG=warn "$wayfinder" lb -c "$tmp/wayfinder.toml"
+
+cat >"$tmp/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 4096
+
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+  option forwardfor
+  unique-id-format %{+X}o\ %ci:%cp_%fi:%fp_%Ts_%rt:%pid
+  unique-id-header X-Unique-ID
+
+frontend http
+  bind 127.0.0.1:$p_hap
+  http-request set-header X-Forwarded-Proto http
+  acl host_web hdr(host) -i web.service
+  use_backend web if host_web
+
+backend web
+  balance roundrobin
+  http-reuse always
+  server s1 127.0.0.1:$p_b1 maxconn 128 weight 100
+  server s2 127.0.0.1:$p_b2 maxconn 128 weight 100
+EOF
+"$haproxy_bin" -c -q -f "$tmp/haproxy.cfg" >"$tmp/haproxy-check.log" 2>&1 \
+  || die "haproxy config is invalid: $(cat "$tmp/haproxy-check.log")"
+start haproxy "$haproxy_bin" -db -f "$tmp/haproxy.cfg"
+
+mkdir -p "$tmp/proxy/logs"
+cat >"$tmp/proxy/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+master_process on;
+pid $tmp/proxy/nginx.pid;
+error_log $tmp/proxy/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 75s;
+  upstream web {
+    server 127.0.0.1:$p_b1 weight=100 max_conns=128;
+    server 127.0.0.1:$p_b2 weight=100 max_conns=128;
+    keepalive 64;
+    keepalive_requests 1000000;
+  }
+  server {
+    listen 127.0.0.1:$p_ngx backlog=1024;
+    server_name web.service;
+    location / {
+      proxy_pass http://web;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Unique-ID \$request_id;
+    }
+  }
+  server {
+    listen 127.0.0.1:$p_ngx default_server;
+    return 503;
+  }
+}
+EOF
+"$nginx_bin" -t -q -p "$tmp/proxy/" -c "$tmp/proxy/nginx.conf" 2>"$tmp/nginx-check.log" \
+  || die "nginx proxy config is invalid: $(cat "$tmp/nginx-check.log")"
+start nginx "$nginx_bin" -p "$tmp/proxy/" -c "$tmp/proxy/nginx.conf"
+
+proxies=(wayfinder haproxy nginx)
+declare -A port=([wayfinder]=$p_wf [haproxy]=$p_hap [nginx]=$p_ngx)
+
+# --- every proxy answers `ok` from both backends -------------------------------------
+# Each backend adds `X-Backend: b1|b2`; a proxy is ready when 8 fresh requests all
+# answer 200 "ok" and both backends were seen (Wayfinder: once its Consul watch has
+# delivered both instances).
+expect_both() { # proxy
+  local p=$1 got seen
+  for _ in $(seq 100); do
+    check_alive
+    seen=""
+    local ok=1
+    for _ in 1 2 3 4 5 6 7 8; do
+      got=$(curl -s --max-time 2 -D - -H 'Host: web.service' "http://127.0.0.1:${port[$p]}/" 2>/dev/null | tr -d '\r' || true)
+      if ! grep -q '^HTTP/1.1 200' <<<"$got" || [ "$(tail -n 1 <<<"$got")" != ok ]; then
+        ok=0
+        break
+      fi
+      seen+=" $(awk -F': ' 'tolower($1) == "x-backend" {print $2}' <<<"$got")"
+    done
+    if [ $ok = 1 ] && grep -q b1 <<<"$seen" && grep -q b2 <<<"$seen"; then
+      echo "verified: $p (port ${port[$p]}) answers 200 ok from both backends:$seen"
+      return 0
+    fi
+    sleep 0.2
+  done
+  die "$p (port ${port[$p]}) does not answer 200 ok from both backends (last: $(head -c 300 <<<"${got:-nothing}"))"
+}
+for p in "${proxies[@]}"; do
+  expect_both "$p"
+done
+# An unknown Host must not reach the backends through any proxy.
+for p in "${proxies[@]}"; do
+  code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 -H 'Host: nothing.service' "http://127.0.0.1:${port[$p]}/" || true)
+  [ "$code" = 503 ] || die "$p answers Host: nothing.service with $code, expected 503"
+done
+
+# --- measurement ---------------------------------------------------------------------
+pin=()
+[ -n "$wrk_cpu" ] && pin=(taskset -c "$wrk_cpu")
+wrk_args=(-t1 -c"$connections" -H 'Host: web.service' --latency)
+clk_tck=$(getconf CLK_TCK)
+
+# PIDs of an instance: the started process and all its descendants (from the
+# parent links in `ps`: /proc/PID/task/*/children needs CONFIG_PROC_CHILDREN).
+tree_pids() {
+  ps -e -o pid=,ppid= | awk -v root="$1" '
+    { parent[$1] = $2 }
+    END {
+      inside[root] = 1
+      do {
+        grew = 0
+        for (p in parent) if (!(p in inside) && (parent[p] in inside)) { inside[p] = 1; grew = 1 }
+      } while (grew)
+      for (p in inside) print p
+    }'
+}
+# CPU ticks (utime + stime + cutime + cstime, all threads) of a list of PIDs.
+cpu_ticks() {
+  local p
+  for p in "$@"; do
+    # Field 2 (comm) may hold spaces: count from the closing parenthesis.
+    sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 + $14 + $15 }' || true
+  done | awk '{ s += $1 } END { print s + 0 }'
+}
+
+# Warm-up: fill every proxy's backend pool, let the backends settle.
+for p in "${proxies[@]}"; do
+  timeout 30 "${pin[@]}" wrk "${wrk_args[@]}" -d1s "http://127.0.0.1:${port[$p]}/" >"$tmp/warm-$p.out" 2>&1 \
+    || die "wrk warm-up against $p failed: $(tail -3 "$tmp/warm-$p.out")"
+done
+check_alive
+for p in "${proxies[@]}"; do
+  echo "cpu of $p: pids $(tree_pids "${pid_of[$p]}" | sort -n | tr '\n' ' ')"
+done
+
+results="$tmp/results.tsv"
+printf 'round\tproxy\treqs\tp50_ms\tp99_ms\tproxy_cpu_s\tproxy_cpu_pct\treq_per_cpu_s\twrk_cpu_pct\tbackend_cpu_pct\terrors\tnon2xx\n' >"$results"
+
+measure() { # round proxy
+  local r=$1 p=$2 out="$tmp/run-$1-$2.out" times="$tmp/time-$1-$2.out"
+  local ppids bpids before after bbefore bafter
+  mapfile -t ppids < <(tree_pids "${pid_of[$p]}")
+  mapfile -t bpids < <(tree_pids "${pid_of[backend-b1]}"; tree_pids "${pid_of[backend-b2]}")
+  before=$(cpu_ticks "${ppids[@]}")
+  bbefore=$(cpu_ticks "${bpids[@]}")
+  # bash's `time` reports the CPU wrk used (user, system, wall).
+  { TIMEFORMAT='%U %S %R'; time timeout $((run_seconds + 30)) "${pin[@]}" wrk "${wrk_args[@]}" -d"${run_seconds}s" \
+      "http://127.0.0.1:${port[$p]}/" >"$out" 2>&1; } 2>"$times" \
+    || die "wrk against $p failed: $(tail -3 "$out")"
+  after=$(cpu_ticks "${ppids[@]}")
+  bafter=$(cpu_ticks "${bpids[@]}")
+  check_alive
+  python3 - "$r" "$p" "$out" "$times" "$before" "$after" "$bbefore" "$bafter" "$clk_tck" >>"$results" <<'EOF'
+import re, sys
+r, p, out, times, before, after, bbefore, bafter, hz = sys.argv[1:]
+text = open(out).read()
+user, sys_, wall = (float(x) for x in open(times).read().split())
+def ms(value):  # wrk prints e.g. 812.00us, 1.23ms, 2.01s, 1.00m
+    m = re.fullmatch(r"([0-9.]+)(us|ms|s|m)", value)
+    if not m:
+        raise SystemExit(f"lb-compare: cannot parse wrk latency {value!r} in {out}")
+    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[m.group(2)]
+dist = dict(re.findall(r"^\s+(\d+)%\s+(\S+)\s*$", text, re.M))
+rps = re.search(r"^Requests/sec:\s+([0-9.]+)", text, re.M)
+total = re.search(r"^\s+(\d+) requests in ([0-9.]+)(\w+),", text, re.M)
+if not rps or not total or "50" not in dist or "99" not in dist:
+    raise SystemExit(f"lb-compare: cannot parse wrk output {out}")
+errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+nerr = sum(int(x) for x in errors.groups()) if errors else 0
+non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+n = int(total.group(1))
+cpu_s = (int(after) - int(before)) / int(hz)
+bcpu_s = (int(bafter) - int(bbefore)) / int(hz)
+print("\t".join(str(x) for x in [
+    r, p, rps.group(1), f"{ms(dist['50']):.3f}", f"{ms(dist['99']):.3f}", f"{cpu_s:.2f}",
+    f"{cpu_s / wall * 100:.0f}", f"{n / cpu_s:.0f}" if cpu_s > 0 else "NA",
+    f"{(user + sys_) / wall * 100:.0f}", f"{bcpu_s / wall * 100:.0f}", nerr,
+    non2xx.group(1) if non2xx else 0]))
+EOF
+  tail -n 1 "$results" | awk -F'\t' '{
+    printf "  round %d %-9s %8.0f req/s  p50 %7.3f ms  p99 %7.3f ms  proxy cpu %5.2f s (%3d%%)  %7s req/cpu-s  wrk cpu %3d%%  backends cpu %3d%%  errors %s non-2xx %s\n",
+      $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 }'
+}
+
+echo "measuring: $rounds rounds x ${#proxies[@]} proxies x ${run_seconds}s: wrk ${wrk_args[*]} (pinned: ${wrk_cpu:-no})"
+for r in $(seq 1 "$rounds"); do
+  for k in 0 1 2; do
+    measure "$r" "${proxies[$(((r - 1 + k) % 3))]}"
+  done
+done
+
+# --- summary -------------------------------------------------------------------------
+python3 - "$results" <<'EOF'
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+proxies = ["wayfinder", "haproxy", "nginx"]
+peers = ["haproxy", "nginx"]
+
+def num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+def fmt(v, spec):
+    return format(v, spec) if v is not None else "n/a"
+
+by = {(r["proxy"], r["round"]): r for r in rows}
+rounds = sorted({r["round"] for r in rows}, key=int)
+
+def col(p, k):
+    return med([num(by[(p, r)][k]) for r in rounds if (p, r) in by])
+
+def ratios(k, peer_of_round):
+    # wayfinder / peer per round; peer_of_round(round) gives the peer's value.
+    vals = []
+    for r in rounds:
+        a, b = by.get(("wayfinder", r)), peer_of_round(r)
+        if a and b and num(a[k]) is not None:
+            vals.append(num(a[k]) / b)
+    return med(vals)
+
+def peer_value(peer, k):
+    return lambda r: num(by[(peer, r)][k]) if (peer, r) in by and num(by[(peer, r)][k]) else None
+
+def best_value(k, pick):
+    def f(r):
+        vals = [num(by[(p, r)][k]) for p in peers if (p, r) in by and num(by[(p, r)][k])]
+        return pick(vals) if vals else None
+    return f
+
+print()
+print("medians over rounds; 'cpu s' = CPU-seconds the proxy's processes used during the run (100% = one core);")
+print("'req/cpu-s' = requests / proxy CPU-seconds; 'wrk cpu' = the load generator's CPU; 'backends' = both nginx backends")
+print(f"{'proxy':<10} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'cpu s':>6} {'cpu':>5} {'req/cpu-s':>9} {'wrk cpu':>7} {'backends':>8} {'errors':>6} {'non-2xx':>7}")
+for p in proxies:
+    print(f"{p:<10} {fmt(col(p, 'reqs'), '8.0f')} {fmt(col(p, 'p50_ms'), '7.3f')} {fmt(col(p, 'p99_ms'), '7.3f')} "
+          f"{fmt(col(p, 'proxy_cpu_s'), '6.2f')} {fmt(col(p, 'proxy_cpu_pct'), '4.0f')}% {fmt(col(p, 'req_per_cpu_s'), '9.0f')} "
+          f"{fmt(col(p, 'wrk_cpu_pct'), '6.0f')}% {fmt(col(p, 'backend_cpu_pct'), '7.0f')}% "
+          f"{fmt(col(p, 'errors'), '6.0f')} {fmt(col(p, 'non2xx'), '7.0f')}")
+print()
+print("wayfinder / peer, median of per-round ratios (req/s and req/cpu-s: higher is better; p99: lower is better)")
+for peer in peers:
+    q = ratios("reqs", peer_value(peer, "reqs"))
+    c = ratios("req_per_cpu_s", peer_value(peer, "req_per_cpu_s"))
+    p = ratios("p99_ms", peer_value(peer, "p99_ms"))
+    print(f"  vs {peer:<8} req/s {fmt(q, '5.2f')}  req/cpu-s {fmt(c, '5.2f')}  p99 {fmt(p, '5.2f')}")
+c = ratios("req_per_cpu_s", best_value("req_per_cpu_s", max))
+p = ratios("p99_ms", best_value("p99_ms", min))
+print(f"  vs best   req/cpu-s {fmt(c, '5.2f')} (per round, the higher of haproxy and nginx)  "
+      f"p99 {fmt(p, '5.2f')} (per round, the lower of the two)")
+print()
+print("target: req/cpu-s >= 1.0x the better of HAProxy and nginx: "
+      + ("met" if c is not None and c >= 1.0 else "MISSED")
+      + f"; p99 <= 1.2x theirs: " + ("met" if p is not None and p <= 1.2 else "MISSED"))
+bad = [r for r in rows if num(r["errors"]) or num(r["non2xx"])]
+if bad:
+    print(f"note: {len(bad)} run(s) had socket errors or non-2xx answers (see the per-run lines above)")
+gen = med([num(r["wrk_cpu_pct"]) for r in rows])
+if gen is not None and gen >= 90:
+    print(f"note: wrk used {gen:.0f}% of its core in the median run: the load generator may set the pace, so")
+    print("      req/s ratios sit near 1 whatever the proxies' capacity; req/cpu-s is the capacity comparison.")
+EOF
+echo
+echo "lb-compare: done in ${SECONDS}s"
