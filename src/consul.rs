@@ -242,7 +242,8 @@ impl ConsulClient {
 }
 
 /// Blocking-query bookkeeping: the index to send next, the error backoff, and a
-/// token bucket (burst [`WATCH_BURST`], one token per [`WATCH_REFILL`]) that lets
+/// token bucket (burst [`WATCH_BURST`], one token per [`WATCH_REFILL`], so at most
+/// 100 re-queries a second per watch) that lets
 /// quick successive changes through at once but rate-limits a storm of immediate
 /// answers (Consul's advice for blocking queries).
 #[derive(Debug)]
@@ -254,9 +255,9 @@ pub struct Watch {
 }
 
 /// Immediate re-queries a watch may make in a row.
-pub const WATCH_BURST: f64 = 2.0;
+pub const WATCH_BURST: f64 = 4.0;
 /// Time to earn one more immediate re-query.
-pub const WATCH_REFILL: Duration = Duration::from_millis(50);
+pub const WATCH_REFILL: Duration = Duration::from_millis(10);
 
 impl Default for Watch {
     fn default() -> Self {
@@ -328,11 +329,12 @@ mod tests {
         w.success(0);
         assert_eq!(w.index(), 0);
         assert!(w.failure() >= Duration::from_millis(250));
-        // Two immediate re-queries, then paced.
-        assert_eq!(w.spacing(), Duration::ZERO);
-        assert_eq!(w.spacing(), Duration::ZERO);
+        // WATCH_BURST immediate re-queries, then paced.
+        for _ in 0..WATCH_BURST as usize {
+            assert_eq!(w.spacing(), Duration::ZERO);
+        }
         let paced = w.spacing();
-        assert!(paced > Duration::from_millis(40) && paced <= WATCH_REFILL, "{paced:?}");
+        assert!(paced > WATCH_REFILL / 2 && paced <= WATCH_REFILL, "{paced:?}");
         for _ in 0..20 {
             assert!(w.failure() <= Duration::from_secs(30));
         }
