@@ -193,7 +193,10 @@ impl Proxy {
                 .get(header::CONTENT_LENGTH)
                 .is_none_or(|v| v.as_bytes() == b"0");
         let mut body = Some(body);
-        let headers = self.outgoing_headers(&parts.headers, peer, wants_upgrade);
+        // Built once; rebuilt only for a retry (rare), not cloned per attempt.
+        let first_headers = self.outgoing_headers(&parts.headers, peer, wants_upgrade);
+        let unique_id = first_headers.get("x-unique-id").cloned();
+        let mut headers = Some(first_headers);
         let uri = parts
             .uri
             .path_and_query()
@@ -244,7 +247,14 @@ impl Proxy {
             let mut out = Request::new(out_body);
             *out.method_mut() = parts.method.clone();
             *out.uri_mut() = uri.clone();
-            *out.headers_mut() = headers.clone();
+            *out.headers_mut() = headers.take().unwrap_or_else(|| {
+                // A retry: same request, same X-Unique-ID.
+                let mut h = self.outgoing_headers(&parts.headers, peer, wants_upgrade);
+                if let Some(id) = &unique_id {
+                    h.insert("x-unique-id", id.clone());
+                }
+                h
+            });
             let sent = tokio::time::timeout(self.server_timeout, session.send_request(out)).await;
             match sent {
                 Ok(Ok(mut resp)) => {
