@@ -60,117 +60,30 @@ outstanding=${OUTSTANDING:-200}
 ncpu=$(nproc)
 dnsperf_cpu=${DNSPERF_CPU-$((ncpu - 1))}
 
+BENCH_NAME='dns-compare'
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
 echo "== dns-compare: Wayfinder vs dnsmasq vs unbound"
 echo "command:  ROUNDS=$rounds SECONDS=$run_seconds LAT_SECONDS=$lat_seconds LAT_QPS=$lat_qps CONSUL_LAT_QPS=$consul_lat_qps CLIENTS=$clients OUTSTANDING=$outstanding DNSPERF_CPU=${dnsperf_cpu:-none} $0 $*"
-echo "machine:  nproc=$ncpu kernel=$(uname -r) $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo 2>/dev/null || true)"
+print_machine
 
 scripts/install-deps.sh --bench
 echo "versions: $(dnsmasq --version | head -1 | awk '{print "dnsmasq", $3}'), unbound $(unbound -V | awk '/^Version/ {print $2}'), $(consul version | head -1), $(dnsperf -h 2>&1 | awk '/^Version/ {print "dnsperf", $2; exit}')"
-cargo build --release --bin wayfinder
-wayfinder="$repo/target/release/wayfinder"
-[ -x "$wayfinder" ] || { echo "dns-compare: $wayfinder was not built" >&2; exit 1; }
+build_wayfinder "$repo"
 
-tmp=$(mktemp -d -t wayfinder-dns-compare.XXXXXX)
-pids=()
-names=()
-declare -A pid_of=()
-
-cleanup() {
-  local status=$?
-  trap - EXIT INT TERM
-  local i
-  for i in "${!pids[@]}"; do
-    kill -TERM "${pids[$i]}" 2>/dev/null || true
-  done
-  for _ in $(seq 50); do
-    local alive=0
-    for i in "${!pids[@]}"; do
-      kill -0 "${pids[$i]}" 2>/dev/null && alive=1
-    done
-    [ $alive = 0 ] && break
-    sleep 0.1
-  done
-  for i in "${!pids[@]}"; do
-    kill -KILL "${pids[$i]}" 2>/dev/null || true
-    wait "${pids[$i]}" 2>/dev/null || true
-  done
-  if [ "${KEEP_TMP:-0}" = 1 ]; then
-    echo "dns-compare: kept $tmp"
-  else
-    rm -rf "$tmp"
-  fi
-  exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-die() {
-  echo "dns-compare: FAILED: $*" >&2
-  local log
-  for log in "$tmp"/*.log; do
-    [ -e "$log" ] || continue
-    echo "--- last lines of $log" >&2
-    tail -n 15 "$log" >&2 || true
-  done
-  exit 1
-}
-
-# start NAME CMD...: runs CMD in the background, logging to $tmp/NAME.log.
-start() {
-  local name=$1
-  shift
-  "$@" >"$tmp/$name.log" 2>&1 &
-  pids+=($!)
-  names+=("$name")
-  pid_of[$name]=$!
-}
-
-# Fails when any started process has exited.
-check_alive() {
-  local i
-  for i in "${!pids[@]}"; do
-    kill -0 "${pids[$i]}" 2>/dev/null || die "${names[$i]} exited (see $tmp/${names[$i]}.log)"
-  done
-}
+setup_tmp
 
 # --- ports: free on 127.0.0.1 for both UDP and TCP -------------------------------
-read -r p_http p_cdns p_grpc p_serf_lan p_serf_wan p_server p_up p_wf p_dm p_ub < <(python3 - <<'EOF'
-import random, socket
-ports = set()
-while len(ports) < 10:
-    p = random.randint(20000, 60000)
-    if p in ports:
-        continue
-    try:
-        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-            s = socket.socket(socket.AF_INET, kind)
-            s.bind(("127.0.0.1", p))
-            s.close()
-    except OSError:
-        continue
-    ports.add(p)
-print(*ports)
-EOF
-)
+read -r p_http p_cdns p_grpc p_serf_lan p_serf_wan p_server p_up p_wf p_dm p_ub < <(free_ports 10)
 echo "ports:    consul http=$p_http dns=$p_cdns, upstream=$p_up, wayfinder=$p_wf, dnsmasq=$p_dm, unbound=$p_ub"
 
 # --- Consul dev agent with 50 services x 2 instances ------------------------------
-start consul consul agent -dev -bind 127.0.0.1 -client 127.0.0.1 \
-  -http-port "$p_http" -dns-port "$p_cdns" -grpc-port "$p_grpc" \
-  -serf-lan-port "$p_serf_lan" -serf-wan-port "$p_serf_wan" -server-port "$p_server" \
-  -hcl 'dns_config { enable_truncate = true }' -hcl 'disable_update_check = true'
-leader=""
-for _ in $(seq 150); do
-  check_alive
-  leader=$(curl -s --max-time 1 "http://127.0.0.1:$p_http/v1/status/leader" || true)
-  [[ "$leader" =~ ^\"[^\"]+\"$ ]] && break
-  sleep 0.2
-done
-[[ "$leader" =~ ^\"[^\"]+\"$ ]] || die "consul has no leader after 30 s"
+start_consul "$p_http" "$p_cdns" "$p_grpc" "$p_serf_lan" "$p_serf_wan" "$p_server" \
+  'dns_config { enable_truncate = true }' 'disable_update_check = true'
 for i in $(seq 0 49); do
   for j in 1 2; do
     curl -sf --max-time 5 -X PUT "http://127.0.0.1:$p_http/v1/agent/service/register" \

@@ -46,123 +46,32 @@ connections=${CONNECTIONS:-64}
 ncpu=$(nproc)
 wrk_cpu=${WRK_CPU-$((ncpu - 1))}
 
+BENCH_NAME='lb-compare'
+BENCH_STOP_ORDER=reverse
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
 echo "== lb-compare: Wayfinder vs HAProxy vs nginx (HTTP/1.1 keep-alive, Host: web.service)"
 echo "command:  ROUNDS=$rounds SECONDS=$run_seconds CONNECTIONS=$connections WRK_CPU=${wrk_cpu:-none} $0 $*"
-echo "machine:  nproc=$ncpu kernel=$(uname -r) $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo 2>/dev/null || true)"
+print_machine
 
 # --- packages: wrk, HAProxy 2.6, nginx (and Consul, curl via install-deps) --------
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-missing=()
-for p in wrk haproxy nginx-light; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "lb-compare: installing ${missing[*]}"
-  # The haproxy and nginx packages ship services: they must not start (a system
-  # nginx would take port 80); this script runs its own instances on free ports.
-  policy=/usr/sbin/policy-rc.d
-  made_policy=0
-  if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
-    as_root chmod +x "$policy"
-    made_policy=1
-  fi
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
-  [ $made_policy = 1 ] && as_root rm -f "$policy"
-fi
+apt_install_missing wrk haproxy nginx-light
 command -v consul >/dev/null 2>&1 || scripts/install-deps.sh
 nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
 haproxy_bin=$(command -v haproxy || echo /usr/sbin/haproxy)
 echo "versions: $("$haproxy_bin" -v | head -1 | awk '{print "HAProxy", $3}'), $("$nginx_bin" -v 2>&1 | awk -F/ '{print "nginx", $2}'), $(wrk -v 2>&1 | head -1 | awk '{print "wrk", $2}'), $(consul version | head -1)"
 
-cargo build --release --bin wayfinder
-wayfinder="$repo/target/release/wayfinder"
-[ -x "$wayfinder" ] || { echo "lb-compare: $wayfinder was not built" >&2; exit 1; }
+build_wayfinder "$repo"
 
-tmp=$(mktemp -d -t wayfinder-lb-compare.XXXXXX)
+setup_tmp
 chmod 755 "$tmp" # nginx workers run as nobody
-pids=()
-names=()
-declare -A pid_of=()
-
-cleanup() {
-  local status=$?
-  trap - EXIT INT TERM
-  # Stop in reverse start order, so Wayfinder can still deregister itself from
-  # Consul before Consul goes; each gets 5 s after SIGTERM, then SIGKILL.
-  local i
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-    kill -TERM "${pids[$i]}" 2>/dev/null || true
-    for _ in $(seq 50); do
-      kill -0 "${pids[$i]}" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill -KILL "${pids[$i]}" 2>/dev/null || true
-    wait "${pids[$i]}" 2>/dev/null || true
-  done
-  if [ "${KEEP_TMP:-0}" = 1 ]; then
-    echo "lb-compare: kept $tmp"
-  else
-    rm -rf "$tmp"
-  fi
-  exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-die() {
-  echo "lb-compare: FAILED: $*" >&2
-  local log
-  for log in "$tmp"/*.log; do
-    [ -e "$log" ] || continue
-    echo "--- last lines of $log" >&2
-    tail -n 15 "$log" >&2 || true
-  done
-  exit 1
-}
-
-# start NAME CMD...: runs CMD in the background, logging to $tmp/NAME.log.
-start() {
-  local name=$1
-  shift
-  "$@" >"$tmp/$name.log" 2>&1 &
-  pids+=($!)
-  names+=("$name")
-  pid_of[$name]=$!
-}
-
-# Fails when any started process has exited.
-check_alive() {
-  local i
-  for i in "${!pids[@]}"; do
-    kill -0 "${pids[$i]}" 2>/dev/null || die "${names[$i]} exited (see $tmp/${names[$i]}.log)"
-  done
-}
 
 # --- ports: free on 127.0.0.1 (TCP and UDP: Consul's serf and DNS use both) -------
-read -r p_http p_cdns p_grpc p_serf_lan p_serf_wan p_server p_b1 p_b2 p_wf p_hap p_ngx < <(python3 - <<'EOF'
-import random, socket
-ports = set()
-while len(ports) < 11:
-    p = random.randint(20000, 60000)
-    if p in ports:
-        continue
-    try:
-        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-            s = socket.socket(socket.AF_INET, kind)
-            s.bind(("127.0.0.1", p))
-            s.close()
-    except OSError:
-        continue
-    ports.add(p)
-print(*ports)
-EOF
-)
+read -r p_http p_cdns p_grpc p_serf_lan p_serf_wan p_server p_b1 p_b2 p_wf p_hap p_ngx < <(free_ports 11)
 echo "ports:    consul http=$p_http, backends=$p_b1,$p_b2, wayfinder=$p_wf, haproxy=$p_hap, nginx=$p_ngx"
 
 # --- two nginx backends: one master + one worker each ------------------------------
@@ -198,18 +107,8 @@ EOF
 done
 
 # --- Consul dev agent, service web = the two backends ------------------------------
-start consul consul agent -dev -bind 127.0.0.1 -client 127.0.0.1 \
-  -http-port "$p_http" -dns-port "$p_cdns" -grpc-port "$p_grpc" \
-  -serf-lan-port "$p_serf_lan" -serf-wan-port "$p_serf_wan" -server-port "$p_server" \
-  -hcl 'disable_update_check = true'
-leader=""
-for _ in $(seq 150); do
-  check_alive
-  leader=$(curl -s --max-time 1 "http://127.0.0.1:$p_http/v1/status/leader" || true)
-  [[ "$leader" =~ ^\"[^\"]+\"$ ]] && break
-  sleep 0.2
-done
-[[ "$leader" =~ ^\"[^\"]+\"$ ]] || die "consul has no leader after 30 s"
+start_consul "$p_http" "$p_cdns" "$p_grpc" "$p_serf_lan" "$p_serf_wan" "$p_server" \
+  'disable_update_check = true'
 for b in b1 b2; do
   port_var=p_$b
   curl -sf --max-time 5 -X PUT "http://127.0.0.1:$p_http/v1/agent/service/register" \
@@ -224,20 +123,7 @@ curl -sf --max-time 5 -X PUT "http://127.0.0.1:$p_http/v1/kv/haproxy/web/maxconn
 # Each forwards Host unchanged and adds X-Forwarded-For, X-Forwarded-Proto and
 # X-Unique-ID, as Wayfinder does (and PanteraS's HAProxy did), so all three do the
 # same work per request.
-cat >"$tmp/wayfinder.toml" <<EOF
-[consul]
-http = "127.0.0.1:$p_http"
-dns = ["127.0.0.1:$p_cdns"]
-
-[dns]
-upstreams = ["127.0.0.1:9"]
-zones_dir = "$tmp/nozones"
-
-[lb]
-http = "127.0.0.1:$p_wf"
-EOF
-"$wayfinder" check -c "$tmp/wayfinder.toml" >"$tmp/wayfinder-check.log" 2>&1 \
-  || die "wayfinder config is invalid: $(cat "$tmp/wayfinder-check.log")"
+write_lb_config "$p_http" "$p_cdns" "$p_wf"
 start wayfinder env RUST_LOG=warn "$wayfinder" lb -c "$tmp/wayfinder.toml"
 
 cat >"$tmp/haproxy.cfg" <<EOF

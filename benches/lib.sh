@@ -1,0 +1,192 @@
+# shellcheck shell=bash
+# Shared helpers of the benchmark scripts in benches/. Source it, after setting
+# BENCH_NAME (the prefix of every message, e.g. "lb-compare"), with
+#   source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# Processes started with `start` are stopped on exit: all at once by default, or
+# one by one in reverse start order when BENCH_STOP_ORDER=reverse.
+
+: "${BENCH_NAME:?set BENCH_NAME before sourcing benches/lib.sh}"
+BENCH_STOP_ORDER=${BENCH_STOP_ORDER:-parallel}
+tmp=""
+pids=()
+names=()
+declare -gA pid_of=()
+
+# Prints the "machine:" header line (CPU count, kernel, CPU model).
+print_machine() {
+  echo "machine:  nproc=$(nproc) kernel=$(uname -r) $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo 2>/dev/null || true)"
+}
+
+# Runs its arguments as root (directly when already root, else with sudo).
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# apt_install_missing PKG...: installs the Debian packages not yet installed, with their services kept from starting.
+apt_install_missing() {
+  local p missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -gt 0 ] || return 0
+  echo "$BENCH_NAME: installing ${missing[*]}"
+  # The haproxy and nginx packages ship services: they must not start (a system
+  # nginx would take port 80); the benchmarks run their own instances on free ports.
+  local policy=/usr/sbin/policy-rc.d made_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+    as_root chmod +x "$policy"
+    made_policy=1
+  fi
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  if [ $made_policy = 1 ]; then as_root rm -f "$policy"; fi
+}
+
+# build_wayfinder REPO: builds the release wayfinder binary and sets $wayfinder to its path.
+build_wayfinder() {
+  cargo build --release --bin wayfinder
+  wayfinder="$1/target/release/wayfinder"
+  [ -x "$wayfinder" ] || { echo "$BENCH_NAME: $wayfinder was not built" >&2; exit 1; }
+}
+
+# Creates the temp dir $tmp and installs the traps that stop every started process and remove it.
+setup_tmp() {
+  tmp=$(mktemp -d -t "wayfinder-$BENCH_NAME.XXXXXX")
+  trap cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+}
+
+# EXIT trap: stops the started processes (see BENCH_STOP_ORDER), removes $tmp unless KEEP_TMP=1.
+cleanup() {
+  local status=$?
+  trap - EXIT INT TERM
+  local i
+  if [ "$BENCH_STOP_ORDER" = reverse ]; then
+    # Stop in reverse start order, so Wayfinder can still deregister itself from
+    # Consul before Consul goes; each gets 5 s after SIGTERM, then SIGKILL.
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+      kill -TERM "${pids[$i]}" 2>/dev/null || true
+      for _ in $(seq 50); do
+        kill -0 "${pids[$i]}" 2>/dev/null || break
+        sleep 0.1
+      done
+      kill -KILL "${pids[$i]}" 2>/dev/null || true
+      wait "${pids[$i]}" 2>/dev/null || true
+    done
+  else
+    for i in "${!pids[@]}"; do
+      kill -TERM "${pids[$i]}" 2>/dev/null || true
+    done
+    for _ in $(seq 50); do
+      local alive=0
+      for i in "${!pids[@]}"; do
+        kill -0 "${pids[$i]}" 2>/dev/null && alive=1
+      done
+      [ $alive = 0 ] && break
+      sleep 0.1
+    done
+    for i in "${!pids[@]}"; do
+      kill -KILL "${pids[$i]}" 2>/dev/null || true
+      wait "${pids[$i]}" 2>/dev/null || true
+    done
+  fi
+  if [ -n "$tmp" ]; then
+    if [ "${KEEP_TMP:-0}" = 1 ]; then
+      echo "$BENCH_NAME: kept $tmp"
+    else
+      rm -rf "$tmp"
+    fi
+  fi
+  exit "$status"
+}
+
+# die MESSAGE: reports the failure with the tail of every log in $tmp and exits 1.
+die() {
+  echo "$BENCH_NAME: FAILED: $*" >&2
+  local log
+  for log in "$tmp"/*.log; do
+    [ -e "$log" ] || continue
+    echo "--- last lines of $log" >&2
+    tail -n 15 "$log" >&2 || true
+  done
+  exit 1
+}
+
+# start NAME CMD...: runs CMD in the background, logging to $tmp/NAME.log.
+start() {
+  local name=$1
+  shift
+  "$@" >"$tmp/$name.log" 2>&1 &
+  pids+=($!)
+  names+=("$name")
+  # shellcheck disable=SC2034 # pid_of is read by the scripts
+  pid_of[$name]=$!
+}
+
+# Fails when any started process has exited.
+check_alive() {
+  local i
+  for i in "${!pids[@]}"; do
+    kill -0 "${pids[$i]}" 2>/dev/null || die "${names[$i]} exited (see $tmp/${names[$i]}.log)"
+  done
+}
+
+# free_ports N: prints N distinct random ports free on 127.0.0.1 for both UDP and TCP.
+free_ports() {
+  python3 - "$1" <<'EOF'
+import random, socket, sys
+n = int(sys.argv[1])
+ports = set()
+while len(ports) < n:
+    p = random.randint(20000, 60000)
+    if p in ports:
+        continue
+    try:
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            s = socket.socket(socket.AF_INET, kind)
+            s.bind(("127.0.0.1", p))
+            s.close()
+    except OSError:
+        continue
+    ports.add(p)
+print(*ports)
+EOF
+}
+
+# start_consul HTTP DNS GRPC SERF_LAN SERF_WAN SERVER [HCL...]: starts a Consul dev agent on those ports and waits for its leader.
+start_consul() {
+  local http=$1 dns=$2 grpc=$3 serf_lan=$4 serf_wan=$5 server=$6
+  shift 6
+  local hcl=() h
+  for h in "$@"; do hcl+=(-hcl "$h"); done
+  start consul consul agent -dev -bind 127.0.0.1 -client 127.0.0.1 \
+    -http-port "$http" -dns-port "$dns" -grpc-port "$grpc" \
+    -serf-lan-port "$serf_lan" -serf-wan-port "$serf_wan" -server-port "$server" \
+    "${hcl[@]}"
+  local leader=""
+  for _ in $(seq 150); do
+    check_alive
+    leader=$(curl -s --max-time 1 "http://127.0.0.1:$http/v1/status/leader" || true)
+    [[ "$leader" =~ ^\"[^\"]+\"$ ]] && break
+    sleep 0.2
+  done
+  [[ "$leader" =~ ^\"[^\"]+\"$ ]] || die "consul has no leader after 30 s"
+}
+
+# write_lb_config CONSUL_HTTP CONSUL_DNS LB_HTTP: writes $tmp/wayfinder.toml for `wayfinder lb` and checks it.
+write_lb_config() {
+  cat >"$tmp/wayfinder.toml" <<EOF
+[consul]
+http = "127.0.0.1:$1"
+dns = ["127.0.0.1:$2"]
+
+[dns]
+upstreams = ["127.0.0.1:9"]
+zones_dir = "$tmp/nozones"
+
+[lb]
+http = "127.0.0.1:$3"
+EOF
+  "$wayfinder" check -c "$tmp/wayfinder.toml" >"$tmp/wayfinder-check.log" 2>&1 \
+    || die "wayfinder config is invalid: $(cat "$tmp/wayfinder-check.log")"
+}
