@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Consul, Unbound, Wayfinder, consul_section, dig, unique};
+use crate::harness::{Consul, Unbound, Wayfinder, consul_section, dig, dig_until, unique};
 
 const WILDCARD: &str = "wildcard_domain = \".apps.example.com\"\n";
 
@@ -61,13 +61,11 @@ async fn consul_targets_follow_health() {
         consul_section(consul)
     ))
     .await;
-    let addr = wf.addr;
-    let answers = || async move { dig(addr, &["x.apps.example.com", "A"]).await.answers() };
-    wait_for_answers(&answers, &["10.1.0.1", "10.1.0.2"]).await;
+    wait_for_targets(wf.addr, &["10.1.0.1", "10.1.0.2"]).await;
 
     consul.set_health(&format!("{lb}-1"), false);
     let started = Instant::now();
-    wait_for_answers(&answers, &["10.1.0.2"]).await;
+    wait_for_targets(wf.addr, &["10.1.0.2"]).await;
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "took {:?}",
@@ -75,26 +73,21 @@ async fn consul_targets_follow_health() {
     );
 
     consul.set_health(&format!("{lb}-1"), true);
-    wait_for_answers(&answers, &["10.1.0.1", "10.1.0.2"]).await;
+    wait_for_targets(wf.addr, &["10.1.0.1", "10.1.0.2"]).await;
     consul.deregister(&format!("{lb}-2"));
-    wait_for_answers(&answers, &["10.1.0.1"]).await;
+    wait_for_targets(wf.addr, &["10.1.0.1"]).await;
     wf.stop().await;
 }
 
-async fn wait_for_answers<F, Fut>(answers: &F, want: &[&str])
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Vec<String>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let got = answers().await;
-        if got == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "wanted {want:?}, still answering {got:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn wait_for_targets(addr: std::net::SocketAddr, want: &[&str]) {
+    dig_until(
+        addr,
+        &["x.apps.example.com", "A"],
+        Duration::from_secs(5),
+        &format!("targets {want:?}"),
+        |d| d.answers() == want,
+    )
+    .await;
 }
 
 const ZONE_V1: &str = "$TTL 60
@@ -179,15 +172,14 @@ async fn zone_changes_are_reloaded_without_dropping_queries() {
             .replace("10.9.9.10", &format!("10.9.9.{round}0"));
         write_zone(dir.path(), "example.internal.zone", &text);
         let want = format!("10.9.9.{round}0");
-        let deadline = Instant::now() + Duration::from_secs(3);
-        loop {
-            let got = dig(wf.addr, &["db.example.internal", "A"]).await.answers();
-            if got == [want.clone()] {
-                break;
-            }
-            assert!(Instant::now() < deadline, "reload {round} not seen: {got:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        dig_until(
+            wf.addr,
+            &["db.example.internal", "A"],
+            Duration::from_secs(3),
+            &format!("reload {round}"),
+            |d| d.answers() == [want.clone()],
+        )
+        .await;
     }
 
     write_zone(
@@ -196,17 +188,23 @@ async fn zone_changes_are_reloaded_without_dropping_queries() {
         "@ 60 IN SOA ns.second.internal. h.second.internal. 1 3600 600 86400 30\nhost 60 IN A 10.8.8.8\n",
     );
     let addr = wf.addr;
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while dig(addr, &["host.second.internal", "A"]).await.answers() != ["10.8.8.8"] {
-        assert!(Instant::now() < deadline, "new zone file not served");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    dig_until(
+        addr,
+        &["host.second.internal", "A"],
+        Duration::from_secs(3),
+        "new zone file served",
+        |d| d.answers() == ["10.8.8.8"],
+    )
+    .await;
     std::fs::remove_file(dir.path().join("second.internal.zone")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while dig(addr, &["host.second.internal", "A"]).await.has_flag("aa") {
-        assert!(Instant::now() < deadline, "removed zone still served");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    dig_until(
+        addr,
+        &["host.second.internal", "A"],
+        Duration::from_secs(3),
+        "removed zone no longer served",
+        |d| !d.has_flag("aa"),
+    )
+    .await;
 
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();
@@ -283,11 +281,14 @@ async fn broken_zone_file_keeps_the_previous_version() {
         "example.internal.zone",
         &ZONE_V1.replace("10.9.9.10", "10.9.9.77").replace(" 1 3600", " 2 3600"),
     );
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while dig(wf.addr, &["db.example.internal", "A"]).await.answers() != ["10.9.9.77"] {
-        assert!(Instant::now() < deadline, "fixed zone file not picked up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    dig_until(
+        wf.addr,
+        &["db.example.internal", "A"],
+        Duration::from_secs(3),
+        "fixed zone file picked up",
+        |d| d.answers() == ["10.9.9.77"],
+    )
+    .await;
     wf.stop().await;
 }
 
@@ -314,10 +315,13 @@ async fn reload_trigger_reloads_at_once() {
         "no poll for an hour: the old answer stays until the trigger"
     );
     wf.control.reload_zones.notify_one();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while dig(wf.addr, &["db.example.internal", "A"]).await.answers() != ["10.9.9.11"] {
-        assert!(Instant::now() < deadline, "reload trigger ignored");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    dig_until(
+        wf.addr,
+        &["db.example.internal", "A"],
+        Duration::from_secs(2),
+        "reload trigger obeyed",
+        |d| d.answers() == ["10.9.9.11"],
+    )
+    .await;
     wf.stop().await;
 }

@@ -761,3 +761,27 @@ pub fn http_client() -> reqwest::Client {
         .build()
         .unwrap()
 }
+
+/// Runs `dig @server <args>` until `done` holds for its answer, panicking with
+/// `what` and the last answer after `limit`. Returns the answer that passed.
+pub async fn dig_until(
+    server: SocketAddr,
+    args: &[&str],
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&Dig) -> bool,
+) -> Dig {
+    let deadline = Instant::now() + limit;
+    loop {
+        let d = dig(server, args).await;
+        if done(&d) {
+            return d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}\n{}",
+            d.out
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
