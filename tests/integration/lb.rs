@@ -16,6 +16,23 @@ async fn lb_for(consul: &Consul) -> Lb {
     .await
 }
 
+/// A service `<prefix>-…` with one backend named `name` behind an lb on the
+/// shared Consul (`lb_extra` is appended to the lb's config), once it is routed:
+/// (service name, backend, lb).
+async fn one_service(prefix: &str, name: &str, tags: &[&str], lb_extra: &str) -> (String, HttpBackend, Lb) {
+    let consul = Consul::shared();
+    let svc = unique(prefix);
+    let backend = HttpBackend::start(name).await;
+    register(consul, &format!("{svc}-1"), &svc, &backend, tags);
+    let lb = Lb::start(&format!(
+        "{}[dns]\nwildcard_domain = \".apps.example.com\"\nwildcard_targets = [\"127.0.0.1\"]\n{lb_extra}",
+        consul_section(consul)
+    ))
+    .await;
+    lb.wait_for(&format!("{svc}.service"), "/", &[name]).await;
+    (svc, backend, lb)
+}
+
 fn register(consul: &Consul, id: &str, svc: &str, backend: &HttpBackend, tags: &[&str]) {
     consul.register(id, svc, &backend.addr.ip().to_string(), backend.addr.port(), tags, true);
 }
@@ -24,12 +41,7 @@ fn register(consul: &Consul, id: &str, svc: &str, backend: &HttpBackend, tags: &
 /// 503 page; the host itself gets the landing page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_host_form_reaches_the_service() {
-    let consul = Consul::shared();
-    let svc = unique("hosts");
-    let backend = HttpBackend::start("one").await;
-    register(consul, &format!("{svc}-1"), &svc, &backend, &["haproxy"]);
-    let lb = lb_for(consul).await;
-    lb.wait_for(&format!("{svc}.service.consul"), "/", &["one"]).await;
+    let (svc, _backend, lb) = one_service("hosts", "one", &["haproxy"], "").await;
     for host in [
         format!("{svc}.service"),
         format!("{svc}.service.consul"),
@@ -190,13 +202,8 @@ async fn killed_instance_costs_no_request() {
 /// the Host header.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_are_added() {
-    let consul = Consul::shared();
-    let svc = unique("headers");
-    let backend = HttpBackend::start("h").await;
-    register(consul, &format!("{svc}-1"), &svc, &backend, &["haproxy"]);
-    let lb = lb_for(consul).await;
+    let (svc, _backend, lb) = one_service("headers", "h", &["haproxy"], "").await;
     let host = format!("{svc}.service");
-    lb.wait_for(&host, "/", &["h"]).await;
     let (_, _, h1) = lb.get(&host, "/").await;
     let (_, _, h2) = lb.get(&host, "/").await;
     assert_eq!(h1["x-seen-xff"], "127.0.0.1");
@@ -223,23 +230,14 @@ async fn consul_outage_keeps_the_routes() {
 /// Bad tag values are logged and ignored: the instance is routed with defaults.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tag_values_are_ignored() {
-    let consul = Consul::shared();
-    let svc = unique("badtags");
-    let backend = HttpBackend::start("ok").await;
-    register(
-        consul,
-        &format!("{svc}-1"),
-        &svc,
-        &backend,
-        &[
-            "haproxy",
-            "haproxy_weight=lots",
-            "haproxy_tcp=notaport",
-            "haproxy_route=",
-        ],
-    );
-    let lb = lb_for(consul).await;
-    lb.wait_for(&format!("{svc}.service"), "/", &["ok"]).await;
+    // one_service waits until the instance is routed (with default weight).
+    let tags = [
+        "haproxy",
+        "haproxy_weight=lots",
+        "haproxy_tcp=notaport",
+        "haproxy_route=",
+    ];
+    one_service("badtags", "ok", &tags, "").await;
 }
 
 /// 50 changes in a row (instances added and removed) under a load loop: no
@@ -317,12 +315,7 @@ async fn httpchk_failures_take_an_instance_out_and_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgraded_connections_are_spliced() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let consul = Consul::shared();
-    let svc = unique("upgrade");
-    let backend = HttpBackend::start("u").await;
-    register(consul, &format!("{svc}-1"), &svc, &backend, &["haproxy"]);
-    let lb = lb_for(consul).await;
-    lb.wait_for(&format!("{svc}.service"), "/", &["u"]).await;
+    let (svc, _backend, lb) = one_service("upgrade", "u", &["haproxy"], "").await;
     let mut s = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
     s.write_all(
         format!("GET /chat HTTP/1.1\r\nHost: {svc}.service\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").as_bytes(),
@@ -353,13 +346,8 @@ async fn upgraded_connections_are_spliced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_headers_and_slow_clients_do_no_harm() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let consul = Consul::shared();
-    let svc = unique("abuse");
-    let backend = HttpBackend::start("fine").await;
-    register(consul, &format!("{svc}-1"), &svc, &backend, &["haproxy"]);
-    let lb = Lb::start(&format!("{}[lb]\nclient_timeout = \"1s\"\n", consul_section(consul))).await;
+    let (svc, _backend, lb) = one_service("abuse", "fine", &["haproxy"], "[lb]\nclient_timeout = \"1s\"\n").await;
     let host = format!("{svc}.service");
-    lb.wait_for(&host, "/", &["fine"]).await;
 
     let mut big = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
     let filler = "a".repeat(100 * 1024);
@@ -474,12 +462,9 @@ async fn lb_registers_itself_and_deregisters_on_shutdown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_maxconn_queues_then_refuses() {
     let consul = Consul::shared();
-    let svc = unique("maxconn");
-    let backend = HttpBackend::start("m").await;
-    register(consul, &format!("{svc}-1"), &svc, &backend, &["haproxy"]);
-    let lb = Arc::new(Lb::start(&format!("{}[lb]\nqueue_timeout = \"1s\"\n", consul_section(consul))).await);
+    let (svc, _backend, lb) = one_service("maxconn", "m", &["haproxy"], "[lb]\nqueue_timeout = \"1s\"\n").await;
+    let lb = Arc::new(lb);
     let host = format!("{svc}.service");
-    lb.wait_for(&host, "/", &["m"]).await;
     let burst = |n: usize| {
         let (lb, host) = (lb.clone(), host.clone());
         async move {
