@@ -12,7 +12,7 @@ set -euo pipefail
 want_bench=0
 [ "${1:-}" = "--bench" ] && want_bench=1
 
-packages=(bind9-dnsutils knot-dnsutils unbound dnsmasq-base iproute2 procps ca-certificates)
+packages=(bind9-dnsutils knot-dnsutils unbound dnsmasq-base iproute2 procps ca-certificates curl nginx-light)
 [ $want_bench = 1 ] && packages+=(dnsperf)
 
 missing=()

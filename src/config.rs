@@ -91,6 +91,26 @@ pub struct LbSection {
     /// hosts. Default `wayfinder-lb`; `""` turns self-registration off.
     #[serde(default = "default_lb_register")]
     pub register: String,
+    /// Serve HTTPS on `https` (PanteraS `HAPROXY_SSL`, which overrides this).
+    /// Default `false`.
+    #[serde(default)]
+    pub ssl: bool,
+    /// HTTPS listener, used when `ssl` is on. Default `0.0.0.0:443`; `LISTEN_IP`
+    /// replaces the address.
+    #[serde(default = "default_lb_https")]
+    pub https: SocketAddr,
+    /// PEM files for HTTPS, each holding a certificate chain and its private key
+    /// (HAProxy's format), or directories whose `*.pem` files are all loaded. The
+    /// certificate is chosen by SNI from the names it covers (wildcards too); the
+    /// first one answers clients that send no or an unknown name. Files are
+    /// re-read when they change. Required when `ssl` is on. Default none.
+    #[serde(default)]
+    pub certs: Vec<PathBuf>,
+    /// Stats listener: the status page at `/` and the counters as JSON at
+    /// `/stats.json`. Default `0.0.0.0:81`; `""` turns it off; `LISTEN_IP` replaces
+    /// the address.
+    #[serde(default = "default_lb_stats")]
+    pub stats: String,
 }
 
 impl Default for LbSection {
@@ -101,6 +121,12 @@ impl Default for LbSection {
 
 fn default_lb_http() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 80))
+}
+fn default_lb_https() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 443))
+}
+fn default_lb_stats() -> String {
+    "0.0.0.0:81".into()
 }
 fn default_lb_connect_timeout() -> Duration {
     Duration::from_secs(5)
@@ -331,6 +357,19 @@ pub struct LbConfig {
     pub register: Option<String>,
     /// Queue wait for a free instance.
     pub queue_timeout: Duration,
+    /// HTTPS listener and its certificate files, when HTTPS is on.
+    pub https: Option<HttpsConfig>,
+    /// Stats listener, unless turned off.
+    pub stats: Option<SocketAddr>,
+}
+
+/// Validated HTTPS settings of the lb.
+#[derive(Debug, Clone)]
+pub struct HttpsConfig {
+    /// HTTPS listener.
+    pub listen: SocketAddr,
+    /// PEM files and directories of PEM files.
+    pub certs: Vec<PathBuf>,
 }
 
 /// Validated `[consul]`.
@@ -501,6 +540,18 @@ fn apply_env(file: &mut FileConfig, env: &dyn Env) -> Result<(), ConfigError> {
             addr.set_ip(ip);
         }
         file.lb.http.set_ip(ip);
+        file.lb.https.set_ip(ip);
+        if let Ok(mut stats) = file.lb.stats.trim().parse::<SocketAddr>() {
+            stats.set_ip(ip);
+            file.lb.stats = stats.to_string();
+        }
+    }
+    if let Some(ssl) = env.get(env::HAPROXY_SSL) {
+        file.lb.ssl = match ssl.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" => true,
+            "false" | "0" | "no" => false,
+            other => return Err(env_error(env::HAPROXY_SSL, format!("`{other}` is not true or false"))),
+        };
     }
     if let Some(ip) = env_ip(env, env::CONSUL_IP)? {
         file.consul.http.set_ip(ip);
@@ -724,7 +775,31 @@ fn validate_lb(
         check_timeout,
         queue_timeout,
         register,
+        ssl,
+        https,
+        certs,
+        stats,
     } = lb;
+    let https = match (ssl, certs.is_empty()) {
+        (false, _) => None,
+        (true, true) => {
+            return Err(err(
+                "lb.certs",
+                "HTTPS is on (lb.ssl or HAPROXY_SSL) but no certificate files are given".into(),
+            ));
+        }
+        (true, false) => Some(HttpsConfig {
+            listen: *https,
+            certs: certs.clone(),
+        }),
+    };
+    let stats = match stats.trim() {
+        "" => None,
+        text => Some(
+            text.parse::<SocketAddr>()
+                .map_err(|e| err("lb.stats", format!("`{text}` is not an address with a port: {e}")))?,
+        ),
+    };
     let register = register.trim();
     if !register
         .chars()
@@ -767,6 +842,8 @@ fn validate_lb(
         check_timeout: *check_timeout,
         register: (!register.is_empty()).then(|| register.to_string()),
         queue_timeout: *queue_timeout,
+        https,
+        stats,
     })
 }
 
@@ -865,6 +942,38 @@ mod tests {
         assert_eq!(c.dns.upstreams, vec!["192.0.2.1:53".parse().unwrap()]);
         assert_eq!(c.dns.consul_timeout, Duration::from_secs(2));
         assert!(c.dns.workers >= 1);
+    }
+
+    #[test]
+    fn lb_https_and_stats_listeners() {
+        let c = check(MIN, &[]).unwrap();
+        assert!(c.lb.https.is_none(), "HTTPS is off by default");
+        assert_eq!(c.lb.stats, Some("0.0.0.0:81".parse().unwrap()));
+
+        let e = check(&format!("{MIN}[lb]\nssl = true\n"), &[]).unwrap_err();
+        assert_eq!(e.key, "lb.certs", "{e}");
+        let e = check(MIN, &[("HAPROXY_SSL", "true")]).unwrap_err();
+        assert_eq!(e.key, "lb.certs", "HAPROXY_SSL turns HTTPS on: {e}");
+        let e = check(MIN, &[("HAPROXY_SSL", "maybe")]).unwrap_err();
+        assert!(e.to_string().contains("HAPROXY_SSL"), "{e}");
+
+        let with_certs = format!("{MIN}[lb]\ncerts = [\"/etc/ssl/site.pem\"]\nstats = \"\"\n");
+        let c = check(&with_certs, &[("HAPROXY_SSL", "true"), ("LISTEN_IP", "10.1.2.3")]).unwrap();
+        let https = c.lb.https.expect("on");
+        assert_eq!(https.listen, "10.1.2.3:443".parse().unwrap());
+        assert_eq!(https.certs, vec![PathBuf::from("/etc/ssl/site.pem")]);
+        assert_eq!(c.lb.stats, None, "\"\" turns the stats listener off");
+        let c = check(
+            &format!("{MIN}[lb]\nssl = true\ncerts = [\"x.pem\"]\n"),
+            &[("HAPROXY_SSL", "false")],
+        )
+        .unwrap();
+        assert!(c.lb.https.is_none(), "HAPROXY_SSL=false wins over the file");
+        let c = check(MIN, &[("LISTEN_IP", "10.1.2.3")]).unwrap();
+        assert_eq!(c.lb.stats, Some("10.1.2.3:81".parse().unwrap()));
+
+        let e = check(&format!("{MIN}[lb]\nstats = \"81\"\n"), &[]).unwrap_err();
+        assert_eq!(e.key, "lb.stats", "{e}");
     }
 
     #[test]

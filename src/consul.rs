@@ -174,16 +174,36 @@ impl ConsulClient {
         Ok((value, new_index))
     }
 
-    /// A blocking GET of a KV key's raw value: `None` when the key does not exist.
-    pub async fn kv_raw(&self, key: &str, index: u64) -> Result<(Option<String>, u64), ConsulError> {
-        let (status, new_index, body) = self.get_indexed(&format!("/v1/kv/{key}?raw&stale"), index).await?;
+    /// A blocking GET of every KV key under `prefix` with its value (UTF-8,
+    /// `None` when the value is empty or not text); empty when none exists.
+    pub async fn kv_tree(&self, prefix: &str, index: u64) -> Result<(Vec<(String, Option<String>)>, u64), ConsulError> {
+        #[derive(serde::Deserialize)]
+        struct KvEntry {
+            #[serde(rename = "Key")]
+            key: String,
+            #[serde(rename = "Value")]
+            value: Option<String>,
+        }
+        let (status, new_index, body) = self
+            .get_indexed(&format!("/v1/kv/{prefix}?recurse&stale"), index)
+            .await?;
         if status == reqwest::StatusCode::NOT_FOUND {
-            return Ok((None, new_index));
+            return Ok((Vec::new(), new_index));
         }
         if !status.is_success() {
             return Err(self.status_error(status, &body));
         }
-        Ok((Some(body), new_index))
+        let entries: Vec<KvEntry> = serde_json::from_str(&body).map_err(|source| ConsulError::Decode {
+            addr: self.addr,
+            source,
+        })?;
+        use base64::Engine as _;
+        let decode = |v: Option<String>| {
+            let bytes = base64::engine::general_purpose::STANDARD.decode(v?).ok()?;
+            String::from_utf8(bytes).ok()
+        };
+        let tree = entries.into_iter().map(|e| (e.key, decode(e.value))).collect();
+        Ok((tree, new_index))
     }
 
     /// A PUT with a JSON body (agent endpoints such as service registration).

@@ -41,11 +41,14 @@ pub const CONSUL_DC: &str = "CONSUL_DC";
 /// The wildcard domain answered with the load-balancer hosts.
 pub const HAPROXY_ADD_DOMAIN: &str = "HAPROXY_ADD_DOMAIN";
 
+/// Serve HTTPS from the lb (`true`/`false`).
+pub const HAPROXY_SSL: &str = "HAPROXY_SSL";
+
 /// Every variable Wayfinder reads, with what it overrides (printed by `check`).
 pub const VARS: &[(&str, &str)] = &[
     (
         LISTEN_IP,
-        "the address of every listener: dns.listen, lb.http (ports kept)",
+        "the address of every listener: dns.listen, lb.http, lb.https, lb.stats (ports kept)",
     ),
     (
         HOST_IP,
@@ -55,4 +58,5 @@ pub const VARS: &[(&str, &str)] = &[
     (CONSUL_DOMAIN, "consul.domain"),
     (CONSUL_DC, "consul.datacenter"),
     (HAPROXY_ADD_DOMAIN, "dns.wildcard_domain"),
+    (HAPROXY_SSL, "lb.ssl"),
 ];

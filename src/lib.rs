@@ -51,7 +51,8 @@ impl AppError {
             AppError::Config(_) => EXIT_CONFIG,
             AppError::Dns(dns::DnsError::Bind { .. }) => EXIT_CONFIG,
             AppError::Dns(_) => 1,
-            AppError::Lb(lb::LbError::Bind { .. }) => EXIT_CONFIG,
+            AppError::Lb(lb::LbError::Bind { .. } | lb::LbError::Certs(_)) => EXIT_CONFIG,
+            AppError::Lb(_) => 1,
         }
     }
 }
@@ -80,7 +81,7 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
         Command::Lb { config } => {
             let (_, config) = config::load(config.as_deref(), &env::ProcessEnv).map_err(AppError::Config)?;
             tracing::info!(config = %config.source, "starting lb");
-            let sockets = lb::LbSockets::bind(config.lb.http).map_err(AppError::Lb)?;
+            let sockets = lb::LbSockets::bind(&config.lb).map_err(AppError::Lb)?;
             let state = lb::LbState::new(&lb::table_config(&config));
             until_signal("lb", move |shutdown| async move {
                 lb::run(&config, sockets, state, shutdown).await.map_err(AppError::Lb)
@@ -91,15 +92,27 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
 }
 
 /// Runs a component until SIGTERM/SIGINT, then cancels it and gives it
-/// [`SHUTDOWN_GRACE`] to finish.
+/// [`SHUTDOWN_GRACE`] to finish. A component that stops by itself (a start-up
+/// error such as an unusable certificate) ends the command with its result.
 async fn until_signal<F, Fut>(name: &'static str, component: F) -> Result<(), AppError>
 where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: Future<Output = Result<(), AppError>> + Send + 'static,
 {
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(component(shutdown.clone()));
-    let signal = signals::shutdown().await;
+    let mut task = tokio::spawn(component(shutdown.clone()));
+    let signal = tokio::select! {
+        signal = signals::shutdown() => signal,
+        ended = &mut task => {
+            return match ended {
+                Ok(result) => result,
+                Err(join) => {
+                    tracing::error!(component = name, error = %join, "component task failed");
+                    Ok(())
+                }
+            };
+        }
+    };
     tracing::info!(signal, component = name, "shutting down");
     shutdown.cancel();
     match tokio::time::timeout(SHUTDOWN_GRACE, task).await {

@@ -3,13 +3,16 @@
 //!
 //! ```text
 //!  Consul ──watch::run (blocking queries)──▶ RoutingTable::build ──ArcSwap──┐
-//!  client ──TCP──▶ proxy::serve (hyper, HTTP/1.1 keep-alive) ──route()──────┘
+//!  client ──TCP──▶ proxy::serve (hyper, HTTP/1.1 keep-alive) ──route()──────┤
+//!  client ──TLS──▶ proxy::serve (SNI cert from tls::SniResolver; h2 or 1.1) ─┘
 //!                     └─ Backend::pick (smooth WRR, ejected instances skipped)
 //!                         └─ pool: connected backend sessions, retry on another
 //!                            instance when a connection cannot be made
 //!  tcp::run: haproxy_tcp= listeners opened and closed as the table changes
 //!  register::run: the lb itself as Consul service `wayfinder-lb` (DNS follows it)
 //!  health::run: haproxy_httpchk / TCP connect checks every 2 s (rise 2, fall 3)
+//!  tls::watch: certificate files re-read when they change
+//!  status::serve: the stats listener (status page, /stats.json)
 //! ```
 //!
 //! Per-instance state that must outlive a table (ejection, in-flight counts) lives
@@ -19,9 +22,11 @@ pub mod health;
 pub mod proxy;
 pub mod register;
 pub mod stats;
+pub mod status;
 pub mod table;
 pub mod tags;
 pub mod tcp;
+pub mod tls;
 pub mod watch;
 
 use std::net::SocketAddr;
@@ -49,6 +54,12 @@ pub enum LbError {
         /// The cause (EADDRINUSE, EACCES for port 80 without CAP_NET_BIND_SERVICE ...).
         source: std::io::Error,
     },
+    /// The HTTPS certificates could not be loaded at start.
+    #[error("HTTPS certificates: {0}")]
+    Certs(#[source] tls::CertError),
+    /// The TLS configuration was refused.
+    #[error("TLS setup: {0}")]
+    Tls(#[source] rustls::Error),
 }
 
 /// Already-bound listeners for [`run`].
@@ -56,23 +67,34 @@ pub enum LbError {
 pub struct LbSockets {
     /// The HTTP listener.
     pub http: std::net::TcpListener,
+    /// The HTTPS listener, when HTTPS is on.
+    pub https: Option<std::net::TcpListener>,
+    /// The stats listener, unless turned off.
+    pub stats: Option<std::net::TcpListener>,
 }
 
 impl LbSockets {
-    /// Binds the HTTP listener (port 0 picks a free port).
-    pub fn bind(http: SocketAddr) -> Result<Self, LbError> {
-        let bind = || -> std::io::Result<std::net::TcpListener> {
-            let socket = Socket::new(Domain::for_address(http), Type::STREAM, Some(Protocol::TCP))?;
-            socket.set_reuse_address(true)?;
-            socket.set_nonblocking(true)?;
-            socket.bind(&http.into())?;
-            socket.listen(1024)?;
-            Ok(socket.into())
-        };
+    /// Binds the listeners the configuration asks for (port 0 picks a free port).
+    pub fn bind(config: &crate::config::LbConfig) -> Result<Self, LbError> {
         Ok(Self {
-            http: bind().map_err(|source| LbError::Bind { addr: http, source })?,
+            http: bind_tcp(config.http)?,
+            https: config.https.as_ref().map(|h| bind_tcp(h.listen)).transpose()?,
+            stats: config.stats.map(bind_tcp).transpose()?,
         })
     }
+}
+
+/// A listening, non-blocking TCP socket.
+pub fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, LbError> {
+    let bind = || -> std::io::Result<std::net::TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        Ok(socket.into())
+    };
+    bind().map_err(|source| LbError::Bind { addr, source })
 }
 
 /// What the lb shares with the admin API and the tests.
@@ -92,6 +114,8 @@ pub struct LbState {
     pub maxconn: ArcSwap<std::collections::HashMap<String, usize>>,
     /// Requests waiting for a free instance right now (bounded).
     pub queued: std::sync::atomic::AtomicUsize,
+    /// The HTTPS certificates in force, when HTTPS is on.
+    pub certs: std::sync::OnceLock<Arc<tls::SniResolver>>,
 }
 
 /// Requests in flight per instance when Consul KV says nothing (PanteraS: 128).
@@ -108,6 +132,7 @@ impl LbState {
             changes: tokio::sync::watch::Sender::new(0),
             maxconn: ArcSwap::from_pointee(std::collections::HashMap::new()),
             queued: std::sync::atomic::AtomicUsize::new(0),
+            certs: std::sync::OnceLock::new(),
         })
     }
 }
@@ -130,7 +155,21 @@ pub async fn run(
     state: Arc<LbState>,
     shutdown: CancellationToken,
 ) -> Result<(), LbError> {
+    // Certificates first: a bad file is a start-up error, before any listener serves.
+    let tls = match &config.lb.https {
+        Some(https) => {
+            let resolver = tls::SniResolver::new(tls::CertIndex::load(&https.certs).map_err(LbError::Certs)?);
+            let _ = state.certs.set(resolver.clone());
+            Some(tokio_rustls::TlsAcceptor::from(
+                tls::server_config(resolver).map_err(LbError::Tls)?,
+            ))
+        }
+        None => None,
+    };
     let tasks = TaskTracker::new();
+    if let (Some(https), Some(resolver)) = (&config.lb.https, state.certs.get()) {
+        tasks.spawn(tls::watch(https.certs.clone(), resolver.clone(), shutdown.clone()));
+    }
     let consul = ConsulClient::new(config.consul.http);
     tasks.spawn(watch::run(
         consul,
@@ -153,12 +192,25 @@ pub async fn run(
         shutdown.clone(),
     ));
     let addr = sockets.http.local_addr().ok();
-    let listener = tokio::net::TcpListener::from_std(sockets.http).map_err(|source| LbError::Bind {
-        addr: addr.unwrap_or(config.lb.http),
-        source,
-    })?;
+    let https_addr = sockets.https.as_ref().and_then(|l| l.local_addr().ok());
+    let stats_addr = sockets.stats.as_ref().and_then(|l| l.local_addr().ok());
     let proxy = proxy::Proxy::new(config, state.clone());
-    tasks.spawn(proxy.serve(listener, shutdown.clone(), tasks.clone()));
+    tasks.spawn(
+        proxy
+            .clone()
+            .serve(tokio_listener(sockets.http)?, None, shutdown.clone(), tasks.clone()),
+    );
+    if let (Some(listener), Some(tls)) = (sockets.https, tls) {
+        tasks.spawn(proxy.serve(tokio_listener(listener)?, Some(tls), shutdown.clone(), tasks.clone()));
+    }
+    if let Some(listener) = sockets.stats {
+        tasks.spawn(status::serve(
+            tokio_listener(listener)?,
+            state.clone(),
+            shutdown.clone(),
+            tasks.clone(),
+        ));
+    }
     if let (Some(name), Some(bound)) = (&config.lb.register, addr) {
         // Consul must reach the address it checks: the configured one, else HOST_IP,
         // else loopback (a single host).
@@ -174,10 +226,17 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
-    tracing::info!(http = ?addr, consul = %config.consul.http, "lb listening");
+    tracing::info!(http = ?addr, https = ?https_addr, stats = ?stats_addr, consul = %config.consul.http, "lb listening");
     shutdown.cancelled().await;
     tasks.close();
     tasks.wait().await;
     tracing::info!("lb stopped");
     Ok(())
+}
+
+fn tokio_listener(listener: std::net::TcpListener) -> Result<tokio::net::TcpListener, LbError> {
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    tokio::net::TcpListener::from_std(listener).map_err(|source| LbError::Bind { addr, source })
 }

@@ -1,7 +1,8 @@
 //! The HTTP proxy: client connections in, backend sessions out.
 //!
 //! ```text
-//!  accept ─▶ hyper http1 (keep-alive, header size limit → 431, header timeout)
+//!  accept ─▶ [TLS handshake, ALPN h2 → hyper http2]
+//!         ─▶ hyper http1 (keep-alive, header size limit → 431, header timeout)
 //!    request ─▶ table.route(Host, path) ─▶ Landing page | 503 page | Backend
 //!      Backend: pick an instance (smooth WRR) ─▶ checkout a pooled session
 //!         connect failed ─▶ eject the instance, pick another (the request body is
@@ -29,8 +30,9 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -66,6 +68,24 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     header::PROXY_AUTHORIZATION,
 ];
 
+/// How a client reached the proxy (`X-Forwarded-Proto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// Plain HTTP.
+    Http,
+    /// HTTP/1.1 or HTTP/2 over TLS.
+    Https,
+}
+
+impl Scheme {
+    fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
 /// The proxy and its backend sessions.
 pub struct Proxy {
     state: Arc<LbState>,
@@ -95,9 +115,15 @@ impl Proxy {
         })
     }
 
-    /// Accepts client connections until shutdown; open connections finish their
-    /// current request.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken, tasks: TaskTracker) {
+    /// Accepts client connections until shutdown (over TLS when `tls` is given);
+    /// open connections finish their current request.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<TlsAcceptor>,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+    ) {
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -113,15 +139,46 @@ impl Proxy {
             let _ = stream.set_nodelay(true);
             let proxy = self.clone();
             let shutdown = shutdown.clone();
-            tasks.spawn(async move { proxy.connection(stream, peer, shutdown).await });
+            match &tls {
+                None => {
+                    tasks.spawn(async move { proxy.http1(TokioIo::new(stream), peer, Scheme::Http, shutdown).await })
+                }
+                Some(tls) => {
+                    let tls = tls.clone();
+                    tasks.spawn(async move { proxy.tls(tls, stream, peer, shutdown).await })
+                }
+            };
         }
     }
 
-    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
+    /// The TLS handshake, then HTTP/2 when the client chose it by ALPN, else HTTP/1.1.
+    async fn tls(self: Arc<Self>, tls: TlsAcceptor, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
+        let stream = match tokio::time::timeout(self.client_timeout, tls.accept(stream)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                tracing::debug!(%peer, %error, "lb: TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "lb: TLS handshake timed out");
+                return;
+            }
+        };
+        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            self.http2(TokioIo::new(stream), peer, shutdown).await;
+        } else {
+            self.http1(TokioIo::new(stream), peer, Scheme::Https, shutdown).await;
+        }
+    }
+
+    async fn http1<I>(self: Arc<Self>, io: I, peer: SocketAddr, scheme: Scheme, shutdown: CancellationToken)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         let proxy = self.clone();
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer, scheme).await) }
         });
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
@@ -129,7 +186,7 @@ impl Proxy {
             .keep_alive(true)
             .header_read_timeout(self.client_timeout)
             .max_buf_size(2 * MAX_HEADER_BYTES);
-        let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+        let conn = builder.serve_connection(io, service).with_upgrades();
         tokio::pin!(conn);
         tokio::select! {
             r = conn.as_mut() => {
@@ -144,7 +201,37 @@ impl Proxy {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    async fn http2<I>(self: Arc<Self>, io: I, peer: SocketAddr, shutdown: CancellationToken)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let proxy = self.clone();
+        let service = service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer, Scheme::Https).await) }
+        });
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
+            .keep_alive_interval(Some(self.client_timeout))
+            .keep_alive_timeout(self.client_timeout);
+        let conn = builder.serve_connection(io, service);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "lb client h2 connection ended");
+                }
+            }
+            _ = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr, scheme: Scheme) -> Response<ProxyBody> {
         let started = Instant::now();
         let head_bytes: usize = req
             .headers()
@@ -157,9 +244,14 @@ impl Proxy {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "The request headers are too large.",
             );
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            self.state.stats.request(resp.status().as_u16(), started.elapsed());
+            if req.version() < http::Version::HTTP_2 {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            self.state
+                .stats
+                .requests
+                .record(resp.status().as_u16(), started.elapsed());
             return resp;
         }
         let table = self.state.table.load_full();
@@ -169,19 +261,30 @@ impl Proxy {
             .and_then(|h| h.to_str().ok())
             .or_else(|| req.uri().host());
         let response = match table.route(host, req.uri().path()) {
-            Route::Landing => landing_page(&table),
+            Route::Landing => super::status::landing_page(&self.state),
             Route::NotFound => error_page(StatusCode::SERVICE_UNAVAILABLE, "No service answers to this name."),
             Route::Backend(backend) => {
                 let backend = backend.clone();
                 drop(table);
-                self.forward(req, peer, &backend).await
+                let response = self.forward(req, peer, scheme, &backend).await;
+                backend.counters.record(response.status().as_u16(), started.elapsed());
+                response
             }
         };
-        self.state.stats.request(response.status().as_u16(), started.elapsed());
+        self.state
+            .stats
+            .requests
+            .record(response.status().as_u16(), started.elapsed());
         response
     }
 
-    async fn forward(&self, mut req: Request<Incoming>, peer: SocketAddr, backend: &Backend) -> Response<ProxyBody> {
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        scheme: Scheme,
+        backend: &Backend,
+    ) -> Response<ProxyBody> {
         let wants_upgrade = req.headers().contains_key(header::UPGRADE);
         let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
@@ -194,7 +297,7 @@ impl Proxy {
                 .is_none_or(|v| v.as_bytes() == b"0");
         let mut body = Some(body);
         // Built once; rebuilt only for a retry (rare), not cloned per attempt.
-        let first_headers = self.outgoing_headers(&parts.headers, peer, wants_upgrade);
+        let first_headers = self.outgoing_headers(&parts, peer, scheme, wants_upgrade);
         let unique_id = first_headers.get("x-unique-id").cloned();
         let mut headers = Some(first_headers);
         let uri = parts
@@ -249,7 +352,7 @@ impl Proxy {
             *out.uri_mut() = uri.clone();
             *out.headers_mut() = headers.take().unwrap_or_else(|| {
                 // A retry: same request, same X-Unique-ID.
-                let mut h = self.outgoing_headers(&parts.headers, peer, wants_upgrade);
+                let mut h = self.outgoing_headers(&parts, peer, scheme, wants_upgrade);
                 if let Some(id) = &unique_id {
                     h.insert("x-unique-id", id.clone());
                 }
@@ -350,8 +453,22 @@ impl Proxy {
         result
     }
 
-    fn outgoing_headers(&self, incoming: &HeaderMap, peer: SocketAddr, upgrade: bool) -> HeaderMap {
+    fn outgoing_headers(
+        &self,
+        request: &http::request::Parts,
+        peer: SocketAddr,
+        scheme: Scheme,
+        upgrade: bool,
+    ) -> HeaderMap {
+        let incoming = &request.headers;
         let mut headers = incoming.clone();
+        // HTTP/2 carries the host in :authority; the HTTP/1.1 backend needs Host.
+        if !headers.contains_key(header::HOST)
+            && let Some(authority) = request.uri.authority()
+            && let Ok(v) = HeaderValue::from_str(authority.as_str())
+        {
+            headers.insert(header::HOST, v);
+        }
         let upgrade_value = upgrade.then(|| headers.get(header::UPGRADE).cloned()).flatten();
         strip_hop_by_hop(&mut headers);
         if let Some(value) = upgrade_value {
@@ -366,7 +483,7 @@ impl Proxy {
         if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
             headers.insert("x-forwarded-for", v);
         }
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        headers.insert("x-forwarded-proto", HeaderValue::from_static(scheme.as_str()));
         if !headers.contains_key("x-unique-id") {
             let n = self.request_ids.fetch_add(1, Ordering::Relaxed);
             if let Ok(v) = HeaderValue::from_str(&format!("{:08X}{n:012X}", self.id_prefix)) {
@@ -459,7 +576,7 @@ fn empty() -> ProxyBody {
     Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
 }
 
-fn html(status: StatusCode, body: String) -> Response<ProxyBody> {
+pub(super) fn html(status: StatusCode, body: String) -> Response<ProxyBody> {
     let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
     *resp.status_mut() = status;
     resp.headers_mut().insert(
@@ -471,7 +588,7 @@ fn html(status: StatusCode, body: String) -> Response<ProxyBody> {
     resp
 }
 
-fn error_page(status: StatusCode, message: &str) -> Response<ProxyBody> {
+pub(super) fn error_page(status: StatusCode, message: &str) -> Response<ProxyBody> {
     html(
         status,
         format!(
@@ -481,31 +598,6 @@ fn error_page(status: StatusCode, message: &str) -> Response<ProxyBody> {
             reason = status.canonical_reason().unwrap_or(""),
         ),
     )
-}
-
-fn landing_page(table: &super::table::RoutingTable) -> Response<ProxyBody> {
-    let mut rows = String::new();
-    for backend in table.backends() {
-        let up = backend.instances.iter().filter(|i| i.weight > 0).count();
-        rows.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-            escape(&backend.service),
-            escape(&backend.datacenter),
-            up
-        ));
-    }
-    html(
-        StatusCode::OK,
-        format!(
-            "<!doctype html><html><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\">\
-             <title>wayfinder</title></head><body><h1>wayfinder</h1>\
-             <table><tr><th>service</th><th>datacenter</th><th>instances</th></tr>{rows}</table></body></html>\n"
-        ),
-    )
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 /// Backend sessions by instance address.

@@ -1,7 +1,9 @@
-//! Load-balancer counters for the admin API: requests by status class, request
-//! latency, and the propagation time of every routing change (Consul's answer to
-//! the new table being live). Relaxed atomics on the request path; the
-//! propagation samples (rare) keep a bounded ring for percentiles.
+//! Load-balancer counters for the status page and the admin API: requests by
+//! status class and latency, for the whole lb and per route ([`RequestCounters`],
+//! one per service, kept across tables by the health registry), and the
+//! propagation time of every routing change (Consul's answer to the new table
+//! being live). Relaxed atomics on the request path; the propagation samples
+//! (rare) keep a bounded ring for percentiles.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,14 +16,62 @@ pub const LATENCY_BUCKETS_US: [u64; 10] = [
 /// Propagation samples kept for percentiles.
 const PROPAGATION_SAMPLES: usize = 1024;
 
-/// All load-balancer counters.
+/// Requests by status class and latency (the whole lb, or one route).
 #[derive(Debug, Default)]
-pub struct LbStats {
+pub struct RequestCounters {
     /// Requests by status class: 1xx..5xx at index 1..=5; index 0 counts
     /// requests that got no response (client gone).
     pub status_classes: [AtomicU64; 6],
-    /// Request latency histogram (last slot: slower than every bound).
+    /// Request latency histogram (last slot: slower than every bound), up to
+    /// the response head.
     pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+}
+
+/// A copy of [`RequestCounters`].
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RequestSnapshot {
+    /// Requests by status class (index = first digit).
+    pub status_classes: [u64; 6],
+    /// Request latency histogram (bounds in [`LATENCY_BUCKETS_US`]).
+    pub latency_buckets: [u64; LATENCY_BUCKETS_US.len() + 1],
+}
+
+impl RequestSnapshot {
+    /// Requests counted.
+    pub fn total(&self) -> u64 {
+        self.status_classes.iter().sum()
+    }
+}
+
+impl RequestCounters {
+    /// Counts one answered request.
+    #[inline]
+    pub fn record(&self, status: u16, took: Duration) {
+        let class = usize::from(status / 100).min(5);
+        self.status_classes[class].fetch_add(1, Ordering::Relaxed);
+        let us = took.as_micros() as u64;
+        let bucket = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A copy of the counters.
+    pub fn snapshot(&self) -> RequestSnapshot {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RequestSnapshot {
+            status_classes: std::array::from_fn(|i| load(&self.status_classes[i])),
+            latency_buckets: std::array::from_fn(|i| load(&self.latency_buckets[i])),
+        }
+    }
+}
+
+/// All load-balancer counters.
+#[derive(Debug, Default)]
+pub struct LbStats {
+    /// Every request the lb answered (routes, landing page, 503 for unknown names).
+    pub requests: RequestCounters,
     /// Requests retried on another instance after a connect failure.
     pub retries: AtomicU64,
     /// Routing changes applied.
@@ -32,10 +82,8 @@ pub struct LbStats {
 /// A copy of the counters.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct LbSnapshot {
-    /// Requests by status class (index = first digit).
-    pub status_classes: [u64; 6],
-    /// Request latency histogram.
-    pub latency_buckets: [u64; LATENCY_BUCKETS_US.len() + 1],
+    /// Every request the lb answered.
+    pub requests: RequestSnapshot,
     /// Retries on another instance.
     pub retries: u64,
     /// Routing changes applied.
@@ -47,19 +95,6 @@ pub struct LbSnapshot {
 }
 
 impl LbStats {
-    /// Counts one answered request.
-    #[inline]
-    pub fn request(&self, status: u16, took: Duration) {
-        let class = usize::from(status / 100).min(5);
-        self.status_classes[class].fetch_add(1, Ordering::Relaxed);
-        let us = took.as_micros() as u64;
-        let bucket = LATENCY_BUCKETS_US
-            .iter()
-            .position(|&b| us <= b)
-            .unwrap_or(LATENCY_BUCKETS_US.len());
-        self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
-    }
-
     /// Records one routing change and how long it took to go live.
     pub fn propagation(&self, took: Duration) {
         self.changes.fetch_add(1, Ordering::Relaxed);
@@ -77,8 +112,7 @@ impl LbStats {
         samples.sort();
         let pct = |p: usize| (!samples.is_empty()).then(|| samples[(samples.len() - 1) * p / 100]);
         LbSnapshot {
-            status_classes: std::array::from_fn(|i| load(&self.status_classes[i])),
-            latency_buckets: std::array::from_fn(|i| load(&self.latency_buckets[i])),
+            requests: self.requests.snapshot(),
             retries: load(&self.retries),
             changes: load(&self.changes),
             propagation_p50: pct(50),

@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
+use super::stats::RequestCounters;
 use super::tags::{self, HttpCheck, InstanceTags};
 
 // The health fields are independent flags read on the hot path; nothing is
@@ -67,11 +68,15 @@ impl InstanceHealth {
     }
 }
 
-/// Owns [`InstanceHealth`] objects across table generations.
+/// Owns the state that outlives a table generation: [`InstanceHealth`] per
+/// instance address and [`RequestCounters`] per route.
 #[derive(Debug)]
 pub struct HealthRegistry {
     /// One entry per address in a live table; the tables hold clones of the Arcs.
     by_addr: Mutex<HashMap<SocketAddr, Arc<InstanceHealth>>>,
+    /// Counters per (service, datacenter). Kept when a service goes away, so the
+    /// counts stay monotonic for scrapers when it returns; service names are few.
+    routes: Mutex<HashMap<(String, String), Arc<RequestCounters>>>,
     /// Zero of every `*_ms` time, so the times fit an atomic u64.
     epoch: Instant,
 }
@@ -87,6 +92,7 @@ impl HealthRegistry {
     pub fn new() -> Self {
         Self {
             by_addr: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashMap::new()),
             epoch: Instant::now(),
         }
     }
@@ -96,6 +102,14 @@ impl HealthRegistry {
         // The map cannot be left half-updated by a panic, so a poisoned lock is fine to use.
         let mut map = self.by_addr.lock().unwrap_or_else(PoisonError::into_inner);
         map.entry(addr).or_default().clone()
+    }
+
+    /// The request counters of a service's route in a datacenter.
+    pub fn route_counters(&self, service: &str, datacenter: &str) -> Arc<RequestCounters> {
+        let mut map = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        map.entry((service.to_string(), datacenter.to_string()))
+            .or_default()
+            .clone()
     }
 
     /// Forgets instances not in `live` (no longer in any table), so a returning
@@ -183,6 +197,8 @@ pub struct Backend {
     pub datacenter: String,
     /// The instances, in the order Consul listed them.
     pub instances: Vec<BackendInstance>,
+    /// Requests answered through this route (kept across tables).
+    pub counters: Arc<RequestCounters>,
     /// Current weight per instance (nginx's `current_weight`), index-aligned with
     /// `instances`. A std Mutex: held for a few additions, never across `.await`.
     current: Mutex<Vec<i64>>,
@@ -190,12 +206,18 @@ pub struct Backend {
 
 impl Backend {
     /// A backend over `instances`, starting its round-robin sequence afresh.
-    pub fn new(service: String, datacenter: String, instances: Vec<BackendInstance>) -> Self {
+    pub fn new(
+        service: String,
+        datacenter: String,
+        instances: Vec<BackendInstance>,
+        counters: Arc<RequestCounters>,
+    ) -> Self {
         let current = Mutex::new(vec![0; instances.len()]);
         Self {
             service,
             datacenter,
             instances,
+            counters,
             current,
         }
     }
@@ -435,6 +457,26 @@ impl RoutingTable {
         self.backends.iter()
     }
 
+    /// Every routing entry: (host, path prefix, backend); host `None` for the
+    /// host-independent path routes. Sorted by host then path; for status pages.
+    pub fn entries(&self) -> Vec<(Option<&str>, &str, &Arc<Backend>)> {
+        fn of<'t>(
+            host: Option<&'t str>,
+            map: &'t PrefixMap,
+        ) -> impl Iterator<Item = (Option<&'t str>, &'t str, &'t Arc<Backend>)> {
+            let root = map.root.iter().map(move |b| (host, "/", b));
+            root.chain(map.by_prefix.iter().map(move |(p, b)| (host, p.as_str(), b)))
+        }
+        let mut all: Vec<_> = self
+            .hosts
+            .iter()
+            .flat_map(|(h, m)| of(Some(h.as_str()), m))
+            .chain(of(None, &self.paths))
+            .collect();
+        all.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        all
+    }
+
     /// The backend a lower-case host name asks for, if any.
     fn host_backend(&self, host: &str, path: &str) -> Option<&Arc<Backend>> {
         if let Some(backend) = self.hosts.get(host).and_then(|prefixes| prefixes.longest(path)) {
@@ -621,7 +663,12 @@ impl Builder {
                 httpchk: i.tags.httpchk.clone(),
             })
             .collect();
-        Backend::new(spec.name.clone(), spec.datacenter.clone(), instances)
+        Backend::new(
+            spec.name.clone(),
+            spec.datacenter.clone(),
+            instances,
+            health.route_counters(&spec.name, &spec.datacenter),
+        )
     }
 
     /// Warns when the instances of one service disagree on a tag: the union is used,
@@ -1171,7 +1218,7 @@ mod tests {
                 httpchk: None,
             })
             .collect();
-        Backend::new("svc".into(), "dc1".into(), instances)
+        Backend::new("svc".into(), "dc1".into(), instances, Arc::default())
     }
 
     /// `n` picks at `now` as instance ids, `-` for none.

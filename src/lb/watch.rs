@@ -3,6 +3,7 @@
 //! ```text
 //!  /v1/catalog/services (blocking) ──▶ services carrying an LB tag
 //!      └─ one task per such service: /v1/health/service/<svc>?passing (blocking)
+//!  /v1/kv/haproxy/?recurse (blocking) ──▶ maxconn per service
 //!            └─ changed? ──▶ Update ──mpsc──▶ builder
 //!  builder: drain every pending update, RoutingTable::build, ArcSwap::store
 //!           (requests in flight keep the table they started with), record the
@@ -52,6 +53,7 @@ pub async fn run(
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
     let builder = tokio::spawn(build_tables(rx, table_config, state.clone(), shutdown.clone()));
+    let maxconn = tokio::spawn(watch_maxconn(consul.clone(), state.clone(), shutdown.clone()));
     let mut watch = Watch::default();
     let mut watched: HashMap<String, CancellationToken> = HashMap::new();
     loop {
@@ -84,12 +86,6 @@ pub async fn run(
                     if !watched.contains_key(name) {
                         let token = shutdown.child_token();
                         watched.insert(name.clone(), token.clone());
-                        tokio::spawn(watch_maxconn(
-                            consul.clone(),
-                            name.clone(),
-                            state.clone(),
-                            token.clone(),
-                        ));
                         tokio::spawn(watch_service(
                             consul.clone(),
                             name.clone(),
@@ -119,6 +115,7 @@ pub async fn run(
     }
     drop(tx);
     let _ = builder.await;
+    let _ = maxconn.await;
 }
 
 async fn watch_service(
@@ -172,42 +169,30 @@ async fn watch_service(
     }
 }
 
-/// Follows Consul KV `haproxy/<svc>/maxconn` (PanteraS's per-instance cap).
-async fn watch_maxconn(consul: ConsulClient, service: String, state: Arc<LbState>, stop: CancellationToken) {
-    let key = format!("haproxy/{service}/maxconn");
+/// Follows Consul KV `haproxy/<svc>/maxconn` (PanteraS's per-instance cap) for
+/// every service with one blocking query on the `haproxy/` tree: one connection
+/// to Consul, not one per service (Consul caps connections per client address,
+/// `limits.http_max_conns_per_client`, 200 by default).
+async fn watch_maxconn(consul: ConsulClient, state: Arc<LbState>, stop: CancellationToken) {
     let mut watch = Watch::default();
-    let mut last: Option<usize> = None;
     loop {
         let result = tokio::select! {
             _ = stop.cancelled() => break,
-            r = consul.kv_raw(&key, watch.index()) => r,
+            r = consul.kv_tree(MAXCONN_PREFIX, watch.index()) => r,
         };
         let pause = match result {
-            Ok((value, index)) => {
+            Ok((tree, index)) => {
                 watch.success(index);
-                let value = value.map(|v| v.trim().to_string());
-                let parsed = match value.as_deref().map(str::parse::<usize>) {
-                    None => None,
-                    Some(Ok(n)) if n > 0 => Some(n),
-                    Some(_) => {
-                        tracing::warn!(key, value = ?value, "lb: maxconn is not a positive number; using the default");
-                        None
-                    }
-                };
-                if parsed != last {
-                    last = parsed;
-                    set_maxconn(&state, &service, parsed);
-                    tracing::info!(
-                        service,
-                        maxconn = parsed.unwrap_or(super::DEFAULT_MAXCONN),
-                        "lb: maxconn set"
-                    );
+                let parsed = maxconn_values(&tree);
+                if **state.maxconn.load() != parsed {
+                    tracing::info!(maxconn = ?parsed, default = super::DEFAULT_MAXCONN, "lb: maxconn from Consul KV");
+                    state.maxconn.store(Arc::new(parsed));
                 }
                 watch.spacing()
             }
             Err(error) => {
                 let pause = watch.failure();
-                tracing::debug!(key, %error, "lb: maxconn watch failed; keeping the last value");
+                tracing::debug!(%error, "lb: maxconn watch failed; keeping the last values");
                 pause
             }
         };
@@ -216,18 +201,31 @@ async fn watch_maxconn(consul: ConsulClient, service: String, state: Arc<LbState
             _ = tokio::time::sleep(pause) => {}
         }
     }
-    set_maxconn(&state, &service, None);
 }
 
-fn set_maxconn(state: &LbState, service: &str, value: Option<usize>) {
-    state.maxconn.rcu(|map| {
-        let mut map = HashMap::clone(map);
-        match value {
-            Some(n) => map.insert(service.to_string(), n),
-            None => map.remove(service),
+/// The KV tree holding the per-service settings.
+const MAXCONN_PREFIX: &str = "haproxy/";
+
+/// `haproxy/<svc>/maxconn` values that are positive numbers, by service; others
+/// are logged and left to the default.
+fn maxconn_values(tree: &[(String, Option<String>)]) -> HashMap<String, usize> {
+    let mut values = HashMap::new();
+    for (key, value) in tree {
+        let Some(service) = key
+            .strip_prefix(MAXCONN_PREFIX)
+            .and_then(|k| k.strip_suffix("/maxconn"))
+            .filter(|s| !s.is_empty() && !s.contains('/'))
+        else {
+            continue;
         };
-        map
-    });
+        match value.as_deref().map(|v| v.trim().parse::<usize>()) {
+            Some(Ok(n)) if n > 0 => {
+                values.insert(service.to_string(), n);
+            }
+            _ => tracing::warn!(key, value = ?value, "lb: maxconn is not a positive number; using the default"),
+        }
+    }
+    values
 }
 
 /// What makes two answers for a service the same (Consul returns at the end of
@@ -324,5 +322,30 @@ async fn build_tables(
             propagation_us = took.as_micros() as u64,
             "lb: routing table updated"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maxconn_values_take_positive_numbers_of_direct_service_keys() {
+        let tree = |pairs: &[(&str, Option<&str>)]| -> Vec<(String, Option<String>)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+                .collect()
+        };
+        let values = maxconn_values(&tree(&[
+            ("haproxy/web/maxconn", Some(" 20\n")),
+            ("haproxy/api/maxconn", Some("0")),
+            ("haproxy/bad/maxconn", Some("lots")),
+            ("haproxy/empty/maxconn", None),
+            ("haproxy/web/other", Some("5")),
+            ("haproxy/a/b/maxconn", Some("5")),
+            ("haproxy//maxconn", Some("5")),
+        ]));
+        assert_eq!(values, HashMap::from([("web".to_string(), 20)]));
     }
 }

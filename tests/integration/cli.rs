@@ -421,3 +421,43 @@ async fn port_in_use_exits_nonzero_with_could_not_bind() {
         assert!(log.contains(&format!("{proto} socket on {addr}")), "{proto}: {log}");
     }
 }
+
+/// A certificate file that cannot be used stops `wayfinder lb` at start with
+/// exit 64, naming the file and what is wrong with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lb_with_a_broken_certificate_exits_64_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("site.pem");
+    std::fs::write(
+        &pem,
+        "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let config = dir.path().join("lb.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[consul]\nhttp = \"127.0.0.1:{}\"\n[dns]\nupstreams = [\"192.0.2.1\"]\n\
+             [lb]\nhttp = \"127.0.0.1:{}\"\nstats = \"\"\nregister = \"\"\ncerts = [\"{}\"]\n",
+            free_port(),
+            free_port(),
+            pem.display()
+        ),
+    )
+    .unwrap();
+    let mut server = Running::spawn(
+        wayfinder(
+            dir.path(),
+            &["lb", "-c", config.to_str().unwrap()],
+            &[("HAPROXY_SSL", "true"), ("LISTEN_IP", "127.0.0.1")],
+        ),
+        dir.path().join("lb.log"),
+    );
+    let status = server
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("still running with a broken certificate; log:\n{}", server.log()));
+    let log = server.log();
+    assert_eq!(status.code(), Some(EXIT_CONFIG), "{log}");
+    assert!(log.contains("site.pem") && log.contains("certificate"), "{log}");
+}

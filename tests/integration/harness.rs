@@ -663,6 +663,10 @@ impl Drop for HttpBackend {
 pub struct Lb {
     /// The HTTP listener.
     pub addr: SocketAddr,
+    /// The HTTPS listener, when the config turns HTTPS on.
+    pub https: Option<SocketAddr>,
+    /// The stats listener.
+    pub stats: SocketAddr,
     /// Routing table, health and counters.
     pub state: std::sync::Arc<wayfinder::lb::LbState>,
     /// A keep-alive client for this test's runtime (clients must not outlive it).
@@ -676,12 +680,20 @@ impl Lb {
         let env = std::collections::HashMap::<String, String>::new();
         let mut file = wayfinder::config::parse(toml, "test.toml", &env).expect("test config parses");
         file.lb.http = SocketAddr::from(([127, 0, 0, 1], 0));
+        file.lb.https = SocketAddr::from(([127, 0, 0, 1], 0));
+        file.lb.stats = "127.0.0.1:0".into();
         if file.dns.upstreams.is_empty() {
             file.dns.upstreams = vec!["127.0.0.1:9".into()];
         }
         let config = wayfinder::config::validate(&file, "test.toml").expect("test config validates");
-        let sockets = wayfinder::lb::LbSockets::bind(config.lb.http).expect("bind lb");
+        let sockets = wayfinder::lb::LbSockets::bind(&config.lb).expect("bind lb");
         let addr = sockets.http.local_addr().unwrap();
+        let https = sockets.https.as_ref().map(|l| l.local_addr().unwrap());
+        let stats = sockets
+            .stats
+            .as_ref()
+            .map(|l| l.local_addr().unwrap())
+            .expect("stats listener");
         let state = wayfinder::lb::LbState::new(&wayfinder::lb::table_config(&config));
         let shutdown = CancellationToken::new();
         tokio::spawn({
@@ -695,6 +707,8 @@ impl Lb {
         });
         Lb {
             addr,
+            https,
+            stats,
             state,
             client: http_client(),
             shutdown,

@@ -1,0 +1,324 @@
+//! What the lb shows about itself: the routes in force with their instances,
+//! health and counters, the Consul connection, the certificates; as JSON
+//! (`/stats.json`) and as an HTML page (`/`, also the landing page on the HTTP
+//! port), served by the stats listener.
+//!
+//! ```text
+//!  LbState (table, health, counters) ──LbStatus::collect──▶ JSON | HTML
+//!  stats listener (hyper http1): GET / → page, GET /stats.json → JSON
+//! ```
+//!
+//! Everything here runs per status request, never per proxied request.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::LbState;
+use super::proxy::{ProxyBody, error_page, html};
+use super::stats::{LATENCY_BUCKETS_US, RequestSnapshot};
+use super::table::Backend;
+use super::tls::CertInfo;
+
+/// How long the stats listener waits for a request head.
+const STATUS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The whole lb, as the status page and the admin API show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LbStatus {
+    /// False while Consul cannot be reached (the last good routes stay).
+    pub consul_ok: bool,
+    /// Routing changes applied since start.
+    pub changes: u64,
+    /// Median time from Consul's answer to live routing, over recent changes (ms).
+    pub propagation_p50_ms: Option<f64>,
+    /// 99th percentile of the same (ms).
+    pub propagation_p99_ms: Option<f64>,
+    /// Requests retried on another instance.
+    pub retries: u64,
+    /// Requests waiting for an instance below its maxconn right now.
+    pub queued: usize,
+    /// Every request answered (routes, landing page, unknown names).
+    pub requests: RequestSnapshot,
+    /// Upper bounds of the latency buckets, microseconds (the last bucket has none).
+    pub latency_bounds_us: &'static [u64],
+    /// The routes, by service then datacenter.
+    pub routes: Vec<RouteStatus>,
+    /// TCP listeners (`haproxy_tcp=`): port and service.
+    pub tcp: Vec<TcpStatus>,
+    /// HTTPS certificates in force (empty without HTTPS).
+    pub certificates: Vec<CertInfo>,
+}
+
+/// One service's route.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteStatus {
+    /// Consul service name.
+    pub service: String,
+    /// Datacenter of its instances.
+    pub datacenter: String,
+    /// Host names and path prefixes that reach it (`host/path`, or `*/path` for a
+    /// path route on any host).
+    pub names: Vec<String>,
+    /// Per-instance maxconn (Consul KV, else the default).
+    pub maxconn: usize,
+    /// Requests answered through this route.
+    pub requests: RequestSnapshot,
+    /// The instances.
+    pub instances: Vec<InstanceStatus>,
+}
+
+/// One instance of a route.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceStatus {
+    /// Consul service ID.
+    pub id: String,
+    /// Consul node.
+    pub node: String,
+    /// Address.
+    pub addr: SocketAddr,
+    /// `haproxy_weight`.
+    pub weight: u16,
+    /// Takes new requests now (not ejected, active check passing).
+    pub available: bool,
+    /// The active check's verdict.
+    pub check_up: bool,
+    /// Passively ejected after a refused connection, for this long still (ms).
+    pub ejected_for_ms: u64,
+    /// Requests in flight.
+    pub inflight: usize,
+}
+
+/// One TCP listener.
+#[derive(Debug, Clone, Serialize)]
+pub struct TcpStatus {
+    /// The port.
+    pub port: u16,
+    /// Its service.
+    pub service: String,
+    /// Instances and their state.
+    pub instances: Vec<InstanceStatus>,
+}
+
+impl LbStatus {
+    /// A snapshot of `state`.
+    pub fn collect(state: &LbState) -> Self {
+        let table = state.table.load_full();
+        let now = state.health.now_ms();
+        let maxconn = state.maxconn.load();
+        let instances = |backend: &Backend| -> Vec<InstanceStatus> {
+            backend
+                .instances
+                .iter()
+                .map(|i| {
+                    let until = i.health.ejected_until_ms.load(Ordering::Relaxed);
+                    InstanceStatus {
+                        id: i.id.clone(),
+                        node: i.node.clone(),
+                        addr: i.addr,
+                        weight: i.weight,
+                        available: i.weight > 0 && i.health.is_available(now),
+                        check_up: i.health.check_up.load(Ordering::Relaxed),
+                        ejected_for_ms: until.saturating_sub(now),
+                        inflight: i.health.inflight.load(Ordering::Relaxed),
+                    }
+                })
+                .collect()
+        };
+        let mut names: BTreeMap<*const Backend, Vec<String>> = BTreeMap::new();
+        for (host, path, backend) in table.entries() {
+            let path = if path == "/" { "" } else { path };
+            names
+                .entry(Arc::as_ptr(backend))
+                .or_default()
+                .push(format!("{}{path}", host.unwrap_or("*")));
+        }
+        let routes = table
+            .backends()
+            .map(|b| RouteStatus {
+                service: b.service.clone(),
+                datacenter: b.datacenter.clone(),
+                names: names.remove(&Arc::as_ptr(b)).unwrap_or_default(),
+                maxconn: maxconn.get(&b.service).copied().unwrap_or(super::DEFAULT_MAXCONN),
+                requests: b.counters.snapshot(),
+                instances: instances(b),
+            })
+            .collect();
+        let tcp = table
+            .tcp_ports()
+            .map(|(port, b)| TcpStatus {
+                port,
+                service: b.service.clone(),
+                instances: instances(b),
+            })
+            .collect();
+        let stats = state.stats.snapshot();
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+        LbStatus {
+            consul_ok: state.consul_ok.load(Ordering::Relaxed),
+            changes: stats.changes,
+            propagation_p50_ms: ms(stats.propagation_p50),
+            propagation_p99_ms: ms(stats.propagation_p99),
+            retries: stats.retries,
+            queued: state.queued.load(Ordering::Relaxed),
+            requests: stats.requests,
+            latency_bounds_us: &LATENCY_BUCKETS_US,
+            routes,
+            tcp,
+            certificates: state.certs.get().map(|r| r.current().certs.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// The status page: one table row per instance, grouped by route.
+    pub fn render_html(&self) -> String {
+        let mut rows = String::new();
+        for route in &self.routes {
+            let links: Vec<String> = route
+                .names
+                .iter()
+                .map(|n| match n.strip_prefix('*') {
+                    Some(path) => format!("<code>{}</code>", escape(&format!("any host{path}"))),
+                    None => format!("<a href=\"http://{0}\">{0}</a>", escape(n)),
+                })
+                .collect();
+            let r = &route.requests;
+            let _ = write!(
+                rows,
+                "<tbody><tr class=\"svc\"><th>{}</th><td>{}</td><td>{}</td><td>{} req, {} 5xx</td></tr>",
+                escape(&route.service),
+                escape(&route.datacenter),
+                links.join("<br>"),
+                r.total(),
+                r.status_classes[5],
+            );
+            for i in &route.instances {
+                let state = match (i.weight, i.available, i.check_up) {
+                    (0, _, _) => "weight 0",
+                    (_, true, _) => "up",
+                    (_, false, false) => "check failing",
+                    (_, false, true) => "ejected",
+                };
+                let _ = write!(
+                    rows,
+                    "<tr class=\"{cls}\"><td>{id}</td><td>{node}</td><td>{addr} w{w}</td><td>{state}, {inflight} in flight</td></tr>",
+                    cls = if i.available { "up" } else { "down" },
+                    id = escape(&i.id),
+                    node = escape(&i.node),
+                    addr = i.addr,
+                    w = i.weight,
+                    inflight = i.inflight,
+                );
+            }
+            rows.push_str("</tbody>");
+        }
+        let consul = if self.consul_ok {
+            "connected"
+        } else {
+            "UNREACHABLE (serving the last known routes)"
+        };
+        let p99 = self
+            .propagation_p99_ms
+            .map_or_else(|| "-".to_string(), |ms| format!("{ms:.1} ms"));
+        format!(
+            "<!doctype html><html><head><meta charset=\"utf-8\">\
+             <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>wayfinder lb</title>\
+             <style>body{{font-family:system-ui,sans-serif;margin:1em}}table{{border-collapse:collapse;width:100%}}\
+             td,th{{padding:.3em .5em;text-align:left;border-bottom:1px solid #ddd;vertical-align:top}}\
+             tr.svc{{background:#f3f3f3}}tr.down td{{color:#b00}}</style></head><body>\
+             <h1>wayfinder lb</h1><p>Consul: {consul}. Routing changes: {changes} (propagation p99 {p99}). \
+             Requests: {total}. <a href=\"/stats.json\">JSON</a></p>\
+             <table><thead><tr><th>service</th><th>datacenter</th><th>reached at</th><th>traffic</th></tr></thead>\
+             {rows}</table></body></html>\n",
+            changes = self.changes,
+            total = self.requests.total(),
+        )
+    }
+}
+
+/// The landing page (the lb's own host name on the HTTP port).
+pub fn landing_page(state: &LbState) -> Response<ProxyBody> {
+    html(StatusCode::OK, LbStatus::collect(state).render_html())
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn json(status: &LbStatus) -> Response<ProxyBody> {
+    let body = serde_json::to_vec_pretty(status).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn answer(state: &LbState, req: &Request<Incoming>) -> Response<ProxyBody> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return error_page(StatusCode::METHOD_NOT_ALLOWED, "Only GET is served here.");
+    }
+    match req.uri().path() {
+        "/" => html(StatusCode::OK, LbStatus::collect(state).render_html()),
+        "/stats.json" => json(&LbStatus::collect(state)),
+        _ => error_page(StatusCode::NOT_FOUND, "Try / or /stats.json."),
+    }
+}
+
+/// Serves the stats listener until shutdown.
+pub async fn serve(listener: TcpListener, state: Arc<LbState>, shutdown: CancellationToken, tasks: TaskTracker) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "lb stats accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let service = service_fn(move |req| {
+                let resp = answer(&state, &req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(STATUS_HEADER_TIMEOUT);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}

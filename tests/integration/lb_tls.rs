@@ -1,0 +1,264 @@
+//! The lb's HTTPS listener (certificates by SNI, HTTP/2 by ALPN, reload when the
+//! files change) and its stats listener, with curl as the independent client.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::harness::{Consul, HttpBackend, Lb, consul_section, eventually, require, unique};
+
+/// Writes a self-signed certificate for `names` (CN = the first) with its key,
+/// HAProxy style.
+fn write_cert(path: &Path, names: &[&str]) {
+    let mut params = rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .expect("certificate params");
+    params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.self_signed(&key).expect("self-signed");
+    std::fs::write(path, format!("{}{}", cert.pem(), key.serialize_pem())).expect("write pem");
+}
+
+/// What curl saw over HTTPS.
+#[derive(Debug)]
+struct Curl {
+    /// `1.1` or `2`.
+    version: String,
+    status: u16,
+    body: String,
+    /// The certificate's subject line from curl's verbose output.
+    subject: String,
+    /// Response headers, lower-case names.
+    headers: String,
+}
+
+/// `curl -k https://<host>:<port><path>` connecting to `addr` (SNI = host).
+async fn curl(addr: std::net::SocketAddr, host: &str, path: &str, http2: bool) -> Curl {
+    let curl = require("curl");
+    let out = tokio::process::Command::new(curl)
+        .args([
+            "-sk",
+            "-v",
+            "--max-time",
+            "5",
+            if http2 { "--http2" } else { "--http1.1" },
+            "--resolve",
+            &format!("{host}:{}:{}", addr.port(), addr.ip()),
+            "-D",
+            "/dev/stderr",
+            "-w",
+            "\n%{http_version} %{http_code}",
+            &format!("https://{host}:{}{path}", addr.port()),
+        ])
+        .output()
+        .await
+        .expect("run curl");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let (body, last) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    let mut last = last.split_whitespace();
+    let version = last.next().unwrap_or_default().to_string();
+    let status = last.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let subject = stderr
+        .lines()
+        .find(|l| l.contains(" subject:"))
+        .unwrap_or_default()
+        .to_string();
+    Curl {
+        version,
+        status,
+        body: body.to_string(),
+        subject,
+        headers: stderr.to_ascii_lowercase(),
+    }
+}
+
+async fn tls_lb(consul: &Consul, certs: &Path) -> Lb {
+    Lb::start(&format!(
+        "{}[dns]\nwildcard_domain = \".apps.example.com\"\nwildcard_targets = [\"127.0.0.1\"]\n\
+         [lb]\nssl = true\ncerts = [\"{}\"]\n",
+        consul_section(consul),
+        certs.display()
+    ))
+    .await
+}
+
+/// The certificate is chosen by SNI (exact, wildcard, else the first file);
+/// HTTP/2 is spoken when the client offers it, HTTP/1.1 otherwise; the backend
+/// sees `X-Forwarded-Proto: https` and a Host header in both cases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_chooses_the_certificate_by_sni_and_speaks_h2() {
+    let consul = Consul::shared();
+    let dir = tempfile::tempdir().unwrap();
+    write_cert(&dir.path().join("a-first.pem"), &["first.example.test"]);
+    write_cert(&dir.path().join("b-apps.pem"), &["*.apps.example.com"]);
+    let svc = unique("tls");
+    let backend = HttpBackend::start("secure").await;
+    consul.register(
+        &format!("{svc}-1"),
+        &svc,
+        "127.0.0.1",
+        backend.addr.port(),
+        &["haproxy"],
+        true,
+    );
+    let lb = tls_lb(consul, dir.path()).await;
+    lb.wait_for(&format!("{svc}.service"), "/", &["secure"]).await;
+    let https = lb.https.expect("https listener");
+
+    let host = format!("{svc}.apps.example.com");
+    let c = curl(https, &host, "/x", true).await;
+    assert_eq!(
+        (c.status, c.body.as_str(), c.version.as_str()),
+        (200, "secure", "2"),
+        "{c:?}"
+    );
+    assert!(c.subject.contains("*.apps.example.com"), "wildcard certificate: {c:?}");
+    assert!(c.headers.contains("x-seen-proto: https"), "{c:?}");
+    assert!(c.headers.contains(&format!("x-seen-host: {host}")), "{c:?}");
+
+    let c = curl(https, &host, "/x", false).await;
+    assert_eq!(
+        (c.status, c.body.as_str(), c.version.as_str()),
+        (200, "secure", "1.1"),
+        "{c:?}"
+    );
+    assert!(c.headers.contains("x-seen-proto: https"), "{c:?}");
+
+    let c = curl(https, &format!("{svc}.service.consul"), "/", true).await;
+    assert_eq!(c.status, 200, "{c:?}");
+    assert!(
+        c.subject.contains("first.example.test"),
+        "unknown name gets the first file: {c:?}"
+    );
+    let c = curl(https, "first.example.test", "/", true).await;
+    assert!(c.subject.contains("first.example.test"), "{c:?}");
+    assert_eq!(c.status, 503, "no service of that name: {c:?}");
+
+    // Plain HTTP still works next to HTTPS and says so to the backend.
+    let (status, _, headers) = lb.get(&host, "/").await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-seen-proto"], "http");
+}
+
+/// A changed certificate file is served from the next handshake on; a broken
+/// file is refused and the previous certificate stays in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_reload_when_files_change() {
+    let consul = Consul::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("site.pem");
+    write_cert(&pem, &["old.example.test"]);
+    let lb = tls_lb(consul, &pem).await;
+    let https = lb.https.expect("https listener");
+    let c = curl(https, "old.example.test", "/", false).await;
+    assert!(c.subject.contains("old.example.test"), "{c:?}");
+
+    // Written elsewhere and renamed into place, as certbot and friends do.
+    let next = dir.path().join("next.tmp");
+    write_cert(&next, &["new.example.test"]);
+    std::fs::rename(&next, &pem).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = curl(https, "new.example.test", "/", false).await;
+        if c.subject.contains("new.example.test") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "new certificate never served: {c:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\nbroken\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let c = curl(https, "new.example.test", "/", false).await;
+    assert!(
+        c.subject.contains("new.example.test"),
+        "last good certificate kept: {c:?}"
+    );
+    assert_eq!(c.status, 503, "{c:?}");
+}
+
+/// The stats listener: the page lists the routes with their instances, the JSON
+/// carries per-route counters, the Consul state and the certificates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_listener_shows_routes_and_counters() {
+    let consul = Consul::shared();
+    let svc = unique("stats");
+    let (b1, b2) = (HttpBackend::start("s1").await, HttpBackend::start("s2").await);
+    let route = format!("haproxy_route=/{svc}");
+    for (i, b) in [&b1, &b2].into_iter().enumerate() {
+        consul.register(
+            &format!("{svc}-{i}"),
+            &svc,
+            "127.0.0.1",
+            b.addr.port(),
+            &["haproxy", &route],
+            true,
+        );
+    }
+    let lb = Lb::start(&consul_section(consul)).await;
+    lb.wait_for(&format!("{svc}.service"), "/", &["s1", "s2"]).await;
+    let before = route_requests(&lb, &svc);
+    for _ in 0..5 {
+        let (status, _, _) = lb.get(&format!("{svc}.service.consul"), "/").await;
+        assert_eq!(status, 200);
+    }
+    let (status, _, _) = lb.get("nobody.service.consul", "/").await;
+    assert_eq!(status, 503);
+    let stats = lb.stats;
+    eventually(Duration::from_secs(5), "per-route counters", || {
+        route_requests(&lb, &svc) == before + 5
+    })
+    .await;
+
+    let get = |path: &str| lb.client.get(format!("http://{stats}{path}")).send();
+    let resp = get("/stats.json").await.expect("stats.json");
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let json: serde_json::Value = resp.json().await.expect("JSON");
+    assert_eq!(json["consul_ok"], true);
+    let route = json["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["service"] == svc.as_str())
+        .expect("route listed");
+    assert_eq!(route["requests"]["status_classes"][2], before + 5);
+    assert_eq!(route["instances"].as_array().unwrap().len(), 2);
+    assert_eq!(route["instances"][0]["available"], true);
+    assert_eq!(route["maxconn"], 128);
+    let names: Vec<&str> = route["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert!(names.contains(&format!("{svc}.service.consul").as_str()), "{names:?}");
+    assert!(names.contains(&format!("*/{svc}").as_str()), "{names:?}");
+    assert!(
+        json["requests"]["status_classes"][5].as_u64().unwrap() >= 1,
+        "the 503 counts"
+    );
+    assert!(json["changes"].as_u64().unwrap() >= 1);
+
+    let resp = get("/").await.expect("status page");
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let page = resp.text().await.unwrap();
+    assert!(page.contains(&svc) && page.contains(&b1.addr.to_string()), "{page}");
+    assert_eq!(get("/nope").await.expect("404").status(), 404);
+}
+
+fn route_requests(lb: &Lb, svc: &str) -> u64 {
+    let status = wayfinder::lb::status::LbStatus::collect(&lb.state);
+    status
+        .routes
+        .iter()
+        .find(|r| r.service == svc)
+        .map_or(0, |r| r.requests.status_classes[2])
+}
