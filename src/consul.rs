@@ -237,6 +237,32 @@ impl ConsulClient {
             .await
     }
 
+    /// [`Self::passing_instances`] in another datacenter (Consul's `?dc=`).
+    pub async fn passing_instances_in(
+        &self,
+        service: &str,
+        datacenter: &str,
+        index: u64,
+    ) -> Result<(Vec<HealthEntry>, u64), ConsulError> {
+        self.blocking_get(
+            &format!("/v1/health/service/{service}?passing=1&stale&dc={datacenter}"),
+            index,
+        )
+        .await
+    }
+
+    /// The datacenters Consul knows (WAN federation), its own included.
+    pub async fn datacenters(&self) -> Result<Vec<String>, ConsulError> {
+        let (status, _, body) = self.get_indexed("/v1/catalog/datacenters", 0).await?;
+        if !status.is_success() {
+            return Err(self.status_error(status, &body));
+        }
+        serde_json::from_str(&body).map_err(|source| ConsulError::Decode {
+            addr: self.addr,
+            source,
+        })
+    }
+
     /// The addresses of the passing instances of `service` (instance address, else
     /// node address), sorted and de-duplicated.
     pub async fn passing_addresses(&self, service: &str, index: u64) -> Result<(Vec<IpAddr>, u64), ConsulError> {

@@ -11,6 +11,7 @@
 //!  tcp::run: haproxy_tcp= listeners opened and closed as the table changes
 //!  register::run: the lb itself as Consul service `wayfinder-lb` (DNS follows it)
 //!  health::run: haproxy_httpchk / TCP connect checks every 2 s (rise 2, fall 3)
+//!  remote::run: svc.service.<dc>.<domain> names watched in that datacenter on demand
 //!  tls::watch: certificate files re-read when they change
 //!  status::serve: the stats listener (status page, /stats.json)
 //! ```
@@ -21,6 +22,7 @@
 pub mod health;
 pub mod proxy;
 pub mod register;
+pub mod remote;
 pub mod stats;
 pub mod status;
 pub mod table;
@@ -116,6 +118,9 @@ pub struct LbState {
     pub queued: std::sync::atomic::AtomicUsize,
     /// The HTTPS certificates in force, when HTTPS is on.
     pub certs: std::sync::OnceLock<Arc<tls::SniResolver>>,
+    /// Host names of other datacenters requests asked for (see [`remote`]).
+    datacenter_wants: tokio::sync::mpsc::Sender<String>,
+    datacenter_wants_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<String>>>,
 }
 
 /// Requests in flight per instance when Consul KV says nothing (PanteraS: 128).
@@ -124,6 +129,7 @@ pub const DEFAULT_MAXCONN: usize = 128;
 impl LbState {
     /// An empty state (no routes yet) for these naming rules.
     pub fn new(table_config: &TableConfig) -> Arc<Self> {
+        let (datacenter_wants, datacenter_wants_rx) = tokio::sync::mpsc::channel(remote::WANTS_QUEUE);
         Arc::new(Self {
             table: ArcSwap::from_pointee(RoutingTable::empty(table_config)),
             health: HealthRegistry::new(),
@@ -133,7 +139,27 @@ impl LbState {
             maxconn: ArcSwap::from_pointee(std::collections::HashMap::new()),
             queued: std::sync::atomic::AtomicUsize::new(0),
             certs: std::sync::OnceLock::new(),
+            datacenter_wants,
+            datacenter_wants_rx: std::sync::Mutex::new(Some(datacenter_wants_rx)),
         })
+    }
+
+    /// Asks the watcher to follow the datacenter a `svc.service.<dc>.<domain>`
+    /// Host names. Cheap when the queue is full (the request is dropped).
+    pub fn want_datacenter(&self, host: &str) {
+        if self.datacenter_wants.capacity() > 0 {
+            let _ = self
+                .datacenter_wants
+                .try_send(tags::bare_host(host).to_ascii_lowercase());
+        }
+    }
+
+    /// The receiving end of [`Self::want_datacenter`] (once).
+    pub fn take_datacenter_wants(&self) -> Option<tokio::sync::mpsc::Receiver<String>> {
+        self.datacenter_wants_rx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 }
 

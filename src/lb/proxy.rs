@@ -260,10 +260,20 @@ impl Proxy {
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .or_else(|| req.uri().host());
-        let response = match table.route(host, req.uri().path()) {
+        let route = table.route(host, req.uri().path());
+        let response = match route {
             Route::Landing => super::status::landing_page(&self.state),
             Route::NotFound => error_page(StatusCode::SERVICE_UNAVAILABLE, "No service answers to this name."),
-            Route::Backend(backend) => {
+            Route::OtherDatacenter(None) => {
+                if let Some(host) = host {
+                    self.state.want_datacenter(host);
+                }
+                error_page(StatusCode::SERVICE_UNAVAILABLE, "No service answers to this name.")
+            }
+            Route::Backend(backend) | Route::OtherDatacenter(Some(backend)) => {
+                if let (Route::OtherDatacenter(_), Some(host)) = (&route, host) {
+                    self.state.want_datacenter(host);
+                }
                 let backend = backend.clone();
                 drop(table);
                 let response = self.forward(req, peer, scheme, &backend).await;

@@ -285,6 +285,10 @@ fn smooth_wrr(
 pub enum Route<'a> {
     /// Proxy to this backend (`pick` may still find no instance: then 503).
     Backend(&'a Arc<Backend>),
+    /// `svc.service.<dc>.<domain>` for a datacenter the table has no instances
+    /// for: the local backend of that service (or a path route), as PanteraS
+    /// always did, while the caller asks the watcher to follow that datacenter.
+    OtherDatacenter(Option<&'a Arc<Backend>>),
     /// The landing/status page.
     Landing,
     /// Nobody answers to this Host and path.
@@ -434,8 +438,12 @@ impl RoutingTable {
             }
         });
         let host = host.as_deref();
-        if let Some(backend) = host.and_then(|h| self.host_backend(h, path)) {
-            return Route::Backend(backend);
+        match host.map(|h| self.host_backend(h, path)) {
+            Some(HostMatch::Found(backend)) => return Route::Backend(backend),
+            Some(HostMatch::OtherDatacenter(local)) => {
+                return Route::OtherDatacenter(local.or_else(|| self.paths.longest(path)));
+            }
+            Some(HostMatch::None) | None => {}
         }
         if let Some(backend) = self.paths.longest(path) {
             return Route::Backend(backend);
@@ -477,21 +485,33 @@ impl RoutingTable {
         all
     }
 
-    /// The backend a lower-case host name asks for, if any.
-    fn host_backend(&self, host: &str, path: &str) -> Option<&Arc<Backend>> {
+    /// What a lower-case host name asks for.
+    fn host_backend(&self, host: &str, path: &str) -> HostMatch<'_> {
         if let Some(backend) = self.hosts.get(host).and_then(|prefixes| prefixes.longest(path)) {
-            return Some(backend);
+            return HostMatch::Found(backend);
         }
-        // `svc.service.<dc>.<domain>` for a datacenter we have no spec for: the local
-        // instances, as PanteraS always did, rather than a 503.
-        let rest = host.strip_suffix(self.domain_suffix.as_str())?;
-        let (service, dc) = rest.rsplit_once('.')?;
-        let name = service.strip_suffix(".service")?;
-        if dc.is_empty() || name.is_empty() {
-            return None;
+        // `svc.service.<dc>.<domain>` for a datacenter we have no instances of.
+        match other_datacenter_name(host, &self.domain_suffix) {
+            Some((name, _)) => HostMatch::OtherDatacenter(self.local.get(name)),
+            None => HostMatch::None,
         }
-        self.local.get(name)
     }
+}
+
+/// What a host name matched in [`RoutingTable::host_backend`].
+enum HostMatch<'a> {
+    Found(&'a Arc<Backend>),
+    OtherDatacenter(Option<&'a Arc<Backend>>),
+    None,
+}
+
+/// `(service, dc)` of a lower-case `svc.service.<dc>.<domain>` name;
+/// `domain_suffix` is `.<domain>` (or empty).
+pub fn other_datacenter_name<'h>(host: &'h str, domain_suffix: &str) -> Option<(&'h str, &'h str)> {
+    let rest = host.strip_suffix(domain_suffix)?;
+    let (service, dc) = rest.rsplit_once('.')?;
+    let name = service.strip_suffix(".service")?;
+    (!dc.is_empty() && !name.is_empty()).then_some((name, dc))
 }
 
 /// The naming inputs, normalised once per build.
@@ -754,7 +774,8 @@ mod tests {
     /// The routing decision as `service@dc`, `landing` or `none`.
     fn to(table: &RoutingTable, host: Option<&str>, path: &str) -> String {
         match table.route(host, path) {
-            Route::Backend(b) => format!("{}@{}", b.service, b.datacenter),
+            Route::Backend(b) | Route::OtherDatacenter(Some(b)) => format!("{}@{}", b.service, b.datacenter),
+            Route::OtherDatacenter(None) => "none".into(),
             Route::Landing => "landing".into(),
             Route::NotFound => "none".into(),
         }
@@ -892,6 +913,21 @@ mod tests {
         // A remote spec whose instances are all gone falls back to local too.
         let t = build(&[web(), spec("web", "dc2", vec![])]);
         assert_eq!(to(&t, Some("web.service.dc2.consul"), "/"), "web@dc1");
+        // Fallbacks are flagged, so the proxy can ask for that datacenter.
+        assert!(matches!(
+            t.route(Some("web.service.dc2.consul"), "/"),
+            Route::OtherDatacenter(Some(_))
+        ));
+        assert!(matches!(
+            t.route(Some("nope.service.dc2.consul"), "/"),
+            Route::OtherDatacenter(None)
+        ));
+        assert!(matches!(t.route(Some("web.service.consul"), "/"), Route::Backend(_)));
+        assert_eq!(
+            other_datacenter_name("web.service.dc2.consul", ".consul"),
+            Some(("web", "dc2"))
+        );
+        assert_eq!(other_datacenter_name("web.service.consul", ".consul"), None);
     }
 
     #[test]

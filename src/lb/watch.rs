@@ -29,10 +29,11 @@ use crate::consul::{ConsulClient, HealthEntry, Watch};
 
 /// A service's new passing instances (None: the service left the LB), with the
 /// moment Consul's answer arrived.
-struct Update {
-    service: String,
-    spec: Option<ServiceSpec>,
-    received: Instant,
+pub(super) struct Update {
+    pub(super) service: String,
+    pub(super) datacenter: String,
+    pub(super) spec: Option<ServiceSpec>,
+    pub(super) received: Instant,
 }
 
 /// True when a catalog tag means the load balancer must watch the service.
@@ -52,6 +53,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
+    let remote = tokio::spawn(super::remote::run(
+        consul.clone(),
+        table_config.clone(),
+        state.clone(),
+        tx.clone(),
+        shutdown.clone(),
+    ));
     let builder = tokio::spawn(build_tables(rx, table_config, state.clone(), shutdown.clone()));
     let maxconn = tokio::spawn(watch_maxconn(consul.clone(), state.clone(), shutdown.clone()));
     let mut watch = Watch::default();
@@ -76,6 +84,7 @@ pub async fn run(
                         token.cancel();
                         let _ = tx.send(Update {
                             service: name.clone(),
+                            datacenter: datacenter.clone(),
                             spec: None,
                             received: Instant::now(),
                         });
@@ -90,6 +99,7 @@ pub async fn run(
                             consul.clone(),
                             name.clone(),
                             datacenter.clone(),
+                            None,
                             state.clone(),
                             tx.clone(),
                             token,
@@ -114,14 +124,19 @@ pub async fn run(
         token.cancel();
     }
     drop(tx);
+    let _ = remote.await;
     let _ = builder.await;
     let _ = maxconn.await;
 }
 
-async fn watch_service(
+/// Follows the passing instances of `service` in `datacenter`; `remote` is the
+/// datacenter to ask Consul about (`?dc=`) when it is not the local one.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn watch_service(
     consul: ConsulClient,
     service: String,
     datacenter: String,
+    remote: Option<String>,
     state: Arc<LbState>,
     tx: mpsc::UnboundedSender<Update>,
     stop: CancellationToken,
@@ -131,7 +146,12 @@ async fn watch_service(
     loop {
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            r = consul.passing_instances(&service, watch.index()) => r,
+            r = async {
+                match &remote {
+                    Some(dc) => consul.passing_instances_in(&service, dc, watch.index()).await,
+                    None => consul.passing_instances(&service, watch.index()).await,
+                }
+            } => r,
         };
         let received = Instant::now();
         let pause = match result {
@@ -145,6 +165,7 @@ async fn watch_service(
                     if tx
                         .send(Update {
                             service: service.clone(),
+                            datacenter: datacenter.clone(),
                             spec: Some(spec),
                             received,
                         })
@@ -156,9 +177,14 @@ async fn watch_service(
                 watch.spacing()
             }
             Err(error) => {
-                state.consul_ok.store(false, Ordering::Relaxed);
                 let pause = watch.failure();
-                tracing::warn!(service, %error, retry_in = ?pause, "lb: consul watch failed; keeping this service's last instances");
+                if remote.is_none() {
+                    state.consul_ok.store(false, Ordering::Relaxed);
+                    tracing::warn!(service, %error, retry_in = ?pause, "lb: consul watch failed; keeping this service's last instances");
+                } else {
+                    tracing::warn!(service, datacenter, %error, retry_in = ?pause,
+                        "lb: watch of another datacenter failed; its names fall back to the local instances");
+                }
                 pause
             }
         };
@@ -283,7 +309,7 @@ async fn build_tables(
     state: Arc<LbState>,
     shutdown: CancellationToken,
 ) {
-    let mut services: BTreeMap<String, ServiceSpec> = BTreeMap::new();
+    let mut services: BTreeMap<(String, String), ServiceSpec> = BTreeMap::new();
     let mut last_warnings: HashSet<String> = HashSet::new();
     loop {
         let first = tokio::select! {
@@ -299,8 +325,8 @@ async fn build_tables(
         }
         for u in batch {
             match u.spec {
-                Some(spec) => services.insert(u.service, spec),
-                None => services.remove(&u.service),
+                Some(spec) => services.insert((u.service, u.datacenter), spec),
+                None => services.remove(&(u.service, u.datacenter)),
             };
         }
         let specs: Vec<ServiceSpec> = services.values().cloned().collect();

@@ -92,20 +92,48 @@ pub struct Consul {
     dir: PathBuf,
     /// Removes `dir` on drop (private agents; the shared one is swept later).
     _cleanup: Option<tempfile::TempDir>,
+    /// Its datacenter.
+    pub datacenter: String,
 }
 
 impl Consul {
     /// Starts a private agent (for tests that stop or restart Consul).
     pub fn start() -> Self {
+        Self::start_in("dc1")
+    }
+
+    /// Starts a private agent in datacenter `dc`.
+    pub fn start_in(dc: &str) -> Self {
         let temp = tempfile::tempdir().unwrap();
         let mut consul = Consul {
             child: None,
             ports: ConsulPorts::pick(),
             dir: temp.path().to_path_buf(),
             _cleanup: Some(temp),
+            datacenter: dc.to_string(),
         };
         consul.launch();
         consul
+    }
+
+    /// Federates this agent's datacenter with `other`'s over the WAN and waits
+    /// until each lists both datacenters.
+    pub fn join_wan(&self, other: &Consul) {
+        let target = format!("127.0.0.1:{}", other.ports.serf_wan);
+        http_put(self.http_addr(), &format!("/v1/agent/join/{target}?wan=1"), "").expect("wan join");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for agent in [self, other] {
+            loop {
+                let dcs = http_get(agent.http_addr(), "/v1/catalog/datacenters").unwrap_or_default();
+                if dcs.contains(&format!("\"{}\"", self.datacenter))
+                    && dcs.contains(&format!("\"{}\"", other.datacenter))
+                {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "WAN join did not complete: {dcs}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
 
     /// The shared agent lives as long as the process, which never drops statics:
@@ -130,6 +158,7 @@ impl Consul {
             ports: ConsulPorts::pick(),
             dir,
             _cleanup: None,
+            datacenter: "dc1".into(),
         };
         consul.launch();
         consul
@@ -165,6 +194,7 @@ impl Consul {
             .args(["-serf-wan-port", &p.serf_wan.to_string()])
             .args(["-server-port", &p.server.to_string()])
             .args(["-node", &format!("node-{}", p.http)])
+            .args(["-datacenter", &self.datacenter])
             .args(["-hcl", "dns_config { enable_truncate = true }"])
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -506,3 +506,53 @@ async fn kv_maxconn_queues_then_refuses() {
     );
     assert_eq!(statuses.last(), Some(&503), "the 4th waits 1.2 s > 1 s: {statuses:?}");
 }
+
+/// `svc.service.<dc>.<domain>` reaches that datacenter's instances (Consul's
+/// `?dc=`, two WAN-federated agents), watched from the first request for the
+/// name on; names of datacenters Consul does not know, and remote services
+/// whose instances are all gone, fall back to the local instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_datacenter_names_reach_that_datacenter() {
+    let (dc1, dc2) = tokio::task::spawn_blocking(|| {
+        let (dc1, dc2) = (Consul::start_in("dc1"), Consul::start_in("dc2"));
+        dc1.join_wan(&dc2);
+        (dc1, dc2)
+    })
+    .await
+    .unwrap();
+    let (local, remote, remote_only) = (
+        HttpBackend::start("local").await,
+        HttpBackend::start("remote").await,
+        HttpBackend::start("remote-only").await,
+    );
+    register(&dc1, "web-1", "web", &local, &["haproxy"]);
+    register(&dc2, "web-2", "web", &remote, &["haproxy"]);
+    register(&dc2, "only-2", "only", &remote_only, &["haproxy"]);
+    let lb = Lb::start(&crate::harness::consul_section(&dc1)).await;
+    lb.wait_for("web.service", "/", &["local"]).await;
+    lb.wait_for("web.service.dc2.consul", "/", &["remote"]).await;
+    lb.wait_for("only.service.dc2.consul", "/", &["remote-only"]).await;
+    for (host, want) in [
+        ("web.service.consul", "local"),
+        ("web.service.dc1.consul", "local"),
+        ("web.service.dc7.consul", "local"),
+        ("WEB.Service.DC2.consul:80", "remote"),
+    ] {
+        let (status, body, _) = lb.get(host, "/").await;
+        assert_eq!((status, body.as_str()), (200, want), "Host: {host}");
+    }
+    let (status, _, _) = lb.get("only.service.consul", "/").await;
+    assert_eq!(status, 503, "a remote-only service has no local name");
+    let status = wayfinder::lb::status::LbStatus::collect(&lb.state);
+    assert!(
+        status
+            .routes
+            .iter()
+            .any(|r| r.service == "web" && r.datacenter == "dc2"),
+        "{:?}",
+        status.routes
+    );
+
+    dc2.deregister("web-2");
+    lb.wait_for("web.service.dc2.consul", "/", &["local"]).await;
+}

@@ -1,0 +1,169 @@
+//! Other datacenters: `svc.service.<dc>.<domain>` routed to that datacenter's
+//! instances, watched on demand.
+//!
+//! ```text
+//!  proxy: Route::OtherDatacenter ──want(host)──▶ bounded channel (dropped if full)
+//!  run: parse svc + dc ─▶ dc known to Consul (/v1/catalog/datacenters, cached)?
+//!        ─▶ watch::watch_service(svc, dc, ?dc=) ──Update──▶ table builder
+//!  every REMOTE_SWEEP: a watch whose route served nothing for REMOTE_IDLE stops
+//! ```
+//!
+//! Until the first answer arrives (and whenever that datacenter has no passing
+//! instance or cannot be reached) such names go to the local instances, as
+//! PanteraS did. Watches are capped at [`MAX_REMOTE_WATCHES`], and only
+//! datacenters Consul lists are watched, so made-up Host names cannot make the lb
+//! open connections without end.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::LbState;
+use super::table::{TableConfig, other_datacenter_name};
+use super::watch::{Update, watch_service};
+use crate::consul::ConsulClient;
+
+/// Remote (service, datacenter) watches at most.
+pub const MAX_REMOTE_WATCHES: usize = 64;
+/// A remote watch whose route answered no request for this long is stopped.
+pub const REMOTE_IDLE: Duration = Duration::from_secs(600);
+/// How often idle remote watches are looked for.
+const REMOTE_SWEEP: Duration = Duration::from_secs(60);
+/// How long the list of datacenters is trusted.
+const DATACENTERS_TTL: Duration = Duration::from_secs(30);
+/// Pending requests for a datacenter watch (more are dropped; the next request
+/// for the name asks again).
+pub const WANTS_QUEUE: usize = 64;
+
+struct RemoteWatch {
+    stop: CancellationToken,
+    /// Requests answered through the route when last swept, and since when.
+    served: u64,
+    since: Instant,
+}
+
+/// Starts and stops the remote datacenter watches until shutdown.
+pub(super) async fn run(
+    consul: ConsulClient,
+    config: TableConfig,
+    state: Arc<LbState>,
+    updates: mpsc::UnboundedSender<Update>,
+    shutdown: CancellationToken,
+) {
+    let Some(mut wants) = state.take_datacenter_wants() else {
+        return;
+    };
+    let domain = config.consul_domain.trim().trim_matches('.').to_ascii_lowercase();
+    let suffix = if domain.is_empty() {
+        String::new()
+    } else {
+        format!(".{domain}")
+    };
+    let local = config.local_datacenter.trim().to_ascii_lowercase();
+    let mut known: Option<(Instant, Vec<String>)> = None;
+    let mut watches: HashMap<(String, String), RemoteWatch> = HashMap::new();
+    let mut sweep = tokio::time::interval(REMOTE_SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let host = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = sweep.tick() => {
+                stop_idle(&state, &mut watches, &updates);
+                continue;
+            }
+            h = wants.recv() => match h { Some(h) => h, None => break },
+        };
+        let Some((service, dc)) = other_datacenter_name(&host, &suffix) else {
+            continue;
+        };
+        let key = (service.to_string(), dc.to_string());
+        if dc == local || watches.contains_key(&key) {
+            continue;
+        }
+        if watches.len() >= MAX_REMOTE_WATCHES {
+            tracing::warn!(
+                service,
+                datacenter = dc,
+                max = MAX_REMOTE_WATCHES,
+                "lb: too many other-datacenter routes watched; this one stays on the local instances"
+            );
+            continue;
+        }
+        if known.as_ref().is_none_or(|(at, _)| at.elapsed() > DATACENTERS_TTL) {
+            match consul.datacenters().await {
+                Ok(list) => known = Some((Instant::now(), list.iter().map(|d| d.to_ascii_lowercase()).collect())),
+                Err(error) => {
+                    tracing::warn!(%error, "lb: cannot list Consul's datacenters; other-datacenter names stay local");
+                    continue;
+                }
+            }
+        }
+        // Consul names datacenters in lower case; a name it does not list is
+        // just part of a Host header.
+        if !known.as_ref().is_some_and(|(_, list)| list.iter().any(|d| d == dc)) {
+            continue;
+        }
+        tracing::info!(
+            service,
+            datacenter = dc,
+            "lb: watching another datacenter for its names"
+        );
+        let stop = shutdown.child_token();
+        tokio::spawn(watch_service(
+            consul.clone(),
+            key.0.clone(),
+            key.1.clone(),
+            Some(key.1.clone()),
+            state.clone(),
+            updates.clone(),
+            stop.clone(),
+        ));
+        watches.insert(
+            key,
+            RemoteWatch {
+                stop,
+                served: 0,
+                since: Instant::now(),
+            },
+        );
+    }
+    for w in watches.values() {
+        w.stop.cancel();
+    }
+}
+
+/// Stops the watches whose routes served nothing for [`REMOTE_IDLE`] and takes
+/// their instances out of the table.
+fn stop_idle(
+    state: &LbState,
+    watches: &mut HashMap<(String, String), RemoteWatch>,
+    updates: &mpsc::UnboundedSender<Update>,
+) {
+    watches.retain(|(service, dc), w| {
+        let served = state.health.route_counters(service, dc).snapshot().total();
+        if served != w.served {
+            w.served = served;
+            w.since = Instant::now();
+            return true;
+        }
+        if w.since.elapsed() < REMOTE_IDLE {
+            return true;
+        }
+        tracing::info!(
+            service,
+            datacenter = dc,
+            "lb: other-datacenter route idle; watch stopped"
+        );
+        w.stop.cancel();
+        let _ = updates.send(Update {
+            service: service.clone(),
+            datacenter: dc.clone(),
+            spec: None,
+            received: Instant::now(),
+        });
+        false
+    });
+}
