@@ -3,7 +3,9 @@
 //! TCP connect. An instance goes down after [`FALL`] failures in a row and comes
 //! back after [`RISE`] successes; the verdict is written to
 //! [`InstanceHealth::check_up`](super::table::InstanceHealth), which
-//! `Backend::pick` reads. Consul's own checks still gate membership; these catch
+//! `Backend::pick` reads. An instance passively ejected after a refused
+//! connection is back as soon as it passes [`RISE`] checks in a row after the
+//! ejection. Consul's own checks still gate membership; these catch
 //! what Consul's may not (a wedged HTTP server whose port still accepts).
 
 use std::collections::HashMap;
@@ -84,6 +86,12 @@ pub async fn run(state: Arc<LbState>, interval: Duration, timeout: Duration, shu
             } else if !up && streak.ok >= RISE {
                 health.check_up.store(true, Ordering::Relaxed);
                 tracing::info!(service, %addr, "lb: instance passes its health check again");
+            }
+            // A passive ejection (a refused connection) ends early once the
+            // instance has passed RISE checks in a row since: it is back.
+            if streak.ok >= RISE && health.ejected_until_ms.load(Ordering::Relaxed) > state.health.now_ms() {
+                health.ejected_until_ms.store(0, Ordering::Relaxed);
+                tracing::info!(service, %addr, "lb: ejected instance passes its health check; back in service");
             }
         }
     }

@@ -829,3 +829,76 @@ pub async fn dig_until(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A real nginx (Debian's `nginx-light`) serving its name at every path and
+/// `ok` at `/health`, on 127.0.0.1:<free port>; one process, no daemon.
+pub struct Nginx {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// Starts nginx answering `name`, and waits until it accepts connections.
+    pub fn start(name: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let d = dir.path().display();
+        std::fs::write(
+            dir.path().join("nginx.conf"),
+            format!(
+                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+                 error_log {d}/error.log warn;\nevents {{ worker_connections 1024; }}\n\
+                 http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+                 fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+                 keepalive_requests 100000;\n\
+                 server {{\n    listen {addr} reuseport;\n    location = /health {{ return 200 \"ok\"; }}\n\
+                 location / {{ add_header X-Seen-Proto $http_x_forwarded_proto; return 200 \"{name}\"; }}\n  }}\n}}\n"
+            ),
+        )
+        .unwrap();
+        let mut nginx = Nginx { addr, child: None, dir };
+        nginx.launch();
+        nginx
+    }
+
+    fn launch(&mut self) {
+        let mut cmd = Command::new(require("nginx"));
+        cmd.args(["-p", &self.dir.path().display().to_string(), "-c", "nginx.conf"])
+            .args(["-e", &format!("{}/error.log", self.dir.path().display())])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.child = Some(die_with_parent(&mut cmd).spawn().expect("start nginx"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(self.addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not listen on {}; error.log:\n{}",
+                self.addr,
+                std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills it outright (SIGKILL: no goodbye to open connections).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill(&mut child);
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -556,3 +556,56 @@ async fn other_datacenter_names_reach_that_datacenter() {
     dc2.deregister("web-2");
     lb.wait_for("web.service.dc2.consul", "/", &["local"]).await;
 }
+
+/// End to end with real nginx backends: the traffic is split between them,
+/// one killed outright costs no request (retried elsewhere, then taken out by
+/// its `haproxy_httpchk`), and it takes traffic again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_backends_end_to_end() {
+    let consul = Consul::shared();
+    let svc = unique("nginx");
+    let (a, mut b) = (
+        crate::harness::Nginx::start("nginx-a"),
+        crate::harness::Nginx::start("nginx-b"),
+    );
+    for (id, n) in [("a", &a), ("b", &b)] {
+        consul.register(
+            &format!("{svc}-{id}"),
+            &svc,
+            "127.0.0.1",
+            n.addr.port(),
+            &["haproxy", "haproxy_httpchk=GET /health"],
+            true,
+        );
+    }
+    let lb = Lb::start(&format!(
+        "{}[lb]\ncheck_interval = \"100ms\"\ncheck_timeout = \"500ms\"\n",
+        consul_section(consul)
+    ))
+    .await;
+    let host = format!("{svc}.service.consul");
+    lb.wait_for(&host, "/", &["nginx-a"]).await;
+    lb.wait_for(&host, "/", &["nginx-b"]).await;
+    let mut seen = std::collections::HashMap::new();
+    for _ in 0..200 {
+        let (status, body, headers) = lb.get(&host, "/").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(headers["x-seen-proto"], "http");
+        *seen.entry(body).or_insert(0) += 1;
+    }
+    assert_eq!(seen.get("nginx-a"), Some(&100), "{seen:?}");
+    assert_eq!(seen.get("nginx-b"), Some(&100), "{seen:?}");
+
+    b.kill();
+    for i in 0..200 {
+        let (status, body, _) = lb.get(&host, "/").await;
+        assert_eq!((status, body.as_str()), (200, "nginx-a"), "request {i} after the kill");
+    }
+    let _b = tokio::task::spawn_blocking(move || {
+        b.restart();
+        b
+    })
+    .await
+    .unwrap();
+    lb.wait_for(&host, "/", &["nginx-b"]).await;
+}
