@@ -186,6 +186,7 @@ zones_dir = "$tmp/nozones"
 
 [lb]
 http = "127.0.0.1:$3"
+stats = ""
 EOF
   "$wayfinder" check -c "$tmp/wayfinder.toml" >"$tmp/wayfinder-check.log" 2>&1 \
     || die "wayfinder config is invalid: $(cat "$tmp/wayfinder-check.log")"

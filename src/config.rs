@@ -111,6 +111,10 @@ pub struct LbSection {
     /// the address.
     #[serde(default = "default_lb_stats")]
     pub stats: String,
+    /// Proxy threads, each with its own event loop and backend connection pool;
+    /// client connections are spread over them. Default `0` = one per CPU.
+    #[serde(default)]
+    pub workers: usize,
 }
 
 impl Default for LbSection {
@@ -361,6 +365,8 @@ pub struct LbConfig {
     pub https: Option<HttpsConfig>,
     /// Stats listener, unless turned off.
     pub stats: Option<SocketAddr>,
+    /// Proxy threads (resolved: never 0).
+    pub workers: usize,
 }
 
 /// Validated HTTPS settings of the lb.
@@ -779,6 +785,7 @@ fn validate_lb(
         https,
         certs,
         stats,
+        workers,
     } = lb;
     let https = match (ssl, certs.is_empty()) {
         (false, _) => None,
@@ -844,6 +851,11 @@ fn validate_lb(
         queue_timeout: *queue_timeout,
         https,
         stats,
+        workers: if *workers == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            *workers
+        },
     })
 }
 

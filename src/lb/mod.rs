@@ -221,14 +221,30 @@ pub async fn run(
     let https_addr = sockets.https.as_ref().and_then(|l| l.local_addr().ok());
     let stats_addr = sockets.stats.as_ref().and_then(|l| l.local_addr().ok());
     let proxy = proxy::Proxy::new(config, state.clone());
-    tasks.spawn(
-        proxy
-            .clone()
-            .serve(tokio_listener(sockets.http)?, None, shutdown.clone(), tasks.clone()),
-    );
+    let mut listeners = vec![(sockets.http, None)];
     if let (Some(listener), Some(tls)) = (sockets.https, tls) {
-        tasks.spawn(proxy.serve(tokio_listener(listener)?, Some(tls), shutdown.clone(), tasks.clone()));
+        listeners.push((listener, Some(tls)));
     }
+    let bind_error = |source| LbError::Bind {
+        addr: addr.unwrap_or(config.lb.http),
+        source,
+    };
+    for worker in 0..config.lb.workers {
+        let mine = listeners
+            .iter()
+            .map(|(l, tls)| Ok((l.try_clone()?, tls.clone())))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(bind_error)?;
+        let (proxy, shutdown) = (proxy.clone(), shutdown.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("lb-proxy-{worker}"))
+            .spawn(move || proxy_worker(proxy, mine, shutdown))
+            .map_err(bind_error)?;
+        tasks.spawn_blocking(move || {
+            let _ = thread.join();
+        });
+    }
+    drop(listeners);
     if let Some(listener) = sockets.stats {
         tasks.spawn(status::serve(
             tokio_listener(listener)?,
@@ -258,6 +274,41 @@ pub async fn run(
     tasks.wait().await;
     tracing::info!("lb stopped");
     Ok(())
+}
+
+/// One proxy thread: a single-threaded runtime serving its copies of the
+/// listeners (the kernel hands each new connection to one of the threads), so
+/// a request's client side, backend side and body all run on one core, with no
+/// cross-thread wake-ups. Returns when shutdown is done and its connections ended.
+fn proxy_worker(
+    proxy: Arc<proxy::Proxy>,
+    listeners: Vec<(std::net::TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
+    shutdown: CancellationToken,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(error) => {
+            tracing::error!(%error, "lb: cannot start a proxy thread");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let connections = TaskTracker::new();
+        for (listener, tls) in listeners {
+            match tokio_listener(listener) {
+                Ok(listener) => {
+                    connections.spawn(
+                        proxy
+                            .clone()
+                            .serve(listener, tls, shutdown.clone(), connections.clone()),
+                    );
+                }
+                Err(error) => tracing::error!(%error, "lb: proxy thread cannot use its listener"),
+            }
+        }
+        connections.close();
+        connections.wait().await;
+    });
 }
 
 fn tokio_listener(listener: std::net::TcpListener) -> Result<tokio::net::TcpListener, LbError> {
