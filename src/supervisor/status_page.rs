@@ -41,7 +41,7 @@ h2{font-size:1.05em;margin:.1em 0 .5em}h3{font-size:1em;margin:0}\
 .critical,.failed,.down{background:var(--bad)}.off,.unavailable,.exited,.stopped{background:var(--muted)}\
 ul{margin:.3em 0;padding-left:1.1em}li{margin:.15em 0}code{font-size:.9em;word-break:break-all}\
 a{color:#0969da}.muted{color:var(--muted);font-size:.9em}\
-table{border-collapse:collapse;width:100%}td,th{text-align:left;padding:.35em .3em;border-top:1px solid var(--line);vertical-align:top}\
+table{border-collapse:collapse;width:100%}td,th{text-align:left;padding:.35em .3em;border-top:1px solid var(--line);vertical-align:top}th{white-space:nowrap}td:first-child{overflow-wrap:anywhere;width:60%}\
 button{font:inherit;font-size:.85em;padding:.2em .7em;border-radius:6px;border:1px solid var(--line);background:#f6f8fa}\
 form{display:inline}@media (max-width:30em){.wide{display:none}}";
 
@@ -130,7 +130,7 @@ pub fn render(report: &StatusReport, token: Option<&str>) -> String {
     // Components and programs.
     html.push_str(
         "<section id=\"units\"><h2>Components and programs</h2><table><thead><tr><th>name</th><th>state</th>\
-         <th class=\"wide\">pid</th><th>up</th><th>restarts</th><th></th></tr></thead><tbody>",
+         <th class=\"wide\">pid</th><th>up</th><th class=\"wide\">restarts</th><th></th></tr></thead><tbody>",
     );
     for u in &report.units {
         let button = match u.state {
@@ -143,7 +143,7 @@ pub fn render(report: &StatusReport, token: Option<&str>) -> String {
         let _ = write!(
             html,
             "<tr class=\"unit\"><td><b>{name}</b><br><span class=\"muted\">{class}: {why}{last}</span></td><td>{state}</td>\
-             <td class=\"wide\">{pid}</td><td>{up}</td><td>{restarts}</td><td>{button}</td></tr>",
+             <td class=\"wide\">{pid}</td><td>{up}</td><td class=\"wide\">{restarts}</td><td>{button}</td></tr>",
             name = escape(&u.name),
             class = if u.class == super::unit::UnitClass::Program {
                 "program"

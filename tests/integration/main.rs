@@ -10,3 +10,4 @@ mod dns_robustness; // malformed packets over UDP and TCP never hurt the server
 mod dns_upstream; // the cache in front of the upstream resolvers: TTLs, negatives, stale
 mod lb; // the load balancer against real Consul and HTTP backends
 mod lb_tls; // HTTPS by SNI, HTTP/2, certificate reload; the stats listener
+mod supervisor; // `up` in-process: restarts, backoff, admin API, metrics, token, status page in Chromium
