@@ -55,7 +55,7 @@ fn descendants(root: u32) -> Vec<(u32, u64, String)> {
         info.insert(pid, (start, comm));
     }
     let mut out = Vec::new();
-    for (&pid, _) in &parent {
+    for &pid in parent.keys() {
         let mut p = pid;
         while let Some(&pp) = parent.get(&p) {
             if pp == root {
