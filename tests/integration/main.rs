@@ -12,3 +12,4 @@ mod lb; // the load balancer against real Consul and HTTP backends
 mod lb_tls; // HTTPS by SNI, HTTP/2, certificate reload; the stats listener
 mod supervisor; // `up` in-process: restarts, backoff, admin API, metrics, token, status page in Chromium
 mod up; // black-box `wayfinder up`: its own Consul, dig + lb end to end, status, SIGTERM/SIGKILL leave nothing
+mod up_cluster; // three `up` masters in network namespaces; one host cut off, the others keep answering
