@@ -1128,6 +1128,7 @@ mod tests {
         for (name, text) in [
             ("deploy/wayfinder.toml", include_str!("../deploy/wayfinder.toml")),
             ("deploy/standalone.toml", include_str!("../deploy/standalone.toml")),
+            ("deploy/appliance.toml", include_str!("../deploy/appliance.toml")),
         ] {
             let mut file = parse(text, name, &env(&[])).unwrap_or_else(|e| panic!("{e}"));
             // The machine's resolv.conf may point anywhere; the rest must validate.

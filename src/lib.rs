@@ -217,7 +217,7 @@ pub fn render_check(file: &config::FileConfig, config: &config::Config, plan: &s
     out.push_str(&plan.render());
     out.push_str("# environment variables read:\n");
     for (var, what) in env::VARS {
-        out.push_str(&format!("#   {var:<20} {what}\n"));
+        out.push_str(&format!("#   {var:<22} {what}\n"));
     }
     out.push_str("configuration ok\n");
     out
