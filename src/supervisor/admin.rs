@@ -42,10 +42,12 @@ use crate::lb::status::LbStatus;
 
 /// How long a client may take to send a request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bound on the Consul reads behind one status request.
-const CONSUL_READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound on each Consul read behind one status request.
+const CONSUL_READ_TIMEOUT: Duration = Duration::from_secs(3);
 /// Services listed at most (the page is for people).
-const MAX_SERVICES: usize = 200;
+const MAX_SERVICES: usize = 1000;
+/// Consul reads in flight at once for one status request.
+const CONSUL_READS_AT_ONCE: usize = 8;
 
 type Body = Full<Bytes>;
 
@@ -164,9 +166,13 @@ async fn services(state: &SupervisorState, lb: Option<&LbStatus>) -> Vec<Service
         return Vec::new();
     };
     let mut reads = tokio::task::JoinSet::new();
+    // A few reads at a time: a page view must not flood the local agent.
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONSUL_READS_AT_ONCE));
     for (name, tags) in names.into_iter().take(MAX_SERVICES) {
         let consul = consul.clone();
+        let slots = slots.clone();
         reads.spawn(async move {
+            let _slot = slots.acquire_owned().await;
             let rows = tokio::time::timeout(
                 CONSUL_READ_TIMEOUT,
                 consul.blocking_get::<Vec<HealthRow>>(&format!("/v1/health/service/{name}?stale"), 0),

@@ -140,6 +140,10 @@ pub async fn supervise(
             Err(e) => Err(e),
             Ok(bound) => {
                 let token = CancellationToken::new();
+                // Cancelled also when this future is dropped (a runtime shutting
+                // down without our shutdown): the lb's proxy threads wait on it,
+                // and a runtime cannot finish while they run.
+                let _stop_on_drop = token.clone().drop_guard();
                 let mut task = tokio::spawn(run_once(ctx.config.clone(), bound, ctx.shared.clone(), token.clone()));
                 handle.running(None, first);
                 first = false;

@@ -388,6 +388,46 @@ async fn sigkilled_up_leaves_no_consul_behind() {
     }
 }
 
+/// Under systemd (`Type=notify`): `READY=1` once everything has started,
+/// `STOPPING=1` when SIGTERM arrives, on the socket in `$NOTIFY_SOCKET`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifies_systemd_ready_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let config = dir.path().join("wayfinder.toml");
+    std::fs::write(
+        &config,
+        "[dns]\nupstreams = [\"192.0.2.1\"]\n[supervisor]\nadmin = \"\"\n\
+         [[supervisor.program]]\nname = \"napper\"\ncommand = \"sleep\"\nargs = [\"1000\"]\n",
+    )
+    .unwrap();
+    let mut cmd = wayfinder(
+        dir.path(),
+        &["up", "-c", config.to_str().unwrap()],
+        &[("START_CONSUL", "false"), ("START_DNS", "false"), ("START_LB", "false")],
+    );
+    cmd.env("NOTIFY_SOCKET", &socket_path);
+    let mut up = UpProcess::spawn(cmd, dir.path());
+    let mut buf = [0u8; 256];
+    let n = socket
+        .recv(&mut buf)
+        .unwrap_or_else(|e| panic!("no READY=1 ({e}):\n{}", up.stderr()));
+    assert_eq!(&buf[..n], b"READY=1");
+    assert!(up.stdout().contains("wayfinder up: ready"), "{}", up.stdout());
+    up.signal(libc::SIGTERM);
+    let n = socket
+        .recv(&mut buf)
+        .unwrap_or_else(|e| panic!("no STOPPING=1 ({e}):\n{}", up.stderr()));
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    let status = up
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", up.stderr());
+}
+
 /// `check` prints what the role would start; bad role values and a non-loopback
 /// admin endpoint without a token exit 64 naming the key; `status` with nothing
 /// listening fails clearly; an admin port in use ends `up` with exit 64.
