@@ -64,7 +64,9 @@ fn spawn(config: &ProgramConfig, children: &ChildSet) -> std::io::Result<Child> 
     // SAFETY: only async-signal-safe calls between fork and exec. PDEATHSIG makes
     // the kernel kill the child when the thread that spawned it goes (a SIGKILLed
     // `wayfinder up` must not leave consul behind); the getppid check closes the
-    // window in which the parent died before the flag was set.
+    // window in which the parent died before the flag was set. The spawning
+    // thread is a runtime worker, which lives as long as the runtime (nothing in
+    // Wayfinder uses `block_in_place`, which could retire one early).
     unsafe {
         cmd.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);

@@ -135,8 +135,9 @@ async fn killed_child_restarts_fast_crash_loop_backs_off_to_failed() {
     let up = Up::start(
         "[[supervisor.program]]\nname = \"steady\"\ncommand = \"sleep\"\nargs = [\"1000\"]\n\
          [[supervisor.program]]\nname = \"crashy\"\ncommand = \"sh\"\nargs = [\"-c\", \"echo crashing; exit 3\"]\n\
-         [[supervisor.program]]\nname = \"once\"\ncommand = \"sh\"\nargs = [\"-c\", \"exit 0\"]\nrestart = \"never\"\n",
-        PROGRAMS_ONLY,
+         [[supervisor.program]]\nname = \"once\"\ncommand = \"sh\"\nargs = [\"-c\", \"exit 0\"]\nrestart = \"never\"\n\
+         [[supervisor.program]]\nname = \"manual\"\ncommand = \"sleep\"\nargs = [\"1000\"]\nautostart = false\n",
+        &[PROGRAMS_ONLY, &[("START_VPN", "true")]].concat(),
     )
     .await;
     let started = Instant::now();
@@ -199,6 +200,30 @@ async fn killed_child_restarts_fast_crash_loop_backs_off_to_failed() {
         u.restarts >= 5
     })
     .await;
+
+    // autostart = false: off until asked for.
+    assert_eq!(up.unit("manual").state, UnitState::Off);
+    let resp = client
+        .post(format!("http://{}/api/units/manual/restart", up.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    up.wait_unit("manual", Duration::from_secs(3), "started by request", |u| {
+        u.state == UnitState::Running && u.pid.is_some()
+    })
+    .await;
+
+    // START_VPN=true in a build without the vpn: reported, not started, not an error.
+    let vpn = up.unit("vpn");
+    assert_eq!(vpn.state, UnitState::Unavailable, "{vpn:?}");
+    assert!(vpn.why.contains("not available in this build"), "{vpn:?}");
+    let resp = client
+        .post(format!("http://{}/api/units/vpn/restart", up.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409);
 
     let steady_pid = again.pid.unwrap();
     up.stop().await;

@@ -218,7 +218,9 @@ async fn up_starts_consul_dns_lb_and_sigterm_leaves_nothing() {
              [supervisor]\nadmin = \"{admin}\"\n\
              [supervisor.consul]\nnode = \"{node}\"\ndata_dir = \"consul-state\"\n{extra}\n\
              [[supervisor.program]]\nname = \"family\"\ncommand = \"sh\"\n\
-             args = [\"-c\", \"echo family says hello; sleep 1000 & sleep 1000\"]\n",
+             args = [\"-c\", \"echo family says hello; sleep 1000 & sleep 1000\"]\n\
+             [[supervisor.program]]\nname = \"orphaner\"\ncommand = \"sh\"\n\
+             args = [\"-c\", \"(sleep 0.2 &); exec sleep 1000\"]\n",
             http = c.http,
             cdns = c.dns,
             node = unique("up-e2e"),
@@ -305,6 +307,22 @@ async fn up_starts_consul_dns_lb_and_sigterm_leaves_nothing() {
     ] {
         assert!(text.contains(want), "`{want}` not in `wayfinder status`:\n{text}");
     }
+
+    // The orphaner's short-lived grandchild was re-parented to `up` (a child
+    // subreaper) when its subshell exited, and reaped when it ended: no zombie.
+    let zombies: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+                let rest = st.rsplit_once(')').map_or("", |(_, r)| r);
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                f.first() == Some(&"Z") && f.get(1) == Some(&up.pid.to_string().as_str())
+            })
+        })
+        .collect();
+    assert!(zombies.is_empty(), "zombie children of up: {zombies:?}");
 
     // SIGTERM: everything stops, in reverse order, and nothing is left.
     let family = descendants(up.pid);
