@@ -1007,7 +1007,15 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected_in_every_table() {
-        for text in ["bogus = 1", "[consul]\nbogus = 1", "[dns]\nbogus = 1", "[nope]\n"] {
+        for text in [
+            "bogus = 1",
+            "[consul]\nbogus = 1",
+            "[dns]\nbogus = 1",
+            "[nope]\n",
+            "[supervisor]\nbogus = 1",
+            "[supervisor.consul]\nbogus = 1",
+            "[[supervisor.program]]\nname = \"a\"\ncommand = \"b\"\nbogus = 1",
+        ] {
             let e = check(text, &[]).unwrap_err();
             assert!(e.problem.contains("unknown"), "{text}: {e}");
         }

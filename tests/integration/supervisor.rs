@@ -678,6 +678,28 @@ async fn admin_token_is_required_when_set() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 401, "actions too");
+
+    // `wayfinder status` against it: refused without the token, fine with it.
+    let dir = tempfile::tempdir().unwrap();
+    let status = |token: Option<&str>| {
+        let mut cmd = std::process::Command::new(crate::harness::wayfinder_bin());
+        cmd.args(["status", "--admin", &up.admin.to_string()])
+            .current_dir(dir.path());
+        for (var, _) in wayfinder::env::VARS {
+            cmd.env_remove(var);
+        }
+        if let Some(t) = token {
+            cmd.env("WAYFINDER_ADMIN_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    let out = status(None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("401"), "{err}");
+    let out = status(Some("test-token-123"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("UNIT"));
     up.stop().await;
 }
 
