@@ -181,6 +181,9 @@ pub fn render(report: &StatusReport, token: Option<&str>) -> String {
     if let Some(c) = consul.addr {
         let _ = write!(html, "<li>consul <code>http://{c}/ui/</code></li>");
     }
+    if let Some(admin) = a.admin {
+        let _ = write!(html, "<li>admin <code>http://{admin}/</code> (this page)</li>");
+    }
     if let Some(dns) = &report.dns {
         let total: u64 = dns.routes.values().map(|r| r.queries).sum();
         let _ = write!(html, "<li>dns answered {total} questions");
