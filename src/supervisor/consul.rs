@@ -130,6 +130,7 @@ pub fn program(config: &Config, plan: &Plan, mode: ConsulMode) -> ProgramConfig 
         restart: RestartPolicy::Always,
         stop_signal: libc::SIGTERM,
         stop_timeout: CONSUL_STOP_TIMEOUT,
+        needs_consul: false,
     }
 }
 

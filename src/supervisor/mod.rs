@@ -346,6 +346,8 @@ pub async fn run(
     let program_ctx = ProgramContext {
         restart: config.supervisor.restart,
         children: state.children.clone(),
+        consul_ready: runs_consul.then(|| ready_rx.clone()),
+        consul_wait: config.supervisor.consul_wait,
     };
     let mut running: Vec<Running> = Vec::new();
     for (planned, handle) in state.plan.units.iter().zip(&state.units) {

@@ -36,6 +36,10 @@ pub struct ProgramContext {
     pub restart: RestartSettings,
     /// Pids the supervisor spawned (for the orphan reaper).
     pub children: Arc<ChildSet>,
+    /// Fires `true` once the built-in Consul has a leader, when `up` runs one.
+    pub consul_ready: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Upper bound of the wait for it.
+    pub consul_wait: Duration,
 }
 
 /// `exit status 1`, `signal 9 (SIGKILL)`.
@@ -140,6 +144,18 @@ pub async fn supervise(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = handle.restart.notified() => {}
+        }
+    }
+    if let (true, Some(mut ready)) = (config.needs_consul, ctx.consul_ready.clone()) {
+        handle.set_state(UnitState::Waiting);
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                handle.set_state(UnitState::Stopped);
+                return;
+            }
+            waited = tokio::time::timeout(ctx.consul_wait, ready.wait_for(|r| *r)) => if waited.is_err() {
+                tracing::warn!(program = %config.name, wait = ?ctx.consul_wait, "consul has no leader yet; starting anyway");
+            },
         }
     }
     loop {

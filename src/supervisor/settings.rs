@@ -152,6 +152,10 @@ pub struct ProgramSection {
     /// Time between the stop signal and SIGKILL. Default `10s`.
     #[serde(default = "default_stop_timeout", with = "humantime_serde")]
     pub stop_timeout: Duration,
+    /// Start it only once the built-in Consul agent has a leader (bounded by
+    /// `supervisor.consul_wait`), e.g. for registrator. Default `false`.
+    #[serde(default)]
+    pub needs_consul: bool,
 }
 
 fn default_admin() -> String {
@@ -252,6 +256,8 @@ pub struct ProgramConfig {
     pub stop_signal: i32,
     /// Stop signal to SIGKILL.
     pub stop_timeout: Duration,
+    /// Waits for the built-in Consul's leader before its first start.
+    pub needs_consul: bool,
 }
 
 /// Validated `[supervisor]`.
@@ -389,6 +395,7 @@ pub fn validate_supervisor(
             restart,
             stop_signal,
             stop_timeout,
+            needs_consul,
         } = p;
         let key = |k: &str| format!("supervisor.program[{i}].{k}");
         if !is_unit_name(name) {
@@ -426,6 +433,7 @@ pub fn validate_supervisor(
             restart: *restart,
             stop_signal: signal,
             stop_timeout: *stop_timeout,
+            needs_consul: *needs_consul,
         });
     }
 

@@ -208,6 +208,17 @@ async fn up_starts_consul_dns_lb_and_sigterm_leaves_nothing() {
     let dns = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let lb = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    // Stands in for registrator: it exits unless Consul has a leader when it starts.
+    let registrar = dir.path().join("registrar.sh");
+    std::fs::write(
+        &registrar,
+        format!(
+            "leader=$(curl -sf http://127.0.0.1:{}/v1/status/leader) || exit 1\n\
+             [ -n \"$leader\" ] && [ \"$leader\" != '\"\"' ] || exit 1\nexec sleep 1000\n",
+            c.http
+        ),
+    )
+    .unwrap();
     let config = dir.path().join("wayfinder.toml");
     std::fs::write(
         &config,
@@ -220,11 +231,14 @@ async fn up_starts_consul_dns_lb_and_sigterm_leaves_nothing() {
              [[supervisor.program]]\nname = \"family\"\ncommand = \"sh\"\n\
              args = [\"-c\", \"echo family says hello; sleep 1000 & sleep 1000\"]\n\
              [[supervisor.program]]\nname = \"orphaner\"\ncommand = \"sh\"\n\
-             args = [\"-c\", \"(sleep 0.2 &); exec sleep 1000\"]\n",
+             args = [\"-c\", \"(sleep 0.2 &); exec sleep 1000\"]\n\
+             [[supervisor.program]]\nname = \"registrar\"\ncommand = \"sh\"\nneeds_consul = true\n\
+             args = [\"{registrar}\"]\n",
             http = c.http,
             cdns = c.dns,
             node = unique("up-e2e"),
             extra = c.extra,
+            registrar = registrar.display(),
         ),
     )
     .unwrap();
@@ -303,10 +317,30 @@ async fn up_starts_consul_dns_lb_and_sigterm_leaves_nothing() {
         "dns              running",
         "lb               running",
         "family           running",
+        "registrar        running",
         "connected, leader",
     ] {
         assert!(text.contains(want), "`{want}` not in `wayfinder status`:\n{text}");
     }
+
+    // `needs_consul`: the registrar checks for a leader at start and exits
+    // without one; it waited, so it started once.
+    let units: serde_json::Value = client
+        .get(format!("http://{admin}/api/units"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let registrar = units
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "registrar")
+        .unwrap();
+    assert_eq!(registrar["restarts"], 0, "{registrar:#}");
+    assert_eq!(registrar["state"], "running", "{registrar:#}");
 
     // The orphaner's short-lived grandchild was re-parented to `up` (a child
     // subreaper) when its subshell exited, and reaped when it ended: no zombie.
