@@ -19,6 +19,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::env::{self, Env};
+use crate::supervisor::settings::validate_supervisor;
+pub use crate::supervisor::settings::{SupervisorConfig, SupervisorSection};
 
 /// The config file used when `-c` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "wayfinder.toml";
@@ -48,6 +50,9 @@ pub struct FileConfig {
     /// The HTTP load balancer.
     #[serde(default)]
     pub lb: LbSection,
+    /// `wayfinder up`: the supervisor, its programs and the admin endpoint.
+    #[serde(default)]
+    pub supervisor: SupervisorSection,
 }
 
 /// `[lb]`: the HTTP/TCP load balancer fed by the Consul catalog.
@@ -333,6 +338,8 @@ pub struct Config {
     pub lb: LbConfig,
     /// This host's address (`HOST_IP`), when known.
     pub host_ip: Option<IpAddr>,
+    /// The supervisor (`wayfinder up`).
+    pub supervisor: SupervisorConfig,
 }
 
 /// Validated `[lb]`.
@@ -573,6 +580,9 @@ fn apply_env(file: &mut FileConfig, env: &dyn Env) -> Result<(), ConfigError> {
     if let Some(domain) = env.get(env::HAPROXY_ADD_DOMAIN) {
         file.dns.wildcard_domain = Some(domain);
     }
+    if let Some(token) = env.get(env::WAYFINDER_ADMIN_TOKEN) {
+        file.supervisor.token = token;
+    }
     if let Some(ip) = env_ip(env, env::HOST_IP)?
         && file.dns.wildcard_targets.is_empty()
     {
@@ -601,7 +611,12 @@ pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> 
         key: key.to_string(),
         problem,
     };
-    let FileConfig { consul, dns, lb } = file;
+    let FileConfig {
+        consul,
+        dns,
+        lb,
+        supervisor,
+    } = file;
     let ConsulSection {
         http,
         dns: consul_dns,
@@ -736,11 +751,13 @@ pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> 
     };
     let secs = |d: &Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
     let lb = validate_lb(lb, wildcard_domain.as_ref(), &err)?;
+    let supervisor = validate_supervisor(supervisor, &err)?;
 
     Ok(Config {
         source: source.to_string(),
         lb,
         host_ip: None,
+        supervisor,
         consul,
         dns: DnsConfig {
             listen: listen.clone(),

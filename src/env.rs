@@ -44,6 +44,29 @@ pub const HAPROXY_ADD_DOMAIN: &str = "HAPROXY_ADD_DOMAIN";
 /// Serve HTTPS from the lb (`true`/`false`).
 pub const HAPROXY_SSL: &str = "HAPROXY_SSL";
 
+/// Host role: a master runs the Consul agent in server mode (default `true`).
+pub const MASTER: &str = "MASTER";
+/// Host role: a slave runs the lb (default `true`).
+pub const SLAVE: &str = "SLAVE";
+/// Override: start the dns component (`true`/`false`).
+pub const START_DNS: &str = "START_DNS";
+/// Override: start the lb component.
+pub const START_LB: &str = "START_LB";
+/// Override: start the vpn component.
+pub const START_VPN: &str = "START_VPN";
+/// Override: start the built-in Consul agent.
+pub const START_CONSUL: &str = "START_CONSUL";
+/// PanteraS alias of [`START_DNS`] (dnsmasq was its DNS server).
+pub const START_DNSMASQ: &str = "START_DNSMASQ";
+/// PanteraS alias of [`START_LB`] (consul-template fed its HAProxy).
+pub const START_CONSUL_TEMPLATE: &str = "START_CONSUL_TEMPLATE";
+/// Consul join arguments, PanteraS style: `-join=master-1 -join=master-2`.
+pub const CONSUL_HOSTS: &str = "CONSUL_HOSTS";
+/// Extra Consul agent arguments, e.g. `-bootstrap-expect 3`.
+pub const CONSUL_PARAMS: &str = "CONSUL_PARAMS";
+/// Bearer token of the admin endpoint (overrides `supervisor.token`).
+pub const WAYFINDER_ADMIN_TOKEN: &str = "WAYFINDER_ADMIN_TOKEN";
+
 /// Every variable Wayfinder reads, with what it overrides (printed by `check`).
 pub const VARS: &[(&str, &str)] = &[
     (
@@ -59,4 +82,21 @@ pub const VARS: &[(&str, &str)] = &[
     (CONSUL_DC, "consul.datacenter"),
     (HAPROXY_ADD_DOMAIN, "dns.wildcard_domain"),
     (HAPROXY_SSL, "lb.ssl"),
+    (MASTER, "up: host role; a master runs Consul as a server (default true)"),
+    (SLAVE, "up: host role; a slave runs the lb (default true)"),
+    (START_DNS, "up: start the dns component (default: every host)"),
+    (START_LB, "up: start the lb component (default: SLAVE)"),
+    (START_VPN, "up: start the vpn component (default: off)"),
+    (
+        START_CONSUL,
+        "up: start the built-in Consul agent (supervisor.consul.enabled)",
+    ),
+    (START_DNSMASQ, "up: alias of START_DNS"),
+    (START_CONSUL_TEMPLATE, "up: alias of START_LB"),
+    (CONSUL_HOSTS, "up: Consul join arguments (-join=HOST ..., retried)"),
+    (
+        CONSUL_PARAMS,
+        "up: extra Consul agent arguments (-bootstrap-expect 3 ...)",
+    ),
+    (WAYFINDER_ADMIN_TOKEN, "supervisor.token"),
 ];

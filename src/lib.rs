@@ -15,6 +15,7 @@ pub mod dns;
 pub mod env;
 pub mod lb;
 pub mod signals;
+pub mod supervisor;
 
 use std::future::Future;
 use std::time::Duration;
@@ -42,6 +43,9 @@ pub enum AppError {
     /// The lb component failed.
     #[error("lb: {0}")]
     Lb(#[source] lb::LbError),
+    /// The supervisor (`up`, `status`) failed.
+    #[error("up: {0}")]
+    Supervisor(#[source] supervisor::SupervisorError),
 }
 
 impl AppError {
@@ -53,6 +57,10 @@ impl AppError {
             AppError::Dns(_) => 1,
             AppError::Lb(lb::LbError::Bind { .. } | lb::LbError::Certs(_)) => EXIT_CONFIG,
             AppError::Lb(_) => 1,
+            AppError::Supervisor(
+                supervisor::SupervisorError::BindAdmin { .. } | supervisor::SupervisorError::BindComponent { .. },
+            ) => EXIT_CONFIG,
+            AppError::Supervisor(_) => 1,
         }
     }
 }
@@ -62,7 +70,37 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
     match cli.command {
         Command::Check { config } => {
             let (file, config) = config::load(config.as_deref(), &env::ProcessEnv).map_err(AppError::Config)?;
-            print!("{}", render_check(&file, &config));
+            let plan = supervisor::roles::plan(&env::ProcessEnv, &config).map_err(AppError::Config)?;
+            print!("{}", render_check(&file, &config, &plan));
+            Ok(())
+        }
+        Command::Up { config } => {
+            let (_, config) = config::load(config.as_deref(), &env::ProcessEnv).map_err(AppError::Config)?;
+            up(config).await
+        }
+        Command::Status { config, admin, json } => {
+            let (_, config) = config::load(config.as_deref(), &env::ProcessEnv).map_err(AppError::Config)?;
+            let addr = admin.or(config.supervisor.admin).ok_or_else(|| {
+                AppError::Config(ConfigError {
+                    file: config.source.clone(),
+                    key: "supervisor.admin".into(),
+                    problem: "the admin endpoint is off (\"\"): give --admin ADDR".into(),
+                })
+            })?;
+            // A wildcard bind is asked on loopback.
+            let addr = if addr.ip().is_unspecified() {
+                std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+            } else {
+                addr
+            };
+            let report = supervisor::terminal::fetch(addr, config.supervisor.token.as_deref())
+                .await
+                .map_err(AppError::Supervisor)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+            } else {
+                print!("{}", supervisor::terminal::render(&report));
+            }
             Ok(())
         }
         Command::Dns { config } => {
@@ -87,6 +125,40 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
                 lb::run(&config, sockets, state, shutdown).await.map_err(AppError::Lb)
             })
             .await
+        }
+    }
+}
+
+/// `wayfinder up`: the role's plan, everything bound, then the supervisor until
+/// SIGTERM/SIGINT (which stops it all in reverse order and exits 0).
+async fn up(config: config::Config) -> Result<(), AppError> {
+    let plan = supervisor::roles::plan(&env::ProcessEnv, &config).map_err(AppError::Config)?;
+    tracing::info!(config = %config.source, role = plan.role(), "starting up");
+    // Orphaned grandchildren of our programs are re-parented to us and reaped.
+    let adopt = match supervisor::reaper::become_subreaper() {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(%error, "could not become a child subreaper; orphans go to init");
+            false
+        }
+    };
+    let sockets = supervisor::UpSockets::bind(&config, &plan).map_err(AppError::Supervisor)?;
+    let config = std::sync::Arc::new(config);
+    let state = supervisor::SupervisorState::new(config.clone(), plan, adopt);
+    signals::forward_hangups(state.components.dns.reload_zones.clone());
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn({
+        let (state, shutdown) = (state.clone(), shutdown.clone());
+        async move { supervisor::run(&config, sockets, state, shutdown).await }
+    });
+    let signal = signals::shutdown().await;
+    tracing::info!(signal, "shutting down: stopping units in reverse start order");
+    shutdown.cancel();
+    match task.await {
+        Ok(result) => result.map_err(AppError::Supervisor),
+        Err(join) => {
+            tracing::error!(error = %join, "supervisor task failed");
+            Ok(())
         }
     }
 }
@@ -130,12 +202,19 @@ where
 
 /// What `wayfinder check` prints: the effective file (after the environment) and
 /// the values derived from it.
-pub fn render_check(file: &config::FileConfig, config: &config::Config) -> String {
+pub fn render_check(file: &config::FileConfig, config: &config::Config, plan: &supervisor::roles::Plan) -> String {
     let mut out = format!("# effective configuration ({} + environment)\n", config.source);
-    out.push_str(&toml::to_string_pretty(file).unwrap_or_else(|e| format!("# (could not render: {e})\n")));
+    let mut shown = file.clone();
+    if !shown.supervisor.token.is_empty() {
+        // A secret: shown as set, never printed.
+        shown.supervisor.token = "********".into();
+    }
+    out.push_str(&toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# (could not render: {e})\n")));
     out.push_str("\n# derived\n");
     out.push_str(&format!("# dns upstreams resolved: {:?}\n", config.dns.upstreams));
     out.push_str(&format!("# dns udp workers per address: {}\n", config.dns.workers));
+    out.push_str("# wayfinder up would start:\n");
+    out.push_str(&plan.render());
     out.push_str("# environment variables read:\n");
     for (var, what) in env::VARS {
         out.push_str(&format!("#   {var:<20} {what}\n"));

@@ -25,6 +25,8 @@ pub struct RequestCounters {
     /// Request latency histogram (last slot: slower than every bound), up to
     /// the response head.
     pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    /// Sum of those latencies, microseconds (the `_sum` of the Prometheus histogram).
+    pub latency_sum_us: AtomicU64,
 }
 
 /// A copy of [`RequestCounters`].
@@ -34,6 +36,8 @@ pub struct RequestSnapshot {
     pub status_classes: [u64; 6],
     /// Request latency histogram (bounds in [`LATENCY_BUCKETS_US`]).
     pub latency_buckets: [u64; LATENCY_BUCKETS_US.len() + 1],
+    /// Sum of the request latencies, microseconds.
+    pub latency_sum_us: u64,
 }
 
 impl RequestSnapshot {
@@ -55,6 +59,7 @@ impl RequestCounters {
             .position(|&b| us <= b)
             .unwrap_or(LATENCY_BUCKETS_US.len());
         self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
     /// A copy of the counters.
@@ -63,6 +68,7 @@ impl RequestCounters {
         RequestSnapshot {
             status_classes: std::array::from_fn(|i| load(&self.status_classes[i])),
             latency_buckets: std::array::from_fn(|i| load(&self.latency_buckets[i])),
+            latency_sum_us: load(&self.latency_sum_us),
         }
     }
 }

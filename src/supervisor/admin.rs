@@ -1,0 +1,467 @@
+//! The admin endpoint (`[supervisor] admin`, default 127.0.0.1:9000): a JSON API
+//! with the whole picture, a few actions, Prometheus `/metrics`, and the status
+//! page for people at `/`.
+//!
+//! ```text
+//!  GET  /                          status page (HTML, rendered here, no script)
+//!  GET  /api/status                StatusReport: units, consul, services, lb, dns, vpn
+//!  GET  /api/units                 units only
+//!  POST /api/units/<name>/restart  stop it if running, start it now
+//!  POST /api/dns/reload            reload zones_dir now
+//!  POST /api/vpn/peers, DELETE /api/vpn/peers/<name>   (vpn: not in this build)
+//!  GET  /metrics                   Prometheus text format (metrics.rs)
+//!  GET  /healthz                   `ok`
+//! ```
+//!
+//! With a token configured every request needs `Authorization: Bearer <token>`
+//! (or `?token=<token>`, so a phone's browser can open the page); others get 401.
+//! Services and their health are read from Consul per request (the page is for
+//! people, not a hot path); everything else comes from in-process state.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::unit::UnitInfo;
+use super::{Addresses, ConsulHealth, SupervisorState, lock};
+use crate::consul::ConsulClient;
+use crate::lb::status::LbStatus;
+
+/// How long a client may take to send a request head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on the Consul reads behind one status request.
+const CONSUL_READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Services listed at most (the page is for people).
+const MAX_SERVICES: usize = 200;
+
+type Body = Full<Bytes>;
+
+/// The whole picture, as `/api/status` returns it.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    /// Wayfinder's version.
+    pub version: &'static str,
+    /// This host's name.
+    pub host: String,
+    /// The role (`standalone (master + slave)`, `master`, `slave` ...).
+    pub role: String,
+    /// Seconds since `up` started.
+    pub uptime_secs: f64,
+    /// Every unit has started (or failed).
+    pub ready: bool,
+    /// Listen addresses.
+    pub addresses: Addresses,
+    /// The Consul agent.
+    pub consul: ConsulHealth,
+    /// Programs and components.
+    pub units: Vec<UnitInfo>,
+    /// Consul services with their instances and how to reach them.
+    pub services: Vec<ServiceReport>,
+    /// The lb's routes, instances and counters, when it runs.
+    pub lb: Option<LbStatus>,
+    /// dns counters, when dns runs.
+    pub dns: Option<DnsReport>,
+    /// vpn peers (vpn: filled in by the vpn component once it lands).
+    pub vpn: VpnReport,
+}
+
+/// A Consul service.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceReport {
+    /// Service name.
+    pub name: String,
+    /// The union of its instances' tags.
+    pub tags: Vec<String>,
+    /// DNS names that resolve it through the dns component.
+    pub dns_names: Vec<String>,
+    /// URLs that reach it through the lb (empty unless tagged for it).
+    pub urls: Vec<String>,
+    /// Its instances.
+    pub instances: Vec<InstanceReport>,
+}
+
+/// One instance of a service.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceReport {
+    /// Consul service ID.
+    pub id: String,
+    /// Node.
+    pub node: String,
+    /// Address and port.
+    pub address: String,
+    /// Worst check status: `passing`, `warning` or `critical`.
+    pub health: String,
+    /// The lb's own view (`up`, `down`), when it routes this instance.
+    pub lb: Option<String>,
+}
+
+/// dns counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct DnsReport {
+    /// Per route (consul, lb, zone, upstream, rejected).
+    pub routes: BTreeMap<&'static str, crate::dns::stats::RouteSnapshot>,
+    /// Packets dropped unanswered.
+    pub dropped: u64,
+}
+
+/// vpn peers.
+#[derive(Debug, Clone, Serialize)]
+pub struct VpnReport {
+    /// The vpn component is in this build.
+    pub available: bool,
+    /// Its peers (vpn: name, address, last handshake, bytes).
+    pub peers: Vec<serde_json::Value>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct HealthCheck {
+    #[serde(default)]
+    status: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct HealthRow {
+    node: crate::consul::HealthNode,
+    service: crate::consul::HealthService,
+    #[serde(default)]
+    checks: Vec<HealthCheck>,
+}
+
+fn worst(checks: &[HealthCheck]) -> String {
+    let rank = |s: &str| match s {
+        "passing" => 0,
+        "warning" => 1,
+        _ => 2,
+    };
+    checks
+        .iter()
+        .map(|c| c.status.as_str())
+        .max_by_key(|s| rank(s))
+        .unwrap_or("passing")
+        .to_string()
+}
+
+/// Reads every service and its instances' health from Consul.
+async fn services(state: &SupervisorState, lb: Option<&LbStatus>) -> Vec<ServiceReport> {
+    let config = &state.config;
+    let consul = ConsulClient::new(config.consul.http);
+    let Ok(Ok((names, _))) = tokio::time::timeout(CONSUL_READ_TIMEOUT, consul.services(0)).await else {
+        return Vec::new();
+    };
+    let mut reads = tokio::task::JoinSet::new();
+    for (name, tags) in names.into_iter().take(MAX_SERVICES) {
+        let consul = consul.clone();
+        reads.spawn(async move {
+            let rows = tokio::time::timeout(
+                CONSUL_READ_TIMEOUT,
+                consul.blocking_get::<Vec<HealthRow>>(&format!("/v1/health/service/{name}?stale"), 0),
+            )
+            .await;
+            let rows = match rows {
+                Ok(Ok((rows, _))) => rows,
+                _ => Vec::new(),
+            };
+            (name, tags, rows)
+        });
+    }
+    let domain = config.consul.domain.to_string().trim_end_matches('.').to_string();
+    let dc = &config.consul.datacenter;
+    let http = state.addresses().lb_http.map(|a| super::reachable(a, config));
+    let mut out = Vec::new();
+    while let Some(joined) = reads.join_next().await {
+        let Ok((name, tags, rows)) = joined else { continue };
+        let route = lb.and_then(|l| l.routes.iter().find(|r| r.service == name && &r.datacenter == dc));
+        let urls = match (route, http) {
+            (Some(route), Some(http)) => route
+                .names
+                .iter()
+                .map(|n| match n.strip_prefix('*') {
+                    Some(path) => format!("http://{http}{path}"),
+                    None => {
+                        let port = if http.port() == 80 {
+                            String::new()
+                        } else {
+                            format!(":{}", http.port())
+                        };
+                        match n.split_once('/') {
+                            Some((host, path)) => format!("http://{host}{port}/{path}"),
+                            None => format!("http://{n}{port}/"),
+                        }
+                    }
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let instances = rows
+            .iter()
+            .map(|r| {
+                let address = if r.service.address.is_empty() {
+                    &r.node.address
+                } else {
+                    &r.service.address
+                };
+                let address = format!("{address}:{}", r.service.port);
+                let lb = route.and_then(|route| {
+                    route.instances.iter().find(|i| i.addr.to_string() == address).map(|i| {
+                        if i.available {
+                            "up".to_string()
+                        } else {
+                            "down".to_string()
+                        }
+                    })
+                });
+                InstanceReport {
+                    id: r.service.id.clone(),
+                    node: r.node.node.clone(),
+                    address,
+                    health: worst(&r.checks),
+                    lb,
+                }
+            })
+            .collect();
+        out.push(ServiceReport {
+            dns_names: vec![
+                format!("{name}.service.{domain}"),
+                format!("{name}.service.{dc}.{domain}"),
+            ],
+            name,
+            tags,
+            urls,
+            instances,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Collects the whole picture.
+pub async fn report(state: &SupervisorState) -> StatusReport {
+    let lb = state.components.lb.load_full().filter(|_| state.plan.starts("lb"));
+    let lb = lb.map(|l| LbStatus::collect(&l));
+    let dns = state.plan.starts("dns").then(|| DnsReport {
+        routes: state.components.dns.stats.snapshot().into_iter().collect(),
+        dropped: state.components.dns.stats.dropped(),
+    });
+    StatusReport {
+        version: env!("CARGO_PKG_VERSION"),
+        host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default(),
+        role: state.plan.role().into(),
+        uptime_secs: state.started.elapsed().as_secs_f64(),
+        ready: state.ready.load(Ordering::Relaxed),
+        addresses: state.addresses(),
+        consul: state.consul_health(),
+        units: state.units.iter().map(|u| u.snapshot()).collect(),
+        services: services(state, lb.as_ref()).await,
+        lb,
+        dns,
+        // vpn: `available: true` and the peers from the vpn state once it lands.
+        vpn: VpnReport {
+            available: false,
+            peers: Vec::new(),
+        },
+    }
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+    respond(
+        status,
+        "application/json",
+        serde_json::to_vec_pretty(value).unwrap_or_default(),
+    )
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Body> {
+    json(status, &serde_json::json!({ "error": message }))
+}
+
+/// Constant-time comparison (the token must not leak through timing).
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn query_token(req: &Request<Incoming>) -> Option<&str> {
+    req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix("token="))
+}
+
+fn authorized(req: &Request<Incoming>, token: &str) -> bool {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    header
+        .or_else(|| query_token(req))
+        .is_some_and(|t| same(t.trim().as_bytes(), token.as_bytes()))
+}
+
+/// A form post from the status page gets sent back to the page; API clients get JSON.
+fn done(req_is_form: bool, token: Option<&str>, status: StatusCode, value: serde_json::Value) -> Response<Body> {
+    if req_is_form && status.is_success() {
+        let mut resp = respond(StatusCode::SEE_OTHER, "text/plain", "see /");
+        let location = match token {
+            Some(t) => format!("/?token={t}"),
+            None => "/".into(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        return resp;
+    }
+    json(status, &value)
+}
+
+async fn answer(state: Arc<SupervisorState>, req: Request<Incoming>) -> Response<Body> {
+    let token = state.config.supervisor.token.clone();
+    if let Some(t) = &token
+        && !authorized(&req, t)
+    {
+        let mut resp = error(
+            StatusCode::UNAUTHORIZED,
+            "this admin endpoint needs `Authorization: Bearer <token>`",
+        );
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return resp;
+    }
+    let is_form = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/x-www-form-urlencoded"));
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let method = req.method().clone();
+    match (&method, segments.as_slice()) {
+        (&Method::GET | &Method::HEAD, []) => {
+            let report = report(&state).await;
+            respond(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                super::status_page::render(&report, token.as_deref()),
+            )
+        }
+        (&Method::GET, ["healthz"]) => respond(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, ["api", "status"]) => json(StatusCode::OK, &report(&state).await),
+        (&Method::GET, ["api", "units"]) => json(
+            StatusCode::OK,
+            &state.units.iter().map(|u| u.snapshot()).collect::<Vec<_>>(),
+        ),
+        (&Method::GET, ["metrics"]) => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            super::metrics::render(&state),
+        ),
+        (&Method::POST, ["api", "units", name, "restart"]) => {
+            let Some(unit) = state.unit(name) else {
+                return error(StatusCode::NOT_FOUND, &format!("no unit called `{name}`"));
+            };
+            if !state.is_supervised(name) {
+                let why = unit.snapshot().why;
+                return error(
+                    StatusCode::CONFLICT,
+                    &format!("`{name}` does not run on this host: {why}"),
+                );
+            }
+            tracing::info!(unit = %name, "restart requested through the admin endpoint");
+            unit.restart.notify_one();
+            done(
+                is_form,
+                token.as_deref(),
+                StatusCode::ACCEPTED,
+                serde_json::json!({ "ok": true, "unit": name, "action": "restart" }),
+            )
+        }
+        (&Method::POST, ["api", "dns", "reload"]) => {
+            if !state.is_supervised("dns") {
+                return error(StatusCode::CONFLICT, "dns does not run on this host");
+            }
+            tracing::info!("zone reload requested through the admin endpoint");
+            state.components.dns.reload_zones.notify_one();
+            done(
+                is_form,
+                token.as_deref(),
+                StatusCode::ACCEPTED,
+                serde_json::json!({ "ok": true, "action": "reload zones" }),
+            )
+        }
+        // vpn: add a peer (body: {"name": ...}, answer: client config + QR) and
+        // remove one, through the vpn state once the component lands.
+        (&Method::POST, ["api", "vpn", "peers"]) | (&Method::DELETE, ["api", "vpn", "peers", _]) => error(
+            StatusCode::NOT_IMPLEMENTED,
+            "the vpn component is not available in this build",
+        ),
+        (_, ["api", ..]) | (_, ["metrics"]) | (_, ["healthz"]) => error(
+            StatusCode::NOT_FOUND,
+            &format!("no {method} {path} here; see GET /api/status"),
+        ),
+        _ => error(StatusCode::NOT_FOUND, "not found; try / or /api/status"),
+    }
+}
+
+/// Serves the admin endpoint until `shutdown`.
+pub async fn serve(listener: TcpListener, state: Arc<SupervisorState>, shutdown: CancellationToken) {
+    let connections = TaskTracker::new();
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, token = state.config.supervisor.token.is_some(), "admin endpoint listening");
+        lock(&state.addresses).admin = Some(addr);
+    }
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(answer(state, req).await) }
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+                }
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}

@@ -1,0 +1,222 @@
+//! The built-in `consul` program: a Consul agent command line derived from the
+//! PanteraS settings, so a `restricted/host` file keeps meaning what it meant.
+//!
+//! ```text
+//!  [consul] http/dns ports, CONSUL_IP, CONSUL_DC, CONSUL_DOMAIN ─┐
+//!  HOST_IP / [supervisor.consul] bind, node, data_dir, ui ───────┼─▶ ProgramConfig
+//!  role: server on masters, client elsewhere ────────────────────┤    (consul agent ...)
+//!  CONSUL_HOSTS (-join=...), CONSUL_PARAMS, extra_args ──────────┘
+//! ```
+//!
+//! A standalone host (a master that joins nobody and was given no bootstrap
+//! setting) becomes a single-node server with `-bootstrap-expect 1`.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use super::roles::{ConsulMode, Plan};
+use super::settings::{ProgramConfig, RestartPolicy};
+use crate::config::Config;
+
+/// How long Consul gets after SIGTERM before SIGKILL (it flushes its raft log).
+const CONSUL_STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The host name, for `-node`.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "wayfinder".into())
+}
+
+/// The address Consul binds its cluster ports to.
+fn bind_address(config: &Config) -> Option<IpAddr> {
+    let http = config.consul.http.ip();
+    config
+        .supervisor
+        .consul
+        .bind
+        .or(config.host_ip)
+        .or((!http.is_unspecified()).then_some(http))
+}
+
+/// `CONSUL_HOSTS` words as agent arguments. PanteraS wrote `-join=HOST`, which
+/// makes an agent exit when no host answers at start; here each becomes
+/// `-retry-join=HOST` instead, so hosts may come up in any order (the agent keeps
+/// trying, every two seconds, rather than crash-looping into `failed`). Bare host
+/// names are accepted too.
+fn join_args(words: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut iter = words.iter();
+    while let Some(w) = iter.next() {
+        let host = if let Some(h) = w.strip_prefix("-join=").or_else(|| w.strip_prefix("--join=")) {
+            Some(h.to_string())
+        } else if w == "-join" || w == "--join" {
+            iter.next().cloned()
+        } else if !w.starts_with('-') {
+            Some(w.clone())
+        } else {
+            // Another flag (`-retry-join=x`, `-join-wan=x`): passed on as written.
+            out.push(w.clone());
+            None
+        };
+        if let Some(h) = host {
+            out.push(format!("-retry-join={h}"));
+        }
+    }
+    if !out.is_empty() {
+        out.push("-retry-interval=2s".into());
+    }
+    out
+}
+
+/// The built-in agent as a program.
+pub fn program(config: &Config, plan: &Plan, mode: ConsulMode) -> ProgramConfig {
+    let settings = &config.supervisor.consul;
+    let mut args: Vec<String> = vec!["agent".into()];
+    let mut push = |flag: &str, value: String| {
+        args.push(flag.into());
+        args.push(value);
+    };
+    push("-node", settings.node.clone().unwrap_or_else(hostname));
+    push("-data-dir", settings.data_dir.display().to_string());
+    if let Some(ip) = bind_address(config) {
+        push("-bind", ip.to_string());
+    }
+    push("-client", config.consul.http.ip().to_string());
+    push("-http-port", config.consul.http.port().to_string());
+    if let Some(dns) = config.consul.dns.first() {
+        push("-dns-port", dns.port().to_string());
+    }
+    push("-datacenter", config.consul.datacenter.clone());
+    push(
+        "-domain",
+        config.consul.domain.to_string().trim_end_matches('.').to_string(),
+    );
+    // TC instead of silently trimmed answers (the dns component retries over
+    // TCP); an appliance has no business phoning home for updates; raft timing
+    // as Consul recommends for production servers (its default multiplier of 5
+    // is for slow machines and makes every election take seconds).
+    push(
+        "-hcl",
+        "dns_config { enable_truncate = true } disable_update_check = true performance { raft_multiplier = 1 }".into(),
+    );
+    if mode == ConsulMode::Server {
+        args.push("-server".into());
+        let bootstraps = plan
+            .consul_params
+            .iter()
+            .chain(&settings.extra_args)
+            .any(|a| a.starts_with("-bootstrap"));
+        if plan.consul_hosts.is_empty() && !bootstraps {
+            args.extend(["-bootstrap-expect".into(), "1".into()]);
+        }
+    }
+    if settings.ui {
+        args.push("-ui".into());
+    }
+    args.extend(join_args(&plan.consul_hosts));
+    args.extend(plan.consul_params.iter().cloned());
+    args.extend(settings.extra_args.iter().cloned());
+    ProgramConfig {
+        name: "consul".into(),
+        command: settings.command.clone(),
+        args,
+        env: Default::default(),
+        dir: None,
+        autostart: true,
+        priority: 10,
+        restart: RestartPolicy::Always,
+        stop_signal: libc::SIGTERM,
+        stop_timeout: CONSUL_STOP_TIMEOUT,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::supervisor::roles::plan;
+    use std::collections::HashMap;
+
+    fn build(vars: &[(&str, &str)], extra: &str) -> Vec<String> {
+        let env: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let text = format!("[dns]\nupstreams = [\"192.0.2.1\"]\n{extra}");
+        let (file, host_ip) = crate::config::parse_with_host(&text, "t.toml", &env).unwrap();
+        let mut config = crate::config::validate(&file, "t.toml").unwrap();
+        config.host_ip = host_ip;
+        let p = plan(&env, &config).unwrap();
+        let crate::supervisor::roles::UnitKind::Consul(mode) = p.units[0].kind else {
+            panic!("consul first")
+        };
+        program(&config, &p, mode).args
+    }
+
+    fn has(args: &[String], pair: &[&str]) -> bool {
+        args.windows(pair.len()).any(|w| w == pair)
+    }
+
+    #[test]
+    fn standalone_is_a_single_node_server() {
+        let a = build(&[], "[supervisor.consul]\nnode = \"n1\"\n");
+        assert_eq!(a[0], "agent");
+        for pair in [
+            &["-node", "n1"][..],
+            &["-data-dir", "consul-data"],
+            &["-bind", "127.0.0.1"],
+            &["-client", "127.0.0.1"],
+            &["-http-port", "8500"],
+            &["-dns-port", "8600"],
+            &["-datacenter", "dc1"],
+            &["-domain", "consul"],
+            &["-bootstrap-expect", "1"],
+        ] {
+            assert!(has(&a, pair), "{pair:?} in {a:?}");
+        }
+        assert!(a.contains(&"-server".to_string()) && a.contains(&"-ui".to_string()));
+        assert!(a.iter().any(|x| x.contains("enable_truncate = true")));
+    }
+
+    #[test]
+    fn panteras_cluster_settings() {
+        let vars = [
+            ("CONSUL_IP", "10.0.0.1"),
+            ("HOST_IP", "10.0.0.1"),
+            ("CONSUL_DC", "eu1"),
+            ("CONSUL_DOMAIN", "disco"),
+            ("CONSUL_HOSTS", "-join=m1 -join=m2 -join m3"),
+            ("CONSUL_PARAMS", "-bootstrap-expect 3"),
+        ];
+        let a = build(&vars, "");
+        for pair in [
+            &["-bind", "10.0.0.1"][..],
+            &["-client", "10.0.0.1"],
+            &["-datacenter", "eu1"],
+            &["-domain", "disco"],
+            &["-bootstrap-expect", "3"],
+        ] {
+            assert!(has(&a, pair), "{pair:?} in {a:?}");
+        }
+        for host in ["m1", "m2", "m3"] {
+            assert!(a.contains(&format!("-retry-join={host}")), "{a:?}");
+        }
+        assert!(!a.iter().any(|x| x.starts_with("-join")), "{a:?}");
+        assert_eq!(a.iter().filter(|x| *x == "-bootstrap-expect").count(), 1, "{a:?}");
+
+        // A master that joins others without CONSUL_PARAMS does not bootstrap itself.
+        let a = build(&[("CONSUL_HOSTS", "-join=m1")], "");
+        assert!(a.contains(&"-server".to_string()) && !a.contains(&"-bootstrap-expect".to_string()));
+
+        // A slave-only host runs a client agent.
+        let a = build(&[("MASTER", "false"), ("CONSUL_HOSTS", "m1 m2")], "");
+        assert!(!a.contains(&"-server".to_string()), "{a:?}");
+        assert!(a.contains(&"-retry-join=m2".to_string()), "{a:?}");
+
+        // extra_args come last so they win.
+        let a = build(
+            &[],
+            "[supervisor.consul]\nextra_args = [\"-serf-lan-port\", \"18301\"]\n",
+        );
+        assert_eq!(&a[a.len() - 2..], ["-serf-lan-port", "18301"]);
+    }
+}

@@ -1,0 +1,342 @@
+//! Prometheus `/metrics` (text exposition format 0.0.4), written by hand from
+//! the counters the components already keep (`dns::stats`, `lb::stats`) and the
+//! supervisor's units. Every name starts with `wayfinder_`.
+//!
+//! ```text
+//!  DnsStats (sharded atomics) ─┐
+//!  LbState  (table, counters) ─┼─▶ render() ─▶ `# HELP`, `# TYPE`, samples
+//!  UnitHandle (restarts, state) ┘
+//! ```
+//!
+//! Rendered per scrape, never on a request path of dns or lb.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+
+use super::SupervisorState;
+use super::unit::UnitState;
+use crate::dns::stats::{DnsStats, LATENCY_BUCKETS_US as DNS_BUCKETS_US};
+use crate::lb::stats::LATENCY_BUCKETS_US as LB_BUCKETS_US;
+use crate::lb::status::LbStatus;
+
+/// DNS RCODE names by the index of `RouteSnapshot::rcodes`.
+const RCODES: [&str; 7] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "other",
+];
+
+/// A label value with `\`, `"` and newlines escaped.
+fn label(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// One metric family being written.
+struct Out(String);
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let _ = write!(self.0, "{k}=\"{}\"", label(v));
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+
+    /// A histogram from non-cumulative buckets (microsecond bounds, last slot
+    /// = slower than every bound) and a microsecond sum.
+    fn histogram(&mut self, name: &str, labels: &[(&str, &str)], bounds_us: &[u64], buckets: &[u64], sum_us: u64) {
+        let mut cumulative = 0;
+        let bucket = format!("{name}_bucket");
+        for (i, count) in buckets.iter().enumerate() {
+            cumulative += count;
+            let le = bounds_us
+                .get(i)
+                .map_or_else(|| "+Inf".to_string(), |b| format!("{}", *b as f64 / 1e6));
+            let mut l = labels.to_vec();
+            l.push(("le", &le));
+            self.sample(&bucket, &l, cumulative);
+        }
+        self.sample(&format!("{name}_sum"), labels, sum_us as f64 / 1e6);
+        self.sample(&format!("{name}_count"), labels, cumulative);
+    }
+}
+
+fn dns(out: &mut Out, stats: &DnsStats) {
+    let routes = stats.snapshot();
+    out.family(
+        "wayfinder_dns_queries_total",
+        "counter",
+        "DNS questions answered, by route and RCODE.",
+    );
+    for (route, s) in &routes {
+        for (rcode, n) in RCODES.iter().zip(s.rcodes) {
+            out.sample("wayfinder_dns_queries_total", &[("route", route), ("rcode", rcode)], n);
+        }
+    }
+    out.family(
+        "wayfinder_dns_cache_hits_total",
+        "counter",
+        "Answers served from the cache or pre-encoded local data, by route.",
+    );
+    for (route, s) in &routes {
+        out.sample("wayfinder_dns_cache_hits_total", &[("route", route)], s.cache_hits);
+    }
+    out.family(
+        "wayfinder_dns_stale_answers_total",
+        "counter",
+        "Expired answers served because every upstream failed (RFC 8767).",
+    );
+    for (route, s) in &routes {
+        out.sample("wayfinder_dns_stale_answers_total", &[("route", route)], s.stale_served);
+    }
+    out.family(
+        "wayfinder_dns_upstream_errors_total",
+        "counter",
+        "Upstream or Consul exchanges that failed, by route.",
+    );
+    for (route, s) in &routes {
+        out.sample(
+            "wayfinder_dns_upstream_errors_total",
+            &[("route", route)],
+            s.upstream_errors,
+        );
+    }
+    out.family(
+        "wayfinder_dns_upstream_latency_seconds",
+        "histogram",
+        "Latency of exchanges with Consul and the upstream resolvers, by route.",
+    );
+    for (route, s) in &routes {
+        out.histogram(
+            "wayfinder_dns_upstream_latency_seconds",
+            &[("route", route)],
+            &DNS_BUCKETS_US,
+            &s.latency_buckets,
+            s.latency_sum_us,
+        );
+    }
+    out.family("wayfinder_dns_dropped_total", "counter", "Packets dropped unanswered.");
+    out.sample("wayfinder_dns_dropped_total", &[], stats.dropped());
+}
+
+fn class_name(i: usize) -> String {
+    if i == 0 { "none".into() } else { format!("{i}xx") }
+}
+
+fn lb(out: &mut Out, status: &LbStatus) {
+    out.family(
+        "wayfinder_lb_requests_total",
+        "counter",
+        "Requests the lb answered, by status class (none = client left first).",
+    );
+    for (i, n) in status.requests.status_classes.iter().enumerate() {
+        out.sample("wayfinder_lb_requests_total", &[("class", &class_name(i))], n);
+    }
+    out.family(
+        "wayfinder_lb_route_requests_total",
+        "counter",
+        "Requests answered through one route, by service, datacenter and status class.",
+    );
+    for r in &status.routes {
+        for (i, n) in r.requests.status_classes.iter().enumerate() {
+            out.sample(
+                "wayfinder_lb_route_requests_total",
+                &[
+                    ("service", &r.service),
+                    ("datacenter", &r.datacenter),
+                    ("class", &class_name(i)),
+                ],
+                n,
+            );
+        }
+    }
+    out.family(
+        "wayfinder_lb_request_duration_seconds",
+        "histogram",
+        "Time from request to response head.",
+    );
+    out.histogram(
+        "wayfinder_lb_request_duration_seconds",
+        &[],
+        &LB_BUCKETS_US,
+        &status.requests.latency_buckets,
+        status.requests.latency_sum_us,
+    );
+    out.family(
+        "wayfinder_lb_backend_up",
+        "gauge",
+        "1 when an instance takes new requests (not ejected, active check passing).",
+    );
+    for r in &status.routes {
+        for i in &r.instances {
+            out.sample(
+                "wayfinder_lb_backend_up",
+                &[
+                    ("service", &r.service),
+                    ("datacenter", &r.datacenter),
+                    ("instance", &i.id),
+                    ("addr", &i.addr.to_string()),
+                ],
+                u8::from(i.available),
+            );
+        }
+    }
+    out.family(
+        "wayfinder_lb_backend_inflight",
+        "gauge",
+        "Requests in flight per instance.",
+    );
+    for r in &status.routes {
+        for i in &r.instances {
+            out.sample(
+                "wayfinder_lb_backend_inflight",
+                &[("service", &r.service), ("instance", &i.id)],
+                i.inflight,
+            );
+        }
+    }
+    out.family(
+        "wayfinder_lb_retries_total",
+        "counter",
+        "Requests retried on another instance.",
+    );
+    out.sample("wayfinder_lb_retries_total", &[], status.retries);
+    out.family(
+        "wayfinder_lb_queued",
+        "gauge",
+        "Requests waiting for an instance below its maxconn.",
+    );
+    out.sample("wayfinder_lb_queued", &[], status.queued);
+    out.family(
+        "wayfinder_lb_routing_changes_total",
+        "counter",
+        "Routing tables swapped in.",
+    );
+    out.sample("wayfinder_lb_routing_changes_total", &[], status.changes);
+    out.family(
+        "wayfinder_lb_propagation_seconds",
+        "gauge",
+        "Time from Consul's answer to live routing over recent changes, by quantile.",
+    );
+    for (q, v) in [("0.5", status.propagation_p50_ms), ("0.99", status.propagation_p99_ms)] {
+        if let Some(ms) = v {
+            out.sample("wayfinder_lb_propagation_seconds", &[("quantile", q)], ms / 1000.0);
+        }
+    }
+    out.family(
+        "wayfinder_lb_consul_up",
+        "gauge",
+        "1 while the lb's Consul watch succeeds.",
+    );
+    out.sample("wayfinder_lb_consul_up", &[], u8::from(status.consul_ok));
+}
+
+/// The metrics text.
+pub fn render(state: &SupervisorState) -> String {
+    let mut out = Out(String::with_capacity(16 * 1024));
+    out.family(
+        "wayfinder_up_ready",
+        "gauge",
+        "1 once every unit has started (or failed).",
+    );
+    out.sample("wayfinder_up_ready", &[], u8::from(state.ready.load(Ordering::Relaxed)));
+    out.family(
+        "wayfinder_uptime_seconds",
+        "gauge",
+        "Seconds since `wayfinder up` started.",
+    );
+    out.sample(
+        "wayfinder_uptime_seconds",
+        &[],
+        format!("{:.3}", state.started.elapsed().as_secs_f64()),
+    );
+    let units: Vec<_> = state.units.iter().map(|u| u.snapshot()).collect();
+    out.family(
+        "wayfinder_supervisor_restarts_total",
+        "counter",
+        "Times a program or component was started again.",
+    );
+    for u in &units {
+        let class = if u.class == super::unit::UnitClass::Program {
+            "program"
+        } else {
+            "component"
+        };
+        out.sample(
+            "wayfinder_supervisor_restarts_total",
+            &[("unit", &u.name), ("class", class)],
+            u.restarts,
+        );
+    }
+    out.family(
+        "wayfinder_supervisor_unit_state",
+        "gauge",
+        "1 for the state each unit is in (off, running, backoff, failed ...).",
+    );
+    for u in &units {
+        out.sample(
+            "wayfinder_supervisor_unit_state",
+            &[("unit", &u.name), ("state", u.state.name())],
+            1,
+        );
+    }
+    out.family("wayfinder_supervisor_unit_up", "gauge", "1 while a unit is running.");
+    for u in &units {
+        out.sample(
+            "wayfinder_supervisor_unit_up",
+            &[("unit", &u.name)],
+            u8::from(u.state == UnitState::Running),
+        );
+    }
+    let consul = state.consul_health();
+    out.family(
+        "wayfinder_consul_up",
+        "gauge",
+        "1 while the Consul agent answers and has a leader.",
+    );
+    out.sample(
+        "wayfinder_consul_up",
+        &[],
+        u8::from(consul.reachable && consul.leader.as_deref().is_some_and(|l| !l.is_empty())),
+    );
+    if state.plan.starts("dns") {
+        dns(&mut out, &state.components.dns.stats);
+    }
+    if state.plan.starts("lb")
+        && let Some(lb_state) = state.components.lb.load_full()
+    {
+        lb(&mut out, &LbStatus::collect(&lb_state));
+    }
+    // vpn: wayfinder_vpn_handshakes_total{peer} and wayfinder_vpn_bytes_total{peer,direction}
+    // from the vpn state once the component lands.
+    out.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative_with_inf_sum_and_count() {
+        let mut out = Out(String::new());
+        out.histogram("x_seconds", &[("route", "a\"b")], &[1000, 2000], &[1, 2, 3], 2_500_000);
+        assert_eq!(
+            out.0,
+            "x_seconds_bucket{route=\"a\\\"b\",le=\"0.001\"} 1\n\
+             x_seconds_bucket{route=\"a\\\"b\",le=\"0.002\"} 3\n\
+             x_seconds_bucket{route=\"a\\\"b\",le=\"+Inf\"} 6\n\
+             x_seconds_sum{route=\"a\\\"b\"} 2.5\n\
+             x_seconds_count{route=\"a\\\"b\"} 6\n"
+        );
+    }
+}

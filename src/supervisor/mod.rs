@@ -1,0 +1,508 @@
+//! `wayfinder up`: the supervisor that makes Wayfinder one appliance (replaces
+//! supervisord and PanteraS's `generate_yml.sh` role logic).
+//!
+//! ```text
+//!  env + config ──roles::plan──▶ Plan (units by priority, each on/off and why)
+//!  UpSockets::bind: admin + every component's listeners (port clash = exit 64)
+//!  run(config, sockets, state, shutdown):
+//!    admin::serve ─────────────── JSON API, actions, /metrics, status page
+//!    consul monitor ──────────── leader? ─▶ consul_ready (lb waits, bounded)
+//!    for unit in plan (priority order):
+//!       consul / [[supervisor.program]] ─▶ program::supervise (child process)
+//!       dns / lb (vpn: unavailable)     ─▶ component::supervise (task)
+//!    all started ─▶ banner on stdout + sd_notify READY=1
+//!    shutdown ─▶ STOPPING=1, units stopped one by one in reverse start order
+//! ```
+//!
+//! Each unit has its own cancellation token (not one shared child token) so that
+//! shutdown can go in reverse order: the lb drains and deregisters from Consul
+//! while Consul still runs.
+
+pub mod admin;
+pub mod component;
+pub mod consul;
+pub mod metrics;
+pub mod notify;
+pub mod program;
+pub mod reaper;
+pub mod roles;
+pub mod settings;
+pub mod status_page;
+pub mod terminal;
+pub mod unit;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use component::{ComponentContext, ComponentShared, ComponentSockets};
+use program::ProgramContext;
+use reaper::ChildSet;
+use roles::{ComponentKind, Plan, UnitKind};
+use unit::{UnitClass, UnitHandle, UnitState};
+
+/// Errors of the supervisor.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// The admin endpoint could not be bound.
+    #[error("could not bind the admin endpoint on {addr}: {source}")]
+    BindAdmin {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A component's listeners could not be bound at start.
+    #[error("could not start {component}: {problem}")]
+    BindComponent {
+        /// dns, lb ...
+        component: &'static str,
+        /// What failed (names the address).
+        problem: String,
+    },
+    /// `wayfinder status` could not get the picture from the admin endpoint.
+    #[error("could not get the status from the admin endpoint at {addr}: {problem}")]
+    Status {
+        /// The admin address asked.
+        addr: SocketAddr,
+        /// What went wrong.
+        problem: String,
+    },
+}
+
+/// Everything `up` binds before it starts anything, so a port clash ends it at
+/// once (exit 64) rather than as a crash loop.
+#[derive(Debug, Default)]
+pub struct UpSockets {
+    /// The admin endpoint, unless off.
+    pub admin: Option<std::net::TcpListener>,
+    /// First-start listeners of the components that start.
+    pub components: Vec<(ComponentKind, ComponentSockets)>,
+}
+
+impl UpSockets {
+    /// Binds the admin endpoint and the listeners of every component `plan` starts.
+    pub fn bind(config: &Config, plan: &Plan) -> Result<Self, SupervisorError> {
+        let admin = config
+            .supervisor
+            .admin
+            .map(|addr| {
+                crate::lb::bind_tcp(addr).map_err(|e| match e {
+                    crate::lb::LbError::Bind { source, .. } => SupervisorError::BindAdmin { addr, source },
+                    other => SupervisorError::BindAdmin {
+                        addr,
+                        source: std::io::Error::other(other.to_string()),
+                    },
+                })
+            })
+            .transpose()?;
+        let mut components = Vec::new();
+        for unit in plan.starting() {
+            if let UnitKind::Component(kind) = unit.kind
+                && kind.available()
+            {
+                let sockets = component::bind(kind, config).map_err(|problem| SupervisorError::BindComponent {
+                    component: kind.name(),
+                    problem,
+                })?;
+                components.push((kind, sockets));
+            }
+        }
+        Ok(Self { admin, components })
+    }
+
+    /// Where everything listens (for the banner and the tests).
+    pub fn addresses(&self) -> Addresses {
+        let mut a = Addresses {
+            admin: self.admin.as_ref().and_then(|l| l.local_addr().ok()),
+            ..Addresses::default()
+        };
+        for (_, sockets) in &self.components {
+            match sockets {
+                ComponentSockets::Dns(s) => a.dns = s.local_addrs(),
+                ComponentSockets::Lb(s) => {
+                    a.lb_http = s.http.local_addr().ok();
+                    a.lb_https = s.https.as_ref().and_then(|l| l.local_addr().ok());
+                    a.lb_stats = s.stats.as_ref().and_then(|l| l.local_addr().ok());
+                }
+            }
+        }
+        a
+    }
+}
+
+/// Listen addresses of a running `up`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Addresses {
+    /// Admin endpoint.
+    pub admin: Option<SocketAddr>,
+    /// dns listeners.
+    pub dns: Vec<SocketAddr>,
+    /// lb HTTP.
+    pub lb_http: Option<SocketAddr>,
+    /// lb HTTPS.
+    pub lb_https: Option<SocketAddr>,
+    /// lb stats listener.
+    pub lb_stats: Option<SocketAddr>,
+}
+
+/// What the supervisor knows about the Consul agent right now.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConsulHealth {
+    /// Its HTTP API address.
+    pub addr: Option<SocketAddr>,
+    /// It answered the last probe.
+    pub reachable: bool,
+    /// The raft leader it reported (empty: no leader yet).
+    pub leader: Option<String>,
+    /// Why the last probe failed.
+    pub error: Option<String>,
+}
+
+/// The state `up` shares with the admin API.
+pub struct SupervisorState {
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// What the role starts.
+    pub plan: Plan,
+    /// Every unit of the plan, in start order.
+    pub units: Vec<Arc<UnitHandle>>,
+    /// Component handles (dns counters, lb state).
+    pub components: Arc<ComponentShared>,
+    /// Consul as last probed.
+    pub consul: Mutex<ConsulHealth>,
+    /// Listen addresses, filled in by [`run`].
+    pub addresses: Mutex<Addresses>,
+    /// When `up` started.
+    pub started: Instant,
+    /// Set once every unit has started (or failed).
+    pub ready: AtomicBool,
+    /// Pids of the programs, for the orphan reaper.
+    pub children: Arc<ChildSet>,
+    /// Whether this process reaps orphaned descendants (the binary, not tests).
+    adopt_orphans: bool,
+    supervised: Mutex<Vec<String>>,
+}
+
+impl SupervisorState {
+    /// State for `plan`. `adopt_orphans`: this process is a child subreaper and
+    /// all its children are the supervisor's (true only in the `up` binary).
+    pub fn new(config: Arc<Config>, plan: Plan, adopt_orphans: bool) -> Arc<Self> {
+        let units = plan
+            .units
+            .iter()
+            .map(|u| {
+                let class = match u.kind {
+                    UnitKind::Component(_) => UnitClass::Component,
+                    _ => UnitClass::Program,
+                };
+                let state = match (&u.kind, u.start) {
+                    (UnitKind::Component(k), true) if !k.available() => UnitState::Unavailable,
+                    (_, true) => UnitState::Starting,
+                    (_, false) => UnitState::Off,
+                };
+                Arc::new(UnitHandle::new(&u.name, class, state, &u.why, u.priority))
+            })
+            .collect();
+        Arc::new(Self {
+            consul: Mutex::new(ConsulHealth {
+                addr: Some(config.consul.http),
+                ..ConsulHealth::default()
+            }),
+            config,
+            plan,
+            units,
+            components: Arc::new(ComponentShared::default()),
+            addresses: Mutex::new(Addresses::default()),
+            started: Instant::now(),
+            ready: AtomicBool::new(false),
+            children: Arc::new(ChildSet::default()),
+            adopt_orphans,
+            supervised: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The unit called `name`.
+    pub fn unit(&self, name: &str) -> Option<&Arc<UnitHandle>> {
+        self.units.iter().find(|u| u.name() == name)
+    }
+
+    /// True when `name` has a supervisor that an admin restart reaches.
+    pub fn is_supervised(&self, name: &str) -> bool {
+        lock(&self.supervised).iter().any(|n| n == name)
+    }
+
+    /// Consul as last probed.
+    pub fn consul_health(&self) -> ConsulHealth {
+        lock(&self.consul).clone()
+    }
+
+    /// Listen addresses.
+    pub fn addresses(&self) -> Addresses {
+        lock(&self.addresses).clone()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Probes Consul's leader endpoint: often until it first answers with a leader
+/// (the lb waits on that), then every two seconds for the status page.
+async fn monitor_consul(
+    state: Arc<SupervisorState>,
+    ready: tokio::sync::watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
+    let addr = state.config.consul.http;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .no_proxy()
+        .build()
+        .expect("reqwest client without TLS builds");
+    let url = format!("http://{addr}/v1/status/leader");
+    loop {
+        let probe = async {
+            let resp = client.get(&url).send().await.map_err(|e| e.to_string())?;
+            let text = resp.text().await.map_err(|e| e.to_string())?;
+            Ok::<String, String>(text.trim().trim_matches('"').to_string())
+        }
+        .await;
+        let has_leader = matches!(&probe, Ok(l) if !l.is_empty());
+        {
+            let mut health = lock(&state.consul);
+            match probe {
+                Ok(leader) => {
+                    health.reachable = true;
+                    health.leader = Some(leader);
+                    health.error = None;
+                }
+                Err(e) => {
+                    health.reachable = false;
+                    health.error = Some(e);
+                }
+            }
+        }
+        if has_leader && !*ready.borrow() {
+            tracing::info!(consul = %addr, "consul has a leader");
+            ready.send_replace(true);
+        }
+        let pause = if *ready.borrow() {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_millis(200)
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// One running unit: its stop token and its supervising task.
+struct Running {
+    name: String,
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    grace: Duration,
+}
+
+/// Runs everything the plan starts until `shutdown`, then stops it all in
+/// reverse start order.
+pub async fn run(
+    config: &Config,
+    sockets: UpSockets,
+    state: Arc<SupervisorState>,
+    shutdown: CancellationToken,
+) -> Result<(), SupervisorError> {
+    let background = TaskTracker::new();
+    let background_stop = CancellationToken::new();
+    *lock(&state.addresses) = sockets.addresses();
+    let UpSockets { admin, mut components } = sockets;
+
+    if state.adopt_orphans {
+        background.spawn(reaper::run(state.children.clone(), background_stop.clone()));
+    }
+    if let Some(listener) = admin {
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(|source| SupervisorError::BindAdmin {
+            addr: config
+                .supervisor
+                .admin
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            source,
+        })?;
+        background.spawn(admin::serve(listener, state.clone(), background_stop.clone()));
+    }
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    background.spawn(monitor_consul(state.clone(), ready_tx, background_stop.clone()));
+
+    let runs_consul = state.plan.starts("consul");
+    let program_ctx = ProgramContext {
+        restart: config.supervisor.restart,
+        children: state.children.clone(),
+    };
+    let mut running: Vec<Running> = Vec::new();
+    for (planned, handle) in state.plan.units.iter().zip(&state.units) {
+        let token = CancellationToken::new();
+        let (task, grace) = match &planned.kind {
+            UnitKind::Consul(mode) if planned.start => {
+                let program = consul::program(config, &state.plan, *mode);
+                if let Err(e) = std::fs::create_dir_all(&config.supervisor.consul.data_dir) {
+                    tracing::warn!(dir = %config.supervisor.consul.data_dir.display(), error = %e, "could not create the consul data dir");
+                }
+                tracing::info!(args = ?program.args, "consul agent");
+                let grace = program::worst_stop_time(&program);
+                let task = tokio::spawn(program::supervise(
+                    program,
+                    handle.clone(),
+                    program_ctx.clone(),
+                    true,
+                    token.clone(),
+                ));
+                (task, grace)
+            }
+            UnitKind::Program(i) => {
+                let program = config.supervisor.programs[*i].clone();
+                let grace = program::worst_stop_time(&program);
+                let task = tokio::spawn(program::supervise(
+                    program,
+                    handle.clone(),
+                    program_ctx.clone(),
+                    planned.start,
+                    token.clone(),
+                ));
+                (task, grace)
+            }
+            UnitKind::Component(kind) if planned.start && kind.available() => {
+                let first = components
+                    .iter()
+                    .position(|(k, _)| k == kind)
+                    .map(|i| components.swap_remove(i).1);
+                let ctx = ComponentContext {
+                    config: Arc::new(config.clone()),
+                    shared: state.components.clone(),
+                    restart: config.supervisor.restart,
+                    consul_ready: runs_consul.then(|| ready_rx.clone()),
+                    consul_wait: config.supervisor.consul_wait,
+                };
+                let task = tokio::spawn(component::supervise(*kind, first, ctx, handle.clone(), token.clone()));
+                (task, component::STOP_GRACE + Duration::from_secs(1))
+            }
+            // Off by role, or not in this build: nothing to supervise.
+            _ => continue,
+        };
+        lock(&state.supervised).push(planned.name.clone());
+        running.push(Running {
+            name: planned.name.clone(),
+            token,
+            task,
+            grace,
+        });
+    }
+
+    // The ready moment: every unit has left its start-up states (or the wait
+    // for Consul ran out, after which the lb starts anyway).
+    let settle = config.supervisor.consul_wait + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + settle;
+    loop {
+        let pending = state.units.iter().any(|u| u.state().is_pending());
+        if !pending || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    if !shutdown.is_cancelled() {
+        state.ready.store(true, Ordering::Relaxed);
+        println!("{}", banner(&state));
+        notify::notify("READY=1");
+        tracing::info!("wayfinder up: ready");
+    }
+
+    shutdown.cancelled().await;
+    notify::notify("STOPPING=1");
+    for unit in running.into_iter().rev() {
+        tracing::info!(unit = %unit.name, "stopping");
+        unit.token.cancel();
+        let mut task = unit.task;
+        if tokio::time::timeout(unit.grace, &mut task).await.is_err() {
+            tracing::warn!(unit = %unit.name, grace = ?unit.grace, "did not stop in time");
+            task.abort();
+        }
+    }
+    background_stop.cancel();
+    background.close();
+    background.wait().await;
+    tracing::info!("wayfinder up: stopped");
+    Ok(())
+}
+
+/// An address a person can type: a wildcard bind shown as HOST_IP or loopback.
+fn reachable(addr: SocketAddr, config: &Config) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        let ip = config.host_ip.unwrap_or_else(|| std::net::IpAddr::from([127, 0, 0, 1]));
+        SocketAddr::new(ip, addr.port())
+    } else {
+        addr
+    }
+}
+
+/// What `up` prints once it is ready: where everything is and what to try.
+pub fn banner(state: &SupervisorState) -> String {
+    let config = &state.config;
+    let a = state.addresses();
+    let domain = config.consul.domain.to_string().trim_end_matches('.').to_string();
+    let mut out = String::from("wayfinder up: ready\n");
+    out.push_str(&format!("  role     {}\n", state.plan.role()));
+    for u in &state.units {
+        let s = u.snapshot();
+        if s.state != UnitState::Off {
+            out.push_str(&format!("  {:<8} {}\n", s.name, s.state.name()));
+        }
+    }
+    let dns = a.dns.first().map(|d| reachable(*d, config));
+    if let Some(d) = dns {
+        out.push_str(&format!("  dns      {d} (udp+tcp)\n"));
+    }
+    let http = a.lb_http.map(|h| reachable(h, config));
+    if let Some(h) = http {
+        out.push_str(&format!("  lb       http://{h}/\n"));
+    }
+    if let Some(s) = a.lb_stats {
+        out.push_str(&format!("  lb stats http://{}/\n", reachable(s, config)));
+    }
+    if let Some(admin) = a.admin {
+        out.push_str(&format!(
+            "  admin    http://{}/ (status page, /api/status, /metrics)\n",
+            reachable(admin, config)
+        ));
+    }
+    let consul = reachable(config.consul.http, config);
+    if state.plan.starts("consul") {
+        out.push_str(&format!("  consul   http://{consul}/ui/\n"));
+    } else {
+        out.push_str(&format!("  consul   http://{consul}/ (not started by up)\n"));
+    }
+    out.push_str("try:\n");
+    out.push_str(&format!(
+        "  curl -X PUT -d '{{\"Name\":\"web\",\"Address\":\"127.0.0.1\",\"Port\":8080,\"Tags\":[\"haproxy\"]}}' http://{consul}/v1/agent/service/register\n"
+    ));
+    if let Some(d) = dns {
+        out.push_str(&format!("  dig @{} -p {} web.service.{domain} SRV\n", d.ip(), d.port()));
+    }
+    if let Some(h) = http {
+        out.push_str(&format!("  curl -H 'Host: web.service.{domain}' http://{h}/\n"));
+    }
+    if a.admin.is_some() {
+        out.push_str("  wayfinder status\n");
+    }
+    out
+}

@@ -1,0 +1,390 @@
+//! Host roles: which components and programs `wayfinder up` starts, as one pure
+//! function of the environment and the configuration (PanteraS's
+//! `generate_yml.sh` logic, unit-tested as a full matrix).
+//!
+//! ```text
+//!  MASTER, SLAVE (default true, true = standalone)
+//!  START_DNS|START_DNSMASQ, START_LB|START_CONSUL_TEMPLATE, START_VPN, START_CONSUL
+//!  [supervisor.consul] enabled, [[supervisor.program]] autostart
+//!        ──plan()──▶ Plan { units sorted by priority, each with start + why }
+//! ```
+//!
+//! Defaults, as in PanteraS: dns on every host; the lb where `SLAVE=true`; the
+//! Consul agent everywhere, as a server on masters and a client elsewhere; the vpn
+//! only where asked for. An explicit `START_*` wins over the file, which wins over
+//! the role.
+
+use crate::config::{Config, ConfigError};
+use crate::env::{self, Env};
+
+/// An in-process component. Adding one is one variant here plus its arms in
+/// [`ComponentKind`]'s methods and `component.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ComponentKind {
+    /// The DNS server.
+    Dns,
+    /// The HTTP/TCP load balancer.
+    Lb,
+    /// The WireGuard VPN (not in this build yet).
+    Vpn,
+}
+
+impl ComponentKind {
+    /// Every component, in start order.
+    pub const ALL: [ComponentKind; 3] = [ComponentKind::Dns, ComponentKind::Lb, ComponentKind::Vpn];
+
+    /// Its unit name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ComponentKind::Dns => "dns",
+            ComponentKind::Lb => "lb",
+            ComponentKind::Vpn => "vpn",
+        }
+    }
+
+    /// Start order (the built-in consul agent is 10, programs default to 100).
+    pub fn priority(self) -> u32 {
+        match self {
+            ComponentKind::Dns => 20,
+            ComponentKind::Lb => 30,
+            ComponentKind::Vpn => 40,
+        }
+    }
+
+    /// True when this build contains it.
+    // vpn: true once src/vpn lands (and component.rs starts it).
+    pub fn available(self) -> bool {
+        !matches!(self, ComponentKind::Vpn)
+    }
+
+    /// True when it should wait for the built-in Consul agent before starting:
+    /// the lb registers itself there and builds its table from the catalog; dns
+    /// serves zones and upstream names without Consul, so it starts at once.
+    pub fn needs_consul(self) -> bool {
+        matches!(self, ComponentKind::Lb)
+    }
+}
+
+/// The mode of the built-in Consul agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsulMode {
+    /// `-server` (masters).
+    Server,
+    /// A client agent (slave-only hosts).
+    Client,
+}
+
+/// What a unit is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnitKind {
+    /// The built-in Consul agent.
+    Consul(ConsulMode),
+    /// An in-process component.
+    Component(ComponentKind),
+    /// `[[supervisor.program]]` number N.
+    Program(usize),
+}
+
+/// One unit the role considered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedUnit {
+    /// Unit name (`consul`, `dns`, `lb`, `vpn`, or the program's).
+    pub name: String,
+    /// What it is.
+    pub kind: UnitKind,
+    /// Start order, lowest first.
+    pub priority: u32,
+    /// Whether `up` starts it.
+    pub start: bool,
+    /// Why (shown by `check` and the status page).
+    pub why: String,
+}
+
+/// The host's role and everything `up` would start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// `MASTER`.
+    pub master: bool,
+    /// `SLAVE`.
+    pub slave: bool,
+    /// `CONSUL_HOSTS`, split into words.
+    pub consul_hosts: Vec<String>,
+    /// `CONSUL_PARAMS`, split into words.
+    pub consul_params: Vec<String>,
+    /// Every unit, sorted by priority (stable: file order among equals).
+    pub units: Vec<PlannedUnit>,
+}
+
+impl Plan {
+    /// The units that start.
+    pub fn starting(&self) -> impl Iterator<Item = &PlannedUnit> {
+        self.units.iter().filter(|u| u.start)
+    }
+
+    /// True when `name` starts.
+    pub fn starts(&self, name: &str) -> bool {
+        self.starting().any(|u| u.name == name)
+    }
+
+    /// A short description: `standalone (master + slave)`, `master`, ...
+    pub fn role(&self) -> &'static str {
+        match (self.master, self.slave) {
+            (true, true) => "standalone (master + slave)",
+            (true, false) => "master",
+            (false, true) => "slave",
+            (false, false) => "neither master nor slave",
+        }
+    }
+
+    /// Text for `wayfinder check`: one line per unit.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "# role: {} (MASTER={}, SLAVE={})\n",
+            self.role(),
+            self.master,
+            self.slave
+        );
+        for u in &self.units {
+            let verb = if u.start { "starts" } else { "off   " };
+            out.push_str(&format!("#   {verb} {:<14} {}\n", u.name, u.why));
+        }
+        out
+    }
+}
+
+/// A boolean variable: `true|1|yes|on` or `false|0|no|off`; unset is `None`.
+fn env_bool(env: &dyn Env, var: &str) -> Result<Option<bool>, ConfigError> {
+    let Some(text) = env.get(var) else {
+        return Ok(None);
+    };
+    match text.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(Some(true)),
+        "false" | "0" | "no" | "off" => Ok(Some(false)),
+        other => Err(ConfigError {
+            file: "environment".into(),
+            key: var.into(),
+            problem: format!("`{other}` is not true or false"),
+        }),
+    }
+}
+
+/// The first of the variables that is set (a name and its PanteraS alias); both
+/// set to different values is an error, since one of them would be ignored.
+fn env_override(env: &dyn Env, var: &str, alias: Option<&str>) -> Result<Option<(bool, String)>, ConfigError> {
+    let main = env_bool(env, var)?;
+    let other = alias.map(|a| env_bool(env, a)).transpose()?.flatten();
+    match (main, other, alias) {
+        (Some(a), Some(b), Some(alias)) if a != b => Err(ConfigError {
+            file: "environment".into(),
+            key: var.into(),
+            problem: format!("{var}={a} contradicts its alias {alias}={b}"),
+        }),
+        (Some(a), _, _) => Ok(Some((a, format!("{var}={a}")))),
+        (None, Some(b), Some(alias)) => Ok(Some((b, format!("{alias}={b}")))),
+        _ => Ok(None),
+    }
+}
+
+/// Decides what `up` starts on this host.
+pub fn plan(env: &dyn Env, config: &Config) -> Result<Plan, ConfigError> {
+    let master = env_bool(env, env::MASTER)?.unwrap_or(true);
+    let slave = env_bool(env, env::SLAVE)?.unwrap_or(true);
+    let words = |var: &str| -> Vec<String> {
+        env.get(var)
+            .map(|v| v.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default()
+    };
+    let mut units = Vec::new();
+
+    // The Consul agent: everywhere unless turned off.
+    let mode = if master { ConsulMode::Server } else { ConsulMode::Client };
+    let mode_text = match mode {
+        ConsulMode::Server => "server (master)",
+        ConsulMode::Client => "client (not a master)",
+    };
+    let (start, why) = match (env_bool(env, env::START_CONSUL)?, config.supervisor.consul.enabled) {
+        (Some(on), _) => (on, format!("START_CONSUL={on}")),
+        (None, Some(on)) => (on, format!("supervisor.consul.enabled = {on}")),
+        (None, None) => (true, "every host runs a Consul agent".to_string()),
+    };
+    units.push(PlannedUnit {
+        name: "consul".into(),
+        kind: UnitKind::Consul(mode),
+        priority: 10,
+        start,
+        why: format!("{why}; {mode_text}"),
+    });
+
+    for kind in ComponentKind::ALL {
+        let (var, alias, default, role_why) = match kind {
+            ComponentKind::Dns => (
+                env::START_DNS,
+                Some(env::START_DNSMASQ),
+                true,
+                "every host runs dns".to_string(),
+            ),
+            ComponentKind::Lb => (
+                env::START_LB,
+                Some(env::START_CONSUL_TEMPLATE),
+                slave,
+                format!("the lb runs where SLAVE=true (SLAVE={slave})"),
+            ),
+            // vpn: the default becomes `config.vpn.enabled` once [vpn] lands.
+            ComponentKind::Vpn => (
+                env::START_VPN,
+                None,
+                false,
+                "the vpn runs only where enabled".to_string(),
+            ),
+        };
+        let (start, why) = match env_override(env, var, alias)? {
+            Some((on, why)) => (on, why),
+            None => (default, role_why),
+        };
+        let why = if start && !kind.available() {
+            format!("{why}; not available in this build")
+        } else {
+            why
+        };
+        units.push(PlannedUnit {
+            name: kind.name().into(),
+            kind: UnitKind::Component(kind),
+            priority: kind.priority(),
+            start,
+            why,
+        });
+    }
+
+    for (i, p) in config.supervisor.programs.iter().enumerate() {
+        units.push(PlannedUnit {
+            name: p.name.clone(),
+            kind: UnitKind::Program(i),
+            priority: p.priority,
+            start: p.autostart,
+            why: if p.autostart {
+                "[[supervisor.program]] autostart".into()
+            } else {
+                "[[supervisor.program]] autostart = false (start it from the admin API)".into()
+            },
+        });
+    }
+    units.sort_by_key(|u| u.priority);
+    Ok(Plan {
+        master,
+        slave,
+        consul_hosts: words(env::CONSUL_HOSTS),
+        consul_params: words(env::CONSUL_PARAMS),
+        units,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(extra: &str) -> Config {
+        let text = format!("[dns]\nupstreams = [\"192.0.2.1\"]\n{extra}");
+        let file = crate::config::parse(&text, "test.toml", &HashMap::<String, String>::new()).unwrap();
+        crate::config::validate(&file, "test.toml").unwrap()
+    }
+
+    fn started(vars: &[(&str, &str)], extra: &str) -> Vec<String> {
+        let env: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        plan(&env, &config(extra))
+            .unwrap()
+            .starting()
+            .map(|u| u.name.clone())
+            .collect()
+    }
+
+    type Vars<'a> = &'a [(&'a str, &'a str)];
+
+    /// The PanteraS table: every MASTER x SLAVE combination, with and without
+    /// each override (and its alias).
+    #[test]
+    fn roles_matrix() {
+        let t = "true";
+        let f = "false";
+        #[rustfmt::skip]
+        let cases: &[(Vars, &[&str])] = &[
+            // role defaults
+            (&[], &["consul", "dns", "lb"]),
+            (&[("MASTER", t), ("SLAVE", t)], &["consul", "dns", "lb"]),
+            (&[("MASTER", t), ("SLAVE", f)], &["consul", "dns"]),
+            (&[("MASTER", f), ("SLAVE", t)], &["consul", "dns", "lb"]),
+            (&[("MASTER", f)], &["consul", "dns", "lb"]),
+            (&[("MASTER", f), ("SLAVE", f)], &["consul", "dns"]),
+            // START_DNS and its alias START_DNSMASQ
+            (&[("START_DNS", f)], &["consul", "lb"]),
+            (&[("START_DNSMASQ", f)], &["consul", "lb"]),
+            (&[("MASTER", f), ("START_DNSMASQ", "0")], &["consul", "lb"]),
+            // START_LB and its alias START_CONSUL_TEMPLATE
+            (&[("START_LB", f)], &["consul", "dns"]),
+            (&[("START_CONSUL_TEMPLATE", f)], &["consul", "dns"]),
+            (&[("SLAVE", f), ("START_LB", t)], &["consul", "dns", "lb"]),
+            (&[("SLAVE", f), ("START_CONSUL_TEMPLATE", "yes")], &["consul", "dns", "lb"]),
+            // START_CONSUL
+            (&[("START_CONSUL", f)], &["dns", "lb"]),
+            (&[("MASTER", f), ("SLAVE", f), ("START_CONSUL", f)], &["dns"]),
+            // START_VPN: considered, started, reported unavailable in this build
+            (&[("START_VPN", t)], &["consul", "dns", "lb", "vpn"]),
+            (&[("MASTER", t), ("SLAVE", f), ("START_VPN", "1")], &["consul", "dns", "vpn"]),
+            // everything off
+            (&[("START_CONSUL", f), ("START_DNS", f), ("START_LB", f)], &[]),
+        ];
+        for (vars, want) in cases {
+            assert_eq!(started(vars, ""), *want, "{vars:?}");
+        }
+    }
+
+    #[test]
+    fn consul_mode_follows_master_and_file_setting_yields_to_env() {
+        let env: HashMap<String, String> = [("MASTER".to_string(), "false".to_string())].into();
+        let p = plan(&env, &config("")).unwrap();
+        assert_eq!(p.units[0].kind, UnitKind::Consul(ConsulMode::Client));
+        assert_eq!(p.role(), "slave");
+        let p = plan(&HashMap::<String, String>::new(), &config("")).unwrap();
+        assert_eq!(p.units[0].kind, UnitKind::Consul(ConsulMode::Server));
+
+        let off = "[supervisor.consul]\nenabled = false\n";
+        assert_eq!(started(&[], off), ["dns", "lb"]);
+        assert_eq!(started(&[("START_CONSUL", "true")], off), ["consul", "dns", "lb"]);
+    }
+
+    #[test]
+    fn programs_join_in_priority_order() {
+        let extra = "[[supervisor.program]]\nname = \"late\"\ncommand = \"true\"\n\
+                     [[supervisor.program]]\nname = \"early\"\ncommand = \"true\"\npriority = 15\n\
+                     [[supervisor.program]]\nname = \"manual\"\ncommand = \"true\"\nautostart = false\n";
+        assert_eq!(started(&[], extra), ["consul", "early", "dns", "lb", "late"]);
+        let p = plan(&HashMap::<String, String>::new(), &config(extra)).unwrap();
+        assert!(p.render().contains("off    manual"), "{}", p.render());
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let env: HashMap<String, String> = [("SLAVE".to_string(), "maybe".to_string())].into();
+        let e = plan(&env, &config("")).unwrap_err();
+        assert_eq!((e.file.as_str(), e.key.as_str()), ("environment", "SLAVE"), "{e}");
+        let env: HashMap<String, String> = [
+            ("START_LB".to_string(), "true".to_string()),
+            ("START_CONSUL_TEMPLATE".to_string(), "false".to_string()),
+        ]
+        .into();
+        let e = plan(&env, &config("")).unwrap_err();
+        assert!(e.problem.contains("contradicts"), "{e}");
+    }
+
+    #[test]
+    fn consul_hosts_and_params_are_split() {
+        let env: HashMap<String, String> = [
+            ("CONSUL_HOSTS".to_string(), "-join=m1 -join=m2".to_string()),
+            ("CONSUL_PARAMS".to_string(), "-bootstrap-expect 3".to_string()),
+        ]
+        .into();
+        let p = plan(&env, &config("")).unwrap();
+        assert_eq!(p.consul_hosts, ["-join=m1", "-join=m2"]);
+        assert_eq!(p.consul_params, ["-bootstrap-expect", "3"]);
+    }
+}

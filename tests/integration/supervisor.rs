@@ -1,0 +1,681 @@
+//! The supervisor in this process, with real child processes (`sleep`, `sh`
+//! crash loops), real dns and lb components, a real Consul and a real browser:
+//! restarts and backoff, the admin API and its actions, `/metrics` parsed line
+//! by line, the token rule, and the status page in headless Chromium.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use wayfinder::supervisor::unit::{UnitInfo, UnitState};
+use wayfinder::supervisor::{SupervisorState, UpSockets};
+
+use crate::harness::{
+    Consul, HttpBackend, consul_section, dig_until, eventually, free_port, http_client, require, unique,
+};
+
+/// `wayfinder up`'s supervisor running in this test.
+struct Up {
+    state: Arc<SupervisorState>,
+    admin: SocketAddr,
+    dns: Option<SocketAddr>,
+    lb: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Up {
+    /// Starts the supervisor from TOML text and role variables. The admin
+    /// endpoint goes on 127.0.0.1:0 (unless the text sets it); dns and lb use
+    /// whatever addresses the text gives.
+    async fn start(toml: &str, vars: &[(&str, &str)]) -> Self {
+        let env: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut file = wayfinder::config::parse(toml, "test.toml", &env).expect("test config parses");
+        if file.supervisor.admin == "127.0.0.1:9000" {
+            file.supervisor.admin = "127.0.0.1:0".into();
+        }
+        if file.dns.upstreams.is_empty() {
+            file.dns.upstreams = vec!["127.0.0.1:9".into()];
+        }
+        let config = wayfinder::config::validate(&file, "test.toml").expect("test config validates");
+        let plan = wayfinder::supervisor::roles::plan(&env, &config).expect("role plan");
+        let sockets = UpSockets::bind(&config, &plan).expect("bind");
+        let addresses = sockets.addresses();
+        let config = Arc::new(config);
+        let state = SupervisorState::new(config.clone(), plan, false);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let (state, shutdown) = (state.clone(), shutdown.clone());
+            async move {
+                wayfinder::supervisor::run(&config, sockets, state, shutdown)
+                    .await
+                    .expect("supervisor runs")
+            }
+        });
+        Up {
+            state,
+            admin: addresses.admin.expect("admin endpoint on"),
+            dns: addresses.dns.first().copied(),
+            lb: addresses.lb_http,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    fn unit(&self, name: &str) -> UnitInfo {
+        self.state.unit(name).expect("unit exists").snapshot()
+    }
+
+    /// Waits until unit `name` satisfies `f`.
+    async fn wait_unit(&self, name: &str, limit: Duration, what: &str, f: impl Fn(&UnitInfo) -> bool) -> UnitInfo {
+        let deadline = Instant::now() + limit;
+        loop {
+            let u = self.unit(name);
+            if f(&u) {
+                return u;
+            }
+            assert!(Instant::now() < deadline, "{name}: {what}; now {u:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops everything and waits until it has.
+    async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), t)
+                .await
+                .expect("supervisor stops within 20 s")
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Role variables that start no built-in unit: only the configured programs.
+const PROGRAMS_ONLY: &[(&str, &str)] = &[("START_CONSUL", "false"), ("START_DNS", "false"), ("START_LB", "false")];
+
+fn alive(pid: u32) -> bool {
+    // A zombie still has a /proc entry; its state is Z.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')))
+        .is_some_and(|zombie| !zombie)
+}
+
+/// A killed child is running again within a second; a crash loop backs off
+/// (100, 200, 400, 800 ms) and ends `failed` after five starts; neither touches
+/// the other program. `never` runs once; an admin restart revives a failed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_child_restarts_fast_crash_loop_backs_off_to_failed() {
+    require("sleep");
+    require("sh");
+    let up = Up::start(
+        "[[supervisor.program]]\nname = \"steady\"\ncommand = \"sleep\"\nargs = [\"1000\"]\n\
+         [[supervisor.program]]\nname = \"crashy\"\ncommand = \"sh\"\nargs = [\"-c\", \"echo crashing; exit 3\"]\n\
+         [[supervisor.program]]\nname = \"once\"\ncommand = \"sh\"\nargs = [\"-c\", \"exit 0\"]\nrestart = \"never\"\n",
+        PROGRAMS_ONLY,
+    )
+    .await;
+    let started = Instant::now();
+    let steady = up
+        .wait_unit("steady", Duration::from_secs(5), "running", |u| {
+            u.state == UnitState::Running
+        })
+        .await;
+    let pid = steady.pid.expect("a pid");
+    assert!(alive(pid));
+
+    // SIGKILL: back within a second, under a new pid.
+    // SAFETY: kill(2) on the child the supervisor started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let killed = Instant::now();
+    let again = up
+        .wait_unit("steady", Duration::from_secs(1), "restarted within 1 s", |u| {
+            u.state == UnitState::Running && u.pid.is_some_and(|p| p != pid)
+        })
+        .await;
+    assert!(killed.elapsed() < Duration::from_secs(1), "{:?}", killed.elapsed());
+    assert_eq!(again.restarts, 1);
+    assert!(
+        again.last_exit.as_deref().is_some_and(|l| l.contains("signal 9")),
+        "{again:?}"
+    );
+    assert!(!alive(pid), "the killed child was reaped");
+
+    // The crash loop: five starts with growing pauses, then failed.
+    let failed = up
+        .wait_unit("crashy", Duration::from_secs(10), "marked failed", |u| {
+            u.state == UnitState::Failed
+        })
+        .await;
+    assert_eq!(failed.restarts, 4, "five starts in all: {failed:?}");
+    assert_eq!(failed.last_exit.as_deref(), Some("exit status 3"));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(100 + 200 + 400 + 800),
+        "backoff pauses add up to 1.5 s, took {took:?}"
+    );
+    // It stays failed (no more starts) and the others are untouched.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    assert_eq!(up.unit("crashy").restarts, 4);
+    assert_eq!(up.unit("crashy").state, UnitState::Failed);
+    let steady_now = up.unit("steady");
+    assert_eq!((steady_now.state, steady_now.pid), (UnitState::Running, again.pid));
+    let once = up.unit("once");
+    assert_eq!((once.state, once.restarts), (UnitState::Exited, 0), "{once:?}");
+
+    // An admin restart gives a failed program a fresh start.
+    let client = http_client();
+    let resp = client
+        .post(format!("http://{}/api/units/crashy/restart", up.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    up.wait_unit("crashy", Duration::from_secs(3), "restarted by request", |u| {
+        u.restarts >= 5
+    })
+    .await;
+
+    let steady_pid = again.pid.unwrap();
+    up.stop().await;
+    assert!(!alive(steady_pid), "stopped with the supervisor");
+}
+
+/// A program that ignores its stop signal is SIGKILLed after `stop_timeout`;
+/// its background grandchild goes with its process group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stubborn_program_is_killed_after_stop_timeout_with_its_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("grandchild.pid");
+    let script = format!(
+        "trap '' TERM; sleep 1000 & echo $! > {}; while true; do sleep 0.1; done",
+        pidfile.display()
+    );
+    let up = Up::start(
+        &format!(
+            "[[supervisor.program]]\nname = \"stubborn\"\ncommand = \"sh\"\nargs = [\"-c\", {script:?}]\n\
+             stop_timeout = \"500ms\"\n"
+        ),
+        PROGRAMS_ONLY,
+    )
+    .await;
+    let unit = up
+        .wait_unit("stubborn", Duration::from_secs(5), "running", |u| {
+            u.state == UnitState::Running
+        })
+        .await;
+    eventually(Duration::from_secs(5), "grandchild pid written", || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|s| !s.trim().is_empty())
+    })
+    .await;
+    let grandchild: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    assert!(alive(grandchild));
+    let stopping = Instant::now();
+    up.stop().await;
+    let took = stopping.elapsed();
+    assert!(took >= Duration::from_millis(500), "waited for stop_timeout: {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(!alive(unit.pid.unwrap()), "the program is gone");
+    // The grandchild is re-parented to init when its shell dies; give init a moment.
+    eventually(Duration::from_secs(2), "grandchild killed with the group", || {
+        !alive(grandchild)
+    })
+    .await;
+}
+
+/// One line of the Prometheus text format: `name{labels} value`.
+fn parse_metric(line: &str) -> Option<(String, HashMap<String, String>, f64)> {
+    let (series, value) = line.rsplit_once(' ')?;
+    let value: f64 = if value == "+Inf" {
+        f64::INFINITY
+    } else {
+        value.parse().ok()?
+    };
+    let (name, labels) = match series.split_once('{') {
+        Some((name, rest)) => {
+            let body = rest.strip_suffix('}')?;
+            let mut labels = HashMap::new();
+            // Values are quoted and may hold escaped quotes; none of ours hold `",`.
+            for pair in body.split("\",") {
+                let (k, v) = pair.split_once("=\"")?;
+                labels.insert(k.to_string(), v.trim_end_matches('"').to_string());
+            }
+            (name.to_string(), labels)
+        }
+        None => (series.to_string(), HashMap::new()),
+    };
+    Some((name, labels, value))
+}
+
+fn zone(serial: u32, addr: &str) -> String {
+    format!(
+        "$TTL 60\n@ IN SOA ns.up.internal. hostmaster.up.internal. {serial} 3600 600 86400 30\n\
+         @ IN NS ns.up.internal.\nns IN A 127.0.0.1\ndb IN A {addr}\n"
+    )
+}
+
+/// A supervisor with dns and lb against the shared Consul (its agent is not
+/// ours: START_CONSUL=false) and one program, with the zones of a temp dir.
+async fn full_up(zones: &std::path::Path, extra: &str) -> Up {
+    let consul = Consul::shared();
+    Up::start(
+        &format!(
+            "{}[dns]\nlisten = [\"127.0.0.1:{}\"]\nworkers = 1\nzones_dir = {:?}\nzones_poll = \"1h\"\n\
+             [lb]\nhttp = \"127.0.0.1:{}\"\nstats = \"\"\nregister = \"\"\nworkers = 1\n\
+             [[supervisor.program]]\nname = \"helper\"\ncommand = \"sleep\"\nargs = [\"1000\"]\n{extra}",
+            consul_section(consul),
+            free_port(),
+            zones.display().to_string(),
+            free_port(),
+        ),
+        &[("START_CONSUL", "false")],
+    )
+    .await
+}
+
+/// `/api/status` shows units, Consul, services with instances and how to reach
+/// them; the actions restart a program and a component and reload zones; the
+/// vpn actions answer 501 and unknown or off units are refused; `/metrics`
+/// parses line by line and counts what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_actions_and_metrics() {
+    let consul = Consul::shared();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("up.internal.zone"), zone(1, "10.7.0.1")).unwrap();
+    let svc = unique("adminweb");
+    let backend = HttpBackend::start("admin-backend").await;
+    consul.register(
+        &format!("{svc}-1"),
+        &svc,
+        "127.0.0.1",
+        backend.addr.port(),
+        &["haproxy"],
+        true,
+    );
+    let up = full_up(dir.path(), "").await;
+    let client = http_client();
+    let dns = up.dns.unwrap();
+    let lb = up.lb.unwrap();
+    up.wait_unit("lb", Duration::from_secs(5), "running", |u| {
+        u.state == UnitState::Running
+    })
+    .await;
+    eventually(Duration::from_secs(10), "supervisor ready", || {
+        up.state.ready.load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await;
+
+    // Traffic through both components, for the counters.
+    dig_until(
+        dns,
+        &["db.up.internal", "A"],
+        Duration::from_secs(5),
+        "zone served",
+        |d| d.answers() == ["10.7.0.1"],
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = client
+            .get(format!("http://{lb}/"))
+            .header("Host", format!("{svc}.service.consul"))
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == 200 {
+            assert_eq!(resp.text().await.unwrap(), "admin-backend");
+            break;
+        }
+        assert!(Instant::now() < deadline, "lb never routed {svc}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let get_json = |path: &'static str| {
+        let client = client.clone();
+        let admin = up.admin;
+        async move {
+            let resp = client.get(format!("http://{admin}{path}")).send().await.unwrap();
+            assert_eq!(resp.status(), 200, "{path}");
+            resp.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let status = get_json("/api/status").await;
+    assert_eq!(status["ready"], true, "{status:#}");
+    assert_eq!(status["consul"]["reachable"], true, "{:#}", status["consul"]);
+    let units = status["units"].as_array().unwrap();
+    let unit = |name: &str| units.iter().find(|u| u["name"] == name).unwrap().clone();
+    assert_eq!(unit("dns")["state"], "running");
+    assert_eq!(unit("lb")["state"], "running");
+    assert_eq!(unit("consul")["state"], "off", "START_CONSUL=false");
+    assert_eq!(unit("vpn")["state"], "off");
+    assert_eq!(unit("helper")["state"], "running");
+    let helper_pid = unit("helper")["pid"].as_u64().unwrap();
+    assert!(unit("helper")["uptime_secs"].as_f64().unwrap() > 0.0);
+    let service = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == svc.as_str())
+        .unwrap_or_else(|| panic!("{svc} not in {:#}", status["services"]))
+        .clone();
+    assert_eq!(service["instances"][0]["health"], "passing", "{service:#}");
+    assert_eq!(service["instances"][0]["lb"], "up", "{service:#}");
+    assert_eq!(
+        service["instances"][0]["address"],
+        format!("127.0.0.1:{}", backend.addr.port())
+    );
+    assert!(
+        service["dns_names"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!(format!("{svc}.service.consul"))),
+        "{service:#}"
+    );
+    let want_url = format!("http://{svc}.service.consul:{}/", lb.port());
+    assert!(
+        service["urls"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!(want_url)),
+        "{want_url} in {service:#}"
+    );
+    assert!(
+        status["lb"]["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["service"] == svc.as_str())
+    );
+    assert!(status["dns"]["routes"]["zone"]["queries"].as_u64().unwrap() >= 1);
+    assert_eq!(status["vpn"]["available"], false);
+
+    let post = |path: String| {
+        let client = client.clone();
+        let admin = up.admin;
+        async move {
+            let resp = client.post(format!("http://{admin}{path}")).send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    // Restart a program: a new pid, one restart counted.
+    assert_eq!(post("/api/units/helper/restart".into()).await.0, 202);
+    up.wait_unit("helper", Duration::from_secs(5), "restarted", |u| {
+        u.state == UnitState::Running && u.pid.is_some_and(|p| u64::from(p) != helper_pid)
+    })
+    .await;
+    // Restart a component: dns comes back on the same address.
+    assert_eq!(post("/api/units/dns/restart".into()).await.0, 202);
+    up.wait_unit("dns", Duration::from_secs(5), "restarted", |u| {
+        u.state == UnitState::Running && u.restarts == 1
+    })
+    .await;
+    dig_until(
+        dns,
+        &["db.up.internal", "A"],
+        Duration::from_secs(5),
+        "dns back after restart",
+        |d| d.answers() == ["10.7.0.1"],
+    )
+    .await;
+    // Reload zones (polling is an hour: only the action can do it).
+    std::fs::write(dir.path().join("up.internal.zone"), zone(2, "10.7.0.2")).unwrap();
+    let (code, body) = post("/api/dns/reload".into()).await;
+    assert_eq!(code, 202, "{body}");
+    dig_until(
+        dns,
+        &["db.up.internal", "A"],
+        Duration::from_secs(3),
+        "zones reloaded",
+        |d| d.answers() == ["10.7.0.2"],
+    )
+    .await;
+    // Refusals.
+    assert_eq!(post("/api/units/nope/restart".into()).await.0, 404);
+    let (code, body) = post("/api/units/consul/restart".into()).await;
+    assert_eq!(code, 409, "{body}");
+    let (code, body) = post("/api/vpn/peers".into()).await;
+    assert_eq!(code, 501, "{body}");
+    assert!(body.contains("not available in this build"), "{body}");
+
+    // Metrics: every line is a comment or a sample of a declared family.
+    let text = client
+        .get(format!("http://{}/metrics", up.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut typed = HashMap::new();
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            typed.insert(name.to_string(), kind.to_string());
+        } else if line.starts_with("# HELP ") {
+        } else {
+            let (name, labels, value) = parse_metric(line).unwrap_or_else(|| panic!("unparsable: {line:?}"));
+            assert!(name.starts_with("wayfinder_"), "{line}");
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| {
+                    name.strip_suffix(s)
+                        .filter(|f| typed.get(*f).is_some_and(|k| k == "histogram"))
+                })
+                .unwrap_or(&name)
+                .to_string();
+            assert!(typed.contains_key(&family), "sample before its # TYPE: {line}");
+            samples.push((name, labels, value));
+        }
+    }
+    let value = |name: &str, want: &[(&str, &str)]| -> f64 {
+        samples
+            .iter()
+            .find(|(n, l, _)| n == name && want.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+            .map(|s| s.2)
+            .unwrap_or_else(|| panic!("{name}{want:?} missing from:\n{text}"))
+    };
+    assert!(
+        value(
+            "wayfinder_dns_queries_total",
+            &[("route", "zone"), ("rcode", "NOERROR")]
+        ) >= 2.0
+    );
+    assert_eq!(value("wayfinder_supervisor_restarts_total", &[("unit", "dns")]), 1.0);
+    assert_eq!(value("wayfinder_supervisor_restarts_total", &[("unit", "helper")]), 1.0);
+    assert_eq!(value("wayfinder_supervisor_unit_up", &[("unit", "lb")]), 1.0);
+    assert!(value("wayfinder_lb_requests_total", &[("class", "2xx")]) >= 1.0);
+    assert!(
+        value(
+            "wayfinder_lb_route_requests_total",
+            &[("service", &svc), ("class", "2xx")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        value("wayfinder_lb_backend_up", &[("service", &svc)]),
+        1.0,
+        "the backend is up"
+    );
+    assert!(value("wayfinder_lb_request_duration_seconds_count", &[]) >= 1.0);
+    assert_eq!(
+        value("wayfinder_lb_request_duration_seconds_bucket", &[("le", "+Inf")]),
+        value("wayfinder_lb_request_duration_seconds_count", &[])
+    );
+    assert!(value("wayfinder_dns_upstream_latency_seconds_count", &[("route", "consul")]) >= 0.0);
+    assert_eq!(value("wayfinder_consul_up", &[]), 1.0);
+    assert_eq!(value("wayfinder_up_ready", &[]), 1.0);
+
+    up.stop().await;
+    consul.deregister(&format!("{svc}-1"));
+}
+
+/// With a token, every request needs it (header or `?token=`); without, 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_is_required_when_set() {
+    let up = Up::start("[supervisor]\ntoken = \"test-token-123\"\n", PROGRAMS_ONLY).await;
+    let client = http_client();
+    for path in ["/", "/api/status", "/metrics"] {
+        let resp = client.get(format!("http://{}{path}", up.admin)).send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{path}");
+        assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+        let resp = client
+            .get(format!("http://{}{path}", up.admin))
+            .bearer_auth("wrong-token-456")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401, "{path} with a wrong token");
+        let resp = client
+            .get(format!("http://{}{path}", up.admin))
+            .bearer_auth("test-token-123")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path} with the token");
+    }
+    let resp = client
+        .get(format!("http://{}/api/status?token=test-token-123", up.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "token in the query");
+    let resp = client
+        .post(format!("http://{}/api/dns/reload", up.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401, "actions too");
+    up.stop().await;
+}
+
+/// Runs headless Chromium from Debian with a fresh profile; `args` add the mode
+/// (`--dump-dom` or `--screenshot=...`).
+async fn chromium(url: &str, args: &[String]) -> std::process::Output {
+    let profile = tempfile::tempdir().unwrap();
+    let run = tokio::process::Command::new(require("chromium"))
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .arg(url)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("chromium finishes within 60 s")
+        .expect("run chromium")
+}
+
+/// The status page in a real browser: the rendered DOM names the service, its
+/// instance and health, the DNS name and URL that reach it, and every unit; a
+/// phone-sized screenshot is saved under target/ for people to look at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_in_headless_chromium() {
+    let consul = Consul::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let svc = unique("pageweb");
+    let backend = HttpBackend::start("page-backend").await;
+    consul.register(
+        &format!("{svc}-1"),
+        &svc,
+        "127.0.0.1",
+        backend.addr.port(),
+        &["haproxy"],
+        true,
+    );
+    let up = full_up(dir.path(), "").await;
+    eventually(Duration::from_secs(10), "supervisor ready", || {
+        up.state.ready.load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await;
+    let lb = up.lb.unwrap();
+    let client = http_client();
+    // Wait until the lb routes it, so the page shows its URL.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client
+        .get(format!("http://{lb}/"))
+        .header("Host", format!("{svc}.service.consul"))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+        != 200
+    {
+        assert!(Instant::now() < deadline, "lb never routed {svc}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let url = format!("http://{}/", up.admin);
+    let out = chromium(&url, &["--dump-dom".to_string()]).await;
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && dom.contains("</html>"),
+        "chromium failed: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        svc.as_str(),
+        &format!("127.0.0.1:{}", backend.addr.port()),
+        "passing",
+        &format!("{svc}.service.consul"),
+        &format!("http://{svc}.service.consul:{}/", lb.port()),
+        "Components and programs",
+        ">dns<",
+        ">lb<",
+        ">helper<",
+        "VPN peers",
+        "not available in this build",
+        "Consul: connected",
+    ] {
+        assert!(dom.contains(want), "`{want}` not in the rendered page:\n{dom}");
+    }
+
+    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let png = shots.join("status-page-phone.png");
+    let _ = std::fs::remove_file(&png);
+    let out = chromium(
+        &url,
+        &[
+            format!("--screenshot={}", png.display()),
+            "--window-size=390,844".into(),
+        ],
+    )
+    .await;
+    let bytes = std::fs::read(&png).unwrap_or_else(|e| {
+        panic!(
+            "no screenshot at {} ({e}); chromium said:\n{}",
+            png.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "a PNG");
+    assert!(bytes.len() > 10_000, "a non-trivial picture: {} bytes", bytes.len());
+    // IHDR: width and height as big-endian u32 at bytes 16..24.
+    let width = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
+    assert_eq!(width, 390, "phone width");
+    println!("status page screenshot: {}", png.display());
+
+    up.stop().await;
+    consul.deregister(&format!("{svc}-1"));
+}
