@@ -220,7 +220,6 @@ pub async fn run(
     let addr = sockets.http.local_addr().ok();
     let https_addr = sockets.https.as_ref().and_then(|l| l.local_addr().ok());
     let stats_addr = sockets.stats.as_ref().and_then(|l| l.local_addr().ok());
-    let proxy = proxy::Proxy::new(config, state.clone());
     let mut listeners = vec![(sockets.http, None)];
     if let (Some(listener), Some(tls)) = (sockets.https, tls) {
         listeners.push((listener, Some(tls)));
@@ -235,7 +234,9 @@ pub async fn run(
             .map(|(l, tls)| Ok((l.try_clone()?, tls.clone())))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(bind_error)?;
-        let (proxy, shutdown) = (proxy.clone(), shutdown.clone());
+        // A proxy of its own per thread: its backend session pool is then used
+        // by one thread only (sessions never hop between runtimes).
+        let (proxy, shutdown) = (proxy::Proxy::new(config, state.clone()), shutdown.clone());
         let thread = std::thread::Builder::new()
             .name(format!("lb-proxy-{worker}"))
             .spawn(move || proxy_worker(proxy, mine, shutdown))

@@ -58,14 +58,17 @@ const QUEUE_POLL: Duration = Duration::from_millis(2);
 /// How long an upgraded (WebSocket) connection may live.
 const TUNNEL_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// Hop-by-hop headers (RFC 9110 7.6.1): never forwarded.
-const HOP_BY_HOP: [HeaderName; 6] = [
+/// Hop-by-hop headers (RFC 9110 7.6.1, plus the legacy `Keep-Alive` and
+/// `Proxy-Connection`): never forwarded.
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     header::PROXY_AUTHORIZATION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
 ];
 
 /// How a client reached the proxy (`X-Forwarded-Proto`).
@@ -85,6 +88,30 @@ impl Scheme {
         }
     }
 }
+
+/// What the forwarding headers need to know about one client connection,
+/// computed once per connection rather than per request.
+#[derive(Clone)]
+struct ClientConn {
+    /// The client's IP, ready to be the `X-Forwarded-For` value.
+    ip: HeaderValue,
+    /// How it reached the proxy (`X-Forwarded-Proto`).
+    scheme: Scheme,
+}
+
+impl ClientConn {
+    fn new(peer: SocketAddr, scheme: Scheme) -> Self {
+        let ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self { ip, scheme }
+    }
+}
+
+/// The forwarding headers, as constants: no name parsing per request.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_UNIQUE_ID: HeaderName = HeaderName::from_static("x-unique-id");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// The proxy and its backend sessions.
 pub struct Proxy {
@@ -176,9 +203,11 @@ impl Proxy {
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let proxy = self.clone();
+        let client = ClientConn::new(peer, scheme);
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer, scheme).await) }
+            let client = client.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, &client).await) }
         });
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
@@ -206,9 +235,11 @@ impl Proxy {
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let proxy = self.clone();
+        let client = ClientConn::new(peer, Scheme::Https);
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer, Scheme::Https).await) }
+            let client = client.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, &client).await) }
         });
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
@@ -231,7 +262,7 @@ impl Proxy {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr, scheme: Scheme) -> Response<ProxyBody> {
+    async fn handle(&self, req: Request<Incoming>, client: &ClientConn) -> Response<ProxyBody> {
         let started = Instant::now();
         let head_bytes: usize = req
             .headers()
@@ -276,7 +307,7 @@ impl Proxy {
                 }
                 let backend = backend.clone();
                 drop(table);
-                let response = self.forward(req, peer, scheme, &backend).await;
+                let response = self.forward(req, client, &backend).await;
                 backend.counters.record(response.status().as_u16(), started.elapsed());
                 response
             }
@@ -288,13 +319,7 @@ impl Proxy {
         response
     }
 
-    async fn forward(
-        &self,
-        mut req: Request<Incoming>,
-        peer: SocketAddr,
-        scheme: Scheme,
-        backend: &Backend,
-    ) -> Response<ProxyBody> {
+    async fn forward(&self, mut req: Request<Incoming>, client: &ClientConn, backend: &Backend) -> Response<ProxyBody> {
         let wants_upgrade = req.headers().contains_key(header::UPGRADE);
         let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
@@ -307,14 +332,14 @@ impl Proxy {
                 .is_none_or(|v| v.as_bytes() == b"0");
         let mut body = Some(body);
         // Built once; rebuilt only for a retry (rare), not cloned per attempt.
-        let first_headers = self.outgoing_headers(&parts, peer, scheme, wants_upgrade);
-        let unique_id = first_headers.get("x-unique-id").cloned();
+        let first_headers = self.outgoing_headers(&parts, client, wants_upgrade);
+        let unique_id = first_headers.get(X_UNIQUE_ID).cloned();
         let mut headers = Some(first_headers);
         let uri = parts
             .uri
             .path_and_query()
             .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
-        let mut tried: Vec<SocketAddr> = Vec::with_capacity(MAX_ATTEMPTS);
+        let mut tried = Tried::default();
         let maxconn = self
             .state
             .maxconn
@@ -322,10 +347,9 @@ impl Proxy {
             .get(&backend.service)
             .copied()
             .unwrap_or(super::DEFAULT_MAXCONN);
-        let mut exclude: Vec<SocketAddr> = Vec::with_capacity(backend.instances.len() + MAX_ATTEMPTS);
         for attempt in 0..MAX_ATTEMPTS {
-            let Some(instance) = self.pick_with_capacity(backend, maxconn, &tried, &mut exclude).await else {
-                if tried.is_empty() && !backend.instances.is_empty() {
+            let Some(instance) = self.pick_with_capacity(backend, maxconn, &tried).await else {
+                if tried.len == 0 && !backend.instances.is_empty() {
                     return error_page(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "Every instance of this service is busy.",
@@ -362,9 +386,9 @@ impl Proxy {
             *out.uri_mut() = uri.clone();
             *out.headers_mut() = headers.take().unwrap_or_else(|| {
                 // A retry: same request, same X-Unique-ID.
-                let mut h = self.outgoing_headers(&parts, peer, scheme, wants_upgrade);
+                let mut h = self.outgoing_headers(&parts, client, wants_upgrade);
                 if let Some(id) = &unique_id {
-                    h.insert("x-unique-id", id.clone());
+                    h.insert(X_UNIQUE_ID, id.clone());
                 }
                 h
             });
@@ -414,23 +438,14 @@ impl Proxy {
         &self,
         backend: &'b Backend,
         maxconn: usize,
-        tried: &[SocketAddr],
-        exclude: &mut Vec<SocketAddr>,
+        tried: &Tried,
     ) -> Option<&'b super::table::BackendInstance> {
         let deadline = Instant::now() + self.queue_timeout;
         let mut queued = false;
+        let at_cap = |i: &super::table::BackendInstance| i.health.inflight.load(Ordering::Relaxed) >= maxconn;
         let result = loop {
-            exclude.clear();
-            exclude.extend_from_slice(tried);
-            exclude.extend(
-                backend
-                    .instances
-                    .iter()
-                    .filter(|i| i.health.inflight.load(Ordering::Relaxed) >= maxconn)
-                    .map(|i| i.addr),
-            );
             let now = self.state.health.now_ms();
-            if let Some(instance) = backend.pick(now, exclude) {
+            if let Some(instance) = backend.pick_where(now, |i| tried.contains(i.addr) || at_cap(i)) {
                 // Reserve the slot atomically: another request may have taken
                 // the last one since the cap was read above.
                 let reserved = instance
@@ -444,7 +459,7 @@ impl Proxy {
                 continue;
             }
             // Nothing below the cap (or nothing at all): queue, if there is room.
-            let full = exclude.len() > tried.len();
+            let full = backend.instances.iter().any(|i| !tried.contains(i.addr) && at_cap(i));
             if !full || Instant::now() >= deadline {
                 break None;
             }
@@ -463,13 +478,11 @@ impl Proxy {
         result
     }
 
-    fn outgoing_headers(
-        &self,
-        request: &http::request::Parts,
-        peer: SocketAddr,
-        scheme: Scheme,
-        upgrade: bool,
-    ) -> HeaderMap {
+    /// The request headers as the backend gets them: hop-by-hop headers gone,
+    /// `Host` kept (or taken from an HTTP/2 `:authority`), the forwarding headers
+    /// added. Per request, so it parses no header names and formats nothing but
+    /// the request id.
+    fn outgoing_headers(&self, request: &http::request::Parts, client: &ClientConn, upgrade: bool) -> HeaderMap {
         let incoming = &request.headers;
         let mut headers = incoming.clone();
         // HTTP/2 carries the host in :authority; the HTTP/1.1 backend needs Host.
@@ -485,22 +498,59 @@ impl Proxy {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, value);
         }
-        let client_ip = peer.ip().to_string();
-        let forwarded_for = match incoming.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prior) => format!("{prior}, {client_ip}"),
-            None => client_ip,
-        };
-        if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
-            headers.insert("x-forwarded-for", v);
-        }
-        headers.insert("x-forwarded-proto", HeaderValue::from_static(scheme.as_str()));
-        if !headers.contains_key("x-unique-id") {
-            let n = self.request_ids.fetch_add(1, Ordering::Relaxed);
-            if let Ok(v) = HeaderValue::from_str(&format!("{:08X}{n:012X}", self.id_prefix)) {
-                headers.insert("x-unique-id", v);
+        let forwarded_for = match incoming.get(X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+            None => client.ip.clone(),
+            Some(prior) => {
+                let mut joined = Vec::with_capacity(prior.len() + 2 + client.ip.len());
+                joined.extend_from_slice(prior);
+                joined.extend_from_slice(b", ");
+                joined.extend_from_slice(client.ip.as_bytes());
+                HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client.ip.clone())
             }
+        };
+        headers.insert(X_FORWARDED_FOR, forwarded_for);
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.scheme.as_str()));
+        if !headers.contains_key(X_UNIQUE_ID) {
+            let n = self.request_ids.fetch_add(1, Ordering::Relaxed);
+            headers.insert(X_UNIQUE_ID, request_id(self.id_prefix, n));
         }
         headers
+    }
+}
+
+/// `X-Unique-ID`: 8 hex digits of the proxy's random prefix, 12 of the counter.
+fn request_id(prefix: u32, n: u64) -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut id = [0u8; 20];
+    let digits = (u64::from(prefix) << 48) | (n & 0xFFFF_FFFF_FFFF);
+    // The prefix's top 16 bits do not fit the u64 above; they go first.
+    let high = prefix >> 16;
+    for (i, slot) in id[..4].iter_mut().enumerate() {
+        *slot = HEX[((high >> (12 - 4 * i)) & 0xF) as usize];
+    }
+    for (i, slot) in id[4..].iter_mut().enumerate() {
+        *slot = HEX[((digits >> (60 - 4 * i)) & 0xF) as usize];
+    }
+    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// The instances one request has tried, without allocating.
+#[derive(Default)]
+struct Tried {
+    addrs: [Option<SocketAddr>; MAX_ATTEMPTS],
+    len: usize,
+}
+
+impl Tried {
+    fn push(&mut self, addr: SocketAddr) {
+        if let Some(slot) = self.addrs.get_mut(self.len) {
+            *slot = Some(addr);
+            self.len += 1;
+        }
+    }
+
+    fn contains(&self, addr: SocketAddr) -> bool {
+        self.addrs[..self.len].contains(&Some(addr))
     }
 }
 
@@ -558,19 +608,43 @@ impl hyper::body::Body for CountedBody {
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named in Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    // Most messages carry none, or only `Connection: keep-alive`: one pass over
+    // the names decides, and only names that are there are removed.
+    let mut present = 0u8; // bit i: HOP_BY_HOP[i] is there
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    if present == 0 {
+        return;
+    }
+    let connection = present & 1 != 0; // HOP_BY_HOP[0] is Connection
+    if connection {
+        // Headers named in Connection are hop-by-hop too (the usual tokens name
+        // nothing else, and are skipped without parsing).
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| {
+                !["keep-alive", "close", "upgrade"]
+                    .iter()
+                    .any(|k| t.eq_ignore_ascii_case(k))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
 }
 
 async fn splice(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade) {
@@ -649,5 +723,60 @@ impl SessionPool {
         if list.len() < MAX_IDLE_PER_INSTANCE {
             list.push(session);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_prefix_then_counter_in_hex() {
+        for (prefix, n) in [
+            (0u32, 0u64),
+            (0xDEAD_BEEF, 1),
+            (0x0123_4567, 0xABC_DEF0_1234),
+            (u32::MAX, (1 << 48) - 1),
+        ] {
+            let id = request_id(prefix, n);
+            assert_eq!(id.to_str().unwrap(), format!("{prefix:08X}{n:012X}"));
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_in_connection_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("web.service"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret, close"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["host", "x-kept"]);
+
+        let mut plain = HeaderMap::new();
+        plain.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain.len(), 1);
+    }
+
+    #[test]
+    fn tried_holds_up_to_max_attempts() {
+        let mut tried = Tried::default();
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        assert!(!tried.contains(a));
+        tried.push(a);
+        assert!(tried.contains(a) && !tried.contains(b));
+        for _ in 0..5 {
+            tried.push(b);
+        }
+        assert_eq!(tried.len, MAX_ATTEMPTS);
     }
 }

@@ -231,7 +231,14 @@ impl Backend {
     /// ejected ones (round-robin among equals) rather than failing: better a
     /// maybe-recovered backend than a certain 503. `None` when nothing is left.
     pub fn pick(&self, now_ms: u64, exclude: &[SocketAddr]) -> Option<&BackendInstance> {
-        let usable = |i: &BackendInstance| i.weight > 0 && !exclude.contains(&i.addr);
+        self.pick_where(now_ms, |i| exclude.contains(&i.addr))
+    }
+
+    /// [`Self::pick`] with the exclusion given as a predicate (`skip` returns true
+    /// for instances this request must not use), so the per-request caller builds
+    /// no list.
+    pub fn pick_where(&self, now_ms: u64, skip: impl Fn(&BackendInstance) -> bool) -> Option<&BackendInstance> {
+        let usable = |i: &BackendInstance| i.weight > 0 && !skip(i);
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         let chosen = smooth_wrr(&self.instances, &mut current, |i| {
             usable(i) && i.health.is_available(now_ms)
