@@ -17,6 +17,12 @@
 //! Each unit has its own cancellation token (not one shared child token) so that
 //! shutdown can go in reverse order: the lb drains and deregisters from Consul
 //! while Consul still runs.
+//!
+//! Adding the vpn component (every spot is marked `// vpn:`): `available()` and
+//! the role default in `roles.rs`; a `ComponentSockets::Vpn` arm with its bind
+//! and `vpn::run` in `component.rs`, its state in `ComponentShared`; the peers in
+//! `admin.rs` (report and the two peer actions), `metrics.rs`, `status_page.rs`
+//! and `terminal.rs`.
 
 pub mod admin;
 pub mod component;
