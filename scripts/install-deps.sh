@@ -13,7 +13,9 @@ want_bench=0
 [ "${1:-}" = "--bench" ] && want_bench=1
 
 packages=(bind9-dnsutils knot-dnsutils unbound dnsmasq-base iproute2 procps ca-certificates curl nginx-light)
-[ $want_bench = 1 ] && packages+=(dnsperf)
+# The vpn tests: wireguard-go is the laptop, ping goes through the tunnel.
+packages+=(wireguard-go wireguard-tools iputils-ping)
+[ $want_bench = 1 ] && packages+=(dnsperf iperf3)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -2,6 +2,7 @@
 //! components they run against).
 
 mod harness;
+mod netns; // network namespaces, veth links and a wireguard-go peer for the vpn tests
 
 mod cli; // black-box: the built binary, its exit codes, signals
 mod dns_consul; // *.consul forwarded to a real Consul agent: freshness, failover, truncation
@@ -10,3 +11,4 @@ mod dns_robustness; // malformed packets over UDP and TCP never hurt the server
 mod dns_upstream; // the cache in front of the upstream resolvers: TTLs, negatives, stale
 mod lb; // the load balancer against real Consul and HTTP backends
 mod lb_tls; // HTTPS by SNI, HTTP/2, certificate reload; the stats listener
+mod vpn; // WireGuard against wireguard-go in namespaces: ping, DNS, HTTP, live peers, hostile input
