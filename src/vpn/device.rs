@@ -47,6 +47,38 @@ const DATA_MIN: usize = 32;
 const SCRATCH: usize = 65_535 + 32;
 /// Bound on the queue flush after a handshake (the Tunn queues at most 256).
 const MAX_FLUSH: usize = 300;
+/// Per source IP: initiations per second that may cost an X25519 lookup, and
+/// the burst (wireguard-go's limits).
+const INITS_PER_SECOND: f32 = 20.0;
+const INIT_BURST: f32 = 5.0;
+/// Source IPs tracked at once; the table starts over when it is full.
+const MAX_SOURCES: usize = 4096;
+
+/// Token buckets per source IP for handshake initiations, checked after mac1
+/// and the cookie (so the source is proven under load) and before the DH in
+/// `parse_handshake_anon`, the expensive step a flood aims at.
+#[derive(Default)]
+struct InitBuckets {
+    buckets: std::collections::HashMap<IpAddr, (f32, Instant)>,
+}
+
+impl InitBuckets {
+    fn allow(&mut self, ip: IpAddr) -> bool {
+        if self.buckets.len() >= MAX_SOURCES && !self.buckets.contains_key(&ip) {
+            self.buckets.clear();
+        }
+        let now = Instant::now();
+        let (tokens, last) = self.buckets.entry(ip).or_insert((INIT_BURST, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f32() * INITS_PER_SECOND).min(INIT_BURST);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
 
 /// Starts the two packet threads.
 pub fn spawn(
@@ -91,6 +123,7 @@ struct NetToTun {
     gro: GROTable,
     scratch: Vec<u8>,
     cookie: [u8; 64],
+    inits: InitBuckets,
 }
 
 impl NetToTun {
@@ -108,6 +141,7 @@ impl NetToTun {
             gro: GROTable::new(),
             scratch: vec![0u8; SCRATCH],
             cookie: [0u8; 64],
+            inits: InitBuckets::default(),
         }
     }
 
@@ -178,6 +212,9 @@ impl NetToTun {
                         Err(_) => return,
                     };
                     let Packet::HandshakeInit(init) = packet else { return };
+                    if !self.inits.allow(src.ip()) {
+                        return;
+                    }
                     let Ok(half) = parse_handshake_anon(&state.secret, &state.public, &init) else {
                         return;
                     };
@@ -341,5 +378,33 @@ pub async fn timers(state: Arc<VpnState>, udp: Arc<UdpSocket>, shutdown: Cancell
             state.limiter.reset_count();
             last_reset = Instant::now();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_buckets_allow_a_burst_then_the_rate() {
+        let mut b = InitBuckets::default();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let allowed = (0..20).filter(|_| b.allow(ip)).count();
+        assert_eq!(allowed, INIT_BURST as usize, "a burst of 5, then nothing at once");
+        assert!(
+            b.allow("192.0.2.2".parse().unwrap()),
+            "other sources have their own bucket"
+        );
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(b.allow(ip), "the bucket refills at 20/s");
+    }
+
+    #[test]
+    fn message_fields_are_read_without_panics() {
+        assert_eq!(message_type(&[]), None);
+        assert_eq!(message_type(&[4, 0, 0]), None);
+        assert_eq!(message_type(&[4, 0, 0, 0]), Some(DATA));
+        assert_eq!(receiver(&[4, 0, 0, 0, 1, 2], 4), None);
+        assert_eq!(receiver(&[4, 0, 0, 0, 1, 0, 0, 0], 4), Some(1));
     }
 }
