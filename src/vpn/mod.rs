@@ -628,3 +628,62 @@ async fn watch_peers(state: Arc<VpnState>, shutdown: CancellationToken) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(dir: &Path) -> Arc<VpnState> {
+        let text = format!(
+            "[dns]\nupstreams = [\"192.0.2.1\"]\n[vpn]\ndir = {:?}\n",
+            dir.join("vpn")
+        );
+        let file = crate::config::parse(&text, "test.toml", &HashMap::<String, String>::new()).unwrap();
+        let config = crate::config::validate(&file, "test.toml").unwrap();
+        VpnState::new(&config.vpn).unwrap()
+    }
+
+    /// Applying registry changes keeps the live state of unchanged peers (same
+    /// `Arc<Peer>`, so the same session), drops removed ones from every index,
+    /// and gives each new peer a distinct 24-bit session index.
+    #[test]
+    fn peer_changes_apply_only_the_diff() {
+        let temp = tempfile::tempdir().unwrap();
+        let s = state(temp.path());
+        let a = s.add_peer("a", "192.0.2.1:51820", "service.consul").unwrap();
+        let key_a = a.record.key().unwrap();
+        let peer_a = s.table().by_key(&key_a).unwrap().clone();
+        let b = s.add_peer("b", "192.0.2.1:51820", "service.consul").unwrap();
+        assert_eq!(b.record.address, Ipv4Addr::new(10, 200, 0, 3));
+        let table = s.table();
+        assert!(Arc::ptr_eq(table.by_key(&key_a).unwrap(), &peer_a), "a kept its state");
+        let peer_b = table.by_key(&b.record.key().unwrap()).unwrap().clone();
+        assert_ne!(peer_a.index, peer_b.index);
+        assert!(peer_b.index < (1 << 24));
+        assert!(Arc::ptr_eq(table.by_receiver(peer_b.index << 8 | 7).unwrap(), &peer_b));
+        assert!(Arc::ptr_eq(
+            table.route("10.200.0.3".parse().unwrap()).unwrap(),
+            &peer_b
+        ));
+        drop(table);
+
+        assert!(s.remove_peer("b").unwrap());
+        assert!(!s.remove_peer("b").unwrap());
+        let table = s.table();
+        assert!(table.by_receiver(peer_b.index << 8).is_none());
+        assert!(table.route("10.200.0.3".parse().unwrap()).is_none());
+        assert!(
+            Arc::ptr_eq(table.by_key(&key_a).unwrap(), &peer_a),
+            "a untouched by b's removal"
+        );
+        drop(table);
+        assert!(!s.reload().unwrap(), "an unchanged file changes nothing");
+
+        // A second process (the CLI) sees the same registry.
+        let other = state(temp.path());
+        assert_eq!(other.peers().len(), 1);
+        assert_eq!(other.public_key(), s.public_key());
+        assert!(s.add_peer("a", "x:1", "s").is_err(), "duplicate names are refused");
+        assert!(s.add_peer("bad name", "x:1", "s").is_err());
+    }
+}
