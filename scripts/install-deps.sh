@@ -16,7 +16,9 @@ packages=(bind9-dnsutils knot-dnsutils unbound dnsmasq-base iproute2 procps ca-c
 # up: the status-page test drives headless Chromium; the deploy test runs
 # `systemd-analyze verify` on deploy/wayfinder.service.
 packages+=(chromium systemd)
-[ $want_bench = 1 ] && packages+=(dnsperf)
+# The vpn tests: wireguard-go is the laptop, ping goes through the tunnel.
+packages+=(wireguard-go wireguard-tools iputils-ping)
+[ $want_bench = 1 ] && packages+=(dnsperf iperf3)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -48,10 +48,50 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the WireGuard VPN server in the foreground, or manage its peers.
+    Vpn {
+        /// Config file (default: ./wayfinder.toml if present, else built-in defaults).
+        #[arg(short, long, value_name = "FILE", global = true)]
+        config: Option<PathBuf>,
+        /// A peer command; without one, the server runs.
+        #[command(subcommand)]
+        action: Option<VpnCommand>,
+    },
     /// Validate the configuration (file + environment), print it, and exit.
     Check {
         /// Config file (default: ./wayfinder.toml if present, else built-in defaults).
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
+    },
+}
+
+/// `wayfinder vpn ...` commands.
+#[derive(Debug, Subcommand)]
+pub enum VpnCommand {
+    /// Manage the laptops allowed in (changes reach a running server at once).
+    Peer {
+        /// What to do.
+        #[command(subcommand)]
+        command: PeerCommand,
+    },
+}
+
+/// `wayfinder vpn peer ...`.
+#[derive(Debug, Subcommand)]
+pub enum PeerCommand {
+    /// Add a peer: new key pair, next free address; prints its wg-quick config.
+    Add {
+        /// The peer's name (letters, digits, `-`, `_`, `.`, `@`).
+        name: String,
+        /// Print the config as a QR code too (for the WireGuard mobile apps).
+        #[arg(long)]
+        qr: bool,
+    },
+    /// List peers: name, address, latest handshake, bytes.
+    List,
+    /// Remove a peer; its sessions end at once.
+    Remove {
+        /// The peer's name (or its public key).
+        name: String,
     },
 }

@@ -53,6 +53,9 @@ pub struct FileConfig {
     /// `wayfinder up`: the supervisor, its programs and the admin endpoint.
     #[serde(default)]
     pub supervisor: SupervisorSection,
+    /// The WireGuard VPN.
+    #[serde(default)]
+    pub vpn: VpnSection,
 }
 
 /// `[lb]`: the HTTP/TCP load balancer fed by the Consul catalog.
@@ -340,6 +343,8 @@ pub struct Config {
     pub host_ip: Option<IpAddr>,
     /// The supervisor (`wayfinder up`).
     pub supervisor: SupervisorConfig,
+    /// WireGuard VPN.
+    pub vpn: VpnConfig,
 }
 
 /// Validated `[lb]`.
@@ -554,6 +559,7 @@ fn apply_env(file: &mut FileConfig, env: &dyn Env) -> Result<(), ConfigError> {
         }
         file.lb.http.set_ip(ip);
         file.lb.https.set_ip(ip);
+        file.vpn.listen.set_ip(ip);
         if let Ok(mut stats) = file.lb.stats.trim().parse::<SocketAddr>() {
             stats.set_ip(ip);
             file.lb.stats = stats.to_string();
@@ -616,7 +622,9 @@ pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> 
         dns,
         lb,
         supervisor,
+        vpn,
     } = file;
+    let vpn = validate_vpn(vpn, &err)?;
     let ConsulSection {
         http,
         dns: consul_dns,
@@ -663,6 +671,8 @@ pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> 
     if listen.is_empty() {
         return Err(err("dns.listen", "needs at least one address".into()));
     }
+    // With the vpn on, laptops ask the dns on the tunnel address (see `vpn_dns`).
+    let (listen, allow) = &vpn_dns(&vpn, listen, allow);
     for (key, d) in [
         ("dns.consul_timeout", consul_timeout),
         ("dns.upstream_timeout", upstream_timeout),
@@ -758,6 +768,7 @@ pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> 
         lb,
         host_ip: None,
         supervisor,
+        vpn,
         consul,
         dns: DnsConfig {
             listen: listen.clone(),
@@ -874,6 +885,189 @@ fn validate_lb(
             *workers
         },
     })
+}
+
+/// `[vpn]`: the WireGuard server that gives laptops the platform's networks and DNS.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VpnSection {
+    /// Run the vpn (read by the supervisor, which also honours `START_VPN`), and let
+    /// the dns answer on the tunnel address. Default `false`.
+    #[serde(default)]
+    pub enabled: bool,
+    /// UDP address WireGuard listens on. Default `0.0.0.0:51820`; `LISTEN_IP`
+    /// replaces the address.
+    #[serde(default = "default_vpn_listen")]
+    pub listen: SocketAddr,
+    /// Name of the TUN interface (at most 15 bytes). Default `wf0`.
+    #[serde(default = "default_vpn_interface")]
+    pub interface: String,
+    /// The appliance's tunnel address with the prefix of the subnet peers get their
+    /// addresses from. Default `10.200.0.1/24`.
+    #[serde(default = "default_vpn_address")]
+    pub address: String,
+    /// Directory of the server key (`server.key`) and the peer registry
+    /// (`peers.toml`), created 0700. Default `vpn`.
+    #[serde(default = "default_vpn_dir")]
+    pub dir: PathBuf,
+    /// Public `host:port` written into client configs. Default `HOST_IP:<listen port>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Networks reachable through the tunnel (e.g. the docker bridge networks),
+    /// routed on the clients and forwarded by the host kernel. Default none.
+    #[serde(default)]
+    pub routes: Vec<String>,
+    /// MTU of the TUN interface and of client configs. Default `1420`.
+    #[serde(default = "default_vpn_mtu")]
+    pub mtu: u16,
+    /// Masquerade tunnel traffic leaving towards `routes` (iptables or nft), for
+    /// networks that have no route back to the tunnel subnet. Default `false`.
+    #[serde(default)]
+    pub masquerade: bool,
+}
+
+impl Default for VpnSection {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
+}
+
+fn default_vpn_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 51820))
+}
+fn default_vpn_interface() -> String {
+    "wf0".into()
+}
+fn default_vpn_address() -> String {
+    "10.200.0.1/24".into()
+}
+fn default_vpn_dir() -> PathBuf {
+    PathBuf::from("vpn")
+}
+fn default_vpn_mtu() -> u16 {
+    1420
+}
+
+/// Validated `[vpn]`.
+#[derive(Debug, Clone)]
+pub struct VpnConfig {
+    /// Whether the vpn (and the dns on the tunnel address) is on.
+    pub enabled: bool,
+    /// UDP listen address.
+    pub listen: SocketAddr,
+    /// TUN interface name.
+    pub interface: String,
+    /// The appliance's tunnel address and the peer subnet's prefix.
+    pub address: ipnet::Ipv4Net,
+    /// State directory (key, peers).
+    pub dir: PathBuf,
+    /// Client-config endpoint, when configured (else `HOST_IP:<port>` at use).
+    pub endpoint: Option<String>,
+    /// Networks routed through the tunnel.
+    pub routes: Vec<IpNet>,
+    /// Tunnel MTU.
+    pub mtu: u16,
+    /// Masquerade towards `routes`.
+    pub masquerade: bool,
+}
+
+impl VpnConfig {
+    /// The tunnel subnet (`10.200.0.0/24`).
+    pub fn subnet(&self) -> ipnet::Ipv4Net {
+        self.address.trunc()
+    }
+}
+
+fn validate_vpn(vpn: &VpnSection, err: &dyn Fn(&str, String) -> ConfigError) -> Result<VpnConfig, ConfigError> {
+    let VpnSection {
+        enabled,
+        listen,
+        interface,
+        address,
+        dir,
+        endpoint,
+        routes,
+        mtu,
+        masquerade,
+    } = vpn;
+    let name_ok = !interface.is_empty()
+        && interface.len() <= 15
+        && interface
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if !name_ok {
+        return Err(err(
+            "vpn.interface",
+            format!("`{interface}` is not an interface name (1-15 letters, digits, `-`, `_`, `.`)"),
+        ));
+    }
+    let address: ipnet::Ipv4Net = address.trim().parse().map_err(|_| {
+        err(
+            "vpn.address",
+            format!("`{address}` is not an IPv4 address with a prefix, such as `10.200.0.1/24`"),
+        )
+    })?;
+    if address.prefix_len() > 30 || address.addr() == address.network() || address.addr() == address.broadcast() {
+        return Err(err(
+            "vpn.address",
+            format!(
+                "`{address}` must be a host address inside a subnet of at least 4 addresses (prefix /30 or shorter)"
+            ),
+        ));
+    }
+    let routes = routes
+        .iter()
+        .map(|r| {
+            r.trim()
+                .parse::<IpNet>()
+                .map(|n| n.trunc())
+                .map_err(|_| err("vpn.routes", format!("`{r}` is not a network such as `172.17.0.0/16`")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(e) = endpoint {
+        let ok = e
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
+        if !ok {
+            return Err(err("vpn.endpoint", format!("`{e}` is not `host:port`")));
+        }
+    }
+    if !(576..=9000).contains(mtu) {
+        return Err(err("vpn.mtu", format!("{mtu} is outside 576..=9000")));
+    }
+    Ok(VpnConfig {
+        enabled: *enabled,
+        listen: *listen,
+        interface: interface.clone(),
+        address,
+        dir: dir.clone(),
+        endpoint: endpoint.clone(),
+        routes,
+        mtu: *mtu,
+        masquerade: *masquerade,
+    })
+}
+
+/// The dns listen and allow lists with the vpn taken into account: when it is on,
+/// the tunnel address (on the port of the first listener) is added unless a
+/// listener already covers it, and the tunnel subnet is allowed.
+fn vpn_dns(vpn: &VpnConfig, listen: &[SocketAddr], allow: &[IpNet]) -> (Vec<SocketAddr>, Vec<IpNet>) {
+    let (mut listen, mut allow) = (listen.to_vec(), allow.to_vec());
+    if vpn.enabled {
+        let port = listen.first().map_or(53, |l| l.port());
+        let tunnel = SocketAddr::new(IpAddr::V4(vpn.address.addr()), port);
+        let covered = listen
+            .iter()
+            .any(|l| l.port() == port && (l.ip() == tunnel.ip() || l.ip() == IpAddr::from([0, 0, 0, 0])));
+        if !covered {
+            listen.push(tunnel);
+        }
+        let subnet = IpNet::V4(vpn.subnet());
+        if !allow.iter().any(|a| a.contains(&subnet)) {
+            allow.push(subnet);
+        }
+    }
+    (listen, allow)
 }
 
 fn parse_target(text: &str) -> Result<WildcardTarget, String> {
@@ -1128,6 +1322,47 @@ mod tests {
         assert!(e.to_string().contains("consul_timeout"), "{e}");
         let e = check("[dns]\nupstreams = [\"192.0.2.1\"]\nconsul_a_records = \"x\"\n", &[]).unwrap_err();
         assert!(e.to_string().contains("consul_a_records"), "{e}");
+    }
+
+    #[test]
+    fn vpn_section_is_validated_and_feeds_the_dns() {
+        let c = check(MIN, &[]).unwrap();
+        assert!(!c.vpn.enabled);
+        assert_eq!(c.vpn.listen, "0.0.0.0:51820".parse().unwrap());
+        assert_eq!(c.vpn.interface, "wf0");
+        assert_eq!(c.vpn.subnet().to_string(), "10.200.0.0/24");
+        assert_eq!(c.vpn.mtu, 1420);
+        assert_eq!(c.dns.listen.len(), 1, "a disabled vpn leaves the dns alone");
+
+        for (text, key) in [
+            ("address = \"10.200.0.0/33\"", "vpn.address"),
+            ("address = \"10.200.0.0/24\"", "vpn.address"),
+            ("address = \"fd00::1/64\"", "vpn.address"),
+            ("routes = [\"172.17.0.0/16\", \"nope\"]", "vpn.routes"),
+            ("interface = \"a-name-much-too-long\"", "vpn.interface"),
+            ("endpoint = \"example.com\"", "vpn.endpoint"),
+            ("mtu = 100", "vpn.mtu"),
+            ("bogus = 1", "vpn.bogus"),
+        ] {
+            let e = check(&format!("{MIN}[vpn]\n{text}\n"), &[]).unwrap_err();
+            assert_eq!(e.key, key, "{text}: {e}");
+        }
+
+        let on = "[dns]\nupstreams = [\"192.0.2.1\"]\nlisten = [\"127.0.0.1:5353\"]\nallow = [\"127.0.0.0/8\"]\n[vpn]\nenabled = true\n";
+        let c = check(on, &[("LISTEN_IP", "127.0.0.1")]).unwrap();
+        assert_eq!(
+            c.dns.listen,
+            vec!["127.0.0.1:5353".parse().unwrap(), "10.200.0.1:5353".parse().unwrap()]
+        );
+        assert!(c.dns.allow.contains(&"10.200.0.0/24".parse().unwrap()));
+        assert_eq!(
+            c.vpn.listen,
+            "127.0.0.1:51820".parse().unwrap(),
+            "LISTEN_IP applies to the vpn"
+        );
+        let wildcard = format!("{MIN}[vpn]\nenabled = true\n");
+        let c = check(&wildcard, &[]).unwrap();
+        assert_eq!(c.dns.listen.len(), 1, "0.0.0.0:53 already covers the tunnel address");
     }
 
     /// Every shipped example config is valid (style: every deploy file is a fixture).

@@ -71,11 +71,11 @@ pub const WAYFINDER_ADMIN_TOKEN: &str = "WAYFINDER_ADMIN_TOKEN";
 pub const VARS: &[(&str, &str)] = &[
     (
         LISTEN_IP,
-        "the address of every listener: dns.listen, lb.http, lb.https, lb.stats (ports kept)",
+        "the address of every listener: dns.listen, lb.http, lb.https, lb.stats, vpn.listen (ports kept)",
     ),
     (
         HOST_IP,
-        "dns.wildcard_targets when none are configured; a landing-page host of the lb",
+        "dns.wildcard_targets when none are configured; a landing-page host of the lb; the vpn client endpoint when vpn.endpoint is unset",
     ),
     (CONSUL_IP, "consul.http and consul.dns addresses (ports kept)"),
     (CONSUL_DOMAIN, "consul.domain"),

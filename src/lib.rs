@@ -16,13 +16,14 @@ pub mod env;
 pub mod lb;
 pub mod signals;
 pub mod supervisor;
+pub mod vpn;
 
 use std::future::Future;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use cli::{Cli, Command};
+use cli::{Cli, Command, PeerCommand, VpnCommand};
 use config::ConfigError;
 
 /// How long components get to finish after SIGTERM before the process exits anyway.
@@ -46,6 +47,9 @@ pub enum AppError {
     /// The supervisor (`up`, `status`) failed.
     #[error("up: {0}")]
     Supervisor(#[source] supervisor::SupervisorError),
+    /// The vpn component (or a peer command) failed.
+    #[error("vpn: {0}")]
+    Vpn(#[source] vpn::VpnError),
 }
 
 impl AppError {
@@ -61,6 +65,8 @@ impl AppError {
                 supervisor::SupervisorError::BindAdmin { .. } | supervisor::SupervisorError::BindComponent { .. },
             ) => EXIT_CONFIG,
             AppError::Supervisor(_) => 1,
+            AppError::Vpn(vpn::VpnError::Bind { .. } | vpn::VpnError::State { .. }) => EXIT_CONFIG,
+            AppError::Vpn(_) => 1,
         }
     }
 }
@@ -125,6 +131,82 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
                 lb::run(&config, sockets, state, shutdown).await.map_err(AppError::Lb)
             })
             .await
+        }
+        Command::Vpn { config, action } => {
+            let (_, config) = config::load(config.as_deref(), &env::ProcessEnv).map_err(AppError::Config)?;
+            match action {
+                Some(VpnCommand::Peer { command }) => vpn_peer(&config, command),
+                None => {
+                    tracing::info!(config = %config.source, "starting vpn");
+                    let state = vpn::VpnState::new(&config.vpn).map_err(AppError::Vpn)?;
+                    let sockets = vpn::VpnSockets::bind(&config.vpn).map_err(AppError::Vpn)?;
+                    until_signal("vpn", move |shutdown| async move {
+                        vpn::run(&config, sockets, state, shutdown).await.map_err(AppError::Vpn)
+                    })
+                    .await
+                }
+            }
+        }
+    }
+}
+
+/// `wayfinder vpn peer add|list|remove`: edits the registry (the running server
+/// picks the change up by itself) and prints the result.
+fn vpn_peer(config: &config::Config, command: PeerCommand) -> Result<(), AppError> {
+    match command {
+        PeerCommand::Add { name, qr } => {
+            let endpoint = vpn::client_endpoint(config).map_err(AppError::Config)?;
+            let state = vpn::VpnState::new(&config.vpn).map_err(AppError::Vpn)?;
+            let added = state
+                .add_peer(&name, &endpoint, &vpn::search_domain(config))
+                .map_err(AppError::Vpn)?;
+            let text = added.client.render();
+            eprintln!(
+                "added peer `{}` with address {}; its private key is shown only now:",
+                added.record.name, added.record.address
+            );
+            print!("{text}");
+            if qr {
+                let code = vpn::client::qr(&text).map_err(|e| AppError::Vpn(vpn::VpnError::Peer(e)))?;
+                println!("\n{code}");
+            }
+            Ok(())
+        }
+        PeerCommand::Remove { name } => {
+            let state = vpn::VpnState::new(&config.vpn).map_err(AppError::Vpn)?;
+            if state.remove_peer(&name).map_err(AppError::Vpn)? {
+                eprintln!("removed peer `{name}`");
+                Ok(())
+            } else {
+                Err(AppError::Vpn(vpn::VpnError::Peer(format!(
+                    "there is no peer named `{name}`"
+                ))))
+            }
+        }
+        PeerCommand::List => {
+            let store = vpn::peers::PeerStore::open(&config.vpn.dir).map_err(AppError::Vpn)?;
+            let records = store.load().map_err(AppError::Vpn)?;
+            let live = vpn::uapi::query(&config.vpn.interface);
+            println!(
+                "{:<20} {:<16} {:<18} {:>12} {:>12}  public key",
+                "name", "address", "latest handshake", "received", "sent"
+            );
+            for r in records {
+                let l = live.as_ref().and_then(|m| m.get(&r.public_key));
+                let (hs, rx, tx) = match l {
+                    Some(l) => (
+                        vpn::uapi::ago(l.last_handshake),
+                        l.rx_bytes.to_string(),
+                        l.tx_bytes.to_string(),
+                    ),
+                    None => ("(server not running)".into(), "-".into(), "-".into()),
+                };
+                println!(
+                    "{:<20} {:<16} {:<18} {:>12} {:>12}  {}",
+                    r.name, r.address, hs, rx, tx, r.public_key
+                );
+            }
+            Ok(())
         }
     }
 }
@@ -215,6 +297,13 @@ pub fn render_check(file: &config::FileConfig, config: &config::Config, plan: &s
     out.push_str(&format!("# dns udp workers per address: {}\n", config.dns.workers));
     out.push_str("# wayfinder up would start:\n");
     out.push_str(&plan.render());
+    out.push_str(&format!(
+        "# vpn: {} on {}, subnet {}, client endpoint {}\n",
+        if config.vpn.enabled { "enabled" } else { "disabled" },
+        config.vpn.interface,
+        config.vpn.subnet(),
+        vpn::client_endpoint(config).unwrap_or_else(|_| "(unset: set vpn.endpoint or HOST_IP)".into())
+    ));
     out.push_str("# environment variables read:\n");
     for (var, what) in env::VARS {
         out.push_str(&format!("#   {var:<22} {what}\n"));

@@ -42,7 +42,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Puts the child in its own process group and kills it if the test process dies.
-fn die_with_parent(cmd: &mut Command) -> &mut Command {
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
     // SAFETY: prctl and setpgid are async-signal-safe and touch only the child.
     unsafe {
         cmd.pre_exec(|| {

@@ -2,9 +2,10 @@
 //! components they run against).
 
 mod harness;
+mod netns; // network namespaces, veth links and a wireguard-go peer for the vpn tests
 
 mod cli; // black-box: the built binary, its exit codes, signals
-mod deploy;
+mod deploy; // deploy/ files as fixtures: systemd unit, Dockerfile, compose, restricted/host, Marathon, *.toml
 mod dns_consul; // *.consul forwarded to a real Consul agent: freshness, failover, truncation
 mod dns_local; // wildcard LB domain and zones_dir zones: AA, reloads, broken files
 mod dns_robustness; // malformed packets over UDP and TCP never hurt the server
@@ -13,4 +14,5 @@ mod lb; // the load balancer against real Consul and HTTP backends
 mod lb_tls; // HTTPS by SNI, HTTP/2, certificate reload; the stats listener
 mod supervisor; // `up` in-process: restarts, backoff, admin API, metrics, token, status page in Chromium
 mod up; // black-box `wayfinder up`: its own Consul, dig + lb end to end, status, SIGTERM/SIGKILL leave nothing
-mod up_cluster; // three `up` masters in network namespaces; one host cut off, the others keep answering // deploy/ files as fixtures: systemd unit, Dockerfile, compose, restricted/host, Marathon, *.toml
+mod up_cluster; // three `up` masters in network namespaces; one host cut off, the others keep answering
+mod vpn; // WireGuard against wireguard-go in namespaces: ping, DNS, HTTP, live peers, hostile input
