@@ -594,6 +594,15 @@ fn apply_env(file: &mut FileConfig, env: &dyn Env) -> Result<(), ConfigError> {
     {
         file.dns.wildcard_targets = vec![ip.to_string()];
     }
+    // START_VPN switches the whole vpn, not only `up`'s unit: with it on, the dns
+    // must answer on the tunnel address too (see `vpn_dns`).
+    if let Some(on) = env.get(env::START_VPN) {
+        file.vpn.enabled = match on.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => true,
+            "false" | "0" | "no" | "off" => false,
+            other => return Err(env_error(env::START_VPN, format!("`{other}` is not true or false"))),
+        };
+    }
     Ok(())
 }
 
@@ -1363,6 +1372,17 @@ mod tests {
         let wildcard = format!("{MIN}[vpn]\nenabled = true\n");
         let c = check(&wildcard, &[]).unwrap();
         assert_eq!(c.dns.listen.len(), 1, "0.0.0.0:53 already covers the tunnel address");
+
+        // START_VPN switches the vpn (and so the dns on the tunnel) both ways.
+        let off = "[dns]\nupstreams = [\"192.0.2.1\"]\nlisten = [\"127.0.0.1:5353\"]\n";
+        let c = check(off, &[("START_VPN", "true")]).unwrap();
+        assert!(c.vpn.enabled);
+        assert!(c.dns.listen.contains(&"10.200.0.1:5353".parse().unwrap()));
+        let c = check(on, &[("START_VPN", "0")]).unwrap();
+        assert!(!c.vpn.enabled);
+        assert_eq!(c.dns.listen, vec!["127.0.0.1:5353".parse().unwrap()]);
+        let e = check(off, &[("START_VPN", "sometimes")]).unwrap_err();
+        assert_eq!((e.file.as_str(), e.key.as_str()), ("environment", "START_VPN"), "{e}");
     }
 
     /// Every shipped example config is valid (style: every deploy file is a fixture).

@@ -86,7 +86,10 @@ pub const VARS: &[(&str, &str)] = &[
     (SLAVE, "up: host role; a slave runs the lb (default true)"),
     (START_DNS, "up: start the dns component (default: every host)"),
     (START_LB, "up: start the lb component (default: SLAVE)"),
-    (START_VPN, "up: start the vpn component (default: off)"),
+    (
+        START_VPN,
+        "vpn.enabled: up starts the vpn, the dns answers on the tunnel address (default: off)",
+    ),
     (
         START_CONSUL,
         "up: start the built-in Consul agent (supervisor.consul.enabled)",

@@ -65,7 +65,9 @@ impl AppError {
                 supervisor::SupervisorError::BindAdmin { .. } | supervisor::SupervisorError::BindComponent { .. },
             ) => EXIT_CONFIG,
             AppError::Supervisor(_) => 1,
-            AppError::Vpn(vpn::VpnError::Bind { .. } | vpn::VpnError::State { .. }) => EXIT_CONFIG,
+            AppError::Vpn(vpn::VpnError::Bind { .. } | vpn::VpnError::State { .. } | vpn::VpnError::NoEndpoint(_)) => {
+                EXIT_CONFIG
+            }
             AppError::Vpn(_) => 1,
         }
     }
@@ -155,11 +157,11 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
 fn vpn_peer(config: &config::Config, command: PeerCommand) -> Result<(), AppError> {
     match command {
         PeerCommand::Add { name, qr } => {
-            let endpoint = vpn::client_endpoint(config).map_err(AppError::Config)?;
+            // Checked before the state exists, so a config without an endpoint
+            // leaves no server key behind.
+            vpn::client_endpoint(config).map_err(AppError::Config)?;
             let state = vpn::VpnState::new(&config.vpn).map_err(AppError::Vpn)?;
-            let added = state
-                .add_peer(&name, &endpoint, &vpn::search_domain(config))
-                .map_err(AppError::Vpn)?;
+            let added = vpn::add_client(config, &state, &name).map_err(AppError::Vpn)?;
             let text = added.client.render();
             eprintln!(
                 "added peer `{}` with address {}; its private key is shown only now:",

@@ -8,7 +8,9 @@
 //!  GET  /api/units                 units only
 //!  POST /api/units/<name>/restart  stop it if running, start it now
 //!  POST /api/dns/reload            reload zones_dir now
-//!  POST /api/vpn/peers, DELETE /api/vpn/peers/<name>   (vpn: not in this build)
+//!  POST /api/vpn/peers            add a peer ({"name"}: JSON back; a form: a page
+//!                                  with the client config and its QR code)
+//!  DELETE /api/vpn/peers/<name>    remove a peer (POST …/<name>/remove from the page)
 //!  GET  /metrics                   Prometheus text format (metrics.rs)
 //!  GET  /healthz                   `ok`
 //! ```
@@ -36,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::unit::UnitInfo;
+use super::vpn_admin::{self, Refusal, VpnReport};
 use super::{Addresses, ConsulHealth, SupervisorState, lock};
 use crate::consul::ConsulClient;
 use crate::lb::status::LbStatus;
@@ -76,7 +79,7 @@ pub struct StatusReport {
     pub lb: Option<LbStatus>,
     /// dns counters, when dns runs.
     pub dns: Option<DnsReport>,
-    /// vpn peers (vpn: filled in by the vpn component once it lands).
+    /// The vpn and its peers.
     pub vpn: VpnReport,
 }
 
@@ -117,15 +120,6 @@ pub struct DnsReport {
     pub routes: BTreeMap<&'static str, crate::dns::stats::RouteSnapshot>,
     /// Packets dropped unanswered.
     pub dropped: u64,
-}
-
-/// vpn peers.
-#[derive(Debug, Clone, Serialize)]
-pub struct VpnReport {
-    /// The vpn component is in this build.
-    pub available: bool,
-    /// Its peers (vpn: name, address, last handshake, bytes).
-    pub peers: Vec<serde_json::Value>,
 }
 
 #[derive(serde::Deserialize)]
@@ -277,11 +271,7 @@ pub async fn report(state: &SupervisorState) -> StatusReport {
         services: services(state, lb.as_ref()).await,
         lb,
         dns,
-        // vpn: `available: true` and the peers from the vpn state once it lands.
-        vpn: VpnReport {
-            available: false,
-            peers: Vec::new(),
-        },
+        vpn: super::vpn_admin::report(state),
     }
 }
 
@@ -415,17 +405,66 @@ async fn answer(state: Arc<SupervisorState>, req: Request<Incoming>) -> Response
                 serde_json::json!({ "ok": true, "action": "reload zones" }),
             )
         }
-        // vpn: add a peer (body: {"name": ...}, answer: client config + QR) and
-        // remove one, through the vpn state once the component lands.
-        (&Method::POST, ["api", "vpn", "peers"]) | (&Method::DELETE, ["api", "vpn", "peers", _]) => error(
-            StatusCode::NOT_IMPLEMENTED,
-            "the vpn component is not available in this build",
-        ),
+        (&Method::POST, ["api", "vpn", "peers"]) => {
+            let added = match read_body(req).await {
+                Ok(body) => vpn_admin::add(&state, &body, is_form),
+                Err(refusal) => Err(refusal),
+            };
+            match (added, is_form) {
+                (Ok(answer), false) => json(StatusCode::CREATED, &answer),
+                (Ok(answer), true) => respond(
+                    StatusCode::CREATED,
+                    "text/html; charset=utf-8",
+                    super::status_page::render_new_peer(&state.config, &answer, token.as_deref()),
+                ),
+                (Err(r), false) => error(r.status, &r.message),
+                (Err(r), true) => refused_page(&r, token.as_deref()),
+            }
+        }
+        (&Method::DELETE, ["api", "vpn", "peers", name]) | (&Method::POST, ["api", "vpn", "peers", name, "remove"]) => {
+            match (vpn_admin::remove(&state, name), is_form) {
+                (Ok(()), _) => done(
+                    is_form,
+                    token.as_deref(),
+                    StatusCode::OK,
+                    serde_json::json!({ "ok": true, "peer": name, "action": "remove" }),
+                ),
+                (Err(r), false) => error(r.status, &r.message),
+                (Err(r), true) => refused_page(&r, token.as_deref()),
+            }
+        }
         (_, ["api", ..]) | (_, ["metrics"]) | (_, ["healthz"]) => error(
             StatusCode::NOT_FOUND,
             &format!("no {method} {path} here; see GET /api/status"),
         ),
         _ => error(StatusCode::NOT_FOUND, "not found; try / or /api/status"),
+    }
+}
+
+/// A refused form action as a page (a person sent it from the status page).
+fn refused_page(r: &Refusal, token: Option<&str>) -> Response<Body> {
+    respond(
+        r.status,
+        "text/html; charset=utf-8",
+        super::status_page::render_refusal(&r.message, token),
+    )
+}
+
+/// The request body, at most [`vpn_admin::MAX_BODY`] bytes.
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Refusal> {
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(req.into_body(), vpn_admin::MAX_BODY)
+        .collect()
+        .await
+    {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) => Err(Refusal {
+            status: StatusCode::BAD_REQUEST,
+            message: format!(
+                "could not read the request body (at most {} bytes): {e}",
+                vpn_admin::MAX_BODY
+            ),
+        }),
     }
 }
 

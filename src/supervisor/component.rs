@@ -1,16 +1,17 @@
-//! An in-process component (dns, lb; later vpn) as a supervised task: bound
+//! An in-process component (vpn, dns, lb) as a supervised task: bound
 //! sockets, its `run` on a child cancellation token, restarted with the same
 //! backoff as a program when it returns an error, returns unasked, or panics.
 //!
 //! ```text
 //!  supervise ─(lb: wait for Consul, bounded)─▶ bind (first time: sockets bound by `up`)
-//!      └─▶ tokio::spawn(dns::run | lb::run)(token) ──Err / Ok unasked / panic──▶ Backoff ─▶ again
+//!      └─▶ tokio::spawn(vpn::run | dns::run | lb::run)(token) ──Err / Ok unasked / panic──▶ Backoff ─▶ again
 //!  shutdown / admin restart ──▶ token.cancel() ──▶ run drains (lb: in-flight requests) ──▶ joined
 //! ```
 //!
 //! The handles the admin API reads ([`ComponentShared`]) outlive restarts: the
-//! dns counters are one `DnsControl` for the life of `up`; the lb state is
-//! replaced at each start (a fresh routing table) and published in an `ArcSwap`.
+//! dns counters are one `DnsControl` for the life of `up`; the lb and vpn states
+//! are replaced at each start (a fresh routing table; the vpn's key and peers
+//! read again from `vpn.dir`, its TUN made again) and published in an `ArcSwap`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +23,7 @@ use super::roles::ComponentKind;
 use super::settings::RestartSettings;
 use super::unit::{Backoff, UnitHandle, UnitState, Verdict};
 use crate::config::Config;
-use crate::{dns, lb};
+use crate::{dns, lb, vpn};
 
 /// How long a component gets to stop after its token is cancelled.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -34,6 +35,9 @@ pub enum ComponentSockets {
     Dns(dns::DnsSockets),
     /// The lb listeners.
     Lb(lb::LbSockets),
+    /// The vpn's UDP socket and TUN interface, with the state (server key,
+    /// peers) loaded from `vpn.dir` for this start.
+    Vpn(vpn::VpnSockets, Arc<vpn::VpnState>),
 }
 
 /// Component handles shared with the admin API, kept across restarts.
@@ -43,7 +47,8 @@ pub struct ComponentShared {
     pub dns: dns::DnsControl,
     /// The running lb's state (routing table, health, counters), once started.
     pub lb: ArcSwapOption<lb::LbState>,
-    // vpn: the running vpn's state (peers) goes here, as `lb` does.
+    /// The vpn's state (keys, peers, live counters), once started.
+    pub vpn: ArcSwapOption<vpn::VpnState>,
 }
 
 /// Binds the sockets of `kind`; the message says what could not be bound.
@@ -55,7 +60,12 @@ pub fn bind(kind: ComponentKind, config: &Config) -> Result<ComponentSockets, St
         ComponentKind::Lb => lb::LbSockets::bind(&config.lb)
             .map(ComponentSockets::Lb)
             .map_err(|e| e.to_string()),
-        ComponentKind::Vpn => Err("the vpn component is not available in this build".into()),
+        // The state first: an unusable key file is reported before a TUN exists.
+        ComponentKind::Vpn => {
+            let state = vpn::VpnState::new(&config.vpn).map_err(|e| e.to_string())?;
+            let sockets = vpn::VpnSockets::bind(&config.vpn).map_err(|e| e.to_string())?;
+            Ok(ComponentSockets::Vpn(sockets, state))
+        }
     }
 }
 
@@ -74,6 +84,12 @@ async fn run_once(
             let state = lb::LbState::new(&lb::table_config(&config));
             shared.lb.store(Some(state.clone()));
             lb::run(&config, sockets, state, token).await.map_err(|e| e.to_string())
+        }
+        ComponentSockets::Vpn(sockets, state) => {
+            shared.vpn.store(Some(state.clone()));
+            vpn::run(&config, sockets, state, token)
+                .await
+                .map_err(|e| e.to_string())
         }
     }
 }

@@ -1,10 +1,11 @@
 //! Prometheus `/metrics` (text exposition format 0.0.4), written by hand from
-//! the counters the components already keep (`dns::stats`, `lb::stats`) and the
-//! supervisor's units. Every name starts with `wayfinder_`.
+//! the counters the components already keep (`dns::stats`, `lb::stats`, the
+//! vpn's peers) and the supervisor's units. Every name starts with `wayfinder_`.
 //!
 //! ```text
-//!  DnsStats (sharded atomics) ─┐
-//!  LbState  (table, counters) ─┼─▶ render() ─▶ `# HELP`, `# TYPE`, samples
+//!  DnsStats (sharded atomics) ──┐
+//!  LbState  (table, counters) ──┤
+//!  VpnState (peers: Tunn stats) ┼─▶ render() ─▶ `# HELP`, `# TYPE`, samples
 //!  UnitHandle (restarts, state) ┘
 //! ```
 //!
@@ -317,9 +318,74 @@ pub fn render(state: &SupervisorState) -> String {
     {
         lb(&mut out, &LbStatus::collect(&lb_state));
     }
-    // vpn: wayfinder_vpn_handshakes_total{peer} and wayfinder_vpn_bytes_total{peer,direction}
-    // from the vpn state once the component lands.
+    if let Some(vpn_state) = super::vpn_admin::running_state(state) {
+        vpn(&mut out, &vpn_state);
+    }
     out.0
+}
+
+fn vpn(out: &mut Out, state: &crate::vpn::VpnState) {
+    let peers = state.peers();
+    out.family("wayfinder_vpn_peers", "gauge", "Peers configured on the vpn.");
+    out.sample("wayfinder_vpn_peers", &[], peers.len());
+    out.family(
+        "wayfinder_vpn_last_handshake_timestamp_seconds",
+        "gauge",
+        "Unix time of each peer's latest handshake (absent before the first).",
+    );
+    for p in &peers {
+        if let Some(t) = p.last_handshake {
+            out.sample(
+                "wayfinder_vpn_last_handshake_timestamp_seconds",
+                &[("peer", &p.name)],
+                t.as_secs(),
+            );
+        }
+    }
+    out.family(
+        "wayfinder_vpn_handshakes_total",
+        "counter",
+        "Handshakes completed with each peer.",
+    );
+    for p in &peers {
+        out.sample("wayfinder_vpn_handshakes_total", &[("peer", &p.name)], p.handshakes);
+    }
+    out.family(
+        "wayfinder_vpn_bytes_total",
+        "counter",
+        "Payload bytes through the tunnel, by peer and direction (rx = from the peer).",
+    );
+    for p in &peers {
+        for (direction, n) in [("rx", p.rx_bytes), ("tx", p.tx_bytes)] {
+            out.sample(
+                "wayfinder_vpn_bytes_total",
+                &[("peer", &p.name), ("direction", direction)],
+                n,
+            );
+        }
+    }
+    out.family(
+        "wayfinder_vpn_spoofed_packets_total",
+        "counter",
+        "Packets dropped because their inner source address was not the sending peer's.",
+    );
+    for p in &peers {
+        out.sample(
+            "wayfinder_vpn_spoofed_packets_total",
+            &[("peer", &p.name)],
+            p.spoofed_drops,
+        );
+    }
+    out.family(
+        "wayfinder_vpn_cookie_replies_total",
+        "counter",
+        "Cookie replies sent because handshakes came faster than the limit.",
+    );
+    out.sample(
+        "wayfinder_vpn_cookie_replies_total",
+        &[],
+        state.cookies_sent.load(Ordering::Relaxed),
+    );
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 //!    consul monitor ──────────── leader? ─▶ consul_ready (lb waits, bounded)
 //!    for unit in plan (priority order):
 //!       consul / [[supervisor.program]] ─▶ program::supervise (child process)
-//!       dns / lb (vpn: unavailable)     ─▶ component::supervise (task)
+//!       vpn / dns / lb                  ─▶ component::supervise (task)
 //!    all started ─▶ banner on stdout + sd_notify READY=1
 //!    shutdown ─▶ STOPPING=1, units stopped one by one in reverse start order
 //! ```
@@ -18,11 +18,9 @@
 //! shutdown can go in reverse order: the lb drains and deregisters from Consul
 //! while Consul still runs.
 //!
-//! Adding the vpn component (every spot is marked `// vpn:`): `available()` and
-//! the role default in `roles.rs`; a `ComponentSockets::Vpn` arm with its bind
-//! and `vpn::run` in `component.rs`, its state in `ComponentShared`; the peers in
-//! `admin.rs` (report and the two peer actions), `metrics.rs`, `status_page.rs`
-//! and `terminal.rs`.
+//! The vpn's peers reach people through the running vpn's `VpnState` in
+//! [`ComponentShared`]: the admin API (report, add and remove peer), `/metrics`,
+//! the status page and `wayfinder status` all read it there.
 
 pub mod admin;
 pub mod component;
@@ -36,6 +34,7 @@ pub mod settings;
 pub mod status_page;
 pub mod terminal;
 pub mod unit;
+pub mod vpn_admin;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -110,9 +109,7 @@ impl UpSockets {
             .transpose()?;
         let mut components = Vec::new();
         for unit in plan.starting() {
-            if let UnitKind::Component(kind) = unit.kind
-                && kind.available()
-            {
+            if let UnitKind::Component(kind) = unit.kind {
                 let sockets = component::bind(kind, config).map_err(|problem| SupervisorError::BindComponent {
                     component: kind.name(),
                     problem,
@@ -137,6 +134,7 @@ impl UpSockets {
                     a.lb_https = s.https.as_ref().and_then(|l| l.local_addr().ok());
                     a.lb_stats = s.stats.as_ref().and_then(|l| l.local_addr().ok());
                 }
+                ComponentSockets::Vpn(s, _) => a.vpn = s.local_addr(),
             }
         }
         a
@@ -156,6 +154,8 @@ pub struct Addresses {
     pub lb_https: Option<SocketAddr>,
     /// lb stats listener.
     pub lb_stats: Option<SocketAddr>,
+    /// vpn (WireGuard) UDP socket.
+    pub vpn: Option<SocketAddr>,
 }
 
 /// What the supervisor knows about the Consul agent right now.
@@ -208,11 +208,7 @@ impl SupervisorState {
                     UnitKind::Component(_) => UnitClass::Component,
                     _ => UnitClass::Program,
                 };
-                let state = match (&u.kind, u.start) {
-                    (UnitKind::Component(k), true) if !k.available() => UnitState::Unavailable,
-                    (_, true) => UnitState::Starting,
-                    (_, false) => UnitState::Off,
-                };
+                let state = if u.start { UnitState::Starting } else { UnitState::Off };
                 Arc::new(UnitHandle::new(&u.name, class, state, &u.why, u.priority))
             })
             .collect();
@@ -387,7 +383,7 @@ pub async fn run(
                 ));
                 (task, grace)
             }
-            UnitKind::Component(kind) if planned.start && kind.available() => {
+            UnitKind::Component(kind) if planned.start => {
                 let first = components
                     .iter()
                     .position(|(k, _)| k == kind)
@@ -402,7 +398,7 @@ pub async fn run(
                 let task = tokio::spawn(component::supervise(*kind, first, ctx, handle.clone(), token.clone()));
                 (task, component::STOP_GRACE + Duration::from_secs(1))
             }
-            // Off by role, or not in this build: nothing to supervise.
+            // Off by role: nothing to supervise.
             _ => continue,
         };
         lock(&state.supervised).push(planned.name.clone());
@@ -487,6 +483,14 @@ pub fn banner(state: &SupervisorState) -> String {
     if let Some(s) = a.lb_stats {
         out.push_str(&format!("  lb stats http://{}/\n", reachable(s, config)));
     }
+    if let Some(v) = a.vpn {
+        out.push_str(&format!(
+            "  vpn      udp {} (WireGuard), tunnel {} on {}\n",
+            reachable(v, config),
+            config.vpn.address,
+            config.vpn.interface
+        ));
+    }
     if let Some(admin) = a.admin {
         out.push_str(&format!(
             "  admin    http://{}/ (status page, /api/status, /metrics)\n",
@@ -508,6 +512,15 @@ pub fn banner(state: &SupervisorState) -> String {
     }
     if let Some(h) = http {
         out.push_str(&format!("  curl -H 'Host: web.service.{domain}' http://{h}/\n"));
+    }
+    if a.vpn.is_some() {
+        match a.admin {
+            Some(admin) => out.push_str(&format!(
+                "  curl -X POST -d '{{\"name\":\"laptop\"}}' http://{}/api/vpn/peers   (a WireGuard client config)\n",
+                reachable(admin, config)
+            )),
+            None => out.push_str(&format!("  wayfinder vpn peer add laptop --qr -c {}\n", config.source)),
+        }
     }
     if a.admin.is_some() {
         out.push_str("  wayfinder status\n");

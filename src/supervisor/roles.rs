@@ -11,8 +11,8 @@
 //!
 //! Defaults, as in PanteraS: dns on every host; the lb where `SLAVE=true`; the
 //! Consul agent everywhere, as a server on masters and a client elsewhere; the vpn
-//! only where asked for. An explicit `START_*` wins over the file, which wins over
-//! the role.
+//! only where asked for (`vpn.enabled = true`). An explicit `START_*` wins over
+//! the file, which wins over the role.
 
 use crate::config::{Config, ConfigError};
 use crate::env::{self, Env};
@@ -25,13 +25,13 @@ pub enum ComponentKind {
     Dns,
     /// The HTTP/TCP load balancer.
     Lb,
-    /// The WireGuard VPN (not in this build yet).
+    /// The WireGuard VPN.
     Vpn,
 }
 
 impl ComponentKind {
     /// Every component, in start order.
-    pub const ALL: [ComponentKind; 3] = [ComponentKind::Dns, ComponentKind::Lb, ComponentKind::Vpn];
+    pub const ALL: [ComponentKind; 3] = [ComponentKind::Vpn, ComponentKind::Dns, ComponentKind::Lb];
 
     /// Its unit name.
     pub fn name(self) -> &'static str {
@@ -43,18 +43,14 @@ impl ComponentKind {
     }
 
     /// Start order (the built-in consul agent is 10, programs default to 100).
+    /// The vpn comes before the dns so the tunnel address exists when the dns
+    /// binds it (it would bind anyway, with IP_FREEBIND), and so stops after it.
     pub fn priority(self) -> u32 {
         match self {
+            ComponentKind::Vpn => 15,
             ComponentKind::Dns => 20,
             ComponentKind::Lb => 30,
-            ComponentKind::Vpn => 40,
         }
-    }
-
-    /// True when this build contains it.
-    // vpn: true once src/vpn lands (and component.rs starts it).
-    pub fn available(self) -> bool {
-        !matches!(self, ComponentKind::Vpn)
     }
 
     /// True when it should wait for the built-in Consul agent before starting:
@@ -229,22 +225,16 @@ pub fn plan(env: &dyn Env, config: &Config) -> Result<Plan, ConfigError> {
                 slave,
                 format!("the lb runs where SLAVE=true (SLAVE={slave})"),
             ),
-            // vpn: the default becomes `config.vpn.enabled` once [vpn] lands.
             ComponentKind::Vpn => (
                 env::START_VPN,
                 None,
-                false,
-                "the vpn runs only where enabled".to_string(),
+                config.vpn.enabled,
+                format!("the vpn runs only where enabled (vpn.enabled = {})", config.vpn.enabled),
             ),
         };
         let (start, why) = match env_override(env, var, alias)? {
             Some((on, why)) => (on, why),
             None => (default, role_why),
-        };
-        let why = if start && !kind.available() {
-            format!("{why}; not available in this build")
-        } else {
-            why
         };
         units.push(PlannedUnit {
             name: kind.name().into(),
@@ -327,15 +317,57 @@ mod tests {
             // START_CONSUL
             (&[("START_CONSUL", f)], &["dns", "lb"]),
             (&[("MASTER", f), ("SLAVE", f), ("START_CONSUL", f)], &["dns"]),
-            // START_VPN: considered, started, reported unavailable in this build
-            (&[("START_VPN", t)], &["consul", "dns", "lb", "vpn"]),
-            (&[("MASTER", t), ("SLAVE", f), ("START_VPN", "1")], &["consul", "dns", "vpn"]),
+            // START_VPN: the vpn starts before dns (priority 15)
+            (&[("START_VPN", t)], &["consul", "vpn", "dns", "lb"]),
+            (&[("MASTER", t), ("SLAVE", f), ("START_VPN", "1")], &["consul", "vpn", "dns"]),
+            (&[("MASTER", f), ("SLAVE", f), ("START_VPN", "on")], &["consul", "vpn", "dns"]),
+            (&[("START_VPN", f)], &["consul", "dns", "lb"]),
             // everything off
             (&[("START_CONSUL", f), ("START_DNS", f), ("START_LB", f)], &[]),
+            (&[("START_CONSUL", f), ("START_DNS", f), ("START_LB", f), ("START_VPN", t)], &["vpn"]),
         ];
         for (vars, want) in cases {
             assert_eq!(started(vars, ""), *want, "{vars:?}");
         }
+        // `vpn.enabled = true` makes the vpn a default of every role; START_VPN
+        // still wins in both directions.
+        let on = "[vpn]\nenabled = true\n";
+        #[rustfmt::skip]
+        let enabled: &[(Vars, &[&str])] = &[
+            (&[], &["consul", "vpn", "dns", "lb"]),
+            (&[("MASTER", t), ("SLAVE", f)], &["consul", "vpn", "dns"]),
+            (&[("MASTER", f), ("SLAVE", t)], &["consul", "vpn", "dns", "lb"]),
+            (&[("MASTER", f), ("SLAVE", f)], &["consul", "vpn", "dns"]),
+            (&[("START_VPN", f)], &["consul", "dns", "lb"]),
+            (&[("START_VPN", "0"), ("SLAVE", f)], &["consul", "dns"]),
+            (&[("START_VPN", t)], &["consul", "vpn", "dns", "lb"]),
+        ];
+        for (vars, want) in enabled {
+            assert_eq!(started(vars, on), *want, "vpn.enabled, {vars:?}");
+        }
+    }
+
+    #[test]
+    fn vpn_reason_names_the_switch() {
+        let why = |vars: &[(&str, &str)], extra: &str| {
+            let env: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let p = plan(&env, &config(extra)).unwrap();
+            p.units.iter().find(|u| u.name == "vpn").unwrap().why.clone()
+        };
+        assert!(why(&[], "").contains("vpn.enabled = false"));
+        assert!(why(&[], "[vpn]\nenabled = true\n").contains("vpn.enabled = true"));
+        assert_eq!(
+            why(&[("START_VPN", "false")], "[vpn]\nenabled = true\n"),
+            "START_VPN=false"
+        );
+        let e = plan(
+            &[("START_VPN".to_string(), "maybe".to_string())]
+                .into_iter()
+                .collect::<HashMap<_, _>>(),
+            &config(""),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "START_VPN", "{e}");
     }
 
     #[test]

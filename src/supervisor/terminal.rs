@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::SupervisorError;
-use super::status_page::human_secs;
+use super::status_page::{human_bytes, human_secs};
 
 /// Fetches `/api/status` from the admin endpoint at `addr`.
 pub async fn fetch(addr: SocketAddr, token: Option<&str>) -> Result<Value, SupervisorError> {
@@ -140,12 +140,60 @@ pub fn render(v: &Value) -> String {
             let _ = writeln!(out, "  {what:<6} {scheme}://{addr}/");
         }
     }
-    // vpn: peers are listed here once the component lands.
-    let vpn = &v["vpn"];
-    if vpn["available"].as_bool() == Some(true) {
-        let _ = writeln!(out, "\nVPN PEERS ({})", vpn["peers"].as_array().map_or(0, Vec::len));
-    } else {
-        let _ = writeln!(out, "\nvpn: not available in this build");
-    }
+    vpn(&mut out, &v["vpn"]);
     out
+}
+
+/// The vpn and its peers.
+fn vpn(out: &mut String, vpn: &Value) {
+    if vpn["available"].as_bool() != Some(true) {
+        let _ = writeln!(
+            out,
+            "\nVPN: off on this host (vpn.enabled = true or START_VPN=true turns it on)"
+        );
+        return;
+    }
+    let peers = vpn["peers"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "\nVPN {} on {}: {}, clients dial {} ({} peers)",
+        s(vpn, "address"),
+        s(vpn, "interface"),
+        if vpn["running"].as_bool() == Some(true) {
+            "running"
+        } else {
+            "NOT RUNNING"
+        },
+        vpn["endpoint"]
+            .as_str()
+            .unwrap_or("(unset: set vpn.endpoint or HOST_IP)"),
+        peers.len(),
+    );
+    if peers.is_empty() {
+        return;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let _ = writeln!(
+        out,
+        "  {:<20} {:<15} {:<14} {:>11} {:>11}  ENDPOINT",
+        "PEER", "ADDRESS", "HANDSHAKE", "RECEIVED", "SENT"
+    );
+    for p in &peers {
+        let handshake = p["latest_handshake"].as_u64().map_or_else(
+            || "never".to_string(),
+            |t| format!("{} ago", human_secs(now.saturating_sub(t) as f64)),
+        );
+        let _ = writeln!(
+            out,
+            "  {:<20} {:<15} {:<14} {:>11} {:>11}  {}",
+            s(p, "name"),
+            s(p, "address"),
+            handshake,
+            human_bytes(p["rx_bytes"].as_u64().unwrap_or(0)),
+            human_bytes(p["tx_bytes"].as_u64().unwrap_or(0)),
+            p["endpoint"].as_str().unwrap_or("-"),
+        );
+    }
 }

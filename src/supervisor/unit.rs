@@ -24,8 +24,6 @@ use super::settings::RestartSettings;
 pub enum UnitState {
     /// Not started on this host (role, override or `autostart = false`).
     Off,
-    /// Not in this build (the vpn until it lands).
-    Unavailable,
     /// Waiting for the built-in Consul agent before starting.
     Waiting,
     /// Being started.
@@ -49,7 +47,6 @@ impl UnitState {
     pub fn name(self) -> &'static str {
         match self {
             UnitState::Off => "off",
-            UnitState::Unavailable => "unavailable",
             UnitState::Waiting => "waiting",
             UnitState::Starting => "starting",
             UnitState::Running => "running",

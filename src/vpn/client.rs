@@ -1,5 +1,6 @@
 //! The laptop's side: a complete wg-quick configuration for a new peer, and the
-//! same text as a terminal QR code (for the WireGuard mobile apps).
+//! same text as a QR code (for the WireGuard mobile apps): in the terminal for
+//! `peer add --qr`, as SVG for the admin API and the status page.
 //!
 //! Split tunnel by default: `AllowedIPs` is the tunnel subnet plus `vpn.routes`,
 //! never `0.0.0.0/0`. `DNS` is the appliance's tunnel address plus the
@@ -9,6 +10,7 @@ use std::fmt::Write;
 
 use ipnet::IpNet;
 use qrcode::QrCode;
+use qrcode::render::svg;
 use qrcode::render::unicode::Dense1x2;
 
 /// Everything a client config says.
@@ -60,6 +62,21 @@ pub fn qr(text: &str) -> Result<String, String> {
     Ok(code.render::<Dense1x2>().quiet_zone(true).build())
 }
 
+/// `text` as a QR code in SVG, without the XML declaration so that it can sit
+/// inline in an HTML page (it scales: the page sets its displayed size).
+pub fn qr_svg(text: &str) -> Result<String, String> {
+    let code = QrCode::new(text.as_bytes()).map_err(|e| format!("could not draw a QR code: {e}"))?;
+    let image = code
+        .render::<svg::Color>()
+        .quiet_zone(true)
+        .min_dimensions(256, 256)
+        .build();
+    Ok(match image.find("<svg") {
+        Some(at) => image[at..].to_string(),
+        None => image,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +106,8 @@ mod tests {
         }
         let code = qr(&text).unwrap();
         assert!(code.contains('█') && code.lines().count() > 20, "{code}");
+        let svg = qr_svg(&text).unwrap();
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>"), "{svg}");
+        assert!(svg.contains("viewBox") && !svg.contains("<?xml"), "{svg}");
     }
 }

@@ -268,6 +268,9 @@ fn handshake(scratch: &mut [u8], peer: &Peer, data: &[u8], src: SocketAddr, fd: 
     if !answered {
         return;
     }
+    // An initiation answered with our response, or a response to ours
+    // accepted (answered with a keepalive): one handshake, counted once.
+    peer.handshakes.fetch_add(1, Ordering::Relaxed);
     peer.set_endpoint(src);
     for _ in 0..MAX_FLUSH {
         match tunn.decapsulate(None, &[], scratch) {

@@ -109,6 +109,9 @@ pub enum VpnError {
     /// The packet threads could not start.
     #[error("could not start vpn threads: {0}")]
     Threads(std::io::Error),
+    /// A client config cannot be written: no endpoint for clients to dial.
+    #[error("could not write a client config: {0}")]
+    NoEndpoint(#[source] crate::config::ConfigError),
     /// The control socket could not be served.
     #[error("could not serve the control socket {path}: {problem}")]
     Uapi {
@@ -157,6 +160,15 @@ impl VpnSockets {
     }
 }
 
+impl std::fmt::Debug for VpnSockets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VpnSockets")
+            .field("udp", &self.local_addr())
+            .field("tun", &self.tun.name().ok())
+            .finish()
+    }
+}
+
 /// One peer's live protocol state.
 pub struct Peer {
     /// Its public key.
@@ -169,6 +181,8 @@ pub struct Peer {
     endpoint: ArcSwapOption<SocketAddr>,
     /// Packets dropped because their inner source is not this peer's.
     spoofed: AtomicU64,
+    /// Handshakes completed with it (counted once per handshake, for metrics).
+    handshakes: AtomicU64,
 }
 
 impl Peer {
@@ -254,6 +268,8 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
     /// Packets dropped because their inner source address was not its own.
     pub spoofed_drops: u64,
+    /// Handshakes completed with it since the vpn started.
+    pub handshakes: u64,
 }
 
 /// A newly added peer: its record and the client configuration to hand out.
@@ -280,6 +296,17 @@ pub struct VpnState {
     port: AtomicU64,
     /// Cookie replies sent because handshakes came in faster than the limit.
     pub cookies_sent: AtomicU64,
+}
+
+/// Never shows the keys: only what identifies the server.
+impl std::fmt::Debug for VpnState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VpnState")
+            .field("interface", &self.config.interface)
+            .field("public_key", &self.public_key())
+            .field("peers", &self.table.load().entries.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl VpnState {
@@ -338,6 +365,7 @@ impl VpnState {
                     rx_bytes: rx as u64,
                     tx_bytes: tx as u64,
                     spoofed_drops: e.peer.spoofed.load(Ordering::Relaxed),
+                    handshakes: e.peer.handshakes.load(Ordering::Relaxed),
                 }
             })
             .collect()
@@ -524,6 +552,7 @@ impl VpnState {
             tunn: Mutex::new(tunn),
             endpoint: ArcSwapOption::empty(),
             spoofed: AtomicU64::new(0),
+            handshakes: AtomicU64::new(0),
         })
     }
 }
@@ -547,6 +576,16 @@ pub fn client_endpoint(config: &Config) -> Result<String, crate::config::ConfigE
 /// The DNS search domain handed to clients: `service.<consul domain>`.
 pub fn search_domain(config: &Config) -> String {
     format!("service.{}", config.consul.domain.to_string().trim_end_matches('.'))
+}
+
+/// Adds a client peer named `name`: the one path of `wayfinder vpn peer add`
+/// and the admin API's `POST /api/vpn/peers`. The endpoint and search domain
+/// come from `config`; the peer (next free address, new key pair) is saved in
+/// `vpn.dir` and applied to `state` at once (a running server sharing `state`
+/// serves it immediately; another one picks the file change up).
+pub fn add_client(config: &Config, state: &VpnState, name: &str) -> Result<NewPeer, VpnError> {
+    let endpoint = client_endpoint(config).map_err(VpnError::NoEndpoint)?;
+    state.add_peer(name, &endpoint, &search_domain(config))
 }
 
 /// Runs the vpn on `sockets` until `shutdown` is cancelled.

@@ -137,7 +137,7 @@ async fn killed_child_restarts_fast_crash_loop_backs_off_to_failed() {
          [[supervisor.program]]\nname = \"crashy\"\ncommand = \"sh\"\nargs = [\"-c\", \"echo crashing; exit 3\"]\n\
          [[supervisor.program]]\nname = \"once\"\ncommand = \"sh\"\nargs = [\"-c\", \"exit 0\"]\nrestart = \"never\"\n\
          [[supervisor.program]]\nname = \"manual\"\ncommand = \"sleep\"\nargs = [\"1000\"]\nautostart = false\n",
-        &[PROGRAMS_ONLY, &[("START_VPN", "true")]].concat(),
+        &[PROGRAMS_ONLY, &[("START_VPN", "false")]].concat(),
     )
     .await;
     let started = Instant::now();
@@ -214,10 +214,10 @@ async fn killed_child_restarts_fast_crash_loop_backs_off_to_failed() {
     })
     .await;
 
-    // START_VPN=true in a build without the vpn: reported, not started, not an error.
+    // START_VPN=false: reported off with the reason, and not restartable.
     let vpn = up.unit("vpn");
-    assert_eq!(vpn.state, UnitState::Unavailable, "{vpn:?}");
-    assert!(vpn.why.contains("not available in this build"), "{vpn:?}");
+    assert_eq!(vpn.state, UnitState::Off, "{vpn:?}");
+    assert_eq!(vpn.why, "START_VPN=false", "{vpn:?}");
     let resp = client
         .post(format!("http://{}/api/units/vpn/restart", up.admin))
         .send()
@@ -326,7 +326,7 @@ async fn failing_component_ends_failed_while_dns_keeps_answering() {
 }
 
 /// One line of the Prometheus text format: `name{labels} value`.
-fn parse_metric(line: &str) -> Option<(String, HashMap<String, String>, f64)> {
+pub(crate) fn parse_metric(line: &str) -> Option<(String, HashMap<String, String>, f64)> {
     let (series, value) = line.rsplit_once(' ')?;
     let value: f64 = if value == "+Inf" {
         f64::INFINITY
@@ -376,7 +376,8 @@ async fn full_up(consul: &Consul, zones: &std::path::Path, extra: &str) -> Up {
 
 /// `/api/status` shows units, Consul, services with instances and how to reach
 /// them; the actions restart a program and a component and reload zones; the
-/// vpn actions answer 501 and unknown or off units are refused; `/metrics`
+/// vpn peer actions answer 409 saying how to turn the vpn on, and unknown or off
+/// units are refused; `/metrics`
 /// parses line by line and counts what happened.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_actions_and_metrics() {
@@ -505,6 +506,8 @@ async fn admin_api_actions_and_metrics() {
     );
     assert!(status["dns"]["routes"]["zone"]["queries"].as_u64().unwrap() >= 1);
     assert_eq!(status["vpn"]["available"], false);
+    assert_eq!(status["vpn"]["running"], false);
+    assert_eq!(status["vpn"]["peers"], serde_json::json!([]));
 
     let post = |path: String| {
         let client = client.clone();
@@ -550,9 +553,19 @@ async fn admin_api_actions_and_metrics() {
     assert_eq!(post("/api/units/nope/restart".into()).await.0, 404);
     let (code, body) = post("/api/units/consul/restart".into()).await;
     assert_eq!(code, 409, "{body}");
+    // The vpn is off here: peer actions say how to turn it on.
     let (code, body) = post("/api/vpn/peers".into()).await;
-    assert_eq!(code, 501, "{body}");
-    assert!(body.contains("not available in this build"), "{body}");
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        body.contains("vpn.enabled = true") && body.contains("START_VPN=true"),
+        "{body}"
+    );
+    let resp = client
+        .delete(format!("http://{}/api/vpn/peers/laptop", up.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409);
 
     // Metrics: every line is a comment or a sample of a declared family.
     let text = client
@@ -621,6 +634,10 @@ async fn admin_api_actions_and_metrics() {
     assert!(value("wayfinder_dns_upstream_latency_seconds_count", &[("route", "consul")]) >= 0.0);
     assert_eq!(value("wayfinder_consul_up", &[]), 1.0);
     assert_eq!(value("wayfinder_up_ready", &[]), 1.0);
+    assert!(
+        !text.contains("wayfinder_vpn_"),
+        "no vpn series while it is off:\n{text}"
+    );
 
     // Stopping drains: a request in flight when shutdown starts still gets its answer.
     let slow = tokio::spawn({
@@ -790,7 +807,8 @@ async fn status_page_in_headless_chromium() {
         ">lb<",
         ">helper<",
         "VPN peers",
-        "not available in this build",
+        "The vpn is off on this host",
+        "START_VPN=true",
         "Consul: connected",
     ] {
         assert!(dom.contains(want), "`{want}` not in the rendered page:\n{dom}");

@@ -500,8 +500,12 @@ async fn check_shows_the_role_and_mistakes_exit_64() {
     assert!(text.contains("off    lb"), "{text}");
     let out = run(&["check", "-c", path], &[("START_VPN", "true")]);
     let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("starts vpn            START_VPN=true"), "{text}");
+    assert!(text.contains("# vpn: enabled on wf0"), "{text}");
+    let out = run(&["check", "-c", path], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("starts vpn") && text.contains("not available in this build"),
+        text.contains("off    vpn            the vpn runs only where enabled (vpn.enabled = false)"),
         "{text}"
     );
 
