@@ -39,7 +39,7 @@ const STYLE: &str = "\
 header{background:#24292f;color:#fff;padding:.8em 1em}header h1{margin:0;font-size:1.25em}\
 header p{margin:.2em 0 0;color:#d0d7de;font-size:.9em}main{max-width:56em;margin:0 auto;padding:.5em}\
 section{background:#fff;border:1px solid var(--line);border-radius:8px;margin:.7em 0;padding:.7em .9em}\
-h2{font-size:1.05em;margin:.1em 0 .5em}h3{font-size:1em;margin:0}\
+h2{font-size:1.05em;margin:.1em 0 .5em}h3{font-size:1em;margin:0}.peer p{margin:.2em 0}\
 .card{border-top:1px solid var(--line);padding:.6em 0}.card:first-of-type{border-top:0}\
 .badge{display:inline-block;border-radius:1em;padding:0 .6em;font-size:.8em;font-weight:600;color:#fff;vertical-align:middle}\
 .passing,.running,.up{background:var(--ok)}.warning,.backoff,.waiting,.starting,.stopping{background:var(--warn)}\
@@ -183,6 +183,9 @@ pub fn render(report: &StatusReport, token: Option<&str>) -> String {
     if let Some(h) = a.lb_stats {
         let _ = write!(html, "<li>lb stats <code>http://{h}/</code></li>");
     }
+    if let Some(v) = a.vpn {
+        let _ = write!(html, "<li>vpn <code>{v}</code> (udp, WireGuard)</li>");
+    }
     if let Some(c) = consul.addr {
         let _ = write!(html, "<li>consul <code>http://{c}/ui/</code></li>");
     }
@@ -263,34 +266,32 @@ fn vpn_section(html: &mut String, vpn: &VpnReport, q: &str) {
     }
     if vpn.peers.is_empty() {
         html.push_str("<p class=\"muted\">No peers yet.</p>");
-    } else {
-        html.push_str(
-            "<table><thead><tr><th>peer</th><th>handshake</th><th>received / sent</th><th></th></tr></thead><tbody>",
+    }
+    // One card per peer rather than a table: a 44-character key and a button
+    // must fit a phone's width.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for p in &vpn.peers {
+        let handshake = p.latest_handshake.map_or_else(
+            || "never".to_string(),
+            |t| format!("{} ago", human_secs(now.saturating_sub(t) as f64)),
         );
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        for p in &vpn.peers {
-            let handshake = p.latest_handshake.map_or_else(
-                || "never".to_string(),
-                |t| format!("{} ago", human_secs(now.saturating_sub(t) as f64)),
-            );
-            let _ = write!(
-                html,
-                "<tr class=\"peer\"><td><b>{name}</b><br><code>{address}</code>{from}<br>\
-                 <span class=\"muted\">key {key}</span></td><td>{handshake}</td><td>{rx} / {tx}</td>\
-                 <td><form method=\"post\" action=\"/api/vpn/peers/{name}/remove{q}\"><button>remove</button></form></td></tr>",
-                name = escape(&p.name),
-                address = p.address,
-                from = p
-                    .endpoint
-                    .map_or_else(String::new, |e| format!(" <span class=\"muted\">from {e}</span>")),
-                key = escape(&p.public_key),
-                rx = human_bytes(p.rx_bytes),
-                tx = human_bytes(p.tx_bytes),
-            );
-        }
-        html.push_str("</tbody></table>");
+        let _ = write!(
+            html,
+            "<div class=\"card peer\"><h3>{name} <code>{address}</code> \
+             <form method=\"post\" action=\"/api/vpn/peers/{name}/remove{q}\"><button>remove</button></form></h3>\
+             <p class=\"muted\">handshake {handshake} &middot; received {rx}, sent {tx}{from}<br>\
+             key <code>{key}</code></p></div>",
+            name = escape(&p.name),
+            address = p.address,
+            from = p
+                .endpoint
+                .map_or_else(String::new, |e| format!(" &middot; from <code>{e}</code>")),
+            key = escape(&p.public_key),
+            rx = human_bytes(p.rx_bytes),
+            tx = human_bytes(p.tx_bytes),
+        );
     }
     let _ = write!(
         html,

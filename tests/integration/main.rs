@@ -15,4 +15,5 @@ mod lb_tls; // HTTPS by SNI, HTTP/2, certificate reload; the stats listener
 mod supervisor; // `up` in-process: restarts, backoff, admin API, metrics, token, status page in Chromium
 mod up; // black-box `wayfinder up`: its own Consul, dig + lb end to end, status, SIGTERM/SIGKILL leave nothing
 mod up_cluster; // three `up` masters in network namespaces; one host cut off, the others keep answering
+mod up_vpn; // `up` with the vpn in a namespace: peers through the admin API and the page, a wireguard-go laptop
 mod vpn; // WireGuard against wireguard-go in namespaces: ping, DNS, HTTP, live peers, hostile input

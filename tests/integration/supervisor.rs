@@ -720,22 +720,25 @@ async fn admin_token_is_required_when_set() {
     up.stop().await;
 }
 
+/// Headless Chromium without anything that reaches out or needs a desktop.
+pub(crate) const CHROMIUM_FLAGS: &[&str] = &[
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+];
+
 /// Runs headless Chromium from Debian with a fresh profile; `args` add the mode
 /// (`--dump-dom` or `--screenshot=...`).
 async fn chromium(url: &str, args: &[String]) -> std::process::Output {
     let profile = tempfile::tempdir().unwrap();
     let run = tokio::process::Command::new(require("chromium"))
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-        ])
+        .args(CHROMIUM_FLAGS)
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .args(args)
         .arg(url)
