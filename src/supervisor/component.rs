@@ -9,9 +9,11 @@
 //! ```
 //!
 //! The handles the admin API reads ([`ComponentShared`]) outlive restarts: the
-//! dns counters are one `DnsControl` for the life of `up`; the lb and vpn states
-//! are replaced at each start (a fresh routing table; the vpn's key and peers
-//! read again from `vpn.dir`, its TUN made again) and published in an `ArcSwap`.
+//! dns counters are one `DnsControl` for the life of `up`; the lb state is
+//! replaced at each start (a fresh routing table) and published in an `ArcSwap`.
+//! The vpn's state (key, peers and their sessions) is loaded once and kept: a
+//! restart makes a new socket and TUN interface, and laptops keep their
+//! sessions (a fresh state would make them wait ~15 s to handshake again).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,8 +53,13 @@ pub struct ComponentShared {
     pub vpn: ArcSwapOption<vpn::VpnState>,
 }
 
-/// Binds the sockets of `kind`; the message says what could not be bound.
-pub fn bind(kind: ComponentKind, config: &Config) -> Result<ComponentSockets, String> {
+/// Binds the sockets of `kind`; the message says what could not be bound. The
+/// vpn reuses `vpn_state` when it has run before, else loads it from `vpn.dir`.
+pub fn bind(
+    kind: ComponentKind,
+    config: &Config,
+    vpn_state: Option<Arc<vpn::VpnState>>,
+) -> Result<ComponentSockets, String> {
     match kind {
         ComponentKind::Dns => dns::DnsSockets::bind(&config.dns.listen, config.dns.workers)
             .map(ComponentSockets::Dns)
@@ -62,7 +69,10 @@ pub fn bind(kind: ComponentKind, config: &Config) -> Result<ComponentSockets, St
             .map_err(|e| e.to_string()),
         // The state first: an unusable key file is reported before a TUN exists.
         ComponentKind::Vpn => {
-            let state = vpn::VpnState::new(&config.vpn).map_err(|e| e.to_string())?;
+            let state = match vpn_state {
+                Some(s) => s,
+                None => vpn::VpnState::new(&config.vpn).map_err(|e| e.to_string())?,
+            };
             let sockets = vpn::VpnSockets::bind(&config.vpn).map_err(|e| e.to_string())?;
             Ok(ComponentSockets::Vpn(sockets, state))
         }
@@ -150,7 +160,7 @@ pub async fn supervise(
         let started = Instant::now();
         let bound = match sockets.take() {
             Some(s) => Ok(s),
-            None => bind(kind, &ctx.config),
+            None => bind(kind, &ctx.config, ctx.shared.vpn.load_full()),
         };
         let result: Result<Outcome, String> = match bound {
             Err(e) => Err(e),

@@ -110,10 +110,11 @@ impl UpSockets {
         let mut components = Vec::new();
         for unit in plan.starting() {
             if let UnitKind::Component(kind) = unit.kind {
-                let sockets = component::bind(kind, config).map_err(|problem| SupervisorError::BindComponent {
-                    component: kind.name(),
-                    problem,
-                })?;
+                let sockets =
+                    component::bind(kind, config, None).map_err(|problem| SupervisorError::BindComponent {
+                        component: kind.name(),
+                        problem,
+                    })?;
                 components.push((kind, sockets));
             }
         }

@@ -139,7 +139,7 @@ pub struct ProgramSection {
     #[serde(default = "default_true")]
     pub autostart: bool,
     /// Start order, lowest first; stopped in reverse. The built-in units use
-    /// consul 10, dns 20, lb 30, vpn 40. Default `100`.
+    /// consul 10, vpn 15, dns 20, lb 30. Default `100`.
     #[serde(default = "default_priority")]
     pub priority: u32,
     /// `always` (default), `on-failure` or `never`.

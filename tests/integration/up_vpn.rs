@@ -295,6 +295,46 @@ fn up_runs_the_vpn_and_the_admin_api_manages_its_peers() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // A restart of the vpn unit (new socket, new TUN) keeps the laptop's
+    // session: it gets through again at once, dns on the tunnel address too.
+    let (code, v) = app.json("POST", "/api/units/vpn/restart", None);
+    assert_eq!(code, 202, "{v:#}");
+    app.wait(Duration::from_secs(10), "the vpn restarted", |a| {
+        let status = a.status();
+        let unit = status["units"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["name"] == "vpn")
+            .unwrap()
+            .clone();
+        unit["state"] == "running" && unit["restarts"] == 1
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ping_once(&laptop_ns, TUNNEL) {
+        assert!(
+            Instant::now() < deadline,
+            "the session did not survive a vpn restart; up log:\n{}",
+            app.log()
+        );
+    }
+    let out = laptop_ns.output(
+        "dig",
+        &[
+            &format!("@{TUNNEL}"),
+            "web.service.consul",
+            "SRV",
+            "+short",
+            "+time=2",
+            "+tries=2",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(" 8080 "),
+        "dns on the tunnel after the vpn restart: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
     // The peer's traffic in /api/status, /metrics and `wayfinder status`.
     let status = app.status();
     let peer = &status["vpn"]["peers"][0];
