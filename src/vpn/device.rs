@@ -14,6 +14,11 @@
 //!  timers:  every 250 ms update_timers for each peer; limiter reset every 1 s
 //! ```
 //!
+//! When the TUN interface goes away under us (`ip link del`, the device
+//! detached) the vpn-tun thread ends with an error and cancels the run's token,
+//! so [`super::run`] returns the error (and a supervisor can make a new
+//! interface) instead of the thread spinning on a dead descriptor.
+//!
 //! The endpoint of a peer changes only after one of its packets authenticated
 //! (a handshake we answered, a response we accepted, or data that decrypted),
 //! never on cookie replies or anything unauthenticated. Nothing here allocates,
@@ -80,18 +85,20 @@ impl InitBuckets {
     }
 }
 
-/// Starts the two packet threads.
+/// Starts the two packet threads. Each ends when `shutdown` is cancelled; one
+/// that meets a fatal error cancels `shutdown` itself and returns the error.
 pub fn spawn(
     state: Arc<VpnState>,
     udp: Arc<UdpSocket>,
     tun: Arc<SyncDevice>,
     shutdown: CancellationToken,
-) -> std::io::Result<Vec<JoinHandle<()>>> {
+) -> std::io::Result<Vec<JoinHandle<std::io::Result<()>>>> {
     let net = {
         let (state, udp, tun, shutdown) = (state.clone(), udp.clone(), tun.clone(), shutdown.clone());
-        std::thread::Builder::new()
-            .name("vpn-net".into())
-            .spawn(move || NetToTun::new(&tun).run(&state, &udp, &tun, &shutdown))?
+        std::thread::Builder::new().name("vpn-net".into()).spawn(move || {
+            NetToTun::new(&tun).run(&state, &udp, &tun, &shutdown);
+            Ok(())
+        })?
     };
     let mtu = state.config.mtu as usize;
     let tun_thread = std::thread::Builder::new()
@@ -302,7 +309,13 @@ impl TunToNet {
         }
     }
 
-    fn run(mut self, state: &VpnState, udp: &UdpSocket, tun: &SyncDevice, shutdown: &CancellationToken) {
+    fn run(
+        mut self,
+        state: &VpnState,
+        udp: &UdpSocket,
+        tun: &SyncDevice,
+        shutdown: &CancellationToken,
+    ) -> std::io::Result<()> {
         let fd = udp.as_raw_fd();
         let tun_fd = tun.as_raw_fd();
         while !shutdown.is_cancelled() {
@@ -316,8 +329,20 @@ impl TunToNet {
             if ready <= 0 {
                 continue;
             }
+            if poll.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+                // Nothing will ever come again (poll would return at once,
+                // forever): end, and take the other thread and tasks along.
+                shutdown.cancel();
+                return Err(std::io::Error::other(
+                    "the TUN interface went away (deleted or detached)",
+                ));
+            }
             let n = match tun.recv_multiple(&mut self.original, &mut self.bufs, &mut self.sizes, 0) {
                 Ok(n) => n,
+                Err(e) if gone(&e) => {
+                    shutdown.cancel();
+                    return Err(e);
+                }
                 // A malformed offload header from the kernel: skip that read.
                 Err(_) => continue,
             };
@@ -344,7 +369,16 @@ impl TunToNet {
             drop(table);
             self.out.flush(fd);
         }
+        Ok(())
     }
+}
+
+/// True for a TUN read error that means the interface is gone for good.
+fn gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADFD | libc::EBADF | libc::ENODEV | libc::ENXIO)
+    )
 }
 
 /// Drives every peer's timers (rekey, keepalive, handshake retries, expiry) and

@@ -109,6 +109,9 @@ pub enum VpnError {
     /// The packet threads could not start.
     #[error("could not start vpn threads: {0}")]
     Threads(std::io::Error),
+    /// The packet loop ended on its own (the TUN interface went away).
+    #[error("could not keep the tunnel running: {0}")]
+    Device(std::io::Error),
     /// A client config cannot be written: no endpoint for clients to dial.
     #[error("could not write a client config: {0}")]
     NoEndpoint(#[source] crate::config::ConfigError),
@@ -626,22 +629,36 @@ pub async fn run(
         "vpn listening"
     );
 
-    shutdown.cancelled().await;
-    local.cancel();
+    // `local` is also cancelled by a packet thread that cannot go on.
+    local.cancelled().await;
     tasks.close();
     tasks.wait().await;
-    let _ = tokio::task::spawn_blocking(move || {
+    let failure = tokio::task::spawn_blocking(move || {
+        let mut first = None;
         for t in threads {
-            let _ = t.join();
+            if let Ok(Err(e)) = t.join() {
+                first.get_or_insert(e);
+            }
         }
+        first
     })
-    .await;
+    .await
+    .ok()
+    .flatten();
     uapi::unlink(&vpn.interface);
     if let Some(m) = masquerade {
         m.remove();
     }
-    tracing::info!("vpn stopped");
-    Ok(())
+    match failure {
+        Some(e) if !shutdown.is_cancelled() => {
+            tracing::error!(error = %e, "vpn packet loop ended");
+            Err(VpnError::Device(e))
+        }
+        _ => {
+            tracing::info!("vpn stopped");
+            Ok(())
+        }
+    }
 }
 
 /// Applies registry changes made by other processes (`wayfinder vpn peer ...`).

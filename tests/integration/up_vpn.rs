@@ -335,6 +335,33 @@ fn up_runs_the_vpn_and_the_admin_api_manages_its_peers() {
         String::from_utf8_lossy(&out.stdout)
     );
 
+    // The TUN interface deleted under the running vpn: the unit fails, is
+    // restarted after its backoff with a new interface, and the session goes on.
+    app.ns.ip(&format!("link del {}", app.interface));
+    app.wait(Duration::from_secs(10), "the vpn back after losing its TUN", |a| {
+        let status = a.status();
+        let unit = status["units"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["name"] == "vpn")
+            .unwrap()
+            .clone();
+        unit["state"] == "running"
+            && unit["restarts"] == 2
+            && unit["last_exit"]
+                .as_str()
+                .is_some_and(|l| l.contains("TUN interface went away"))
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ping_once(&laptop_ns, TUNNEL) {
+        assert!(
+            Instant::now() < deadline,
+            "no ping after the TUN was made again; up log:\n{}",
+            app.log()
+        );
+    }
+
     // The peer's traffic in /api/status, /metrics and `wayfinder status`.
     let status = app.status();
     let peer = &status["vpn"]["peers"][0];
@@ -598,4 +625,41 @@ fn status_page_adds_and_removes_vpn_peers_in_headless_chromium() {
         "{dom}"
     );
     stop(&app);
+}
+
+/// The vpn's port taken when `up` starts: exit 64 naming the vpn and the
+/// address, like dns and lb. The UDP bind fails before any TUN interface is
+/// made, so this runs in the test's own namespace.
+#[test]
+fn up_exits_64_when_the_vpn_port_is_taken() {
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("wayfinder.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[dns]\nupstreams = [\"127.0.0.1:9\"]\n[supervisor]\nadmin = \"\"\n\
+             [vpn]\nenabled = true\nlisten = \"{addr}\"\ninterface = \"{}\"\ndir = \"{}/vpn\"\n",
+            unique("wfx"),
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(wayfinder_bin());
+    cmd.args(["up", "-c"]).arg(&config).current_dir(dir.path());
+    for (var, _) in wayfinder::env::VARS {
+        cmd.env_remove(var);
+    }
+    let out = cmd
+        .envs([("START_CONSUL", "false"), ("START_DNS", "false"), ("START_LB", "false")])
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("could not start vpn") && err.contains(&addr.to_string()),
+        "{err}"
+    );
 }
