@@ -156,7 +156,7 @@ fn vpn(out: &mut String, vpn: &Value) {
     let peers = vpn["peers"].as_array().cloned().unwrap_or_default();
     let _ = writeln!(
         out,
-        "\nVPN {} on {}: {}, clients dial {} ({} peers)",
+        "\nVPN {} on {}: {}, clients dial {} ({} peer{})",
         s(vpn, "address"),
         s(vpn, "interface"),
         if vpn["running"].as_bool() == Some(true) {
@@ -168,6 +168,7 @@ fn vpn(out: &mut String, vpn: &Value) {
             .as_str()
             .unwrap_or("(unset: set vpn.endpoint or HOST_IP)"),
         peers.len(),
+        if peers.len() == 1 { "" } else { "s" },
     );
     if peers.is_empty() {
         return;
