@@ -373,12 +373,31 @@ fn laptop_handshakes_pings_and_reaches_the_container_network() {
 
 /// `dig @<tunnel address> web.service.consul SRV` from the laptop: the dns
 /// answers on the tunnel address (added to its listeners because the vpn is
-/// enabled, bound before the interface exists) with Consul's records.
+/// enabled, bound before the interface exists) with Consul's records; any
+/// other name is answered through the upstream resolvers (an unbound in the
+/// appliance namespace), so the laptop keeps working for every name.
 #[test]
 fn laptop_resolves_consul_services_through_the_tunnel() {
     require("consul");
     require("dig");
+    require("unbound");
     let mut lab = Lab::new("");
+    let unbound_conf = lab.dir.path().join("unbound.conf");
+    std::fs::write(
+        &unbound_conf,
+        format!(
+            "server:\n  interface: 127.0.0.1@5353\n  port: 5353\n  do-daemonize: no\n  chroot: \"\"\n  username: \"\"\n  \
+             pidfile: \"\"\n  directory: \"{d}\"\n  use-syslog: no\n  logfile: \"{d}/unbound.log\"\n  do-ip6: no\n  \
+             local-zone: \"example.test.\" static\n  local-data: \"www.example.test. 300 IN A 192.0.2.80\"\n",
+            d = lab.dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut unbound = lab.app.cmd("unbound");
+    unbound.arg("-c").arg(&unbound_conf);
+    lab.app.spawn(unbound, &lab.dir.path().join("unbound.out"));
+    let config = std::fs::read_to_string(&lab.config).unwrap();
+    std::fs::write(&lab.config, config.replace("127.0.0.1:9", "127.0.0.1:5353")).unwrap();
     // The dns first: its tunnel-address socket is bound before the TUN exists.
     let mut consul = lab.app.cmd("consul");
     consul
@@ -444,6 +463,16 @@ fn laptop_resolves_consul_services_through_the_tunnel() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    let out = laptop.ns.output(
+        "dig",
+        &["@10.200.0.1", "www.example.test", "A", "+short", "+time=2", "+tries=2"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "192.0.2.80",
+        "a non-Consul name through the tunnel goes to the upstreams; dns log:\n{}",
+        std::fs::read_to_string(&dns_log).unwrap_or_default()
+    );
 }
 
 /// Peers change live: a second peer added while the first pings continuously
