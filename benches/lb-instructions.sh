@@ -41,26 +41,7 @@ setup_tmp
 chmod 755 "$tmp"
 
 read -r p_http p_cdns p_grpc p_serf_lan p_serf_wan p_server p_b1 p_b2 p_wf p_hap < <(free_ports 10)
-for b in b1 b2; do
-  port_var=p_$b
-  mkdir -p "$tmp/$b/logs"
-  cat >"$tmp/$b/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $tmp/$b/nginx.pid;
-error_log $tmp/$b/logs/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:${!port_var};
-    location / { default_type text/plain; add_header X-Backend $b always; return 200 "ok\n"; }
-  }
-}
-CONF
-  start "backend-$b" "$nginx_bin" -p "$tmp/$b/" -c "$tmp/$b/nginx.conf"
-done
+start_backends "$nginx_bin" "$p_b1" "$p_b2"
 start_consul "$p_http" "$p_cdns" "$p_grpc" "$p_serf_lan" "$p_serf_wan" "$p_server" 'disable_update_check = true'
 for b in b1 b2; do
   port_var=p_$b
@@ -71,30 +52,7 @@ done
 
 write_lb_config "$p_http" "$p_cdns" "$p_wf"
 printf 'register = ""\nworkers = 1\n' >>"$tmp/wayfinder.toml"
-cat >"$tmp/haproxy.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  option http-keep-alive
-  option forwardfor
-  unique-id-format %{+X}o\ %ci:%cp_%fi:%fp_%Ts_%rt:%pid
-  unique-id-header X-Unique-ID
-frontend http
-  bind 127.0.0.1:$p_hap
-  http-request set-header X-Forwarded-Proto http
-  acl host_web hdr(host) -i web.service
-  use_backend web if host_web
-backend web
-  balance roundrobin
-  http-reuse always
-  server s1 127.0.0.1:$p_b1 maxconn 128
-  server s2 127.0.0.1:$p_b2 maxconn 128
-CONF
+write_haproxy_config "$haproxy_bin" "$p_hap" "$p_b1" "$p_b2"
 
 # measure NAME PORT CMD...: prints "NAME requests instructions per-request".
 measure() {
