@@ -75,36 +75,7 @@ read -r p_http p_cdns p_grpc p_serf_lan p_serf_wan p_server p_b1 p_b2 p_wf p_hap
 echo "ports:    consul http=$p_http, backends=$p_b1,$p_b2, wayfinder=$p_wf, haproxy=$p_hap, nginx=$p_ngx"
 
 # --- two nginx backends: one master + one worker each ------------------------------
-# keepalive_requests is raised so that no side closes a keep-alive connection every
-# 1000 requests (nginx's default), which would charge reconnects to whichever proxy
-# happens to be in front.
-for b in b1 b2; do
-  port_var=p_$b
-  mkdir -p "$tmp/$b/logs"
-  cat >"$tmp/$b/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-master_process on;
-pid $tmp/$b/nginx.pid;
-error_log $tmp/$b/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  keepalive_timeout 75s;
-  server {
-    listen 127.0.0.1:${!port_var} backlog=1024;
-    location / {
-      default_type text/plain;
-      add_header X-Backend $b always;
-      return 200 "ok\n";
-    }
-  }
-}
-EOF
-  "$nginx_bin" -t -q -p "$tmp/$b/" -c "$tmp/$b/nginx.conf" 2>"$tmp/$b-check.log" || die "backend $b nginx config is invalid: $(cat "$tmp/$b-check.log")"
-  start "backend-$b" "$nginx_bin" -p "$tmp/$b/" -c "$tmp/$b/nginx.conf"
-done
+start_backends "$nginx_bin" "$p_b1" "$p_b2"
 
 # --- Consul dev agent, service web = the two backends ------------------------------
 start_consul "$p_http" "$p_cdns" "$p_grpc" "$p_serf_lan" "$p_serf_wan" "$p_server" \
@@ -126,35 +97,7 @@ curl -sf --max-time 5 -X PUT "http://127.0.0.1:$p_http/v1/kv/haproxy/web/maxconn
 write_lb_config "$p_http" "$p_cdns" "$p_wf"
 start wayfinder env RUST_LOG=warn "$wayfinder" lb -c "$tmp/wayfinder.toml"
 
-cat >"$tmp/haproxy.cfg" <<EOF
-global
-  nbthread 1
-  maxconn 4096
-
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  option http-keep-alive
-  option forwardfor
-  unique-id-format %{+X}o\ %ci:%cp_%fi:%fp_%Ts_%rt:%pid
-  unique-id-header X-Unique-ID
-
-frontend http
-  bind 127.0.0.1:$p_hap
-  http-request set-header X-Forwarded-Proto http
-  acl host_web hdr(host) -i web.service
-  use_backend web if host_web
-
-backend web
-  balance roundrobin
-  http-reuse always
-  server s1 127.0.0.1:$p_b1 maxconn 128 weight 100
-  server s2 127.0.0.1:$p_b2 maxconn 128 weight 100
-EOF
-"$haproxy_bin" -c -q -f "$tmp/haproxy.cfg" >"$tmp/haproxy-check.log" 2>&1 \
-  || die "haproxy config is invalid: $(cat "$tmp/haproxy-check.log")"
+write_haproxy_config "$haproxy_bin" "$p_hap" "$p_b1" "$p_b2"
 start haproxy "$haproxy_bin" -db -f "$tmp/haproxy.cfg"
 
 mkdir -p "$tmp/proxy/logs"

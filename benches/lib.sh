@@ -191,3 +191,78 @@ EOF
   "$wayfinder" check -c "$tmp/wayfinder.toml" >"$tmp/wayfinder-check.log" 2>&1 \
     || die "wayfinder config is invalid: $(cat "$tmp/wayfinder-check.log")"
 }
+
+# start_backends NGINX PORT1 PORT2: two nginx backends b1 and b2 (one worker each)
+# answering `200 ok` with an X-Backend header, started as backend-b1/backend-b2.
+# keepalive_requests is raised so that no side closes a keep-alive connection
+# every 1000 requests (nginx's default), which would charge reconnects to
+# whichever proxy happens to be in front.
+start_backends() {
+  local nginx_bin=$1 b port
+  shift
+  for b in b1 b2; do
+    port=$1
+    shift
+    mkdir -p "$tmp/$b/logs"
+    cat >"$tmp/$b/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+master_process on;
+pid $tmp/$b/nginx.pid;
+error_log $tmp/$b/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 75s;
+  server {
+    listen 127.0.0.1:$port backlog=1024;
+    location / {
+      default_type text/plain;
+      add_header X-Backend $b always;
+      return 200 "ok\n";
+    }
+  }
+}
+EOF
+    "$nginx_bin" -t -q -p "$tmp/$b/" -c "$tmp/$b/nginx.conf" 2>"$tmp/$b-check.log" \
+      || die "backend $b nginx config is invalid: $(cat "$tmp/$b-check.log")"
+    start "backend-$b" "$nginx_bin" -p "$tmp/$b/" -c "$tmp/$b/nginx.conf"
+  done
+}
+
+# write_haproxy_config HAPROXY PORT BACKEND1 BACKEND2: $tmp/haproxy.cfg, HAProxy
+# configured as PanteraS ran it and as Wayfinder works (one thread, Host routing
+# of web.service, round-robin over both backends with maxconn 128 and weight
+# 100, X-Forwarded-For/-Proto and X-Unique-ID added), then checked.
+write_haproxy_config() {
+  cat >"$tmp/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 4096
+
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+  option forwardfor
+  unique-id-format %{+X}o\ %ci:%cp_%fi:%fp_%Ts_%rt:%pid
+  unique-id-header X-Unique-ID
+
+frontend http
+  bind 127.0.0.1:$2
+  http-request set-header X-Forwarded-Proto http
+  acl host_web hdr(host) -i web.service
+  use_backend web if host_web
+
+backend web
+  balance roundrobin
+  http-reuse always
+  server s1 127.0.0.1:$3 maxconn 128 weight 100
+  server s2 127.0.0.1:$4 maxconn 128 weight 100
+EOF
+  "$1" -c -q -f "$tmp/haproxy.cfg" >"$tmp/haproxy-check.log" 2>&1 \
+    || die "haproxy config is invalid: $(cat "$tmp/haproxy-check.log")"
+}

@@ -16,8 +16,9 @@ packages=(bind9-dnsutils knot-dnsutils unbound dnsmasq-base iproute2 procps ca-c
 # up: the status-page test drives headless Chromium; the deploy test runs
 # `systemd-analyze verify` on deploy/wayfinder.service.
 packages+=(chromium systemd)
-# The vpn tests: wireguard-go is the laptop, ping goes through the tunnel.
-packages+=(wireguard-go wireguard-tools iputils-ping)
+# The vpn tests: wireguard-go is the laptop, ping goes through the tunnel,
+# iptables for vpn.masquerade.
+packages+=(wireguard-go wireguard-tools iputils-ping iptables)
 [ $want_bench = 1 ] && packages+=(dnsperf iperf3)
 
 missing=()

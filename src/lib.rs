@@ -16,6 +16,7 @@ pub mod env;
 pub mod lb;
 pub mod signals;
 pub mod supervisor;
+pub mod udp_batch;
 pub mod vpn;
 
 use std::future::Future;

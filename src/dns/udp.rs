@@ -7,8 +7,8 @@
 //! in. The kernel spreads clients over the sockets. A short receive timeout lets
 //! the loop notice shutdown.
 
-use std::mem::{size_of, zeroed};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::mem::zeroed;
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::engine::{Engine, Verdict};
 use super::wire::Transport;
+use crate::udp_batch::RecvBatch;
 
 /// How often an idle worker checks for shutdown.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(200);
@@ -52,87 +53,46 @@ pub fn spawn_workers(
     Ok(threads)
 }
 
-/// The buffers of one worker; `recv_hdrs` and `send_hdrs` point into the others,
+/// The buffers of one worker; `send_hdrs` point into `outs` and `received`,
 /// which is why they are boxed once and never resized.
 struct Worker {
     socket: Arc<UdpSocket>,
     engine: Arc<Engine>,
     runtime: tokio::runtime::Handle,
-    slots: Box<[u8]>,
-    addrs: Box<[libc::sockaddr_storage; BATCH]>,
-    recv_iovecs: Box<[libc::iovec; BATCH]>,
-    recv_hdrs: Box<[libc::mmsghdr; BATCH]>,
+    received: RecvBatch<BATCH, SLOT>,
     outs: Vec<Vec<u8>>,
     send_iovecs: Box<[libc::iovec; BATCH]>,
     send_hdrs: Box<[libc::mmsghdr; BATCH]>,
 }
 
-// SAFETY: the raw pointers inside the mmsghdr/iovec arrays point only into this
-// struct's own boxed buffers; the worker is moved into its thread before use.
+// SAFETY: the raw pointers inside the send mmsghdr/iovec arrays point only into
+// this struct's own boxed buffers; the worker is moved into its thread before use.
 unsafe impl Send for Worker {}
 
 impl Worker {
     fn new(socket: Arc<UdpSocket>, engine: Arc<Engine>, runtime: tokio::runtime::Handle) -> Self {
         // SAFETY: all-zero is a valid value for these plain C structs.
         let zeroed_box = || -> Box<[libc::mmsghdr; BATCH]> { Box::new(unsafe { zeroed() }) };
-        let mut worker = Worker {
+        Worker {
             socket,
             engine,
             runtime,
-            slots: vec![0u8; BATCH * SLOT].into_boxed_slice(),
-            addrs: Box::new(unsafe { zeroed() }),
-            recv_iovecs: Box::new(unsafe { zeroed() }),
-            recv_hdrs: zeroed_box(),
+            received: RecvBatch::default(),
             outs: (0..BATCH).map(|_| Vec::with_capacity(SLOT)).collect(),
             send_iovecs: Box::new(unsafe { zeroed() }),
             send_hdrs: zeroed_box(),
-        };
-        for i in 0..BATCH {
-            worker.recv_iovecs[i] = libc::iovec {
-                iov_base: worker.slots[i * SLOT..].as_mut_ptr().cast(),
-                iov_len: SLOT,
-            };
-            let hdr = &mut worker.recv_hdrs[i].msg_hdr;
-            hdr.msg_iov = &mut worker.recv_iovecs[i];
-            hdr.msg_iovlen = 1;
-            hdr.msg_name = (&mut worker.addrs[i] as *mut libc::sockaddr_storage).cast();
         }
-        worker
     }
 
     fn run(mut self, shutdown: &CancellationToken) {
         let fd = self.socket.as_raw_fd();
         while !shutdown.is_cancelled() {
-            for hdr in self.recv_hdrs.iter_mut() {
-                hdr.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-                hdr.msg_hdr.msg_flags = 0;
-                hdr.msg_len = 0;
-            }
-            // SAFETY: the headers point at live buffers of the right sizes.
-            let received = unsafe {
-                libc::recvmmsg(
-                    fd,
-                    self.recv_hdrs.as_mut_ptr(),
-                    BATCH as libc::c_uint,
-                    libc::MSG_WAITFORONE,
-                    std::ptr::null_mut(),
-                )
-            };
-            if received <= 0 {
-                // Timeout (shutdown poll), EINTR, or an ICMP error from an earlier
-                // send that concerns one client: none of them stop the loop.
-                continue;
-            }
+            let received = self.received.recv(fd);
             let mut answers = 0;
-            for i in 0..received as usize {
-                let len = self.recv_hdrs[i].msg_len as usize;
-                if self.recv_hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
-                    continue;
-                }
-                let Some(src) = socket_addr(&self.addrs[i]) else {
+            for i in 0..received {
+                let Some((packet, src)) = self.received.get(i) else {
                     continue;
                 };
-                let packet = &self.slots[i * SLOT..i * SLOT + len];
                 match self
                     .engine
                     .classify(packet, src, Transport::Udp, &mut self.outs[answers])
@@ -143,11 +103,12 @@ impl Worker {
                             iov_base: out.as_mut_ptr().cast(),
                             iov_len: out.len(),
                         };
+                        let (name, namelen) = self.received.name(i);
                         let hdr = &mut self.send_hdrs[answers].msg_hdr;
                         hdr.msg_iov = &mut self.send_iovecs[answers];
                         hdr.msg_iovlen = 1;
-                        hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
-                        hdr.msg_namelen = self.recv_hdrs[i].msg_hdr.msg_namelen;
+                        hdr.msg_name = name.cast();
+                        hdr.msg_namelen = namelen;
                         answers += 1;
                     }
                     Verdict::Drop => {}
@@ -182,6 +143,7 @@ impl Worker {
 
     fn resolve_later(&self, packet: &[u8], src: SocketAddr) {
         let Some(slot) = self.engine.admit() else { return };
+        // Copied out: the next receive reuses the slot.
         let packet = packet.to_vec();
         let engine = self.engine.clone();
         let socket = self.socket.clone();
@@ -191,29 +153,5 @@ impl Worker {
                 let _ = socket.send_to(&response, src);
             }
         });
-    }
-}
-
-/// Converts a received `sockaddr_storage` into a `SocketAddr`.
-fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    match i32::from(storage.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says this storage holds a sockaddr_in.
-            let sin = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says this storage holds a sockaddr_in6.
-            let sin6 = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                ip,
-                u16::from_be(sin6.sin6_port),
-                sin6.sin6_flowinfo,
-                sin6.sin6_scope_id,
-            )))
-        }
-        _ => None,
     }
 }

@@ -175,7 +175,9 @@ impl NetToTun {
 
     #[inline]
     fn datagram(&mut self, i: usize, state: &VpnState, table: &PeerTable, fd: RawFd, v6: bool) {
-        let Some((data, src)) = self.batch.get(i) else { return };
+        let Some((data, src)) = udp::datagram(&self.batch, i) else {
+            return;
+        };
         match message_type(data) {
             Some(DATA) if data.len() >= DATA_MIN => {
                 let Some(peer) = receiver(data, 4).and_then(|r| table.by_receiver(r)) else {

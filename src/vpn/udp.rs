@@ -7,7 +7,7 @@
 //! them, which is why they are boxed and never resized.
 
 use std::mem::{size_of, zeroed};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::RawFd;
 use std::time::Duration;
 
@@ -74,24 +74,12 @@ fn set_int(socket: &Socket, option: libc::c_int, value: libc::c_int) -> std::io:
 
 /// Converts a received `sockaddr_storage`; IPv4-mapped IPv6 becomes IPv4.
 pub fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    match i32::from(storage.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says this storage holds a sockaddr_in.
-            let sin = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says this storage holds a sockaddr_in6.
-            let sin6 = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-            let port = u16::from_be(sin6.sin6_port);
-            Some(match ip.to_ipv4_mapped() {
-                Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, port)),
-                None => SocketAddr::V6(SocketAddrV6::new(ip, port, sin6.sin6_flowinfo, sin6.sin6_scope_id)),
-            })
-        }
-        _ => None,
+    match crate::udp_batch::socket_addr(storage)? {
+        SocketAddr::V6(a) => Some(match a.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, a.port())),
+            None => SocketAddr::V6(a),
+        }),
+        v4 => Some(v4),
     }
 }
 
@@ -133,78 +121,15 @@ pub fn send_now(fd: RawFd, v6_socket: bool, data: &[u8], dest: SocketAddr) {
     }
 }
 
-/// Receive buffers for one thread.
-pub struct RecvBatch {
-    slots: Box<[u8]>,
-    addrs: Box<[libc::sockaddr_storage; RECV_BATCH]>,
-    iovecs: Box<[libc::iovec; RECV_BATCH]>,
-    hdrs: Box<[libc::mmsghdr; RECV_BATCH]>,
-    count: usize,
-}
+/// Receive buffers for one packet thread.
+pub type RecvBatch = crate::udp_batch::RecvBatch<RECV_BATCH, RECV_SLOT>;
 
-// SAFETY: the raw pointers in `iovecs`/`hdrs` point only into this struct's own
-// boxed buffers, which move with it.
-unsafe impl Send for RecvBatch {}
-
-impl Default for RecvBatch {
-    fn default() -> Self {
-        // SAFETY: all-zero is a valid value for these plain C structs.
-        let mut batch = RecvBatch {
-            slots: vec![0u8; RECV_BATCH * RECV_SLOT].into_boxed_slice(),
-            addrs: Box::new(unsafe { zeroed() }),
-            iovecs: Box::new(unsafe { zeroed() }),
-            hdrs: Box::new(unsafe { zeroed() }),
-            count: 0,
-        };
-        for i in 0..RECV_BATCH {
-            batch.iovecs[i] = libc::iovec {
-                iov_base: batch.slots[i * RECV_SLOT..].as_mut_ptr().cast(),
-                iov_len: RECV_SLOT,
-            };
-            let hdr = &mut batch.hdrs[i].msg_hdr;
-            hdr.msg_iov = &mut batch.iovecs[i];
-            hdr.msg_iovlen = 1;
-            hdr.msg_name = (&mut batch.addrs[i] as *mut libc::sockaddr_storage).cast();
-        }
-        batch
-    }
-}
-
-impl RecvBatch {
-    /// Blocks (up to [`POLL`]) for at least one datagram; returns how many came.
-    pub fn recv(&mut self, fd: RawFd) -> usize {
-        for hdr in self.hdrs.iter_mut() {
-            hdr.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            hdr.msg_hdr.msg_flags = 0;
-            hdr.msg_len = 0;
-        }
-        // SAFETY: the headers point at live buffers of the stated sizes.
-        let n = unsafe {
-            libc::recvmmsg(
-                fd,
-                self.hdrs.as_mut_ptr(),
-                RECV_BATCH as libc::c_uint,
-                libc::MSG_WAITFORONE,
-                std::ptr::null_mut(),
-            )
-        };
-        // Timeout, EINTR, or an ICMP error about one earlier send: none stop us.
-        self.count = if n > 0 { n as usize } else { 0 };
-        self.count
-    }
-
-    /// Datagram `i` of the last receive with its source, or None when it was
-    /// truncated (oversized) or has no usable source address.
-    #[inline]
-    pub fn get(&self, i: usize) -> Option<(&[u8], SocketAddr)> {
-        let hdr = &self.hdrs[i];
-        if i >= self.count || hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
-            return None;
-        }
-        let src = socket_addr(&self.addrs[i])?;
-        let len = (hdr.msg_len as usize).min(RECV_SLOT);
-        Some((&self.slots[i * RECV_SLOT..i * RECV_SLOT + len], src))
-    }
+/// Datagram `i` of the last receive with its source (IPv4-mapped sources of a
+/// dual-stack socket as IPv4, the form peers' endpoints are kept in).
+#[inline]
+pub fn datagram(batch: &RecvBatch, i: usize) -> Option<(&[u8], SocketAddr)> {
+    let (data, storage) = batch.get_raw(i)?;
+    Some((data, socket_addr(storage)?))
 }
 
 /// Outgoing datagrams of one thread, flushed with GSO + `sendmmsg`.

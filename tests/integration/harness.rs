@@ -112,7 +112,7 @@ impl Consul {
             _cleanup: Some(temp),
             datacenter: dc.to_string(),
         };
-        consul.launch();
+        consul.launch_on_free_ports();
         consul
     }
 
@@ -160,7 +160,7 @@ impl Consul {
             _cleanup: None,
             datacenter: "dc1".into(),
         };
-        consul.launch();
+        consul.launch_on_free_ports();
         consul
     }
 
@@ -182,7 +182,32 @@ impl Consul {
         })
     }
 
+    /// Starts the agent; `free_port` only saw the ports free a moment ago, so
+    /// when a parallel test took one in between, new ports are picked.
+    fn launch_on_free_ports(&mut self) {
+        for _ in 0..4 {
+            match self.try_launch() {
+                Ok(()) => return,
+                Err(log) if log.contains("address already in use") => self.ports = ConsulPorts::pick(),
+                Err(log) => panic!("consul did not start; log:\n{log}"),
+            }
+        }
+        panic!("consul found no free ports in 4 tries");
+    }
+
+    /// Starts the agent on its current ports (a restart keeps them).
     fn launch(&mut self) {
+        for _ in 0..4 {
+            match self.try_launch() {
+                Ok(()) => return,
+                Err(log) if log.contains("address already in use") => std::thread::sleep(Duration::from_millis(500)),
+                Err(log) => panic!("consul did not start; log:\n{log}"),
+            }
+        }
+        panic!("consul could not get its ports back in 4 tries");
+    }
+
+    fn try_launch(&mut self) -> Result<(), String> {
         let p = self.ports;
         let log = std::fs::File::create(self.dir.join("consul.log")).unwrap();
         let mut cmd = Command::new(require("consul"));
@@ -196,26 +221,35 @@ impl Consul {
             .args(["-node", &format!("node-{}", p.http)])
             .args(["-datacenter", &self.datacenter])
             .args(["-hcl", "dns_config { enable_truncate = true }"])
+            // Every test of the binary talks to the shared agent from 127.0.0.1:
+            // Consul's default of 200 connections per client address is too few.
+            .args(["-hcl", "limits { http_max_conns_per_client = 4096 }"])
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null());
         self.child = Some(die_with_parent(&mut cmd).spawn().expect("start consul"));
-        self.wait_ready();
+        self.wait_ready()
     }
 
-    fn wait_ready(&self) {
+    /// Waits for a leader; the agent's log when it exits or never gets one.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let log = |dir: &Path| std::fs::read_to_string(dir.join("consul.log")).unwrap_or_default();
         loop {
             if let Ok(body) = http_get(self.http_addr(), "/v1/status/leader")
                 && body.trim().len() > 2
             {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "consul did not elect a leader in 30 s; log:\n{}",
-                std::fs::read_to_string(self.dir.join("consul.log")).unwrap_or_default()
-            );
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                return Err(format!("(exited: {status})\n{}", log(&self.dir)));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("(no leader in 30 s)\n{}", log(&self.dir)));
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }

@@ -338,7 +338,13 @@ fn laptop_handshakes_pings_and_reaches_the_container_network() {
     );
 
     // The container network: nginx in its own namespace, through the tunnel.
-    let mut containers = std::mem::replace(&mut lab.containers, Netns::new());
+    container_web(&mut lab, "\"container-web\"");
+    assert_eq!(laptop_get(&laptop, "container-web"), "container-web");
+}
+
+/// Starts nginx in the container namespace on CONTAINER:8080 answering `body`
+/// (an nginx string expression).
+fn container_web(lab: &mut Lab, body: &str) {
     let web = lab.dir.path().join("nginx");
     std::fs::create_dir_all(&web).unwrap();
     let d = web.display();
@@ -348,37 +354,78 @@ fn laptop_handshakes_pings_and_reaches_the_container_network() {
             "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
              events {{ worker_connections 64; }}\nhttp {{\n access_log off;\n client_body_temp_path {d}/body;\n\
              proxy_temp_path {d}/proxy;\n fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n\
-             scgi_temp_path {d}/scgi;\n server {{\n  listen {CONTAINER}:8080;\n  location / {{ return 200 \"container-web\"; }}\n }}\n}}\n"
+             scgi_temp_path {d}/scgi;\n server {{\n  listen {CONTAINER}:8080;\n  location / {{ return 200 {body}; }}\n }}\n}}\n"
         ),
     )
     .unwrap();
-    let mut nginx = containers.cmd("nginx");
+    let mut nginx = lab.containers.cmd("nginx");
     nginx.args(["-p", &d.to_string(), "-c", "nginx.conf"]);
-    containers.spawn(nginx, &web.join("stdout.log"));
+    lab.containers.spawn(nginx, &web.join("stdout.log"));
+}
+
+/// GETs the container web server from the laptop until an answer starting with
+/// `expect` comes (10 s at most); returns it.
+fn laptop_get(laptop: &Laptop, expect: &str) -> String {
     let url = format!("http://{CONTAINER}:8080/");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let out = laptop.ns.output("curl", &["-s", "--max-time", "2", &url]);
-        if String::from_utf8_lossy(&out.stdout) == "container-web" {
-            break;
+        let body = String::from_utf8_lossy(&out.stdout).to_string();
+        if body.starts_with(expect) {
+            return body;
         }
         assert!(
             Instant::now() < deadline,
-            "no HTTP answer from the container network through the tunnel"
+            "no HTTP answer from the container network through the tunnel (last: {body:?})"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    lab.containers = containers;
+}
+
+/// `masquerade = true`: a container network with no route back to the tunnel
+/// subnet still answers the laptop, and sees the appliance's address as the
+/// client instead of the laptop's tunnel address.
+#[test]
+fn masquerade_reaches_networks_without_a_route_back() {
+    require("nginx");
+    require("curl");
+    require("iptables");
+    let mut lab = Lab::new("masquerade = true");
+    lab.containers.ip("route del default");
+    lab.start_vpn();
+    let (laptop, _wg) = lab.wireguard_laptop("laptop");
+    wait_ping(&laptop, SERVER, &lab);
+    container_web(&mut lab, "\"client=$remote_addr\"");
+    assert_eq!(laptop_get(&laptop, "client="), "client=172.31.0.1");
 }
 
 /// `dig @<tunnel address> web.service.consul SRV` from the laptop: the dns
 /// answers on the tunnel address (added to its listeners because the vpn is
-/// enabled, bound before the interface exists) with Consul's records.
+/// enabled, bound before the interface exists) with Consul's records; any
+/// other name is answered through the upstream resolvers (an unbound in the
+/// appliance namespace), so the laptop keeps working for every name.
 #[test]
 fn laptop_resolves_consul_services_through_the_tunnel() {
     require("consul");
     require("dig");
+    require("unbound");
     let mut lab = Lab::new("");
+    let unbound_conf = lab.dir.path().join("unbound.conf");
+    std::fs::write(
+        &unbound_conf,
+        format!(
+            "server:\n  interface: 127.0.0.1@5353\n  port: 5353\n  do-daemonize: no\n  chroot: \"\"\n  username: \"\"\n  \
+             pidfile: \"\"\n  directory: \"{d}\"\n  use-syslog: no\n  logfile: \"{d}/unbound.log\"\n  do-ip6: no\n  \
+             local-zone: \"example.test.\" static\n  local-data: \"www.example.test. 300 IN A 192.0.2.80\"\n",
+            d = lab.dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut unbound = lab.app.cmd("unbound");
+    unbound.arg("-c").arg(&unbound_conf);
+    lab.app.spawn(unbound, &lab.dir.path().join("unbound.out"));
+    let config = std::fs::read_to_string(&lab.config).unwrap();
+    std::fs::write(&lab.config, config.replace("127.0.0.1:9", "127.0.0.1:5353")).unwrap();
     // The dns first: its tunnel-address socket is bound before the TUN exists.
     let mut consul = lab.app.cmd("consul");
     consul
@@ -444,6 +491,16 @@ fn laptop_resolves_consul_services_through_the_tunnel() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    let out = laptop.ns.output(
+        "dig",
+        &["@10.200.0.1", "www.example.test", "A", "+short", "+time=2", "+tries=2"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "192.0.2.80",
+        "a non-Consul name through the tunnel goes to the upstreams; dns log:\n{}",
+        std::fs::read_to_string(&dns_log).unwrap_or_default()
+    );
 }
 
 /// Peers change live: a second peer added while the first pings continuously

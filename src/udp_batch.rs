@@ -1,0 +1,156 @@
+//! Batched UDP receive, shared by the dns workers and the vpn packet loop: one
+//! `recvmmsg` fills up to `N` fixed slots of `SLOT` bytes with datagrams and
+//! their source addresses.
+//!
+//! Every buffer is allocated once, when the batch is made; the `mmsghdr` and
+//! `iovec` arrays point into the slot and address arrays, which is why all of
+//! them are boxed and never resized.
+
+use std::mem::{size_of, zeroed};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::RawFd;
+
+/// Receive buffers for `N` datagrams of up to `SLOT` bytes.
+pub struct RecvBatch<const N: usize, const SLOT: usize> {
+    slots: Box<[u8]>,
+    addrs: Box<[libc::sockaddr_storage; N]>,
+    iovecs: Box<[libc::iovec; N]>,
+    hdrs: Box<[libc::mmsghdr; N]>,
+    count: usize,
+}
+
+// SAFETY: the raw pointers in `iovecs`/`hdrs` point only into this struct's own
+// boxed buffers, which move with it.
+unsafe impl<const N: usize, const SLOT: usize> Send for RecvBatch<N, SLOT> {}
+
+impl<const N: usize, const SLOT: usize> Default for RecvBatch<N, SLOT> {
+    fn default() -> Self {
+        // SAFETY: all-zero is a valid value for these plain C structs.
+        let mut batch = RecvBatch {
+            slots: vec![0u8; N * SLOT].into_boxed_slice(),
+            addrs: Box::new(unsafe { zeroed() }),
+            iovecs: Box::new(unsafe { zeroed() }),
+            hdrs: Box::new(unsafe { zeroed() }),
+            count: 0,
+        };
+        for i in 0..N {
+            batch.iovecs[i] = libc::iovec {
+                iov_base: batch.slots[i * SLOT..].as_mut_ptr().cast(),
+                iov_len: SLOT,
+            };
+            let hdr = &mut batch.hdrs[i].msg_hdr;
+            hdr.msg_iov = &mut batch.iovecs[i];
+            hdr.msg_iovlen = 1;
+            hdr.msg_name = (&mut batch.addrs[i] as *mut libc::sockaddr_storage).cast();
+        }
+        batch
+    }
+}
+
+impl<const N: usize, const SLOT: usize> RecvBatch<N, SLOT> {
+    /// Blocks (up to the socket's read timeout) for at least one datagram and
+    /// takes what else is queued, up to `N`; returns how many came.
+    pub fn recv(&mut self, fd: RawFd) -> usize {
+        for hdr in self.hdrs.iter_mut() {
+            hdr.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            hdr.msg_hdr.msg_flags = 0;
+            hdr.msg_len = 0;
+        }
+        // SAFETY: the headers point at live buffers of the stated sizes.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.hdrs.as_mut_ptr(),
+                N as libc::c_uint,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        // A timeout (the caller's shutdown poll), EINTR, or an ICMP error about
+        // one earlier send: none of them stop the caller's loop.
+        self.count = if n > 0 { n as usize } else { 0 };
+        self.count
+    }
+
+    /// Datagram `i` of the last receive and its raw source address, or None
+    /// when it was truncated (larger than `SLOT`) or is not in the batch.
+    #[inline]
+    pub fn get_raw(&self, i: usize) -> Option<(&[u8], &libc::sockaddr_storage)> {
+        let hdr = self.hdrs.get(i)?;
+        if i >= self.count || hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+            return None;
+        }
+        let len = (hdr.msg_len as usize).min(SLOT);
+        Some((&self.slots[i * SLOT..i * SLOT + len], &self.addrs[i]))
+    }
+
+    /// Datagram `i` with its source as a `SocketAddr` (as the socket saw it:
+    /// IPv4 clients of a dual-stack socket stay IPv4-mapped).
+    #[inline]
+    pub fn get(&self, i: usize) -> Option<(&[u8], SocketAddr)> {
+        let (data, storage) = self.get_raw(i)?;
+        Some((data, socket_addr(storage)?))
+    }
+
+    /// The source address of datagram `i` in C form, for a reply's `msg_name`.
+    #[inline]
+    pub fn name(&mut self, i: usize) -> (*mut libc::sockaddr_storage, libc::socklen_t) {
+        (&mut self.addrs[i], self.hdrs[i].msg_hdr.msg_namelen)
+    }
+}
+
+/// Converts a received `sockaddr_storage` into a `SocketAddr`.
+pub fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match i32::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says this storage holds a sockaddr_in.
+            let sin = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says this storage holds a sockaddr_in6.
+            let sin6 = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn a_batch_takes_queued_datagrams_and_drops_oversized_ones() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = rx.local_addr().unwrap();
+        tx.send_to(b"one", to).unwrap();
+        tx.send_to(&[7u8; 100], to).unwrap(); // larger than the 64-byte slot
+        tx.send_to(b"three", to).unwrap();
+        let mut batch = RecvBatch::<4, 64>::default();
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            let n = batch.recv(rx.as_raw_fd());
+            assert!(n > 0, "datagrams were sent");
+            for i in 0..n {
+                got.push(batch.get(i).map(|(d, src)| (d.to_vec(), src)));
+            }
+        }
+        let from = tx.local_addr().unwrap();
+        assert_eq!(got[0], Some((b"one".to_vec(), from)));
+        assert_eq!(got[1], None, "a truncated datagram is not handed out");
+        assert_eq!(got[2], Some((b"three".to_vec(), from)));
+        assert!(batch.get(3).is_none() && batch.get(99).is_none());
+    }
+}
