@@ -17,6 +17,9 @@
 //!
 //! With a token configured every request needs `Authorization: Bearer <token>`
 //! (or `?token=<token>`, so a phone's browser can open the page); others get 401.
+//! Actions (POST, DELETE) sent by a browser from another site get 403: their
+//! `Origin` must be this endpoint, or they must carry the status page's per-process
+//! form secret (`?csrf=`), so no web page the operator has open can act here.
 //! Services and their health are read from Consul per request (the page is for
 //! people, not a hot path); everything else comes from in-process state.
 
@@ -316,6 +319,38 @@ fn authorized(req: &Request<Incoming>, token: &str) -> bool {
         .is_some_and(|t| same(t.trim().as_bytes(), token.as_bytes()))
 }
 
+/// The query string of the status page's links and form actions: the
+/// per-process form secret, and the token when there is one.
+fn page_query(state: &SupervisorState) -> String {
+    match &state.config.supervisor.token {
+        Some(t) => format!("?csrf={}&amp;token={}", state.csrf, super::status_page::escape(t)),
+        None => format!("?csrf={}", state.csrf),
+    }
+}
+
+/// Whether an action may come from where it comes from. A browser names the
+/// page that sent a POST/DELETE in `Origin`; without a token on a loopback
+/// endpoint, any web page the operator has open could otherwise restart units
+/// or remove vpn peers. Allowed: no `Origin` (curl, `wayfinder status`, scripts),
+/// an `Origin` whose host:port is this endpoint's `Host`, or the form secret of
+/// this process in the query (only pages that could read the status page know it).
+fn same_site(req: &Request<Incoming>, csrf: &str) -> bool {
+    let Some(origin) = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok());
+    let origin_host = origin.split_once("://").map(|(_, rest)| rest.trim_end_matches('/'));
+    if origin_host.is_some() && origin_host == host {
+        return true;
+    }
+    req.uri().query().is_some_and(|q| {
+        q.split('&').any(|kv| {
+            kv.strip_prefix("csrf=")
+                .is_some_and(|v| same(v.as_bytes(), csrf.as_bytes()))
+        })
+    })
+}
+
 /// A form post from the status page gets sent back to the page; API clients get JSON.
 fn done(req_is_form: bool, token: Option<&str>, status: StatusCode, value: serde_json::Value) -> Response<Body> {
     if req_is_form && status.is_success() {
@@ -345,6 +380,14 @@ async fn answer(state: Arc<SupervisorState>, req: Request<Incoming>) -> Response
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return resp;
     }
+    if !matches!(*req.method(), Method::GET | Method::HEAD) && !same_site(&req, &state.csrf) {
+        tracing::warn!(origin = ?req.headers().get(header::ORIGIN), path = %req.uri().path(),
+            "admin: cross-site request refused");
+        return error(
+            StatusCode::FORBIDDEN,
+            "cross-site request refused: actions come from the status page itself or from a client without an Origin header",
+        );
+    }
     let is_form = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -358,7 +401,7 @@ async fn answer(state: Arc<SupervisorState>, req: Request<Incoming>) -> Response
             respond(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
-                super::status_page::render(&report, token.as_deref()),
+                super::status_page::render(&report, &page_query(&state)),
             )
         }
         (&Method::GET, ["healthz"]) => respond(StatusCode::OK, "text/plain", "ok\n"),
@@ -415,10 +458,10 @@ async fn answer(state: Arc<SupervisorState>, req: Request<Incoming>) -> Response
                 (Ok(answer), true) => respond(
                     StatusCode::CREATED,
                     "text/html; charset=utf-8",
-                    super::status_page::render_new_peer(&state.config, &answer, token.as_deref()),
+                    super::status_page::render_new_peer(&state.config, &answer, &page_query(&state)),
                 ),
                 (Err(r), false) => error(r.status, &r.message),
-                (Err(r), true) => refused_page(&r, token.as_deref()),
+                (Err(r), true) => refused_page(&r, &page_query(&state)),
             }
         }
         (&Method::DELETE, ["api", "vpn", "peers", name]) | (&Method::POST, ["api", "vpn", "peers", name, "remove"]) => {
@@ -430,7 +473,7 @@ async fn answer(state: Arc<SupervisorState>, req: Request<Incoming>) -> Response
                     serde_json::json!({ "ok": true, "peer": name, "action": "remove" }),
                 ),
                 (Err(r), false) => error(r.status, &r.message),
-                (Err(r), true) => refused_page(&r, token.as_deref()),
+                (Err(r), true) => refused_page(&r, &page_query(&state)),
             }
         }
         (_, ["api", ..]) | (_, ["metrics"]) | (_, ["healthz"]) => error(
@@ -442,11 +485,11 @@ async fn answer(state: Arc<SupervisorState>, req: Request<Incoming>) -> Response
 }
 
 /// A refused form action as a page (a person sent it from the status page).
-fn refused_page(r: &Refusal, token: Option<&str>) -> Response<Body> {
+fn refused_page(r: &Refusal, q: &str) -> Response<Body> {
     respond(
         r.status,
         "text/html; charset=utf-8",
-        super::status_page::render_refusal(&r.message, token),
+        super::status_page::render_refusal(&r.message, q),
     )
 }
 

@@ -194,6 +194,9 @@ pub struct SupervisorState {
     pub children: Arc<ChildSet>,
     /// Whether this process reaps orphaned descendants (the binary, not tests).
     adopt_orphans: bool,
+    /// Secret of the status page's forms (random per process): an action whose
+    /// `Origin` is another site must carry it (see `admin::same_site`).
+    pub csrf: String,
     supervised: Mutex<Vec<String>>,
 }
 
@@ -227,6 +230,7 @@ impl SupervisorState {
             ready: AtomicBool::new(false),
             children: Arc::new(ChildSet::default()),
             adopt_orphans,
+            csrf: format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>()),
             supervised: Mutex::new(Vec::new()),
         })
     }

@@ -55,8 +55,7 @@ fn badge(class: &str, text: &str) -> String {
 }
 
 /// The page.
-pub fn render(report: &StatusReport, token: Option<&str>) -> String {
-    let q = token.map_or_else(String::new, |t| format!("?token={}", escape(t)));
+pub fn render(report: &StatusReport, q: &str) -> String {
     let mut html = String::with_capacity(16 * 1024);
     let consul = &report.consul;
     let consul_text = match (consul.reachable, consul.leader.as_deref()) {
@@ -219,7 +218,7 @@ pub fn render(report: &StatusReport, token: Option<&str>) -> String {
     }
     html.push_str("</ul></section>");
 
-    vpn_section(&mut html, &report.vpn, &q);
+    vpn_section(&mut html, &report.vpn, q);
 
     let _ = writeln!(
         html,
@@ -317,8 +316,7 @@ fn page_start(title: &str, subtitle: &str) -> String {
 /// The answer to "add peer" from the page: the client config in a `<pre>`,
 /// the QR code inline (scan it with the WireGuard app), a download link, and
 /// the way back. The private key is in this page only.
-pub fn render_new_peer(config: &Config, peer: &NewPeerAnswer, token: Option<&str>) -> String {
-    let q = token.map_or_else(String::new, |t| format!("?token={}", escape(t)));
+pub fn render_new_peer(config: &Config, peer: &NewPeerAnswer, q: &str) -> String {
     let mut html = page_start(
         &format!("peer {} added", peer.name),
         &format!("tunnel address {} on {}", peer.address, config.vpn.interface),
@@ -344,8 +342,7 @@ pub fn render_new_peer(config: &Config, peer: &NewPeerAnswer, token: Option<&str
 }
 
 /// A refused form action (duplicate name, vpn off ...) as a page with the reason.
-pub fn render_refusal(message: &str, token: Option<&str>) -> String {
-    let q = token.map_or_else(String::new, |t| format!("?token={}", escape(t)));
+pub fn render_refusal(message: &str, q: &str) -> String {
     let mut html = page_start("not done", "wayfinder admin");
     let _ = write!(
         html,

@@ -549,6 +549,39 @@ async fn admin_api_actions_and_metrics() {
         |d| d.answers() == ["10.7.0.2"],
     )
     .await;
+    // Cross-site requests: another page's POST (its Origin names another site)
+    // is refused unless it carries the status page's form secret; the page's
+    // own origin is fine.
+    let from = |origin: &'static str, path: String| {
+        let client = client.clone();
+        async move {
+            let resp = client.post(path).header("Origin", origin).send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    let restart = format!("http://{}/api/dns/reload", up.admin);
+    let (code, body) = from("http://evil.example", restart.clone()).await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("cross-site"), "{body}");
+    assert_eq!(from("null", restart.clone()).await.0, 403);
+    let own: &'static str = Box::leak(format!("http://{}", up.admin).into_boxed_str());
+    assert_eq!(from(own, restart.clone()).await.0, 202);
+    let page = client
+        .get(format!("http://{}/", up.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let secret = page
+        .split("csrf=")
+        .nth(1)
+        .and_then(|rest| rest.split(['"', '&']).next())
+        .expect("the page's forms carry the form secret")
+        .to_string();
+    assert_eq!(from("null", format!("{restart}?csrf={secret}")).await.0, 202);
+    assert_eq!(from("null", format!("{restart}?csrf=0{secret}")).await.0, 403);
     // Refusals.
     assert_eq!(post("/api/units/nope/restart".into()).await.0, 404);
     let (code, body) = post("/api/units/consul/restart".into()).await;

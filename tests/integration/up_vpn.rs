@@ -528,7 +528,7 @@ fn status_page_adds_and_removes_vpn_peers_in_headless_chromium() {
     assert_eq!(code, 200);
     assert!(page.contains("No peers yet"), "{page}");
     let add = form_with(&page, "add-peer");
-    assert!(add.contains("action=\"/api/vpn/peers\""), "{add}");
+    assert!(add.contains("action=\"/api/vpn/peers?csrf="), "{add}");
 
     let dir = app.dir.path();
     let out = chromium(
