@@ -13,6 +13,7 @@
 #   SECONDS       length of one wrk run, seconds                             (5)
 #   CONNECTIONS   wrk -c: client connections, all keep-alive                 (64)
 #   WRK_CPU       CPU list wrk is pinned to with taskset; empty = none       (last CPU)
+#   WF_WORKERS    Wayfinder's `[lb] workers` (proxy threads); empty = its default (one per CPU)
 #   KEEP_TMP=1    keep the temp dir (configs, logs, raw wrk output)
 #
 # Method (shared/notes/environment.md): absolute numbers on a 2-core shared machine
@@ -95,6 +96,7 @@ curl -sf --max-time 5 -X PUT "http://127.0.0.1:$p_http/v1/kv/haproxy/web/maxconn
 # X-Unique-ID, as Wayfinder does (and PanteraS's HAProxy did), so all three do the
 # same work per request.
 write_lb_config "$p_http" "$p_cdns" "$p_wf"
+[ -n "${WF_WORKERS:-}" ] && echo "workers = $WF_WORKERS" >>"$tmp/wayfinder.toml"
 start wayfinder env RUST_LOG=warn "$wayfinder" lb -c "$tmp/wayfinder.toml"
 
 write_haproxy_config "$haproxy_bin" "$p_hap" "$p_b1" "$p_b2"
