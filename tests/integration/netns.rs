@@ -162,6 +162,19 @@ pub fn link(a: &Netns, a_if: &str, a_addr: &str, b: &Netns, b_if: &str, b_addr: 
     b.ip(&format!("link set {b_if} up"));
 }
 
+/// A veth pair from a port of `bridge` in `switch` to `host` (named `host_if`,
+/// address `host_addr` with prefix): a host plugged into a switch.
+pub fn link_to_bridge(switch: &Netns, bridge: &str, port: &str, host: &Netns, host_if: &str, host_addr: &str) {
+    switch.ip(&format!(
+        "link add {port} type veth peer name {host_if} netns {}",
+        host.name
+    ));
+    switch.ip(&format!("link set {port} master {bridge}"));
+    switch.ip(&format!("link set {port} up"));
+    host.ip(&format!("addr add {host_addr} dev {host_if}"));
+    host.ip(&format!("link set {host_if} up"));
+}
+
 /// A wireguard-go interface in a namespace: the laptop's WireGuard.
 pub struct WireguardGo {
     /// Interface name (also its /var/run/wireguard socket name).

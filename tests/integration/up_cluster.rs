@@ -4,93 +4,60 @@
 //! its own agent. One host is cut off (its link down): dns and lb on the other
 //! two keep answering, and the cut host's instance drops out.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{require, wayfinder_bin};
+use crate::harness::{die_with_parent, require, wayfinder_bin};
+use crate::netns::{Netns, link_to_bridge};
 
-/// Runs `ip <args>`, panicking with its stderr on failure.
-fn ip(args: &[&str]) {
-    let out = Command::new(require("ip")).args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// `ip netns exec <ns> <program> <args>` as a command.
-fn in_ns(ns: &str, program: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(require("ip"));
-    cmd.args(["netns", "exec", ns]).arg(program).args(args);
-    cmd
-}
-
-/// The bridge, the namespaces and their links, removed on drop.
+/// The hosts' network: a switch namespace holding one bridge, with a port per host.
 struct Net {
-    bridge: String,
-    hosts: Vec<(String, String)>,
+    switch: Netns,
+    /// The switch-side port of each host's link (down = that host is cut off).
+    ports: Vec<String>,
 }
 
 impl Net {
-    /// `count` namespaces with `10.99.0.<i+1>/24` on eth0, all on one new bridge.
-    fn create(count: usize) -> Self {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let tag = format!("{}{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed));
-        let net = Net {
-            bridge: format!("wfb{tag}"),
-            hosts: (1..=count)
-                .map(|i| (format!("wfup-{tag}-h{i}"), format!("wfv{tag}h{i}")))
-                .collect(),
-        };
-        ip(&["link", "add", &net.bridge, "type", "bridge"]);
-        ip(&["link", "set", &net.bridge, "up"]);
-        for (i, (ns, veth)) in net.hosts.iter().enumerate() {
-            ip(&["netns", "add", ns]);
-            let peer = format!("{veth}p");
-            ip(&["link", "add", veth, "type", "veth", "peer", "name", &peer]);
-            ip(&["link", "set", &peer, "netns", ns]);
-            ip(&["link", "set", veth, "master", &net.bridge]);
-            ip(&["link", "set", veth, "up"]);
-            let addr = format!("10.99.0.{}/24", i + 1);
-            ip(&["-n", ns, "link", "set", &peer, "name", "eth0"]);
-            ip(&["-n", ns, "addr", "add", &addr, "dev", "eth0"]);
-            ip(&["-n", ns, "link", "set", "eth0", "up"]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
+    /// `count` hosts with `10.99.0.<i+1>/24` on eth0, all on one bridge.
+    fn create(count: usize) -> (Self, Vec<Netns>) {
+        let switch = Netns::new();
+        switch.ip("link add br0 type bridge");
+        switch.ip("link set br0 up");
+        let mut ports = Vec::new();
+        let mut hosts = Vec::new();
+        for i in 1..=count {
+            let host = Netns::new();
+            let port = format!("h{i}");
+            link_to_bridge(&switch, "br0", &port, &host, "eth0", &format!("10.99.0.{i}/24"));
+            ports.push(port);
+            hosts.push(host);
         }
-        net
+        (Net { switch, ports }, hosts)
     }
 }
 
-impl Drop for Net {
-    fn drop(&mut self) {
-        for (ns, veth) in &self.hosts {
-            let _ = Command::new("ip").args(["link", "del", veth]).output();
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
-    }
-}
-
-/// One host's `wayfinder up`, killed with its children on drop.
+/// One host's `wayfinder up` in its namespace, stopped (SIGTERM, then SIGKILL
+/// after 10 s) before the namespace goes.
 struct Host {
-    ns: String,
-    ip: String,
     child: Option<Child>,
+    ip: String,
     log: PathBuf,
+    ns: Netns,
 }
 
 impl Host {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
-}
 
-impl Host {
+    /// `program args` in this host's namespace.
+    fn cmd(&self, program: &Path, args: &[&str]) -> Command {
+        let mut cmd = self.ns.cmd(program.to_str().expect("program path"));
+        cmd.args(args);
+        cmd
+    }
+
     /// Asks its `up` to stop (SIGTERM); drop waits for it.
     fn terminate(&self) {
         if let Some(c) = &self.child {
@@ -134,8 +101,7 @@ fn nginx_conf(dir: &Path, ip: &str, name: &str) -> PathBuf {
     conf
 }
 
-fn start_host(net: &Net, i: usize, base: &Path) -> Host {
-    let (ns, _) = &net.hosts[i];
+fn start_host(ns: Netns, i: usize, count: usize, base: &Path) -> Host {
     let ip = format!("10.99.0.{}", i + 1);
     let dir = base.join(format!("h{}", i + 1));
     std::fs::create_dir_all(&dir).unwrap();
@@ -156,12 +122,13 @@ fn start_host(net: &Net, i: usize, base: &Path) -> Host {
         ),
     )
     .unwrap();
-    let joins = (1..=net.hosts.len())
+    let joins = (1..=count)
         .map(|h| format!("-join=10.99.0.{h}"))
         .collect::<Vec<_>>()
         .join(" ");
     let log = dir.join("up.log");
-    let mut cmd = in_ns(ns, wayfinder_bin(), &["up", "-c", config.to_str().unwrap()]);
+    let mut cmd = ns.cmd(wayfinder_bin().to_str().unwrap());
+    cmd.args(["up", "-c", config.to_str().unwrap()]);
     cmd.current_dir(&dir).env("RUST_LOG", "info");
     for (var, _) in wayfinder::env::VARS {
         cmd.env_remove(var);
@@ -179,31 +146,28 @@ fn start_host(net: &Net, i: usize, base: &Path) -> Host {
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .stderr(std::fs::File::create(&log).unwrap());
-    // SAFETY: prctl is async-signal-safe; `ip netns exec` execs wayfinder in
-    // this same process, which keeps the flag.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
+    // `ip netns exec` execs wayfinder in the same process, which keeps the
+    // parent-death signal.
+    let child = die_with_parent(&mut cmd)
+        .spawn()
+        .expect("start wayfinder up in its namespace");
     Host {
-        ns: ns.clone(),
-        child: Some(cmd.spawn().expect("start wayfinder up in its namespace")),
+        child: Some(child),
         ip,
         log,
+        ns,
     }
 }
 
 /// `dig` in `host`'s namespace against its own Wayfinder dns: (status, answers).
 fn dig(host: &Host, name: &str) -> (String, Vec<String>) {
-    let out = in_ns(
-        &host.ns,
-        &require("dig"),
-        &[&format!("@{}", host.ip), "+tries=1", "+time=2", name, "A"],
-    )
-    .output()
-    .expect("run dig");
+    let out = host
+        .cmd(
+            &require("dig"),
+            &[&format!("@{}", host.ip), "+tries=1", "+time=2", name, "A"],
+        )
+        .output()
+        .expect("run dig");
     let d = crate::harness::Dig {
         out: String::from_utf8_lossy(&out.stdout).into_owned(),
         took: Duration::ZERO,
@@ -213,22 +177,22 @@ fn dig(host: &Host, name: &str) -> (String, Vec<String>) {
 
 /// An HTTP GET through `host`'s lb with `Host: web.service.consul`: (status, body).
 fn get(host: &Host) -> (String, String) {
-    let out = in_ns(
-        &host.ns,
-        &require("curl"),
-        &[
-            "-s",
-            "-m",
-            "3",
-            "-H",
-            "Host: web.service.consul",
-            "-w",
-            "\n%{http_code}",
-            &format!("http://{}/", host.ip),
-        ],
-    )
-    .output()
-    .expect("run curl");
+    let out = host
+        .cmd(
+            &require("curl"),
+            &[
+                "-s",
+                "-m",
+                "3",
+                "-H",
+                "Host: web.service.consul",
+                "-w",
+                "\n%{http_code}",
+                &format!("http://{}/", host.ip),
+            ],
+        )
+        .output()
+        .expect("run curl");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
     (code.to_string(), body.to_string())
@@ -241,20 +205,20 @@ fn register(host: &Host, i: usize) {
         "Tags": ["haproxy"],
         "Check": { "HTTP": format!("http://{}:8080/", host.ip), "Interval": "1s", "Timeout": "500ms" },
     });
-    let out = in_ns(
-        &host.ns,
-        &require("curl"),
-        &[
-            "-sf",
-            "-X",
-            "PUT",
-            "-d",
-            &body.to_string(),
-            &format!("http://{}:8500/v1/agent/service/register", host.ip),
-        ],
-    )
-    .output()
-    .unwrap();
+    let out = host
+        .cmd(
+            &require("curl"),
+            &[
+                "-sf",
+                "-X",
+                "PUT",
+                "-d",
+                &body.to_string(),
+                &format!("http://{}:8500/v1/agent/service/register", host.ip),
+            ],
+        )
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "register on h{}: {}",
@@ -274,7 +238,7 @@ fn wait_until(limit: Duration, what: &str, hosts: &[Host], mut f: impl FnMut() -
                     let tail: Vec<&str> = log.lines().rev().take(15).collect();
                     format!(
                         "--- {}:\n{}",
-                        h.ns,
+                        h.ns.name,
                         tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                     )
                 })
@@ -290,9 +254,13 @@ fn three_masters_survive_one_host_cut_off() {
     for p in ["consul", "nginx", "dig", "curl", "ip"] {
         require(p);
     }
-    let net = Net::create(3);
+    let (net, namespaces) = Net::create(3);
     let base = tempfile::tempdir().unwrap();
-    let hosts: Vec<Host> = (0..3).map(|i| start_host(&net, i, base.path())).collect();
+    let hosts: Vec<Host> = namespaces
+        .into_iter()
+        .enumerate()
+        .map(|(i, ns)| start_host(ns, i, 3, base.path()))
+        .collect();
     let started = Instant::now();
 
     // The cluster forms (three servers, one leader) and every agent takes its
@@ -303,8 +271,7 @@ fn three_masters_survive_one_host_cut_off() {
             &format!("h{} consul up", i + 1),
             &hosts,
             || {
-                in_ns(
-                    &h.ns,
+                h.cmd(
                     &require("curl"),
                     &["-sf", &format!("http://{}:8500/v1/status/leader", h.ip)],
                 )
@@ -320,13 +287,13 @@ fn three_masters_survive_one_host_cut_off() {
     for h in &hosts {
         wait_until(
             Duration::from_secs(20),
-            &format!("{}: three passing instances", h.ns),
+            &format!("{}: three passing instances", h.ns.name),
             &hosts,
             || dig(h, "web.service.consul").1 == all,
         );
         wait_until(
             Duration::from_secs(10),
-            &format!("{}: lb routes web", h.ns),
+            &format!("{}: lb routes web", h.ns.name),
             &hosts,
             || get(h).0 == "200",
         );
@@ -334,7 +301,7 @@ fn three_masters_survive_one_host_cut_off() {
 
     println!("cluster formed and serving after {:?}", started.elapsed());
     // Cut host 3 off.
-    ip(&["link", "set", &net.hosts[2].1, "down"]);
+    net.switch.ip(&format!("link set {} down", net.ports[2]));
     let cut = Instant::now();
 
     // The other two keep answering, dns and lb, all the while.
@@ -343,11 +310,23 @@ fn three_masters_survive_one_host_cut_off() {
     while cut.elapsed() < Duration::from_secs(6) {
         for h in survivors {
             let (status, answers) = dig(h, "web.service.consul");
-            assert_eq!(status, "NOERROR", "{}: dns after the cut ({:?})", h.ns, cut.elapsed());
-            assert!(!answers.is_empty(), "{}: no instances after the cut", h.ns);
+            assert_eq!(
+                status,
+                "NOERROR",
+                "{}: dns after the cut ({:?})",
+                h.ns.name,
+                cut.elapsed()
+            );
+            assert!(!answers.is_empty(), "{}: no instances after the cut", h.ns.name);
             let (code, body) = get(h);
-            assert_eq!(code, "200", "{}: lb after the cut ({:?}): {body}", h.ns, cut.elapsed());
-            assert!(body == "web-h1" || body == "web-h2", "{}: {body}", h.ns);
+            assert_eq!(
+                code,
+                "200",
+                "{}: lb after the cut ({:?}): {body}",
+                h.ns.name,
+                cut.elapsed()
+            );
+            assert!(body == "web-h1" || body == "web-h2", "{}: {body}", h.ns.name);
             answered += 1;
         }
     }
@@ -356,7 +335,7 @@ fn three_masters_survive_one_host_cut_off() {
     for h in survivors {
         wait_until(
             Duration::from_secs(30),
-            &format!("{}: h3's instance gone", h.ns),
+            &format!("{}: h3's instance gone", h.ns.name),
             &hosts,
             || dig(h, "web.service.consul").1 == ["10.99.0.1", "10.99.0.2"],
         );
