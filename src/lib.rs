@@ -13,6 +13,7 @@ pub mod config;
 pub mod consul;
 pub mod dns;
 pub mod env;
+pub mod http_server;
 pub mod lb;
 pub mod signals;
 pub mod supervisor;

@@ -11,7 +11,6 @@
 //! Everything here runs per status request, never per proxied request.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,8 +21,6 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -34,9 +31,6 @@ use super::proxy::{ProxyBody, error_page, html};
 use super::stats::{LATENCY_BUCKETS_US, RequestSnapshot};
 use super::table::Backend;
 use super::tls::CertInfo;
-
-/// How long the stats listener waits for a request head.
-const STATUS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The whole lb, as the status page and the admin API show it.
 #[derive(Debug, Clone, Serialize)]
@@ -287,38 +281,9 @@ fn answer(state: &LbState, req: &Request<Incoming>) -> Response<ProxyBody> {
 
 /// Serves the stats listener until shutdown.
 pub async fn serve(listener: TcpListener, state: Arc<LbState>, shutdown: CancellationToken, tasks: TaskTracker) {
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "lb stats accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let state = state.clone();
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            let service = service_fn(move |req| {
-                let resp = answer(&state, &req);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(STATUS_HEADER_TIMEOUT);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
-    }
+    let handler = move |req: Request<Incoming>| {
+        let resp = answer(&state, &req);
+        async move { resp }
+    };
+    crate::http_server::serve(listener, "lb stats", handler, shutdown, tasks).await;
 }

@@ -24,7 +24,6 @@
 //! people, not a hot path); everything else comes from in-process state.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -33,8 +32,6 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -46,8 +43,6 @@ use super::{Addresses, ConsulHealth, SupervisorState, lock};
 use crate::consul::ConsulClient;
 use crate::lb::status::LbStatus;
 
-/// How long a client may take to send a request head.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on each Consul read behind one status request.
 const CONSUL_READ_TIMEOUT: Duration = Duration::from_secs(3);
 /// Services listed at most (the page is for people).
@@ -513,43 +508,13 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Refusal> {
 
 /// Serves the admin endpoint until `shutdown`.
 pub async fn serve(listener: TcpListener, state: Arc<SupervisorState>, shutdown: CancellationToken) {
-    let connections = TaskTracker::new();
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, token = state.config.supervisor.token.is_some(), "admin endpoint listening");
         lock(&state.addresses).admin = Some(addr);
     }
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let state = state.clone();
-        let shutdown = shutdown.clone();
-        connections.spawn(async move {
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(answer(state, req).await) }
-            });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
-                }
-            }
-        });
-    }
+    let connections = TaskTracker::new();
+    let handler = move |req| answer(state.clone(), req);
+    crate::http_server::serve(listener, "admin", handler, shutdown, connections.clone()).await;
     connections.close();
     connections.wait().await;
 }
