@@ -31,6 +31,25 @@ impl Up {
     /// endpoint goes on 127.0.0.1:0 (unless the text sets it); dns and lb use
     /// whatever addresses the text gives.
     async fn start(toml: &str, vars: &[(&str, &str)]) -> Self {
+        Self::try_start(toml, vars)
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"))
+    }
+
+    /// [`Self::start`] for text whose ports `make` picks with `free_port`: a
+    /// port a parallel test took since it was seen free means new ports.
+    async fn start_on_free_ports(make: impl Fn() -> String, vars: &[(&str, &str)]) -> Self {
+        for _ in 0..4 {
+            match Self::try_start(&make(), vars).await {
+                Ok(up) => return up,
+                Err(e) if e.to_string().contains("in use") => continue,
+                Err(e) => panic!("bind: {e}"),
+            }
+        }
+        panic!("no free ports in 4 tries");
+    }
+
+    async fn try_start(toml: &str, vars: &[(&str, &str)]) -> Result<Self, wayfinder::supervisor::SupervisorError> {
         let env: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let mut file = wayfinder::config::parse(toml, "test.toml", &env).expect("test config parses");
         if file.supervisor.admin == "127.0.0.1:9000" {
@@ -41,7 +60,7 @@ impl Up {
         }
         let config = wayfinder::config::validate(&file, "test.toml").expect("test config validates");
         let plan = wayfinder::supervisor::roles::plan(&env, &config).expect("role plan");
-        let sockets = UpSockets::bind(&config, &plan).expect("bind");
+        let sockets = UpSockets::bind(&config, &plan)?;
         let addresses = sockets.addresses();
         let config = Arc::new(config);
         let state = SupervisorState::new(config.clone(), plan, false);
@@ -54,14 +73,14 @@ impl Up {
                     .expect("supervisor runs")
             }
         });
-        Up {
+        Ok(Up {
             state,
             admin: addresses.admin.expect("admin endpoint on"),
             dns: addresses.dns.first().copied(),
             lb: addresses.lb_http,
             shutdown,
             task: Some(task),
-        }
+        })
     }
 
     fn unit(&self, name: &str) -> UnitInfo {
@@ -285,19 +304,21 @@ async fn failing_component_ends_failed_while_dns_keeps_answering() {
         "-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n",
     )
     .unwrap();
-    let up = Up::start(
-        &format!(
-            "[consul]\nhttp = \"127.0.0.1:{}\"\n\
+    let up = Up::start_on_free_ports(
+        || {
+            format!(
+                "[consul]\nhttp = \"127.0.0.1:{}\"\n\
              [dns]\nlisten = [\"127.0.0.1:{}\"]\nworkers = 1\nzones_dir = {:?}\n\
              [lb]\nhttp = \"127.0.0.1:{}\"\nhttps = \"127.0.0.1:{}\"\nssl = true\ncerts = [{:?}]\n\
              stats = \"\"\nregister = \"\"\nworkers = 1\n",
-            free_port(),
-            free_port(),
-            dir.path().display().to_string(),
-            free_port(),
-            free_port(),
-            pem.display().to_string(),
-        ),
+                free_port(),
+                free_port(),
+                dir.path().display().to_string(),
+                free_port(),
+                free_port(),
+                pem.display().to_string(),
+            )
+        },
         &[("START_CONSUL", "false")],
     )
     .await;
@@ -359,16 +380,18 @@ fn zone(serial: u32, addr: &str) -> String {
 /// A supervisor with dns and lb against `consul` (an agent that is not ours:
 /// START_CONSUL=false) and one program, with the zones of a temp dir.
 async fn full_up(consul: &Consul, zones: &std::path::Path, extra: &str) -> Up {
-    Up::start(
-        &format!(
-            "{}[dns]\nlisten = [\"127.0.0.1:{}\"]\nworkers = 1\nzones_dir = {:?}\nzones_poll = \"1h\"\n\
+    Up::start_on_free_ports(
+        || {
+            format!(
+                "{}[dns]\nlisten = [\"127.0.0.1:{}\"]\nworkers = 1\nzones_dir = {:?}\nzones_poll = \"1h\"\n\
              [lb]\nhttp = \"127.0.0.1:{}\"\nstats = \"\"\nregister = \"\"\nworkers = 1\n\
              [[supervisor.program]]\nname = \"helper\"\ncommand = \"sleep\"\nargs = [\"1000\"]\n{extra}",
-            consul_section(consul),
-            free_port(),
-            zones.display().to_string(),
-            free_port(),
-        ),
+                consul_section(consul),
+                free_port(),
+                zones.display().to_string(),
+                free_port(),
+            )
+        },
         &[("START_CONSUL", "false")],
     )
     .await
