@@ -117,6 +117,39 @@ impl Netns {
         })
     }
 
+    /// `dig @server <args> +short` inside the namespace, one try of `secs`
+    /// seconds: the answer lines, trimmed.
+    pub fn dig_short(&self, server: &str, args: &[&str], secs: u32) -> String {
+        require("dig");
+        let server = format!("@{server}");
+        let time = format!("+time={secs}");
+        let mut all = vec![server.as_str()];
+        all.extend_from_slice(args);
+        all.extend(["+short", time.as_str(), "+tries=1"]);
+        String::from_utf8_lossy(&self.output("dig", &all).stdout)
+            .trim()
+            .to_string()
+    }
+
+    /// Asks `server` for `name SRV` until an answer names `port` (within
+    /// `limit`); on timeout the test fails with `context()` (a log, say).
+    pub fn wait_for_srv(&self, server: &str, name: &str, port: u16, limit: Duration, context: impl Fn() -> String) {
+        let deadline = Instant::now() + limit;
+        let want = format!(" {port} ");
+        loop {
+            let answer = self.dig_short(server, &[name, "SRV"], 1);
+            if answer.contains(&want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no SRV answer for {name} from {server} in {limit:?}: {answer:?}\n{}",
+                context()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// A counter of interface `dev` (`rx_packets`, `tx_bytes`, ...).
     pub fn counter(&self, dev: &str, name: &str) -> u64 {
         let out = self.output("cat", &[&format!("/sys/class/net/{dev}/statistics/{name}")]);

@@ -140,6 +140,17 @@ impl Appliance {
         v
     }
 
+    /// Unit `name` as `/api/status` reports it.
+    fn unit(&self, name: &str) -> serde_json::Value {
+        let status = self.status();
+        let units = status["units"].as_array().expect("units");
+        units
+            .iter()
+            .find(|u| u["name"] == name)
+            .unwrap_or_else(|| panic!("no unit {name} in {units:?}"))
+            .clone()
+    }
+
     /// `/metrics` as (name, labels) -> value.
     fn metrics(&self) -> (String, Metrics) {
         let (code, text) = self.http("GET", "/metrics", None);
@@ -270,44 +281,15 @@ fn up_runs_the_vpn_and_the_admin_api_manages_its_peers() {
             app.log()
         );
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = laptop_ns.output(
-            "dig",
-            &[
-                &format!("@{TUNNEL}"),
-                "web.service.consul",
-                "SRV",
-                "+short",
-                "+time=1",
-                "+tries=1",
-            ],
-        );
-        let answer = String::from_utf8_lossy(&out.stdout);
-        if answer.contains(" 8080 ") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no SRV answer through the tunnel: {answer}\nup log:\n{}",
-            app.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let up_log = || format!("up log:\n{}", app.log());
+    laptop_ns.wait_for_srv(TUNNEL, "web.service.consul", 8080, Duration::from_secs(20), up_log);
 
     // A restart of the vpn unit (new socket, new TUN) keeps the laptop's
     // session: it gets through again at once, dns on the tunnel address too.
     let (code, v) = app.json("POST", "/api/units/vpn/restart", None);
     assert_eq!(code, 202, "{v:#}");
     app.wait(Duration::from_secs(10), "the vpn restarted", |a| {
-        let status = a.status();
-        let unit = status["units"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|u| u["name"] == "vpn")
-            .unwrap()
-            .clone();
+        let unit = a.unit("vpn");
         unit["state"] == "running" && unit["restarts"] == 1
     });
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -318,35 +300,17 @@ fn up_runs_the_vpn_and_the_admin_api_manages_its_peers() {
             app.log()
         );
     }
-    let out = laptop_ns.output(
-        "dig",
-        &[
-            &format!("@{TUNNEL}"),
-            "web.service.consul",
-            "SRV",
-            "+short",
-            "+time=2",
-            "+tries=2",
-        ],
-    );
+    let answer = laptop_ns.dig_short(TUNNEL, &["web.service.consul", "SRV"], 3);
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains(" 8080 "),
-        "dns on the tunnel after the vpn restart: {}",
-        String::from_utf8_lossy(&out.stdout)
+        answer.contains(" 8080 "),
+        "dns on the tunnel after the vpn restart: {answer}"
     );
 
     // The TUN interface deleted under the running vpn: the unit fails, is
     // restarted after its backoff with a new interface, and the session goes on.
     app.ns.ip(&format!("link del {}", app.interface));
     app.wait(Duration::from_secs(10), "the vpn back after losing its TUN", |a| {
-        let status = a.status();
-        let unit = status["units"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|u| u["name"] == "vpn")
-            .unwrap()
-            .clone();
+        let unit = a.unit("vpn");
         unit["state"] == "running"
             && unit["restarts"] == 2
             && unit["last_exit"]

@@ -467,39 +467,19 @@ fn laptop_resolves_consul_services_through_the_tunnel() {
     });
     let (laptop, _wg) = lab.wireguard_laptop("laptop");
     wait_ping(&laptop, SERVER, &lab);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = laptop.ns.output(
-            "dig",
-            &[
-                "@10.200.0.1",
-                "web.service.consul",
-                "SRV",
-                "+short",
-                "+time=1",
-                "+tries=1",
-            ],
-        );
-        let answer = String::from_utf8_lossy(&out.stdout);
-        if answer.contains(" 8080 ") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no SRV answer through the tunnel: {answer}\ndns log:\n{}",
-            std::fs::read_to_string(&dns_log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let out = laptop.ns.output(
-        "dig",
-        &["@10.200.0.1", "www.example.test", "A", "+short", "+time=2", "+tries=2"],
+    let dns_log_text = || format!("dns log:\n{}", std::fs::read_to_string(&dns_log).unwrap_or_default());
+    laptop.ns.wait_for_srv(
+        SERVER,
+        "web.service.consul",
+        8080,
+        Duration::from_secs(20),
+        dns_log_text,
     );
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+        laptop.ns.dig_short(SERVER, &["www.example.test", "A"], 3),
         "192.0.2.80",
-        "a non-Consul name through the tunnel goes to the upstreams; dns log:\n{}",
-        std::fs::read_to_string(&dns_log).unwrap_or_default()
+        "a non-Consul name through the tunnel goes to the upstreams; {}",
+        dns_log_text()
     );
 }
 
