@@ -831,6 +831,32 @@ pub async fn get_with(
     (status, resp.text().await.unwrap_or_default(), headers)
 }
 
+/// GETs `/` through the lb at `addr` with `Host: host` until it answers 200
+/// (within `limit`); returns that body. On timeout the test fails with the last
+/// answer and `context()` (the routing table, a log ...).
+pub async fn wait_routed(
+    client: &reqwest::Client,
+    addr: SocketAddr,
+    host: &str,
+    limit: Duration,
+    context: impl Fn() -> String,
+) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let last = match client.get(format!("http://{addr}/")).header("Host", host).send().await {
+            Ok(resp) if resp.status() == 200 => return resp.text().await.unwrap_or_default(),
+            Ok(resp) => format!("{} {}", resp.status(), resp.text().await.unwrap_or_default()),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            Instant::now() < deadline,
+            "the lb never routed {host} in {limit:?} (last: {last})\n{}",
+            context()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A new keep-alive client (one per test runtime).
 pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()

@@ -13,7 +13,7 @@ use wayfinder::supervisor::unit::{UnitInfo, UnitState};
 use wayfinder::supervisor::{SupervisorState, UpSockets};
 
 use crate::harness::{
-    Consul, HttpBackend, consul_section, dig_until, eventually, free_port, http_client, require, unique,
+    Consul, HttpBackend, consul_section, dig_until, eventually, free_port, http_client, require, unique, wait_routed,
 };
 
 /// `wayfinder up`'s supervisor running in this test.
@@ -441,21 +441,9 @@ async fn admin_api_actions_and_metrics() {
         |d| d.answers() == ["10.7.0.1"],
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let resp = client
-            .get(format!("http://{lb}/"))
-            .header("Host", format!("{svc}.service.consul"))
-            .send()
-            .await
-            .unwrap();
-        if resp.status() == 200 {
-            assert_eq!(resp.text().await.unwrap(), "admin-backend");
-            break;
-        }
-        assert!(Instant::now() < deadline, "lb never routed {svc}: {}", lb_routes(&up));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let host = format!("{svc}.service.consul");
+    let body = wait_routed(&client, lb, &host, Duration::from_secs(30), || lb_routes(&up)).await;
+    assert_eq!(body, "admin-backend");
 
     let get_json = |path: &'static str| {
         let client = client.clone();
@@ -832,19 +820,8 @@ async fn status_page_in_headless_chromium() {
     let lb = up.lb.unwrap();
     let client = http_client();
     // Wait until the lb routes it, so the page shows its URL.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client
-        .get(format!("http://{lb}/"))
-        .header("Host", format!("{svc}.service.consul"))
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
-        != 200
-    {
-        assert!(Instant::now() < deadline, "lb never routed {svc}: {}", lb_routes(&up));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let host = format!("{svc}.service.consul");
+    wait_routed(&client, lb, &host, Duration::from_secs(30), || lb_routes(&up)).await;
 
     let url = format!("http://{}/", up.admin);
     let out = chromium(&url, &["--dump-dom".to_string()]).await;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Nginx, dig_until, free_port, http_client, http_put, require, unique, wayfinder_bin};
+use crate::harness::{Nginx, dig_until, free_port, http_client, http_put, require, unique, wait_routed, wayfinder_bin};
 
 /// `wayfinder <args>` with none of the variables Wayfinder reads inherited.
 fn wayfinder(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
@@ -285,23 +285,9 @@ async fn up_starts_consul_dns_lb_and_sigterm_leaves_nothing() {
     .await;
     assert!(srv.answers()[0].contains(&nginx.addr.port().to_string()), "{}", srv.out);
     let client = http_client();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let resp = client
-            .get(format!("http://{lb}/"))
-            .header("Host", format!("{svc}.service.consul"))
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        if status == 200 {
-            assert_eq!(text, "e2e-nginx");
-            break;
-        }
-        assert!(Instant::now() < deadline, "lb: {status} {text}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let host = format!("{svc}.service.consul");
+    let body = wait_routed(&client, lb, &host, Duration::from_secs(10), String::new).await;
+    assert_eq!(body, "e2e-nginx");
 
     // `wayfinder status` in the terminal.
     let out = wayfinder(dir.path(), &["status", "--admin", &admin.to_string()], &[])
