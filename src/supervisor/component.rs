@@ -229,14 +229,8 @@ pub async fn supervise(
                         }
                     }
                     Verdict::Retry(delay) => {
-                        handle.set_state(UnitState::Backoff);
-                        tokio::select! {
-                            _ = shutdown.cancelled() => {
-                                handle.set_state(UnitState::Stopped);
-                                return;
-                            }
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = handle.restart.notified() => backoff.reset(),
+                        if !handle.wait_out_backoff(delay, &mut backoff, &shutdown).await {
+                            return;
                         }
                     }
                 }

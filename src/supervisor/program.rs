@@ -232,15 +232,9 @@ pub async fn supervise(
                     true
                 }
                 Verdict::Retry(delay) => {
-                    handle.set_state(UnitState::Backoff);
                     tracing::info!(program = %config.name, ?delay, "restarting after backoff");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => {
-                            handle.set_state(UnitState::Stopped);
-                            return;
-                        }
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = handle.restart.notified() => backoff.reset(),
+                    if !handle.wait_out_backoff(delay, &mut backoff, &shutdown).await {
+                        return;
                     }
                     false
                 }

@@ -128,6 +128,29 @@ impl UnitHandle {
         }
     }
 
+    /// Sits out a restart backoff of `delay` in state `backoff`: an admin
+    /// restart ends it early (and starts the backoff over). False when
+    /// `shutdown` came first (the unit is then `stopped`).
+    pub async fn wait_out_backoff(
+        &self,
+        delay: Duration,
+        backoff: &mut Backoff,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> bool {
+        self.set_state(UnitState::Backoff);
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                self.set_state(UnitState::Stopped);
+                false
+            }
+            _ = tokio::time::sleep(delay) => true,
+            _ = self.restart.notified() => {
+                backoff.reset();
+                true
+            }
+        }
+    }
+
     fn with<R>(&self, f: impl FnOnce(&mut (UnitInfo, Option<Instant>)) -> R) -> R {
         // A poisoned lock only means a panic elsewhere mid-update; the data is
         // plain values and still usable.
