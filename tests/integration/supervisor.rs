@@ -379,6 +379,23 @@ fn zone(serial: u32, addr: &str) -> String {
 
 /// A supervisor with dns and lb against `consul` (an agent that is not ours:
 /// START_CONSUL=false) and one program, with the zones of a temp dir.
+/// An HTTP backend answering `answer`, registered in `consul` as instance
+/// `<svc>-1` of a new service `<prefix>...` tagged `haproxy` (TTL check,
+/// passing): (service name, backend).
+async fn tagged_backend(consul: &Consul, prefix: &str, answer: &str) -> (String, HttpBackend) {
+    let svc = unique(prefix);
+    let backend = HttpBackend::start(answer).await;
+    consul.register(
+        &format!("{svc}-1"),
+        &svc,
+        "127.0.0.1",
+        backend.addr.port(),
+        &["haproxy"],
+        true,
+    );
+    (svc, backend)
+}
+
 async fn full_up(consul: &Consul, zones: &std::path::Path, extra: &str) -> Up {
     Up::start_on_free_ports(
         || {
@@ -409,16 +426,7 @@ async fn admin_api_actions_and_metrics() {
     let consul = &Consul::start();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("up.internal.zone"), zone(1, "10.7.0.1")).unwrap();
-    let svc = unique("adminweb");
-    let backend = HttpBackend::start("admin-backend").await;
-    consul.register(
-        &format!("{svc}-1"),
-        &svc,
-        "127.0.0.1",
-        backend.addr.port(),
-        &["haproxy"],
-        true,
-    );
+    let (svc, backend) = tagged_backend(consul, "adminweb", "admin-backend").await;
     let up = full_up(consul, dir.path(), "").await;
     let client = http_client();
     let dns = up.dns.unwrap();
@@ -802,16 +810,7 @@ async fn chromium(url: &str, args: &[String]) -> std::process::Output {
 async fn status_page_in_headless_chromium() {
     let consul = &Consul::start();
     let dir = tempfile::tempdir().unwrap();
-    let svc = unique("pageweb");
-    let backend = HttpBackend::start("page-backend").await;
-    consul.register(
-        &format!("{svc}-1"),
-        &svc,
-        "127.0.0.1",
-        backend.addr.port(),
-        &["haproxy"],
-        true,
-    );
+    let (svc, backend) = tagged_backend(consul, "pageweb", "page-backend").await;
     let up = full_up(consul, dir.path(), "").await;
     eventually(Duration::from_secs(10), "supervisor ready", || {
         up.state.ready.load(std::sync::atomic::Ordering::Relaxed)
