@@ -184,7 +184,10 @@ impl NetToTun {
                     return;
                 };
                 let buf = &mut self.bufs[self.ready];
-                buf.clear();
+                // Room for the packet: only bytes past what the previous packet
+                // left are zeroed, not the whole slot (the virtio header in front
+                // is written by the TUN side for every packet it sends).
+                buf.truncate(self.offset + udp::RECV_SLOT);
                 buf.resize(self.offset + udp::RECV_SLOT, 0);
                 let decrypted = {
                     let mut tunn = peer.lock();
