@@ -155,6 +155,7 @@ impl Lab {
 
 /// `ping -c <count>` from the laptop; true when every reply came.
 fn ping(laptop: &Laptop, target: &str, count: u32) -> bool {
+    require("ping");
     let out = laptop
         .ns
         .output("ping", &["-c", &count.to_string(), "-i", "0.05", "-W", "2", target]);
@@ -687,6 +688,7 @@ fn handshake_flood_gets_cookies_while_a_real_peer_keeps_working() {
 /// registry; `wg set ... remove` removes it.
 #[test]
 fn wg_set_over_the_control_socket_is_applied_and_persisted() {
+    require("wg");
     let mut lab = Lab::new("");
     lab.add_peer("laptop");
     lab.start_vpn();
