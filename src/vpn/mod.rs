@@ -390,18 +390,7 @@ impl VpnState {
             if list.iter().any(|p| p.name == name) {
                 return Err(VpnError::Peer(format!("a peer named `{name}` exists already")));
             }
-            let address = peers::next_free_address(subnet, list)
-                .ok_or_else(|| VpnError::Peer(format!("no free address left in {}", subnet.trunc())))?;
-            let record = PeerRecord {
-                name: name.to_string(),
-                public_key: keys::to_base64(&client_public),
-                address,
-                allowed_ips: Vec::new(),
-                created: SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_secs(),
-            };
+            let record = new_record(list, subnet, name.to_string(), keys::to_base64(&client_public))?;
             list.push(record.clone());
             Ok(record)
         })?;
@@ -446,18 +435,8 @@ impl VpnState {
             let at = match list.iter().position(|p| p.public_key == b64) {
                 Some(at) => at,
                 None => {
-                    let address = peers::next_free_address(subnet, list)
-                        .ok_or_else(|| VpnError::Peer(format!("no free address left in {}", subnet.trunc())))?;
-                    list.push(PeerRecord {
-                        name: format!("key-{}", &keys::to_hex(key)[..8]),
-                        public_key: b64.clone(),
-                        address,
-                        allowed_ips: Vec::new(),
-                        created: SystemTime::now()
-                            .duration_since(UNIX_EPOCH)
-                            .unwrap_or_default()
-                            .as_secs(),
-                    });
+                    let name = format!("key-{}", &keys::to_hex(key)[..8]);
+                    list.push(new_record(list, subnet, name, b64.clone())?);
                     list.len() - 1
                 }
             };
@@ -683,6 +662,28 @@ async fn watch_peers(state: Arc<VpnState>, shutdown: CancellationToken) {
             Err(_) => {}
         }
     }
+}
+
+/// A registry record for a new peer: the next free tunnel address of `subnet`
+/// (none left is an error), no extra networks, created now.
+fn new_record(
+    list: &[PeerRecord],
+    subnet: ipnet::Ipv4Net,
+    name: String,
+    public_key: String,
+) -> Result<PeerRecord, VpnError> {
+    let address = peers::next_free_address(subnet, list)
+        .ok_or_else(|| VpnError::Peer(format!("no free address left in {}", subnet.trunc())))?;
+    Ok(PeerRecord {
+        name,
+        public_key,
+        address,
+        allowed_ips: Vec::new(),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs(),
+    })
 }
 
 #[cfg(test)]
