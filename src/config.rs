@@ -94,6 +94,11 @@ pub struct LbSection {
     /// it gets 503. Default `5s`.
     #[serde(default = "default_lb_queue_timeout", with = "humantime_serde")]
     pub queue_timeout: Duration,
+    /// How long a request that arrives before the first routing table (built
+    /// from a complete read of Consul) waits for it before it gets 503, so a
+    /// restart never answers 503 for a service that exists. Default `10s`.
+    #[serde(default = "default_lb_ready_timeout", with = "humantime_serde")]
+    pub ready_timeout: Duration,
     /// Consul service name the lb registers itself under (with a TCP check), so
     /// that `dns.wildcard_targets = ["consul:wayfinder-lb"]` follows the live LB
     /// hosts. Default `wayfinder-lb`; `""` turns self-registration off.
@@ -149,6 +154,9 @@ fn default_lb_io_timeout() -> Duration {
 fn default_lb_queue_timeout() -> Duration {
     Duration::from_secs(5)
 }
+fn default_lb_ready_timeout() -> Duration {
+    Duration::from_secs(10)
+}
 fn default_lb_register() -> String {
     "wayfinder-lb".into()
 }
@@ -175,6 +183,11 @@ pub struct ConsulSection {
     /// This host's datacenter. Default `dc1`; `CONSUL_DC` overrides.
     #[serde(default = "default_consul_datacenter")]
     pub datacenter: String,
+    /// How often the whole catalog is read again, as a check on the changes the
+    /// watches reported (anything they missed is corrected and counted). Default
+    /// `5m`; at least `10s`.
+    #[serde(default = "default_consul_resync", with = "humantime_serde")]
+    pub resync: Duration,
 }
 
 /// How A/AAAA questions for `*.service.<consul domain>` are answered.
@@ -282,6 +295,9 @@ fn default_consul_domain() -> String {
 fn default_consul_datacenter() -> String {
     "dc1".into()
 }
+fn default_consul_resync() -> Duration {
+    Duration::from_secs(300)
+}
 fn default_dns_listen() -> Vec<SocketAddr> {
     vec![SocketAddr::from(([0, 0, 0, 0], 53))]
 }
@@ -373,6 +389,8 @@ pub struct LbConfig {
     pub register: Option<String>,
     /// Queue wait for a free instance.
     pub queue_timeout: Duration,
+    /// Wait for the first routing table.
+    pub ready_timeout: Duration,
     /// HTTPS listener and its certificate files, when HTTPS is on.
     pub https: Option<HttpsConfig>,
     /// Stats listener, unless turned off.
@@ -401,6 +419,8 @@ pub struct ConsulConfig {
     pub domain: Name,
     /// Datacenter.
     pub datacenter: String,
+    /// Period of the full re-read of the catalog.
+    pub resync: Duration,
 }
 
 /// A wildcard answer target.
@@ -639,7 +659,11 @@ pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> 
         dns: consul_dns,
         domain,
         datacenter,
+        resync,
     } = consul;
+    if *resync < Duration::from_secs(10) {
+        return Err(err("consul.resync", format!("{resync:?} is too often: at least 10s")));
+    }
     if consul_dns.is_empty() {
         return Err(err("consul.dns", "needs at least one address".into()));
     }
@@ -654,6 +678,7 @@ pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> 
         dns: consul_dns.clone(),
         domain: parse_domain(domain).map_err(|p| err("consul.domain", p))?,
         datacenter: datacenter.clone(),
+        resync: *resync,
     };
 
     let DnsSection {
@@ -817,6 +842,7 @@ fn validate_lb(
         check_interval,
         check_timeout,
         queue_timeout,
+        ready_timeout,
         register,
         ssl,
         https,
@@ -886,6 +912,7 @@ fn validate_lb(
         check_timeout: *check_timeout,
         register: (!register.is_empty()).then(|| register.to_string()),
         queue_timeout: *queue_timeout,
+        ready_timeout: *ready_timeout,
         https,
         stats,
         workers: if *workers == 0 {

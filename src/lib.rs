@@ -120,9 +120,10 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
             let control = dns::DnsControl::default();
             signals::forward_hangups(control.reload_zones.clone());
             until_signal("dns", move |shutdown| async move {
-                dns::run(&config, sockets, control, shutdown)
-                    .await
-                    .map_err(AppError::Dns)
+                let hub = consul::ConsulHub::new(config.consul.http, config.consul.resync, &shutdown);
+                let result = dns::run(&config, sockets, control, hub.clone(), shutdown).await;
+                hub.close().await;
+                result.map_err(AppError::Dns)
             })
             .await
         }
@@ -132,7 +133,10 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
             let sockets = lb::LbSockets::bind(&config.lb).map_err(AppError::Lb)?;
             let state = lb::LbState::new(&lb::table_config(&config));
             until_signal("lb", move |shutdown| async move {
-                lb::run(&config, sockets, state, shutdown).await.map_err(AppError::Lb)
+                let hub = consul::ConsulHub::new(config.consul.http, config.consul.resync, &shutdown);
+                let result = lb::run(&config, sockets, state, hub.clone(), shutdown).await;
+                hub.close().await;
+                result.map_err(AppError::Lb)
             })
             .await
         }

@@ -4,7 +4,7 @@
 //!  DnsSockets::bind ─▶ N SO_REUSEPORT UDP sockets + 1 TCP listener per address
 //!  run(config, sockets, control, shutdown):
 //!     Zones (zones_dir, polled + SIGHUP) ─┐
-//!     LbAnswers (static + consul: watch) ─┼─▶ Engine (router + answer cache)
+//!     LbAnswers (static + Consul view) ───┼─▶ Engine (router + answer cache)
 //!     Forwarders (Consul, upstreams) ─────┘        ▲            ▲
 //!                        udp::spawn_workers (threads)   tcp::serve (tasks)
 //! ```
@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::consul::ConsulClient;
+use crate::consul::ConsulHub;
 use engine::Engine;
 use stats::DnsStats;
 use wildcard::LbAnswers;
@@ -52,6 +52,9 @@ pub enum DnsError {
     /// The UDP worker threads could not start.
     #[error("could not start dns workers: {0}")]
     Workers(std::io::Error),
+    /// The Consul view for `consul:` wildcard targets could not be started.
+    #[error("consul: {0}")]
+    Consul(#[source] crate::consul::ConsulError),
 }
 
 /// Already-bound sockets for [`run`].
@@ -176,6 +179,7 @@ pub async fn run(
     config: &Config,
     sockets: DnsSockets,
     control: DnsControl,
+    consul: Arc<ConsulHub>,
     shutdown: CancellationToken,
 ) -> Result<(), DnsError> {
     let dns = &config.dns;
@@ -198,12 +202,14 @@ pub async fn run(
         local.clone(),
     ));
 
-    let consul = ConsulClient::new(config.consul.http);
-    let on_change = {
-        let engine = engine.clone();
-        Arc::new(move || engine.local_data_changed()) as Arc<dyn Fn() + Send + Sync>
-    };
-    lb.spawn_watches(&consul, &local, on_change);
+    if lb.follows_consul() {
+        let view = consul.catalog().map_err(DnsError::Consul)?;
+        let on_change = {
+            let engine = engine.clone();
+            Arc::new(move || engine.local_data_changed()) as Arc<dyn Fn() + Send + Sync>
+        };
+        tasks.spawn(lb.clone().follow(view, on_change, local.clone()));
+    }
 
     tasks.spawn(watch_zones(
         zones,

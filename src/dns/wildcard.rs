@@ -2,8 +2,8 @@
 //! `consul_a_records = "lb"`, A/AAAA for Consul service names.
 //!
 //! ```text
-//!  static targets ─────────────────────────┐
-//!  consul:SERVICE ─blocking query watch────┴─▶ targets (ArcSwap) ─▶ on_change()
+//!  static targets ─────────────────────────────────┐
+//!  consul:SERVICE ─the process's Consul view───────┴─▶ targets (ArcSwap) ─▶ on_change()
 //!  question under the domain ──answer()──▶ response bytes (A/AAAA = targets,
 //!                                          SOA/NS at the apex, NODATA otherwise)
 //! ```
@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, Query, rtype};
 use crate::config::WildcardTarget;
-use crate::consul::{ConsulClient, Watch};
+use crate::consul::CatalogView;
 
 /// The current LB hosts and how to answer for them.
 pub struct LbAnswers {
@@ -87,63 +87,56 @@ impl LbAnswers {
         changed
     }
 
-    /// Starts one blocking-query watch per `consul:` target; `on_change` runs
-    /// whenever the answered set changes.
-    pub fn spawn_watches(
-        self: &Arc<Self>,
-        consul: &ConsulClient,
-        shutdown: &CancellationToken,
+    /// True when some target is a Consul service (the view must be followed).
+    pub fn follows_consul(&self) -> bool {
+        !self.consul_targets.lock().expect("targets lock").is_empty()
+    }
+
+    /// Follows the `consul:` targets in `view` until `shutdown`; `on_change` runs
+    /// whenever the answered set changes. Returns early only if the view stops.
+    pub async fn follow(
+        self: Arc<Self>,
+        view: CatalogView,
         on_change: Arc<dyn Fn() + Send + Sync>,
+        shutdown: CancellationToken,
     ) {
-        let services: Vec<String> = self
-            .consul_targets
-            .lock()
-            .expect("targets lock")
-            .keys()
-            .cloned()
-            .collect();
-        for service in services {
-            let this = self.clone();
-            let consul = consul.clone();
-            let shutdown = shutdown.clone();
-            let on_change = on_change.clone();
-            tokio::spawn(async move {
-                let mut watch = Watch::default();
-                loop {
-                    let result = tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        r = consul.passing_addresses(&service, watch.index()) => r,
-                    };
-                    let pause = match result {
-                        Ok((addrs, index)) => {
-                            watch.success(index);
-                            let changed = {
-                                let mut map = this.consul_targets.lock().expect("targets lock");
-                                let slot = map.entry(service.clone()).or_default();
-                                let changed = *slot != addrs;
-                                *slot = addrs;
-                                changed
-                            };
-                            if changed && this.recompute() {
-                                tracing::info!(service, targets = ?this.targets(), "wildcard targets changed");
-                                on_change();
-                            }
-                            watch.spacing()
-                        }
-                        Err(error) => {
-                            // Keep the last known targets: a Consul outage must not
-                            // take the wildcard domain down with it.
-                            let pause = watch.failure();
-                            tracing::warn!(service, %error, retry_in = ?pause, "wildcard target watch failed; keeping last targets");
-                            pause
-                        }
-                    };
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(pause) => {}
+        let mut pictures = view.subscribe();
+        loop {
+            let picture = pictures.borrow_and_update().clone();
+            let changed = {
+                let mut map = self.consul_targets.lock().expect("targets lock");
+                let mut changed = false;
+                for (service, slot) in map.iter_mut() {
+                    // Before the first complete picture, keep what we have: an empty
+                    // answer is worse than an old one.
+                    if !picture.complete {
+                        continue;
+                    }
+                    let mut addrs: Vec<IpAddr> = picture
+                        .services
+                        .get(service)
+                        .map(|e| e.passing().filter_map(|i| i.address.parse().ok()).collect())
+                        .unwrap_or_default();
+                    addrs.sort();
+                    addrs.dedup();
+                    if *slot != addrs {
+                        *slot = addrs;
+                        changed = true;
                     }
                 }
-            });
+                changed
+            };
+            if changed && self.recompute() {
+                tracing::info!(targets = ?self.targets(), "wildcard targets changed");
+                on_change();
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = pictures.changed() => if r.is_err() {
+                    tracing::error!("dns: the consul view has stopped; wildcard targets stay as they are");
+                    return;
+                },
+            }
         }
     }
 

@@ -2,7 +2,7 @@
 //! (replaces HAProxy + consul-template), with PanteraS's tags and no reloads.
 //!
 //! ```text
-//!  Consul ──watch::run (blocking queries)──▶ RoutingTable::build ──ArcSwap──┐
+//!  ConsulHub view ──watch::run (changed services)──▶ RoutingTable ──ArcSwap──┐
 //!  client ──TCP──▶ proxy::serve (hyper, HTTP/1.1 keep-alive) ──route()──────┤
 //!  client ──TLS──▶ proxy::serve (SNI cert from tls::SniResolver; h2 or 1.1) ─┘
 //!                     └─ Backend::pick (smooth WRR, ejected instances skipped)
@@ -11,13 +11,17 @@
 //!  tcp::run: haproxy_tcp= listeners opened and closed as the table changes
 //!  register::run: the lb itself as Consul service `wayfinder-lb` (DNS follows it)
 //!  health::run: haproxy_httpchk / TCP connect checks every 2 s (rise 2, fall 3)
-//!  remote::run: svc.service.<dc>.<domain> names watched in that datacenter on demand
+//!  remote::run: svc.service.<dc>.<domain> names polled in that datacenter on demand
 //!  tls::watch: certificate files re-read when they change
 //!  status::serve: the stats listener (status page, /stats.json)
 //! ```
 //!
 //! Per-instance state that must outlive a table (ejection, in-flight counts) lives
 //! in the [`table::HealthRegistry`], keyed by address.
+//!
+//! Readiness: until the first table built from a complete picture of Consul is
+//! live, requests wait (up to `ready_timeout`, then 503), so a restart never
+//! answers 503 for a service that exists.
 
 pub mod health;
 pub mod proxy;
@@ -41,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::consul::ConsulClient;
+use crate::consul::ConsulHub;
 use stats::LbStats;
 use table::{HealthRegistry, RoutingTable, TableConfig};
 
@@ -62,6 +66,12 @@ pub enum LbError {
     /// The TLS configuration was refused.
     #[error("TLS setup: {0}")]
     Tls(#[source] rustls::Error),
+    /// The Consul view could not be started.
+    #[error("consul: {0}")]
+    Consul(#[source] crate::consul::ConsulError),
+    /// A task the lb cannot work without has ended.
+    #[error("the {0} task ended unexpectedly")]
+    TaskEnded(&'static str),
 }
 
 /// Already-bound listeners for [`run`].
@@ -109,6 +119,14 @@ pub struct LbState {
     pub stats: LbStats,
     /// False while Consul cannot be reached (the last good table stays).
     pub consul_ok: AtomicBool,
+    /// True once the first table from a complete picture of Consul is live.
+    ready: AtomicBool,
+    /// Told when `ready` turns true (requests that arrived before wait on it).
+    ready_tx: tokio::sync::watch::Sender<bool>,
+    /// When the lb state was made (for the time to ready).
+    created: std::time::Instant,
+    /// The Consul view the table is built from (its age and health), once started.
+    pub view: std::sync::OnceLock<crate::consul::CatalogView>,
     /// Bumped after every table swap (TCP listeners reconcile on it).
     pub changes: tokio::sync::watch::Sender<u64>,
     /// Per-instance connection caps by service, from Consul KV
@@ -135,6 +153,10 @@ impl LbState {
             health: HealthRegistry::new(),
             stats: LbStats::default(),
             consul_ok: AtomicBool::new(false),
+            ready: AtomicBool::new(false),
+            ready_tx: tokio::sync::watch::Sender::new(false),
+            created: std::time::Instant::now(),
+            view: std::sync::OnceLock::new(),
             changes: tokio::sync::watch::Sender::new(0),
             maxconn: ArcSwap::from_pointee(std::collections::HashMap::new()),
             queued: std::sync::atomic::AtomicUsize::new(0),
@@ -142,6 +164,30 @@ impl LbState {
             datacenter_wants,
             datacenter_wants_rx: std::sync::Mutex::new(Some(datacenter_wants_rx)),
         })
+    }
+
+    /// True once the first complete table is live.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Marks the lb ready; true the first time.
+    pub fn set_ready(&self) -> bool {
+        let first = !self.ready.swap(true, std::sync::atomic::Ordering::AcqRel);
+        if first {
+            self.ready_tx.send_replace(true);
+            tracing::info!(after_ms = self.created.elapsed().as_millis() as u64, "lb: ready");
+        }
+        first
+    }
+
+    /// Waits up to `limit` for the first table; true when it is live.
+    pub async fn wait_ready(&self, limit: std::time::Duration) -> bool {
+        if self.is_ready() {
+            return true;
+        }
+        let mut rx = self.ready_tx.subscribe();
+        matches!(tokio::time::timeout(limit, rx.wait_for(|r| *r)).await, Ok(Ok(_)))
     }
 
     /// Asks the watcher to follow the datacenter a `svc.service.<dc>.<domain>`
@@ -179,8 +225,11 @@ pub async fn run(
     config: &Config,
     sockets: LbSockets,
     state: Arc<LbState>,
-    shutdown: CancellationToken,
+    consul: Arc<ConsulHub>,
+    stop: CancellationToken,
 ) -> Result<(), LbError> {
+    // Cancelled on `stop`, or by the lb itself when a task it needs has ended.
+    let shutdown = stop.child_token();
     // Certificates first: a bad file is a start-up error, before any listener serves.
     let tls = match &config.lb.https {
         Some(https) => {
@@ -196,11 +245,22 @@ pub async fn run(
     if let (Some(https), Some(resolver)) = (&config.lb.https, state.certs.get()) {
         tasks.spawn(tls::watch(https.certs.clone(), resolver.clone(), shutdown.clone()));
     }
-    let consul = ConsulClient::new(config.consul.http);
-    tasks.spawn(watch::run(
-        consul,
+    let view = consul.catalog().map_err(LbError::Consul)?;
+    let maxconn = consul.kv_tree(watch::MAXCONN_PREFIX).map_err(LbError::Consul)?;
+    let _ = state.view.set(view.clone());
+    let (updates, updates_rx) = tokio::sync::mpsc::unbounded_channel();
+    let remote = tasks.spawn(remote::run(
+        consul.http().clone(),
         table_config(config),
-        config.consul.datacenter.clone(),
+        state.clone(),
+        updates,
+        shutdown.clone(),
+    ));
+    let builder = tasks.spawn(watch::run(
+        view,
+        maxconn,
+        updates_rx,
+        table_config(config),
         state.clone(),
         shutdown.clone(),
     ));
@@ -263,18 +323,31 @@ pub async fn run(
             config.host_ip.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]))
         };
         tasks.spawn(register::run(
-            ConsulClient::new(config.consul.http),
+            consul.http().clone(),
             name.clone(),
             SocketAddr::new(ip, bound.port()),
             shutdown.clone(),
         ));
     }
     tracing::info!(http = ?addr, https = ?https_addr, stats = ?stats_addr, consul = %config.consul.http, "lb listening");
-    shutdown.cancelled().await;
+    // The table builder and the remote watcher only end on shutdown; if one
+    // ends before, the lb stops with an error so its supervisor restarts it.
+    let ended = tokio::select! {
+        _ = stop.cancelled() => None,
+        _ = builder => Some("routing table"),
+        _ = remote => Some("other-datacenter"),
+    };
+    if let Some(task) = ended {
+        tracing::error!(task, "lb: a task it needs has ended; stopping");
+    }
+    shutdown.cancel();
     tasks.close();
     tasks.wait().await;
     tracing::info!("lb stopped");
-    Ok(())
+    match ended {
+        Some(task) => Err(LbError::TaskEnded(task)),
+        None => Ok(()),
+    }
 }
 
 /// One proxy thread: a single-threaded runtime serving its copies of the

@@ -122,6 +122,7 @@ pub struct Proxy {
     server_timeout: Duration,
     eject_ms: u64,
     queue_timeout: Duration,
+    ready_timeout: Duration,
     request_ids: AtomicU64,
     id_prefix: u32,
 }
@@ -137,6 +138,7 @@ impl Proxy {
             server_timeout: config.lb.server_timeout,
             eject_ms: config.lb.eject_time.as_millis() as u64,
             queue_timeout: config.lb.queue_timeout,
+            ready_timeout: config.lb.ready_timeout,
             request_ids: AtomicU64::new(0),
             id_prefix: rand::random(),
         })
@@ -279,6 +281,21 @@ impl Proxy {
                 resp.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
+            self.state
+                .stats
+                .requests
+                .record(resp.status().as_u16(), started.elapsed());
+            return resp;
+        }
+        // Until the first table from a complete read of Consul is live, an empty
+        // table would answer 503 for services that exist: wait for it instead.
+        if !self.state.is_ready() && !self.state.wait_ready(self.ready_timeout).await {
+            let mut resp = error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The load balancer is still reading the service catalog from Consul.",
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             self.state
                 .stats
                 .requests

@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::consul::ConsulClient;
+use crate::consul::ConsulHttp;
 
 /// How often a failed registration is retried.
 const RETRY: Duration = Duration::from_secs(5);
 
 /// Registers `name` at `addr` until it succeeds, then waits for shutdown and
 /// deregisters.
-pub async fn run(consul: ConsulClient, name: String, addr: SocketAddr, shutdown: CancellationToken) {
+pub async fn run(consul: ConsulHttp, name: String, addr: SocketAddr, shutdown: CancellationToken) {
     let id = format!("{name}-{}-{}", addr.ip(), addr.port());
     let body = serde_json::json!({
         "ID": id,
@@ -32,7 +32,7 @@ pub async fn run(consul: ConsulClient, name: String, addr: SocketAddr, shutdown:
         },
     });
     loop {
-        match consul.put("/v1/agent/service/register", &body).await {
+        match consul.register(&body).await {
             Ok(()) => {
                 tracing::info!(service = name, id, %addr, "lb registered in consul");
                 break;
@@ -45,8 +45,7 @@ pub async fn run(consul: ConsulClient, name: String, addr: SocketAddr, shutdown:
         }
     }
     shutdown.cancelled().await;
-    let path = format!("/v1/agent/service/deregister/{id}");
-    match tokio::time::timeout(Duration::from_secs(2), consul.put(&path, &serde_json::json!({}))).await {
+    match tokio::time::timeout(Duration::from_secs(2), consul.deregister(&id)).await {
         Ok(Ok(())) => tracing::info!(id, "lb deregistered from consul"),
         Ok(Err(error)) => tracing::warn!(%error, "lb: could not deregister from consul"),
         Err(_) => tracing::warn!("lb: consul did not answer the deregistration in time"),

@@ -4,9 +4,14 @@
 //! ```text
 //!  proxy: Route::OtherDatacenter ──want(host)──▶ bounded channel (dropped if full)
 //!  run: parse svc + dc ─▶ dc known to Consul (/v1/catalog/datacenters, cached)?
-//!        ─▶ watch::watch_service(svc, dc, ?dc=) ──Update──▶ table builder
-//!  every REMOTE_SWEEP: a watch whose route served nothing for REMOTE_IDLE stops
+//!        ─▶ poll(svc, dc): /v1/health/service/<svc>?dc= every REMOTE_POLL through
+//!           the shared pool ──Update (when it changed)──▶ table builder
+//!  every REMOTE_SWEEP: a poll whose route served nothing for REMOTE_IDLE stops
 //! ```
+//!
+//! Polled, not watched: a blocking query would hold a connection to the agent
+//! per route, and the process holds a fixed number of those. A change in another
+//! datacenter reaches its names within [`REMOTE_POLL`].
 //!
 //! Until the first answer arrives (and whenever that datacenter has no passing
 //! instance or cannot be reached) such names go to the local instances, as
@@ -22,12 +27,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::LbState;
-use super::table::{TableConfig, other_datacenter_name};
-use super::watch::{Update, watch_service};
-use crate::consul::ConsulClient;
+use super::table::{ServiceSpec, TableConfig, other_datacenter_name};
+use super::watch::{Update, service_spec};
+use crate::consul::{ConsulHttp, ServiceEntry};
 
-/// Remote (service, datacenter) watches at most.
+/// Remote (service, datacenter) routes polled at most.
 pub const MAX_REMOTE_WATCHES: usize = 64;
+/// How often a remote route is read again.
+pub const REMOTE_POLL: Duration = Duration::from_secs(2);
 /// A remote watch whose route answered no request for this long is stopped.
 pub const REMOTE_IDLE: Duration = Duration::from_secs(600);
 /// How often idle remote watches are looked for.
@@ -47,7 +54,7 @@ struct RemoteWatch {
 
 /// Starts and stops the remote datacenter watches until shutdown.
 pub(super) async fn run(
-    consul: ConsulClient,
+    consul: ConsulHttp,
     config: TableConfig,
     state: Arc<LbState>,
     updates: mpsc::UnboundedSender<Update>,
@@ -65,6 +72,7 @@ pub(super) async fn run(
     let local = config.local_datacenter.trim().to_ascii_lowercase();
     let mut known: Option<(Instant, Vec<String>)> = None;
     let mut watches: HashMap<(String, String), RemoteWatch> = HashMap::new();
+    let polls = tokio_util::task::TaskTracker::new();
     let mut sweep = tokio::time::interval(REMOTE_SWEEP);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -112,12 +120,10 @@ pub(super) async fn run(
             "lb: watching another datacenter for its names"
         );
         let stop = shutdown.child_token();
-        tokio::spawn(watch_service(
+        polls.spawn(poll(
             consul.clone(),
             key.0.clone(),
             key.1.clone(),
-            Some(key.1.clone()),
-            state.clone(),
             updates.clone(),
             stop.clone(),
         ));
@@ -132,6 +138,66 @@ pub(super) async fn run(
     }
     for w in watches.values() {
         w.stop.cancel();
+    }
+    polls.close();
+    polls.wait().await;
+}
+
+/// Reads `service` in `datacenter` every [`REMOTE_POLL`] until `stop`, sending
+/// an update whenever its passing instances change.
+async fn poll(
+    consul: ConsulHttp,
+    service: String,
+    datacenter: String,
+    updates: mpsc::UnboundedSender<Update>,
+    stop: CancellationToken,
+) {
+    let mut last: Option<Vec<(String, std::net::SocketAddr)>> = None;
+    let mut failing = false;
+    loop {
+        let fetched = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = consul.health_service(&service, Some(&datacenter)) => r,
+        };
+        let received = Instant::now();
+        match fetched {
+            Ok((rows, _)) => {
+                failing = false;
+                let spec = match ServiceEntry::from_health(&service, rows) {
+                    Some(entry) => service_spec(&entry, &datacenter),
+                    None => ServiceSpec {
+                        name: service.clone(),
+                        datacenter: datacenter.clone(),
+                        instances: Vec::new(),
+                    },
+                };
+                let key: Vec<(String, std::net::SocketAddr)> =
+                    spec.instances.iter().map(|i| (i.id.clone(), i.addr)).collect();
+                if last.as_ref() != Some(&key) {
+                    last = Some(key);
+                    let update = Update {
+                        service: service.clone(),
+                        datacenter: datacenter.clone(),
+                        spec: Some(spec),
+                        received,
+                    };
+                    if updates.send(update).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(error) => {
+                if !failing {
+                    tracing::warn!(service, datacenter, %error,
+                        "lb: cannot read another datacenter; its names keep their last instances or fall back to the local ones");
+                }
+                failing = true;
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(REMOTE_POLL) => {}
+        }
     }
 }
 

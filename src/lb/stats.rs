@@ -83,6 +83,10 @@ pub struct LbStats {
     /// Routing changes applied.
     pub changes: AtomicU64,
     propagation: Mutex<Vec<Duration>>,
+    /// How long the last table build took (µs).
+    last_build_us: AtomicU64,
+    /// The longest table build since start (µs).
+    max_build_us: AtomicU64,
 }
 
 /// A copy of the counters.
@@ -98,6 +102,10 @@ pub struct LbSnapshot {
     pub propagation_p50: Option<Duration>,
     /// 99th percentile propagation time of the recent changes.
     pub propagation_p99: Option<Duration>,
+    /// How long the last routing table took to build.
+    pub last_build: Duration,
+    /// The longest table build since start.
+    pub max_build: Duration,
 }
 
 impl LbStats {
@@ -123,6 +131,15 @@ impl LbStats {
             changes: load(&self.changes),
             propagation_p50: pct(50),
             propagation_p99: pct(99),
+            last_build: Duration::from_micros(load(&self.last_build_us)),
+            max_build: Duration::from_micros(load(&self.max_build_us)),
         }
+    }
+
+    /// Records how long one table build took.
+    pub fn table_built(&self, took: Duration) {
+        let us = took.as_micros() as u64;
+        self.last_build_us.store(us, Ordering::Relaxed);
+        self.max_build_us.fetch_max(us, Ordering::Relaxed);
     }
 }

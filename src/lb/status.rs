@@ -35,8 +35,17 @@ use super::tls::CertInfo;
 /// The whole lb, as the status page and the admin API show it.
 #[derive(Debug, Clone, Serialize)]
 pub struct LbStatus {
+    /// True once the first routing table from a complete read of Consul is
+    /// live; before that requests wait for it.
+    pub ready: bool,
     /// False while Consul cannot be reached (the last good routes stay).
     pub consul_ok: bool,
+    /// The Consul view the routes are built from: its age, watches and syncs.
+    pub consul_view: Option<crate::consul::catalog::CatalogSnapshot>,
+    /// How long the last routing table took to build (ms).
+    pub table_build_ms: f64,
+    /// The longest table build since start (ms).
+    pub table_build_max_ms: f64,
     /// Routing changes applied since start.
     pub changes: u64,
     /// Median time from Consul's answer to live routing, over recent changes (ms).
@@ -164,7 +173,11 @@ impl LbStatus {
         let stats = state.stats.snapshot();
         let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
         LbStatus {
+            ready: state.is_ready(),
             consul_ok: state.consul_ok.load(Ordering::Relaxed),
+            consul_view: state.view.get().map(|v| v.status().snapshot()),
+            table_build_ms: stats.last_build.as_secs_f64() * 1000.0,
+            table_build_max_ms: stats.max_build.as_secs_f64() * 1000.0,
             changes: stats.changes,
             propagation_p50_ms: ms(stats.propagation_p50),
             propagation_p99_ms: ms(stats.propagation_p99),
@@ -220,10 +233,15 @@ impl LbStatus {
             }
             rows.push_str("</tbody>");
         }
-        let consul = if self.consul_ok {
-            "connected"
-        } else {
-            "UNREACHABLE (serving the last known routes)"
+        let age = self
+            .consul_view
+            .as_ref()
+            .and_then(|v| v.age_secs)
+            .map_or_else(String::new, |a| format!(", view {a:.0} s old"));
+        let consul = match (self.ready, self.consul_ok) {
+            (false, _) => format!("NOT READY: reading the catalog; requests wait for the first routing table{age}"),
+            (true, true) => format!("connected{age}"),
+            (true, false) => format!("UNREACHABLE (serving the last known routes{age})"),
         };
         let p99 = self
             .propagation_p99_ms

@@ -406,12 +406,18 @@ impl RoutingTable {
     /// `svc.service.<dc>.<domain>`. A service gets an HTTP backend when at least one
     /// instance takes HTTP; its routes are the union over its instances.
     pub fn build(cfg: &TableConfig, services: &[ServiceSpec], health: &HealthRegistry) -> (Self, Vec<String>) {
+        let refs: Vec<&ServiceSpec> = services.iter().collect();
+        Self::build_from(cfg, &refs, health)
+    }
+
+    /// [`Self::build`] from borrowed specs (the watcher keeps its own).
+    pub fn build_from(cfg: &TableConfig, services: &[&ServiceSpec], health: &HealthRegistry) -> (Self, Vec<String>) {
         let mut builder = Builder {
             table: Self::empty(cfg),
             names: Naming::new(cfg),
             warnings: Vec::new(),
         };
-        let mut order: Vec<&ServiceSpec> = services.iter().collect();
+        let mut order: Vec<&ServiceSpec> = services.to_vec();
         // Stable: equal keys keep the caller's order, which only the duplicate check sees.
         order.sort_by_cached_key(|s| {
             (

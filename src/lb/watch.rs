@@ -1,17 +1,18 @@
-//! Feeds the routing table from the Consul catalog, live, with blocking queries.
+//! Feeds the routing table from the process's view of Consul, live.
 //!
 //! ```text
-//!  /v1/catalog/services (blocking) ──▶ services carrying an LB tag
-//!      └─ one task per such service: /v1/health/service/<svc>?passing (blocking)
-//!  /v1/kv/haproxy/?recurse (blocking) ──▶ maxconn per service
-//!            └─ changed? ──▶ Update ──mpsc──▶ builder
-//!  builder: drain every pending update, RoutingTable::build, ArcSwap::store
-//!           (requests in flight keep the table they started with), record the
-//!           time from Consul's answer to the new table being live
+//!  CatalogView (consul::catalog) ──new picture──▶ services whose entry changed
+//!      (an Arc comparison per service: unchanged ones cost nothing to skip)
+//!      ──▶ ServiceSpec of each LB-tagged service (passing instances, parsed tags)
+//!  remote::run ──Update──▶ other datacenters' specs
+//!  KvView haproxy/ ──▶ maxconn per service
+//!            └──▶ RoutingTable::build, ArcSwap::store (requests in flight keep
+//!                 the table they started with); the first table from a complete
+//!                 picture makes the lb ready
 //! ```
 //!
-//! On a Consul outage every watch keeps its last result: the last good table
-//! stays live, and [`LbState::consul_ok`] says so.
+//! On a Consul outage the view keeps its last picture, so the last good table
+//! stays live; `LbState::consul_ok` and the view's age say so.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -25,10 +26,10 @@ use tokio_util::sync::CancellationToken;
 use super::LbState;
 use super::table::{InstanceSpec, RoutingTable, ServiceSpec, TableConfig};
 use super::tags::parse_tags;
-use crate::consul::{ConsulClient, HealthEntry, Watch};
+use crate::consul::kv::KvTree;
+use crate::consul::{CatalogView, KvView, ServiceEntry};
 
-/// A service's new passing instances (None: the service left the LB), with the
-/// moment Consul's answer arrived.
+/// A service's instances in another datacenter (None: no longer watched).
 pub(super) struct Update {
     pub(super) service: String,
     pub(super) datacenter: String,
@@ -36,207 +37,182 @@ pub(super) struct Update {
     pub(super) received: Instant,
 }
 
-/// True when a catalog tag means the load balancer must watch the service.
+/// The KV tree holding the per-service settings.
+pub const MAXCONN_PREFIX: &str = "haproxy/";
+
+/// True when a catalog tag means the load balancer must look at the service.
 fn is_lb_tag(tag: &str) -> bool {
+    let tag = tag.trim();
     tag == "haproxy"
         || tag.starts_with("haproxy_route=")
         || tag.starts_with("haproxy_tcp=")
         || tag.starts_with("urlprefix-")
 }
 
-/// Runs the watches and the table builder until shutdown.
-pub async fn run(
-    consul: ConsulClient,
-    table_config: TableConfig,
-    datacenter: String,
+/// What the builder has built from, so the next picture costs only what changed.
+struct Inputs {
+    /// The entry each local spec was made from.
+    seen: HashMap<String, Arc<ServiceEntry>>,
+    /// Every spec by (service, datacenter).
+    specs: BTreeMap<(String, String), ServiceSpec>,
+}
+
+/// Builds tables from `catalog`, `maxconn` and `remote` until shutdown; returns
+/// when its inputs end (the caller treats that as a failure).
+pub(super) async fn run(
+    catalog: CatalogView,
+    maxconn: KvView,
+    mut remote: mpsc::UnboundedReceiver<Update>,
+    config: TableConfig,
     state: Arc<LbState>,
     shutdown: CancellationToken,
 ) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let remote = tokio::spawn(super::remote::run(
-        consul.clone(),
-        table_config.clone(),
-        state.clone(),
-        tx.clone(),
-        shutdown.clone(),
-    ));
-    let builder = tokio::spawn(build_tables(rx, table_config, state.clone(), shutdown.clone()));
-    let maxconn = tokio::spawn(watch_maxconn(consul.clone(), state.clone(), shutdown.clone()));
-    let mut watch = Watch::default();
-    let mut watched: HashMap<String, CancellationToken> = HashMap::new();
+    let datacenter = config.local_datacenter.clone();
+    let mut pictures = catalog.subscribe();
+    let mut kv = maxconn.subscribe();
+    let mut inputs = Inputs {
+        seen: HashMap::new(),
+        specs: BTreeMap::new(),
+    };
+    let mut last_warnings: HashSet<String> = HashSet::new();
+    apply_maxconn(&state, &kv.borrow_and_update());
     loop {
-        let result = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = consul.services(watch.index()) => r,
-        };
-        let pause = match result {
-            Ok((services, index)) => {
-                watch.success(index);
-                state.consul_ok.store(true, Ordering::Relaxed);
-                let wanted: HashSet<&String> = services
-                    .iter()
-                    .filter(|(_, tags)| tags.iter().any(|t| is_lb_tag(t)))
-                    .map(|(name, _)| name)
-                    .collect();
-                watched.retain(|name, token| {
-                    let keep = wanted.contains(name);
-                    if !keep {
-                        token.cancel();
-                        let _ = tx.send(Update {
-                            service: name.clone(),
-                            datacenter: datacenter.clone(),
-                            spec: None,
-                            received: Instant::now(),
-                        });
-                    }
-                    keep
-                });
-                for name in wanted {
-                    if !watched.contains_key(name) {
-                        let token = shutdown.child_token();
-                        watched.insert(name.clone(), token.clone());
-                        tokio::spawn(watch_service(
-                            consul.clone(),
-                            name.clone(),
-                            datacenter.clone(),
-                            None,
-                            state.clone(),
-                            tx.clone(),
-                            token,
-                        ));
-                    }
-                }
-                watch.spacing()
-            }
-            Err(error) => {
-                state.consul_ok.store(false, Ordering::Relaxed);
-                let pause = watch.failure();
-                tracing::warn!(%error, retry_in = ?pause, "lb: consul service list unavailable; keeping the current routes");
-                pause
-            }
-        };
+        let mut earliest: Option<Instant> = None;
+        let mut dirty = false;
+        let mut local_changed = false;
         tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.cancelled() => return,
+            changed = pictures.changed() => {
+                if changed.is_err() {
+                    tracing::error!("lb: the consul view has stopped");
+                    return;
+                }
+                local_changed = true;
+            }
+            u = remote.recv() => match u {
+                Some(u) => {
+                    earliest = Some(u.received);
+                    apply_remote(&mut inputs, u);
+                    dirty = true;
+                }
+                None => return,
+            },
+            changed = kv.changed() => {
+                if changed.is_err() {
+                    tracing::error!("lb: the maxconn watch has stopped");
+                    return;
+                }
+                apply_maxconn(&state, &kv.borrow_and_update());
+                continue;
+            }
         }
-    }
-    for token in watched.values() {
-        token.cancel();
-    }
-    drop(tx);
-    let _ = remote.await;
-    let _ = builder.await;
-    let _ = maxconn.await;
-}
-
-/// Follows the passing instances of `service` in `datacenter`; `remote` is the
-/// datacenter to ask Consul about (`?dc=`) when it is not the local one.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn watch_service(
-    consul: ConsulClient,
-    service: String,
-    datacenter: String,
-    remote: Option<String>,
-    state: Arc<LbState>,
-    tx: mpsc::UnboundedSender<Update>,
-    stop: CancellationToken,
-) {
-    let mut watch = Watch::default();
-    let mut last: Option<Vec<HealthEntryKey>> = None;
-    loop {
-        let result = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = async {
-                match &remote {
-                    Some(dc) => consul.passing_instances_in(&service, dc, watch.index()).await,
-                    None => consul.passing_instances(&service, watch.index()).await,
-                }
-            } => r,
-        };
-        let received = Instant::now();
-        let pause = match result {
-            Ok((entries, index)) => {
-                watch.success(index);
-                state.consul_ok.store(true, Ordering::Relaxed);
-                let key: Vec<HealthEntryKey> = entries.iter().map(HealthEntryKey::from).collect();
-                if last.as_ref() != Some(&key) {
-                    last = Some(key);
-                    let spec = service_spec(&service, &datacenter, &entries);
-                    if tx
-                        .send(Update {
-                            service: service.clone(),
-                            datacenter: datacenter.clone(),
-                            spec: Some(spec),
-                            received,
-                        })
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                watch.spacing()
-            }
-            Err(error) => {
-                let pause = watch.failure();
-                if remote.is_none() {
-                    state.consul_ok.store(false, Ordering::Relaxed);
-                    tracing::warn!(service, %error, retry_in = ?pause, "lb: consul watch failed; keeping this service's last instances");
-                } else {
-                    tracing::warn!(service, datacenter, %error, retry_in = ?pause,
-                        "lb: watch of another datacenter failed; its names fall back to the local instances");
-                }
-                pause
-            }
-        };
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
+        // Everything already queued goes into this one table.
+        while let Ok(u) = remote.try_recv() {
+            earliest = Some(earliest.map_or(u.received, |e| e.min(u.received)));
+            apply_remote(&mut inputs, u);
+            dirty = true;
+        }
+        let picture = pictures.borrow_and_update().clone();
+        state.consul_ok.store(catalog.status().ok(), Ordering::Relaxed);
+        if !picture.complete {
+            continue;
+        }
+        if (local_changed || !state.is_ready()) && apply_catalog(&mut inputs, &picture.services, &datacenter) > 0 {
+            earliest = Some(earliest.map_or(picture.received, |e| e.min(picture.received)));
+            dirty = true;
+        }
+        if !dirty && state.is_ready() {
+            continue;
+        }
+        let started = Instant::now();
+        let specs: Vec<&ServiceSpec> = inputs.specs.values().collect();
+        let (table, warnings) = RoutingTable::build_from(&config, &specs, &state.health);
+        let live: HashSet<SocketAddr> = specs.iter().flat_map(|s| s.instances.iter().map(|i| i.addr)).collect();
+        state.health.retain(&live);
+        state.table.store(Arc::new(table));
+        let built = started.elapsed();
+        state.stats.table_built(built);
+        state.changes.send_modify(|n| *n += 1);
+        if let Some(earliest) = earliest {
+            state.stats.propagation(earliest.elapsed());
+        }
+        let first = state.set_ready();
+        let warnings: HashSet<String> = warnings.into_iter().collect();
+        for w in warnings.difference(&last_warnings) {
+            tracing::warn!("lb: {w}");
+        }
+        last_warnings = warnings;
+        if first {
+            tracing::info!(
+                services = specs.len(),
+                instances = live.len(),
+                build_ms = built.as_secs_f64() * 1000.0,
+                "lb: first routing table built; answering requests"
+            );
+        } else {
+            tracing::debug!(
+                services = specs.len(),
+                instances = live.len(),
+                build_us = built.as_micros() as u64,
+                "lb: routing table updated"
+            );
         }
     }
 }
 
-/// Follows Consul KV `haproxy/<svc>/maxconn` (PanteraS's per-instance cap) for
-/// every service with one blocking query on the `haproxy/` tree: one connection
-/// to Consul, not one per service (Consul caps connections per client address,
-/// `limits.http_max_conns_per_client`, 200 by default).
-async fn watch_maxconn(consul: ConsulClient, state: Arc<LbState>, stop: CancellationToken) {
-    let mut watch = Watch::default();
-    loop {
-        let result = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = consul.kv_tree(MAXCONN_PREFIX, watch.index()) => r,
-        };
-        let pause = match result {
-            Ok((tree, index)) => {
-                watch.success(index);
-                let parsed = maxconn_values(&tree);
-                if **state.maxconn.load() != parsed {
-                    tracing::info!(maxconn = ?parsed, default = super::DEFAULT_MAXCONN, "lb: maxconn from Consul KV");
-                    state.maxconn.store(Arc::new(parsed));
-                }
-                watch.spacing()
-            }
-            Err(error) => {
-                let pause = watch.failure();
-                tracing::debug!(%error, "lb: maxconn watch failed; keeping the last values");
-                pause
-            }
-        };
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(pause) => {}
+/// Takes a new catalog picture into `inputs`; returns how many services changed.
+fn apply_catalog(inputs: &mut Inputs, services: &BTreeMap<String, Arc<ServiceEntry>>, datacenter: &str) -> usize {
+    let mut touched = 0;
+    let gone: Vec<String> = inputs
+        .seen
+        .keys()
+        .filter(|name| !services.contains_key(*name))
+        .cloned()
+        .collect();
+    for name in gone {
+        inputs.seen.remove(&name);
+        inputs.specs.remove(&(name, datacenter.to_string()));
+        touched += 1;
+    }
+    for (name, entry) in services {
+        if inputs.seen.get(name).is_some_and(|seen| Arc::ptr_eq(seen, entry)) {
+            continue;
+        }
+        let key = (name.clone(), datacenter.to_string());
+        let had = inputs.specs.contains_key(&key);
+        inputs.seen.insert(name.clone(), entry.clone());
+        if entry.tags.iter().any(|t| is_lb_tag(t)) {
+            inputs.specs.insert(key, service_spec(entry, datacenter));
+            touched += 1;
+        } else if had {
+            inputs.specs.remove(&key);
+            touched += 1;
         }
     }
+    touched
 }
 
-/// The KV tree holding the per-service settings.
-const MAXCONN_PREFIX: &str = "haproxy/";
+fn apply_remote(inputs: &mut Inputs, u: Update) {
+    let key = (u.service, u.datacenter);
+    match u.spec {
+        Some(spec) => inputs.specs.insert(key, spec),
+        None => inputs.specs.remove(&key),
+    };
+}
+
+fn apply_maxconn(state: &LbState, tree: &KvTree) {
+    let parsed = maxconn_values(tree);
+    if **state.maxconn.load() != parsed {
+        tracing::info!(maxconn = ?parsed, default = super::DEFAULT_MAXCONN, "lb: maxconn from Consul KV");
+        state.maxconn.store(Arc::new(parsed));
+    }
+}
 
 /// `haproxy/<svc>/maxconn` values that are positive numbers, by service; others
 /// are logged and left to the default.
-fn maxconn_values(tree: &[(String, Option<String>)]) -> HashMap<String, usize> {
+fn maxconn_values(tree: &KvTree) -> HashMap<String, usize> {
     let mut values = HashMap::new();
-    for (key, value) in tree {
+    for (key, value) in &tree.entries {
         let Some(service) = key
             .strip_prefix(MAXCONN_PREFIX)
             .and_then(|k| k.strip_suffix("/maxconn"))
@@ -254,114 +230,52 @@ fn maxconn_values(tree: &[(String, Option<String>)]) -> HashMap<String, usize> {
     values
 }
 
-/// What makes two answers for a service the same (Consul returns at the end of
-/// every wait even when nothing changed).
-#[derive(Debug, PartialEq, Eq)]
-struct HealthEntryKey {
-    id: String,
-    address: String,
-    port: u16,
-    tags: Vec<String>,
-}
-
-impl From<&HealthEntry> for HealthEntryKey {
-    fn from(e: &HealthEntry) -> Self {
-        Self {
-            id: e.service.id.clone(),
-            address: e.address().to_string(),
-            port: e.service.port,
-            tags: e.service.tags.clone(),
-        }
-    }
-}
-
-fn service_spec(service: &str, datacenter: &str, entries: &[HealthEntry]) -> ServiceSpec {
+/// The passing instances of `entry` that ask for the lb, with parsed tags.
+pub(super) fn service_spec(entry: &ServiceEntry, datacenter: &str) -> ServiceSpec {
     let mut instances = Vec::new();
-    for e in entries {
-        let (tags, warnings) = parse_tags(&e.service.tags);
+    for e in entry.passing() {
+        let (tags, warnings) = parse_tags(&e.tags);
         for w in warnings {
-            tracing::warn!(service, instance = %e.service.id, "lb: {w}");
+            tracing::warn!(service = entry.name, instance = %e.id, "lb: {w}");
         }
         if !tags.wants_lb() {
             continue;
         }
-        let Ok(ip) = e.address().parse::<IpAddr>() else {
-            tracing::warn!(service, instance = %e.service.id, address = e.address(), "lb: instance address is not an IP; skipped");
+        let Ok(ip) = e.address.parse::<IpAddr>() else {
+            tracing::warn!(service = entry.name, instance = %e.id, address = e.address, "lb: instance address is not an IP; skipped");
             continue;
         };
+        if e.port == 0 {
+            tracing::warn!(service = entry.name, instance = %e.id, "lb: instance has no usable port; skipped");
+            continue;
+        }
         instances.push(InstanceSpec {
-            id: e.service.id.clone(),
-            node: e.node.node.clone(),
-            addr: SocketAddr::new(ip, e.service.port),
+            id: e.id.clone(),
+            node: e.node.clone(),
+            addr: SocketAddr::new(ip, e.port),
             tags,
         });
     }
     ServiceSpec {
-        name: service.to_string(),
+        name: entry.name.clone(),
         datacenter: datacenter.to_string(),
         instances,
-    }
-}
-
-async fn build_tables(
-    mut rx: mpsc::UnboundedReceiver<Update>,
-    config: TableConfig,
-    state: Arc<LbState>,
-    shutdown: CancellationToken,
-) {
-    let mut services: BTreeMap<(String, String), ServiceSpec> = BTreeMap::new();
-    let mut last_warnings: HashSet<String> = HashSet::new();
-    loop {
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            u = rx.recv() => match u { Some(u) => u, None => return },
-        };
-        // Coalesce a burst: everything already queued goes into this one table.
-        let mut earliest = first.received;
-        let mut batch = vec![first];
-        while let Ok(u) = rx.try_recv() {
-            earliest = earliest.min(u.received);
-            batch.push(u);
-        }
-        for u in batch {
-            match u.spec {
-                Some(spec) => services.insert((u.service, u.datacenter), spec),
-                None => services.remove(&(u.service, u.datacenter)),
-            };
-        }
-        let specs: Vec<ServiceSpec> = services.values().cloned().collect();
-        let (table, warnings) = RoutingTable::build(&config, &specs, &state.health);
-        let live: HashSet<SocketAddr> = specs.iter().flat_map(|s| s.instances.iter().map(|i| i.addr)).collect();
-        state.health.retain(&live);
-        state.table.store(Arc::new(table));
-        state.changes.send_modify(|n| *n += 1);
-        let took = earliest.elapsed();
-        state.stats.propagation(took);
-        let warnings: HashSet<String> = warnings.into_iter().collect();
-        for w in warnings.difference(&last_warnings) {
-            tracing::warn!("lb: {w}");
-        }
-        last_warnings = warnings;
-        tracing::info!(
-            services = specs.len(),
-            instances = live.len(),
-            propagation_us = took.as_micros() as u64,
-            "lb: routing table updated"
-        );
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consul::{Health, InstanceEntry};
 
     #[test]
     fn maxconn_values_take_positive_numbers_of_direct_service_keys() {
-        let tree = |pairs: &[(&str, Option<&str>)]| -> Vec<(String, Option<String>)> {
-            pairs
+        let tree = |pairs: &[(&str, Option<&str>)]| KvTree {
+            entries: pairs
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
-                .collect()
+                .collect(),
+            loaded: true,
         };
         let values = maxconn_values(&tree(&[
             ("haproxy/web/maxconn", Some(" 20\n")),
@@ -373,5 +287,53 @@ mod tests {
             ("haproxy//maxconn", Some("5")),
         ]));
         assert_eq!(values, HashMap::from([("web".to_string(), 20)]));
+    }
+
+    fn entry(name: &str, tags: &[&str], port: u16) -> Arc<ServiceEntry> {
+        Arc::new(ServiceEntry {
+            name: name.into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            instances: vec![InstanceEntry {
+                id: format!("{name}-1"),
+                node: "n".into(),
+                address: "10.0.0.1".into(),
+                port,
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+                health: Health::Passing,
+            }],
+        })
+    }
+
+    #[test]
+    fn only_changed_services_are_rebuilt() {
+        let mut inputs = Inputs {
+            seen: HashMap::new(),
+            specs: BTreeMap::new(),
+        };
+        let web = entry("web", &["haproxy"], 80);
+        let db = entry("db", &["other"], 5432);
+        let mut services = BTreeMap::from([("web".to_string(), web.clone()), ("db".to_string(), db)]);
+        assert_eq!(apply_catalog(&mut inputs, &services, "dc1"), 1);
+        assert_eq!(inputs.specs.len(), 1);
+        // The same Arcs again: nothing to do.
+        assert_eq!(apply_catalog(&mut inputs, &services, "dc1"), 0);
+        // web loses its tag, api arrives, db leaves.
+        services.insert("web".into(), entry("web", &["x"], 80));
+        services.insert("api".into(), entry("api", &["haproxy_tcp=5000"], 5000));
+        services.remove("db");
+        assert_eq!(apply_catalog(&mut inputs, &services, "dc1"), 3);
+        let names: Vec<&str> = inputs.specs.keys().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["api"]);
+    }
+
+    #[test]
+    fn instances_without_a_usable_address_or_port_are_skipped() {
+        let mut e = (*entry("web", &["haproxy"], 0)).clone();
+        e.instances.push(InstanceEntry {
+            address: "not-an-ip".into(),
+            port: 80,
+            ..e.instances[0].clone()
+        });
+        assert!(service_spec(&e, "dc1").instances.is_empty());
     }
 }

@@ -20,13 +20,13 @@
 //! Actions (POST, DELETE) sent by a browser from another site get 403: their
 //! `Origin` must be this endpoint, or they must carry the status page's per-process
 //! form secret (`?csrf=`), so no web page the operator has open can act here.
-//! Services and their health are read from Consul per request (the page is for
-//! people, not a hot path); everything else comes from in-process state.
+//! Services and their health come from the process's Consul view (the same one
+//! the lb and the dns read), so a page view costs Consul nothing; everything
+//! else comes from in-process state.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -40,15 +40,10 @@ use tokio_util::task::TaskTracker;
 use super::unit::UnitInfo;
 use super::vpn_admin::{self, Refusal, VpnReport};
 use super::{Addresses, ConsulHealth, SupervisorState, lock};
-use crate::consul::ConsulClient;
 use crate::lb::status::LbStatus;
 
-/// Bound on each Consul read behind one status request.
-const CONSUL_READ_TIMEOUT: Duration = Duration::from_secs(3);
 /// Services listed at most (the page is for people).
 const MAX_SERVICES: usize = 1000;
-/// Consul reads in flight at once for one status request.
-const CONSUL_READS_AT_ONCE: usize = 8;
 
 type Body = Full<Bytes>;
 
@@ -120,70 +115,19 @@ pub struct DnsReport {
     pub dropped: u64,
 }
 
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct HealthCheck {
-    #[serde(default)]
-    status: String,
-}
-
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct HealthRow {
-    node: crate::consul::HealthNode,
-    service: crate::consul::HealthService,
-    #[serde(default)]
-    checks: Vec<HealthCheck>,
-}
-
-fn worst(checks: &[HealthCheck]) -> String {
-    let rank = |s: &str| match s {
-        "passing" => 0,
-        "warning" => 1,
-        _ => 2,
-    };
-    checks
-        .iter()
-        .map(|c| c.status.as_str())
-        .max_by_key(|s| rank(s))
-        .unwrap_or("passing")
-        .to_string()
-}
-
-/// Reads every service and its instances' health from Consul.
-async fn services(state: &SupervisorState, lb: Option<&LbStatus>) -> Vec<ServiceReport> {
+/// Every service from the process's Consul view (no Consul request per page view).
+fn services(state: &SupervisorState, lb: Option<&LbStatus>) -> Vec<ServiceReport> {
     let config = &state.config;
-    let consul = ConsulClient::new(config.consul.http);
-    let Ok(Ok((names, _))) = tokio::time::timeout(CONSUL_READ_TIMEOUT, consul.services(0)).await else {
+    let Ok(view) = state.consul_hub.catalog() else {
         return Vec::new();
     };
-    let mut reads = tokio::task::JoinSet::new();
-    // A few reads at a time: a page view must not flood the local agent.
-    let slots = Arc::new(tokio::sync::Semaphore::new(CONSUL_READS_AT_ONCE));
-    for (name, tags) in names.into_iter().take(MAX_SERVICES) {
-        let consul = consul.clone();
-        let slots = slots.clone();
-        reads.spawn(async move {
-            let _slot = slots.acquire_owned().await;
-            let rows = tokio::time::timeout(
-                CONSUL_READ_TIMEOUT,
-                consul.blocking_get::<Vec<HealthRow>>(&format!("/v1/health/service/{name}?stale"), 0),
-            )
-            .await;
-            let rows = match rows {
-                Ok(Ok((rows, _))) => rows,
-                _ => Vec::new(),
-            };
-            (name, tags, rows)
-        });
-    }
+    let catalog = view.current();
     let domain = config.consul.domain.to_string().trim_end_matches('.').to_string();
     let dc = &config.consul.datacenter;
     let http = state.addresses().lb_http.map(|a| super::reachable(a, config));
     let mut out = Vec::new();
-    while let Some(joined) = reads.join_next().await {
-        let Ok((name, tags, rows)) = joined else { continue };
-        let route = lb.and_then(|l| l.routes.iter().find(|r| r.service == name && &r.datacenter == dc));
+    for (name, entry) in catalog.services.iter().take(MAX_SERVICES) {
+        let route = lb.and_then(|l| l.routes.iter().find(|r| &r.service == name && &r.datacenter == dc));
         let urls = match (route, http) {
             (Some(route), Some(http)) => route
                 .names
@@ -205,18 +149,14 @@ async fn services(state: &SupervisorState, lb: Option<&LbStatus>) -> Vec<Service
                 .collect(),
             _ => Vec::new(),
         };
-        let instances = rows
+        let instances = entry
+            .instances
             .iter()
-            .map(|r| {
-                let address = if r.service.address.is_empty() {
-                    &r.node.address
-                } else {
-                    &r.service.address
-                };
-                let address = format!("{address}:{}", r.service.port);
+            .map(|i| {
+                let address = format!("{}:{}", i.address, i.port);
                 let lb = route.and_then(|route| {
-                    route.instances.iter().find(|i| i.addr.to_string() == address).map(|i| {
-                        if i.available {
+                    route.instances.iter().find(|r| r.addr.to_string() == address).map(|r| {
+                        if r.available {
                             "up".to_string()
                         } else {
                             "down".to_string()
@@ -224,10 +164,10 @@ async fn services(state: &SupervisorState, lb: Option<&LbStatus>) -> Vec<Service
                     })
                 });
                 InstanceReport {
-                    id: r.service.id.clone(),
-                    node: r.node.node.clone(),
+                    id: i.id.clone(),
+                    node: i.node.clone(),
                     address,
-                    health: worst(&r.checks),
+                    health: i.health.name().to_string(),
                     lb,
                 }
             })
@@ -237,13 +177,12 @@ async fn services(state: &SupervisorState, lb: Option<&LbStatus>) -> Vec<Service
                 format!("{name}.service.{domain}"),
                 format!("{name}.service.{dc}.{domain}"),
             ],
-            name,
-            tags,
+            name: name.clone(),
+            tags: entry.tags.clone(),
             urls,
             instances,
         });
     }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
     out
 }
 
@@ -266,7 +205,7 @@ pub async fn report(state: &SupervisorState) -> StatusReport {
         addresses: state.addresses(),
         consul: state.consul_health(),
         units: state.units.iter().map(|u| u.snapshot()).collect(),
-        services: services(state, lb.as_ref()).await,
+        services: services(state, lb.as_ref()),
         lb,
         dns,
         vpn: super::vpn_admin::report(state),

@@ -25,6 +25,7 @@ use super::roles::ComponentKind;
 use super::settings::RestartSettings;
 use super::unit::{Backoff, UnitHandle, UnitState, Verdict};
 use crate::config::Config;
+use crate::consul::ConsulHub;
 use crate::{dns, lb, vpn};
 
 /// How long a component gets to stop after its token is cancelled.
@@ -84,16 +85,19 @@ async fn run_once(
     config: Arc<Config>,
     sockets: ComponentSockets,
     shared: Arc<ComponentShared>,
+    consul: Arc<ConsulHub>,
     token: CancellationToken,
 ) -> Result<(), String> {
     match sockets {
-        ComponentSockets::Dns(sockets) => dns::run(&config, sockets, shared.dns.clone(), token)
+        ComponentSockets::Dns(sockets) => dns::run(&config, sockets, shared.dns.clone(), consul, token)
             .await
             .map_err(|e| e.to_string()),
         ComponentSockets::Lb(sockets) => {
             let state = lb::LbState::new(&lb::table_config(&config));
             shared.lb.store(Some(state.clone()));
-            lb::run(&config, sockets, state, token).await.map_err(|e| e.to_string())
+            lb::run(&config, sockets, state, consul, token)
+                .await
+                .map_err(|e| e.to_string())
         }
         ComponentSockets::Vpn(sockets, state) => {
             shared.vpn.store(Some(state.clone()));
@@ -122,6 +126,8 @@ pub struct ComponentContext {
     pub config: Arc<Config>,
     /// Handles shared with the admin API.
     pub shared: Arc<ComponentShared>,
+    /// The process's access to Consul.
+    pub consul: Arc<ConsulHub>,
     /// Restart arithmetic settings.
     pub restart: RestartSettings,
     /// Fires `true` once the built-in Consul has a leader, when `up` runs one.
@@ -170,7 +176,13 @@ pub async fn supervise(
                 // down without our shutdown): the lb's proxy threads wait on it,
                 // and a runtime cannot finish while they run.
                 let _stop_on_drop = token.clone().drop_guard();
-                let mut task = tokio::spawn(run_once(ctx.config.clone(), bound, ctx.shared.clone(), token.clone()));
+                let mut task = tokio::spawn(run_once(
+                    ctx.config.clone(),
+                    bound,
+                    ctx.shared.clone(),
+                    ctx.consul.clone(),
+                    token.clone(),
+                ));
                 handle.running(None, first);
                 first = false;
                 let asked = tokio::select! {

@@ -240,6 +240,128 @@ fn lb(out: &mut Out, status: &LbStatus) {
         "1 while the lb's Consul watch succeeds.",
     );
     out.sample("wayfinder_lb_consul_up", &[], u8::from(status.consul_ok));
+    out.family(
+        "wayfinder_lb_ready",
+        "gauge",
+        "1 once the first routing table from a complete read of Consul is live.",
+    );
+    out.sample("wayfinder_lb_ready", &[], u8::from(status.ready));
+    out.family(
+        "wayfinder_lb_table_build_seconds",
+        "gauge",
+        "How long the last routing table took to build.",
+    );
+    out.sample(
+        "wayfinder_lb_table_build_seconds",
+        &[],
+        format!("{:.6}", status.table_build_ms / 1000.0),
+    );
+}
+
+fn consul_hub(out: &mut Out, hub: &crate::consul::ConsulHub) {
+    use crate::consul::http::Endpoint;
+    let http = hub.http().stats();
+    out.family(
+        "wayfinder_consul_connections",
+        "gauge",
+        "HTTP connections open to the Consul agent (bounded by design).",
+    );
+    out.sample("wayfinder_consul_connections", &[], http.connections());
+    out.family(
+        "wayfinder_consul_requests_total",
+        "counter",
+        "Requests sent to the Consul agent, by endpoint.",
+    );
+    for e in Endpoint::ALL {
+        out.sample(
+            "wayfinder_consul_requests_total",
+            &[("endpoint", e.name())],
+            http.requests(e),
+        );
+    }
+    out.family(
+        "wayfinder_consul_request_errors_total",
+        "counter",
+        "Requests to the Consul agent that failed, by endpoint.",
+    );
+    for e in Endpoint::ALL {
+        out.sample(
+            "wayfinder_consul_request_errors_total",
+            &[("endpoint", e.name())],
+            http.errors(e),
+        );
+    }
+    let watches = hub.watches();
+    out.family(
+        "wayfinder_consul_watch_age_seconds",
+        "gauge",
+        "Seconds since Consul last answered each watch (a stale watch grows here).",
+    );
+    for w in &watches {
+        if let Some(age) = w.age() {
+            out.sample(
+                "wayfinder_consul_watch_age_seconds",
+                &[("watch", &w.name)],
+                format!("{:.3}", age.as_secs_f64()),
+            );
+        }
+    }
+    out.family(
+        "wayfinder_consul_watch_failures_total",
+        "counter",
+        "Failed requests of each watch.",
+    );
+    for w in &watches {
+        out.sample(
+            "wayfinder_consul_watch_failures_total",
+            &[("watch", &w.name)],
+            w.snapshot().failures,
+        );
+    }
+    if let Some(view) = hub.catalog_if_started() {
+        let v = view.status().snapshot();
+        let services = view.current().services.len();
+        out.family(
+            "wayfinder_consul_view_up",
+            "gauge",
+            "1 while the catalog view is kept current.",
+        );
+        out.sample("wayfinder_consul_view_up", &[], u8::from(v.ok));
+        out.family(
+            "wayfinder_consul_view_services",
+            "gauge",
+            "Services in the catalog view.",
+        );
+        out.sample("wayfinder_consul_view_services", &[], services);
+        out.family(
+            "wayfinder_consul_full_syncs_total",
+            "counter",
+            "Full reads of the catalog (start, resets, unexplained changes, periodic).",
+        );
+        out.sample("wayfinder_consul_full_syncs_total", &[], v.full_syncs);
+        out.family(
+            "wayfinder_consul_service_fetches_total",
+            "counter",
+            "Services read one by one after a change.",
+        );
+        out.sample("wayfinder_consul_service_fetches_total", &[], v.fetches);
+        out.family(
+            "wayfinder_consul_sync_corrections_total",
+            "counter",
+            "Services the periodic full sync found different from what the watches said.",
+        );
+        out.sample("wayfinder_consul_sync_corrections_total", &[], v.corrections);
+        out.family(
+            "wayfinder_consul_full_sync_seconds",
+            "gauge",
+            "How long the last full read of the catalog took.",
+        );
+        out.sample(
+            "wayfinder_consul_full_sync_seconds",
+            &[],
+            format!("{:.6}", v.last_full_sync_ms / 1000.0),
+        );
+    }
 }
 
 /// The metrics text.
@@ -310,6 +432,7 @@ pub fn render(state: &SupervisorState) -> String {
         &[],
         u8::from(consul.reachable && consul.leader.as_deref().is_some_and(|l| !l.is_empty())),
     );
+    consul_hub(&mut out, &state.consul_hub);
     if state.plan.starts("dns") {
         dns(&mut out, &state.components.dns.stats);
     }

@@ -184,6 +184,11 @@ pub struct SupervisorState {
     pub components: Arc<ComponentShared>,
     /// Consul as last probed.
     pub consul: Mutex<ConsulHealth>,
+    /// The process's access to Consul, shared by the components and the admin
+    /// endpoint (its views outlive component restarts).
+    pub consul_hub: Arc<crate::consul::ConsulHub>,
+    /// Stops the hub's views once every unit has stopped.
+    consul_stop: CancellationToken,
     /// Listen addresses, filled in by [`run`].
     pub addresses: Mutex<Addresses>,
     /// When `up` started.
@@ -216,7 +221,11 @@ impl SupervisorState {
                 Arc::new(UnitHandle::new(&u.name, class, state, &u.why, u.priority))
             })
             .collect();
+        let consul_stop = CancellationToken::new();
+        let consul_hub = crate::consul::ConsulHub::new(config.consul.http, config.consul.resync, &consul_stop);
         Arc::new(Self {
+            consul_hub,
+            consul_stop,
             consul: Mutex::new(ConsulHealth {
                 addr: Some(config.consul.http),
                 ..ConsulHealth::default()
@@ -268,19 +277,13 @@ async fn monitor_consul(
     shutdown: CancellationToken,
 ) {
     let addr = state.config.consul.http;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(1))
-        .no_proxy()
-        .build()
-        .expect("reqwest client without TLS builds");
-    let url = format!("http://{addr}/v1/status/leader");
+    let http = state.consul_hub.http().clone();
     loop {
-        let probe = async {
-            let resp = client.get(&url).send().await.map_err(|e| e.to_string())?;
-            let text = resp.text().await.map_err(|e| e.to_string())?;
-            Ok::<String, String>(text.trim().trim_matches('"').to_string())
-        }
-        .await;
+        let probe = match tokio::time::timeout(Duration::from_secs(1), http.leader()).await {
+            Ok(Ok(leader)) => Ok(leader),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer within 1s".to_string()),
+        };
         let has_leader = matches!(&probe, Ok(l) if !l.is_empty());
         {
             let mut health = lock(&state.consul);
@@ -396,6 +399,7 @@ pub async fn run(
                 let ctx = ComponentContext {
                     config: Arc::new(config.clone()),
                     shared: state.components.clone(),
+                    consul: state.consul_hub.clone(),
                     restart: config.supervisor.restart,
                     consul_ready: runs_consul.then(|| ready_rx.clone()),
                     consul_wait: config.supervisor.consul_wait,
@@ -450,6 +454,8 @@ pub async fn run(
     background_stop.cancel();
     background.close();
     background.wait().await;
+    state.consul_stop.cancel();
+    state.consul_hub.close().await;
     tracing::info!("wayfinder up: stopped");
     Ok(())
 }

@@ -462,7 +462,11 @@ impl Wayfinder {
             let control = control.clone();
             let shutdown = shutdown.clone();
             async move {
-                dns::run(&config, sockets, control, shutdown).await.expect("dns runs");
+                let hub = wayfinder::consul::ConsulHub::new(config.consul.http, config.consul.resync, &shutdown);
+                dns::run(&config, sockets, control, hub.clone(), shutdown)
+                    .await
+                    .expect("dns runs");
+                hub.close().await;
             }
         });
         Wayfinder {
@@ -764,9 +768,11 @@ impl Lb {
             let state = state.clone();
             let shutdown = shutdown.clone();
             async move {
-                wayfinder::lb::run(&config, sockets, state, shutdown)
+                let hub = wayfinder::consul::ConsulHub::new(config.consul.http, config.consul.resync, &shutdown);
+                wayfinder::lb::run(&config, sockets, state, hub.clone(), shutdown)
                     .await
-                    .expect("lb runs")
+                    .expect("lb runs");
+                hub.close().await;
             }
         });
         Lb {

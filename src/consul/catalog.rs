@@ -1,0 +1,994 @@
+//! The live view of the Consul catalog: every service, its instances and their
+//! health, kept current on a fixed number of connections whatever the size of
+//! the catalog. The lb table, the dns wildcard targets, the status page and the
+//! admin API all read this one view.
+//!
+//! ```text
+//!  watches (consul::watch::follow, one lane each):
+//!    catalog/service/<absent>  wakes on every registration change (O(1) answer)
+//!    health/state/critical     the failing checks   (answer: the failing only)
+//!    health/state/warning      the warning checks
+//!        │ Signal (mpsc)
+//!        ▼
+//!  Runner ── check lists diffed ──▶ services whose checks moved ──┐
+//!         ── registration signal ─▶ recently changed services ────┼─▶ fetch
+//!                                 ─▶ ui/services fingerprints ────┘   /v1/health/service/<s>
+//!         ── index reset, failure, unexplained change, every `resync` ─▶ full sync
+//!                                                    (/v1/internal/ui/nodes, one request)
+//!        │ Arc<Catalog> (tokio watch: readers see the latest, never a half-applied one)
+//!        ▼
+//!  lb::watch, dns::wildcard, supervisor::admin
+//! ```
+//!
+//! Cost per change: a check flip costs Consul two small answers (the unhealthy
+//! lists) and one fetch of the service concerned. A registration change costs one
+//! `ui/services` summary, which Consul builds from the whole catalog (Consul 1.8
+//! has no cheaper way to say *which* service a registration touched), paced so
+//! that Wayfinder never takes more than a third of the agent's time, plus fetches
+//! of the services whose summary moved. Services changed in the last minute are
+//! fetched first on every registration change, so the steps of a deploy (new
+//! instance, its check passing, the old one leaving) propagate without waiting for
+//! the summary. A change that nothing explains, and every `resync` period, is
+//! caught by a full sync, which also counts what the incremental path had missed
+//! (`corrections`): a stale view shows up as a number, not as a silence.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::ConsulError;
+use super::api::{CheckRow, HealthRow, UiNode, UiService, instance_address};
+use super::http::{Answer, ConsulHttp, Endpoint, POOL_SIZE};
+use super::watch::{Event, WatchSnapshot, WatchStats, follow};
+
+/// A service name no one registers: a blocking query on it wakes on every
+/// change of the services table and answers `[]`.
+const SIGNAL_SERVICE: &str = "-wayfinder-catalog-signal-";
+/// More services than this to fetch at once: one full sync is cheaper.
+const MAX_TARGETED: usize = 64;
+/// Services that changed within this long are fetched first on a registration change.
+const HOT_FOR: Duration = Duration::from_secs(60);
+/// At most this many of them.
+const HOT_MAX: usize = 8;
+/// Time for signals that belong together (one registration moves several
+/// watches) to arrive before acting on them.
+const SETTLE: Duration = Duration::from_millis(2);
+/// The shortest gap between two full syncs.
+const FULL_MIN_GAP: Duration = Duration::from_secs(1);
+/// The shortest gap between two `ui/services` summaries.
+const SUMMARY_MIN_GAP: Duration = Duration::from_millis(10);
+
+/// Worst health of an instance's checks (its node's included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Every check passes (or there are none).
+    Passing,
+    /// At least one warns, none fails.
+    Warning,
+    /// At least one fails.
+    Critical,
+}
+
+impl Health {
+    fn of(status: &str) -> Self {
+        match status {
+            "passing" => Health::Passing,
+            "warning" => Health::Warning,
+            _ => Health::Critical,
+        }
+    }
+
+    /// `passing`, `warning`, `critical`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Health::Passing => "passing",
+            Health::Warning => "warning",
+            Health::Critical => "critical",
+        }
+    }
+}
+
+/// One instance of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceEntry {
+    /// Consul service ID.
+    pub id: String,
+    /// Node name.
+    pub node: String,
+    /// The address to reach it at (its own, else its node's), as Consul holds it.
+    pub address: String,
+    /// Port (0 when Consul holds no usable port).
+    pub port: u16,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// Worst of its checks.
+    pub health: Health,
+}
+
+/// One service and its instances, ordered by node then ID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceEntry {
+    /// Service name.
+    pub name: String,
+    /// Union of its instances' tags, sorted.
+    pub tags: Vec<String>,
+    /// Its instances.
+    pub instances: Vec<InstanceEntry>,
+}
+
+impl ServiceEntry {
+    fn new(name: String, mut instances: Vec<InstanceEntry>) -> Option<Self> {
+        if instances.is_empty() {
+            return None;
+        }
+        instances.sort_by(|a, b| (&a.node, &a.id).cmp(&(&b.node, &b.id)));
+        let tags: BTreeSet<&String> = instances.iter().flat_map(|i| &i.tags).collect();
+        let tags = tags.into_iter().cloned().collect();
+        Some(Self { name, tags, instances })
+    }
+
+    /// From a `/v1/health/service/<name>` answer; `None` when it has no instance.
+    pub fn from_health(name: &str, rows: Vec<HealthRow>) -> Option<Self> {
+        let instances = rows
+            .into_iter()
+            .map(|r| {
+                let health = r
+                    .checks
+                    .iter()
+                    .map(|c| Health::of(&c.status))
+                    .max()
+                    .unwrap_or(Health::Passing);
+                InstanceEntry {
+                    address: instance_address(&r.service, &r.node.address).to_string(),
+                    id: r.service.id,
+                    node: r.node.node,
+                    port: r.service.port,
+                    tags: r.service.tags,
+                    health,
+                }
+            })
+            .collect();
+        Self::new(name.to_string(), instances)
+    }
+
+    /// The instances whose checks all pass.
+    pub fn passing(&self) -> impl Iterator<Item = &InstanceEntry> {
+        self.instances.iter().filter(|i| i.health == Health::Passing)
+    }
+}
+
+/// Every service from a `/v1/internal/ui/nodes` answer.
+fn services_from_nodes(nodes: Vec<UiNode>) -> BTreeMap<String, Arc<ServiceEntry>> {
+    let mut by_service: BTreeMap<String, Vec<InstanceEntry>> = BTreeMap::new();
+    for node in nodes {
+        let node_health = node
+            .checks
+            .iter()
+            .filter(|c| c.service_id.is_empty())
+            .map(|c| Health::of(&c.status))
+            .max()
+            .unwrap_or(Health::Passing);
+        let mut own: HashMap<&str, Health> = HashMap::new();
+        for c in node.checks.iter().filter(|c| !c.service_id.is_empty()) {
+            let h = own.entry(c.service_id.as_str()).or_insert(Health::Passing);
+            *h = (*h).max(Health::of(&c.status));
+        }
+        for s in &node.services {
+            let health = own
+                .get(s.id.as_str())
+                .copied()
+                .unwrap_or(Health::Passing)
+                .max(node_health);
+            by_service.entry(s.service.clone()).or_default().push(InstanceEntry {
+                id: s.id.clone(),
+                node: node.node.clone(),
+                address: instance_address(s, &node.address).to_string(),
+                port: s.port,
+                tags: s.tags.clone(),
+                health,
+            });
+        }
+    }
+    by_service
+        .into_iter()
+        .filter_map(|(name, instances)| ServiceEntry::new(name.clone(), instances).map(|e| (name, Arc::new(e))))
+        .collect()
+}
+
+/// One consistent picture of the catalog, never changed once published.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    /// Every service by name.
+    pub services: BTreeMap<String, Arc<ServiceEntry>>,
+    /// False until the first full sync: readers that must not act on a partial
+    /// picture (the lb's first table) wait for it.
+    pub complete: bool,
+    /// Bumped at every publication.
+    pub generation: u64,
+    /// When the Consul answer behind the newest change arrived (propagation is
+    /// measured from here).
+    pub received: Instant,
+}
+
+impl Catalog {
+    fn empty() -> Self {
+        Self {
+            services: BTreeMap::new(),
+            complete: false,
+            generation: 0,
+            received: Instant::now(),
+        }
+    }
+}
+
+/// What the view has done, for `/metrics` and the status pages.
+#[derive(Debug)]
+pub struct CatalogStatus {
+    ok: AtomicBool,
+    full_syncs: AtomicU64,
+    summaries: AtomicU64,
+    fetches: AtomicU64,
+    corrections: AtomicU64,
+    last_full_sync_us: AtomicU64,
+    /// The view's watches.
+    pub watches: Vec<Arc<WatchStats>>,
+}
+
+/// A copy of [`CatalogStatus`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CatalogSnapshot {
+    /// The last sync or fetch worked and every watch is answering.
+    pub ok: bool,
+    /// Full syncs done (start, index resets, unexplained changes, periodic).
+    pub full_syncs: u64,
+    /// `ui/services` summaries read to find what a registration changed.
+    pub summaries: u64,
+    /// Services fetched one by one.
+    pub fetches: u64,
+    /// Services a full sync found different from what the watches had said.
+    pub corrections: u64,
+    /// How long the last full sync took, Consul's answer and decoding (ms).
+    pub last_full_sync_ms: f64,
+    /// Seconds since the stalest watch was last answered (`None`: not yet).
+    pub age_secs: Option<f64>,
+    /// The watches.
+    pub watches: Vec<WatchSnapshot>,
+}
+
+impl CatalogStatus {
+    /// True while the view is being kept current.
+    pub fn ok(&self) -> bool {
+        self.ok.load(Ordering::Relaxed) && self.watches.iter().all(|w| !w.failing())
+    }
+
+    /// Time since the stalest watch was last answered: how old the view may be.
+    pub fn age(&self) -> Option<Duration> {
+        self.watches
+            .iter()
+            .map(|w| w.age())
+            .collect::<Option<Vec<_>>>()?
+            .into_iter()
+            .max()
+    }
+
+    /// A copy of the counters.
+    pub fn snapshot(&self) -> CatalogSnapshot {
+        CatalogSnapshot {
+            ok: self.ok(),
+            full_syncs: self.full_syncs.load(Ordering::Relaxed),
+            summaries: self.summaries.load(Ordering::Relaxed),
+            fetches: self.fetches.load(Ordering::Relaxed),
+            corrections: self.corrections.load(Ordering::Relaxed),
+            last_full_sync_ms: self.last_full_sync_us.load(Ordering::Relaxed) as f64 / 1000.0,
+            age_secs: self.age().map(|a| a.as_secs_f64()),
+            watches: self.watches.iter().map(|w| w.snapshot()).collect(),
+        }
+    }
+}
+
+/// A reader's handle on the view (cheap to clone).
+#[derive(Clone, Debug)]
+pub struct CatalogView {
+    rx: watch::Receiver<Arc<Catalog>>,
+    status: Arc<CatalogStatus>,
+}
+
+impl CatalogView {
+    /// The catalog as it is now.
+    pub fn current(&self) -> Arc<Catalog> {
+        self.rx.borrow().clone()
+    }
+
+    /// A receiver that is told of every new picture.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Catalog>> {
+        self.rx.clone()
+    }
+
+    /// The view's counters.
+    pub fn status(&self) -> &CatalogStatus {
+        &self.status
+    }
+
+    /// False once the task keeping the view current has ended (it is then
+    /// started again by the next [`super::ConsulHub::catalog`]).
+    pub fn is_alive(&self) -> bool {
+        self.rx.has_changed().is_ok()
+    }
+}
+
+/// Starts the watches and the runner on `tasks`; they end with `shutdown`.
+pub(super) fn start(
+    http: ConsulHttp,
+    resync: Duration,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<CatalogView, ConsulError> {
+    let (signals, signals_rx) = mpsc::channel::<Signal>(64);
+    let stop = shutdown.child_token();
+    let mut watches = Vec::new();
+    let mut lanes = Vec::new();
+    for _ in 0..3 {
+        lanes.push(http.lane().ok_or(ConsulError::NoLane)?);
+    }
+    let registrations = WatchStats::new("registrations");
+    let critical = WatchStats::new("critical checks");
+    let warning = WatchStats::new("warning checks");
+    watches.extend([registrations.clone(), critical.clone(), warning.clone()]);
+
+    let (tx, rx) = watch::channel(Arc::new(Catalog::empty()));
+    let status = Arc::new(CatalogStatus {
+        ok: AtomicBool::new(false),
+        full_syncs: AtomicU64::new(0),
+        summaries: AtomicU64::new(0),
+        fetches: AtomicU64::new(0),
+        corrections: AtomicU64::new(0),
+        last_full_sync_us: AtomicU64::new(0),
+        watches,
+    });
+
+    let mut lanes = lanes.into_iter();
+    let (s_tx, s_rx) = mpsc::channel(4);
+    tasks.spawn(follow(
+        lanes.next().ok_or(ConsulError::NoLane)?,
+        Endpoint::ServicesSignal,
+        format!("/v1/catalog/service/{SIGNAL_SERVICE}?stale"),
+        |_, _, _| Ok(()),
+        registrations,
+        s_tx,
+        stop.clone(),
+    ));
+    tasks.spawn(forward(s_rx, signals.clone(), Signal::Registrations));
+    for (status_name, endpoint, stats) in [
+        ("critical", Endpoint::HealthCritical, critical),
+        ("warning", Endpoint::HealthWarning, warning),
+    ] {
+        let (c_tx, c_rx) = mpsc::channel(4);
+        tasks.spawn(follow(
+            lanes.next().ok_or(ConsulError::NoLane)?,
+            endpoint,
+            format!("/v1/health/state/{status_name}?stale"),
+            decode_checks,
+            stats,
+            c_tx,
+            stop.clone(),
+        ));
+        let level = Health::of(status_name);
+        tasks.spawn(forward(c_rx, signals.clone(), move |e| Signal::Checks(level, e)));
+    }
+    drop(signals);
+    let runner = Runner {
+        http,
+        tx,
+        status: status.clone(),
+        services: BTreeMap::new(),
+        service_index: HashMap::new(),
+        fingerprints: None,
+        unhealthy: HashMap::new(),
+        hot: VecDeque::new(),
+        complete: false,
+        generation: 0,
+        summaries_supported: true,
+        nodes_supported: true,
+    };
+    tasks.spawn(async move {
+        // Whatever ends the runner (a panic included) ends its watches too, so
+        // their lanes are free for the view that replaces it.
+        let _stop_watches = stop.clone().drop_guard();
+        runner.run(signals_rx, resync, stop).await;
+    });
+    Ok(CatalogView { rx, status })
+}
+
+fn decode_checks(http: &ConsulHttp, endpoint: Endpoint, answer: &Answer) -> Result<Vec<CheckRow>, ConsulError> {
+    http.decode(endpoint, answer)
+}
+
+async fn forward<T>(mut rx: mpsc::Receiver<Event<T>>, tx: mpsc::Sender<Signal>, wrap: impl Fn(Event<T>) -> Signal) {
+    while let Some(e) = rx.recv().await {
+        if tx.send(wrap(e)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// What the watches tell the runner.
+enum Signal {
+    /// The services table changed (or the watch was reset).
+    Registrations(Event<()>),
+    /// The list of checks at one unhealthy level.
+    Checks(Health, Event<Vec<CheckRow>>),
+}
+
+/// Paces an expensive request: the next one waits at least `factor` times as
+/// long as the last one took, and never less than `min_gap`.
+struct Pacer {
+    min_gap: Duration,
+    factor: u32,
+    next: Instant,
+}
+
+impl Pacer {
+    fn new(min_gap: Duration, factor: u32) -> Self {
+        Self {
+            min_gap,
+            factor,
+            next: Instant::now(),
+        }
+    }
+
+    fn ready(&self) -> bool {
+        Instant::now() >= self.next
+    }
+
+    fn ran(&mut self, took: Duration) {
+        self.next = Instant::now() + (took * self.factor).max(self.min_gap);
+    }
+
+    fn failed(&mut self, backoff: Duration) {
+        self.next = Instant::now() + backoff.max(self.min_gap);
+    }
+}
+
+/// Work the runner owes the view.
+#[derive(Default)]
+struct Pending {
+    /// A full sync is needed (start, reset, failure, unexplained, periodic).
+    full: bool,
+    /// The periodic resync asked for it (corrections are counted then).
+    periodic: bool,
+    /// The services table moved to this index and is not explained yet.
+    registrations: Option<u64>,
+    /// The hot services were fetched for the pending registration change.
+    hot_done: bool,
+    /// Services to fetch.
+    fetch: BTreeSet<String>,
+    /// When the oldest answer behind the pending work arrived.
+    received: Option<Instant>,
+}
+
+impl Pending {
+    fn arrived(&mut self, at: Instant) {
+        self.received = Some(self.received.map_or(at, |r| r.min(at)));
+    }
+
+    fn idle(&self) -> bool {
+        !self.full && self.registrations.is_none() && self.fetch.is_empty()
+    }
+}
+
+struct Runner {
+    http: ConsulHttp,
+    tx: watch::Sender<Arc<Catalog>>,
+    status: Arc<CatalogStatus>,
+    /// The working copy; published as `Arc<Catalog>` after each step.
+    services: BTreeMap<String, Arc<ServiceEntry>>,
+    /// Consul's per-service index from the last fetch of each service.
+    service_index: HashMap<String, u64>,
+    /// Hash of each service's `ui/services` line, from the last summary.
+    fingerprints: Option<HashMap<String, u64>>,
+    /// The unhealthy checks by level, keyed by (node, check ID).
+    unhealthy: HashMap<Health, HashMap<(String, String), CheckRow>>,
+    /// Services that changed lately, newest last.
+    hot: VecDeque<(String, Instant)>,
+    complete: bool,
+    generation: u64,
+    summaries_supported: bool,
+    nodes_supported: bool,
+}
+
+impl Runner {
+    async fn run(mut self, mut signals: mpsc::Receiver<Signal>, resync: Duration, shutdown: CancellationToken) {
+        let mut pending = Pending {
+            full: true,
+            ..Pending::default()
+        };
+        let mut full_pacer = Pacer::new(FULL_MIN_GAP, 4);
+        let mut summary_pacer = Pacer::new(SUMMARY_MIN_GAP, 2);
+        let mut resync_at = Instant::now() + resync;
+        let mut failures = 0u32;
+        loop {
+            let due = self.next_due(&pending, &full_pacer, &summary_pacer, resync_at);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                signal = signals.recv() => {
+                    let Some(signal) = signal else { return };
+                    self.absorb(signal, &mut pending);
+                    // Signals of one change arrive within moments of each other.
+                    tokio::time::sleep(SETTLE).await;
+                    while let Ok(signal) = signals.try_recv() {
+                        self.absorb(signal, &mut pending);
+                    }
+                }
+                _ = tokio::time::sleep_until(due.into()) => {}
+            }
+            if Instant::now() >= resync_at {
+                resync_at = Instant::now() + resync;
+                pending.full = true;
+                pending.periodic = true;
+            }
+            if pending.full {
+                if !full_pacer.ready() {
+                    continue;
+                }
+                let started = Instant::now();
+                match self.full_sync(pending.periodic).await {
+                    Ok(()) => {
+                        failures = 0;
+                        full_pacer.ran(started.elapsed());
+                        let received = pending.received.unwrap_or(started);
+                        pending = Pending::default();
+                        self.publish(received);
+                    }
+                    Err(error) => {
+                        failures = failures.saturating_add(1);
+                        let backoff = Duration::from_millis((250u64 << failures.min(7)).min(30_000));
+                        full_pacer.failed(backoff);
+                        self.status.ok.store(false, Ordering::Relaxed);
+                        tracing::warn!(%error, retry_in = ?backoff, "consul: cannot read the catalog; keeping the last picture");
+                    }
+                }
+                continue;
+            }
+            if !self.complete {
+                continue;
+            }
+            let received = pending.received.unwrap_or_else(Instant::now);
+            let mut changed = false;
+            if !pending.fetch.is_empty() {
+                let names = std::mem::take(&mut pending.fetch);
+                match self.fetch_all(names).await {
+                    Ok((c, _)) => changed |= c,
+                    Err(error) => {
+                        tracing::warn!(%error, "consul: cannot fetch changed services; full sync");
+                        self.status.ok.store(false, Ordering::Relaxed);
+                        pending.full = true;
+                    }
+                }
+            }
+            if let Some(index) = pending.registrations {
+                if !pending.hot_done {
+                    pending.hot_done = true;
+                    let hot = self.hot_services();
+                    if !hot.is_empty() {
+                        match self.fetch_all(hot).await {
+                            Ok((c, _)) => changed |= c,
+                            Err(_) => pending.full = true,
+                        }
+                    }
+                }
+                if summary_pacer.ready() && !pending.full {
+                    let started = Instant::now();
+                    match self.localize(index).await {
+                        Ok((c, explained)) => {
+                            changed |= c;
+                            summary_pacer.ran(started.elapsed());
+                            pending.registrations = None;
+                            pending.hot_done = false;
+                            if !explained {
+                                tracing::debug!(index, "consul: a registration change no summary explains; full sync");
+                                pending.full = true;
+                            }
+                        }
+                        Err(error) => {
+                            tracing::debug!(%error, "consul: summary failed; full sync");
+                            pending.full = true;
+                        }
+                    }
+                }
+            }
+            if changed {
+                self.publish(received);
+            }
+            if pending.idle() {
+                pending.received = None;
+            }
+        }
+    }
+
+    /// When the runner must act next without a new signal.
+    fn next_due(&self, pending: &Pending, full: &Pacer, summary: &Pacer, resync_at: Instant) -> Instant {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let mut due = resync_at.min(far);
+        if pending.full {
+            due = due.min(full.next);
+        } else if !pending.fetch.is_empty() {
+            due = Instant::now();
+        } else if pending.registrations.is_some() {
+            due = due.min(if pending.hot_done { summary.next } else { Instant::now() });
+        }
+        due
+    }
+
+    /// Takes one watch answer into the pending work.
+    fn absorb(&mut self, signal: Signal, pending: &mut Pending) {
+        match signal {
+            Signal::Registrations(e) => {
+                pending.arrived(e.received);
+                if e.reset {
+                    pending.full = true;
+                } else {
+                    pending.registrations = Some(e.index);
+                    pending.hot_done = false;
+                }
+            }
+            Signal::Checks(level, e) => {
+                pending.arrived(e.received);
+                let now: HashMap<(String, String), CheckRow> = e
+                    .value
+                    .into_iter()
+                    .map(|c| ((c.node.clone(), c.check_id.clone()), c))
+                    .collect();
+                let before = self.unhealthy.insert(level, now).unwrap_or_default();
+                if e.reset {
+                    pending.full = true;
+                    return;
+                }
+                let now = &self.unhealthy[&level];
+                let mut moved: Vec<&CheckRow> = now
+                    .iter()
+                    .filter(|(k, c)| before.get(*k) != Some(c))
+                    .map(|(_, c)| c)
+                    .collect();
+                moved.extend(before.iter().filter(|(k, _)| !now.contains_key(*k)).map(|(_, c)| c));
+                for check in moved {
+                    if check.service_id.is_empty() {
+                        // A node check gates every instance on that node.
+                        let on_node = self
+                            .services
+                            .values()
+                            .filter(|s| s.instances.iter().any(|i| i.node == check.node))
+                            .map(|s| s.name.clone());
+                        pending.fetch.extend(on_node);
+                    } else if !check.service_name.is_empty() {
+                        pending.fetch.insert(check.service_name.clone());
+                    }
+                }
+                if pending.fetch.len() > MAX_TARGETED {
+                    pending.fetch.clear();
+                    pending.full = true;
+                }
+            }
+        }
+    }
+
+    fn publish(&mut self, received: Instant) {
+        self.generation += 1;
+        let catalog = Catalog {
+            services: self.services.clone(),
+            complete: self.complete,
+            generation: self.generation,
+            received,
+        };
+        self.tx.send_replace(Arc::new(catalog));
+    }
+
+    /// The services that changed within [`HOT_FOR`], newest first.
+    fn hot_services(&mut self) -> BTreeSet<String> {
+        let now = Instant::now();
+        self.hot.retain(|(_, at)| now.duration_since(*at) < HOT_FOR);
+        self.hot.iter().rev().take(HOT_MAX).map(|(n, _)| n.clone()).collect()
+    }
+
+    fn mark_hot(&mut self, name: &str) {
+        self.hot.retain(|(n, _)| n != name);
+        self.hot.push_back((name.to_string(), Instant::now()));
+        while self.hot.len() > HOT_MAX * 4 {
+            self.hot.pop_front();
+        }
+    }
+
+    /// Fetches `names` (at most [`POOL_SIZE`] at once) into the working copy.
+    /// Returns whether anything changed and the highest per-service index seen.
+    async fn fetch_all(&mut self, names: BTreeSet<String>) -> Result<(bool, u64), ConsulError> {
+        let mut set = tokio::task::JoinSet::new();
+        let mut queue = names.into_iter();
+        let mut results = Vec::new();
+        loop {
+            while set.len() < POOL_SIZE {
+                let Some(name) = queue.next() else { break };
+                let http = self.http.clone();
+                set.spawn(async move {
+                    let r = http.health_service(&name, None).await;
+                    (name, r)
+                });
+            }
+            let Some(joined) = set.join_next().await else { break };
+            let (name, result) = joined.map_err(|_| ConsulError::Closed)?;
+            results.push((name, result?));
+        }
+        self.status.fetches.fetch_add(results.len() as u64, Ordering::Relaxed);
+        let mut changed = false;
+        let mut max_index = 0;
+        for (name, (rows, index)) in results {
+            max_index = max_index.max(index);
+            self.service_index.insert(name.clone(), index);
+            let entry = ServiceEntry::from_health(&name, rows);
+            let old = self.services.get(&name).map(|e| &**e);
+            if old == entry.as_ref() {
+                continue;
+            }
+            changed = true;
+            self.mark_hot(&name);
+            match entry {
+                Some(e) => {
+                    self.services.insert(name, Arc::new(e));
+                }
+                None => {
+                    self.services.remove(&name);
+                    self.service_index.remove(&name);
+                }
+            }
+        }
+        Ok((changed, max_index))
+    }
+
+    /// Finds what a registration change at `index` touched from the
+    /// `ui/services` summary and fetches it. `explained` is false when no
+    /// service fetched carries the index (something the summary cannot see,
+    /// such as a new address with everything else unchanged).
+    async fn localize(&mut self, index: u64) -> Result<(bool, bool), ConsulError> {
+        let hot_explains = self.service_index.values().any(|i| *i >= index);
+        if !self.summaries_supported {
+            return Ok((false, hot_explains));
+        }
+        let Some(fingerprints) = self.summary().await? else {
+            return Ok((false, hot_explains));
+        };
+        let mut candidates: BTreeSet<String> = BTreeSet::new();
+        if let Some(before) = &self.fingerprints {
+            for (name, fp) in &fingerprints {
+                if before.get(name) != Some(fp) {
+                    candidates.insert(name.clone());
+                }
+            }
+            candidates.extend(before.keys().filter(|n| !fingerprints.contains_key(*n)).cloned());
+        }
+        self.fingerprints = Some(fingerprints);
+        if candidates.len() > MAX_TARGETED {
+            return Ok((false, false));
+        }
+        let (changed, max_index) = if candidates.is_empty() {
+            (false, 0)
+        } else {
+            self.fetch_all(candidates).await?
+        };
+        Ok((changed, hot_explains || max_index >= index))
+    }
+
+    /// The `ui/services` fingerprints; `None` when this Consul has no such endpoint.
+    async fn summary(&mut self) -> Result<Option<HashMap<String, u64>>, ConsulError> {
+        let answer = self
+            .http
+            .get(Endpoint::UiServices, "/v1/internal/ui/services?stale")
+            .await?;
+        if answer.status == http::StatusCode::NOT_FOUND {
+            tracing::info!("consul: no /v1/internal/ui/services; registration changes are read with full syncs");
+            self.summaries_supported = false;
+            return Ok(None);
+        }
+        self.status.summaries.fetch_add(1, Ordering::Relaxed);
+        let lines: Vec<UiService> = self.http.decode(Endpoint::UiServices, &answer)?;
+        Ok(Some(
+            lines
+                .into_iter()
+                .map(|mut l| {
+                    l.tags.sort();
+                    l.nodes.sort();
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    l.hash(&mut h);
+                    (l.name, h.finish())
+                })
+                .collect(),
+        ))
+    }
+
+    /// Reads the whole catalog: `/v1/internal/ui/nodes` in one request, else
+    /// (a Consul without it) the service list and every service one by one.
+    async fn full_sync(&mut self, periodic: bool) -> Result<(), ConsulError> {
+        let started = Instant::now();
+        let services = if self.nodes_supported {
+            let answer = self.http.get(Endpoint::UiNodes, "/v1/internal/ui/nodes?stale").await?;
+            if answer.status == http::StatusCode::NOT_FOUND {
+                tracing::info!("consul: no /v1/internal/ui/nodes; full syncs read every service");
+                self.nodes_supported = false;
+                None
+            } else {
+                let nodes: Vec<UiNode> = self.http.decode(Endpoint::UiNodes, &answer)?;
+                Some(services_from_nodes(nodes))
+            }
+        } else {
+            None
+        };
+        let services = match services {
+            Some(s) => s,
+            None => self.sweep().await?,
+        };
+        if self.summaries_supported {
+            // The baseline for the next registration change.
+            self.fingerprints = self.summary().await?;
+        }
+        let took = started.elapsed();
+        self.status
+            .last_full_sync_us
+            .store(took.as_micros() as u64, Ordering::Relaxed);
+        self.status.full_syncs.fetch_add(1, Ordering::Relaxed);
+        if self.complete && periodic {
+            // Only the periodic sync measures the watches: the others run because
+            // something changed that a targeted fetch could not pin down.
+            let corrections = differences(&self.services, &services);
+            if corrections > 0 {
+                self.status.corrections.fetch_add(corrections, Ordering::Relaxed);
+                tracing::warn!(
+                    services = corrections,
+                    "consul: the periodic full sync found services the watches had not reported"
+                );
+            }
+        }
+        for (name, entry) in &services {
+            if self.services.get(name) != Some(entry) {
+                self.mark_hot(name);
+            }
+        }
+        self.services = services;
+        self.service_index.clear();
+        self.complete = true;
+        self.status.ok.store(true, Ordering::Relaxed);
+        tracing::debug!(
+            services = self.services.len(),
+            took_ms = took.as_millis() as u64,
+            "consul: full sync"
+        );
+        Ok(())
+    }
+
+    /// The public-API full sync: `/v1/catalog/services`, then each service.
+    async fn sweep(&mut self) -> Result<BTreeMap<String, Arc<ServiceEntry>>, ConsulError> {
+        let answer = self
+            .http
+            .get(Endpoint::CatalogServices, "/v1/catalog/services?stale")
+            .await?;
+        let names: BTreeMap<String, serde_json::Value> = self.http.decode(Endpoint::CatalogServices, &answer)?;
+        let mut set = tokio::task::JoinSet::new();
+        let mut queue = names.into_keys();
+        let mut out = BTreeMap::new();
+        loop {
+            while set.len() < POOL_SIZE {
+                let Some(name) = queue.next() else { break };
+                let http = self.http.clone();
+                set.spawn(async move {
+                    let r = http.health_service(&name, None).await;
+                    (name, r)
+                });
+            }
+            let Some(joined) = set.join_next().await else { break };
+            let (name, result) = joined.map_err(|_| ConsulError::Closed)?;
+            let (rows, _) = result?;
+            if let Some(e) = ServiceEntry::from_health(&name, rows) {
+                out.insert(name, Arc::new(e));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Services present in one map and not the other, or different in both.
+fn differences(a: &BTreeMap<String, Arc<ServiceEntry>>, b: &BTreeMap<String, Arc<ServiceEntry>>) -> u64 {
+    let changed = a.iter().filter(|(k, v)| b.get(*k) != Some(*v)).count();
+    let added = b.keys().filter(|k| !a.contains_key(*k)).count();
+    (changed + added) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, json: &str) -> UiNode {
+        let mut n: UiNode = serde_json::from_str(json).unwrap();
+        n.node = name.into();
+        n
+    }
+
+    #[test]
+    fn full_sync_health_counts_node_checks() {
+        let n1 = node(
+            "n1",
+            r#"{"Address":"10.0.0.1","Services":[
+                {"ID":"web-1","Service":"web","Port":80,"Tags":["haproxy"]},
+                {"ID":"db-1","Service":"db","Address":"10.0.9.9","Port":5432}],
+               "Checks":[{"CheckID":"c1","Status":"critical","ServiceID":"web-1","ServiceName":"web"},
+                         {"CheckID":"serfHealth","Status":"passing","ServiceID":""}]}"#,
+        );
+        let n2 = node(
+            "n2",
+            r#"{"Address":"10.0.0.2","Services":[{"ID":"web-2","Service":"web","Port":81,"Tags":["x"]}],
+               "Checks":[{"CheckID":"serfHealth","Status":"warning"}]}"#,
+        );
+        let services = services_from_nodes(vec![n1, n2]);
+        let web = &services["web"];
+        assert_eq!(web.tags, ["haproxy", "x"]);
+        let health: Vec<(&str, &str, Health)> = web
+            .instances
+            .iter()
+            .map(|i| (i.id.as_str(), i.address.as_str(), i.health))
+            .collect();
+        assert_eq!(
+            health,
+            [
+                ("web-1", "10.0.0.1", Health::Critical),
+                ("web-2", "10.0.0.2", Health::Warning)
+            ]
+        );
+        assert_eq!(services["db"].instances[0].address, "10.0.9.9");
+        assert_eq!(services["db"].passing().count(), 1);
+        assert_eq!(web.passing().count(), 0);
+    }
+
+    #[test]
+    fn a_service_without_instances_is_absent() {
+        assert!(ServiceEntry::from_health("web", Vec::new()).is_none());
+    }
+
+    #[test]
+    fn differences_count_changed_added_and_removed() {
+        let entry = |port| {
+            Arc::new(
+                ServiceEntry::new(
+                    "s".into(),
+                    vec![InstanceEntry {
+                        id: "i".into(),
+                        node: "n".into(),
+                        address: "10.0.0.1".into(),
+                        port,
+                        tags: vec![],
+                        health: Health::Passing,
+                    }],
+                )
+                .unwrap(),
+            )
+        };
+        let a = BTreeMap::from([("a".to_string(), entry(1)), ("b".to_string(), entry(1))]);
+        let b = BTreeMap::from([
+            ("a".to_string(), entry(1)),
+            ("b".to_string(), entry(2)),
+            ("c".to_string(), entry(1)),
+        ]);
+        assert_eq!(differences(&a, &b), 2);
+        assert_eq!(differences(&a, &a), 0);
+    }
+
+    #[test]
+    fn pacer_waits_a_multiple_of_the_last_run() {
+        let mut p = Pacer::new(Duration::from_millis(1), 2);
+        assert!(p.ready());
+        p.ran(Duration::from_millis(200));
+        assert!(!p.ready());
+        assert!(p.next > Instant::now() + Duration::from_millis(300));
+    }
+}
