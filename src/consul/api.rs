@@ -80,6 +80,9 @@ pub struct ServiceRow {
     /// Tags.
     #[serde(default, deserialize_with = "null_as_empty")]
     pub tags: Vec<String>,
+    /// The raft index of the instance's last change.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub modify_index: u64,
 }
 
 /// One row of `/v1/health/service/<name>`: an instance, its node and its checks

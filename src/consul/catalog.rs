@@ -5,14 +5,16 @@
 //!
 //! ```text
 //!  watches (consul::watch::follow, one lane each):
-//!    catalog/service/<absent>  wakes on every registration change (O(1) answer)
+//!    catalog/services          names and tags; wakes on every registration change
 //!    health/state/critical     the failing checks   (answer: the failing only)
 //!    health/state/warning      the warning checks
 //!        │ Signal (mpsc)
 //!        ▼
-//!  Runner ── check lists diffed ──▶ services whose checks moved ──┐
-//!         ── registration signal ─▶ recently changed services ────┼─▶ fetch
-//!                                 ─▶ ui/services fingerprints ────┘   /v1/health/service/<s>
+//!  Runner ── names/tags differ from the view ──▶ those services ─────┐
+//!         ── check lists moved ────────────────▶ their services ─────┤
+//!         ── registration change ──▶ recently changed services ──────┼─▶ fetch
+//!                                ──▶ ui/services lines that differ ──┘  /v1/health/service/<s>
+//!                                    from the view (count, nodes, checks)
 //!         ── index reset, failure, unexplained change, every `resync` ─▶ full sync
 //!                                                    (/v1/internal/ui/nodes, one request)
 //!        │ Arc<Catalog> (tokio watch: readers see the latest, never a half-applied one)
@@ -21,19 +23,22 @@
 //! ```
 //!
 //! Cost per change: a check flip costs Consul two small answers (the unhealthy
-//! lists) and one fetch of the service concerned. A registration change costs one
-//! `ui/services` summary, which Consul builds from the whole catalog (Consul 1.8
-//! has no cheaper way to say *which* service a registration touched), paced so
-//! that Wayfinder never takes more than a third of the agent's time, plus fetches
-//! of the services whose summary moved. Services changed in the last minute are
-//! fetched first on every registration change, so the steps of a deploy (new
-//! instance, its check passing, the old one leaving) propagate without waiting for
-//! the summary. A change that nothing explains, and every `resync` period, is
-//! caught by a full sync, which also counts what the incremental path had missed
-//! (`corrections`): a stale view shows up as a number, not as a silence.
+//! lists) and one fetch of the service concerned, whatever the size of the
+//! catalog. A registration change costs the service list and one `ui/services`
+//! summary, both of which Consul builds from the whole catalog (Consul 1.8 has
+//! no cheaper way to say *which* service a registration touched), the summary
+//! paced so that Wayfinder never takes more than a third of the agent's time,
+//! plus fetches of the services whose line differs from the view. Comparing the
+//! summary with the view itself (not with the previous summary) makes the view
+//! correct itself whatever was missed before. Services changed in the last
+//! minute are fetched first on every registration change, so the steps of a
+//! deploy (new instance, its check passing, the old one leaving) propagate
+//! without waiting for the summary. A change that nothing explains, and every
+//! `resync` period, is caught by a full sync, which also counts what the
+//! incremental path had missed (`corrections`): a stale view shows up as a
+//! number, not as a silence.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -43,13 +48,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::ConsulError;
+use super::api::null_as_empty;
 use super::api::{CheckRow, HealthRow, UiNode, UiService, instance_address};
 use super::http::{Answer, ConsulHttp, Endpoint, POOL_SIZE};
 use super::watch::{Event, WatchSnapshot, WatchStats, follow};
 
-/// A service name no one registers: a blocking query on it wakes on every
-/// change of the services table and answers `[]`.
-const SIGNAL_SERVICE: &str = "-wayfinder-catalog-signal-";
 /// More services than this to fetch at once: one full sync is cheaper.
 const MAX_TARGETED: usize = 64;
 /// Services that changed within this long are fetched first on a registration change.
@@ -65,10 +68,11 @@ const FULL_MIN_GAP: Duration = Duration::from_secs(1);
 const SUMMARY_MIN_GAP: Duration = Duration::from_millis(10);
 
 /// Worst health of an instance's checks (its node's included).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
     /// Every check passes (or there are none).
+    #[default]
     Passing,
     /// At least one warns, none fails.
     Warning,
@@ -95,6 +99,39 @@ impl Health {
     }
 }
 
+/// How many of an instance's checks (its node's included) are at each status,
+/// counted as Consul's `ui/services` counts them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CheckCounts {
+    /// Passing checks.
+    pub passing: u32,
+    /// Warning checks.
+    pub warning: u32,
+    /// Critical checks.
+    pub critical: u32,
+}
+
+impl CheckCounts {
+    fn add(&mut self, other: &CheckCounts) {
+        self.passing += other.passing;
+        self.warning += other.warning;
+        self.critical += other.critical;
+    }
+
+    fn of<'a>(statuses: impl Iterator<Item = &'a str>) -> Self {
+        let mut c = Self::default();
+        for s in statuses {
+            match s {
+                "passing" => c.passing += 1,
+                "warning" => c.warning += 1,
+                "critical" => c.critical += 1,
+                _ => {}
+            }
+        }
+        c
+    }
+}
+
 /// One instance of a service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceEntry {
@@ -110,6 +147,11 @@ pub struct InstanceEntry {
     pub tags: Vec<String>,
     /// Worst of its checks.
     pub health: Health,
+    /// The raft index of its last registration change (what tells the view
+    /// which change a registration signal was about).
+    pub modify_index: u64,
+    /// Its checks by status.
+    pub checks: CheckCounts,
 }
 
 /// One service and its instances, ordered by node then ID.
@@ -147,11 +189,13 @@ impl ServiceEntry {
                     .unwrap_or(Health::Passing);
                 InstanceEntry {
                     address: instance_address(&r.service, &r.node.address).to_string(),
+                    checks: CheckCounts::of(r.checks.iter().map(|c| c.status.as_str())),
                     id: r.service.id,
                     node: r.node.node,
                     port: r.service.port,
                     tags: r.service.tags,
                     health,
+                    modify_index: r.service.modify_index,
                 }
             })
             .collect();
@@ -161,6 +205,56 @@ impl ServiceEntry {
     /// The instances whose checks all pass.
     pub fn passing(&self) -> impl Iterator<Item = &InstanceEntry> {
         self.instances.iter().filter(|i| i.health == Health::Passing)
+    }
+
+    /// What `ui/services` says of this service, computed from the view.
+    pub fn summary_line(&self) -> SummaryLine {
+        let mut nodes: Vec<&str> = self.instances.iter().map(|i| i.node.as_str()).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let mut checks = CheckCounts::default();
+        for i in &self.instances {
+            checks.add(&i.checks);
+        }
+        SummaryLine {
+            tags: self.tags.clone(),
+            nodes: nodes.into_iter().map(str::to_string).collect(),
+            instances: self.instances.len() as u64,
+            checks,
+        }
+    }
+}
+
+/// One `ui/services` line, normalised (sorted, without duplicates) so that the
+/// view's own line and Consul's compare equal when they agree.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SummaryLine {
+    /// Tags, sorted, once each.
+    pub tags: Vec<String>,
+    /// Nodes, sorted, once each.
+    pub nodes: Vec<String>,
+    /// Instances.
+    pub instances: u64,
+    /// Checks by status, node checks counted once per instance.
+    pub checks: CheckCounts,
+}
+
+impl From<UiService> for SummaryLine {
+    fn from(mut l: UiService) -> Self {
+        l.tags.sort();
+        l.tags.dedup();
+        l.nodes.sort();
+        l.nodes.dedup();
+        Self {
+            tags: l.tags,
+            nodes: l.nodes,
+            instances: l.instance_count,
+            checks: CheckCounts {
+                passing: l.checks_passing as u32,
+                warning: l.checks_warning as u32,
+                critical: l.checks_critical as u32,
+            },
+        }
     }
 }
 
@@ -175,17 +269,20 @@ fn services_from_nodes(nodes: Vec<UiNode>) -> BTreeMap<String, Arc<ServiceEntry>
             .map(|c| Health::of(&c.status))
             .max()
             .unwrap_or(Health::Passing);
-        let mut own: HashMap<&str, Health> = HashMap::new();
+        let node_checks = node.checks.iter().filter(|c| c.service_id.is_empty());
+        let node_counts = CheckCounts::of(node_checks.map(|c| c.status.as_str()));
+        let mut own: HashMap<&str, (Health, CheckCounts)> = HashMap::new();
         for c in node.checks.iter().filter(|c| !c.service_id.is_empty()) {
-            let h = own.entry(c.service_id.as_str()).or_insert(Health::Passing);
+            let (h, counts) = own
+                .entry(c.service_id.as_str())
+                .or_insert((Health::Passing, CheckCounts::default()));
             *h = (*h).max(Health::of(&c.status));
+            counts.add(&CheckCounts::of(std::iter::once(c.status.as_str())));
         }
         for s in &node.services {
-            let health = own
-                .get(s.id.as_str())
-                .copied()
-                .unwrap_or(Health::Passing)
-                .max(node_health);
+            let (health, mut checks) = own.get(s.id.as_str()).copied().unwrap_or_default();
+            let health = health.max(node_health);
+            checks.add(&node_counts);
             by_service.entry(s.service.clone()).or_default().push(InstanceEntry {
                 id: s.id.clone(),
                 node: node.node.clone(),
@@ -193,6 +290,8 @@ fn services_from_nodes(nodes: Vec<UiNode>) -> BTreeMap<String, Arc<ServiceEntry>
                 port: s.port,
                 tags: s.tags.clone(),
                 health,
+                modify_index: s.modify_index,
+                checks,
             });
         }
     }
@@ -234,6 +333,7 @@ pub struct CatalogStatus {
     ok: AtomicBool,
     full_syncs: AtomicU64,
     summaries: AtomicU64,
+    flagged: AtomicU64,
     fetches: AtomicU64,
     corrections: AtomicU64,
     last_full_sync_us: AtomicU64,
@@ -250,6 +350,8 @@ pub struct CatalogSnapshot {
     pub full_syncs: u64,
     /// `ui/services` summaries read to find what a registration changed.
     pub summaries: u64,
+    /// Services whose summary line differed from the view (and were fetched).
+    pub flagged: u64,
     /// Services fetched one by one.
     pub fetches: u64,
     /// Services a full sync found different from what the watches had said.
@@ -284,6 +386,7 @@ impl CatalogStatus {
             ok: self.ok(),
             full_syncs: self.full_syncs.load(Ordering::Relaxed),
             summaries: self.summaries.load(Ordering::Relaxed),
+            flagged: self.flagged.load(Ordering::Relaxed),
             fetches: self.fetches.load(Ordering::Relaxed),
             corrections: self.corrections.load(Ordering::Relaxed),
             last_full_sync_ms: self.last_full_sync_us.load(Ordering::Relaxed) as f64 / 1000.0,
@@ -347,6 +450,7 @@ pub(super) fn start(
         ok: AtomicBool::new(false),
         full_syncs: AtomicU64::new(0),
         summaries: AtomicU64::new(0),
+        flagged: AtomicU64::new(0),
         fetches: AtomicU64::new(0),
         corrections: AtomicU64::new(0),
         last_full_sync_us: AtomicU64::new(0),
@@ -357,9 +461,9 @@ pub(super) fn start(
     let (s_tx, s_rx) = mpsc::channel(4);
     tasks.spawn(follow(
         lanes.next().ok_or(ConsulError::NoLane)?,
-        Endpoint::ServicesSignal,
-        format!("/v1/catalog/service/{SIGNAL_SERVICE}?stale"),
-        |_, _, _| Ok(()),
+        Endpoint::CatalogServices,
+        "/v1/catalog/services?stale".to_string(),
+        decode_names,
         registrations,
         s_tx,
         stop.clone(),
@@ -388,9 +492,8 @@ pub(super) fn start(
         tx,
         status: status.clone(),
         services: BTreeMap::new(),
-        service_index: HashMap::new(),
-        fingerprints: None,
         unhealthy: HashMap::new(),
+        shrank: false,
         hot: VecDeque::new(),
         complete: false,
         generation: 0,
@@ -406,6 +509,24 @@ pub(super) fn start(
     Ok(CatalogView { rx, status })
 }
 
+/// `/v1/catalog/services`: every service with the union of its tags.
+fn decode_names(http: &ConsulHttp, endpoint: Endpoint, answer: &Answer) -> Result<Names, ConsulError> {
+    #[derive(serde::Deserialize)]
+    struct Tags(#[serde(deserialize_with = "null_as_empty")] Vec<String>);
+    let map: BTreeMap<String, Tags> = http.decode(endpoint, answer)?;
+    Ok(map
+        .into_iter()
+        .map(|(name, Tags(mut tags))| {
+            tags.sort();
+            tags.dedup();
+            (name, tags)
+        })
+        .collect())
+}
+
+/// Service names with their sorted tags.
+type Names = BTreeMap<String, Vec<String>>;
+
 fn decode_checks(http: &ConsulHttp, endpoint: Endpoint, answer: &Answer) -> Result<Vec<CheckRow>, ConsulError> {
     http.decode(endpoint, answer)
 }
@@ -420,8 +541,8 @@ async fn forward<T>(mut rx: mpsc::Receiver<Event<T>>, tx: mpsc::Sender<Signal>, 
 
 /// What the watches tell the runner.
 enum Signal {
-    /// The services table changed (or the watch was reset).
-    Registrations(Event<()>),
+    /// The services table changed (or the watch was reset): names and tags.
+    Registrations(Event<Names>),
     /// The list of checks at one unhealthy level.
     Checks(Health, Event<Vec<CheckRow>>),
 }
@@ -489,10 +610,9 @@ struct Runner {
     status: Arc<CatalogStatus>,
     /// The working copy; published as `Arc<Catalog>` after each step.
     services: BTreeMap<String, Arc<ServiceEntry>>,
-    /// Consul's per-service index from the last fetch of each service.
-    service_index: HashMap<String, u64>,
-    /// Hash of each service's `ui/services` line, from the last summary.
-    fingerprints: Option<HashMap<String, u64>>,
+    /// A fetch since the last localized registration change found a service
+    /// with fewer instances (or none): a deregistration, which leaves no index.
+    shrank: bool,
     /// The unhealthy checks by level, keyed by (node, check ID).
     unhealthy: HashMap<Health, HashMap<(String, String), CheckRow>>,
     /// Services that changed lately, newest last.
@@ -564,7 +684,7 @@ impl Runner {
             if !pending.fetch.is_empty() {
                 let names = std::mem::take(&mut pending.fetch);
                 match self.fetch_all(names).await {
-                    Ok((c, _)) => changed |= c,
+                    Ok(c) => changed |= c,
                     Err(error) => {
                         tracing::warn!(%error, "consul: cannot fetch changed services; full sync");
                         self.status.ok.store(false, Ordering::Relaxed);
@@ -578,7 +698,7 @@ impl Runner {
                     let hot = self.hot_services();
                     if !hot.is_empty() {
                         match self.fetch_all(hot).await {
-                            Ok((c, _)) => changed |= c,
+                            Ok(c) => changed |= c,
                             Err(_) => pending.full = true,
                         }
                     }
@@ -587,6 +707,7 @@ impl Runner {
                     let started = Instant::now();
                     match self.localize(index).await {
                         Ok((c, explained)) => {
+                            tracing::debug!(index, changed = c, explained, "consul: registration change localized");
                             changed |= c;
                             summary_pacer.ran(started.elapsed());
                             pending.registrations = None;
@@ -633,9 +754,23 @@ impl Runner {
                 pending.arrived(e.received);
                 if e.reset {
                     pending.full = true;
-                } else {
-                    pending.registrations = Some(e.index);
-                    pending.hot_done = false;
+                    return;
+                }
+                pending.registrations = Some(e.index);
+                pending.hot_done = false;
+                // New or gone names and changed tags show at once.
+                let names = e.value;
+                for (name, tags) in &names {
+                    if self.services.get(name).is_none_or(|s| &s.tags != tags) {
+                        pending.fetch.insert(name.clone());
+                    }
+                }
+                pending
+                    .fetch
+                    .extend(self.services.keys().filter(|n| !names.contains_key(*n)).cloned());
+                if pending.fetch.len() > MAX_TARGETED {
+                    pending.fetch.clear();
+                    pending.full = true;
                 }
             }
             Signal::Checks(level, e) => {
@@ -705,8 +840,8 @@ impl Runner {
     }
 
     /// Fetches `names` (at most [`POOL_SIZE`] at once) into the working copy.
-    /// Returns whether anything changed and the highest per-service index seen.
-    async fn fetch_all(&mut self, names: BTreeSet<String>) -> Result<(bool, u64), ConsulError> {
+    /// Returns whether anything changed.
+    async fn fetch_all(&mut self, names: BTreeSet<String>) -> Result<bool, ConsulError> {
         let mut set = tokio::task::JoinSet::new();
         let mut queue = names.into_iter();
         let mut results = Vec::new();
@@ -725,14 +860,14 @@ impl Runner {
         }
         self.status.fetches.fetch_add(results.len() as u64, Ordering::Relaxed);
         let mut changed = false;
-        let mut max_index = 0;
-        for (name, (rows, index)) in results {
-            max_index = max_index.max(index);
-            self.service_index.insert(name.clone(), index);
+        for (name, (rows, _)) in results {
             let entry = ServiceEntry::from_health(&name, rows);
             let old = self.services.get(&name).map(|e| &**e);
             if old == entry.as_ref() {
                 continue;
+            }
+            if old.map_or(0, |o| o.instances.len()) > entry.as_ref().map_or(0, |e| e.instances.len()) {
+                self.shrank = true;
             }
             changed = true;
             self.mark_hot(&name);
@@ -742,48 +877,58 @@ impl Runner {
                 }
                 None => {
                     self.services.remove(&name);
-                    self.service_index.remove(&name);
                 }
             }
         }
-        Ok((changed, max_index))
+        Ok(changed)
     }
 
-    /// Finds what a registration change at `index` touched from the
-    /// `ui/services` summary and fetches it. `explained` is false when no
-    /// service fetched carries the index (something the summary cannot see,
-    /// such as a new address with everything else unchanged).
+    /// Finds what a registration change at `index` touched: the `ui/services`
+    /// lines that differ from the view's own, fetched. `explained` is true when
+    /// the view now holds an instance last changed at `index`, or a fetch found a
+    /// service that lost instances (a deregistration leaves no index behind);
+    /// else a change the summary cannot see (a new address, everything else
+    /// equal) happened, and the caller does a full sync.
     async fn localize(&mut self, index: u64) -> Result<(bool, bool), ConsulError> {
-        let hot_explains = self.service_index.values().any(|i| *i >= index);
-        if !self.summaries_supported {
-            return Ok((false, hot_explains));
-        }
-        let Some(fingerprints) = self.summary().await? else {
-            return Ok((false, hot_explains));
-        };
-        let mut candidates: BTreeSet<String> = BTreeSet::new();
-        if let Some(before) = &self.fingerprints {
-            for (name, fp) in &fingerprints {
-                if before.get(name) != Some(fp) {
+        let mut changed = false;
+        if let Some(lines) = self.summary().await? {
+            let mut candidates: BTreeSet<String> = BTreeSet::new();
+            for (name, line) in &lines {
+                if self.services.get(name).is_none_or(|s| &s.summary_line() != line) {
                     candidates.insert(name.clone());
                 }
             }
-            candidates.extend(before.keys().filter(|n| !fingerprints.contains_key(*n)).cloned());
+            candidates.extend(self.services.keys().filter(|n| !lines.contains_key(*n)).cloned());
+            tracing::debug!(
+                index,
+                candidates = candidates.len(),
+                "consul: services whose summary differs from the view"
+            );
+            if candidates.len() > MAX_TARGETED {
+                return Ok((false, false));
+            }
+            if !candidates.is_empty() {
+                changed = self.fetch_all(candidates).await?;
+            }
         }
-        self.fingerprints = Some(fingerprints);
-        if candidates.len() > MAX_TARGETED {
-            return Ok((false, false));
-        }
-        let (changed, max_index) = if candidates.is_empty() {
-            (false, 0)
-        } else {
-            self.fetch_all(candidates).await?
-        };
-        Ok((changed, hot_explains || max_index >= index))
+        let explained = self.shrank || self.holds_index(index);
+        self.shrank = false;
+        Ok((changed, explained))
     }
 
-    /// The `ui/services` fingerprints; `None` when this Consul has no such endpoint.
-    async fn summary(&mut self) -> Result<Option<HashMap<String, u64>>, ConsulError> {
+    /// True when some instance in the view was last changed at `index`.
+    fn holds_index(&self, index: u64) -> bool {
+        self.services
+            .values()
+            .any(|s| s.instances.iter().any(|i| i.modify_index == index))
+    }
+
+    /// The `ui/services` lines by service; `None` when this Consul has no such
+    /// endpoint.
+    async fn summary(&mut self) -> Result<Option<HashMap<String, SummaryLine>>, ConsulError> {
+        if !self.summaries_supported {
+            return Ok(None);
+        }
         let answer = self
             .http
             .get(Endpoint::UiServices, "/v1/internal/ui/services?stale")
@@ -798,13 +943,7 @@ impl Runner {
         Ok(Some(
             lines
                 .into_iter()
-                .map(|mut l| {
-                    l.tags.sort();
-                    l.nodes.sort();
-                    let mut h = std::collections::hash_map::DefaultHasher::new();
-                    l.hash(&mut h);
-                    (l.name, h.finish())
-                })
+                .map(|l| (l.name.clone(), SummaryLine::from(l)))
                 .collect(),
         ))
     }
@@ -830,10 +969,6 @@ impl Runner {
             Some(s) => s,
             None => self.sweep().await?,
         };
-        if self.summaries_supported {
-            // The baseline for the next registration change.
-            self.fingerprints = self.summary().await?;
-        }
         let took = started.elapsed();
         self.status
             .last_full_sync_us
@@ -851,13 +986,17 @@ impl Runner {
                 );
             }
         }
-        for (name, entry) in &services {
-            if self.services.get(name) != Some(entry) {
-                self.mark_hot(name);
+        if self.complete {
+            // What a later full sync found changed is likely to change again;
+            // the first one says nothing about that.
+            for (name, entry) in &services {
+                if self.services.get(name) != Some(entry) {
+                    self.mark_hot(name);
+                }
             }
         }
         self.services = services;
-        self.service_index.clear();
+        self.shrank = false;
         self.complete = true;
         self.status.ok.store(true, Ordering::Relaxed);
         tracing::debug!(
@@ -948,6 +1087,24 @@ mod tests {
         assert_eq!(services["db"].instances[0].address, "10.0.9.9");
         assert_eq!(services["db"].passing().count(), 1);
         assert_eq!(web.passing().count(), 0);
+        // As ui/services counts: node checks once per instance.
+        let line = web.summary_line();
+        assert_eq!(line.nodes, ["n1", "n2"]);
+        assert_eq!(line.instances, 2);
+        assert_eq!(
+            line.checks,
+            CheckCounts {
+                passing: 1,
+                warning: 1,
+                critical: 1
+            }
+        );
+        let consul: UiService = serde_json::from_str(
+            r#"{"Name":"web","Tags":["x","haproxy","x"],"Nodes":["n2","n1"],"InstanceCount":2,
+                "ChecksPassing":1,"ChecksWarning":1,"ChecksCritical":1}"#,
+        )
+        .unwrap();
+        assert_eq!(SummaryLine::from(consul), line);
     }
 
     #[test]
@@ -968,6 +1125,8 @@ mod tests {
                         port,
                         tags: vec![],
                         health: Health::Passing,
+                        modify_index: 1,
+                        checks: CheckCounts::default(),
                     }],
                 )
                 .unwrap(),

@@ -51,8 +51,6 @@ pub const MAX_BODY: usize = 64 << 20;
 /// made-up service names cannot grow the label space).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
-    /// `/v1/catalog/service/<sentinel>`: the services-table change signal.
-    ServicesSignal,
     /// `/v1/health/state/critical`.
     HealthCritical,
     /// `/v1/health/state/warning`.
@@ -77,8 +75,7 @@ pub enum Endpoint {
 
 impl Endpoint {
     /// Every endpoint, in metrics order.
-    pub const ALL: [Endpoint; 11] = [
-        Endpoint::ServicesSignal,
+    pub const ALL: [Endpoint; 10] = [
         Endpoint::HealthCritical,
         Endpoint::HealthWarning,
         Endpoint::UiServices,
@@ -94,7 +91,6 @@ impl Endpoint {
     /// The metrics label.
     pub fn name(self) -> &'static str {
         match self {
-            Endpoint::ServicesSignal => "catalog_service_signal",
             Endpoint::HealthCritical => "health_state_critical",
             Endpoint::HealthWarning => "health_state_warning",
             Endpoint::UiServices => "ui_services",

@@ -5,7 +5,11 @@
 //!  follow(lane, path) ── GET path?index=I&wait=55s ──▶ answer (index J, body)
 //!     J < I            ─▶ Event { reset: true }   (snapshot restore, new agent)
 //!     after a failure  ─▶ Event { reset: true }   (changes may have been missed)
-//!     same index       ─▶ nothing (Consul answers at the end of every wait)
+//!     same index, at the end of the wait ─▶ nothing
+//!     same index, early ─▶ ask again with index 0 at once: Consul wakes its
+//!                         blocking queries this way when a snapshot restore
+//!                         replaces its state, and the next answer shows
+//!                         whether the index went backwards
 //!     otherwise        ─▶ Event { reset: false }
 //!     error            ─▶ backoff 250 ms doubling to 30 s; WatchStats says so
 //!  then: token bucket (burst 4, one per 10 ms) before the next request
@@ -44,7 +48,10 @@ pub const WATCH_REFILL: Duration = Duration::from_millis(10);
 /// answers.
 #[derive(Debug)]
 pub struct Watch {
+    /// The index to send.
     index: u64,
+    /// The last index Consul answered with (what "backwards" is measured against).
+    seen: u64,
     failures: u32,
     tokens: f64,
     refilled: Instant,
@@ -54,6 +61,7 @@ impl Default for Watch {
     fn default() -> Self {
         Self {
             index: 0,
+            seen: 0,
             failures: 0,
             tokens: WATCH_BURST,
             refilled: Instant::now(),
@@ -71,10 +79,22 @@ impl Watch {
     /// backwards (everything known before is suspect).
     pub fn success(&mut self, new_index: u64) -> bool {
         self.failures = 0;
-        let backwards = new_index < self.index;
+        let backwards = new_index < self.seen;
+        self.seen = new_index;
         // An index of 0 would not block: Consul's advice is to treat it as 1.
         self.index = new_index.max(1);
         backwards
+    }
+
+    /// The last index Consul answered with.
+    pub fn seen(&self) -> u64 {
+        self.seen
+    }
+
+    /// The next request asks with index 0 (it returns at once with Consul's
+    /// current index), keeping the last one seen to compare it with.
+    pub fn probe(&mut self) {
+        self.index = 0;
     }
 
     /// Records a failure and returns how long to wait before retrying.
@@ -226,6 +246,8 @@ pub async fn follow<T: Send + 'static>(
     let mut reset = true;
     loop {
         let url = format!("{path}{sep}index={}&wait={}s", watch.index(), BLOCKING_WAIT.as_secs());
+        let requested = watch.index();
+        let asked = Instant::now();
         let answer = tokio::select! {
             _ = shutdown.cancelled() => return,
             a = lane.get(endpoint, &url, BLOCKING_TIMEOUT) => a,
@@ -237,18 +259,24 @@ pub async fn follow<T: Send + 'static>(
         });
         let pause = match decoded {
             Ok((answer, value)) => {
-                let before = watch.index();
+                let before = watch.seen();
                 if watch.success(answer.index) {
                     reset = true;
                 }
-                stats.answered(watch.index());
-                if reset || watch.index() != before {
+                stats.answered(watch.seen());
+                let woken_early = requested > 0
+                    && answer.index == requested
+                    && asked.elapsed() + Duration::from_secs(5) < BLOCKING_WAIT;
+                if woken_early {
+                    watch.probe();
+                }
+                if reset || watch.seen() != before {
                     if reset {
                         stats.resets.fetch_add(1, Ordering::Relaxed);
                     }
                     let event = Event {
                         value,
-                        index: watch.index(),
+                        index: watch.seen(),
                         received,
                         reset,
                     };
@@ -290,6 +318,10 @@ mod tests {
         assert_eq!(w.index(), 5);
         w.success(0);
         assert_eq!(w.index(), 1, "never block on index 0");
+        assert!(!w.success(7));
+        w.probe();
+        assert_eq!((w.index(), w.seen()), (0, 7), "a probe asks with 0, remembers 7");
+        assert!(w.success(6), "and sees that the index went back");
         assert!(w.failure() >= Duration::from_millis(250));
         assert_eq!(w.index(), 0);
         // WATCH_BURST immediate re-queries, then paced.

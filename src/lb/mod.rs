@@ -333,6 +333,8 @@ pub async fn run(
     // The table builder and the remote watcher only end on shutdown; if one
     // ends before, the lb stops with an error so its supervisor restarts it.
     let ended = tokio::select! {
+        // First: the tasks end on `stop` too, which is no failure.
+        biased;
         _ = stop.cancelled() => None,
         _ = builder => Some("routing table"),
         _ = remote => Some("other-datacenter"),

@@ -150,10 +150,11 @@ pub(super) async fn run(
                 "lb: first routing table built; answering requests"
             );
         } else {
-            tracing::debug!(
+            tracing::info!(
                 services = specs.len(),
                 instances = live.len(),
                 build_us = built.as_micros() as u64,
+                propagation_us = earliest.map_or(0, |e| e.elapsed().as_micros() as u64),
                 "lb: routing table updated"
             );
         }
@@ -300,6 +301,8 @@ mod tests {
                 port,
                 tags: tags.iter().map(|t| t.to_string()).collect(),
                 health: Health::Passing,
+                modify_index: 1,
+                checks: Default::default(),
             }],
         })
     }

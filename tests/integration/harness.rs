@@ -8,15 +8,32 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use wayfinder::dns::{self, DnsControl, DnsSockets};
+use wayfinder::supervisor::unit::UnitInfo;
+use wayfinder::supervisor::{SupervisorState, UpSockets};
+
+/// Sends Wayfinder's logs to the test's output (shown for a failing test),
+/// filtered by `RUST_LOG` (nothing when it is unset).
+pub fn init_logs() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
 
 /// Fails the test when `program` is not installed, naming the fix.
 pub fn require(program: &str) -> PathBuf {
@@ -94,6 +111,10 @@ pub struct Consul {
     _cleanup: Option<tempfile::TempDir>,
     /// Its datacenter.
     pub datacenter: String,
+    /// Raised `http_max_conns_per_client` (only the shared agent: every test of
+    /// the binary talks to it from 127.0.0.1). Private agents keep Consul's
+    /// default of 200, as users run it.
+    many_clients: bool,
 }
 
 impl Consul {
@@ -104,16 +125,23 @@ impl Consul {
 
     /// Starts a private agent in datacenter `dc`.
     pub fn start_in(dc: &str) -> Self {
+        let mut consul = Self::stopped_in(dc);
+        consul.launch_on_free_ports();
+        consul
+    }
+
+    /// A private agent whose ports are chosen but which is not running yet
+    /// ([`Self::launch`] starts it).
+    pub fn stopped_in(dc: &str) -> Self {
         let temp = tempfile::tempdir().unwrap();
-        let mut consul = Consul {
+        Consul {
             child: None,
             ports: ConsulPorts::pick(),
             dir: temp.path().to_path_buf(),
             _cleanup: Some(temp),
             datacenter: dc.to_string(),
-        };
-        consul.launch_on_free_ports();
-        consul
+            many_clients: false,
+        }
     }
 
     /// Federates this agent's datacenter with `other`'s over the WAN and waits
@@ -159,6 +187,7 @@ impl Consul {
             dir,
             _cleanup: None,
             datacenter: "dc1".into(),
+            many_clients: true,
         };
         consul.launch_on_free_ports();
         consul
@@ -196,7 +225,7 @@ impl Consul {
     }
 
     /// Starts the agent on its current ports (a restart keeps them).
-    fn launch(&mut self) {
+    pub fn launch(&mut self) {
         for _ in 0..4 {
             match self.try_launch() {
                 Ok(()) => return,
@@ -221,12 +250,14 @@ impl Consul {
             .args(["-node", &format!("node-{}", p.http)])
             .args(["-datacenter", &self.datacenter])
             .args(["-hcl", "dns_config { enable_truncate = true }"])
-            // Every test of the binary talks to the shared agent from 127.0.0.1:
-            // Consul's default of 200 connections per client address is too few.
-            .args(["-hcl", "limits { http_max_conns_per_client = 4096 }"])
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null());
+        if self.many_clients {
+            // Every test of the binary talks to the shared agent from 127.0.0.1:
+            // Consul's default of 200 connections per client address is too few.
+            cmd.args(["-hcl", "limits { http_max_conns_per_client = 4096 }"]);
+        }
         self.child = Some(die_with_parent(&mut cmd).spawn().expect("start consul"));
         self.wait_ready()
     }
@@ -289,6 +320,26 @@ impl Consul {
         http_put(self.http_addr(), "/v1/agent/service/register", &body.to_string()).expect("register");
     }
 
+    /// Registers many instances at once through `/v1/txn` (64 operations per
+    /// transaction, Consul's limit), on node `node` at `address`; each instance
+    /// gets a passing check unless `with_check` is false.
+    pub fn register_bulk(&self, node: &str, address: &str, instances: &[BulkInstance], with_check: bool) {
+        let mut ops = vec![serde_json::json!({"Node": {"Verb": "set", "Node": {"Node": node, "Address": address}}})];
+        for i in instances {
+            ops.push(serde_json::json!({"Service": {"Verb": "set", "Node": node, "Service": {
+                "ID": i.id, "Service": i.name, "Address": i.address, "Port": i.port, "Tags": i.tags}}}));
+            if with_check {
+                ops.push(serde_json::json!({"Check": {"Verb": "set", "Check": {
+                    "Node": node, "CheckID": format!("{}-check", i.id), "Name": "bulk",
+                    "Status": "passing", "ServiceID": i.id}}}));
+            }
+        }
+        for chunk in ops.chunks(64) {
+            let body = serde_json::Value::Array(chunk.to_vec()).to_string();
+            http_put(self.http_addr(), "/v1/txn", &body).expect("txn register");
+        }
+    }
+
     /// Removes a service instance.
     pub fn deregister(&self, id: &str) {
         http_put(self.http_addr(), &format!("/v1/agent/service/deregister/{id}"), "").expect("deregister");
@@ -319,6 +370,53 @@ impl Consul {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// One instance for [`Consul::register_bulk`].
+#[derive(Debug, Clone)]
+pub struct BulkInstance {
+    /// Service ID.
+    pub id: String,
+    /// Service name.
+    pub name: String,
+    /// Address.
+    pub address: String,
+    /// Port.
+    pub port: u16,
+    /// Tags.
+    pub tags: Vec<String>,
+}
+
+/// ESTABLISHED TCP connections that process `pid` holds to `port` on any
+/// address (from its fds and `/proc/<pid>/net/tcp{,6}`, as `ss -tp` does).
+pub fn connections_to(pid: u32, port: u16) -> usize {
+    let mut inodes = std::collections::HashSet::new();
+    if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let t = target.to_string_lossy();
+                if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                    inodes.insert(inode.to_string());
+                }
+            }
+        }
+    }
+    let mut count = 0;
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 {
+                continue;
+            }
+            let remote_port = f[2].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            // st 01 = ESTABLISHED; f[9] is the inode.
+            if remote_port == Some(port) && f[3] == "01" && inodes.contains(f[9]) {
+                count += 1;
+            }
+        }
+    }
+    count
 }
 
 impl Drop for Consul {
@@ -745,6 +843,7 @@ pub struct Lb {
 impl Lb {
     /// Starts the lb from TOML text (listener replaced by 127.0.0.1:0).
     pub async fn start(toml: &str) -> Self {
+        init_logs();
         let env = std::collections::HashMap::<String, String>::new();
         let mut file = wayfinder::config::parse(toml, "test.toml", &env).expect("test config parses");
         file.lb.http = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -966,5 +1065,111 @@ impl Nginx {
 impl Drop for Nginx {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// `wayfinder up`'s supervisor running in this test.
+pub struct Up {
+    /// The supervisor's state.
+    pub state: Arc<SupervisorState>,
+    /// The admin endpoint.
+    pub admin: SocketAddr,
+    /// The dns listener, when dns runs.
+    pub dns: Option<SocketAddr>,
+    /// The lb's HTTP listener, when the lb runs.
+    pub lb: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Up {
+    /// Starts the supervisor from TOML text and role variables. The admin
+    /// endpoint goes on 127.0.0.1:0 (unless the text sets it); dns and lb use
+    /// whatever addresses the text gives.
+    pub async fn start(toml: &str, vars: &[(&str, &str)]) -> Self {
+        Self::try_start(toml, vars)
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"))
+    }
+
+    /// [`Self::start`] for text whose ports `make` picks with `free_port`: a
+    /// port a parallel test took since it was seen free means new ports.
+    pub async fn start_on_free_ports(make: impl Fn() -> String, vars: &[(&str, &str)]) -> Self {
+        for _ in 0..4 {
+            match Self::try_start(&make(), vars).await {
+                Ok(up) => return up,
+                Err(e) if e.to_string().contains("in use") => continue,
+                Err(e) => panic!("bind: {e}"),
+            }
+        }
+        panic!("no free ports in 4 tries");
+    }
+
+    pub async fn try_start(toml: &str, vars: &[(&str, &str)]) -> Result<Self, wayfinder::supervisor::SupervisorError> {
+        let env: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut file = wayfinder::config::parse(toml, "test.toml", &env).expect("test config parses");
+        if file.supervisor.admin == "127.0.0.1:9000" {
+            file.supervisor.admin = "127.0.0.1:0".into();
+        }
+        if file.dns.upstreams.is_empty() {
+            file.dns.upstreams = vec!["127.0.0.1:9".into()];
+        }
+        let config = wayfinder::config::validate(&file, "test.toml").expect("test config validates");
+        let plan = wayfinder::supervisor::roles::plan(&env, &config).expect("role plan");
+        let sockets = UpSockets::bind(&config, &plan)?;
+        let addresses = sockets.addresses();
+        let config = Arc::new(config);
+        let state = SupervisorState::new(config.clone(), plan, false);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let (state, shutdown) = (state.clone(), shutdown.clone());
+            async move {
+                wayfinder::supervisor::run(&config, sockets, state, shutdown)
+                    .await
+                    .expect("supervisor runs")
+            }
+        });
+        Ok(Up {
+            state,
+            admin: addresses.admin.expect("admin endpoint on"),
+            dns: addresses.dns.first().copied(),
+            lb: addresses.lb_http,
+            shutdown,
+            task: Some(task),
+        })
+    }
+
+    pub fn unit(&self, name: &str) -> UnitInfo {
+        self.state.unit(name).expect("unit exists").snapshot()
+    }
+
+    /// Waits until unit `name` satisfies `f`.
+    pub async fn wait_unit(&self, name: &str, limit: Duration, what: &str, f: impl Fn(&UnitInfo) -> bool) -> UnitInfo {
+        let deadline = Instant::now() + limit;
+        loop {
+            let u = self.unit(name);
+            if f(&u) {
+                return u;
+            }
+            assert!(Instant::now() < deadline, "{name}: {what}; now {u:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops everything and waits until it has.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), t)
+                .await
+                .expect("supervisor stops within 20 s")
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }

@@ -5,6 +5,7 @@ mod harness;
 mod netns; // network namespaces, veth links and a wireguard-go peer for the vpn tests
 
 mod cli; // black-box: the built binary, its exit codes, signals
+mod consul_view; // the one Consul view at scale (default limits): 1000 services, bounded connections, every change, restarts
 mod deploy; // deploy/ files as fixtures: systemd unit, Dockerfile, compose, restricted/host, Marathon, *.toml
 mod dns_consul; // *.consul forwarded to a real Consul agent: freshness, failover, truncation
 mod dns_local; // wildcard LB domain and zones_dir zones: AA, reloads, broken files

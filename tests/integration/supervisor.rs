@@ -4,119 +4,14 @@
 //! by line, the token rule, and the status page in headless Chromium.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio_util::sync::CancellationToken;
-use wayfinder::supervisor::unit::{UnitInfo, UnitState};
-use wayfinder::supervisor::{SupervisorState, UpSockets};
+use wayfinder::supervisor::unit::UnitState;
 
 use crate::harness::{
-    Consul, HttpBackend, consul_section, dig_until, eventually, free_port, http_client, require, unique, wait_routed,
+    Consul, HttpBackend, Up, consul_section, dig_until, eventually, free_port, http_client, require, unique,
+    wait_routed,
 };
-
-/// `wayfinder up`'s supervisor running in this test.
-struct Up {
-    state: Arc<SupervisorState>,
-    admin: SocketAddr,
-    dns: Option<SocketAddr>,
-    lb: Option<SocketAddr>,
-    shutdown: CancellationToken,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Up {
-    /// Starts the supervisor from TOML text and role variables. The admin
-    /// endpoint goes on 127.0.0.1:0 (unless the text sets it); dns and lb use
-    /// whatever addresses the text gives.
-    async fn start(toml: &str, vars: &[(&str, &str)]) -> Self {
-        Self::try_start(toml, vars)
-            .await
-            .unwrap_or_else(|e| panic!("bind: {e}"))
-    }
-
-    /// [`Self::start`] for text whose ports `make` picks with `free_port`: a
-    /// port a parallel test took since it was seen free means new ports.
-    async fn start_on_free_ports(make: impl Fn() -> String, vars: &[(&str, &str)]) -> Self {
-        for _ in 0..4 {
-            match Self::try_start(&make(), vars).await {
-                Ok(up) => return up,
-                Err(e) if e.to_string().contains("in use") => continue,
-                Err(e) => panic!("bind: {e}"),
-            }
-        }
-        panic!("no free ports in 4 tries");
-    }
-
-    async fn try_start(toml: &str, vars: &[(&str, &str)]) -> Result<Self, wayfinder::supervisor::SupervisorError> {
-        let env: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut file = wayfinder::config::parse(toml, "test.toml", &env).expect("test config parses");
-        if file.supervisor.admin == "127.0.0.1:9000" {
-            file.supervisor.admin = "127.0.0.1:0".into();
-        }
-        if file.dns.upstreams.is_empty() {
-            file.dns.upstreams = vec!["127.0.0.1:9".into()];
-        }
-        let config = wayfinder::config::validate(&file, "test.toml").expect("test config validates");
-        let plan = wayfinder::supervisor::roles::plan(&env, &config).expect("role plan");
-        let sockets = UpSockets::bind(&config, &plan)?;
-        let addresses = sockets.addresses();
-        let config = Arc::new(config);
-        let state = SupervisorState::new(config.clone(), plan, false);
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn({
-            let (state, shutdown) = (state.clone(), shutdown.clone());
-            async move {
-                wayfinder::supervisor::run(&config, sockets, state, shutdown)
-                    .await
-                    .expect("supervisor runs")
-            }
-        });
-        Ok(Up {
-            state,
-            admin: addresses.admin.expect("admin endpoint on"),
-            dns: addresses.dns.first().copied(),
-            lb: addresses.lb_http,
-            shutdown,
-            task: Some(task),
-        })
-    }
-
-    fn unit(&self, name: &str) -> UnitInfo {
-        self.state.unit(name).expect("unit exists").snapshot()
-    }
-
-    /// Waits until unit `name` satisfies `f`.
-    async fn wait_unit(&self, name: &str, limit: Duration, what: &str, f: impl Fn(&UnitInfo) -> bool) -> UnitInfo {
-        let deadline = Instant::now() + limit;
-        loop {
-            let u = self.unit(name);
-            if f(&u) {
-                return u;
-            }
-            assert!(Instant::now() < deadline, "{name}: {what}; now {u:?}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Stops everything and waits until it has.
-    async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(20), t)
-                .await
-                .expect("supervisor stops within 20 s")
-                .unwrap();
-        }
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
 
 /// The lb's view (Consul connection, routed services), for failure messages.
 fn lb_routes(up: &Up) -> String {
