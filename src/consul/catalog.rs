@@ -66,6 +66,10 @@ const SETTLE: Duration = Duration::from_millis(2);
 const FULL_MIN_GAP: Duration = Duration::from_secs(1);
 /// The shortest gap between two `ui/services` summaries.
 const SUMMARY_MIN_GAP: Duration = Duration::from_millis(10);
+/// After a registration change the fast path explained (a new name, a service
+/// that changed lately), the summary still checks the window for other changes,
+/// this much later: one summary for a burst of changes, not one per change.
+const VERIFY_AFTER: Duration = Duration::from_millis(500);
 
 /// Worst health of an instance's checks (its node's included).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -493,7 +497,7 @@ pub(super) fn start(
         status: status.clone(),
         services: BTreeMap::new(),
         unhealthy: HashMap::new(),
-        shrank: false,
+        shrink_index: 0,
         hot: VecDeque::new(),
         complete: false,
         generation: 0,
@@ -588,6 +592,8 @@ struct Pending {
     registrations: Option<u64>,
     /// The hot services were fetched for the pending registration change.
     hot_done: bool,
+    /// A summary is due then, to check a window the fast path explained.
+    verify_at: Option<Instant>,
     /// Services to fetch.
     fetch: BTreeSet<String>,
     /// When the oldest answer behind the pending work arrived.
@@ -598,10 +604,6 @@ impl Pending {
     fn arrived(&mut self, at: Instant) {
         self.received = Some(self.received.map_or(at, |r| r.min(at)));
     }
-
-    fn idle(&self) -> bool {
-        !self.full && self.registrations.is_none() && self.fetch.is_empty()
-    }
 }
 
 struct Runner {
@@ -610,9 +612,10 @@ struct Runner {
     status: Arc<CatalogStatus>,
     /// The working copy; published as `Arc<Catalog>` after each step.
     services: BTreeMap<String, Arc<ServiceEntry>>,
-    /// A fetch since the last localized registration change found a service
-    /// with fewer instances (or none): a deregistration, which leaves no index.
-    shrank: bool,
+    /// Consul's index for the newest fetch that found a service with fewer
+    /// instances (or none): a deregistration leaves no instance to carry its
+    /// index, so this is what explains one.
+    shrink_index: u64,
     /// The unhealthy checks by level, keyed by (node, check ID).
     unhealthy: HashMap<Health, HashMap<(String, String), CheckRow>>,
     /// Services that changed lately, newest last.
@@ -703,7 +706,13 @@ impl Runner {
                         }
                     }
                 }
-                if summary_pacer.ready() && !pending.full {
+                if self.explains(index) {
+                    // Explained by the names or the hot services: publish now,
+                    // check the rest of the window a little later.
+                    pending.registrations = None;
+                    pending.hot_done = false;
+                    pending.verify_at.get_or_insert(Instant::now() + VERIFY_AFTER);
+                } else if summary_pacer.ready() && !pending.full {
                     let started = Instant::now();
                     match self.localize(index).await {
                         Ok((c, explained)) => {
@@ -712,6 +721,7 @@ impl Runner {
                             summary_pacer.ran(started.elapsed());
                             pending.registrations = None;
                             pending.hot_done = false;
+                            pending.verify_at = None;
                             if !explained {
                                 tracing::debug!(index, "consul: a registration change no summary explains; full sync");
                                 pending.full = true;
@@ -723,11 +733,25 @@ impl Runner {
                         }
                     }
                 }
+            } else if pending.verify_at.is_some_and(|at| Instant::now() >= at) && summary_pacer.ready() && !pending.full
+            {
+                let started = Instant::now();
+                pending.verify_at = None;
+                match self.localize(0).await {
+                    Ok((c, _)) => changed |= c,
+                    Err(error) => {
+                        tracing::debug!(%error, "consul: summary failed; full sync");
+                        pending.full = true;
+                    }
+                }
+                summary_pacer.ran(started.elapsed());
             }
             if changed {
                 self.publish(received);
             }
-            if pending.idle() {
+            // Work still waiting for a slow step keeps the time its answer
+            // arrived; the later check of a window (verify) does not.
+            if !pending.full && pending.registrations.is_none() && pending.fetch.is_empty() {
                 pending.received = None;
             }
         }
@@ -743,6 +767,8 @@ impl Runner {
             due = Instant::now();
         } else if pending.registrations.is_some() {
             due = due.min(if pending.hot_done { summary.next } else { Instant::now() });
+        } else if let Some(at) = pending.verify_at {
+            due = due.min(at.max(summary.next));
         }
         due
     }
@@ -860,14 +886,14 @@ impl Runner {
         }
         self.status.fetches.fetch_add(results.len() as u64, Ordering::Relaxed);
         let mut changed = false;
-        for (name, (rows, _)) in results {
+        for (name, (rows, index)) in results {
             let entry = ServiceEntry::from_health(&name, rows);
             let old = self.services.get(&name).map(|e| &**e);
             if old == entry.as_ref() {
                 continue;
             }
             if old.map_or(0, |o| o.instances.len()) > entry.as_ref().map_or(0, |e| e.instances.len()) {
-                self.shrank = true;
+                self.shrink_index = self.shrink_index.max(index);
             }
             changed = true;
             self.mark_hot(&name);
@@ -911,9 +937,13 @@ impl Runner {
                 changed = self.fetch_all(candidates).await?;
             }
         }
-        let explained = self.shrank || self.holds_index(index);
-        self.shrank = false;
-        Ok((changed, explained))
+        Ok((changed, self.explains(index)))
+    }
+
+    /// True when the view accounts for the registration change at `index`: an
+    /// instance last changed then, or a deregistration fetched at or after it.
+    fn explains(&self, index: u64) -> bool {
+        self.shrink_index >= index || self.holds_index(index)
     }
 
     /// True when some instance in the view was last changed at `index`.
@@ -996,7 +1026,8 @@ impl Runner {
             }
         }
         self.services = services;
-        self.shrank = false;
+        // Indexes may have gone backwards (that is one reason for a full sync).
+        self.shrink_index = 0;
         self.complete = true;
         self.status.ok.store(true, Ordering::Relaxed);
         tracing::debug!(

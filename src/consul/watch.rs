@@ -270,6 +270,7 @@ pub async fn follow<T: Send + 'static>(
                 if woken_early {
                     watch.probe();
                 }
+                tracing::trace!(watch = %stats.name, requested, index = answer.index, reset, woken_early, "consul watch answered");
                 if reset || watch.seen() != before {
                     if reset {
                         stats.resets.fetch_add(1, Ordering::Relaxed);

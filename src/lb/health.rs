@@ -27,6 +27,10 @@ use super::tags::HttpCheck;
 pub const RISE: u32 = 2;
 /// Failures in a row that take an instance down (HAProxy `fall`).
 pub const FALL: u32 = 3;
+/// Checks in flight at once: a catalog of thousands of instances must not open
+/// thousands of sockets in one burst (or run out of file descriptors). With many
+/// unreachable instances a round then takes longer than the interval.
+pub const MAX_CHECKS_IN_FLIGHT: usize = 64;
 
 #[derive(Default)]
 struct Streak {
@@ -58,8 +62,11 @@ pub async fn run(state: Arc<LbState>, interval: Duration, timeout: Duration, shu
         drop(table);
         streaks.retain(|addr, _| targets.contains_key(addr));
         let mut checks = JoinSet::new();
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CHECKS_IN_FLIGHT));
         for (addr, (health, httpchk, service)) in targets {
+            let slots = slots.clone();
             checks.spawn(async move {
+                let _slot = slots.acquire_owned().await;
                 let result = tokio::time::timeout(timeout, check(addr, httpchk.as_ref())).await;
                 let ok = matches!(result, Ok(Ok(())));
                 let reason = match result {

@@ -133,7 +133,7 @@ impl HealthRegistry {
 }
 
 /// One Consul service instance as the watcher sees it (already only *passing* instances).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceSpec {
     /// Consul service ID (for logs and the status page).
     pub id: String,
@@ -146,7 +146,7 @@ pub struct InstanceSpec {
 }
 
 /// One service's passing instances in one datacenter.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceSpec {
     /// Consul service name as registered.
     pub name: String,
@@ -407,28 +407,47 @@ impl RoutingTable {
     /// instance takes HTTP; its routes are the union over its instances.
     pub fn build(cfg: &TableConfig, services: &[ServiceSpec], health: &HealthRegistry) -> (Self, Vec<String>) {
         let refs: Vec<&ServiceSpec> = services.iter().collect();
-        Self::build_from(cfg, &refs, health)
+        Self::build_cached(cfg, &refs, health, &mut BackendCache::default())
     }
 
-    /// [`Self::build`] from borrowed specs (the watcher keeps its own).
-    pub fn build_from(cfg: &TableConfig, services: &[&ServiceSpec], health: &HealthRegistry) -> (Self, Vec<String>) {
+    /// [`Self::build`] from borrowed specs (the watcher keeps its own), reusing
+    /// the backends of `cache` whose members did not change and leaving in it
+    /// the backends of this table.
+    pub fn build_cached(
+        cfg: &TableConfig,
+        services: &[&ServiceSpec],
+        health: &HealthRegistry,
+        cache: &mut BackendCache,
+    ) -> (Self, Vec<String>) {
         let mut builder = Builder {
             table: Self::empty(cfg),
             names: Naming::new(cfg),
             warnings: Vec::new(),
+            previous: std::mem::take(&mut cache.parts),
+            next: HashMap::with_capacity(services.len()),
         };
         let mut order: Vec<&ServiceSpec> = services.to_vec();
-        // Stable: equal keys keep the caller's order, which only the duplicate check sees.
-        order.sort_by_cached_key(|s| {
-            (
-                s.name.to_ascii_lowercase(),
-                s.name.clone(),
-                s.datacenter.to_ascii_lowercase(),
-            )
+        // Stable: equal keys keep the caller's order, which only the duplicate check
+        // sees. Compared without allocating (the order of every build).
+        fn lower(s: &str) -> impl Iterator<Item = u8> + '_ {
+            s.bytes().map(|b| b.to_ascii_lowercase())
+        }
+        order.sort_by(|a, b| {
+            lower(&a.name)
+                .cmp(lower(&b.name))
+                .then_with(|| a.name.cmp(&b.name))
+                .then_with(|| lower(&a.datacenter).cmp(lower(&b.datacenter)))
         });
-        let mut seen = HashSet::new();
+        builder.table.hosts.reserve(services.len() * 4);
+        builder.table.local.reserve(services.len());
+        builder.table.backends.reserve(services.len());
+        let mut previous: Option<&ServiceSpec> = None;
         for spec in order {
-            if !seen.insert((spec.name.as_str(), spec.datacenter.to_ascii_lowercase())) {
+            // Sorted: a duplicate follows its first list.
+            let twice =
+                previous.is_some_and(|p| p.name == spec.name && p.datacenter.eq_ignore_ascii_case(&spec.datacenter));
+            previous = Some(spec);
+            if twice {
                 builder.warnings.push(format!(
                     "service '{}' ({}) is listed twice; using the first list",
                     spec.name, spec.datacenter
@@ -437,6 +456,7 @@ impl RoutingTable {
             }
             builder.add_service(spec, health);
         }
+        cache.parts = builder.next;
         (builder.table, builder.warnings)
     }
 
@@ -568,41 +588,94 @@ fn label(backend: &Backend) -> String {
     format!("'{}' ({})", backend.service, backend.datacenter)
 }
 
+/// What one service spec asks of the table, worked out once and reused by the
+/// next builds while the spec is unchanged.
+#[derive(Debug, Default)]
+struct Part {
+    /// The HTTP backend, when an instance takes HTTP.
+    http: Option<Arc<Backend>>,
+    /// Lower-case service name for the `svc.service.<dc>.<domain>` fallback
+    /// (local datacenter only).
+    local_name: Option<String>,
+    /// Claims of the HTTP backend, in the order they are made.
+    claims: Vec<Claim>,
+    /// The TCP backend and its ports.
+    tcp: Option<(Arc<Backend>, Vec<u16>)>,
+    /// Warnings about the service itself (instances that disagree on tags).
+    notes: Vec<String>,
+}
+
+/// One name the HTTP backend of a service claims.
+#[derive(Debug)]
+enum Claim {
+    /// A lower-case host name and a path prefix under it.
+    Host(String, String),
+    /// A host-independent path prefix, and what claims it (for warnings).
+    Path(String, String),
+}
+
+/// The parts of the last table by (service, datacenter), with the spec each was
+/// made from. A spec that did not change reuses its part: no allocation, no
+/// registry lookups, and its backends keep their round-robin position (a rebuild
+/// no longer restarts every weighted sequence). A build then costs a few hash
+/// inserts per service.
+#[derive(Debug, Default)]
+pub struct BackendCache {
+    parts: HashMap<(String, String), (ServiceSpec, Arc<Part>)>,
+}
+
 /// A table under construction and what went wrong so far.
 struct Builder {
     table: RoutingTable,
     names: Naming,
     warnings: Vec<String>,
+    /// Parts of the previous table (taken when reused).
+    previous: HashMap<(String, String), (ServiceSpec, Arc<Part>)>,
+    /// Parts of this table.
+    next: HashMap<(String, String), (ServiceSpec, Arc<Part>)>,
 }
 
 impl Builder {
     fn add_service(&mut self, spec: &ServiceSpec, health: &HealthRegistry) {
-        let name = spec.name.to_ascii_lowercase();
-        let dc = spec.datacenter.to_ascii_lowercase();
-        let local = dc == self.names.local_dc;
-        let http: Vec<&InstanceSpec> = spec.instances.iter().filter(|i| i.tags.takes_http()).collect();
-        if !http.is_empty() {
-            let backend = Arc::new(Self::backend(spec, &http, health));
+        let key = (spec.name.clone(), spec.datacenter.clone());
+        let part = match self.previous.remove(&key) {
+            Some((was, part)) if was == *spec => {
+                self.next.insert(key, (was, part.clone()));
+                part
+            }
+            _ => {
+                let part = Arc::new(compile(spec, &self.names, health));
+                self.next.insert(key, (spec.clone(), part.clone()));
+                part
+            }
+        };
+        self.assemble(&part);
+    }
+
+    /// Makes the claims of `part` (earlier, alphabetically first, services win).
+    fn assemble(&mut self, part: &Part) {
+        self.warnings.extend(part.notes.iter().cloned());
+        if let Some(backend) = &part.http {
             self.table.backends.push(backend.clone());
-            if local {
-                self.add_local_http(spec, &name, &http, &backend);
-            } else {
-                let host = dotted(&[&name, "service", &dc, &self.names.domain]);
-                self.claim_host(&host, "/", &backend);
+            if let Some(name) = &part.local_name {
+                self.table.local.entry(name.clone()).or_insert_with(|| backend.clone());
+            }
+            for claim in &part.claims {
+                match claim {
+                    Claim::Host(host, path) => self.claim_host(host, path, backend),
+                    Claim::Path(path, what) => {
+                        if let Err(owner) = self.table.paths.claim(path, backend) {
+                            self.warnings.push(conflict(what, &owner, backend));
+                        }
+                    }
+                }
             }
         }
-        // Another datacenter's ports are that datacenter's load balancers' business.
-        let tcp: Vec<&InstanceSpec> = spec.instances.iter().filter(|i| i.tags.tcp_port.is_some()).collect();
-        if local && !tcp.is_empty() {
-            let backend = Arc::new(Self::backend(spec, &tcp, health));
-            let ports: BTreeSet<u16> = tcp.iter().filter_map(|i| i.tags.tcp_port).collect();
-            self.check_agreement(spec, "haproxy_tcp", &tcp, |t| {
-                t.tcp_port.iter().map(u16::to_string).collect()
-            });
-            for port in ports {
+        if let Some((backend, ports)) = &part.tcp {
+            for &port in ports {
                 match self.table.tcp.get(&port) {
                     Some(owner) => {
-                        let warning = conflict(&format!("haproxy_tcp port {port}"), owner, &backend);
+                        let warning = conflict(&format!("haproxy_tcp port {port}"), owner, backend);
                         self.warnings.push(warning);
                     }
                     None => {
@@ -613,68 +686,12 @@ impl Builder {
         }
     }
 
-    /// The names, routes and prefixes of a local service's HTTP backend.
-    fn add_local_http(&mut self, spec: &ServiceSpec, name: &str, http: &[&InstanceSpec], backend: &Arc<Backend>) {
-        let domain = self.names.domain.clone();
-        let mut hosts = vec![
-            format!("{name}.service"),
-            dotted(&[name, "service", &domain]),
-            dotted(&[name, "service", &self.names.local_dc, &domain]),
-        ];
-        if let Some(add) = &self.names.add_domain {
-            hosts.push(format!("{name}{add}"));
-        }
-        for host in hosts {
-            self.claim_host(&host, "/", backend);
-        }
-        self.table
-            .local
-            .entry(name.to_owned())
-            .or_insert_with(|| backend.clone());
-
-        self.check_agreement(spec, "haproxy_route", http, |t| t.routes.clone());
-        let routes: BTreeSet<&str> = http
-            .iter()
-            .flat_map(|i| i.tags.routes.iter().map(String::as_str))
-            .collect();
-        for route in routes {
-            if let Err(owner) = self.table.paths.claim(route, backend) {
-                self.warnings
-                    .push(conflict(&format!("haproxy_route {route}"), &owner, backend));
-            }
-        }
-
-        self.check_agreement(spec, "urlprefix-", http, |t| {
-            t.fabio
-                .iter()
-                .map(|p| format!("{}{}", p.host.as_deref().unwrap_or(""), p.path))
-                .collect()
-        });
-        let prefixes: BTreeSet<(Option<&str>, &str)> = http
-            .iter()
-            .flat_map(|i| i.tags.fabio.iter().map(|p| (p.host.as_deref(), p.path.as_str())))
-            .collect();
-        for (host, path) in prefixes {
-            match host {
-                Some(host) => self.claim_host(host, path, backend),
-                None => {
-                    if let Err(owner) = self.table.paths.claim(path, backend) {
-                        self.warnings
-                            .push(conflict(&format!("urlprefix-{path}"), &owner, backend));
-                    }
-                }
-            }
-        }
-    }
-
     fn claim_host(&mut self, host: &str, path: &str, backend: &Arc<Backend>) {
-        let claimed = self
-            .table
-            .hosts
-            .entry(host.to_owned())
-            .or_default()
-            .claim(path, backend);
-        if let Err(owner) = claimed {
+        let prefixes = match self.table.hosts.get_mut(host) {
+            Some(p) => p,
+            None => self.table.hosts.entry(host.to_owned()).or_default(),
+        };
+        if let Err(owner) = prefixes.claim(path, backend) {
             let what = if path == "/" {
                 format!("host {host}")
             } else {
@@ -683,49 +700,121 @@ impl Builder {
             self.warnings.push(conflict(&what, &owner, backend));
         }
     }
+}
 
-    fn backend(spec: &ServiceSpec, members: &[&InstanceSpec], health: &HealthRegistry) -> Backend {
-        let instances = members
-            .iter()
-            .map(|i| BackendInstance {
-                id: i.id.clone(),
-                node: i.node.clone(),
-                addr: i.addr,
-                weight: i.tags.weight,
-                health: health.get(i.addr),
-                httpchk: i.tags.httpchk.clone(),
-            })
-            .collect();
-        Backend::new(
-            spec.name.clone(),
-            spec.datacenter.clone(),
-            instances,
-            health.route_counters(&spec.name, &spec.datacenter),
-        )
-    }
-
-    /// Warns when the instances of one service disagree on a tag: the union is used,
-    /// which is right during a rolling change and worth a look otherwise.
-    fn check_agreement(
-        &mut self,
-        spec: &ServiceSpec,
-        what: &str,
-        members: &[&InstanceSpec],
-        values: impl Fn(&InstanceTags) -> Vec<String>,
-    ) {
-        let sets: Vec<BTreeSet<String>> = members.iter().map(|i| values(&i.tags).into_iter().collect()).collect();
-        if sets.windows(2).all(|w| w[0] == w[1]) {
-            return;
+/// What `spec` asks of the table: its backends and the names they claim.
+fn compile(spec: &ServiceSpec, names: &Naming, health: &HealthRegistry) -> Part {
+    let name = spec.name.to_ascii_lowercase();
+    let dc = spec.datacenter.to_ascii_lowercase();
+    let local = dc == names.local_dc;
+    let mut part = Part::default();
+    let http: Vec<&InstanceSpec> = spec.instances.iter().filter(|i| i.tags.takes_http()).collect();
+    if !http.is_empty() {
+        part.http = Some(Arc::new(new_backend(spec, &http, health)));
+        if local {
+            compile_local_http(spec, &name, &http, names, &mut part);
+        } else {
+            let host = dotted(&[&name, "service", &dc, &names.domain]);
+            part.claims.push(Claim::Host(host, "/".into()));
         }
-        let union: BTreeSet<&String> = sets.iter().flatten().collect();
-        let union: Vec<&str> = union.into_iter().map(String::as_str).collect();
-        self.warnings.push(format!(
-            "service '{}' ({}): instances disagree on {what} tags; using all of: {}",
-            spec.name,
-            spec.datacenter,
-            union.join(", ")
-        ));
     }
+    // Another datacenter's ports are that datacenter's load balancers' business.
+    let tcp: Vec<&InstanceSpec> = spec.instances.iter().filter(|i| i.tags.tcp_port.is_some()).collect();
+    if local && !tcp.is_empty() {
+        let backend = Arc::new(new_backend(spec, &tcp, health));
+        let ports: BTreeSet<u16> = tcp.iter().filter_map(|i| i.tags.tcp_port).collect();
+        check_agreement(spec, "haproxy_tcp", &tcp, &mut part.notes, |t| {
+            t.tcp_port.iter().map(u16::to_string).collect()
+        });
+        part.tcp = Some((backend, ports.into_iter().collect()));
+    }
+    part
+}
+
+/// The names, routes and prefixes of a local service's HTTP backend.
+fn compile_local_http(spec: &ServiceSpec, name: &str, http: &[&InstanceSpec], names: &Naming, part: &mut Part) {
+    let domain = &names.domain;
+    let mut hosts = vec![
+        format!("{name}.service"),
+        dotted(&[name, "service", domain]),
+        dotted(&[name, "service", &names.local_dc, domain]),
+    ];
+    if let Some(add) = &names.add_domain {
+        hosts.push(format!("{name}{add}"));
+    }
+    part.claims
+        .extend(hosts.into_iter().map(|h| Claim::Host(h, "/".into())));
+    part.local_name = Some(name.to_owned());
+
+    check_agreement(spec, "haproxy_route", http, &mut part.notes, |t| t.routes.clone());
+    let routes: BTreeSet<&str> = http
+        .iter()
+        .flat_map(|i| i.tags.routes.iter().map(String::as_str))
+        .collect();
+    for route in routes {
+        part.claims
+            .push(Claim::Path(route.to_owned(), format!("haproxy_route {route}")));
+    }
+
+    check_agreement(spec, "urlprefix-", http, &mut part.notes, |t| {
+        t.fabio
+            .iter()
+            .map(|p| format!("{}{}", p.host.as_deref().unwrap_or(""), p.path))
+            .collect()
+    });
+    let prefixes: BTreeSet<(Option<&str>, &str)> = http
+        .iter()
+        .flat_map(|i| i.tags.fabio.iter().map(|p| (p.host.as_deref(), p.path.as_str())))
+        .collect();
+    for (host, path) in prefixes {
+        part.claims.push(match host {
+            Some(host) => Claim::Host(host.to_owned(), path.to_owned()),
+            None => Claim::Path(path.to_owned(), format!("urlprefix-{path}")),
+        });
+    }
+}
+
+fn new_backend(spec: &ServiceSpec, members: &[&InstanceSpec], health: &HealthRegistry) -> Backend {
+    let instances = members
+        .iter()
+        .map(|i| BackendInstance {
+            id: i.id.clone(),
+            node: i.node.clone(),
+            addr: i.addr,
+            weight: i.tags.weight,
+            health: health.get(i.addr),
+            httpchk: i.tags.httpchk.clone(),
+        })
+        .collect();
+    Backend::new(
+        spec.name.clone(),
+        spec.datacenter.clone(),
+        instances,
+        health.route_counters(&spec.name, &spec.datacenter),
+    )
+}
+
+/// Warns when the instances of one service disagree on a tag: the union is used,
+/// which is right during a rolling change and worth a look otherwise.
+fn check_agreement(
+    spec: &ServiceSpec,
+    what: &str,
+    members: &[&InstanceSpec],
+    notes: &mut Vec<String>,
+    values: impl Fn(&InstanceTags) -> Vec<String>,
+) {
+    let sets: Vec<BTreeSet<String>> = members.iter().map(|i| values(&i.tags).into_iter().collect()).collect();
+    if sets.windows(2).all(|w| w[0] == w[1]) {
+        return;
+    }
+    let union: BTreeSet<&String> = sets.iter().flatten().collect();
+    let union: Vec<&str> = union.into_iter().map(String::as_str).collect();
+    notes.push(format!(
+        "service '{}' ({}): instances disagree on {what} tags; using all of: {}",
+        spec.name,
+        spec.datacenter,
+        union.join(", ")
+    ));
 }
 
 /// The warning for a claim lost to an earlier (alphabetically first) service.
@@ -1402,5 +1491,50 @@ mod tests {
         assert_send_sync::<RoutingTable>();
         assert_send_sync::<HealthRegistry>();
         assert_send_sync::<Arc<Backend>>();
+    }
+}
+
+#[cfg(test)]
+mod build_cost {
+    use super::*;
+
+    /// `cargo test --release --lib build_cost -- --ignored --nocapture`: the
+    /// time to build a table of 5000 services x 3 instances.
+    #[test]
+    #[ignore]
+    fn five_thousand_services() {
+        let cfg = TableConfig {
+            consul_domain: "consul".into(),
+            local_datacenter: "dc1".into(),
+            add_domain: Some(".apps.example.com".into()),
+            landing_hosts: vec!["localhost".into()],
+        };
+        let (tags, _) = tags::parse_tags(&["haproxy".to_string(), "haproxy_weight=1".to_string()]);
+        let specs: Vec<ServiceSpec> = (0..5000)
+            .map(|s| ServiceSpec {
+                name: format!("svc-{s}"),
+                datacenter: "dc1".into(),
+                instances: (0..3)
+                    .map(|i| InstanceSpec {
+                        id: format!("svc-{s}-{i}"),
+                        node: format!("node-{i}"),
+                        addr: SocketAddr::from(([127, 0, (s / 250) as u8, (s % 250) as u8], 8000 + i)),
+                        tags: tags.clone(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let health = HealthRegistry::new();
+        let mut cache = BackendCache::default();
+        for round in 0..3 {
+            let refs: Vec<&ServiceSpec> = specs.iter().collect();
+            let started = Instant::now();
+            let (table, _) = RoutingTable::build_cached(&cfg, &refs, &health, &mut cache);
+            println!(
+                "round {round}: {:?} for {} backends",
+                started.elapsed(),
+                table.backends.len()
+            );
+        }
     }
 }

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::LbState;
-use super::table::{InstanceSpec, RoutingTable, ServiceSpec, TableConfig};
+use super::table::{BackendCache, InstanceSpec, RoutingTable, ServiceSpec, TableConfig};
 use super::tags::parse_tags;
 use crate::consul::kv::KvTree;
 use crate::consul::{CatalogView, KvView, ServiceEntry};
@@ -75,6 +75,7 @@ pub(super) async fn run(
         specs: BTreeMap::new(),
     };
     let mut last_warnings: HashSet<String> = HashSet::new();
+    let mut backends = BackendCache::default();
     apply_maxconn(&state, &kv.borrow_and_update());
     loop {
         let mut earliest: Option<Instant> = None;
@@ -126,7 +127,7 @@ pub(super) async fn run(
         }
         let started = Instant::now();
         let specs: Vec<&ServiceSpec> = inputs.specs.values().collect();
-        let (table, warnings) = RoutingTable::build_from(&config, &specs, &state.health);
+        let (table, warnings) = RoutingTable::build_cached(&config, &specs, &state.health, &mut backends);
         let live: HashSet<SocketAddr> = specs.iter().flat_map(|s| s.instances.iter().map(|i| i.addr)).collect();
         state.health.retain(&live);
         state.table.store(Arc::new(table));
