@@ -199,8 +199,8 @@ pub struct SupervisorState {
     pub children: Arc<ChildSet>,
     /// Whether this process reaps orphaned descendants (the binary, not tests).
     adopt_orphans: bool,
-    /// Secret of the status page's forms (random per process): an action whose
-    /// `Origin` is another site must carry it (see `admin::same_site`).
+    /// Secret of the status page's forms (random per process): an action with
+    /// `Origin: null` must carry it (see `admin::same_site`).
     pub csrf: String,
     supervised: Mutex<Vec<String>>,
 }
