@@ -17,6 +17,7 @@ pub mod http_server;
 pub mod lb;
 pub mod signals;
 pub mod supervisor;
+pub mod threads;
 pub mod udp_batch;
 pub mod vpn;
 
@@ -33,6 +34,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Exit status for a configuration error (`EX_USAGE` in sysexits.h).
 pub const EXIT_CONFIG: u8 = 64;
+
+/// Exit status for a panic or a dead worker thread: a bug (`EX_SOFTWARE`).
+pub const EXIT_SOFTWARE: u8 = 70;
 
 /// Everything that can end a command with an error.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +56,14 @@ pub enum AppError {
     /// The vpn component (or a peer command) failed.
     #[error("vpn: {0}")]
     Vpn(#[source] vpn::VpnError),
+    /// The supervisor's or a component's task panicked (exit 70).
+    #[error("the {component} task died: {message}")]
+    Panicked {
+        /// `supervisor`, `dns`, `lb`, `vpn`.
+        component: &'static str,
+        /// `panicked: <message>`, or `cancelled`.
+        message: String,
+    },
 }
 
 impl AppError {
@@ -60,19 +72,64 @@ impl AppError {
         match self {
             AppError::Config(_) => EXIT_CONFIG,
             AppError::Dns(dns::DnsError::Bind { .. }) => EXIT_CONFIG,
+            AppError::Dns(dns::DnsError::WorkerDied { .. }) => EXIT_SOFTWARE,
             AppError::Dns(_) => 1,
             AppError::Lb(lb::LbError::Bind { .. } | lb::LbError::Certs(_)) => EXIT_CONFIG,
+            AppError::Lb(lb::LbError::WorkerDied { .. }) => EXIT_SOFTWARE,
             AppError::Lb(_) => 1,
             AppError::Supervisor(
                 supervisor::SupervisorError::BindAdmin { .. } | supervisor::SupervisorError::BindComponent { .. },
             ) => EXIT_CONFIG,
+            AppError::Supervisor(supervisor::SupervisorError::UnitDied { .. }) => EXIT_SOFTWARE,
             AppError::Supervisor(_) => 1,
             AppError::Vpn(vpn::VpnError::Bind { .. } | vpn::VpnError::State { .. } | vpn::VpnError::NoEndpoint(_)) => {
                 EXIT_CONFIG
             }
             AppError::Vpn(_) => 1,
+            AppError::Panicked { .. } => EXIT_SOFTWARE,
         }
     }
+}
+
+/// What a finished supervisor or component task means for the process: its
+/// own result, or [`AppError::Panicked`] (exit 70) when it panicked or was
+/// cancelled, so a crash never ends the process with status 0.
+pub fn join_outcome(
+    component: &'static str,
+    joined: Result<Result<(), AppError>, tokio::task::JoinError>,
+) -> Result<(), AppError> {
+    match joined {
+        Ok(result) => result,
+        Err(join) => {
+            let message = threads::join_error_message(join);
+            tracing::error!(component, how = %message, "task died");
+            Err(AppError::Panicked { component, message })
+        }
+    }
+}
+
+/// Logs every panic, on any thread (tokio workers, the lb's proxy threads, the
+/// dns's UDP workers), as one error line with the thread's name, the location
+/// and, with `RUST_BACKTRACE=1`, the backtrace. The panic then unwinds as
+/// usual; whoever joins the task or thread turns its end into an error (see
+/// [`threads`]). Without a tracing subscriber, the default hook prints it.
+pub fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !tracing::dispatcher::has_been_set() {
+            return default(info);
+        }
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        let message = threads::panic_message(info.payload());
+        let location = info.location().map(|l| l.to_string()).unwrap_or_default();
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            tracing::error!(thread, %location, %backtrace, "panic: {message}");
+        } else {
+            tracing::error!(thread, %location, "panic: {message}");
+        }
+    }));
 }
 
 /// Runs a parsed command line to completion.
@@ -220,7 +277,8 @@ fn vpn_peer(config: &config::Config, command: PeerCommand) -> Result<(), AppErro
 }
 
 /// `wayfinder up`: the role's plan, everything bound, then the supervisor until
-/// SIGTERM/SIGINT (which stops it all in reverse order and exits 0).
+/// SIGTERM/SIGINT (which stops it all in reverse order and exits 0), or until
+/// it fails by itself (a unit's supervisor died: exit 70; a panic: exit 70).
 async fn up(config: config::Config) -> Result<(), AppError> {
     let plan = supervisor::roles::plan(&env::ProcessEnv, &config).map_err(AppError::Config)?;
     tracing::info!(config = %config.source, role = plan.role(), "starting up");
@@ -237,25 +295,28 @@ async fn up(config: config::Config) -> Result<(), AppError> {
     let state = supervisor::SupervisorState::new(config.clone(), plan, adopt);
     signals::forward_hangups(state.components.dns.reload_zones.clone());
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn({
+    let mut task = tokio::spawn({
         let (state, shutdown) = (state.clone(), shutdown.clone());
-        async move { supervisor::run(&config, sockets, state, shutdown).await }
+        async move {
+            supervisor::run(&config, sockets, state, shutdown)
+                .await
+                .map_err(AppError::Supervisor)
+        }
     });
-    let signal = signals::shutdown().await;
+    let signal = tokio::select! {
+        signal = signals::shutdown() => signal,
+        // Unasked, the supervisor ends only on an error or a panic.
+        ended = &mut task => return join_outcome("supervisor", ended),
+    };
     tracing::info!(signal, "shutting down: stopping units in reverse start order");
     shutdown.cancel();
-    match task.await {
-        Ok(result) => result.map_err(AppError::Supervisor),
-        Err(join) => {
-            tracing::error!(error = %join, "supervisor task failed");
-            Ok(())
-        }
-    }
+    join_outcome("supervisor", task.await)
 }
 
 /// Runs a component until SIGTERM/SIGINT, then cancels it and gives it
 /// [`SHUTDOWN_GRACE`] to finish. A component that stops by itself (a start-up
-/// error such as an unusable certificate) ends the command with its result.
+/// error such as an unusable certificate, a dead worker thread) ends the
+/// command with its result; one that panics, with [`AppError::Panicked`].
 async fn until_signal<F, Fut>(name: &'static str, component: F) -> Result<(), AppError>
 where
     F: FnOnce(CancellationToken) -> Fut,
@@ -265,24 +326,12 @@ where
     let mut task = tokio::spawn(component(shutdown.clone()));
     let signal = tokio::select! {
         signal = signals::shutdown() => signal,
-        ended = &mut task => {
-            return match ended {
-                Ok(result) => result,
-                Err(join) => {
-                    tracing::error!(component = name, error = %join, "component task failed");
-                    Ok(())
-                }
-            };
-        }
+        ended = &mut task => return join_outcome(name, ended),
     };
     tracing::info!(signal, component = name, "shutting down");
     shutdown.cancel();
     match tokio::time::timeout(SHUTDOWN_GRACE, task).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(join)) => {
-            tracing::error!(component = name, error = %join, "component task failed");
-            Ok(())
-        }
+        Ok(joined) => join_outcome(name, joined),
         Err(_) => {
             tracing::warn!(component = name, grace = ?SHUTDOWN_GRACE, "did not stop in time; exiting anyway");
             Ok(())
@@ -318,4 +367,71 @@ pub fn render_check(file: &config::FileConfig, config: &config::Config, plan: &s
     }
     out.push_str("configuration ok\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn boom() -> Result<(), AppError> {
+        panic!("bug in dns")
+    }
+
+    #[tokio::test]
+    async fn a_panicking_task_is_an_error_with_exit_70() {
+        let joined = tokio::spawn(async { boom() }).await;
+        let error = join_outcome("dns", joined).unwrap_err();
+        assert!(
+            matches!(&error, AppError::Panicked { component: "dns", message } if message == "panicked: bug in dns"),
+            "{error:?}"
+        );
+        assert_eq!(error.exit_code(), EXIT_SOFTWARE);
+        assert_eq!(error.to_string(), "the dns task died: panicked: bug in dns");
+        // A task's own result passes through, exit code and all.
+        assert!(join_outcome("lb", tokio::spawn(async { Ok(()) }).await).is_ok());
+        let failed = tokio::spawn(async { Err(AppError::Lb(lb::LbError::TaskEnded("routing table"))) });
+        assert_eq!(join_outcome("lb", failed.await).unwrap_err().exit_code(), 1);
+    }
+
+    #[tokio::test]
+    async fn until_signal_ends_a_panicked_component_with_exit_70() {
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(5),
+            until_signal("dns", |_shutdown| async { boom() }),
+        )
+        .await
+        .expect("a panic ends it at once, with no signal");
+        assert_eq!(outcome.unwrap_err().exit_code(), EXIT_SOFTWARE);
+        let died = tokio::time::timeout(
+            Duration::from_secs(5),
+            until_signal("lb", |_shutdown| async {
+                Err(AppError::Lb(lb::LbError::WorkerDied {
+                    name: "lb-proxy-0".into(),
+                    how: "panicked: x".into(),
+                }))
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(died.unwrap_err().exit_code(), EXIT_SOFTWARE);
+    }
+
+    #[test]
+    fn dead_workers_and_unit_supervisors_exit_70() {
+        let dns = AppError::Dns(dns::DnsError::WorkerDied {
+            name: "dns-udp-0".into(),
+            how: "returned".into(),
+        });
+        let up = AppError::Supervisor(supervisor::SupervisorError::UnitDied {
+            unit: "lb".into(),
+            message: "panicked: x".into(),
+        });
+        assert_eq!(dns.exit_code(), EXIT_SOFTWARE);
+        assert_eq!(up.exit_code(), EXIT_SOFTWARE);
+        assert_eq!(
+            AppError::Lb(lb::LbError::TaskEnded("routing table")).exit_code(),
+            1,
+            "a task that ends is a restartable failure, not a bug"
+        );
+    }
 }

@@ -11,6 +11,11 @@
 //!
 //! Tests bind port 0 and pass the sockets in; `control` carries the counters and
 //! the zone-reload trigger shared with the supervisor and admin API.
+//!
+//! The UDP workers are OS threads (`dns-udp-N`), watched by
+//! [`crate::threads::WatchedThreads`]: one that ends before shutdown (a panic
+//! on some packet) ends [`run`] with [`DnsError::WorkerDied`], so the supervisor
+//! restarts the dns rather than let it answer on fewer sockets.
 
 pub mod engine;
 pub mod forward;
@@ -55,6 +60,15 @@ pub enum DnsError {
     /// The Consul view for `consul:` wildcard targets could not be started.
     #[error("consul: {0}")]
     Consul(#[source] crate::consul::ConsulError),
+    /// A UDP worker thread ended while the dns was not asked to stop (a
+    /// panic): the dns stops so its supervisor restarts it.
+    #[error("UDP worker thread {name} ended unexpectedly: {how}")]
+    WorkerDied {
+        /// The thread (`dns-udp-N`).
+        name: String,
+        /// `returned`, or `panicked: <message>`.
+        how: String,
+    },
 }
 
 /// Already-bound sockets for [`run`].
@@ -242,18 +256,29 @@ pub async fn run(
         "dns listening"
     );
 
-    shutdown.cancelled().await;
+    // The UDP workers only end on shutdown; one that ends before (a panic)
+    // stops the dns with an error, so its supervisor restarts it whole.
+    let mut workers = crate::threads::WatchedThreads::new(threads);
+    let died = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => None,
+        Some(end) = workers.next_end() => Some(end),
+    };
+    if let Some(end) = &died {
+        tracing::error!(thread = %end.name, how = %end.how, "dns: a UDP worker thread ended; stopping");
+    }
     local.cancel();
     tasks.close();
     tasks.wait().await;
-    let _ = tokio::task::spawn_blocking(move || {
-        for t in threads {
-            let _ = t.join();
-        }
-    })
-    .await;
+    workers.wait_all().await;
     tracing::info!("dns stopped");
-    Ok(())
+    match died {
+        Some(end) => Err(DnsError::WorkerDied {
+            name: end.name,
+            how: end.how,
+        }),
+        None => Ok(()),
+    }
 }
 
 async fn watch_zones(

@@ -5,7 +5,8 @@
 //! long as the thread), sends all those answers with one `sendmmsg`, and hands the
 //! rest to the tokio runtime, which replies on the same socket when the answer is
 //! in. The kernel spreads clients over the sockets. A short receive timeout lets
-//! the loop notice shutdown.
+//! the loop notice shutdown. A worker only returns on shutdown; `dns::run`
+//! watches the threads and fails when one ends (or panics) before.
 
 use std::mem::zeroed;
 use std::net::{SocketAddr, UdpSocket};

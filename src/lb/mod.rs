@@ -19,6 +19,12 @@
 //! Per-instance state that must outlive a table (ejection, in-flight counts) lives
 //! in the [`table::HealthRegistry`], keyed by address.
 //!
+//! The proxy runs on `workers` OS threads of its own (`lb-proxy-N`, one
+//! single-threaded runtime each), watched by [`crate::threads::WatchedThreads`]:
+//! one that ends before shutdown (a panic) ends [`run`] with
+//! [`LbError::WorkerDied`], as the routing table task ending does with
+//! [`LbError::TaskEnded`], so the supervisor restarts the lb whole.
+//!
 //! Readiness: until the first table built from a complete picture of Consul is
 //! live, requests wait (up to `ready_timeout`, then 503), so a restart never
 //! answers 503 for a service that exists.
@@ -72,6 +78,15 @@ pub enum LbError {
     /// A task the lb cannot work without has ended.
     #[error("the {0} task ended unexpectedly")]
     TaskEnded(&'static str),
+    /// A proxy thread ended while the lb was not asked to stop (a panic, or a
+    /// runtime it could not start): the lb stops so its supervisor restarts it.
+    #[error("proxy thread {name} ended unexpectedly: {how}")]
+    WorkerDied {
+        /// The thread (`lb-proxy-N`).
+        name: String,
+        /// `returned`, or `panicked: <message>`.
+        how: String,
+    },
 }
 
 /// Already-bound listeners for [`run`].
@@ -288,6 +303,7 @@ pub async fn run(
         addr: addr.unwrap_or(config.lb.http),
         source,
     };
+    let mut workers = crate::threads::WatchedThreads::default();
     for worker in 0..config.lb.workers {
         let mine = listeners
             .iter()
@@ -301,9 +317,7 @@ pub async fn run(
             .name(format!("lb-proxy-{worker}"))
             .spawn(move || proxy_worker(proxy, mine, shutdown))
             .map_err(bind_error)?;
-        tasks.spawn_blocking(move || {
-            let _ = thread.join();
-        });
+        workers.watch(thread);
     }
     drop(listeners);
     if let Some(listener) = sockets.stats {
@@ -330,24 +344,27 @@ pub async fn run(
         ));
     }
     tracing::info!(http = ?addr, https = ?https_addr, stats = ?stats_addr, consul = %config.consul.http, "lb listening");
-    // The table builder and the remote watcher only end on shutdown; if one
-    // ends before, the lb stops with an error so its supervisor restarts it.
+    // The table builder, the remote watcher and the proxy threads only end on
+    // shutdown; if one ends before, the lb stops with an error so its
+    // supervisor restarts it.
     let ended = tokio::select! {
         // First: the tasks end on `stop` too, which is no failure.
         biased;
         _ = stop.cancelled() => None,
-        _ = builder => Some("routing table"),
-        _ = remote => Some("other-datacenter"),
+        _ = builder => Some(LbError::TaskEnded("routing table")),
+        _ = remote => Some(LbError::TaskEnded("other-datacenter")),
+        Some(end) = workers.next_end() => Some(LbError::WorkerDied { name: end.name, how: end.how }),
     };
-    if let Some(task) = ended {
-        tracing::error!(task, "lb: a task it needs has ended; stopping");
+    if let Some(error) = &ended {
+        tracing::error!(%error, "lb: something it needs has ended; stopping");
     }
     shutdown.cancel();
     tasks.close();
     tasks.wait().await;
+    workers.wait_all().await;
     tracing::info!("lb stopped");
     match ended {
-        Some(task) => Err(LbError::TaskEnded(task)),
+        Some(error) => Err(error),
         None => Ok(()),
     }
 }

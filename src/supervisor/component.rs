@@ -108,18 +108,6 @@ async fn run_once(
     }
 }
 
-fn panic_message(join: tokio::task::JoinError) -> String {
-    if !join.is_panic() {
-        return "cancelled".into();
-    }
-    let payload = join.into_panic();
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .map_or_else(|| "panicked".into(), |m| format!("panicked: {m}"))
-}
-
 /// Everything a component supervisor needs.
 pub struct ComponentContext {
     /// The configuration.
@@ -190,7 +178,7 @@ pub async fn supervise(
                         match joined {
                             Ok(Ok(())) => Err("returned without being asked to stop".to_string()),
                             Ok(Err(e)) => Err(e),
-                            Err(join) => Err(panic_message(join)),
+                            Err(join) => Err(crate::threads::join_error_message(join)),
                         }
                     }
                     _ = handle.restart.notified() => Ok(Outcome::Restart),

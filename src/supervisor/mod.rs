@@ -12,6 +12,7 @@
 //!       vpn / dns / lb                  ─▶ component::supervise (task)
 //!    all started ─▶ banner on stdout + sd_notify READY=1
 //!    shutdown ─▶ STOPPING=1, units stopped one by one in reverse start order
+//!    a unit's supervising task dies (panic) ─▶ the same stop, then UnitDied (exit 70)
 //! ```
 //!
 //! Each unit has its own cancellation token (not one shared child token) so that
@@ -70,6 +71,15 @@ pub enum SupervisorError {
         component: &'static str,
         /// What failed (names the address).
         problem: String,
+    },
+    /// A unit's supervising task ended before shutdown (a panic in the
+    /// supervisor itself): `up` stops everything and exits 70.
+    #[error("the supervisor of unit {unit} died: {message}")]
+    UnitDied {
+        /// The unit.
+        unit: String,
+        /// `panicked: <message>`, or how else it ended.
+        message: String,
     },
     /// `wayfinder status` could not get the picture from the admin endpoint.
     #[error("could not get the status from the admin endpoint at {addr}: {problem}")]
@@ -199,8 +209,8 @@ pub struct SupervisorState {
     pub children: Arc<ChildSet>,
     /// Whether this process reaps orphaned descendants (the binary, not tests).
     adopt_orphans: bool,
-    /// Secret of the status page's forms (random per process): an action whose
-    /// `Origin` is another site must carry it (see `admin::same_site`).
+    /// Secret of the status page's forms (random per process): an action with
+    /// `Origin: null` must carry it (see `admin::same_site`).
     pub csrf: String,
     supervised: Mutex<Vec<String>>,
 }
@@ -421,6 +431,9 @@ pub async fn run(
 
     // The ready moment: every unit has left its start-up states (or the wait
     // for Consul ran out, after which the lb starts anyway).
+    // A unit's supervising task only ends on shutdown; one that ends before
+    // (a panic in it) leaves its unit unwatched, so `up` stops it all and fails.
+    let mut died = None;
     let settle = config.supervisor.consul_wait + Duration::from_secs(5);
     let deadline = tokio::time::Instant::now() + settle;
     loop {
@@ -430,17 +443,39 @@ pub async fn run(
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            ended = first_ended(&mut running) => {
+                died = Some(ended);
+                break;
+            }
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
     }
-    if !shutdown.is_cancelled() {
+    if died.is_none() && !shutdown.is_cancelled() {
         state.ready.store(true, Ordering::Relaxed);
         println!("{}", banner(&state));
         notify::notify("READY=1");
         tracing::info!("wayfinder up: ready");
     }
-
-    shutdown.cancelled().await;
+    if died.is_none() {
+        died = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => None,
+            ended = first_ended(&mut running) => Some(ended),
+        };
+    }
+    let died = died.map(|(index, joined)| (running.remove(index).name, joined));
+    let failure = died.map(|(unit, joined)| {
+        let message = match joined {
+            Ok(()) => "returned without being asked to stop".to_string(),
+            Err(join) => crate::threads::join_error_message(join),
+        };
+        tracing::error!(%unit, how = %message, "a unit's supervisor died; stopping everything");
+        if let Some(handle) = state.unit(&unit) {
+            handle.ended(format!("its supervisor died: {message}"));
+            handle.set_state(UnitState::Failed);
+        }
+        SupervisorError::UnitDied { unit, message }
+    });
     notify::notify("STOPPING=1");
     for unit in running.into_iter().rev() {
         tracing::info!(unit = %unit.name, "stopping");
@@ -457,7 +492,25 @@ pub async fn run(
     state.consul_stop.cancel();
     state.consul_hub.close().await;
     tracing::info!("wayfinder up: stopped");
-    Ok(())
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+/// The first of the running units' supervising tasks to end: its index and
+/// how it ended (pending forever while none has, or none is left).
+fn first_ended(
+    running: &mut [Running],
+) -> impl std::future::Future<Output = (usize, Result<(), tokio::task::JoinError>)> + '_ {
+    std::future::poll_fn(move |cx| {
+        for (index, unit) in running.iter_mut().enumerate() {
+            if let std::task::Poll::Ready(joined) = std::pin::Pin::new(&mut unit.task).poll(cx) {
+                return std::task::Poll::Ready((index, joined));
+            }
+        }
+        std::task::Poll::Pending
+    })
 }
 
 /// An address a person can type: a wildcard bind shown as HOST_IP or loopback.
@@ -537,4 +590,45 @@ pub fn banner(state: &SupervisorState) -> String {
         out.push_str("  wayfinder status\n");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(name: &str, task: tokio::task::JoinHandle<()>) -> Running {
+        Running {
+            name: name.into(),
+            token: CancellationToken::new(),
+            task,
+            grace: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_unit_supervisor_that_panics_is_seen_ending() {
+        let mut units = vec![
+            running("consul", tokio::spawn(std::future::pending())),
+            running("dns", tokio::spawn(async { panic!("supervise bug") })),
+            running("lb", tokio::spawn(std::future::pending())),
+        ];
+        let (index, joined) = tokio::time::timeout(Duration::from_secs(5), first_ended(&mut units))
+            .await
+            .expect("the panicked one is seen");
+        assert_eq!(units[index].name, "dns");
+        assert_eq!(
+            crate::threads::join_error_message(joined.unwrap_err()),
+            "panicked: supervise bug"
+        );
+        units.remove(index);
+        // The others run on: nothing ends until they do.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), first_ended(&mut units))
+                .await
+                .is_err()
+        );
+        for u in &units {
+            u.task.abort();
+        }
+    }
 }

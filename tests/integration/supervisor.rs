@@ -464,8 +464,8 @@ async fn admin_api_actions_and_metrics() {
     )
     .await;
     // Cross-site requests: another page's POST (its Origin names another site)
-    // is refused unless it carries the status page's form secret; the page's
-    // own origin is fine.
+    // is refused, with the form secret too; an opaque `Origin: null` needs the
+    // secret; the page's own origin is fine.
     let from = |origin: &'static str, path: String| {
         let client = client.clone();
         async move {
@@ -496,6 +496,11 @@ async fn admin_api_actions_and_metrics() {
         .to_string();
     assert_eq!(from("null", format!("{restart}?csrf={secret}")).await.0, 202);
     assert_eq!(from("null", format!("{restart}?csrf=0{secret}")).await.0, 403);
+    assert_eq!(
+        from("http://evil.example", format!("{restart}?csrf={secret}")).await.0,
+        403,
+        "the secret never excuses an Origin naming another site"
+    );
     // Refusals.
     assert_eq!(post("/api/units/nope/restart".into()).await.0, 404);
     let (code, body) = post("/api/units/consul/restart".into()).await;
@@ -664,6 +669,124 @@ async fn admin_token_is_required_when_set() {
     let out = status(Some("test-token-123"));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("UNIT"));
+    up.stop().await;
+}
+
+/// DNS rebinding: a page on http://attacker.example:PORT whose name now
+/// resolves to 127.0.0.1 sends `Host` and `Origin` naming attacker.example.
+/// Every request under a foreign Host is refused (421), the status page with its
+/// form secret included, and an action too, even with the secret; under the
+/// endpoint's own names (any case, trailing dot, any port) all works, and an
+/// action's Origin is checked against those names, not against the Host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_refuses_dns_rebinding() {
+    let up = Up::start(
+        "[[supervisor.program]]\nname = \"helper\"\ncommand = \"sleep\"\nargs = [\"1000\"]\n",
+        PROGRAMS_ONLY,
+    )
+    .await;
+    up.wait_unit("helper", Duration::from_secs(5), "running", |u| {
+        u.state == UnitState::Running
+    })
+    .await;
+    let client = http_client();
+    let port = up.admin.port();
+    let csrf = up.state.csrf.clone();
+    let attacker = format!("attacker.example:{port}");
+    let attacker_origin = format!("http://{attacker}");
+    let get = |host: String, path: &'static str| {
+        let client = client.clone();
+        let admin = up.admin;
+        async move {
+            let resp = client
+                .get(format!("http://{admin}{path}"))
+                .header("Host", host)
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    let post = |host: String, origin: Option<String>, path: String| {
+        let client = client.clone();
+        let admin = up.admin;
+        async move {
+            let mut req = client.post(format!("http://{admin}{path}")).header("Host", host);
+            if let Some(o) = origin {
+                req = req.header("Origin", o);
+            }
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+
+    // The rebinding page reads nothing: not the page, not its secret, not the API.
+    for path in ["/", "/api/status", "/metrics", "/healthz"] {
+        let (code, body) = get(attacker.clone(), path).await;
+        assert_eq!(code, 421, "{path}: {body}");
+        assert!(!body.contains(&csrf), "{path} leaks the form secret: {body}");
+        assert!(body.contains("own names"), "{body}");
+    }
+    let (code, body) = get("ATTACKER.example.".into(), "/").await;
+    assert_eq!(code, 421, "{body}");
+
+    // Nor can it act, with or without the secret.
+    let restart = "/api/units/helper/restart".to_string();
+    let (code, body) = post(attacker.clone(), Some(attacker_origin.clone()), restart.clone()).await;
+    assert_eq!(code, 421, "{body}");
+    let (code, body) = post(
+        attacker.clone(),
+        Some(attacker_origin.clone()),
+        format!("{restart}?csrf={csrf}"),
+    )
+    .await;
+    assert_eq!(code, 421, "{body}");
+    let (code, body) = post(attacker.clone(), None, restart.clone()).await;
+    assert_eq!(code, 421, "no Origin does not make a foreign Host fine: {body}");
+    // An own Host with a foreign Origin: the Origin is checked on its own.
+    let own = format!("127.0.0.1:{port}");
+    let (code, body) = post(own.clone(), Some(attacker_origin.clone()), restart.clone()).await;
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = post(
+        own.clone(),
+        Some(attacker_origin.clone()),
+        format!("{restart}?csrf={csrf}"),
+    )
+    .await;
+    assert_eq!(code, 403, "the secret does not excuse another site: {body}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(up.unit("helper").restarts, 0, "no refused request restarted it");
+
+    // The endpoint's own names work.
+    let (code, page) = get(own.clone(), "/").await;
+    assert_eq!(code, 200);
+    assert!(page.contains(&csrf), "the page carries its form secret");
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string();
+    for host in [
+        format!("localhost:{port}"),
+        format!("LocalHost.:{port}"),
+        "127.0.0.1".to_string(),
+        format!("[::1]:{port}"),
+        format!("{}:{port}", hostname.to_uppercase()),
+        // Another port: an SSH tunnel's.
+        "localhost:8080".to_string(),
+    ] {
+        let (code, body) = get(host.clone(), "/api/units").await;
+        assert_eq!(code, 200, "{host}: {body}");
+    }
+    let (code, body) = post(own.clone(), Some(format!("http://{own}")), restart.clone()).await;
+    assert_eq!(code, 202, "{body}");
+    up.wait_unit("helper", Duration::from_secs(5), "restarted", |u| {
+        u.state == UnitState::Running && u.restarts == 1
+    })
+    .await;
+    let (code, body) = post(own.clone(), Some(format!("http://localhost:{port}")), restart.clone()).await;
+    assert_eq!(code, 202, "{body}");
+    let (code, body) = post(own.clone(), None, restart.clone()).await;
+    assert_eq!(code, 202, "curl: {body}");
     up.stop().await;
 }
 
