@@ -356,12 +356,12 @@ impl PrefixMap {
 #[derive(Debug)]
 pub struct RoutingTable {
     /// Lower-case host name to its prefixes (`/` for the names a service gets).
-    hosts: HashMap<String, PrefixMap>,
+    hosts: HashMap<Arc<str>, PrefixMap>,
     /// Host-independent path prefixes.
     paths: PrefixMap,
     /// Local HTTP backends by lower-case service name, for `svc.service.<dc>.<domain>`
     /// when there is no spec for that datacenter.
-    local: HashMap<String, Arc<Backend>>,
+    local: HashMap<Arc<str>, Arc<Backend>>,
     /// `.<domain>` (empty when the domain is).
     domain_suffix: String,
     /// Lower-case landing host names and addresses.
@@ -511,7 +511,7 @@ impl RoutingTable {
         let mut all: Vec<_> = self
             .hosts
             .iter()
-            .flat_map(|(h, m)| of(Some(h.as_str()), m))
+            .flat_map(|(h, m)| of(Some(&**h), m))
             .chain(of(None, &self.paths))
             .collect();
         all.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
@@ -596,7 +596,7 @@ struct Part {
     http: Option<Arc<Backend>>,
     /// Lower-case service name for the `svc.service.<dc>.<domain>` fallback
     /// (local datacenter only).
-    local_name: Option<String>,
+    local_name: Option<Arc<str>>,
     /// Claims of the HTTP backend, in the order they are made.
     claims: Vec<Claim>,
     /// The TCP backend and its ports.
@@ -608,8 +608,9 @@ struct Part {
 /// One name the HTTP backend of a service claims.
 #[derive(Debug)]
 enum Claim {
-    /// A lower-case host name and a path prefix under it.
-    Host(String, String),
+    /// A lower-case host name and a path prefix under it (shared with every
+    /// table built from this part: no allocation per build).
+    Host(Arc<str>, String),
     /// A host-independent path prefix, and what claims it (for warnings).
     Path(String, String),
 }
@@ -686,11 +687,8 @@ impl Builder {
         }
     }
 
-    fn claim_host(&mut self, host: &str, path: &str, backend: &Arc<Backend>) {
-        let prefixes = match self.table.hosts.get_mut(host) {
-            Some(p) => p,
-            None => self.table.hosts.entry(host.to_owned()).or_default(),
-        };
+    fn claim_host(&mut self, host: &Arc<str>, path: &str, backend: &Arc<Backend>) {
+        let prefixes = self.table.hosts.entry(host.clone()).or_default();
         if let Err(owner) = prefixes.claim(path, backend) {
             let what = if path == "/" {
                 format!("host {host}")
@@ -715,7 +713,7 @@ fn compile(spec: &ServiceSpec, names: &Naming, health: &HealthRegistry) -> Part 
             compile_local_http(spec, &name, &http, names, &mut part);
         } else {
             let host = dotted(&[&name, "service", &dc, &names.domain]);
-            part.claims.push(Claim::Host(host, "/".into()));
+            part.claims.push(Claim::Host(host.into(), "/".into()));
         }
     }
     // Another datacenter's ports are that datacenter's load balancers' business.
@@ -743,8 +741,8 @@ fn compile_local_http(spec: &ServiceSpec, name: &str, http: &[&InstanceSpec], na
         hosts.push(format!("{name}{add}"));
     }
     part.claims
-        .extend(hosts.into_iter().map(|h| Claim::Host(h, "/".into())));
-    part.local_name = Some(name.to_owned());
+        .extend(hosts.into_iter().map(|h| Claim::Host(h.into(), "/".into())));
+    part.local_name = Some(name.into());
 
     check_agreement(spec, "haproxy_route", http, &mut part.notes, |t| t.routes.clone());
     let routes: BTreeSet<&str> = http
@@ -768,7 +766,7 @@ fn compile_local_http(spec: &ServiceSpec, name: &str, http: &[&InstanceSpec], na
         .collect();
     for (host, path) in prefixes {
         part.claims.push(match host {
-            Some(host) => Claim::Host(host.to_owned(), path.to_owned()),
+            Some(host) => Claim::Host(host.into(), path.to_owned()),
             None => Claim::Path(path.to_owned(), format!("urlprefix-{path}")),
         });
     }
