@@ -868,22 +868,7 @@ impl Runner {
     /// Fetches `names` (at most [`POOL_SIZE`] at once) into the working copy.
     /// Returns whether anything changed.
     async fn fetch_all(&mut self, names: BTreeSet<String>) -> Result<bool, ConsulError> {
-        let mut set = tokio::task::JoinSet::new();
-        let mut queue = names.into_iter();
-        let mut results = Vec::new();
-        loop {
-            while set.len() < POOL_SIZE {
-                let Some(name) = queue.next() else { break };
-                let http = self.http.clone();
-                set.spawn(async move {
-                    let r = http.health_service(&name, None).await;
-                    (name, r)
-                });
-            }
-            let Some(joined) = set.join_next().await else { break };
-            let (name, result) = joined.map_err(|_| ConsulError::Closed)?;
-            results.push((name, result?));
-        }
+        let results = fetch_services(&self.http, names.into_iter()).await?;
         self.status.fetches.fetch_add(results.len() as u64, Ordering::Relaxed);
         let mut changed = false;
         for (name, (rows, index)) in results {
@@ -1045,27 +1030,39 @@ impl Runner {
             .get(Endpoint::CatalogServices, "/v1/catalog/services?stale")
             .await?;
         let names: BTreeMap<String, serde_json::Value> = self.http.decode(Endpoint::CatalogServices, &answer)?;
-        let mut set = tokio::task::JoinSet::new();
-        let mut queue = names.into_keys();
         let mut out = BTreeMap::new();
-        loop {
-            while set.len() < POOL_SIZE {
-                let Some(name) = queue.next() else { break };
-                let http = self.http.clone();
-                set.spawn(async move {
-                    let r = http.health_service(&name, None).await;
-                    (name, r)
-                });
-            }
-            let Some(joined) = set.join_next().await else { break };
-            let (name, result) = joined.map_err(|_| ConsulError::Closed)?;
-            let (rows, _) = result?;
+        for (name, (rows, _)) in fetch_services(&self.http, names.into_keys()).await? {
             if let Some(e) = ServiceEntry::from_health(&name, rows) {
                 out.insert(name, Arc::new(e));
             }
         }
         Ok(out)
     }
+}
+
+/// `/v1/health/service/<name>` for every name, [`POOL_SIZE`] at once (the pool
+/// holds no more connections): (name, (rows, Consul's index)); the first error
+/// ends it.
+async fn fetch_services(
+    http: &ConsulHttp,
+    mut names: impl Iterator<Item = String>,
+) -> Result<Vec<(String, (Vec<HealthRow>, u64))>, ConsulError> {
+    let mut set = tokio::task::JoinSet::new();
+    let mut results = Vec::new();
+    loop {
+        while set.len() < POOL_SIZE {
+            let Some(name) = names.next() else { break };
+            let http = http.clone();
+            set.spawn(async move {
+                let r = http.health_service(&name, None).await;
+                (name, r)
+            });
+        }
+        let Some(joined) = set.join_next().await else { break };
+        let (name, result) = joined.map_err(|_| ConsulError::Closed)?;
+        results.push((name, result?));
+    }
+    Ok(results)
 }
 
 /// Services present in one map and not the other, or different in both.
