@@ -636,10 +636,18 @@ impl Runner {
         let mut summary_pacer = Pacer::new(SUMMARY_MIN_GAP, 2);
         let mut resync_at = Instant::now() + resync;
         let mut failures = 0u32;
+        // At most one summary in flight, read beside the runner so that a check
+        // flip is not kept waiting behind it: (registration index or 0 for a
+        // window check, when it started, the answer).
+        let mut summaries = SummaryReads::new();
+        let mut summary_done = None;
         loop {
-            let due = self.next_due(&pending, &full_pacer, &summary_pacer, resync_at);
+            let due = self.next_due(&pending, &full_pacer, &summary_pacer, resync_at, !summaries.is_empty());
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                Some(joined) = summaries.join_next(), if !summaries.is_empty() => {
+                    summary_done = joined.ok();
+                }
                 signal = signals.recv() => {
                     let Some(signal) = signal else { return };
                     self.absorb(signal, &mut pending);
@@ -695,6 +703,37 @@ impl Runner {
                     }
                 }
             }
+            if let Some((index, started, result)) = summary_done.take() {
+                summary_pacer.ran(started.elapsed());
+                match result {
+                    Ok(lines) => {
+                        if lines.is_none() {
+                            self.summaries_supported = false;
+                        }
+                        match self.apply_summary(lines, index).await {
+                            Ok((c, explained)) => {
+                                tracing::debug!(index, changed = c, explained, "consul: registration change localized");
+                                changed |= c;
+                                if !explained {
+                                    tracing::debug!(
+                                        index,
+                                        "consul: a registration change no summary explains; full sync"
+                                    );
+                                    pending.full = true;
+                                }
+                            }
+                            Err(error) => {
+                                tracing::debug!(%error, "consul: fetch after the summary failed; full sync");
+                                pending.full = true;
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "consul: summary failed; full sync");
+                        pending.full = true;
+                    }
+                }
+            }
             if let Some(index) = pending.registrations {
                 if !pending.hot_done {
                     pending.hot_done = true;
@@ -712,39 +751,19 @@ impl Runner {
                     pending.registrations = None;
                     pending.hot_done = false;
                     pending.verify_at.get_or_insert(Instant::now() + VERIFY_AFTER);
-                } else if summary_pacer.ready() && !pending.full {
-                    let started = Instant::now();
-                    match self.localize(index).await {
-                        Ok((c, explained)) => {
-                            tracing::debug!(index, changed = c, explained, "consul: registration change localized");
-                            changed |= c;
-                            summary_pacer.ran(started.elapsed());
-                            pending.registrations = None;
-                            pending.hot_done = false;
-                            pending.verify_at = None;
-                            if !explained {
-                                tracing::debug!(index, "consul: a registration change no summary explains; full sync");
-                                pending.full = true;
-                            }
-                        }
-                        Err(error) => {
-                            tracing::debug!(%error, "consul: summary failed; full sync");
-                            pending.full = true;
-                        }
-                    }
+                } else if summaries.is_empty() && summary_pacer.ready() && !pending.full {
+                    pending.registrations = None;
+                    pending.hot_done = false;
+                    pending.verify_at = None;
+                    self.start_summary(&mut summaries, index);
                 }
-            } else if pending.verify_at.is_some_and(|at| Instant::now() >= at) && summary_pacer.ready() && !pending.full
+            } else if pending.verify_at.is_some_and(|at| Instant::now() >= at)
+                && summaries.is_empty()
+                && summary_pacer.ready()
+                && !pending.full
             {
-                let started = Instant::now();
                 pending.verify_at = None;
-                match self.localize(0).await {
-                    Ok((c, _)) => changed |= c,
-                    Err(error) => {
-                        tracing::debug!(%error, "consul: summary failed; full sync");
-                        pending.full = true;
-                    }
-                }
-                summary_pacer.ran(started.elapsed());
+                self.start_summary(&mut summaries, 0);
             }
             if changed {
                 self.publish(received);
@@ -758,19 +777,38 @@ impl Runner {
     }
 
     /// When the runner must act next without a new signal.
-    fn next_due(&self, pending: &Pending, full: &Pacer, summary: &Pacer, resync_at: Instant) -> Instant {
+    fn next_due(&self, pending: &Pending, full: &Pacer, summary: &Pacer, resync_at: Instant, reading: bool) -> Instant {
         let far = Instant::now() + Duration::from_secs(3600);
         let mut due = resync_at.min(far);
         if pending.full {
             due = due.min(full.next);
-        } else if !pending.fetch.is_empty() {
+        } else if !pending.fetch.is_empty() || (pending.registrations.is_some() && !pending.hot_done) {
             due = Instant::now();
+        } else if reading {
+            // The summary in flight wakes the runner when it lands.
         } else if pending.registrations.is_some() {
-            due = due.min(if pending.hot_done { summary.next } else { Instant::now() });
+            due = due.min(summary.next);
         } else if let Some(at) = pending.verify_at {
             due = due.min(at.max(summary.next));
         }
         due
+    }
+
+    /// Reads the `ui/services` summary beside the runner (or, on a Consul
+    /// without it, answers at once that there is none).
+    fn start_summary(&self, summaries: &mut SummaryReads, index: u64) {
+        let http = self.http.clone();
+        let status = self.status.clone();
+        let supported = self.summaries_supported;
+        let started = Instant::now();
+        summaries.spawn(async move {
+            let result = if supported {
+                read_summary(&http, &status).await
+            } else {
+                Ok(None)
+            };
+            (index, started, result)
+        });
     }
 
     /// Takes one watch answer into the pending work.
@@ -894,15 +932,14 @@ impl Runner {
         Ok(changed)
     }
 
-    /// Finds what a registration change at `index` touched: the `ui/services`
-    /// lines that differ from the view's own, fetched. `explained` is true when
-    /// the view now holds an instance last changed at `index`, or a fetch found a
-    /// service that lost instances (a deregistration leaves no index behind);
-    /// else a change the summary cannot see (a new address, everything else
-    /// equal) happened, and the caller does a full sync.
-    async fn localize(&mut self, index: u64) -> Result<(bool, bool), ConsulError> {
+    /// Fetches the services whose `ui/services` line differs from the view's
+    /// own (`lines`: the summary read for the registration change at `index`, 0
+    /// for a window check). `explained` is true when the view now accounts for
+    /// the change at `index`; else a change the summary cannot see (a new
+    /// address, everything else equal) happened, and the caller does a full sync.
+    async fn apply_summary(&mut self, lines: Option<Summary>, index: u64) -> Result<(bool, bool), ConsulError> {
         let mut changed = false;
-        if let Some(lines) = self.summary().await? {
+        if let Some(lines) = lines {
             let mut candidates: BTreeSet<String> = BTreeSet::new();
             for (name, line) in &lines {
                 if self.services.get(name).is_none_or(|s| &s.summary_line() != line) {
@@ -915,6 +952,9 @@ impl Runner {
                 candidates = candidates.len(),
                 "consul: services whose summary differs from the view"
             );
+            self.status
+                .flagged
+                .fetch_add(candidates.len() as u64, Ordering::Relaxed);
             if candidates.len() > MAX_TARGETED {
                 return Ok((false, false));
             }
@@ -922,7 +962,7 @@ impl Runner {
                 changed = self.fetch_all(candidates).await?;
             }
         }
-        Ok((changed, self.explains(index)))
+        Ok((changed, index == 0 || self.explains(index)))
     }
 
     /// True when the view accounts for the registration change at `index`: an
@@ -936,31 +976,6 @@ impl Runner {
         self.services
             .values()
             .any(|s| s.instances.iter().any(|i| i.modify_index == index))
-    }
-
-    /// The `ui/services` lines by service; `None` when this Consul has no such
-    /// endpoint.
-    async fn summary(&mut self) -> Result<Option<HashMap<String, SummaryLine>>, ConsulError> {
-        if !self.summaries_supported {
-            return Ok(None);
-        }
-        let answer = self
-            .http
-            .get(Endpoint::UiServices, "/v1/internal/ui/services?stale")
-            .await?;
-        if answer.status == http::StatusCode::NOT_FOUND {
-            tracing::info!("consul: no /v1/internal/ui/services; registration changes are read with full syncs");
-            self.summaries_supported = false;
-            return Ok(None);
-        }
-        self.status.summaries.fetch_add(1, Ordering::Relaxed);
-        let lines: Vec<UiService> = self.http.decode(Endpoint::UiServices, &answer)?;
-        Ok(Some(
-            lines
-                .into_iter()
-                .map(|l| (l.name.clone(), SummaryLine::from(l)))
-                .collect(),
-        ))
     }
 
     /// Reads the whole catalog: `/v1/internal/ui/nodes` in one request, else
@@ -1038,6 +1053,30 @@ impl Runner {
         }
         Ok(out)
     }
+}
+
+/// The `ui/services` lines by service.
+type Summary = HashMap<String, SummaryLine>;
+
+/// Summary reads in flight (at most one): (registration index or 0, when it
+/// started, the answer).
+type SummaryReads = tokio::task::JoinSet<(u64, Instant, Result<Option<Summary>, ConsulError>)>;
+
+/// Reads the `ui/services` summary; `None` when this Consul has no such endpoint.
+async fn read_summary(http: &ConsulHttp, status: &CatalogStatus) -> Result<Option<Summary>, ConsulError> {
+    let answer = http.get(Endpoint::UiServices, "/v1/internal/ui/services?stale").await?;
+    if answer.status == http::StatusCode::NOT_FOUND {
+        tracing::info!("consul: no /v1/internal/ui/services; registration changes are read with full syncs");
+        return Ok(None);
+    }
+    status.summaries.fetch_add(1, Ordering::Relaxed);
+    let lines: Vec<UiService> = http.decode(Endpoint::UiServices, &answer)?;
+    Ok(Some(
+        lines
+            .into_iter()
+            .map(|l| (l.name.clone(), SummaryLine::from(l)))
+            .collect(),
+    ))
 }
 
 /// `/v1/health/service/<name>` for every name, [`POOL_SIZE`] at once (the pool
