@@ -144,6 +144,8 @@ enum TagError {
     EmptyCheck,
     #[error("method {0:?} is not an HTTP token")]
     BadMethod(String),
+    #[error("method {0:?} is not one a health check may send (GET, HEAD or OPTIONS)")]
+    UnsafeMethod(String),
     #[error("check path {0:?} must start with '/' and be printable ASCII")]
     BadCheckPath(String),
     #[error("HTTP version {0:?} is not HTTP/1.0 or HTTP/1.1")]
@@ -293,6 +295,11 @@ fn parse_httpchk(value: &str) -> Result<HttpCheck, TagError> {
     };
     if !is_token(method) {
         return Err(TagError::BadMethod(method.to_owned()));
+    }
+    // Anyone who can register a service chooses the address the checker sends
+    // this to every 2 s: only methods that change nothing.
+    if !matches!(method, "GET" | "HEAD" | "OPTIONS") {
+        return Err(TagError::UnsafeMethod(method.to_owned()));
     }
     if !path.starts_with('/') || !path.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(TagError::BadCheckPath(path.to_owned()));
@@ -610,6 +617,16 @@ mod tests {
         assert!(rejected("haproxy_httpchk= ").contains("no value"));
         assert!(rejected(r"haproxy_httpchk=\r\n").contains("empty"));
         assert!(rejected("haproxy_httpchk=G(T /").contains("method"));
+        for unsafe_method in ["POST", "DELETE", "PUT", "PATCH", "get"] {
+            let why = rejected(&format!("haproxy_httpchk={unsafe_method} /api/units/lb/restart"));
+            assert!(why.contains("GET, HEAD or OPTIONS"), "{unsafe_method}: {why}");
+        }
+        for ok in ["GET /", "HEAD /health", "OPTIONS /"] {
+            assert!(
+                clean(&["haproxy", &format!("haproxy_httpchk={ok}")]).httpchk.is_some(),
+                "{ok}"
+            );
+        }
         assert!(rejected("haproxy_httpchk=GET").contains("must start with '/'"));
         assert!(rejected("haproxy_httpchk=GET check").contains("must start with '/'"));
         assert!(rejected("haproxy_httpchk=GET /caf\u{e9}").contains("must start with '/'"));

@@ -65,8 +65,10 @@ pub fn public_of(secret: &StaticSecret) -> [u8; 32] {
     PublicKey::from(secret).to_bytes()
 }
 
-/// Creates `dir` with mode 0700 if it is missing; refuses a directory that group
-/// or others may enter, because it holds private keys.
+/// Creates `dir` with mode 0700 if it is missing. A directory that group or
+/// others may enter is set to 0700 while it holds no server key yet (the `vpn/`
+/// folder of a fresh clone comes from git with 0755 and only a README), and
+/// refused once it holds one: someone may have read the key already.
 pub fn ensure_dir(dir: &Path) -> Result<(), VpnError> {
     if !dir.exists() {
         DirBuilder::new()
@@ -80,6 +82,12 @@ pub fn ensure_dir(dir: &Path) -> Result<(), VpnError> {
         .permissions()
         .mode();
     if mode & 0o077 != 0 {
+        if !dir.join(SERVER_KEY_FILE).exists() {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                .map_err(|source| VpnError::io("make the vpn directory private (0700)", dir, source))?;
+            tracing::info!(dir = %dir.display(), was = format!("{:o}", mode & 0o777), "vpn: state directory holds no key yet; set to mode 700");
+            return Ok(());
+        }
         return Err(VpnError::State {
             path: dir.to_path_buf(),
             problem: format!(
@@ -179,5 +187,19 @@ mod tests {
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
         let e = load_or_create_server_key(&dir).err().unwrap().to_string();
         assert!(e.contains("chmod 700"), "{e}");
+    }
+
+    /// A fresh clone's `vpn/` (0755, a README, no key) is made private and used.
+    #[test]
+    fn a_loose_directory_without_a_key_is_made_private() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("vpn");
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("README.md"), "state lives here\n").unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        load_or_create_server_key(&dir).unwrap();
+        let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        assert!(dir.join(SERVER_KEY_FILE).exists());
     }
 }
