@@ -190,6 +190,17 @@ impl ConsulHttp {
             .await
     }
 
+    /// True while the local agent holds the service instance `id`.
+    pub async fn has_agent_service(&self, id: &str) -> Result<bool, ConsulError> {
+        let path = format!("/v1/agent/service/{}", segment(id));
+        let answer = self.get(Endpoint::AgentService, &path).await?;
+        if answer.status == ::http::StatusCode::NOT_FOUND {
+            return Ok(false);
+        }
+        self.expect_success(Endpoint::AgentService, &answer)?;
+        Ok(true)
+    }
+
     /// Removes a service instance from the local agent.
     pub async fn deregister(&self, id: &str) -> Result<(), ConsulError> {
         let path = format!("/v1/agent/service/deregister/{}", segment(id));

@@ -302,6 +302,16 @@ async fn consul_restart_and_a_backwards_index_recover() {
     }
     let noise_host = format!("{noise}-1.service");
     assert_eq!(lb.get(&noise_host, "/").await.0, 503, "gone with the old agent's state");
+    // The restarted agent lost the lb's own registration too: it comes back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(consul.http_addr(), "/v1/catalog/service/wayfinder-lb")
+        .unwrap_or_default()
+        .trim()
+        == "[]"
+    {
+        assert!(Instant::now() < deadline, "the lb did not register itself again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Backwards: snapshot, more changes, restore the snapshot.
     let snapshot = snapshot_save(consul.http_addr());
