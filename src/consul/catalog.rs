@@ -51,7 +51,7 @@ use super::ConsulError;
 use super::api::null_as_empty;
 use super::api::{CheckRow, HealthRow, UiNode, UiService, instance_address};
 use super::http::{Answer, ConsulHttp, Endpoint, POOL_SIZE};
-use super::watch::{Event, WatchSnapshot, WatchStats, follow};
+use super::watch::{Event, Query, WatchSnapshot, WatchStats, follow};
 
 /// More services than this to fetch at once: one full sync is cheaper.
 const MAX_TARGETED: usize = 64;
@@ -439,15 +439,14 @@ pub(super) fn start(
 ) -> Result<CatalogView, ConsulError> {
     let (signals, signals_rx) = mpsc::channel::<Signal>(64);
     let stop = shutdown.child_token();
-    let mut watches = Vec::new();
-    let mut lanes = Vec::new();
-    for _ in 0..3 {
-        lanes.push(http.lane().ok_or(ConsulError::NoLane)?);
-    }
+    // All three lanes first: a view gets all of its watches or none.
+    let lanes = [http.lane(), http.lane(), http.lane()];
+    let [Some(names_lane), Some(critical_lane), Some(warning_lane)] = lanes else {
+        return Err(ConsulError::NoLane);
+    };
     let registrations = WatchStats::new("registrations");
     let critical = WatchStats::new("critical checks");
     let warning = WatchStats::new("warning checks");
-    watches.extend([registrations.clone(), critical.clone(), warning.clone()]);
 
     let (tx, rx) = watch::channel(Arc::new(Catalog::empty()));
     let status = Arc::new(CatalogStatus {
@@ -458,37 +457,39 @@ pub(super) fn start(
         fetches: AtomicU64::new(0),
         corrections: AtomicU64::new(0),
         last_full_sync_us: AtomicU64::new(0),
-        watches,
+        watches: vec![registrations.clone(), critical.clone(), warning.clone()],
     });
 
-    let mut lanes = lanes.into_iter();
-    let (s_tx, s_rx) = mpsc::channel(4);
+    let names = Query {
+        endpoint: Endpoint::CatalogServices,
+        path: "/v1/catalog/services?stale".to_string(),
+        decode: decode_names,
+    };
     tasks.spawn(follow(
-        lanes.next().ok_or(ConsulError::NoLane)?,
-        Endpoint::CatalogServices,
-        "/v1/catalog/services?stale".to_string(),
-        decode_names,
+        names_lane,
+        names,
         registrations,
-        s_tx,
+        signals.clone(),
+        Signal::Registrations,
         stop.clone(),
     ));
-    tasks.spawn(forward(s_rx, signals.clone(), Signal::Registrations));
-    for (status_name, endpoint, stats) in [
-        ("critical", Endpoint::HealthCritical, critical),
-        ("warning", Endpoint::HealthWarning, warning),
+    for (lane, level, endpoint, stats) in [
+        (critical_lane, Health::Critical, Endpoint::HealthCritical, critical),
+        (warning_lane, Health::Warning, Endpoint::HealthWarning, warning),
     ] {
-        let (c_tx, c_rx) = mpsc::channel(4);
-        tasks.spawn(follow(
-            lanes.next().ok_or(ConsulError::NoLane)?,
+        let checks = Query {
             endpoint,
-            format!("/v1/health/state/{status_name}?stale"),
-            decode_checks,
+            path: format!("/v1/health/state/{}?stale", level.name()),
+            decode: decode_checks,
+        };
+        tasks.spawn(follow(
+            lane,
+            checks,
             stats,
-            c_tx,
+            signals.clone(),
+            move |e| Signal::Checks(level, e),
             stop.clone(),
         ));
-        let level = Health::of(status_name);
-        tasks.spawn(forward(c_rx, signals.clone(), move |e| Signal::Checks(level, e)));
     }
     drop(signals);
     let runner = Runner {
@@ -533,14 +534,6 @@ type Names = BTreeMap<String, Vec<String>>;
 
 fn decode_checks(http: &ConsulHttp, endpoint: Endpoint, answer: &Answer) -> Result<Vec<CheckRow>, ConsulError> {
     http.decode(endpoint, answer)
-}
-
-async fn forward<T>(mut rx: mpsc::Receiver<Event<T>>, tx: mpsc::Sender<Signal>, wrap: impl Fn(Event<T>) -> Signal) {
-    while let Some(e) = rx.recv().await {
-        if tx.send(wrap(e)).await.is_err() {
-            return;
-        }
-    }
 }
 
 /// What the watches tell the runner.

@@ -448,11 +448,11 @@ mod tests {
     }
 
     #[test]
-    fn endpoint_slots_are_distinct() {
-        let mut seen = std::collections::HashSet::new();
-        for e in Endpoint::ALL {
-            assert!(seen.insert(e.slot()));
-            assert!(seen.len() <= Endpoint::ALL.len());
+    fn every_endpoint_has_its_own_slot_and_label() {
+        let mut labels = std::collections::HashSet::new();
+        for (i, e) in Endpoint::ALL.into_iter().enumerate() {
+            assert_eq!(e.slot(), i, "{e:?} listed twice in ALL");
+            assert!(labels.insert(e.name()), "{e:?}: label {} taken", e.name());
         }
     }
 }

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use super::ConsulError;
 use super::http::{Answer, ConsulHttp, Endpoint, segment};
-use super::watch::{WatchStats, follow};
+use super::watch::{Query, WatchStats, follow};
 
 /// Keys under the prefix with their text values.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -100,15 +100,12 @@ pub(super) fn start(
     );
     let (events_tx, mut events) = mpsc::channel(4);
     let stop = shutdown.child_token();
-    tasks.spawn(follow(
-        lane,
-        Endpoint::KvTree,
+    let query = Query {
+        endpoint: Endpoint::KvTree,
         path,
         decode,
-        stats.clone(),
-        events_tx,
-        stop.clone(),
-    ));
+    };
+    tasks.spawn(follow(lane, query, stats.clone(), events_tx, |e| e, stop.clone()));
     let (tx, rx) = watch::channel(Arc::new(KvTree::default()));
     tasks.spawn(async move {
         let _stop_watch = stop.drop_guard();

@@ -229,17 +229,29 @@ pub struct Event<T> {
 /// Decodes a watch's answer.
 pub type Decode<T> = fn(&ConsulHttp, Endpoint, &Answer) -> Result<T, ConsulError>;
 
-/// Follows `path` (its query string without `index`/`wait`) on `lane` until
-/// `shutdown` or until `events` is closed, sending every answer that moved.
-pub async fn follow<T: Send + 'static>(
+/// What a watch asks: the endpoint (for counters), the path with its query
+/// string (without `index`/`wait`), and how to read the answer.
+pub struct Query<T> {
+    /// The endpoint, as counted.
+    pub endpoint: Endpoint,
+    /// Path and query string.
+    pub path: String,
+    /// Reads the body.
+    pub decode: Decode<T>,
+}
+
+/// Follows `query` on `lane` until `shutdown` or until `events` is closed,
+/// sending every answer that moved (as `wrap` makes it, so several watches can
+/// share one channel).
+pub async fn follow<T: Send + 'static, S: Send + 'static>(
     mut lane: Lane,
-    endpoint: Endpoint,
-    path: String,
-    decode: Decode<T>,
+    query: Query<T>,
     stats: Arc<WatchStats>,
-    events: mpsc::Sender<Event<T>>,
+    events: mpsc::Sender<S>,
+    wrap: impl Fn(Event<T>) -> S + Send + 'static,
     shutdown: CancellationToken,
 ) {
+    let Query { endpoint, path, decode } = query;
     let http = lane.http().clone();
     let sep = if path.contains('?') { '&' } else { '?' };
     let mut watch = Watch::default();
@@ -281,7 +293,7 @@ pub async fn follow<T: Send + 'static>(
                         received,
                         reset,
                     };
-                    if events.send(event).await.is_err() {
+                    if events.send(wrap(event)).await.is_err() {
                         return;
                     }
                     reset = false;

@@ -12,7 +12,7 @@ use wayfinder::consul::http::{Endpoint, MAX_CONNECTIONS};
 
 use crate::harness::{
     BulkInstance, Consul, HttpBackend, Lb, Up, connections_to, consul_section, dig_until, free_port, get_with,
-    http_client, http_get, http_put, unique,
+    http_client, http_get, http_put, tagged_backend, unique,
 };
 
 /// `n` services `<prefix>-<i>`, one instance each at `backend`, tagged `haproxy`.
@@ -401,16 +401,7 @@ fn snapshot_restore(addr: SocketAddr, snapshot: &[u8]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_request_is_answered_before_the_first_table() {
     let consul = Consul::start();
-    let backend = HttpBackend::start("first").await;
-    let svc = unique("first");
-    consul.register(
-        &format!("{svc}-1"),
-        &svc,
-        "127.0.0.1",
-        backend.addr.port(),
-        &["haproxy"],
-        true,
-    );
+    let (svc, _backend) = tagged_backend(&consul, "first", "first").await;
     let gate = Gate::start(consul.http_addr()).await;
     let lb = Lb::start(&format!(
         "[consul]\nhttp = \"{}\"\ndns = [\"{}\"]\n[lb]\nready_timeout = \"60s\"\n",

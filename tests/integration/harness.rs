@@ -1173,3 +1173,20 @@ impl Drop for Up {
         self.shutdown.cancel();
     }
 }
+
+/// An HTTP backend answering `answer`, registered in `consul` as instance
+/// `<svc>-1` of a new service `<prefix>...` tagged `haproxy` (TTL check,
+/// passing): (service name, backend).
+pub async fn tagged_backend(consul: &Consul, prefix: &str, answer: &str) -> (String, HttpBackend) {
+    let svc = unique(prefix);
+    let backend = HttpBackend::start(answer).await;
+    consul.register(
+        &format!("{svc}-1"),
+        &svc,
+        "127.0.0.1",
+        backend.addr.port(),
+        &["haproxy"],
+        true,
+    );
+    (svc, backend)
+}

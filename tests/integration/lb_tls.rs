@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::harness::{Consul, HttpBackend, Lb, consul_section, eventually, require, unique};
+use crate::harness::{Consul, HttpBackend, Lb, consul_section, eventually, require, tagged_backend, unique};
 
 /// Writes a self-signed certificate for `names` (CN = the first) with its key,
 /// HAProxy style.
@@ -90,16 +90,7 @@ async fn https_chooses_the_certificate_by_sni_and_speaks_h2() {
     let dir = tempfile::tempdir().unwrap();
     write_cert(&dir.path().join("a-first.pem"), &["first.example.test"]);
     write_cert(&dir.path().join("b-apps.pem"), &["*.apps.example.com"]);
-    let svc = unique("tls");
-    let backend = HttpBackend::start("secure").await;
-    consul.register(
-        &format!("{svc}-1"),
-        &svc,
-        "127.0.0.1",
-        backend.addr.port(),
-        &["haproxy"],
-        true,
-    );
+    let (svc, _backend) = tagged_backend(consul, "tls", "secure").await;
     let lb = tls_lb(consul, dir.path()).await;
     lb.wait_for(&format!("{svc}.service"), "/", &["secure"]).await;
     let https = lb.https.expect("https listener");

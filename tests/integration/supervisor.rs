@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 use wayfinder::supervisor::unit::UnitState;
 
 use crate::harness::{
-    Consul, HttpBackend, Up, consul_section, dig_until, eventually, free_port, http_client, require, unique,
-    wait_routed,
+    Consul, Up, consul_section, dig_until, eventually, free_port, http_client, require, tagged_backend, wait_routed,
 };
 
 /// The lb's view (Consul connection, routed services), for failure messages.
@@ -274,23 +273,6 @@ fn zone(serial: u32, addr: &str) -> String {
 
 /// A supervisor with dns and lb against `consul` (an agent that is not ours:
 /// START_CONSUL=false) and one program, with the zones of a temp dir.
-/// An HTTP backend answering `answer`, registered in `consul` as instance
-/// `<svc>-1` of a new service `<prefix>...` tagged `haproxy` (TTL check,
-/// passing): (service name, backend).
-async fn tagged_backend(consul: &Consul, prefix: &str, answer: &str) -> (String, HttpBackend) {
-    let svc = unique(prefix);
-    let backend = HttpBackend::start(answer).await;
-    consul.register(
-        &format!("{svc}-1"),
-        &svc,
-        "127.0.0.1",
-        backend.addr.port(),
-        &["haproxy"],
-        true,
-    );
-    (svc, backend)
-}
-
 async fn full_up(consul: &Consul, zones: &std::path::Path, extra: &str) -> Up {
     Up::start_on_free_ports(
         || {
