@@ -42,6 +42,7 @@ fn table_benches(c: &mut Criterion) {
         local_datacenter: "dc1".into(),
         add_domain: Some(".apps.example.com".into()),
         landing_hosts: vec!["localhost".into()],
+        policy: Default::default(),
     };
     let specs = specs(5000);
     let refs: Vec<&ServiceSpec> = specs.iter().collect();

@@ -128,6 +128,16 @@ pub struct LbSection {
     /// client connections are spread over them. Default `0` = one per CPU.
     #[serde(default)]
     pub workers: usize,
+    /// Networks backend instances may be in (CIDR, e.g. `["172.17.0.0/16",
+    /// "10.0.0.0/8"]`); an instance outside them is refused and shown on the
+    /// status pages. Default none = any address. Whatever this says, the lb never
+    /// connects to the appliance's own listeners (admin, lb, stats, dns, Consul).
+    #[serde(default)]
+    pub backend_networks: Vec<IpNet>,
+    /// Ports a `haproxy_tcp=` tag may open, as `"N"` or `"N-M"` entries. Default
+    /// `["1024-65535"]`; the ports of the appliance's own listeners are never taken.
+    #[serde(default = "default_lb_tcp_ports")]
+    pub tcp_ports: Vec<String>,
 }
 
 impl Default for LbSection {
@@ -138,6 +148,9 @@ impl Default for LbSection {
 
 fn default_lb_http() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 80))
+}
+fn default_lb_tcp_ports() -> Vec<String> {
+    vec!["1024-65535".into()]
 }
 fn default_lb_https() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 443))
@@ -397,6 +410,10 @@ pub struct LbConfig {
     pub stats: Option<SocketAddr>,
     /// Proxy threads (resolved: never 0).
     pub workers: usize,
+    /// Networks backends may be in (empty: any).
+    pub backend_networks: Vec<IpNet>,
+    /// Ports `haproxy_tcp=` may open.
+    pub tcp_ports: crate::lb::policy::PortRanges,
 }
 
 /// Validated HTTPS settings of the lb.
@@ -763,7 +780,7 @@ pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> 
     let mut resolved = Vec::new();
     for entry in &entries {
         for addr in parse_upstream(entry).map_err(|p| err("dns.upstreams", p))? {
-            if let Some(own) = listen.iter().find(|l| is_self(**l, addr)) {
+            if let Some(own) = listen.iter().find(|l| crate::listeners::reaches(**l, addr)) {
                 if explicit {
                     return Err(err(
                         "dns.upstreams",
@@ -849,7 +866,10 @@ fn validate_lb(
         certs,
         stats,
         workers,
+        backend_networks,
+        tcp_ports,
     } = lb;
+    let tcp_ports = crate::lb::policy::PortRanges::parse(tcp_ports).map_err(|p| err("lb.tcp_ports", p))?;
     let https = match (ssl, certs.is_empty()) {
         (false, _) => None,
         (true, true) => {
@@ -920,6 +940,8 @@ fn validate_lb(
         } else {
             *workers
         },
+        backend_networks: backend_networks.iter().map(IpNet::trunc).collect(),
+        tcp_ports,
     })
 }
 
@@ -1157,23 +1179,6 @@ pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
             Some(SocketAddr::new(ip, 53))
         })
         .collect()
-}
-
-/// True when a query sent to `upstream` would reach the listener `listen`.
-fn is_self(listen: SocketAddr, upstream: SocketAddr) -> bool {
-    if listen.port() != upstream.port() {
-        return false;
-    }
-    if listen.ip() == upstream.ip() {
-        return true;
-    }
-    // A wildcard listener also owns loopback and every local interface address.
-    listen.ip().is_unspecified() && (upstream.ip().is_loopback() || is_local_address(upstream.ip()))
-}
-
-fn is_local_address(ip: IpAddr) -> bool {
-    // Binding to an address succeeds only if it is assigned to this host.
-    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 #[cfg(test)]

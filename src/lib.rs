@@ -15,6 +15,7 @@ pub mod dns;
 pub mod env;
 pub mod http_server;
 pub mod lb;
+pub mod listeners;
 pub mod signals;
 pub mod supervisor;
 pub mod threads;
@@ -291,6 +292,8 @@ async fn up(config: config::Config) -> Result<(), AppError> {
         }
     };
     let sockets = supervisor::UpSockets::bind(&config, &plan).map_err(AppError::Supervisor)?;
+    let mut config = config;
+    sockets.addresses().pin(&mut config);
     let config = std::sync::Arc::new(config);
     let state = supervisor::SupervisorState::new(config.clone(), plan, adopt);
     signals::forward_hangups(state.components.dns.reload_zones.clone());

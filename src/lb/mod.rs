@@ -30,6 +30,7 @@
 //! answers 503 for a service that exists.
 
 pub mod health;
+pub mod policy;
 pub mod proxy;
 pub mod register;
 pub mod remote;
@@ -231,6 +232,11 @@ pub fn table_config(config: &Config) -> TableConfig {
         local_datacenter: config.consul.datacenter.clone(),
         add_domain: config.lb.add_domain.clone(),
         landing_hosts: config.lb.landing_hosts.clone(),
+        policy: policy::BackendPolicy {
+            own: crate::listeners::OwnListeners::from_config(config),
+            networks: config.lb.backend_networks.clone(),
+            tcp_ports: config.lb.tcp_ports.clone(),
+        },
     }
 }
 
@@ -263,10 +269,22 @@ pub async fn run(
     let view = consul.catalog().map_err(LbError::Consul)?;
     let maxconn = consul.kv_tree(watch::MAXCONN_PREFIX).map_err(LbError::Consul)?;
     let _ = state.view.set(view.clone());
+    // The configuration names the listeners; the bound sockets say where they
+    // really are (a port 0 in the file).
+    let mut table_config = table_config(config);
+    for (what, socket) in [
+        ("lb http", Some(&sockets.http)),
+        ("lb https", sockets.https.as_ref()),
+        ("lb stats", sockets.stats.as_ref()),
+    ] {
+        if let Some(addr) = socket.and_then(|s| s.local_addr().ok()) {
+            table_config.policy.own.add(what, addr);
+        }
+    }
     let (updates, updates_rx) = tokio::sync::mpsc::unbounded_channel();
     let remote = tasks.spawn(remote::run(
         consul.http().clone(),
-        table_config(config),
+        table_config.clone(),
         state.clone(),
         updates,
         shutdown.clone(),
@@ -275,7 +293,7 @@ pub async fn run(
         view,
         maxconn,
         updates_rx,
-        table_config(config),
+        table_config,
         state.clone(),
         shutdown.clone(),
     ));

@@ -64,6 +64,9 @@ pub struct LbStatus {
     pub routes: Vec<RouteStatus>,
     /// TCP listeners (`haproxy_tcp=`): port and service.
     pub tcp: Vec<TcpStatus>,
+    /// Services, instances and `haproxy_tcp` ports from Consul the lb refused
+    /// (own listeners, outside `lb.backend_networks`, bad names or ports).
+    pub refused: Vec<super::policy::Refused>,
     /// HTTPS certificates in force (empty without HTTPS).
     pub certificates: Vec<CertInfo>,
 }
@@ -187,6 +190,7 @@ impl LbStatus {
             latency_bounds_us: &LATENCY_BUCKETS_US,
             routes,
             tcp,
+            refused: table.refused().to_vec(),
             certificates: state.certs.get().map(|r| r.current().certs.clone()).unwrap_or_default(),
         }
     }
@@ -233,6 +237,14 @@ impl LbStatus {
             }
             rows.push_str("</tbody>");
         }
+        let mut refused = String::new();
+        if !self.refused.is_empty() {
+            refused.push_str("<h2>Refused from Consul</h2><ul>");
+            for r in &self.refused {
+                let _ = write!(refused, "<li>{}</li>", escape(&r.to_string()));
+            }
+            refused.push_str("</ul>");
+        }
         let age = self
             .consul_view
             .as_ref()
@@ -255,7 +267,7 @@ impl LbStatus {
              <h1>wayfinder lb</h1><p>Consul: {consul}. Routing changes: {changes} (propagation p99 {p99}). \
              Requests: {total}. <a href=\"/stats.json\">JSON</a></p>\
              <table><thead><tr><th>service</th><th>datacenter</th><th>reached at</th><th>traffic</th></tr></thead>\
-             {rows}</table></body></html>\n",
+             {rows}</table>{refused}</body></html>\n",
             changes = self.changes,
             total = self.requests.total(),
         )

@@ -19,6 +19,10 @@
 //! name sorts first, and are reported as warnings, so the outcome never depends on
 //! the order Consul answered in.
 //!
+//! What Consul says is checked here against the [`BackendPolicy`] (names, own
+//! listeners, backend networks, TCP ports): a refused service, instance or port
+//! never enters the table, so nothing that reads the table can connect to it.
+//!
 //! What must outlive a rebuild (ejections, check verdicts, in-flight counts) lives in
 //! [`InstanceHealth`], shared by address through the [`HealthRegistry`]. The
 //! round-robin position is per table: a rebuild restarts the sequence, which skews
@@ -31,6 +35,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
+use super::policy::{BackendPolicy, Refusal, Refused, is_service_name};
 use super::stats::RequestCounters;
 use super::tags::{self, HttpCheck, InstanceTags};
 
@@ -168,6 +173,8 @@ pub struct TableConfig {
     /// Names and addresses answered with the landing page: `localhost`, `HOST_IP`,
     /// the hostname... (any case; a port or trailing dot is ignored).
     pub landing_hosts: Vec<String>,
+    /// What Consul data may make the lb connect to and listen on.
+    pub policy: BackendPolicy,
 }
 
 /// One instance as the proxy uses it.
@@ -370,6 +377,8 @@ pub struct RoutingTable {
     tcp: BTreeMap<u16, Arc<Backend>>,
     /// Every HTTP backend, by service name then datacenter.
     backends: Vec<Arc<Backend>>,
+    /// What the policy left out, by service name then datacenter.
+    refused: Vec<Refused>,
 }
 
 impl RoutingTable {
@@ -394,6 +403,7 @@ impl RoutingTable {
             landing,
             tcp: BTreeMap::new(),
             backends: Vec::new(),
+            refused: Vec::new(),
         }
     }
 
@@ -419,9 +429,18 @@ impl RoutingTable {
         health: &HealthRegistry,
         cache: &mut BackendCache,
     ) -> (Self, Vec<String>) {
+        // Instances must not reach the lb's own TCP listeners, so a change in
+        // which ports they take is a change of every part.
+        let tcp_listeners = tcp_listeners(cfg, services);
+        if tcp_listeners != cache.tcp_listeners {
+            cache.parts.clear();
+            cache.tcp_listeners = tcp_listeners.clone();
+        }
         let mut builder = Builder {
             table: Self::empty(cfg),
             names: Naming::new(cfg),
+            policy: &cfg.policy,
+            tcp_listeners,
             warnings: Vec::new(),
             previous: std::mem::take(&mut cache.parts),
             next: HashMap::with_capacity(services.len()),
@@ -498,6 +517,11 @@ impl RoutingTable {
         self.backends.iter()
     }
 
+    /// The services, instances and ports the policy refused, for status pages.
+    pub fn refused(&self) -> &[Refused] {
+        &self.refused
+    }
+
     /// Every routing entry: (host, path prefix, backend); host `None` for the
     /// host-independent path routes. Sorted by host then path; for status pages.
     pub fn entries(&self) -> Vec<(Option<&str>, &str, &Arc<Backend>)> {
@@ -544,7 +568,20 @@ pub fn other_datacenter_name<'h>(host: &'h str, domain_suffix: &str) -> Option<(
     let rest = host.strip_suffix(domain_suffix)?;
     let (service, dc) = rest.rsplit_once('.')?;
     let name = service.strip_suffix(".service")?;
-    (!dc.is_empty() && !name.is_empty()).then_some((name, dc))
+    // Both go into Consul queries: names only, nothing a Host header can bend.
+    (is_service_name(name) && is_service_name(dc)).then_some((name, dc))
+}
+
+/// The ports the `haproxy_tcp` listeners take: asked for by a local service
+/// with a usable name, and allowed by the policy.
+fn tcp_listeners(cfg: &TableConfig, services: &[&ServiceSpec]) -> BTreeSet<u16> {
+    let local = cfg.local_datacenter.trim().trim_matches('.');
+    services
+        .iter()
+        .filter(|s| s.datacenter.eq_ignore_ascii_case(local) && is_service_name(&s.name))
+        .flat_map(|s| s.instances.iter().filter_map(|i| i.tags.tcp_port))
+        .filter(|&port| cfg.policy.refuse_tcp_port(port).is_none())
+        .collect()
 }
 
 /// The naming inputs, normalised once per build.
@@ -603,6 +640,8 @@ struct Part {
     tcp: Option<(Arc<Backend>, Vec<u16>)>,
     /// Warnings about the service itself (instances that disagree on tags).
     notes: Vec<String>,
+    /// What the policy refused.
+    refused: Vec<Refused>,
 }
 
 /// One name the HTTP backend of a service claims.
@@ -623,12 +662,17 @@ enum Claim {
 #[derive(Debug, Default)]
 pub struct BackendCache {
     parts: HashMap<(String, String), (ServiceSpec, Arc<Part>)>,
+    /// The TCP listener ports the parts were compiled against.
+    tcp_listeners: BTreeSet<u16>,
 }
 
 /// A table under construction and what went wrong so far.
-struct Builder {
+struct Builder<'c> {
     table: RoutingTable,
     names: Naming,
+    policy: &'c BackendPolicy,
+    /// Ports of this table's TCP listeners.
+    tcp_listeners: BTreeSet<u16>,
     warnings: Vec<String>,
     /// Parts of the previous table (taken when reused).
     previous: HashMap<(String, String), (ServiceSpec, Arc<Part>)>,
@@ -636,7 +680,7 @@ struct Builder {
     next: HashMap<(String, String), (ServiceSpec, Arc<Part>)>,
 }
 
-impl Builder {
+impl Builder<'_> {
     fn add_service(&mut self, spec: &ServiceSpec, health: &HealthRegistry) {
         let key = (spec.name.clone(), spec.datacenter.clone());
         let part = match self.previous.remove(&key) {
@@ -645,7 +689,7 @@ impl Builder {
                 part
             }
             _ => {
-                let part = Arc::new(compile(spec, &self.names, health));
+                let part = Arc::new(compile(spec, &self.names, self.policy, &self.tcp_listeners, health));
                 self.next.insert(key, (spec.clone(), part.clone()));
                 part
             }
@@ -656,6 +700,8 @@ impl Builder {
     /// Makes the claims of `part` (earlier, alphabetically first, services win).
     fn assemble(&mut self, part: &Part) {
         self.warnings.extend(part.notes.iter().cloned());
+        self.warnings.extend(part.refused.iter().map(Refused::to_string));
+        self.table.refused.extend(part.refused.iter().cloned());
         if let Some(backend) = &part.http {
             self.table.backends.push(backend.clone());
             if let Some(name) = &part.local_name {
@@ -700,13 +746,39 @@ impl Builder {
     }
 }
 
-/// What `spec` asks of the table: its backends and the names they claim.
-fn compile(spec: &ServiceSpec, names: &Naming, health: &HealthRegistry) -> Part {
+/// What `spec` asks of the table: its backends and the names they claim, less
+/// what the policy refuses.
+fn compile(
+    spec: &ServiceSpec,
+    names: &Naming,
+    policy: &BackendPolicy,
+    tcp_listeners: &BTreeSet<u16>,
+    health: &HealthRegistry,
+) -> Part {
     let name = spec.name.to_ascii_lowercase();
     let dc = spec.datacenter.to_ascii_lowercase();
     let local = dc == names.local_dc;
     let mut part = Part::default();
-    let http: Vec<&InstanceSpec> = spec.instances.iter().filter(|i| i.tags.takes_http()).collect();
+    let refused = |instance: Option<&InstanceSpec>, port: Option<u16>, reason: Refusal| Refused {
+        service: spec.name.clone(),
+        datacenter: spec.datacenter.clone(),
+        instance: instance.map(|i| i.id.clone()),
+        addr: instance.map(|i| i.addr),
+        port,
+        reason,
+    };
+    if !is_service_name(&spec.name) {
+        part.refused.push(refused(None, None, Refusal::Name));
+        return part;
+    }
+    let mut allowed: Vec<&InstanceSpec> = Vec::with_capacity(spec.instances.len());
+    for i in &spec.instances {
+        match policy.refuse_addr(i.addr, tcp_listeners) {
+            Some(reason) => part.refused.push(refused(Some(i), None, reason)),
+            None => allowed.push(i),
+        }
+    }
+    let http: Vec<&InstanceSpec> = allowed.iter().copied().filter(|i| i.tags.takes_http()).collect();
     if !http.is_empty() {
         part.http = Some(Arc::new(new_backend(spec, &http, health)));
         if local {
@@ -717,14 +789,22 @@ fn compile(spec: &ServiceSpec, names: &Naming, health: &HealthRegistry) -> Part 
         }
     }
     // Another datacenter's ports are that datacenter's load balancers' business.
-    let tcp: Vec<&InstanceSpec> = spec.instances.iter().filter(|i| i.tags.tcp_port.is_some()).collect();
+    let tcp: Vec<&InstanceSpec> = allowed.iter().copied().filter(|i| i.tags.tcp_port.is_some()).collect();
     if local && !tcp.is_empty() {
-        let backend = Arc::new(new_backend(spec, &tcp, health));
-        let ports: BTreeSet<u16> = tcp.iter().filter_map(|i| i.tags.tcp_port).collect();
+        let mut ports: BTreeSet<u16> = tcp.iter().filter_map(|i| i.tags.tcp_port).collect();
+        ports.retain(|&port| match policy.refuse_tcp_port(port) {
+            Some(reason) => {
+                part.refused.push(refused(None, Some(port), reason));
+                false
+            }
+            None => true,
+        });
         check_agreement(spec, "haproxy_tcp", &tcp, &mut part.notes, |t| {
             t.tcp_port.iter().map(u16::to_string).collect()
         });
-        part.tcp = Some((backend, ports.into_iter().collect()));
+        if !ports.is_empty() {
+            part.tcp = Some((Arc::new(new_backend(spec, &tcp, health)), ports.into_iter().collect()));
+        }
     }
     part
 }
@@ -858,6 +938,7 @@ mod tests {
             local_datacenter: "dc1".into(),
             add_domain: Some(".apps.example.com".into()),
             landing_hosts: vec!["localhost".into(), "10.0.0.5".into(), "Host1.".into(), "[::1]".into()],
+            policy: Default::default(),
         }
     }
 
@@ -912,6 +993,110 @@ mod tests {
             assert_eq!(to(&t, Some(host), "/"), "none", "{host}");
         }
         assert_eq!(to(&t, None, "/"), "none");
+    }
+
+    /// A table config whose policy knows an admin listener on 127.0.0.1:9090.
+    fn guarded() -> TableConfig {
+        let mut c = cfg();
+        c.policy.own.add("admin", "127.0.0.1:9090".parse().unwrap());
+        c
+    }
+
+    fn at(mut i: InstanceSpec, addr: &str) -> InstanceSpec {
+        i.addr = addr.parse().unwrap();
+        i
+    }
+
+    #[test]
+    fn instances_at_own_listeners_are_refused_and_reported() {
+        let c = guarded();
+        let specs = [spec(
+            "x",
+            "dc1",
+            vec![at(inst(1, &["haproxy"]), "127.0.0.1:9090"), inst(2, &["haproxy"])],
+        )];
+        let (t, warnings) = build_with(&c, &specs);
+        let b = t.backends().next().expect("the other instance still routes");
+        assert_eq!(b.instances.len(), 1);
+        assert_eq!(b.instances[0].addr, addr(2, 8080));
+        assert_eq!(t.refused().len(), 1);
+        assert_eq!(t.refused()[0].reason, Refusal::OwnListener { listener: "admin" });
+        assert_eq!(t.refused()[0].instance.as_deref(), Some("i1"));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("admin"), "{warnings:?}");
+
+        // Only instance: no route at all (a 503 from the lb, never the admin page).
+        let (t, _) = build_with(&c, &[spec("x", "dc1", vec![at(inst(1, &["haproxy"]), "0.0.0.0:9090")])]);
+        assert_eq!(t.backends().count(), 0);
+        assert_eq!(to(&t, Some("x.service.consul"), "/"), "none");
+    }
+
+    #[test]
+    fn tcp_ports_outside_the_range_or_owned_are_not_opened() {
+        let mut c = guarded();
+        c.policy.own.add("dns", "0.0.0.0:5353".parse().unwrap());
+        let specs = [
+            spec("a", "dc1", vec![inst(1, &["haproxy_tcp=1"])]),
+            spec("b", "dc1", vec![inst(2, &["haproxy_tcp=5353"])]),
+            spec("c", "dc1", vec![inst(3, &["haproxy_tcp=5000"])]),
+        ];
+        let (t, _) = build_with(&c, &specs);
+        let ports: Vec<u16> = t.tcp_ports().map(|(p, _)| p).collect();
+        assert_eq!(ports, vec![5000]);
+        let reasons: Vec<_> = t.refused().iter().map(|r| (r.port, r.reason.clone())).collect();
+        assert_eq!(
+            reasons,
+            vec![
+                (Some(1), Refusal::PortNotAllowed),
+                (Some(5353), Refusal::PortTaken { listener: "dns" })
+            ]
+        );
+        // Configured: a privileged port is taken.
+        c.policy.tcp_ports = super::super::policy::PortRanges::parse(&["1".into()]).unwrap();
+        let (t, _) = build_with(&c, &specs[..1]);
+        assert_eq!(t.tcp_ports().map(|(p, _)| p).collect::<Vec<_>>(), vec![1]);
+    }
+
+    #[test]
+    fn instances_at_the_lbs_own_tcp_listeners_are_refused() {
+        // b's instance on a local address and a's listener port would splice
+        // the lb to itself without end.
+        let c = guarded();
+        let specs = [
+            spec("a", "dc1", vec![inst(1, &["haproxy_tcp=5000"])]),
+            spec("b", "dc1", vec![at(inst(2, &["haproxy"]), "127.0.0.1:5000")]),
+        ];
+        let mut cache = BackendCache::default();
+        let refs: Vec<&ServiceSpec> = specs.iter().collect();
+        let (t, _) = RoutingTable::build_cached(&c, &refs, &HealthRegistry::new(), &mut cache);
+        assert_eq!(t.refused().len(), 1);
+        assert_eq!(t.refused()[0].reason, Refusal::OwnTcpListener);
+        // a's port goes away: b is taken again (the cached part is not reused).
+        let (t, _) = RoutingTable::build_cached(&c, &refs[1..], &HealthRegistry::new(), &mut cache);
+        assert!(t.refused().is_empty());
+        assert_eq!(to(&t, Some("b.service.consul"), "/"), "b@dc1");
+    }
+
+    #[test]
+    fn names_that_are_not_dns_labels_are_refused() {
+        let specs = [
+            spec("../admin", "dc1", vec![inst(1, &["haproxy"])]),
+            spec("a?b", "dc1", vec![inst(2, &["haproxy_tcp=5000"])]),
+            web(),
+        ];
+        let (t, warnings) = build_with(&cfg(), &specs);
+        assert_eq!(t.backends().count(), 1);
+        assert_eq!(t.tcp_ports().count(), 0);
+        assert_eq!(t.refused().len(), 2);
+        assert!(t.refused().iter().all(|r| r.reason == Refusal::Name));
+        assert_eq!(warnings.len(), 2);
+        // Host names that would carry such a name into a Consul query.
+        assert_eq!(other_datacenter_name("a?b.service.dc2.consul", ".consul"), None);
+        assert_eq!(other_datacenter_name("web.service.d#c.consul", ".consul"), None);
+        assert_eq!(
+            other_datacenter_name("web.service.dc2.consul", ".consul"),
+            Some(("web", "dc2"))
+        );
     }
 
     #[test]

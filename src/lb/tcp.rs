@@ -7,8 +7,10 @@
 //!     (smooth WRR) ─▶ connect (eject + next instance on failure) ─▶ splice
 //! ```
 //!
-//! Connections already spliced are left alone when their port goes away; a
-//! listener that cannot be bound is logged and tried again at the next change.
+//! Connections already spliced are left alone when their port goes away, and
+//! end at shutdown; a listener that cannot be bound is logged and tried again at
+//! the next change. Which ports may be opened, and which instances may be
+//! connected to, the table has already decided (see [`super::policy`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,6 +19,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::LbState;
 
@@ -35,6 +38,8 @@ pub async fn run(
 ) {
     let mut changes = state.changes.subscribe();
     let mut open: HashMap<u16, CancellationToken> = HashMap::new();
+    // Listeners and their spliced connections; waited for at shutdown.
+    let tasks = TaskTracker::new();
     loop {
         let wanted: Vec<u16> = state.table.load().tcp_ports().map(|(p, _)| p).collect();
         open.retain(|port, token| {
@@ -55,18 +60,45 @@ pub async fn run(
                     let token = shutdown.child_token();
                     open.insert(port, token.clone());
                     tracing::info!(%addr, "lb: tcp listener opened");
-                    tokio::spawn(accept(listener, port, state.clone(), connect_timeout, eject_ms, token));
+                    let splices = Splices {
+                        tasks: tasks.clone(),
+                        shutdown: shutdown.clone(),
+                    };
+                    tasks.spawn(accept(
+                        listener,
+                        port,
+                        state.clone(),
+                        connect_timeout,
+                        eject_ms,
+                        token,
+                        splices,
+                    ));
                 }
                 Err(error) => {
                     tracing::warn!(%addr, %error, "lb: cannot open tcp listener; retrying at the next change")
                 }
             }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = changes.changed() => if r.is_err() { return },
+        let ended = tokio::select! {
+            _ = shutdown.cancelled() => true,
+            r = changes.changed() => r.is_err(),
+        };
+        if ended {
+            break;
         }
     }
+    for token in open.values() {
+        token.cancel();
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+/// Where the connections of a listener run: tracked, and ended at shutdown
+/// (not when their port goes away).
+struct Splices {
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
 }
 
 async fn accept(
@@ -76,6 +108,7 @@ async fn accept(
     connect_timeout: Duration,
     eject_ms: u64,
     stop: CancellationToken,
+    splices: Splices,
 ) {
     loop {
         let (client, peer) = tokio::select! {
@@ -88,12 +121,17 @@ async fn accept(
                 }
             },
         };
-        let state = state.clone();
-        tokio::spawn(async move {
-            if let Some(server) = connect_backend(&state, port, connect_timeout, eject_ms).await {
-                splice(client, server).await;
-            } else {
-                tracing::debug!(port, %peer, "lb: no tcp instance reachable; closing");
+        let (state, shutdown) = (state.clone(), splices.shutdown.clone());
+        splices.tasks.spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = async {
+                    if let Some(server) = connect_backend(&state, port, connect_timeout, eject_ms).await {
+                        splice(client, server).await;
+                    } else {
+                        tracing::debug!(port, %peer, "lb: no tcp instance reachable; closing");
+                    }
+                } => {}
             }
         });
     }

@@ -170,15 +170,23 @@ fn services(state: &SupervisorState, lb: Option<&LbStatus>) -> Vec<ServiceReport
             .iter()
             .map(|i| {
                 let address = format!("{}:{}", i.address, i.port);
-                let lb = route.and_then(|route| {
-                    route.instances.iter().find(|r| r.addr.to_string() == address).map(|r| {
-                        if r.available {
-                            "up".to_string()
-                        } else {
-                            "down".to_string()
-                        }
-                    })
+                let refused = lb.and_then(|l| {
+                    l.refused
+                        .iter()
+                        .find(|r| &r.service == name && r.instance.as_deref() == Some(&i.id))
                 });
+                let lb = match refused {
+                    Some(r) => Some(format!("refused: {}", r.reason)),
+                    None => route.and_then(|route| {
+                        route.instances.iter().find(|r| r.addr.to_string() == address).map(|r| {
+                            if r.available {
+                                "up".to_string()
+                            } else {
+                                "down".to_string()
+                            }
+                        })
+                    }),
+                };
                 InstanceReport {
                     id: i.id.clone(),
                     node: i.node.clone(),

@@ -169,6 +169,33 @@ pub struct Addresses {
     pub vpn: Option<SocketAddr>,
 }
 
+impl Addresses {
+    /// Writes the bound addresses into `config`, so a listener the file left to
+    /// the kernel (port 0) keeps its port across component restarts, and every
+    /// component knows where the others really listen (the lb never connects
+    /// to them).
+    pub fn pin(&self, config: &mut Config) {
+        if self.admin.is_some() {
+            config.supervisor.admin = self.admin;
+        }
+        if !self.dns.is_empty() {
+            config.dns.listen.clone_from(&self.dns);
+        }
+        if let Some(http) = self.lb_http {
+            config.lb.http = http;
+        }
+        if let (Some(bound), Some(https)) = (self.lb_https, config.lb.https.as_mut()) {
+            https.listen = bound;
+        }
+        if self.lb_stats.is_some() {
+            config.lb.stats = self.lb_stats;
+        }
+        if let Some(vpn) = self.vpn {
+            config.vpn.listen = vpn;
+        }
+    }
+}
+
 /// What the supervisor knows about the Consul agent right now.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ConsulHealth {

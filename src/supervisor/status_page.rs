@@ -43,7 +43,7 @@ h2{font-size:1.05em;margin:.1em 0 .5em}h3{font-size:1em;margin:0}.peer p{margin:
 .card{border-top:1px solid var(--line);padding:.6em 0}.card:first-of-type{border-top:0}\
 .badge{display:inline-block;border-radius:1em;padding:0 .6em;font-size:.8em;font-weight:600;color:#fff;vertical-align:middle}\
 .passing,.running,.up{background:var(--ok)}.warning,.backoff,.waiting,.starting,.stopping{background:var(--warn)}\
-.critical,.failed,.down{background:var(--bad)}.off,.exited,.stopped{background:var(--muted)}\
+.critical,.failed,.down,.refused{background:var(--bad)}.off,.exited,.stopped{background:var(--muted)}\
 ul{margin:.3em 0;padding-left:1.1em}li{margin:.15em 0}code{font-size:.9em;word-break:break-all}\
 a{color:#0969da}.muted{color:var(--muted);font-size:.9em}\
 table{border-collapse:collapse;width:100%}td,th{text-align:left;padding:.35em .3em;border-top:1px solid var(--line);vertical-align:top}th{white-space:nowrap}td:first-child{overflow-wrap:anywhere;width:60%}\
@@ -111,9 +111,11 @@ pub fn render(report: &StatusReport, q: &str) -> String {
         }
         html.push_str("</ul><ul class=\"instances\">");
         for i in &s.instances {
-            let lb =
-                i.lb.as_deref()
-                    .map_or_else(String::new, |l| format!(" lb {}", badge(l, l)));
+            let lb = i.lb.as_deref().map_or_else(String::new, |l| {
+                // `refused: <why>` is styled as refused, with the reason shown.
+                let class = if l.starts_with("refused") { "refused" } else { l };
+                format!(" lb {}", badge(class, l))
+            });
             let _ = write!(
                 html,
                 "<li class=\"instance\"><code>{}</code> {} <span class=\"muted\">{} on {}</span>{lb}</li>",

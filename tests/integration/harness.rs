@@ -602,6 +602,14 @@ pub fn consul_section(consul: &Consul) -> String {
     )
 }
 
+/// A loopback address no other test of this process uses (127.100.x.y).
+pub fn unique_loopback() -> std::net::IpAddr {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(1);
+    let [hi, lo] = NEXT.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+    std::net::IpAddr::from([127, 100, hi, lo])
+}
+
 /// A unique service name for this test (the shared agent is shared).
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -841,12 +849,19 @@ pub struct Lb {
 }
 
 impl Lb {
-    /// Starts the lb from TOML text (listener replaced by 127.0.0.1:0).
+    /// Starts the lb from TOML text (listener replaced by 127.0.0.1:0, or by
+    /// port 0 on the loopback address the text gives: `haproxy_tcp` listeners
+    /// open on that address, so a test that uses them gives one of its own,
+    /// out of reach of the other tests' lbs that see the same shared Consul).
     pub async fn start(toml: &str) -> Self {
         init_logs();
         let env = std::collections::HashMap::<String, String>::new();
         let mut file = wayfinder::config::parse(toml, "test.toml", &env).expect("test config parses");
-        file.lb.http = SocketAddr::from(([127, 0, 0, 1], 0));
+        let ip = match file.lb.http.ip() {
+            ip if ip.is_loopback() => ip,
+            _ => std::net::IpAddr::from([127, 0, 0, 1]),
+        };
+        file.lb.http = SocketAddr::new(ip, 0);
         file.lb.https = SocketAddr::from(([127, 0, 0, 1], 0));
         file.lb.stats = "127.0.0.1:0".into();
         if file.dns.upstreams.is_empty() {
@@ -1118,6 +1133,8 @@ impl Up {
         let plan = wayfinder::supervisor::roles::plan(&env, &config).expect("role plan");
         let sockets = UpSockets::bind(&config, &plan)?;
         let addresses = sockets.addresses();
+        let mut config = config;
+        addresses.pin(&mut config);
         let config = Arc::new(config);
         let state = SupervisorState::new(config.clone(), plan, false);
         let shutdown = CancellationToken::new();

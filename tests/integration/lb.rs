@@ -411,8 +411,13 @@ async fn tcp_listeners_follow_their_tags() {
     let port = crate::harness::free_port();
     let tag = format!("haproxy_tcp={port}");
     consul.register(&format!("{svc}-1"), &svc, "127.0.0.1", echo_addr.port(), &[&tag], true);
-    let lb = lb_for(consul).await;
-    let target = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    // The lb (so its tcp listeners) on a loopback address of its own: every
+    // other test's lb sees this tag in the shared Consul and opens the port on
+    // 127.0.0.1, and one of those may be stopping when this test connects (an
+    // early EOF, which made this test fail now and then).
+    let ip = crate::harness::unique_loopback();
+    let lb = Lb::start(&format!("{}[lb]\nhttp = \"{ip}:0\"\n", consul_section(consul))).await;
+    let target = std::net::SocketAddr::new(ip, port);
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut s = loop {
         if let Ok(s) = tokio::net::TcpStream::connect(target).await {
