@@ -81,7 +81,9 @@ impl AppError {
             AppError::Supervisor(
                 supervisor::SupervisorError::BindAdmin { .. } | supervisor::SupervisorError::BindComponent { .. },
             ) => EXIT_CONFIG,
-            AppError::Supervisor(supervisor::SupervisorError::UnitDied { .. }) => EXIT_SOFTWARE,
+            AppError::Supervisor(
+                supervisor::SupervisorError::UnitDied { .. } | supervisor::SupervisorError::TaskDied { .. },
+            ) => EXIT_SOFTWARE,
             AppError::Supervisor(_) => 1,
             AppError::Vpn(vpn::VpnError::Bind { .. } | vpn::VpnError::State { .. } | vpn::VpnError::NoEndpoint(_)) => {
                 EXIT_CONFIG

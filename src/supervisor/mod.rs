@@ -13,6 +13,7 @@
 //!    all started ─▶ banner on stdout + sd_notify READY=1
 //!    shutdown ─▶ STOPPING=1, units stopped one by one in reverse start order
 //!    a unit's supervising task dies (panic) ─▶ the same stop, then UnitDied (exit 70)
+//!    admin / consul monitor / reaper task dies ─▶ the same stop, then TaskDied (exit 70)
 //! ```
 //!
 //! Each unit has its own cancellation token (not one shared child token) so that
@@ -44,7 +45,6 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use component::{ComponentContext, ComponentShared, ComponentSockets};
@@ -78,6 +78,15 @@ pub enum SupervisorError {
     UnitDied {
         /// The unit.
         unit: String,
+        /// `panicked: <message>`, or how else it ended.
+        message: String,
+    },
+    /// One of `up`'s own tasks (admin endpoint, Consul monitor, orphan reaper)
+    /// ended before shutdown (a panic): `up` stops everything and exits 70.
+    #[error("the {task} task of up died: {message}")]
+    TaskDied {
+        /// Which task.
+        task: String,
         /// `panicked: <message>`, or how else it ended.
         message: String,
     },
@@ -358,6 +367,24 @@ struct Running {
     token: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     grace: Duration,
+    /// One of `up`'s own tasks rather than a unit's supervisor.
+    own: bool,
+}
+
+/// Grace of `up`'s own tasks at shutdown (the admin endpoint finishing its answers).
+const OWN_TASK_GRACE: Duration = Duration::from_secs(2);
+
+impl Running {
+    /// One of `up`'s own tasks, stopped by `token`.
+    fn own(name: &str, token: CancellationToken, task: tokio::task::JoinHandle<()>) -> Self {
+        Self {
+            name: name.to_string(),
+            token,
+            task,
+            grace: OWN_TASK_GRACE,
+            own: true,
+        }
+    }
 }
 
 /// Runs everything the plan starts until `shutdown`, then stops it all in
@@ -368,13 +395,15 @@ pub async fn run(
     state: Arc<SupervisorState>,
     shutdown: CancellationToken,
 ) -> Result<(), SupervisorError> {
-    let background = TaskTracker::new();
-    let background_stop = CancellationToken::new();
     *lock(&state.addresses) = sockets.addresses();
     let UpSockets { admin, mut components } = sockets;
-
+    // Everything `up` runs, in start order: its own tasks first, so they stop
+    // last; a task that ends before shutdown (a panic) stops it all.
+    let mut running: Vec<Running> = Vec::new();
     if state.adopt_orphans {
-        background.spawn(reaper::run(state.children.clone(), background_stop.clone()));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(reaper::run(state.children.clone(), stop.clone()));
+        running.push(Running::own("orphan reaper", stop, task));
     }
     if let Some(listener) = admin {
         let listener = tokio::net::TcpListener::from_std(listener).map_err(|source| SupervisorError::BindAdmin {
@@ -384,10 +413,14 @@ pub async fn run(
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
             source,
         })?;
-        background.spawn(admin::serve(listener, state.clone(), background_stop.clone()));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(admin::serve(listener, state.clone(), stop.clone()));
+        running.push(Running::own("admin endpoint", stop, task));
     }
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
-    background.spawn(monitor_consul(state.clone(), ready_tx, background_stop.clone()));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(monitor_consul(state.clone(), ready_tx, stop.clone()));
+    running.push(Running::own("consul monitor", stop, task));
 
     let runs_consul = state.plan.starts("consul");
     let program_ctx = ProgramContext {
@@ -396,7 +429,6 @@ pub async fn run(
         consul_ready: runs_consul.then(|| ready_rx.clone()),
         consul_wait: config.supervisor.consul_wait,
     };
-    let mut running: Vec<Running> = Vec::new();
     for (planned, handle) in state.plan.units.iter().zip(&state.units) {
         let token = CancellationToken::new();
         let (task, grace) = match &planned.kind {
@@ -453,6 +485,7 @@ pub async fn run(
             token,
             task,
             grace,
+            own: false,
         });
     }
 
@@ -490,18 +523,23 @@ pub async fn run(
             ended = first_ended(&mut running) => Some(ended),
         };
     }
-    let died = died.map(|(index, joined)| (running.remove(index).name, joined));
-    let failure = died.map(|(unit, joined)| {
-        let message = match joined {
-            Ok(()) => "returned without being asked to stop".to_string(),
-            Err(join) => crate::threads::join_error_message(join),
-        };
-        tracing::error!(%unit, how = %message, "a unit's supervisor died; stopping everything");
-        if let Some(handle) = state.unit(&unit) {
-            handle.ended(format!("its supervisor died: {message}"));
-            handle.set_state(UnitState::Failed);
+    let died = died.map(|(index, joined)| {
+        let ended = running.remove(index);
+        (ended.name, ended.own, joined)
+    });
+    let failure = died.map(|(name, own, joined)| {
+        let error = death(name, own, joined);
+        match &error {
+            SupervisorError::UnitDied { unit, message } => {
+                tracing::error!(%unit, how = %message, "a unit's supervisor died; stopping everything");
+                if let Some(handle) = state.unit(unit) {
+                    handle.ended(format!("its supervisor died: {message}"));
+                    handle.set_state(UnitState::Failed);
+                }
+            }
+            other => tracing::error!(error = %other, "stopping everything"),
         }
-        SupervisorError::UnitDied { unit, message }
+        error
     });
     notify::notify("STOPPING=1");
     for unit in running.into_iter().rev() {
@@ -513,15 +551,25 @@ pub async fn run(
             task.abort();
         }
     }
-    background_stop.cancel();
-    background.close();
-    background.wait().await;
     state.consul_stop.cancel();
     state.consul_hub.close().await;
     tracing::info!("wayfinder up: stopped");
     match failure {
         Some(error) => Err(error),
         None => Ok(()),
+    }
+}
+
+/// The error for a task of `up` that ended before shutdown.
+fn death(name: String, own: bool, joined: Result<(), tokio::task::JoinError>) -> SupervisorError {
+    let message = match joined {
+        Ok(()) => "returned without being asked to stop".to_string(),
+        Err(join) => crate::threads::join_error_message(join),
+    };
+    if own {
+        SupervisorError::TaskDied { task: name, message }
+    } else {
+        SupervisorError::UnitDied { unit: name, message }
     }
 }
 
@@ -629,7 +677,31 @@ mod tests {
             token: CancellationToken::new(),
             task,
             grace: Duration::from_secs(1),
+            own: false,
         }
+    }
+
+    #[tokio::test]
+    async fn one_of_ups_own_tasks_that_panics_ends_it_with_task_died() {
+        let mut all = vec![
+            Running::own(
+                "admin endpoint",
+                CancellationToken::new(),
+                tokio::spawn(async { panic!("admin bug") }),
+            ),
+            running("lb", tokio::spawn(std::future::pending())),
+        ];
+        let (index, joined) = tokio::time::timeout(Duration::from_secs(5), first_ended(&mut all))
+            .await
+            .expect("the panicked one is seen");
+        let ended = all.remove(index);
+        let error = death(ended.name, ended.own, joined);
+        assert!(
+            matches!(&error, SupervisorError::TaskDied { task, message } if task == "admin endpoint" && message.contains("admin bug")),
+            "{error}"
+        );
+        let app = crate::AppError::Supervisor(error);
+        assert_eq!(app.exit_code(), crate::EXIT_SOFTWARE);
     }
 
     #[tokio::test]
