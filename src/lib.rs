@@ -82,9 +82,12 @@ impl AppError {
             ) => EXIT_CONFIG,
             AppError::Supervisor(supervisor::SupervisorError::UnitDied { .. }) => EXIT_SOFTWARE,
             AppError::Supervisor(_) => 1,
-            AppError::Vpn(vpn::VpnError::Bind { .. } | vpn::VpnError::State { .. } | vpn::VpnError::NoEndpoint(_)) => {
-                EXIT_CONFIG
-            }
+            AppError::Vpn(
+                vpn::VpnError::Bind { .. }
+                | vpn::VpnError::State { .. }
+                | vpn::VpnError::NoEndpoint(_)
+                | vpn::VpnError::NoNft,
+            ) => EXIT_CONFIG,
             AppError::Vpn(_) => 1,
             AppError::Panicked { .. } => EXIT_SOFTWARE,
         }
