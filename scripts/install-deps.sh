@@ -16,9 +16,9 @@ packages=(bind9-dnsutils knot-dnsutils unbound dnsmasq-base iproute2 procps ca-c
 # up: the status-page test drives headless Chromium; the deploy test runs
 # `systemd-analyze verify` on deploy/wayfinder.service.
 packages+=(chromium systemd)
-# The vpn tests: wireguard-go is the laptop, ping goes through the tunnel,
-# iptables for vpn.masquerade.
-packages+=(wireguard-go wireguard-tools iputils-ping iptables)
+# The vpn tests: wireguard-go is the laptop, ping goes through the tunnel;
+# nftables: the vpn confines its peers with an nft table (and masquerades).
+packages+=(wireguard-go wireguard-tools iputils-ping nftables)
 [ $want_bench = 1 ] && packages+=(dnsperf iperf3)
 
 missing=()

@@ -972,14 +972,17 @@ pub struct VpnSection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
     /// Networks reachable through the tunnel (e.g. the docker bridge networks),
-    /// routed on the clients and forwarded by the host kernel. Default none.
+    /// routed on the clients and forwarded by the host kernel. Besides the
+    /// tunnel address, they are all a peer reaches, whatever its own config
+    /// says (an nft table of the vpn's own drops the rest). Default none.
     #[serde(default)]
     pub routes: Vec<String>,
     /// MTU of the TUN interface and of client configs. Default `1420`.
     #[serde(default = "default_vpn_mtu")]
     pub mtu: u16,
-    /// Masquerade tunnel traffic leaving towards `routes` (iptables or nft), for
-    /// networks that have no route back to the tunnel subnet. Default `false`.
+    /// Masquerade tunnel traffic leaving towards `routes` (and only those, in
+    /// the vpn's nft table), for networks that have no route back to the
+    /// tunnel subnet. Default `false`.
     #[serde(default)]
     pub masquerade: bool,
 }

@@ -85,9 +85,12 @@ impl AppError {
                 supervisor::SupervisorError::UnitDied { .. } | supervisor::SupervisorError::TaskDied { .. },
             ) => EXIT_SOFTWARE,
             AppError::Supervisor(_) => 1,
-            AppError::Vpn(vpn::VpnError::Bind { .. } | vpn::VpnError::State { .. } | vpn::VpnError::NoEndpoint(_)) => {
-                EXIT_CONFIG
-            }
+            AppError::Vpn(
+                vpn::VpnError::Bind { .. }
+                | vpn::VpnError::State { .. }
+                | vpn::VpnError::NoEndpoint(_)
+                | vpn::VpnError::NoNft,
+            ) => EXIT_CONFIG,
             AppError::Vpn(_) => 1,
             AppError::Panicked { .. } => EXIT_SOFTWARE,
         }

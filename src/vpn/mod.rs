@@ -11,7 +11,9 @@
 //!    timers task: update_timers every 250 ms, handshake limiter reset every 1 s
 //!    watch task: peers.toml polled every 500 ms, only the diff applied
 //!    uapi::serve: /var/run/wireguard/<interface>.sock (wg show / wg set)
-//!    forward::enable: ip_forward (+ optional masquerade) for `routes`
+//!    forward::Firewall: nft table inet wayfinder_vpn_<interface>: peers reach
+//!                       the tunnel address and `routes` only (+ masquerade);
+//!                       ip_forward for `routes`; removed at stop
 //! ```
 //!
 //! The peer table is immutable and swapped whole ([`ArcSwap`]) when peers change;
@@ -97,12 +99,19 @@ pub enum VpnError {
     },
     /// IP forwarding could not be enabled.
     #[error(
-        "could not enable IP forwarding for vpn.routes (set sysctl net.ipv4.ip_forward=1 on the host, or run with CAP_NET_ADMIN and a writable /proc/sys): {0}"
+        "could not enable IP forwarding for vpn.routes (set sysctl net.ipv4.ip_forward=1 on the host, as deploy/sysctl-wayfinder-vpn.conf does, or run with CAP_NET_ADMIN and a writable /proc/sys): {0}"
     )]
     Forwarding(std::io::Error),
-    /// Masquerading could not be set up.
-    #[error("could not set up masquerade: {0}")]
-    Masquerade(String),
+    /// The nft table that confines peers to the tunnel address and `vpn.routes`
+    /// (and masquerades, when asked for) could not be installed.
+    #[error("could not confine vpn peers: {0}")]
+    Firewall(String),
+    /// `nft` is not installed: the vpn does not run with its peers unconfined.
+    #[error(
+        "could not confine vpn peers: `nft` not found on PATH or in /usr/sbin, /sbin (the vpn limits its peers to the tunnel address and vpn.routes with an nft table and does not start without it); {}",
+        forward::NFT_INSTALL
+    )]
+    NoNft,
     /// A peer change was refused (duplicate name, subnet full, no endpoint ...).
     #[error("could not change peers: {0}")]
     Peer(String),
@@ -141,11 +150,16 @@ pub struct VpnSockets {
     pub udp: std::net::UdpSocket,
     /// The TUN interface, addressed and up.
     pub tun: tun_rs::SyncDevice,
+    /// The `nft` program that installs the peers' confinement (found at bind
+    /// time, so a host without it fails before anything starts).
+    pub nft: PathBuf,
 }
 
 impl VpnSockets {
-    /// Binds the UDP socket (port 0 picks one) and creates the TUN interface.
+    /// Finds `nft`, binds the UDP socket (port 0 picks one) and creates the
+    /// TUN interface.
     pub fn bind(config: &VpnConfig) -> Result<Self, VpnError> {
+        let nft = forward::nft_program()?;
         let udp = udp::bind(config.listen).map_err(|source| VpnError::Bind {
             addr: config.listen,
             source,
@@ -154,7 +168,7 @@ impl VpnSockets {
             name: config.interface.clone(),
             source,
         })?;
-        Ok(Self { udp, tun })
+        Ok(Self { udp, tun, nft })
     }
 
     /// The bound UDP address.
@@ -588,13 +602,35 @@ pub async fn run(
     if let Some(addr) = local_addr {
         state.port.store(u64::from(addr.port()), Ordering::Relaxed);
     }
-    let masquerade = forward::enable(vpn)?;
+    // The control socket first: it refuses a second process on the same
+    // interface before that one could replace (and at its exit delete) the
+    // first one's firewall table.
+    let control = uapi::bind(&vpn.interface)?;
+    let firewall = {
+        let (vpn, nft) = (vpn.clone(), sockets.nft.clone());
+        tokio::task::spawn_blocking(move || forward::Firewall::install(&vpn, nft))
+            .await
+            .map_err(|e| VpnError::Firewall(format!("the install task failed: {e}")))
+    };
+    let firewall = match firewall.and_then(|f| f) {
+        Ok(f) => f,
+        Err(e) => {
+            uapi::unlink(&vpn.interface);
+            return Err(e);
+        }
+    };
     let local = shutdown.child_token();
     let tasks = TaskTracker::new();
-    let control = uapi::bind(&vpn.interface)?;
     let udp = Arc::new(sockets.udp);
     let tun = Arc::new(sockets.tun);
-    let threads = device::spawn(state.clone(), udp.clone(), tun, local.clone()).map_err(VpnError::Threads)?;
+    let threads = match device::spawn(state.clone(), udp.clone(), tun, local.clone()) {
+        Ok(t) => t,
+        Err(e) => {
+            uapi::unlink(&vpn.interface);
+            let _ = tokio::task::spawn_blocking(move || firewall.remove()).await;
+            return Err(VpnError::Threads(e));
+        }
+    };
     tasks.spawn(uapi::serve(control, state.clone(), local.clone(), tasks.clone()));
     tasks.spawn(device::timers(state.clone(), udp, local.clone(), TIMER_TICK));
     tasks.spawn(watch_peers(state.clone(), local.clone()));
@@ -625,9 +661,7 @@ pub async fn run(
     .ok()
     .flatten();
     uapi::unlink(&vpn.interface);
-    if let Some(m) = masquerade {
-        m.remove();
-    }
+    let _ = tokio::task::spawn_blocking(move || firewall.remove()).await;
     match failure {
         Some(e) if !shutdown.is_cancelled() => {
             tracing::error!(error = %e, "vpn packet loop ended");

@@ -65,6 +65,53 @@ fn systemd_unit_verifies_and_has_the_keys_it_must() {
     assert!(one("StateDirectory").contains("wayfinder"));
     assert_eq!(unit["Install"]["WantedBy"], ["multi-user.target"]);
 
+    // The vpn under the unit: its state (vpn.dir of appliance.toml, relative to
+    // the working directory) inside the writable StateDirectory; its control
+    // socket's directory as RuntimeDirectory (ProtectSystem=strict makes /run
+    // read-only otherwise), kept at stop; the TUN device and netlink (address,
+    // nft table) allowed.
+    assert_eq!(
+        one("WorkingDirectory"),
+        format!("/var/lib/{}", one("StateDirectory")),
+        "the working directory is the state directory"
+    );
+    let (ok, out, err) = check("appliance.toml", &[]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("dir = \"vpn\""),
+        "vpn.dir is relative to the state directory:\n{out}"
+    );
+    let socket_dir = std::path::Path::new(wayfinder::vpn::uapi::SOCKET_DIR);
+    assert_eq!(socket_dir.file_name().unwrap(), one("RuntimeDirectory").as_str());
+    assert!(
+        socket_dir.starts_with("/var/run") || socket_dir.starts_with("/run"),
+        "{}",
+        socket_dir.display()
+    );
+    assert_eq!(one("RuntimeDirectoryPreserve"), "yes", "other wireguard sockets stay");
+    assert_eq!(one("DeviceAllow"), "/dev/net/tun rw");
+    assert!(one("RestrictAddressFamilies").contains("AF_NETLINK"));
+    // Forwarding: either the unit may write /proc/sys, or it keeps it
+    // read-only and ships the sysctl file it names.
+    if one("ProtectKernelTunables") == "yes" {
+        assert!(
+            text.contains("deploy/sysctl-wayfinder-vpn.conf"),
+            "the unit says how forwarding is set"
+        );
+        let sysctl = read("sysctl-wayfinder-vpn.conf");
+        let settings: Vec<(&str, &str)> = sysctl
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| {
+                l.split_once('=')
+                    .map(|(k, v)| (k.trim(), v.trim()))
+                    .expect("KEY = VALUE")
+            })
+            .collect();
+        assert_eq!(settings, [("net.ipv4.ip_forward", "1")]);
+    }
+
     // systemd's own check, on a copy whose commands point at the built binary
     // (verify insists that they exist). Any warning counts as a failure.
     let verify = require("systemd-analyze");
@@ -126,6 +173,12 @@ fn dockerfile_has_its_instructions() {
     assert_eq!(instructions[0].0, "FROM");
     assert!(all("FROM").len() >= 2, "a build stage and a slim runtime");
     assert!(all("RUN").iter().any(|r| r.contains("cargo build --release")));
+    assert!(
+        all("RUN")
+            .iter()
+            .any(|r| r.contains("apt-get install") && r.contains("nftables")),
+        "nft for the vpn's table"
+    );
     assert!(
         all("COPY").iter().any(|r| r.contains("/usr/local/bin/consul")),
         "consul in the image"

@@ -190,7 +190,7 @@ fn ping_once(ns: &Netns, target: &str) -> bool {
 /// The end to end test: the vpn as a unit of `up`, its peers through the admin API.
 #[test]
 fn up_runs_the_vpn_and_the_admin_api_manages_its_peers() {
-    for p in ["consul", "curl", "dig", "ping", "wireguard-go", "wg", "wg-quick"] {
+    for p in ["consul", "curl", "dig", "ping", "wireguard-go", "wg", "wg-quick", "nft"] {
         require(p);
     }
     // The lb is not what this test is about: off, so only Consul, vpn and dns run.
@@ -326,6 +326,17 @@ fn up_runs_the_vpn_and_the_admin_api_manages_its_peers() {
         );
     }
 
+    // The vpn's own nft table confines the peer (see vpn.rs for what it refuses).
+    let table = wayfinder::vpn::forward::table_name(&app.interface);
+    let listed = app
+        .ns
+        .output(require("nft").to_str().unwrap(), &["list", "table", "inet", &table]);
+    assert!(
+        listed.status.success() && String::from_utf8_lossy(&listed.stdout).contains("10.200.0.1"),
+        "no table inet {table}: {}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+
     // The peer's traffic in /api/status, /metrics and `wayfinder status`.
     let status = app.status();
     let peer = &status["vpn"]["peers"][0];
@@ -419,6 +430,12 @@ fn stop(app: &Appliance) {
         !sock.exists() && !a.ns.output("ip", &["link", "show", &a.interface]).status.success()
     });
     assert!(app.log().contains("vpn stopped"), "{}", app.log());
+    let tables = app.ns.output(require("nft").to_str().unwrap(), &["list", "tables"]);
+    let tables = String::from_utf8_lossy(&tables.stdout);
+    assert!(
+        !tables.contains("wayfinder_vpn"),
+        "the vpn's nft table outlived it:\n{tables}"
+    );
 }
 
 /// Headless Chromium from Debian inside `ns`, with a fresh profile; `args`

@@ -34,6 +34,8 @@ struct Lab {
     config: PathBuf,
     interface: String,
     laptops: usize,
+    /// The running `wayfinder vpn`, once started.
+    vpn_pid: Option<u32>,
 }
 
 impl Lab {
@@ -66,6 +68,7 @@ impl Lab {
             config,
             interface,
             laptops: 0,
+            vpn_pid: None,
         }
     }
 
@@ -93,15 +96,16 @@ impl Lab {
         String::from_utf8(out.stdout).unwrap()
     }
 
-    /// Starts `wayfinder vpn` in the appliance and waits for its control socket.
+    /// Starts `wayfinder vpn` in the appliance and waits for its control socket
+    /// and its "listening" line (logged once the firewall table is in place).
     fn start_vpn(&mut self) {
         let mut cmd = self.app.cmd(wayfinder_bin().to_str().unwrap());
         cmd.args(["vpn", "-c"]).arg(&self.config).env("RUST_LOG", "info");
         let log = self.dir.path().join("vpn.log");
-        self.app.spawn(cmd, &log);
+        self.vpn_pid = Some(self.app.spawn(cmd, &log));
         let sock = PathBuf::from(format!("/var/run/wireguard/{}.sock", self.interface));
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
+        while !sock.exists() || !self.vpn_log().contains("vpn listening") {
             assert!(
                 Instant::now() < deadline,
                 "wayfinder vpn did not start:\n{}",
@@ -109,6 +113,45 @@ impl Lab {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// SIGTERM to the vpn; waits until it says it stopped.
+    fn stop_vpn(&mut self) {
+        let pid = self.vpn_pid.take().expect("the vpn runs");
+        // SAFETY: kill(2) on the `wayfinder vpn` this test started (`ip netns
+        // exec` execs it, so the pid is the vpn's).
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.vpn_log().contains("vpn stopped") {
+            assert!(Instant::now() < deadline, "the vpn did not stop:\n{}", self.vpn_log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The vpn's nft table in the appliance namespace.
+    fn table(&self) -> String {
+        wayfinder::vpn::forward::table_name(&self.interface)
+    }
+
+    /// `nft <args>` in the appliance namespace: its stdout; fails the test when
+    /// nft fails.
+    fn nft(&self, args: &[&str]) -> String {
+        let out = self.app.output(require("nft").to_str().unwrap(), args);
+        assert!(
+            out.status.success(),
+            "nft {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A second network behind the appliance (`oth0`, 172.30.0.0/24, not in
+    /// `vpn.routes`) with one host, 172.30.0.2, routed back through the appliance.
+    fn other_network(&self) -> Netns {
+        let other = Netns::new();
+        link(&self.app, "oth0", "172.30.0.1/24", &other, "eth0", "172.30.0.2/24");
+        other.ip("route add default via 172.30.0.1");
+        other
     }
 
     fn vpn_log(&self) -> String {
@@ -383,6 +426,137 @@ fn laptop_get(laptop: &Laptop, expect: &str) -> String {
     }
 }
 
+/// A peer reaches only what it was given (the tunnel address and `vpn.routes`),
+/// whatever its own config says: a wireguard-go laptop that adds a second
+/// network behind the appliance (routed by the appliance's kernel, not in
+/// `vpn.routes`) to its AllowedIPs and routes gets nothing from a host there,
+/// nor from the appliance's own address on it, while the container network
+/// keeps answering; a second peer does not reach the laptop. An accept put in
+/// front of the vpn's rules by hand lets the same pings through, so it is the
+/// rules that refuse them. A table left by a
+/// crashed run (one that drops all tunnel traffic) is replaced at start, and the
+/// table is gone after stop.
+#[test]
+fn a_peer_reaches_only_the_tunnel_address_and_routes() {
+    require("nft");
+    let mut lab = Lab::new("");
+    let _other = lab.other_network();
+    let table = lab.table();
+    let tun = lab.interface.clone();
+    let stale = format!(
+        "table inet {table} {{\n chain stale {{ type filter hook forward priority filter; policy accept; \
+         iifname \"{tun}\" drop; }}\n chain stale_in {{ type filter hook input priority filter; policy accept; \
+         iifname \"{tun}\" drop; }}\n}}\n"
+    );
+    let mut nft = lab.app.cmd(require("nft").to_str().unwrap());
+    nft.args(["-f", "-"]).stdin(std::process::Stdio::piped());
+    let mut child = nft.spawn().unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), stale.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "could not plant the stale table");
+
+    lab.start_vpn();
+    let ruleset = lab.nft(&["list", "table", "inet", &table]);
+    assert!(
+        !ruleset.contains("stale"),
+        "the crashed run's table is still there:\n{ruleset}"
+    );
+    assert!(ruleset.contains("172.31.0.0/24"), "{ruleset}");
+    let (laptop, wg) = lab.wireguard_laptop("laptop");
+    wait_ping(&laptop, SERVER, &lab);
+    assert!(
+        ping(&laptop, CONTAINER, 3),
+        "the container network (in vpn.routes) is not reached"
+    );
+
+    // The laptop widens its own config to the other network.
+    let server_key = {
+        let k = std::fs::read_to_string(lab.dir.path().join("vpn/server.key")).unwrap();
+        wayfinder::vpn::keys::to_base64(&PublicKey::from(&StaticSecret::from(key(&k))).to_bytes())
+    };
+    run(Command::new("wg").args([
+        "set",
+        &wg.interface,
+        "peer",
+        &server_key,
+        "allowed-ips",
+        "10.200.0.0/24,172.31.0.0/24,172.30.0.0/24",
+    ]));
+    laptop.ns.ip(&format!("route add 172.30.0.0/24 dev {}", wg.interface));
+    assert!(
+        lab.app
+            .output("ping", &["-c", "1", "-W", "2", "172.30.0.2"])
+            .status
+            .success(),
+        "the other network is not up"
+    );
+    assert!(
+        !ping(&laptop, "172.30.0.2", 2),
+        "a peer reached a network outside vpn.routes"
+    );
+    assert!(
+        !ping(&laptop, "172.30.0.1", 2),
+        "a peer reached a host address outside vpn.routes"
+    );
+    assert!(ping(&laptop, CONTAINER, 2), "the routes broke");
+    let dropped = |chain: &str| -> u64 {
+        let text = lab.nft(&["list", "chain", "inet", &table, chain]);
+        text.split("counter packets ")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no counter in:\n{text}"))
+    };
+    assert!(dropped("forward") >= 2, "forward drops not counted");
+    assert!(dropped("input") >= 2, "input drops not counted");
+
+    // Nor does one peer reach another (a scripted second peer pings the laptop).
+    let second_conf = lab.add_peer("second");
+    let wan = lab.laptop();
+    let mut second = TestPeer::new(&second_conf, &wan, wan.addr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !second.handshake() {
+        assert!(
+            Instant::now() < deadline,
+            "no handshake for the second peer:\n{}",
+            lab.vpn_log()
+        );
+    }
+    second.send_ping(second.address, SERVER.parse().unwrap(), 1);
+    assert!(second.got_reply(1), "the second peer does not reach the tunnel address");
+    let laptop_address: Ipv4Addr = "10.200.0.2".parse().unwrap();
+    second.send_ping(second.address, laptop_address, 2);
+    assert!(!second.got_reply(2), "a peer reached another peer");
+
+    // Control: with an accept in front of the drop the same pings get through.
+    lab.nft(&["insert", "rule", "inet", &table, "forward", "iifname", &tun, "accept"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ping(&laptop, "172.30.0.2", 1) {
+        assert!(
+            Instant::now() < deadline,
+            "the other network is unreachable even without the rules"
+        );
+    }
+    let mut seq = 3;
+    loop {
+        second.send_ping(second.address, laptop_address, seq);
+        if second.got_reply(seq) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the peers cannot reach each other even without the rules"
+        );
+        seq += 1;
+    }
+
+    lab.stop_vpn();
+    let tables = lab.nft(&["list", "tables"]);
+    assert!(
+        !tables.contains("wayfinder_vpn"),
+        "the vpn's table outlived it:\n{tables}"
+    );
+}
+
 /// `masquerade = true`: a container network with no route back to the tunnel
 /// subnet still answers the laptop, and sees the appliance's address as the
 /// client instead of the laptop's tunnel address.
@@ -390,7 +564,7 @@ fn laptop_get(laptop: &Laptop, expect: &str) -> String {
 fn masquerade_reaches_networks_without_a_route_back() {
     require("nginx");
     require("curl");
-    require("iptables");
+    require("nft");
     let mut lab = Lab::new("masquerade = true");
     lab.containers.ip("route del default");
     lab.start_vpn();
