@@ -35,6 +35,10 @@ pub enum Command {
         /// Config file (default: ./wayfinder.toml if present, else built-in defaults).
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// A PanteraS `restricted/` folder: its `common`, `host` and `overwrite`
+        /// files are read in that order over the environment, as `generate_yml.sh` did.
+        #[arg(long, value_name = "DIR")]
+        restricted: Option<PathBuf>,
     },
     /// Ask a running `wayfinder up` for its status and print it.
     Status {
@@ -62,6 +66,9 @@ pub enum Command {
         /// Config file (default: ./wayfinder.toml if present, else built-in defaults).
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// A PanteraS `restricted/` folder, as for `up`.
+        #[arg(long, value_name = "DIR")]
+        restricted: Option<PathBuf>,
     },
 }
 

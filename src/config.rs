@@ -370,6 +370,9 @@ pub struct Config {
     pub lb: LbConfig,
     /// This host's address (`HOST_IP`), when known.
     pub host_ip: Option<IpAddr>,
+    /// The same with where it came from (given or guessed), when [`load`]
+    /// resolved it.
+    pub host_address: Option<crate::host_address::HostAddress>,
     /// The supervisor (`wayfinder up`).
     pub supervisor: SupervisorConfig,
     /// WireGuard VPN.
@@ -515,22 +518,60 @@ pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<(FileConfig, Config), 
             }
         },
     };
-    let (file, host_ip) = parse_with_host(&text, &source, env)?;
+    // The host address first: a guessed one counts as HOST_IP everywhere.
+    let host = match given_host_address(env)? {
+        Some(given) => Some(given),
+        None => crate::host_address::guess(env),
+    };
+    match &host {
+        Some(h) if h.guessed() => {
+            tracing::info!(ip = %h.ip, "host address {} ({}); set IP or HOST_IP to choose another", h.ip, h.from);
+        }
+        Some(_) => {}
+        None => tracing::info!(
+            "no host address: HOST_IP and IP are unset and none could be guessed (the host name is loopback, no DOCKER_HOST, no private interface address)"
+        ),
+    }
+    let env = env::Panteras::new(env, host.as_ref().map(|h| h.ip));
+    let (file, host_ip) = parse_text(&text, &source, &env)?;
     let mut config = validate(&file, &source)?;
     if let Some(ip) = host_ip {
         config.host_ip = Some(ip);
         config.lb.landing_hosts.push(ip.to_string());
     }
+    config.host_address = host;
     Ok((file, config))
 }
 
-/// Parses TOML text and applies environment overrides.
+/// `HOST_IP`, else PanteraS's `IP`, when one is set.
+fn given_host_address(env: &dyn Env) -> Result<Option<crate::host_address::HostAddress>, ConfigError> {
+    use crate::host_address::{HostAddress, Origin};
+    for var in [env::HOST_IP, env::IP] {
+        if let Some(ip) = env_ip(env, var)? {
+            return Ok(Some(HostAddress {
+                ip,
+                from: Origin::Variable(var),
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// Parses TOML text and applies environment overrides (`IP` included; nothing
+/// is guessed: that is [`load`]'s).
 pub fn parse(text: &str, source: &str, env: &dyn Env) -> Result<FileConfig, ConfigError> {
     parse_with_host(text, source, env).map(|(file, _)| file)
 }
 
-/// [`parse`], also returning `HOST_IP` (which has no key of its own).
+/// [`parse`], also returning the host address (`HOST_IP` or `IP`, which have
+/// no key of their own).
 pub fn parse_with_host(text: &str, source: &str, env: &dyn Env) -> Result<(FileConfig, Option<IpAddr>), ConfigError> {
+    let host = given_host_address(env)?.map(|h| h.ip);
+    parse_text(text, source, &env::Panteras::new(env, host))
+}
+
+/// Parses TOML text and applies `env` (already the PanteraS view).
+fn parse_text(text: &str, source: &str, env: &dyn Env) -> Result<(FileConfig, Option<IpAddr>), ConfigError> {
     let mut file: FileConfig = toml::from_str(text).map_err(|e| ConfigError {
         file: source.to_string(),
         key: toml_error_key(&e, text),
@@ -759,13 +800,13 @@ pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> 
     if wildcard_domain.is_some() && wildcard_targets.is_empty() {
         return Err(err(
             "dns.wildcard_targets",
-            "a wildcard_domain needs targets: set dns.wildcard_targets or HOST_IP".into(),
+            "a wildcard_domain needs targets: set dns.wildcard_targets, or HOST_IP or IP (no host address was given or could be guessed)".into(),
         ));
     }
     if *consul_a_records == ConsulARecords::Lb && wildcard_targets.is_empty() {
         return Err(err(
             "dns.consul_a_records",
-            "`lb` answers with the LB hosts: set dns.wildcard_targets or HOST_IP".into(),
+            "`lb` answers with the LB hosts: set dns.wildcard_targets, or HOST_IP or IP (no host address was given or could be guessed)".into(),
         ));
     }
 
@@ -818,6 +859,7 @@ pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> 
         source: source.to_string(),
         lb,
         host_ip: None,
+        host_address: None,
         supervisor,
         vpn,
         consul,

@@ -32,6 +32,11 @@ impl Env for HashMap<String, String> {
 pub const LISTEN_IP: &str = "LISTEN_IP";
 /// This host's address: the default target of wildcard and LB answers.
 pub const HOST_IP: &str = "HOST_IP";
+/// PanteraS's own name for this host's address (`restricted/host`): sets
+/// `HOST_IP` and `CONSUL_IP` unless they are given.
+pub const IP: &str = "IP";
+/// The docker daemon's address (`tcp://ADDR:PORT`): a guess of the host address.
+pub const DOCKER_HOST: &str = "DOCKER_HOST";
 /// Consul agent address: HTTP on its configured port (8500), DNS on 8600.
 pub const CONSUL_IP: &str = "CONSUL_IP";
 /// Consul's DNS domain.
@@ -77,6 +82,11 @@ pub const VARS: &[(&str, &str)] = &[
         HOST_IP,
         "dns.wildcard_targets when none are configured; a landing-page host of the lb; the vpn client endpoint when vpn.endpoint is unset",
     ),
+    (
+        IP,
+        "PanteraS's host address: HOST_IP and CONSUL_IP unless given; without HOST_IP and IP the address is guessed (host name, DOCKER_HOST, first private interface address)",
+    ),
+    (DOCKER_HOST, "a guess of the host address when HOST_IP and IP are unset"),
     (CONSUL_IP, "consul.http and consul.dns addresses (ports kept)"),
     (CONSUL_DOMAIN, "consul.domain"),
     (CONSUL_DC, "consul.datacenter"),
@@ -103,3 +113,31 @@ pub const VARS: &[(&str, &str)] = &[
     ),
     (WAYFINDER_ADMIN_TOKEN, "supervisor.token"),
 ];
+
+/// The PanteraS variables as `generate_yml.sh` derived them: `HOST_IP` is the
+/// host address (given or guessed, see [`crate::host_address`]) and `CONSUL_IP`
+/// falls back to `IP`.
+pub struct Panteras<'a> {
+    base: &'a dyn Env,
+    host_ip: Option<String>,
+}
+
+impl<'a> Panteras<'a> {
+    /// `base` with `host_ip` as its `HOST_IP`.
+    pub fn new(base: &'a dyn Env, host_ip: Option<std::net::IpAddr>) -> Self {
+        Self {
+            base,
+            host_ip: host_ip.map(|ip| ip.to_string()),
+        }
+    }
+}
+
+impl Env for Panteras<'_> {
+    fn get(&self, key: &str) -> Option<String> {
+        match key {
+            HOST_IP => self.host_ip.clone(),
+            CONSUL_IP => self.base.get(CONSUL_IP).or_else(|| self.base.get(IP)),
+            _ => self.base.get(key),
+        }
+    }
+}

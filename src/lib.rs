@@ -13,9 +13,11 @@ pub mod config;
 pub mod consul;
 pub mod dns;
 pub mod env;
+pub mod host_address;
 pub mod http_server;
 pub mod lb;
 pub mod listeners;
+pub mod restricted;
 pub mod signals;
 pub mod supervisor;
 pub mod threads;
@@ -138,18 +140,45 @@ pub fn install_panic_hook() {
     }));
 }
 
+/// What a failed command prints: `wayfinder: <error>`, then each cause in its
+/// chain that the lines before do not already say (our errors name their cause
+/// in their own message; a library's, such as hyper's, may not), so every cause
+/// is printed once.
+pub fn error_report(error: &dyn std::error::Error) -> String {
+    let mut out = format!("wayfinder: {error}\n");
+    let mut said = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !said.contains(&text) {
+            out.push_str(&format!("  caused by: {text}\n"));
+            said.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
 /// Runs a parsed command line to completion.
 pub async fn run(cli: Cli) -> Result<(), AppError> {
     match cli.command {
-        Command::Check { config } => {
-            let (file, config) = config::load(config.as_deref(), &env::ProcessEnv).map_err(AppError::Config)?;
-            let plan = supervisor::roles::plan(&env::ProcessEnv, &config).map_err(AppError::Config)?;
-            print!("{}", render_check(&file, &config, &plan));
+        Command::Check { config, restricted } => {
+            let layered = restricted_env(restricted.as_deref())?;
+            let env: &dyn env::Env = layered.as_ref().map_or(&env::ProcessEnv, |l| l);
+            let (file, config) = config::load(config.as_deref(), env).map_err(AppError::Config)?;
+            let plan = supervisor::roles::plan(env, &config).map_err(AppError::Config)?;
+            print!("{}", render_check(&file, &config, &plan, layered.as_ref()));
             Ok(())
         }
-        Command::Up { config } => {
-            let (_, config) = config::load(config.as_deref(), &env::ProcessEnv).map_err(AppError::Config)?;
-            up(config).await
+        Command::Up { config, restricted } => {
+            let layered = restricted_env(restricted.as_deref())?;
+            let env: &dyn env::Env = layered.as_ref().map_or(&env::ProcessEnv, |l| l);
+            let (_, config) = config::load(config.as_deref(), env).map_err(AppError::Config)?;
+            let plan = supervisor::roles::plan(env, &config).map_err(AppError::Config)?;
+            if let Some(l) = &layered {
+                tracing::info!(files = ?l.read, "PanteraS restricted folder read");
+            }
+            up(config, plan).await
         }
         Command::Status { config, admin, json } => {
             let (_, config) = config::load(config.as_deref(), &env::ProcessEnv).map_err(AppError::Config)?;
@@ -282,12 +311,31 @@ fn vpn_peer(config: &config::Config, command: PeerCommand) -> Result<(), AppErro
     }
 }
 
+/// The environment of a PanteraS `restricted/` folder over the process's.
+fn restricted_env(dir: Option<&std::path::Path>) -> Result<Option<restricted::Layered<'static>>, AppError> {
+    dir.map(|dir| {
+        restricted::Layered::read(dir, &env::ProcessEnv).map_err(|e| {
+            AppError::Config(ConfigError {
+                file: dir.display().to_string(),
+                key: "(restricted)".into(),
+                problem: e.to_string(),
+            })
+        })
+    })
+    .transpose()
+}
+
 /// `wayfinder up`: the role's plan, everything bound, then the supervisor until
 /// SIGTERM/SIGINT (which stops it all in reverse order and exits 0), or until
 /// it fails by itself (a unit's supervisor died: exit 70; a panic: exit 70).
-async fn up(config: config::Config) -> Result<(), AppError> {
-    let plan = supervisor::roles::plan(&env::ProcessEnv, &config).map_err(AppError::Config)?;
+async fn up(config: config::Config, plan: supervisor::roles::Plan) -> Result<(), AppError> {
     tracing::info!(config = %config.source, role = plan.role(), "starting up");
+    match &config.host_address {
+        Some(h) => tracing::info!("host address {} ({})", h.ip, h.from),
+        None => tracing::warn!(
+            "no host address (HOST_IP, IP) and none could be guessed: the lb registers and Consul binds on loopback; set IP in restricted/host or HOST_IP"
+        ),
+    }
     // Orphaned grandchildren of our programs are re-parented to us and reaped.
     let adopt = match supervisor::reaper::become_subreaper() {
         Ok(()) => true,
@@ -349,8 +397,17 @@ where
 
 /// What `wayfinder check` prints: the effective file (after the environment) and
 /// the values derived from it.
-pub fn render_check(file: &config::FileConfig, config: &config::Config, plan: &supervisor::roles::Plan) -> String {
+pub fn render_check(
+    file: &config::FileConfig,
+    config: &config::Config,
+    plan: &supervisor::roles::Plan,
+    restricted: Option<&restricted::Layered<'_>>,
+) -> String {
     let mut out = format!("# effective configuration ({} + environment)\n", config.source);
+    if let Some(r) = restricted {
+        let files: Vec<String> = r.read.iter().map(|p| p.display().to_string()).collect();
+        out.push_str(&format!("# restricted files read, in order: {}\n", files.join(", ")));
+    }
     let mut shown = file.clone();
     if !shown.supervisor.token.is_empty() {
         // A secret: shown as set, never printed.
@@ -358,6 +415,10 @@ pub fn render_check(file: &config::FileConfig, config: &config::Config, plan: &s
     }
     out.push_str(&toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# (could not render: {e})\n")));
     out.push_str("\n# derived\n");
+    out.push_str(&match &config.host_address {
+        Some(h) => format!("# host address: {} ({})\n", h.ip, h.from),
+        None => "# host address: none (HOST_IP and IP unset, nothing to guess from: set IP or HOST_IP)\n".into(),
+    });
     out.push_str(&format!("# dns upstreams resolved: {:?}\n", config.dns.upstreams));
     out.push_str(&format!("# dns udp workers per address: {}\n", config.dns.workers));
     out.push_str("# wayfinder up would start:\n");
@@ -383,6 +444,29 @@ mod tests {
 
     fn boom() -> Result<(), AppError> {
         panic!("bug in dns")
+    }
+
+    #[test]
+    fn every_cause_is_printed_once() {
+        let config = ConfigError {
+            file: "w.toml".into(),
+            key: "lb.certs".into(),
+            problem: "no certificate files".into(),
+        };
+        let report = error_report(&AppError::Config(config));
+        assert_eq!(
+            report,
+            "wayfinder: configuration error: w.toml: lb.certs: no certificate files\n"
+        );
+        // A cause the message does not say is still printed, once.
+        #[derive(Debug, thiserror::Error)]
+        #[error("consul at 127.0.0.1:8500: request failed")]
+        struct Opaque(#[source] std::io::Error);
+        let opaque = Opaque(std::io::Error::other("connection refused"));
+        assert_eq!(
+            error_report(&opaque),
+            "wayfinder: consul at 127.0.0.1:8500: request failed\n  caused by: connection refused\n"
+        );
     }
 
     #[tokio::test]

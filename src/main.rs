@@ -30,12 +30,7 @@ fn main() -> ExitCode {
     match runtime.block_on(wayfinder::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("wayfinder: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                eprintln!("  caused by: {s}");
-                source = s.source();
-            }
+            eprint!("{}", wayfinder::error_report(&e));
             ExitCode::from(e.exit_code())
         }
     }

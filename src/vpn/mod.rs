@@ -563,8 +563,9 @@ pub fn client_endpoint(config: &Config) -> Result<String, crate::config::ConfigE
         None => Err(crate::config::ConfigError {
             file: config.source.clone(),
             key: "vpn.endpoint".into(),
-            problem: "client configs need the server's public address: set vpn.endpoint (\"host:port\") or HOST_IP"
-                .into(),
+            problem:
+                "client configs need the server's public address: set vpn.endpoint (\"host:port\"), or HOST_IP or IP"
+                    .into(),
         }),
     }
 }

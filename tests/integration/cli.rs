@@ -269,6 +269,134 @@ fn environment_overrides_show_in_check() {
     assert_eq!(targets, ["10.1.1.3"]);
 }
 
+/// PanteraS's `IP` (its README's `restricted/host` line) sets `HOST_IP` and
+/// `CONSUL_IP` unless those are given; `--restricted DIR` reads `common`,
+/// `host`, `overwrite` in that order over the environment, as
+/// `generate_yml.sh` sourced them; `check` says where the host address came from.
+#[test]
+fn pantera_ip_and_restricted_folder_show_in_check() {
+    let base = "[dns]\nupstreams = [\"192.0.2.1\"]\nwildcard_domain = \".apps.example.com\"\n";
+    let (_, out, _dir) = check(base, &[("IP", "10.9.8.7")]);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{}", stderr(&out));
+    let t = printed_toml(&out);
+    assert_eq!(get(&t, "consul", "http").as_str(), Some("10.9.8.7:8500"));
+    let targets = get(&t, "dns", "wildcard_targets").as_array().unwrap().clone();
+    assert_eq!(targets, [toml::Value::from("10.9.8.7")]);
+    assert!(
+        stdout(&out).contains("# host address: 10.9.8.7 (from IP)"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Given ones win over IP.
+    let (_, out, _dir) = check(
+        base,
+        &[("IP", "10.9.8.7"), ("HOST_IP", "10.1.1.1"), ("CONSUL_IP", "10.2.2.2")],
+    );
+    let t = printed_toml(&out);
+    assert_eq!(get(&t, "consul", "http").as_str(), Some("10.2.2.2:8500"));
+    assert_eq!(
+        get(&t, "dns", "wildcard_targets").as_array().unwrap().clone(),
+        [toml::Value::from("10.1.1.1")]
+    );
+    assert!(stdout(&out).contains("# host address: 10.1.1.1 (from HOST_IP)"));
+
+    // A PanteraS restricted folder, as its README builds it.
+    let dir = tempfile::tempdir().unwrap();
+    let restricted = dir.path().join("restricted");
+    std::fs::create_dir(&restricted).unwrap();
+    std::fs::write(restricted.join("common"), "CONSUL_DC=${CONSUL_DC:-dc1}\nSLAVE=true\n").unwrap();
+    std::fs::write(
+        restricted.join("host"),
+        "CONSUL_HOSTS=\"-join=masterhost-1 -join=masterhost-2\"\nIP=10.0.0.21\nSLAVE=false\n",
+    )
+    .unwrap();
+    std::fs::write(restricted.join("overwrite"), "HAPROXY_ADD_DOMAIN=.paas.example.com\n").unwrap();
+    let config = dir.path().join("wayfinder.toml");
+    std::fs::write(&config, "[dns]\nupstreams = [\"192.0.2.1\"]\n").unwrap();
+    let out = wayfinder(
+        dir.path(),
+        &[
+            "check",
+            "-c",
+            config.to_str().unwrap(),
+            "--restricted",
+            restricted.to_str().unwrap(),
+        ],
+        &[("CONSUL_DC", "eu1"), ("HAPROXY_ADD_DOMAIN", ".apps.example.com")],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{}", stderr(&out));
+    let text = stdout(&out);
+    let t = printed_toml(&out);
+    assert_eq!(get(&t, "consul", "http").as_str(), Some("10.0.0.21:8500"));
+    assert_eq!(
+        get(&t, "consul", "datacenter").as_str(),
+        Some("eu1"),
+        "${{CONSUL_DC:-dc1}} keeps the env"
+    );
+    assert_eq!(
+        get(&t, "dns", "wildcard_domain").as_str(),
+        Some(".paas.example.com"),
+        "overwrite wins"
+    );
+    assert!(text.contains("# host address: 10.0.0.21 (from IP)"), "{text}");
+    assert!(
+        text.contains("restricted files read, in order:") && text.contains("overwrite"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# role: master (MASTER=true, SLAVE=false)"),
+        "SLAVE=false in host wins over common's SLAVE=true:\n{text}"
+    );
+
+    // A line the shell would have run is refused, naming file and line.
+    std::fs::write(restricted.join("host"), "IP=10.0.0.21\nIP=$(hostname -i)\n").unwrap();
+    let out = wayfinder(
+        dir.path(),
+        &[
+            "check",
+            "-c",
+            config.to_str().unwrap(),
+            "--restricted",
+            restricted.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = stderr(&out);
+    assert!(
+        err.contains("host line 2") && err.contains("command substitution"),
+        "{err}"
+    );
+}
+
+/// Without HOST_IP and IP the host address is guessed as PanteraS did, and
+/// `check` says from what (or that nothing fits).
+#[test]
+fn the_host_address_is_guessed_and_said_so() {
+    let (_, out, _dir) = check(
+        "[dns]\nupstreams = [\"192.0.2.1\"]\n",
+        &[("DOCKER_HOST", "tcp://10.4.4.4:2376")],
+    );
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{}", stderr(&out));
+    let text = stdout(&out);
+    // The host name comes first; on a machine where it resolves to something
+    // other than loopback that is the guess, else DOCKER_HOST.
+    let expected = wayfinder::host_address::guess(&std::collections::HashMap::from([(
+        "DOCKER_HOST".to_string(),
+        "tcp://10.4.4.4:2376".to_string(),
+    )]))
+    .expect("DOCKER_HOST gives a guess at least");
+    assert!(
+        text.contains(&format!("# host address: {} ({})", expected.ip, expected.from)),
+        "{text}"
+    );
+}
+
 /// A malformed variable is a configuration error naming the variable.
 #[test]
 fn bad_environment_value_exits_64_naming_the_variable() {
@@ -277,6 +405,9 @@ fn bad_environment_value_exits_64_naming_the_variable() {
     assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{err}");
     assert!(err.contains("environment: CONSUL_IP:"), "{err}");
     assert!(err.contains("not-an-ip"), "{err}");
+    // Said once: no `caused by:` repeating the message.
+    assert_eq!(err.matches("not-an-ip").count(), 1, "{err}");
+    assert!(!err.contains("caused by"), "{err}");
 }
 
 /// Usage errors are clap's (exit 2); `--version` works.

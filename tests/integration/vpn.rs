@@ -987,8 +987,19 @@ fn peer_commands_manage_the_registry() {
     let base = "[dns]\nupstreams = [\"127.0.0.1:9\"]\n[vpn]\ndir = \"DIR/vpn\"\nroutes = [\"172.17.0.0/16\"]\n";
     let (out, _d) = cli(base, &["vpn", "peer", "add", "laptop"], &[]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{err}");
-    assert!(err.contains("vpn.endpoint") && err.contains("HOST_IP"), "{err}");
+    // Without HOST_IP, IP and vpn.endpoint the host address is guessed; only a
+    // machine where nothing fits has no endpoint to write.
+    match wayfinder::host_address::guess(&std::collections::HashMap::new()) {
+        None => {
+            assert_eq!(out.status.code(), Some(64), "{err}");
+            assert!(err.contains("vpn.endpoint") && err.contains("HOST_IP"), "{err}");
+        }
+        Some(guess) => {
+            assert!(out.status.success(), "{err}");
+            let config = String::from_utf8_lossy(&out.stdout);
+            assert!(config.contains(&format!("Endpoint = {}:51820", guess.ip)), "{config}");
+        }
+    }
 
     let with_endpoint = format!(
         "{base}endpoint = \"vpn.example.com:51820\"\ninterface = \"{}\"\n",

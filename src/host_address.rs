@@ -1,0 +1,207 @@
+//! This host's address: given (`HOST_IP`, or PanteraS's `IP`) or guessed the
+//! way PanteraS's `generate_yml.sh` and README did.
+//!
+//! ```text
+//!  HOST_IP ─▶ IP ─▶ guess: the host name's address (not loopback)
+//!                        ─▶ DOCKER_HOST's address (tcp://ADDR:PORT)
+//!                        ─▶ the first private (RFC 1918) interface address,
+//!                           skipping docker/bridge/veth/tunnel interfaces
+//!      ──▶ HostAddress { ip, from } ──▶ Config::host_ip (wildcard targets, lb
+//!          landing host and registration, vpn endpoint, Consul's -bind)
+//! ```
+//!
+//! What it came from is kept, so `wayfinder check` and the start-up log can say
+//! "10.0.0.5 (guessed from interface eth0)" and a wrong guess is easy to fix.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, ToSocketAddrs};
+
+use crate::env::{self, Env};
+
+/// Where the host address came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// An environment variable (`HOST_IP` or `IP`).
+    Variable(&'static str),
+    /// The address the host name resolves to.
+    HostName(String),
+    /// `DOCKER_HOST`'s address.
+    DockerHost,
+    /// The first private address of this interface.
+    Interface(String),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Variable(var) => write!(f, "from {var}"),
+            Self::HostName(name) => write!(f, "guessed from the host name {name}"),
+            Self::DockerHost => f.write_str("guessed from DOCKER_HOST"),
+            Self::Interface(name) => write!(f, "guessed from interface {name}"),
+        }
+    }
+}
+
+/// This host's address and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostAddress {
+    /// The address.
+    pub ip: IpAddr,
+    /// Where it came from.
+    pub from: Origin,
+}
+
+impl HostAddress {
+    /// True when it was guessed rather than given.
+    pub fn guessed(&self) -> bool {
+        !matches!(self.from, Origin::Variable(_))
+    }
+}
+
+/// Interfaces whose addresses are never this host's address for others:
+/// docker's bridges and veths, and tunnels (the vpn's own included).
+fn is_internal_interface(name: &str) -> bool {
+    [
+        "docker", "br-", "veth", "virbr", "cni", "flannel", "wf", "wg", "tun", "tap", "lo",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
+}
+
+/// The guess PanteraS made, in its order; `None` when nothing fits.
+pub fn guess(env: &dyn Env) -> Option<HostAddress> {
+    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty());
+    if let Some(name) = host_name
+        && let Some(ip) = resolve(&name)
+    {
+        return Some(HostAddress {
+            ip,
+            from: Origin::HostName(name),
+        });
+    }
+    if let Some(ip) = env.get(env::DOCKER_HOST).as_deref().and_then(docker_host_address) {
+        return Some(HostAddress {
+            ip,
+            from: Origin::DockerHost,
+        });
+    }
+    first_private(&interfaces()).map(|(name, ip)| HostAddress {
+        ip: IpAddr::V4(ip),
+        from: Origin::Interface(name),
+    })
+}
+
+/// The first IPv4 address `name` resolves to that is not loopback (Debian maps
+/// the host name to 127.0.1.1, which says nothing).
+fn resolve(name: &str) -> Option<IpAddr> {
+    (name, 0)
+        .to_socket_addrs()
+        .ok()?
+        .map(|a| a.ip())
+        .find(|ip| ip.is_ipv4() && !ip.is_loopback() && !ip.is_unspecified())
+}
+
+/// The address in `tcp://ADDR:PORT` (or `ADDR:PORT`, or a name that resolves);
+/// `None` for a unix socket.
+pub fn docker_host_address(value: &str) -> Option<IpAddr> {
+    let rest = value.trim();
+    if rest.starts_with("unix:") || rest.starts_with("npipe:") {
+        return None;
+    }
+    let rest = rest.split_once("://").map_or(rest, |(_, r)| r);
+    let host = rest.split(['/', '?']).next()?;
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    match host.parse::<IpAddr>() {
+        Ok(ip) if !ip.is_loopback() && !ip.is_unspecified() => Some(ip),
+        Ok(_) => None,
+        Err(_) => resolve(host),
+    }
+}
+
+/// The interfaces' IPv4 addresses, in the kernel's order.
+fn interfaces() -> Vec<(String, Ipv4Addr)> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter_map(|ifa| {
+            let ip = ifa.address.as_ref()?.as_sockaddr_in()?.ip();
+            Some((ifa.interface_name, ip))
+        })
+        .collect()
+}
+
+/// The first RFC 1918 address of an interface that is not internal.
+fn first_private(interfaces: &[(String, Ipv4Addr)]) -> Option<(String, Ipv4Addr)> {
+    interfaces
+        .iter()
+        .find(|(name, ip)| ip.is_private() && !is_internal_interface(name))
+        .cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_host_gives_its_address() {
+        assert_eq!(
+            docker_host_address("tcp://10.1.2.3:2376"),
+            Some(IpAddr::from([10, 1, 2, 3]))
+        );
+        assert_eq!(docker_host_address("10.1.2.3:2375"), Some(IpAddr::from([10, 1, 2, 3])));
+        assert_eq!(
+            docker_host_address("tcp://[fd00::5]:2376"),
+            Some("fd00::5".parse().unwrap())
+        );
+        assert_eq!(docker_host_address("unix:///var/run/docker.sock"), None);
+        assert_eq!(
+            docker_host_address("tcp://127.0.0.1:2375"),
+            None,
+            "loopback says nothing"
+        );
+        assert_eq!(docker_host_address(""), None);
+    }
+
+    #[test]
+    fn the_first_private_address_skips_docker_and_tunnels() {
+        let list = |v: &[(&str, [u8; 4])]| -> Vec<(String, Ipv4Addr)> {
+            v.iter().map(|(n, ip)| (n.to_string(), Ipv4Addr::from(*ip))).collect()
+        };
+        let found = first_private(&list(&[
+            ("lo", [127, 0, 0, 1]),
+            ("docker0", [172, 17, 0, 1]),
+            ("eth0", [192, 0, 2, 2]),
+            ("br-1a2b", [172, 18, 0, 1]),
+            ("wf0", [10, 200, 0, 1]),
+            ("ens3", [10, 0, 0, 5]),
+            ("ens4", [192, 168, 1, 9]),
+        ]));
+        assert_eq!(found, Some(("ens3".to_string(), Ipv4Addr::new(10, 0, 0, 5))));
+        assert_eq!(first_private(&list(&[("eth0", [192, 0, 2, 2])])), None, "not private");
+    }
+
+    #[test]
+    fn origins_say_where_the_address_came_from() {
+        assert_eq!(Origin::Variable("IP").to_string(), "from IP");
+        assert_eq!(
+            Origin::Interface("ens3".into()).to_string(),
+            "guessed from interface ens3"
+        );
+        let a = HostAddress {
+            ip: IpAddr::from([10, 0, 0, 5]),
+            from: Origin::DockerHost,
+        };
+        assert!(a.guessed());
+    }
+}
