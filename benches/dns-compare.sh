@@ -18,9 +18,12 @@
 #   DNSPERF_CPU   CPU list dnsperf is pinned to with taskset; empty = none (last CPU)
 #   CONSUL_SERVICES  services registered in Consul for the consul mix      (50)
 #   CONSUL_INSTANCES instances per service                                 (2)
-#   MIXES         the mixes to measure, of: wildcard cached consul         (all)
+#   MIXES         the mixes to measure, of: wildcard cached consul forward (all)
+#                 (forward: 1000 upstream names answered with TTL 0, so every
+#                 question is forwarded: the cost of one upstream exchange)
 #   SERVERS       the servers to measure, of: wayfinder dnsmasq unbound    (all)
 #   KEEP_TMP=1    keep the temp dir (configs, logs, raw dnsperf output)
+#   WAYFINDER     a wayfinder binary to measure instead of building this tree
 #
 # Method (shared/notes/environment.md): absolute numbers on a 2-core shared machine
 # swing by +-40%, so the three servers are measured in alternating order within
@@ -129,6 +132,9 @@ EOF
   for i in $(seq 0 999); do
     echo "  local-data: \"h$i.bench. 3600 IN A 10.1.$((i / 256)).$((i % 256))\""
   done
+  # TTL 0: never cached, every question of the forward mix goes upstream.
+  echo '  local-zone: "fwd.bench." redirect'
+  echo '  local-data: "fwd.bench. 0 IN A 10.3.0.1"'
 } >"$tmp/upstream.conf"
 unbound-checkconf "$tmp/upstream.conf" >/dev/null || die "upstream unbound config is invalid"
 start upstream unbound -d -c "$tmp/upstream.conf"
@@ -205,9 +211,10 @@ read -r -a servers <<<"${SERVERS:-wayfinder dnsmasq unbound}"
 declare -A port=([wayfinder]=$p_wf [dnsmasq]=$p_dm [unbound]=$p_ub)
 
 # --- query mixes -------------------------------------------------------------------
-read -r -a mixes <<<"${MIXES:-wildcard cached consul}"
+read -r -a mixes <<<"${MIXES:-wildcard cached consul forward}"
 for i in $(seq 0 999); do echo "x$i.apps.bench.test A"; done >"$tmp/wildcard.txt"
 for i in $(seq 0 999); do echo "h$i.bench. A"; done >"$tmp/cached.txt"
+for i in $(seq 0 999); do echo "f$i.fwd.bench. A"; done >"$tmp/forward.txt"
 for i in $(seq 0 "$last_svc"); do
   if [ $((i % 2)) = 0 ]; then
     printf 'svc%d.service.consul SRV\nsvc%d.service.consul A\n' "$i" "$i"
@@ -232,6 +239,7 @@ for s in "${servers[@]}"; do
   expect_answer "$s" h7.bench. A '^10\.1\.0\.7$'
   expect_answer "$s" svc7.service.consul SRV "^1 1 8007 "
   expect_answer "$s" svc7.service.consul A '^10\.2\.7\.[0-9]+$'
+  expect_answer "$s" f7.fwd.bench. A '^10\.3\.0\.1$'
   echo "verified: $s answers wildcard, cached-upstream and consul names"
 done
 
@@ -281,7 +289,7 @@ measure() { # round mix server
   [ -n "$qps" ] && [ -n "$lost" ] || die "could not parse dnsperf output $out"
   if [ "$lat_seconds" != 0 ]; then
     local rate=$lat_qps
-    [ "$m" = consul ] && rate=$consul_lat_qps
+    [ "$m" = consul ] || [ "$m" = forward ] && rate=$consul_lat_qps
     timeout $((lat_seconds + 30)) "${pin[@]}" dnsperf "${dnsperf_common[@]}" -p "${port[$s]}" -d "$tmp/$m.txt" \
       -l "$lat_seconds" -c "$clients" -q "$outstanding" -Q "$rate" -v >"$lat" 2>&1 \
       || die "latency run against $s ($m) failed"
@@ -317,12 +325,13 @@ python3 - "$results" "$lat_qps" "$consul_lat_qps" <<'EOF'
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 lat_qps, consul_lat_qps = sys.argv[2], sys.argv[3]
-mixes = [m for m in ["wildcard", "cached", "consul"] if any(r["mix"] == m for r in rows)]
+mixes = [m for m in ["wildcard", "cached", "consul", "forward"] if any(r["mix"] == m for r in rows)]
 servers = [s for s in ["wayfinder", "dnsmasq", "unbound"] if any(r["server"] == s for r in rows)]
 # Targets: wayfinder QPS / peer QPS at least this (None: no target).
 targets = {"wildcard": {"dnsmasq": 2.0, "unbound": 1.2},
            "cached": {"dnsmasq": 2.0, "unbound": 1.2},
-           "consul": {"dnsmasq": 0.95, "unbound": None}}
+           "consul": {"dnsmasq": 0.95, "unbound": None},
+           "forward": {"dnsmasq": None, "unbound": None}}
 
 def num(v):
     try:

@@ -42,9 +42,14 @@ apt_install_missing() {
 }
 
 # build_wayfinder REPO: builds the release wayfinder binary and sets $wayfinder to its path.
+# WAYFINDER=PATH uses that binary instead (e.g. an older build, for a before/after figure).
 build_wayfinder() {
-  cargo build --release --bin wayfinder
-  wayfinder="$1/target/release/wayfinder"
+  if [ -n "${WAYFINDER:-}" ]; then
+    wayfinder=$WAYFINDER
+  else
+    cargo build --release --bin wayfinder
+    wayfinder="${CARGO_TARGET_DIR:-$1/target}/release/wayfinder"
+  fi
   [ -x "$wayfinder" ] || { echo "$BENCH_NAME: $wayfinder was not built" >&2; exit 1; }
 }
 

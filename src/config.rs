@@ -258,9 +258,11 @@ pub struct DnsSection {
     /// Deadline for an upstream answer over all upstreams; stale or SERVFAIL after it. Default `2s`.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub upstream_timeout: Duration,
-    /// Maximum number of cached answers. Default `65536`.
-    #[serde(default = "default_cache_size")]
-    pub cache_size: u64,
+    /// Bytes the answer cache may hold: answers, keys and an estimated 256 bytes
+    /// of bookkeeping per entry; the least useful answers are evicted beyond it.
+    /// Default `33554432` (32 MiB); `0` caches nothing.
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: u64,
     /// Upper bound on the TTL of a cached positive answer. Default `1d`.
     #[serde(default = "default_max_ttl", with = "humantime_serde")]
     pub max_ttl: Duration,
@@ -279,9 +281,19 @@ pub struct DnsSection {
     /// and counted. Default `4096`.
     #[serde(default = "default_max_inflight")]
     pub max_inflight: usize,
-    /// Idle time after which a TCP client connection is closed. Default `10s`.
+    /// Questions forwarded at once to Consul, and to the upstreams (each its own
+    /// bound; one socket per question); more are answered SERVFAIL (or stale)
+    /// at once. Default `1024`.
+    #[serde(default = "default_max_forwarded")]
+    pub max_forwarded: usize,
+    /// A TCP client connection that sends no question for this long is closed,
+    /// and one that leaves an answer unread for this long is cut. Default `10s`.
     #[serde(default = "default_tcp_idle_timeout", with = "humantime_serde")]
     pub tcp_idle_timeout: Duration,
+    /// TCP connections one client (an IPv4 address, an IPv6 /64) may hold at
+    /// once; more are reset at accept. Default `32`.
+    #[serde(default = "default_tcp_connections_per_source")]
+    pub tcp_connections_per_source: usize,
 }
 
 impl Default for ConsulSection {
@@ -338,8 +350,14 @@ fn default_consul_a_records() -> ConsulARecords {
 fn default_timeout() -> Duration {
     Duration::from_secs(2)
 }
-fn default_cache_size() -> u64 {
-    65536
+fn default_cache_bytes() -> u64 {
+    32 << 20
+}
+fn default_max_forwarded() -> usize {
+    1024
+}
+fn default_tcp_connections_per_source() -> usize {
+    32
 }
 fn default_max_ttl() -> Duration {
     Duration::from_secs(86400)
@@ -477,8 +495,8 @@ pub struct DnsConfig {
     pub consul_timeout: Duration,
     /// Upstream deadline.
     pub upstream_timeout: Duration,
-    /// Cache capacity in answers.
-    pub cache_size: u64,
+    /// Cache capacity in bytes.
+    pub cache_bytes: u64,
     /// Positive TTL cap, seconds.
     pub max_ttl: u32,
     /// Negative TTL cap, seconds.
@@ -489,8 +507,12 @@ pub struct DnsConfig {
     pub workers: usize,
     /// Bound on queries being resolved at once.
     pub max_inflight: usize,
-    /// TCP idle timeout.
+    /// Bound on questions on the wire, per forwarder.
+    pub max_forwarded: usize,
+    /// TCP idle and write timeout.
     pub tcp_idle_timeout: Duration,
+    /// TCP connections per client source.
+    pub tcp_connections_per_source: usize,
 }
 
 /// Reads `path` (or the default file), applies `env`, validates.
@@ -751,13 +773,15 @@ pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> 
         consul_a_records,
         consul_timeout,
         upstream_timeout,
-        cache_size,
+        cache_bytes,
         max_ttl,
         negative_max_ttl,
         serve_stale,
         workers,
         max_inflight,
+        max_forwarded,
         tcp_idle_timeout,
+        tcp_connections_per_source,
     } = dns;
 
     if listen.is_empty() {
@@ -775,8 +799,14 @@ pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> 
             return Err(err(key, "must be longer than 0s".into()));
         }
     }
-    if *max_inflight == 0 {
-        return Err(err("dns.max_inflight", "must be at least 1".into()));
+    for (key, n) in [
+        ("dns.max_inflight", max_inflight),
+        ("dns.max_forwarded", max_forwarded),
+        ("dns.tcp_connections_per_source", tcp_connections_per_source),
+    ] {
+        if *n == 0 {
+            return Err(err(key, "must be at least 1".into()));
+        }
     }
 
     let wildcard_domain = wildcard_domain
@@ -875,13 +905,15 @@ pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> 
             consul_a_records: *consul_a_records,
             consul_timeout: *consul_timeout,
             upstream_timeout: *upstream_timeout,
-            cache_size: *cache_size,
+            cache_bytes: *cache_bytes,
             max_ttl: secs(max_ttl),
             negative_max_ttl: secs(negative_max_ttl),
             serve_stale: *serve_stale,
             workers,
             max_inflight: *max_inflight,
+            max_forwarded: *max_forwarded,
             tcp_idle_timeout: *tcp_idle_timeout,
+            tcp_connections_per_source: *tcp_connections_per_source,
         },
     })
 }
@@ -1408,6 +1440,22 @@ mod tests {
         assert!(e.to_string().contains("consul_timeout"), "{e}");
         let e = check("[dns]\nupstreams = [\"192.0.2.1\"]\nconsul_a_records = \"x\"\n", &[]).unwrap_err();
         assert!(e.to_string().contains("consul_a_records"), "{e}");
+    }
+
+    #[test]
+    fn dns_limits_have_defaults_and_refuse_zero() {
+        let c = check(MIN, &[]).unwrap();
+        assert_eq!(c.dns.cache_bytes, 32 << 20);
+        assert_eq!(c.dns.max_forwarded, 1024);
+        assert_eq!(c.dns.tcp_connections_per_source, 32);
+        for key in ["max_forwarded", "tcp_connections_per_source", "max_inflight"] {
+            let e = check(&format!("{MIN}{key} = 0\n"), &[]).unwrap_err();
+            assert_eq!(e.key, format!("dns.{key}"), "{e}");
+        }
+        let c = check(&format!("{MIN}cache_bytes = 0\n"), &[]).unwrap();
+        assert_eq!(c.dns.cache_bytes, 0, "0 turns the cache off");
+        // The entry count bound is gone: the cache is bounded by bytes only.
+        assert!(check(&format!("{MIN}cache_size = 100\n"), &[]).is_err());
     }
 
     #[test]

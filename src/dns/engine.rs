@@ -28,7 +28,7 @@ use ipnet::IpNet;
 use moka::Expiry;
 use moka::sync::Cache;
 
-use super::forward::Forwarder;
+use super::forward::{ForwardOptions, Forwarder};
 use super::stats::{DnsStats, Route};
 use super::wildcard::LbAnswers;
 use super::wire::{self, Malformed, Query, Template, Transport, TtlRewrite, rcode, rtype};
@@ -43,6 +43,9 @@ const LOCAL_ENTRY_LIFETIME: Duration = Duration::from_secs(3600);
 const CLASS_IN: u16 = 1;
 /// EDNS payload we advertise to Consul: large, it is (nearly always) local.
 const CONSUL_PAYLOAD: u16 = 4096;
+/// What a cache entry costs besides its key and answer bytes: the entry, its
+/// `Arc`, and moka's bookkeeping (hash slot, LRU and timer nodes), estimated.
+const ENTRY_OVERHEAD: usize = 256;
 
 #[derive(Debug)]
 enum EntryKind {
@@ -62,6 +65,24 @@ struct Entry {
 
 struct EntryExpiry {
     serve_stale: Duration,
+}
+
+/// The bytes an entry holds, for the cache's byte bound.
+fn entry_weight(key: &[u8], entry: &Entry) -> u32 {
+    let template = &entry.template;
+    let bytes = ENTRY_OVERHEAD + key.len() + template.wire.len() + 2 * template.ttl_offsets.len();
+    u32::try_from(bytes).unwrap_or(u32::MAX)
+}
+
+/// The answer cache: at most `bytes` by [`entry_weight`], entries expiring
+/// after their TTL plus the serve-stale window.
+#[allow(clippy::borrowed_box)] // the weigher takes what moka passes: &K with K = Box<[u8]>
+fn answer_cache(bytes: u64, serve_stale: Duration) -> Cache<Box<[u8]>, Arc<Entry>> {
+    Cache::builder()
+        .max_capacity(bytes)
+        .weigher(|key: &Box<[u8]>, entry: &Arc<Entry>| entry_weight(key.as_ref(), entry))
+        .expire_after(EntryExpiry { serve_stale })
+        .build()
 }
 
 impl Expiry<Box<[u8]>, Arc<Entry>> for EntryExpiry {
@@ -163,24 +184,27 @@ impl Engine {
             zones,
             consul: Forwarder::new(
                 &config.consul.dns,
-                dns.consul_timeout,
-                false,
-                CONSUL_PAYLOAD,
+                ForwardOptions {
+                    timeout: dns.consul_timeout,
+                    recursion: false,
+                    payload: CONSUL_PAYLOAD,
+                    pool_loopback: true,
+                    max_forwarded: dns.max_forwarded,
+                },
                 shutdown.clone(),
             ),
             upstream: Forwarder::new(
                 &dns.upstreams,
-                dns.upstream_timeout,
-                true,
-                wire::MAX_UDP_PAYLOAD,
+                ForwardOptions {
+                    timeout: dns.upstream_timeout,
+                    recursion: true,
+                    payload: wire::MAX_UDP_PAYLOAD,
+                    pool_loopback: false,
+                    max_forwarded: dns.max_forwarded,
+                },
                 shutdown,
             ),
-            cache: Cache::builder()
-                .max_capacity(dns.cache_size)
-                .expire_after(EntryExpiry {
-                    serve_stale: dns.serve_stale,
-                })
-                .build(),
+            cache: answer_cache(dns.cache_bytes, dns.serve_stale),
             generation: AtomicU64::new(1),
             max_ttl: dns.max_ttl,
             negative_max_ttl: dns.negative_max_ttl,
@@ -487,5 +511,67 @@ pub struct InflightSlot(Arc<Engine>);
 impl Drop for InflightSlot {
     fn drop(&mut self) {
         self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn big_entry(bytes: usize) -> Arc<Entry> {
+        let now = Instant::now();
+        Arc::new(Entry {
+            template: Template {
+                wire: vec![0u8; bytes].into_boxed_slice(),
+                ttl_offsets: vec![0u16; 16].into_boxed_slice(),
+                rcode: rcode::NOERROR,
+                answers: 1,
+                min_answer_ttl: Some(300),
+                negative_ttl: None,
+            },
+            stored: now,
+            fresh_until: now + Duration::from_secs(300),
+            kind: EntryKind::Upstream,
+        })
+    }
+
+    /// The cache is bounded by bytes, not entries: 200 answers of 60 KiB (12 MB)
+    /// into a 1 MiB cache leave at most 1 MiB, and small answers still fit by
+    /// the thousand.
+    #[test]
+    fn the_cache_is_bounded_by_bytes() {
+        const LIMIT: u64 = 1 << 20;
+        let cache = answer_cache(LIMIT, Duration::from_secs(60));
+        for i in 0..200u32 {
+            let key: Box<[u8]> = format!("big{i}").into_bytes().into();
+            cache.insert(key, big_entry(60 * 1024));
+            cache.run_pending_tasks();
+            assert!(
+                cache.weighted_size() <= LIMIT,
+                "after {i}: {} bytes",
+                cache.weighted_size()
+            );
+        }
+        let big = cache.entry_count();
+        assert!(big <= 17, "{big} answers of 60 KiB in 1 MiB");
+        assert!(
+            cache.weighted_size() > LIMIT / 2,
+            "the cache is used: {}",
+            cache.weighted_size()
+        );
+
+        let cache = answer_cache(LIMIT, Duration::from_secs(60));
+        for i in 0..20_000u32 {
+            let key: Box<[u8]> = format!("small{i}").into_bytes().into();
+            cache.insert(key, big_entry(100));
+        }
+        cache.run_pending_tasks();
+        assert!(cache.weighted_size() <= LIMIT, "{} bytes", cache.weighted_size());
+        let per_entry = entry_weight(b"small0", &big_entry(100)) as u64;
+        assert!(
+            cache.entry_count() >= LIMIT / per_entry / 2,
+            "{} small answers kept",
+            cache.entry_count()
+        );
     }
 }

@@ -2,18 +2,31 @@
 //!
 //! ```text
 //!  resolve(query) ──merge identical in-flight questions──▶ one exchange
-//!     exchange: servers in order (healthy first) under one deadline
-//!        UDP over a pooled *connected* socket (ID → waiter map, reader task)
+//!     exchange: a slot of `max_forwarded` (none free: Busy at once, no socket)
+//!        servers in order (healthy first) under one deadline
+//!        UDP: a fresh connected socket per question (random source port), or,
+//!             for Consul on loopback, a pooled connected socket (ID → waiter map)
+//!        random ID, random 0x20 case; only an answer from the server's address
+//!        with that ID and that question byte for byte is taken
 //!        TC set ──▶ same question over TCP to the same server
-//!        timeout / refused / SERVFAIL ──▶ server held down 5 s, next server
+//!        timeout / ICMP refused / SERVFAIL ──▶ server held down 5 s, next server
 //!     ──▶ Arc<Template> shared by every merged waiter, or ForwardError
 //! ```
 //!
-//! Connected sockets are the point of the pool: a fresh socket per query (what
-//! hickory's resolver does) costs several syscalls per question, and a connected
-//! socket also reports ICMP port-unreachable, so a dead local Consul fails over at
-//! once instead of after a timeout. Responses are only accepted when ID and
-//! question match the request we sent.
+//! Why a fresh socket per question: an off-path forger must then guess the
+//! source port (the kernel picks it at random from the ephemeral range), the ID
+//! and the case of every letter, instead of only an ID on one of four ports
+//! known for the life of the process (what unbound and dnsmasq do too). The
+//! socket is connected, so the kernel drops datagrams from any other address
+//! and reports an ICMP port-unreachable as `ECONNREFUSED` on that one socket:
+//! it fails exactly the question it belongs to, at once, not after a timeout.
+//! The cost is a `socket` + `connect` + `close` per forwarded question.
+//!
+//! Consul on a loopback address keeps a pool of four long-lived connected
+//! sockets: nothing off the host can send from 127.0.0.0/8 (the kernel drops
+//! such martians on every other interface), and Consul questions are the hot
+//! forwarded path (never cached). An ICMP error there fails every question
+//! waiting on that socket: they all went to the same dead agent.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,20 +34,63 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::stats::RouteStats;
 use super::wire::{self, Query, Template};
 
-/// Sockets per server in the UDP pool.
+/// Sockets per server in the UDP pool (Consul on loopback).
 const POOL_SIZE: usize = 4;
 /// How long a failed server is tried only after the healthy ones.
 const HOLD_DOWN: Duration = Duration::from_secs(5);
 /// Largest DNS message.
 const MAX_MESSAGE: usize = 65535;
+
+/// Why one exchange with one server failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ExchangeError {
+    /// No matching answer within the time given to this server.
+    #[error("no answer in time")]
+    Timeout,
+    /// The server's host said nothing listens there (ICMP port unreachable,
+    /// or a TCP reset).
+    #[error("refused (port unreachable)")]
+    Refused,
+    /// A socket operation failed.
+    #[error("could not {op}: {error}")]
+    Io {
+        /// What was being done (`open a socket`, `send`, `receive`, `connect over TCP` ...).
+        op: &'static str,
+        /// The cause (shared: every merged waiter gets a copy of the error).
+        error: Arc<std::io::Error>,
+    },
+    /// The answer did not parse as a DNS response with one question.
+    #[error("malformed response")]
+    Malformed,
+    /// The TCP answer was not for our question.
+    #[error("the TCP answer does not match the question")]
+    Mismatch,
+    /// The pooled socket's reader is gone (shutting down).
+    #[error("socket closed")]
+    Closed,
+}
+
+impl ExchangeError {
+    fn io(op: &'static str, error: std::io::Error) -> Self {
+        if error.kind() == std::io::ErrorKind::ConnectionRefused {
+            ExchangeError::Refused
+        } else {
+            ExchangeError::Io {
+                op,
+                error: Arc::new(error),
+            }
+        }
+    }
+}
 
 /// Why forwarding failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -48,12 +104,18 @@ pub enum ForwardError {
         timeout: Duration,
     },
     /// Every server failed; the last error.
-    #[error("could not reach {server}: {reason}")]
+    #[error("could not reach {server}: {cause}")]
     Unreachable {
         /// The last server tried.
         server: SocketAddr,
-        /// What went wrong.
-        reason: String,
+        /// What went wrong with it (printed here, so not a `source`).
+        cause: ExchangeError,
+    },
+    /// `max_forwarded` questions were already on the wire.
+    #[error("{limit} questions already in flight")]
+    Busy {
+        /// The limit.
+        limit: usize,
     },
     /// The in-flight query this one was merged with was abandoned.
     #[error("merged query abandoned")]
@@ -62,16 +124,30 @@ pub enum ForwardError {
 
 type Waiter = oneshot::Sender<Result<Arc<Template>, ForwardError>>;
 
+/// How a [`Forwarder`] talks to its servers.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardOptions {
+    /// Deadline for one question over all servers.
+    pub timeout: Duration,
+    /// Whether to set RD (upstream resolvers) or not (Consul).
+    pub recursion: bool,
+    /// EDNS payload size we advertise to the servers.
+    pub payload: u16,
+    /// Whether servers on a loopback address are asked over a pool of
+    /// long-lived sockets (Consul) instead of a fresh socket per question.
+    pub pool_loopback: bool,
+    /// Questions on the wire at once; more fail at once with [`ForwardError::Busy`].
+    pub max_forwarded: usize,
+}
+
 /// Forwards questions to an ordered list of servers.
 pub struct Forwarder {
     /// Servers in configured order.
     servers: Vec<Server>,
-    /// Deadline for one question over all servers.
-    timeout: Duration,
-    /// Whether to set RD (upstream resolvers) or not (Consul).
-    recursion: bool,
-    /// EDNS payload size we advertise to the servers.
-    payload: u16,
+    /// Timeout, RD, payload, limit.
+    options: ForwardOptions,
+    /// One permit per question on the wire: bounds sockets and upstream load.
+    slots: Semaphore,
     /// Questions on the wire right now, by cache key, with the queries merged into them.
     inflight: Mutex<HashMap<Box<[u8]>, Vec<Waiter>>>,
     /// Stops the pool reader tasks.
@@ -80,8 +156,9 @@ pub struct Forwarder {
 
 struct Server {
     addr: SocketAddr,
-    /// Created on first use, inside the runtime.
-    pool: OnceLock<Vec<PooledSocket>>,
+    /// `Some` for a pooled server; the sockets are created on first use, inside
+    /// the runtime.
+    pool: Option<OnceLock<Vec<PooledSocket>>>,
     next: AtomicUsize,
     /// Milliseconds since [`epoch`] until which this server is held down.
     down_until_ms: AtomicU64,
@@ -94,7 +171,7 @@ struct PooledSocket {
 
 struct PendingQuery {
     request: Vec<u8>,
-    reply: oneshot::Sender<Result<Vec<u8>, String>>,
+    reply: oneshot::Sender<Result<Vec<u8>, ExchangeError>>,
 }
 
 fn epoch() -> Instant {
@@ -108,26 +185,19 @@ fn now_ms() -> u64 {
 
 impl Forwarder {
     /// A forwarder to `servers` (in failover order).
-    pub fn new(
-        servers: &[SocketAddr],
-        timeout: Duration,
-        recursion: bool,
-        payload: u16,
-        shutdown: CancellationToken,
-    ) -> Self {
+    pub fn new(servers: &[SocketAddr], options: ForwardOptions, shutdown: CancellationToken) -> Self {
         Self {
             servers: servers
                 .iter()
                 .map(|&addr| Server {
                     addr,
-                    pool: OnceLock::new(),
+                    pool: (options.pool_loopback && addr.ip().is_loopback()).then(OnceLock::new),
                     next: AtomicUsize::new(0),
                     down_until_ms: AtomicU64::new(0),
                 })
                 .collect(),
-            timeout,
-            recursion,
-            payload,
+            options,
+            slots: Semaphore::new(options.max_forwarded),
             inflight: Mutex::new(HashMap::new()),
             shutdown,
         }
@@ -167,9 +237,12 @@ impl Forwarder {
             finished: false,
         };
         let started = Instant::now();
-        let result = self.exchange(query).await;
+        let result = self.exchange(query, stats).await;
         match &result {
             Ok(_) => stats.upstream_latency(started.elapsed()),
+            Err(ForwardError::Busy { .. }) => {
+                stats.over_limit.fetch_add(1, Ordering::Relaxed);
+            }
             Err(_) => {
                 stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
             }
@@ -188,9 +261,15 @@ impl Forwarder {
         healthy
     }
 
-    async fn exchange(&self, query: &Query<'_>) -> Result<Arc<Template>, ForwardError> {
+    async fn exchange(&self, query: &Query<'_>, stats: &RouteStats) -> Result<Arc<Template>, ForwardError> {
+        // Held for the whole exchange: one question uses one socket at a time.
+        let Ok(_slot) = self.slots.try_acquire() else {
+            return Err(ForwardError::Busy {
+                limit: self.options.max_forwarded,
+            });
+        };
         let start = Instant::now();
-        let deadline = start + self.timeout;
+        let deadline = start + self.options.timeout;
         let order = self.servers_in_order();
         let mut last_error = None;
         let mut last_failure_answer = None;
@@ -201,7 +280,7 @@ impl Forwarder {
             }
             // Share the time left among the servers not yet tried.
             let attempt = (deadline - now) / (order.len() - index) as u32;
-            match server.exchange(self, query, attempt).await {
+            match server.exchange(self, query, attempt, stats).await {
                 Ok(template) => {
                     let failure = matches!(template.rcode, wire::rcode::SERVFAIL | wire::rcode::REFUSED);
                     if !failure {
@@ -211,10 +290,10 @@ impl Forwarder {
                     server.hold_down();
                     last_failure_answer = Some(template);
                 }
-                Err(reason) => {
-                    tracing::debug!(server = %server.addr, %reason, "dns server failed");
+                Err(cause) => {
+                    tracing::debug!(server = %server.addr, %cause, "dns server failed");
                     server.hold_down();
-                    last_error = Some((server.addr, reason));
+                    last_error = Some((server.addr, cause));
                 }
             }
         }
@@ -222,7 +301,9 @@ impl Forwarder {
             return Ok(Arc::new(answer));
         }
         match last_error {
-            Some((server, reason)) if reason != "timeout" => Err(ForwardError::Unreachable { server, reason }),
+            Some((server, cause)) if !matches!(cause, ExchangeError::Timeout) => {
+                Err(ForwardError::Unreachable { server, cause })
+            }
             _ => Err(ForwardError::Timeout {
                 servers: self
                     .servers
@@ -230,7 +311,7 @@ impl Forwarder {
                     .map(|s| s.addr.to_string())
                     .collect::<Vec<_>>()
                     .join(", "),
-                timeout: self.timeout,
+                timeout: self.options.timeout,
             }),
         }
     }
@@ -279,8 +360,12 @@ impl Server {
             .store(now_ms() + HOLD_DOWN.as_millis() as u64, Ordering::Relaxed);
     }
 
-    fn pool(&self, shutdown: &CancellationToken) -> Result<&[PooledSocket], String> {
-        if let Some(pool) = self.pool.get() {
+    fn pool<'a>(
+        &self,
+        pool: &'a OnceLock<Vec<PooledSocket>>,
+        shutdown: &CancellationToken,
+    ) -> Result<&'a [PooledSocket], ExchangeError> {
+        if let Some(pool) = pool.get() {
             return Ok(pool);
         }
         let mut sockets = Vec::with_capacity(POOL_SIZE);
@@ -288,37 +373,91 @@ impl Server {
             sockets.push(PooledSocket::connect(self.addr, shutdown.clone())?);
         }
         // Another task may have won the race; its pool is used and ours dropped.
-        Ok(self.pool.get_or_init(|| sockets))
+        Ok(pool.get_or_init(|| sockets))
     }
 
-    async fn exchange(&self, fwd: &Forwarder, query: &Query<'_>, limit: Duration) -> Result<Template, String> {
+    async fn exchange(
+        &self,
+        fwd: &Forwarder,
+        query: &Query<'_>,
+        limit: Duration,
+        stats: &RouteStats,
+    ) -> Result<Template, ExchangeError> {
         let deadline = Instant::now() + limit;
-        let pool = self.pool(&fwd.shutdown)?;
-        let socket = &pool[self.next.fetch_add(1, Ordering::Relaxed) % pool.len()];
-        let response = socket.exchange(query, fwd.recursion, fwd.payload, limit).await?;
-        let response = if wire::is_truncated(&response) {
+        let ForwardOptions { recursion, payload, .. } = fwd.options;
+        let (response, cut) = match &self.pool {
+            Some(pool) => {
+                let pool = self.pool(pool, &fwd.shutdown)?;
+                let socket = &pool[self.next.fetch_add(1, Ordering::Relaxed) % pool.len()];
+                (socket.exchange(query, recursion, payload, limit).await?, false)
+            }
+            None => fresh_exchange(self.addr, query, recursion, payload, limit, stats).await?,
+        };
+        let response = if cut || wire::is_truncated(&response) {
             let left = deadline.saturating_duration_since(Instant::now());
-            tcp_exchange(self.addr, query, fwd.recursion, fwd.payload, left).await?
+            tcp_exchange(self.addr, query, recursion, payload, left).await?
         } else {
             response
         };
-        wire::make_template(&response).ok_or_else(|| "malformed response".to_string())
+        wire::make_template(&response).ok_or(ExchangeError::Malformed)
     }
 }
 
+/// An unbound UDP socket connected to `addr`: the kernel binds it to a random
+/// ephemeral port on connect (as `bind` to port 0 would) and from then on
+/// delivers only datagrams from `addr`.
+fn connected_udp(addr: SocketAddr) -> Result<UdpSocket, ExchangeError> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM.nonblocking(),
+        Some(Protocol::UDP),
+    )
+    .map_err(|e| ExchangeError::io("open a UDP socket", e))?;
+    socket
+        .connect(&addr.into())
+        .map_err(|e| ExchangeError::io("connect a UDP socket", e))?;
+    UdpSocket::from_std(socket.into()).map_err(|e| ExchangeError::io("register a UDP socket", e))
+}
+
+/// One question over its own connected socket. Datagrams that are not the
+/// answer (wrong ID, wrong case, another question) are counted and ignored:
+/// the real answer may still come. Returns the answer and whether it may have
+/// been cut (it filled the buffer: larger than the payload we advertised).
+async fn fresh_exchange(
+    addr: SocketAddr,
+    query: &Query<'_>,
+    recursion: bool,
+    payload: u16,
+    limit: Duration,
+    stats: &RouteStats,
+) -> Result<(Vec<u8>, bool), ExchangeError> {
+    let socket = connected_udp(addr)?;
+    let mut request = Vec::with_capacity(query.qname.len() + 32);
+    wire::upstream_query(query, rand::random(), recursion, payload, &mut request);
+    let exchange = async {
+        socket.send(&request).await.map_err(|e| ExchangeError::io("send", e))?;
+        let mut buf = vec![0u8; usize::from(payload).max(wire::PLAIN_UDP_LIMIT) + 1];
+        loop {
+            let n = socket
+                .recv(&mut buf)
+                .await
+                .map_err(|e| ExchangeError::io("receive", e))?;
+            if wire::answers_question(&request, &buf[..n]) {
+                let cut = n == buf.len();
+                buf.truncate(n);
+                return Ok((buf, cut));
+            }
+            stats.ignored_responses.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    tokio::time::timeout(limit, exchange)
+        .await
+        .unwrap_or(Err(ExchangeError::Timeout))
+}
+
 impl PooledSocket {
-    fn connect(addr: SocketAddr, shutdown: CancellationToken) -> Result<Self, String> {
-        let local: SocketAddr = if addr.is_ipv4() {
-            ([0, 0, 0, 0], 0).into()
-        } else {
-            ([0u16; 8], 0).into()
-        };
-        let std_socket = std::net::UdpSocket::bind(local).map_err(|e| format!("bind: {e}"))?;
-        std_socket.connect(addr).map_err(|e| format!("connect: {e}"))?;
-        std_socket
-            .set_nonblocking(true)
-            .map_err(|e| format!("nonblocking: {e}"))?;
-        let socket = Arc::new(UdpSocket::from_std(std_socket).map_err(|e| format!("register: {e}"))?);
+    fn connect(addr: SocketAddr, shutdown: CancellationToken) -> Result<Self, ExchangeError> {
+        let socket = Arc::new(connected_udp(addr)?);
         let pending: Arc<Mutex<HashMap<u16, PendingQuery>>> = Arc::default();
         tokio::spawn(read_responses(socket.clone(), pending.clone(), shutdown));
         Ok(Self { socket, pending })
@@ -330,7 +469,7 @@ impl PooledSocket {
         recursion: bool,
         payload: u16,
         limit: Duration,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, ExchangeError> {
         let (tx, rx) = oneshot::channel();
         let mut request = Vec::with_capacity(query.qname.len() + 32);
         let id = {
@@ -355,11 +494,14 @@ impl PooledSocket {
             pending: &self.pending,
             id,
         };
-        self.socket.send(&request).await.map_err(|e| format!("send: {e}"))?;
+        self.socket
+            .send(&request)
+            .await
+            .map_err(|e| ExchangeError::io("send", e))?;
         let result = match tokio::time::timeout(limit, rx).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err("socket closed".to_string()),
-            Err(_) => Err("timeout".to_string()),
+            Ok(Err(_)) => Err(ExchangeError::Closed),
+            Err(_) => Err(ExchangeError::Timeout),
         };
         drop(cleanup);
         result
@@ -404,11 +546,11 @@ async fn read_responses(
             }
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                // ICMP port unreachable: the server is not there; fail everything
-                // waiting on this socket so the caller fails over now.
+                // ICMP port unreachable: the agent is not there; every question
+                // on this socket went to it, so all fail over now.
                 let mut map = pending.lock().expect("pending lock");
                 for (_, p) in map.drain() {
-                    let _ = p.reply.send(Err("connection refused".to_string()));
+                    let _ = p.reply.send(Err(ExchangeError::Refused));
                 }
             }
             Err(e) => {
@@ -426,33 +568,35 @@ async fn tcp_exchange(
     recursion: bool,
     payload: u16,
     limit: Duration,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, ExchangeError> {
     let exchange = async {
         let mut stream = TcpStream::connect(addr)
             .await
-            .map_err(|e| format!("tcp connect: {e}"))?;
-        let mut request = Vec::with_capacity(query.qname.len() + 34);
-        request.extend_from_slice(&[0, 0]);
-        let mut body = Vec::new();
+            .map_err(|e| ExchangeError::io("connect over TCP", e))?;
+        let mut request = vec![0, 0];
+        let mut body = Vec::with_capacity(query.qname.len() + 32);
         wire::upstream_query(query, rand::random(), recursion, payload, &mut body);
         request[0..2].copy_from_slice(&(body.len() as u16).to_be_bytes());
         request.extend_from_slice(&body);
         stream
             .write_all(&request)
             .await
-            .map_err(|e| format!("tcp write: {e}"))?;
-        let len = stream.read_u16().await.map_err(|e| format!("tcp read: {e}"))? as usize;
+            .map_err(|e| ExchangeError::io("write over TCP", e))?;
+        let len = stream
+            .read_u16()
+            .await
+            .map_err(|e| ExchangeError::io("read over TCP", e))? as usize;
         let mut resp = vec![0u8; len];
         stream
             .read_exact(&mut resp)
             .await
-            .map_err(|e| format!("tcp read: {e}"))?;
+            .map_err(|e| ExchangeError::io("read over TCP", e))?;
         if !wire::answers_question(&body, &resp) {
-            return Err("tcp response does not match the question".to_string());
+            return Err(ExchangeError::Mismatch);
         }
         Ok(resp)
     };
     tokio::time::timeout(limit, exchange)
         .await
-        .unwrap_or_else(|_| Err("timeout".to_string()))
+        .unwrap_or(Err(ExchangeError::Timeout))
 }

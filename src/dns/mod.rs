@@ -240,7 +240,10 @@ pub async fn run(
         tasks.spawn(tcp::serve(
             listener,
             engine.clone(),
-            dns.tcp_idle_timeout,
+            tcp::TcpLimits {
+                idle: dns.tcp_idle_timeout,
+                per_source: dns.tcp_connections_per_source,
+            },
             local.clone(),
             tasks.clone(),
         ));

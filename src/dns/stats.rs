@@ -60,6 +60,12 @@ pub struct RouteStats {
     pub latency_sum_us: AtomicU64,
     /// Upstream exchanges that failed (timeout, unreachable).
     pub upstream_errors: AtomicU64,
+    /// Datagrams on a question's socket that were not its answer (wrong ID,
+    /// case or question: late, stray or spoofed), ignored.
+    pub ignored_responses: AtomicU64,
+    /// Questions answered SERVFAIL (or stale) at once because `max_forwarded`
+    /// questions were already on the wire.
+    pub over_limit: AtomicU64,
 }
 
 impl RouteStats {
@@ -92,6 +98,8 @@ impl RouteStats {
             latency_buckets: std::array::from_fn(|i| load(&self.latency_buckets[i])),
             latency_sum_us: load(&self.latency_sum_us),
             upstream_errors: load(&self.upstream_errors),
+            ignored_responses: load(&self.ignored_responses),
+            over_limit: load(&self.over_limit),
         }
     }
 }
@@ -113,6 +121,10 @@ pub struct RouteSnapshot {
     pub latency_sum_us: u64,
     /// Failed upstream exchanges.
     pub upstream_errors: u64,
+    /// Datagrams ignored on a question's socket (not its answer).
+    pub ignored_responses: u64,
+    /// Questions refused at once for `max_forwarded`.
+    pub over_limit: u64,
 }
 
 /// Counter shards: UDP workers take 1.., every other thread shares shard 0.
@@ -134,10 +146,45 @@ struct Shard {
     dropped: AtomicU64,
 }
 
+/// Why a TCP client connection was closed by the server before its time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpClose {
+    /// The client is outside `allow`: closed at accept, before it takes a slot.
+    NotAllowed,
+    /// Its source already had `tcp_connections_per_source` connections.
+    PerSource,
+    /// Every connection slot was taken.
+    Full,
+    /// It did not read an answer within `tcp_idle_timeout` (a write stall).
+    SlowReader,
+}
+
+impl TcpClose {
+    /// Every reason, in display order.
+    pub const ALL: [TcpClose; 4] = [
+        TcpClose::NotAllowed,
+        TcpClose::PerSource,
+        TcpClose::Full,
+        TcpClose::SlowReader,
+    ];
+
+    /// Name used in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            TcpClose::NotAllowed => "not_allowed",
+            TcpClose::PerSource => "per_source",
+            TcpClose::Full => "full",
+            TcpClose::SlowReader => "slow_reader",
+        }
+    }
+}
+
 /// All DNS counters.
 #[derive(Debug, Default)]
 pub struct DnsStats {
     shards: [Shard; SHARDS],
+    /// TCP connections closed by the server, by [`TcpClose`] (rare: not sharded).
+    tcp_closed: [AtomicU64; 4],
 }
 
 impl DnsStats {
@@ -153,6 +200,16 @@ impl DnsStats {
         self.shards[SHARD.with(Cell::get)]
             .dropped
             .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a TCP connection the server closed for `why`.
+    pub fn count_tcp_closed(&self, why: TcpClose) {
+        self.tcp_closed[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// TCP connections closed for `why` so far.
+    pub fn tcp_closed(&self, why: TcpClose) -> u64 {
+        self.tcp_closed[why as usize].load(Ordering::Relaxed)
     }
 
     /// Packets dropped unanswered so far.
@@ -188,6 +245,8 @@ impl RouteSnapshot {
         }
         self.latency_sum_us += other.latency_sum_us;
         self.upstream_errors += other.upstream_errors;
+        self.ignored_responses += other.ignored_responses;
+        self.over_limit += other.over_limit;
     }
 
     /// Upstream exchanges made (merged questions count once).

@@ -1,9 +1,25 @@
 //! DNS over TCP (RFC 7766): length-prefixed messages, several per connection,
-//! answered in order. Idle connections are closed; the number of connections is
-//! bounded so a flood of idle clients cannot exhaust file descriptors.
+//! answered in order.
+//!
+//! ```text
+//!  accept ─▶ outside `allow`? ──▶ reset (no slot, no task)
+//!         ─▶ source has tcp_connections_per_source? ──▶ reset
+//!         ─▶ all MAX_CONNECTIONS taken? ──▶ reset
+//!         ─▶ task: read (idle timeout) ─▶ answer ─▶ write (same timeout) ─▶ ...
+//! ```
+//!
+//! Every connection holds a slot of the total and of its source until it ends,
+//! so each limit is a bound on what one client can hold: a client that sends
+//! nothing is closed after `tcp_idle_timeout`, and one that pipelines questions
+//! without reading the answers is cut once an answer has waited that long to be
+//! taken (RFC 7766 6.2.3 lets a server close connections to manage its
+//! resources). A source is one IPv4 address or one IPv6 /64 (what one host
+//! usually gets). Refused and cut connections are reset rather than closed,
+//! so no unsent answers or TIME_WAIT state are left behind.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,20 +29,85 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::engine::{Engine, Verdict};
+use super::stats::TcpClose;
 use super::wire::Transport;
 
-/// Most TCP clients served at once; more are closed at accept.
+/// Most TCP clients served at once; more are reset at accept.
 const MAX_CONNECTIONS: usize = 1024;
+
+/// The limits of one listener.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpLimits {
+    /// A connection that sends no question, or does not take an answer, for
+    /// this long is closed (`dns.tcp_idle_timeout`).
+    pub idle: Duration,
+    /// Connections one source may hold at once (`dns.tcp_connections_per_source`).
+    pub per_source: usize,
+}
+
+/// Open connections per source, pruned when a source's last one ends.
+type Sources = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// A connection's place in its source's count, given back on drop.
+struct SourceSlot {
+    sources: Sources,
+    source: IpAddr,
+}
+
+impl SourceSlot {
+    fn take(sources: &Sources, source: IpAddr, limit: usize) -> Option<Self> {
+        let mut map = sources.lock().expect("sources lock");
+        let count = map.entry(source).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            sources: sources.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut map = self.sources.lock().expect("sources lock");
+        if let Some(count) = map.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// What counts as one source: an IPv4 address (also when v4-mapped), an IPv6 /64.
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+    }
+}
+
+/// Closes `stream` with a reset: nothing queued is sent, no TIME_WAIT is kept.
+fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
 
 /// Accepts connections until shutdown.
 pub async fn serve(
     listener: TcpListener,
     engine: Arc<Engine>,
-    idle: Duration,
+    limits: TcpLimits,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let sources: Sources = Arc::default();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -41,17 +122,29 @@ pub async fn serve(
                 continue;
             }
         };
+        let stats = engine.stats();
+        if !engine.allowed(peer.ip()) {
+            stats.count_tcp_closed(TcpClose::NotAllowed);
+            reset(stream);
+            continue;
+        }
+        let Some(source) = SourceSlot::take(&sources, source_of(peer.ip()), limits.per_source) else {
+            stats.count_tcp_closed(TcpClose::PerSource);
+            reset(stream);
+            continue;
+        };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "dns tcp connection limit reached; closing");
+            stats.count_tcp_closed(TcpClose::Full);
+            reset(stream);
             continue;
         };
         let engine = engine.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            let _permit = permit;
+            let _slots = (permit, source);
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                r = connection(stream, peer, &engine, idle) => {
+                r = connection(stream, peer, &engine, limits.idle) => {
                     if let Err(e) = r {
                         tracing::trace!(%peer, error = %e, "dns tcp connection ended");
                     }
@@ -65,6 +158,7 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, engine: &Engine, id
     let _ = stream.set_nodelay(true);
     let mut message = Vec::with_capacity(512);
     let mut out = Vec::with_capacity(4096);
+    let mut framed = Vec::with_capacity(4096);
     loop {
         let len = match tokio::time::timeout(idle, stream.read_u16()).await {
             Ok(Ok(len)) => len as usize,
@@ -92,9 +186,48 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, engine: &Engine, id
                 }
             }
         };
-        let mut framed = Vec::with_capacity(response.len() + 2);
+        framed.clear();
         framed.extend_from_slice(&(response.len() as u16).to_be_bytes());
         framed.extend_from_slice(response);
-        stream.write_all(&framed).await?;
+        if tokio::time::timeout(idle, stream.write_all(&framed)).await.is_err() {
+            // The client does not read what it asked for (the socket buffers
+            // are full): it loses the connection, and with it the slots.
+            engine.stats().count_tcp_closed(TcpClose::SlowReader);
+            reset(stream);
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_is_an_ipv4_address_or_an_ipv6_64() {
+        let v4: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(source_of(v4), v4);
+        assert_eq!(source_of("::ffff:10.1.2.3".parse().unwrap()), v4);
+        let a = source_of("2001:db8:1:2:aaaa::1".parse().unwrap());
+        let b = source_of("2001:db8:1:2:bbbb::2".parse().unwrap());
+        assert_eq!(a, b);
+        assert_eq!(a, "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        assert_ne!(a, source_of("2001:db8:1:3::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn source_slots_are_bounded_and_pruned() {
+        let sources: Sources = Arc::default();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let held: Vec<_> = (0..3).map(|_| SourceSlot::take(&sources, ip, 3).unwrap()).collect();
+        assert!(SourceSlot::take(&sources, ip, 3).is_none(), "a fourth is refused");
+        let other = SourceSlot::take(&sources, "10.0.0.2".parse().unwrap(), 3);
+        assert!(other.is_some(), "another source is not affected");
+        drop(other);
+        drop(held);
+        assert!(
+            sources.lock().unwrap().is_empty(),
+            "sources without connections are forgotten"
+        );
     }
 }

@@ -517,15 +517,34 @@ pub fn header_error(id: u16, request_flags: u16, rcode: u8, out: &mut Vec<u8>) {
     out.extend_from_slice(&[0; 8]);
 }
 
-/// Builds the query we send upstream for `query`'s question: our `id`, lower-case
-/// name, RD as asked, and our own OPT with the client's DO bit.
+/// Builds the query we send upstream for `query`'s question: our `id`, the name
+/// with every letter's case drawn at random (0x20, draft-vixie-dnsext-dns0x20:
+/// a spoofer must guess those bits too, see [`answers_question`]), RD as asked,
+/// and our own OPT with the client's DO bit.
 pub fn upstream_query(query: &Query<'_>, id: u16, recursion: bool, payload: u16, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(&id.to_be_bytes());
     let flags = if recursion { FLAG_RD } else { 0 } | (query.flags & FLAG_CD);
     out.extend_from_slice(&flags.to_be_bytes());
     out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 1]);
-    out.extend(query.qname.iter().map(u8::to_ascii_lowercase));
+    // Length octets are at most 63, below every letter, so only label bytes
+    // change case.
+    let mut bits = 0u64;
+    let mut left = 0u32;
+    out.extend(query.qname.iter().map(|&b| {
+        let b = b.to_ascii_lowercase();
+        if !b.is_ascii_lowercase() {
+            return b;
+        }
+        if left == 0 {
+            bits = rand::random();
+            left = 64;
+        }
+        left -= 1;
+        let upper = bits & 1 == 1;
+        bits >>= 1;
+        if upper { b.to_ascii_uppercase() } else { b }
+    }));
     out.extend_from_slice(&query.qtype.to_be_bytes());
     out.extend_from_slice(&query.qclass.to_be_bytes());
     out.push(0);
@@ -535,8 +554,11 @@ pub fn upstream_query(query: &Query<'_>, id: u16, recursion: bool, payload: u16,
     out.extend_from_slice(&[0, 0, if dnssec_ok { 0x80 } else { 0 }, 0, 0, 0]);
 }
 
-/// True when `resp` answers the question in `request` (same ID, QR set, same
-/// question ignoring case): a check against spoofed or stray datagrams.
+/// True when `resp` answers the question in `request`: same ID, QR set, one
+/// question equal to ours byte for byte, the 0x20 case included. A check
+/// against spoofed or stray datagrams: servers echo the question as asked
+/// (RFC 1035 4.1.1; Consul, unbound, BIND and dnsmasq do), a forger who did
+/// not see it must guess ID and case.
 pub fn answers_question(request: &[u8], resp: &[u8]) -> bool {
     if resp.len() < HEADER_LEN || request.len() < HEADER_LEN || resp[0..2] != request[0..2] {
         return false;
@@ -550,7 +572,7 @@ pub fn answers_question(request: &[u8], resp: &[u8]) -> bool {
     let Some(resp_q) = resp.get(HEADER_LEN..req_end) else {
         return false;
     };
-    u16_at(resp, 4) == Some(1) && resp_q.eq_ignore_ascii_case(&request[HEADER_LEN..req_end])
+    u16_at(resp, 4) == Some(1) && resp_q == &request[HEADER_LEN..req_end]
 }
 
 /// The TC bit of a response.
@@ -766,12 +788,40 @@ mod tests {
         upstream_query(&q, 7, false, 4096, &mut up);
         let parsed = parse_query(&up).unwrap();
         assert_eq!(parsed.id, 7);
-        assert_eq!(name_to_string(parsed.qname), "web.service.consul.");
+        assert_eq!(name_to_string(parsed.qname).to_ascii_lowercase(), "web.service.consul.");
         assert_eq!(parsed.edns.unwrap().payload, 4096);
         let mut resp = up.clone();
         resp[2] |= 0x80;
         assert!(answers_question(&up, &resp));
         resp[1] = 8;
         assert!(!answers_question(&up, &resp));
+    }
+
+    #[test]
+    fn upstream_names_carry_random_case_and_answers_must_echo_it() {
+        let name = "abcdefghijklmnopqrstuvwxyz.abcdefghijklmnopqrstuvwxyz.abcdefghijklmnopqrstuvwxyz.example.";
+        let qb = query_bytes(name, RecordType::A, false);
+        let q = parse_query(&qb).unwrap();
+        let mut spellings = std::collections::HashSet::new();
+        let mut up = Vec::new();
+        for _ in 0..8 {
+            upstream_query(&q, 7, true, 1232, &mut up);
+            let parsed = parse_query(&up).unwrap();
+            let spelled = name_to_string(parsed.qname);
+            assert_eq!(spelled.to_ascii_lowercase(), name, "only the case changes");
+            spellings.insert(spelled);
+        }
+        assert!(spellings.len() > 1, "the case is drawn per query: {spellings:?}");
+        // The same question in another case is not an answer to ours.
+        let mut resp = up.clone();
+        resp[2] |= 0x80;
+        assert!(answers_question(&up, &resp));
+        let at = HEADER_LEN + 1;
+        resp[at] ^= 0x20;
+        assert!(!answers_question(&up, &resp), "a case-flipped echo is refused");
+        // Digits and hyphens are sent as they are.
+        let qb = query_bytes("123-45.", RecordType::A, false);
+        upstream_query(&parse_query(&qb).unwrap(), 1, true, 1232, &mut up);
+        assert_eq!(&up[HEADER_LEN..HEADER_LEN + 8], b"\x06123-45\x00");
     }
 }

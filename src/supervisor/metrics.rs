@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 
 use super::SupervisorState;
 use super::unit::UnitState;
-use crate::dns::stats::{DnsStats, LATENCY_BUCKETS_US as DNS_BUCKETS_US};
+use crate::dns::stats::{DnsStats, LATENCY_BUCKETS_US as DNS_BUCKETS_US, TcpClose};
 use crate::lb::stats::LATENCY_BUCKETS_US as LB_BUCKETS_US;
 use crate::lb::status::LbStatus;
 
@@ -110,6 +110,42 @@ fn dns(out: &mut Out, stats: &DnsStats) {
             "wayfinder_dns_upstream_errors_total",
             &[("route", route)],
             s.upstream_errors,
+        );
+    }
+    out.family(
+        "wayfinder_dns_upstream_ignored_total",
+        "counter",
+        "Datagrams on a forwarded question's socket that were not its answer (wrong ID, case or question), by route.",
+    );
+    for (route, s) in &routes {
+        out.sample(
+            "wayfinder_dns_upstream_ignored_total",
+            &[("route", route)],
+            s.ignored_responses,
+        );
+    }
+    out.family(
+        "wayfinder_dns_upstream_over_limit_total",
+        "counter",
+        "Questions not forwarded because dns.max_forwarded were in flight, by route.",
+    );
+    for (route, s) in &routes {
+        out.sample(
+            "wayfinder_dns_upstream_over_limit_total",
+            &[("route", route)],
+            s.over_limit,
+        );
+    }
+    out.family(
+        "wayfinder_dns_tcp_closed_total",
+        "counter",
+        "TCP client connections closed by the server, by reason.",
+    );
+    for why in TcpClose::ALL {
+        out.sample(
+            "wayfinder_dns_tcp_closed_total",
+            &[("reason", why.name())],
+            stats.tcp_closed(why),
         );
     }
     out.family(

@@ -511,10 +511,15 @@ impl Unbound {
         std::fs::read_to_string(self.dir.path().join("unbound.log")).unwrap_or_default()
     }
 
-    /// How many queries for `name` (`www.test.`) of `qtype` it has received.
+    /// How many queries for `name` (`www.test.`) of `qtype` it has received, in
+    /// any case (Wayfinder sends names in random case, 0x20).
     pub fn queries(&self, name: &str, qtype: &str) -> usize {
-        let needle = format!(" {name} {qtype} IN");
-        self.log().lines().filter(|l| l.contains(&needle)).count()
+        let needle = format!(" {name} {qtype} IN").to_ascii_lowercase();
+        self.log()
+            .to_ascii_lowercase()
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .count()
     }
 
     /// Kills it.

@@ -10,6 +10,7 @@ mod deploy; // deploy/ files as fixtures: systemd unit, Dockerfile, compose, res
 mod dns_consul; // *.consul forwarded to a real Consul agent: freshness, failover, truncation
 mod dns_local; // wildcard LB domain and zones_dir zones: AA, reloads, broken files
 mod dns_robustness; // malformed packets over UDP and TCP never hurt the server
+mod dns_trust; // attacks refused: spoofed upstream answers, ICMP errors, forwarding and TCP limits
 mod dns_upstream; // the cache in front of the upstream resolvers: TTLs, negatives, stale
 mod lb; // the load balancer against real Consul and HTTP backends
 mod lb_tls; // HTTPS by SNI, HTTP/2, certificate reload; the stats listener
