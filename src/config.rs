@@ -263,6 +263,10 @@ pub struct DnsSection {
     /// Default `33554432` (32 MiB); `0` caches nothing.
     #[serde(default = "default_cache_bytes")]
     pub cache_bytes: u64,
+    /// Replaced by `cache_bytes` (the cache was bounded by entries): still
+    /// accepted so older files keep working, and ignored with a warning.
+    #[serde(default, skip_serializing)]
+    pub cache_size: Option<u64>,
     /// Upper bound on the TTL of a cached positive answer. Default `1d`.
     #[serde(default = "default_max_ttl", with = "humantime_serde")]
     pub max_ttl: Duration,
@@ -774,6 +778,7 @@ pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> 
         consul_timeout,
         upstream_timeout,
         cache_bytes,
+        cache_size,
         max_ttl,
         negative_max_ttl,
         serve_stale,
@@ -881,6 +886,13 @@ pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> 
     } else {
         *workers
     };
+    if let Some(entries) = cache_size {
+        tracing::warn!(
+            entries,
+            cache_bytes = *cache_bytes,
+            "dns.cache_size is replaced by dns.cache_bytes (the cache is bounded by bytes); ignored"
+        );
+    }
     let secs = |d: &Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
     let lb = validate_lb(lb, wildcard_domain.as_ref(), &err)?;
     let supervisor = validate_supervisor(supervisor, &err)?;
@@ -1454,8 +1466,10 @@ mod tests {
         }
         let c = check(&format!("{MIN}cache_bytes = 0\n"), &[]).unwrap();
         assert_eq!(c.dns.cache_bytes, 0, "0 turns the cache off");
-        // The entry count bound is gone: the cache is bounded by bytes only.
-        assert!(check(&format!("{MIN}cache_size = 100\n"), &[]).is_err());
+        // The entry count bound is gone: the cache is bounded by bytes only; an
+        // older file that sets it still loads.
+        let c = check(&format!("{MIN}cache_size = 100\n"), &[]).unwrap();
+        assert_eq!(c.dns.cache_bytes, 32 << 20);
     }
 
     #[test]
