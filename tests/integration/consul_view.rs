@@ -506,19 +506,48 @@ async fn the_view_agrees_with_consuls_summary() {
     crate::harness::wait_routed(&lb.client, lb.addr, "ttl.service", Duration::from_secs(10), String::new).await;
     let view = lb.state.view.get().unwrap().clone();
     // Line by line, from the view (built by a full sync) and from single
-    // fetches, against what Consul's summary says.
-    let summary: Vec<wayfinder::consul::api::UiService> =
-        serde_json::from_str(&http_get(consul.http_addr(), "/v1/internal/ui/services").unwrap()).unwrap();
-    let picture = view.current();
-    assert_eq!(summary.len(), picture.services.len(), "{:?}", picture.services.keys());
+    // fetches, against what Consul's summary says. The agent syncs its own
+    // registrations' checks to the catalog a moment after the services, and the
+    // view follows: compare once both have settled (a first look may catch
+    // Consul between the two), failing with the last difference.
+    let read_summary = || -> Vec<wayfinder::consul::api::UiService> {
+        serde_json::from_str(&http_get(consul.http_addr(), "/v1/internal/ui/services").unwrap()).unwrap()
+    };
+    let differences = |summary: &[wayfinder::consul::api::UiService]| -> Vec<String> {
+        let picture = view.current();
+        let mut out = Vec::new();
+        if summary.len() != picture.services.len() {
+            out.push(format!("{} lines vs {:?}", summary.len(), picture.services.keys()));
+        }
+        for line in summary {
+            let consul_line = wayfinder::consul::catalog::SummaryLine::from(line.clone());
+            match picture.services.get(&line.name) {
+                Some(entry) if entry.summary_line() == consul_line => {}
+                other => out.push(format!(
+                    "{}: view {:?} vs consul {consul_line:?}",
+                    line.name,
+                    other.map(|e| e.summary_line())
+                )),
+            }
+        }
+        out
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let summary = loop {
+        let summary = read_summary();
+        let diff = differences(&summary);
+        if diff.is_empty() {
+            break summary;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the view never agreed with ui/services: {diff:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     for line in summary {
         let name = line.name.clone();
         let consul_line = wayfinder::consul::catalog::SummaryLine::from(line);
-        assert_eq!(
-            picture.services[&name].summary_line(),
-            consul_line,
-            "{name}, from the full sync"
-        );
         let rows: Vec<wayfinder::consul::api::HealthRow> =
             serde_json::from_str(&http_get(consul.http_addr(), &format!("/v1/health/service/{name}")).unwrap())
                 .unwrap();
