@@ -26,7 +26,7 @@ pub use crate::supervisor::settings::{SupervisorConfig, SupervisorSection};
 pub const DEFAULT_CONFIG_PATH: &str = "wayfinder.toml";
 
 /// A configuration problem: which file, which key, what is wrong.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{file}: {key}: {problem}")]
 pub struct ConfigError {
     /// The config file (or `environment` for a bad variable).
@@ -395,6 +395,9 @@ pub struct Config {
     /// The same with where it came from (given or guessed), when [`load`]
     /// resolved it.
     pub host_address: Option<crate::host_address::HostAddress>,
+    /// Problems in the sections of components this command does not run
+    /// (see [`Runs`]): not errors here, but `check` shows them.
+    pub unchecked: Vec<ConfigError>,
     /// The supervisor (`wayfinder up`).
     pub supervisor: SupervisorConfig,
     /// WireGuard VPN.
@@ -519,10 +522,11 @@ pub struct DnsConfig {
     pub tcp_connections_per_source: usize,
 }
 
-/// Reads `path` (or the default file), applies `env`, validates.
+/// Reads `path` (or the default file), applies `env`, validates what `runs`
+/// needs (see [`Runs`]).
 ///
 /// A missing default file means "all defaults"; a missing `-c` file is an error.
-pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<(FileConfig, Config), ConfigError> {
+pub fn load(path: Option<&Path>, env: &dyn Env, runs: Runs) -> Result<(FileConfig, Config), ConfigError> {
     let (text, source) = match path {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| ConfigError {
@@ -559,14 +563,28 @@ pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<(FileConfig, Config), 
         ),
     }
     let env = env::Panteras::new(env, host.as_ref().map(|h| h.ip));
-    let (file, host_ip) = parse_text(&text, &source, &env)?;
-    let mut config = validate(&file, &source)?;
-    if let Some(ip) = host_ip {
-        config.host_ip = Some(ip);
-        config.lb.landing_hosts.push(ip.to_string());
+    let (file, _) = parse_text(&text, &source, &env)?;
+    let config = with_host(validate_for(&file, &source, runs)?, host);
+    Ok((file, config))
+}
+
+/// `config` validated again for what `runs` needs (`up` and `check`, once the
+/// role says what starts), with the host address [`load`] found.
+pub fn recheck(file: &FileConfig, config: &Config, runs: Runs) -> Result<Config, ConfigError> {
+    Ok(with_host(
+        validate_for(file, &config.source, runs)?,
+        config.host_address.clone(),
+    ))
+}
+
+/// `config` with this host's address, which is also a landing-page host.
+fn with_host(mut config: Config, host: Option<crate::host_address::HostAddress>) -> Config {
+    if let Some(h) = &host {
+        config.host_ip = Some(h.ip);
+        config.lb.landing_hosts.push(h.ip.to_string());
     }
     config.host_address = host;
-    Ok((file, config))
+    config
 }
 
 /// `HOST_IP`, else PanteraS's `IP`, when one is set.
@@ -723,21 +741,128 @@ pub fn parse_domain(text: &str) -> Result<Name, String> {
 }
 
 /// Turns the (overridden) file into a [`Config`], checking everything that can be
-/// checked before binding sockets.
+/// checked before binding sockets, for every component.
 pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> {
+    validate_for(file, source, Runs::ALL)
+}
+
+/// Which components a command runs: their sections are checked strictly; the
+/// others' problems are kept in [`Config::unchecked`] (shown by `check`,
+/// logged by `up`) and their defaults stand in, so `wayfinder lb` never fails
+/// on `[dns]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Runs {
+    /// The dns component.
+    pub dns: bool,
+    /// The lb component.
+    pub lb: bool,
+    /// The vpn component (or a peer command).
+    pub vpn: bool,
+    /// The supervisor (`up`, `status`).
+    pub supervisor: bool,
+}
+
+impl Runs {
+    /// Everything (what `validate` checks).
+    pub const ALL: Runs = Runs {
+        dns: true,
+        lb: true,
+        vpn: true,
+        supervisor: true,
+    };
+    /// Nothing but `[consul]` (the first look of `up` and `check`, before the
+    /// role says what starts).
+    pub const NONE: Runs = Runs {
+        dns: false,
+        lb: false,
+        vpn: false,
+        supervisor: false,
+    };
+}
+
+/// A section's validated config when its component runs; when it does not, its
+/// problem is kept in `unchecked` and `fallback` stands in.
+fn checked<T>(
+    runs: bool,
+    result: Result<T, ConfigError>,
+    fallback: impl FnOnce() -> Result<T, ConfigError>,
+    unchecked: &mut Vec<ConfigError>,
+) -> Result<T, ConfigError> {
+    match result {
+        Ok(value) => Ok(value),
+        Err(e) if runs => Err(e),
+        Err(e) => {
+            let value = fallback()?;
+            unchecked.push(e);
+            Ok(value)
+        }
+    }
+}
+
+/// [`validate`] for a command that runs `runs`.
+pub fn validate_for(file: &FileConfig, source: &str, runs: Runs) -> Result<Config, ConfigError> {
     let err = |key: &str, problem: String| ConfigError {
         file: source.to_string(),
         key: key.to_string(),
         problem,
     };
-    let FileConfig {
-        consul,
-        dns,
+    let mut unchecked = Vec::new();
+    let consul = validate_consul(&file.consul, &err)?;
+    let vpn = checked(
+        runs.vpn,
+        validate_vpn(&file.vpn, &err),
+        || validate_vpn(&VpnSection::default(), &err),
+        &mut unchecked,
+    )?;
+    let dns = checked(
+        runs.dns,
+        validate_dns(&file.dns, &consul, &vpn, &err),
+        || Ok(DnsConfig::inactive(&file.dns)),
+        &mut unchecked,
+    )?;
+    // The wildcard domain is the lb's too (HAPROXY_ADD_DOMAIN).
+    let wildcard_domain = checked(
+        runs.lb,
+        file.dns
+            .wildcard_domain
+            .as_deref()
+            .map(parse_domain)
+            .transpose()
+            .map_err(|p| err("dns.wildcard_domain", p)),
+        || Ok(None),
+        &mut unchecked,
+    )?;
+    let lb = checked(
+        runs.lb,
+        validate_lb(&file.lb, wildcard_domain.as_ref(), &err),
+        || validate_lb(&LbSection::default(), None, &err),
+        &mut unchecked,
+    )?;
+    let supervisor = checked(
+        runs.supervisor,
+        validate_supervisor(&file.supervisor, &err),
+        || validate_supervisor(&SupervisorSection::default(), &err),
+        &mut unchecked,
+    )?;
+    unchecked.dedup_by(|a, b| a.to_string() == b.to_string());
+    Ok(Config {
+        source: source.to_string(),
         lb,
+        host_ip: None,
+        host_address: None,
         supervisor,
         vpn,
-    } = file;
-    let vpn = validate_vpn(vpn, &err)?;
+        consul,
+        dns,
+        unchecked,
+    })
+}
+
+/// Validates `[consul]`.
+fn validate_consul(
+    consul: &ConsulSection,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<ConsulConfig, ConfigError> {
     let ConsulSection {
         http,
         dns: consul_dns,
@@ -764,7 +889,48 @@ pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> 
         datacenter: datacenter.clone(),
         resync: *resync,
     };
+    Ok(consul)
+}
 
+impl DnsConfig {
+    /// The dns settings of a command that does not run the dns, when `[dns]`
+    /// does not validate: its listen addresses as written (other components
+    /// must know them), everything else off or at its default.
+    fn inactive(dns: &DnsSection) -> Self {
+        let secs = |d: &Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+        DnsConfig {
+            listen: dns.listen.clone(),
+            allow: dns.allow.clone(),
+            upstreams: Vec::new(),
+            zones_dir: dns.zones_dir.clone(),
+            zones_poll: dns.zones_poll,
+            wildcard_domain: None,
+            wildcard_targets: Vec::new(),
+            wildcard_ttl: secs(&dns.wildcard_ttl),
+            consul_a_records: ConsulARecords::Consul,
+            consul_timeout: dns.consul_timeout,
+            upstream_timeout: dns.upstream_timeout,
+            cache_bytes: dns.cache_bytes,
+            max_ttl: secs(&dns.max_ttl),
+            negative_max_ttl: secs(&dns.negative_max_ttl),
+            serve_stale: dns.serve_stale,
+            workers: dns.workers.max(1),
+            max_inflight: dns.max_inflight.max(1),
+            max_forwarded: dns.max_forwarded.max(1),
+            tcp_idle_timeout: dns.tcp_idle_timeout,
+            tcp_connections_per_source: dns.tcp_connections_per_source.max(1),
+        }
+    }
+}
+
+/// Validates `[dns]`: `consul` for the domain overlap, `vpn` for the tunnel
+/// address it also answers on.
+fn validate_dns(
+    dns: &DnsSection,
+    consul: &ConsulConfig,
+    vpn: &VpnConfig,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<DnsConfig, ConfigError> {
     let DnsSection {
         listen,
         allow,
@@ -894,39 +1060,27 @@ pub fn validate(file: &FileConfig, source: &str) -> Result<Config, ConfigError> 
         );
     }
     let secs = |d: &Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
-    let lb = validate_lb(lb, wildcard_domain.as_ref(), &err)?;
-    let supervisor = validate_supervisor(supervisor, &err)?;
-
-    Ok(Config {
-        source: source.to_string(),
-        lb,
-        host_ip: None,
-        host_address: None,
-        supervisor,
-        vpn,
-        consul,
-        dns: DnsConfig {
-            listen: listen.clone(),
-            allow: allow.clone(),
-            upstreams: resolved,
-            zones_dir: zones_dir.clone(),
-            zones_poll: *zones_poll,
-            wildcard_domain,
-            wildcard_targets,
-            wildcard_ttl: secs(wildcard_ttl),
-            consul_a_records: *consul_a_records,
-            consul_timeout: *consul_timeout,
-            upstream_timeout: *upstream_timeout,
-            cache_bytes: *cache_bytes,
-            max_ttl: secs(max_ttl),
-            negative_max_ttl: secs(negative_max_ttl),
-            serve_stale: *serve_stale,
-            workers,
-            max_inflight: *max_inflight,
-            max_forwarded: *max_forwarded,
-            tcp_idle_timeout: *tcp_idle_timeout,
-            tcp_connections_per_source: *tcp_connections_per_source,
-        },
+    Ok(DnsConfig {
+        listen: listen.clone(),
+        allow: allow.clone(),
+        upstreams: resolved,
+        zones_dir: zones_dir.clone(),
+        zones_poll: *zones_poll,
+        wildcard_domain,
+        wildcard_targets,
+        wildcard_ttl: secs(wildcard_ttl),
+        consul_a_records: *consul_a_records,
+        consul_timeout: *consul_timeout,
+        upstream_timeout: *upstream_timeout,
+        cache_bytes: *cache_bytes,
+        max_ttl: secs(max_ttl),
+        negative_max_ttl: secs(negative_max_ttl),
+        serve_stale: *serve_stale,
+        workers,
+        max_inflight: *max_inflight,
+        max_forwarded: *max_forwarded,
+        tcp_idle_timeout: *tcp_idle_timeout,
+        tcp_connections_per_source: *tcp_connections_per_source,
     })
 }
 

@@ -165,23 +165,25 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
         Command::Check { config, restricted } => {
             let layered = restricted_env(restricted.as_deref())?;
             let env: &dyn env::Env = layered.as_ref().map_or(&env::ProcessEnv, |l| l);
-            let (file, config) = config::load(config.as_deref(), env).map_err(AppError::Config)?;
-            let plan = supervisor::roles::plan(env, &config).map_err(AppError::Config)?;
+            let (file, config, plan) = load_for_up(config.as_deref(), env)?;
             print!("{}", render_check(&file, &config, &plan, layered.as_ref()));
             Ok(())
         }
         Command::Up { config, restricted } => {
             let layered = restricted_env(restricted.as_deref())?;
             let env: &dyn env::Env = layered.as_ref().map_or(&env::ProcessEnv, |l| l);
-            let (_, config) = config::load(config.as_deref(), env).map_err(AppError::Config)?;
-            let plan = supervisor::roles::plan(env, &config).map_err(AppError::Config)?;
+            let (_, config, plan) = load_for_up(config.as_deref(), env)?;
             if let Some(l) = &layered {
                 tracing::info!(files = ?l.read, "PanteraS restricted folder read");
             }
             up(config, plan).await
         }
         Command::Status { config, admin, json } => {
-            let (_, config) = config::load(config.as_deref(), &env::ProcessEnv).map_err(AppError::Config)?;
+            let runs = config::Runs {
+                supervisor: true,
+                ..config::Runs::NONE
+            };
+            let (_, config) = config::load(config.as_deref(), &env::ProcessEnv, runs).map_err(AppError::Config)?;
             let addr = admin.or(config.supervisor.admin).ok_or_else(|| {
                 AppError::Config(ConfigError {
                     file: config.source.clone(),
@@ -206,7 +208,12 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
             Ok(())
         }
         Command::Dns { config } => {
-            let (_, config) = config::load(config.as_deref(), &env::ProcessEnv).map_err(AppError::Config)?;
+            let runs = config::Runs {
+                dns: true,
+                ..config::Runs::NONE
+            };
+            let (_, config) = config::load(config.as_deref(), &env::ProcessEnv, runs).map_err(AppError::Config)?;
+            log_unchecked(&config);
             tracing::info!(config = %config.source, "starting dns");
             let sockets = dns::DnsSockets::bind(&config.dns.listen, config.dns.workers).map_err(AppError::Dns)?;
             let control = dns::DnsControl::default();
@@ -220,7 +227,12 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
             .await
         }
         Command::Lb { config } => {
-            let (_, config) = config::load(config.as_deref(), &env::ProcessEnv).map_err(AppError::Config)?;
+            let runs = config::Runs {
+                lb: true,
+                ..config::Runs::NONE
+            };
+            let (_, config) = config::load(config.as_deref(), &env::ProcessEnv, runs).map_err(AppError::Config)?;
+            log_unchecked(&config);
             tracing::info!(config = %config.source, "starting lb");
             let sockets = lb::LbSockets::bind(&config.lb).map_err(AppError::Lb)?;
             let state = lb::LbState::new(&lb::table_config(&config));
@@ -233,7 +245,12 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
             .await
         }
         Command::Vpn { config, action } => {
-            let (_, config) = config::load(config.as_deref(), &env::ProcessEnv).map_err(AppError::Config)?;
+            let runs = config::Runs {
+                vpn: true,
+                ..config::Runs::NONE
+            };
+            let (_, config) = config::load(config.as_deref(), &env::ProcessEnv, runs).map_err(AppError::Config)?;
+            log_unchecked(&config);
             match action {
                 Some(VpnCommand::Peer { command }) => vpn_peer(&config, command),
                 None => {
@@ -308,6 +325,35 @@ fn vpn_peer(config: &config::Config, command: PeerCommand) -> Result<(), AppErro
             }
             Ok(())
         }
+    }
+}
+
+/// `up`'s (and `check`'s) configuration: a first look, the role's plan from it,
+/// then the sections of what the plan starts checked strictly.
+fn load_for_up(
+    path: Option<&std::path::Path>,
+    env: &dyn env::Env,
+) -> Result<(config::FileConfig, config::Config, supervisor::roles::Plan), AppError> {
+    let (file, first) = config::load(path, env, config::Runs::NONE).map_err(AppError::Config)?;
+    let plan = supervisor::roles::plan(env, &first).map_err(AppError::Config)?;
+    let runs = config::Runs {
+        dns: plan.starts("dns"),
+        lb: plan.starts("lb"),
+        // The file (or START_VPN) turning the vpn on is checked even where the
+        // plan leaves it off, so a mistake in it is never silent.
+        vpn: plan.starts("vpn") || file.vpn.enabled,
+        supervisor: true,
+    };
+    let config = config::recheck(&file, &first, runs).map_err(AppError::Config)?;
+    let plan = supervisor::roles::plan(env, &config).map_err(AppError::Config)?;
+    log_unchecked(&config);
+    Ok((file, config, plan))
+}
+
+/// Says what was not checked because this command does not run it.
+fn log_unchecked(config: &config::Config) {
+    for problem in &config.unchecked {
+        tracing::info!(%problem, "not checked: its component does not run here");
     }
 }
 
@@ -433,6 +479,11 @@ pub fn render_check(
     out.push_str("# environment variables read:\n");
     for (var, what) in env::VARS {
         out.push_str(&format!("#   {var:<22} {what}\n"));
+    }
+    for problem in &config.unchecked {
+        out.push_str(&format!(
+            "# not checked (its component does not start here): {problem}\n"
+        ));
     }
     out.push_str("configuration ok\n");
     out

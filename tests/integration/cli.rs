@@ -592,3 +592,61 @@ async fn lb_with_a_broken_certificate_exits_64_naming_the_file() {
     assert_eq!(status.code(), Some(EXIT_CONFIG), "{log}");
     assert!(log.contains("site.pem") && log.contains("certificate"), "{log}");
 }
+
+/// A command checks the sections of what it runs: `wayfinder lb` starts with a
+/// `[dns]` the dns would refuse (PanteraS's HAPROXY_ADD_DOMAIN without targets,
+/// a loop upstream), `wayfinder dns` refuses it naming the key, and `check` on a
+/// host whose role does not start the lb shows a bad `[lb]` as not checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_command_checks_what_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("w.toml");
+    let dns_port = free_port();
+    std::fs::write(
+        &config,
+        format!(
+            "[consul]\nhttp = \"127.0.0.1:{}\"\n\
+             [dns]\nlisten = [\"127.0.0.1:{dns_port}\"]\nupstreams = [\"127.0.0.1:{dns_port}\"]\n\
+             [lb]\nhttp = \"127.0.0.1:{}\"\nstats = \"\"\nregister = \"\"\n",
+            free_port(),
+            free_port(),
+        ),
+    )
+    .unwrap();
+    let env = [("HAPROXY_ADD_DOMAIN", ".apps.example.com")];
+    let mut lb = Running::spawn(
+        wayfinder(dir.path(), &["lb", "-c", config.to_str().unwrap()], &env),
+        dir.path().join("lb.log"),
+    );
+    let exited = lb.wait_exit(Duration::from_secs(3)).await;
+    assert!(exited.is_none(), "the lb stopped on [dns]: {exited:?}\n{}", lb.log());
+    assert!(lb.log().contains("not checked"), "{}", lb.log());
+    lb.signal(libc::SIGTERM);
+    let status = lb.wait_exit(Duration::from_secs(15)).await.expect("stops on SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", lb.log());
+
+    let out = wayfinder(dir.path(), &["dns", "-c", config.to_str().unwrap()], &env)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG));
+    // The first of its two problems (which one depends on whether this machine
+    // gives a host address to guess).
+    let err = stderr(&out);
+    assert!(err.contains("dns.wildcard_targets") || err.contains("dns.upstreams"), "{err}");
+
+    // A slave-less host (no lb) with a broken [lb]: check passes and says so.
+    let (_, out, _d) = check(
+        "[dns]\nupstreams = [\"192.0.2.1\"]\n[lb]\nstats = \"nope\"\n",
+        &[("SLAVE", "false")],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("# not checked (its component does not start here)") && stdout(&out).contains("lb.stats"),
+        "{}",
+        stdout(&out)
+    );
+    // Where the lb starts, the same file is an error.
+    let (_, out, _d) = check("[dns]\nupstreams = [\"192.0.2.1\"]\n[lb]\nstats = \"nope\"\n", &[]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG));
+    assert!(stderr(&out).contains("lb.stats"), "{}", stderr(&out));
+}
