@@ -959,7 +959,7 @@ fn validate_dns(
         return Err(err("dns.listen", "needs at least one address".into()));
     }
     // With the vpn on, laptops ask the dns on the tunnel address (see `vpn_dns`).
-    let (listen, allow) = &vpn_dns(&vpn, listen, allow);
+    let (listen, allow) = &vpn_dns(vpn, listen, allow);
     for (key, d) in [
         ("dns.consul_timeout", consul_timeout),
         ("dns.upstream_timeout", upstream_timeout),
