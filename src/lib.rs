@@ -287,6 +287,7 @@ fn vpn_peer(config: &config::Config, command: PeerCommand) -> Result<(), AppErro
 /// it fails by itself (a unit's supervisor died: exit 70; a panic: exit 70).
 async fn up(config: config::Config) -> Result<(), AppError> {
     let plan = supervisor::roles::plan(&env::ProcessEnv, &config).map_err(AppError::Config)?;
+    supervisor::consul::require_command(&config, &plan, &env::ProcessEnv).map_err(AppError::Config)?;
     tracing::info!(config = %config.source, role = plan.role(), "starting up");
     // Orphaned grandchildren of our programs are re-parented to us and reaped.
     let adopt = match supervisor::reaper::become_subreaper() {
