@@ -370,6 +370,12 @@ pub fn render_check(file: &config::FileConfig, config: &config::Config, plan: &s
         config.vpn.subnet(),
         vpn::client_endpoint(config).unwrap_or_else(|_| "(unset: set vpn.endpoint or HOST_IP)".into())
     ));
+    if let Some(https) = config.lb.https.as_ref().filter(|h| h.certs.is_empty()) {
+        out.push_str(&format!(
+            "# lb https: no lb.certs: a self-signed certificate of its own, kept in {}\n",
+            https.state_dir.join(lb::selfsigned::FILE).display()
+        ));
+    }
     out.push_str("# environment variables read:\n");
     for (var, what) in env::VARS {
         out.push_str(&format!("#   {var:<22} {what}\n"));
