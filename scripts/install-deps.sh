@@ -13,6 +13,8 @@ want_bench=0
 [ "${1:-}" = "--bench" ] && want_bench=1
 
 packages=(bind9-dnsutils knot-dnsutils unbound dnsmasq-base iproute2 procps ca-certificates curl nginx-light)
+# The quick-start test clones the repository.
+packages+=(git)
 # up: the status-page test drives headless Chromium; the deploy test runs
 # `systemd-analyze verify` on deploy/wayfinder.service.
 packages+=(chromium systemd)

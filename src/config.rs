@@ -116,9 +116,16 @@ pub struct LbSection {
     /// (HAProxy's format), or directories whose `*.pem` files are all loaded. The
     /// certificate is chosen by SNI from the names it covers (wildcards too); the
     /// first one answers clients that send no or an unknown name. Files are
-    /// re-read when they change. Required when `ssl` is on. Default none.
+    /// re-read when they change. Default none: with `ssl` on, the lb serves a
+    /// self-signed certificate of its own for this host's names (made once, kept
+    /// in `state_dir`) until files are given here.
     #[serde(default)]
     pub certs: Vec<PathBuf>,
+    /// Directory of the lb's own state: `selfsigned.pem` (0600), the
+    /// certificate HTTPS uses while `certs` is empty; created 0700. Default `lb`,
+    /// relative to the working directory.
+    #[serde(default = "default_lb_state_dir")]
+    pub state_dir: PathBuf,
     /// Stats listener: the status page at `/` and the counters as JSON at
     /// `/stats.json`. Default `0.0.0.0:81`; `""` turns it off; `LISTEN_IP` replaces
     /// the address.
@@ -154,6 +161,9 @@ fn default_lb_tcp_ports() -> Vec<String> {
 }
 fn default_lb_https() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 443))
+}
+fn default_lb_state_dir() -> PathBuf {
+    PathBuf::from("lb")
 }
 fn default_lb_stats() -> String {
     "0.0.0.0:81".into()
@@ -449,8 +459,10 @@ pub struct LbConfig {
 pub struct HttpsConfig {
     /// HTTPS listener.
     pub listen: SocketAddr,
-    /// PEM files and directories of PEM files.
+    /// PEM files and directories of PEM files; empty: the self-signed one.
     pub certs: Vec<PathBuf>,
+    /// Where the self-signed certificate is kept.
+    pub state_dir: PathBuf,
 }
 
 /// Validated `[consul]`.
@@ -1104,25 +1116,21 @@ fn validate_lb(
         ssl,
         https,
         certs,
+        state_dir,
         stats,
         workers,
         backend_networks,
         tcp_ports,
     } = lb;
     let tcp_ports = crate::lb::policy::PortRanges::parse(tcp_ports).map_err(|p| err("lb.tcp_ports", p))?;
-    let https = match (ssl, certs.is_empty()) {
-        (false, _) => None,
-        (true, true) => {
-            return Err(err(
-                "lb.certs",
-                "HTTPS is on (lb.ssl or HAPROXY_SSL) but no certificate files are given".into(),
-            ));
-        }
-        (true, false) => Some(HttpsConfig {
-            listen: *https,
-            certs: certs.clone(),
-        }),
-    };
+    if state_dir.as_os_str().is_empty() {
+        return Err(err("lb.state_dir", "must name a directory".into()));
+    }
+    let https = ssl.then(|| HttpsConfig {
+        listen: *https,
+        certs: certs.clone(),
+        state_dir: state_dir.clone(),
+    });
     let stats = match stats.trim() {
         "" => None,
         text => Some(
@@ -1457,10 +1465,15 @@ mod tests {
         assert!(c.lb.https.is_none(), "HTTPS is off by default");
         assert_eq!(c.lb.stats, Some("0.0.0.0:81".parse().unwrap()));
 
-        let e = check(&format!("{MIN}[lb]\nssl = true\n"), &[]).unwrap_err();
-        assert_eq!(e.key, "lb.certs", "{e}");
-        let e = check(MIN, &[("HAPROXY_SSL", "true")]).unwrap_err();
-        assert_eq!(e.key, "lb.certs", "HAPROXY_SSL turns HTTPS on: {e}");
+        // HTTPS without certificate files: the self-signed one, kept in state_dir.
+        let c = check(&format!("{MIN}[lb]\nssl = true\n"), &[]).unwrap();
+        let https = c.lb.https.expect("on");
+        assert!(https.certs.is_empty());
+        assert_eq!(https.state_dir, PathBuf::from("lb"));
+        let c = check(MIN, &[("HAPROXY_SSL", "true")]).unwrap();
+        assert!(c.lb.https.is_some(), "HAPROXY_SSL turns HTTPS on");
+        let e = check(&format!("{MIN}[lb]\nssl = true\nstate_dir = \"\"\n"), &[]).unwrap_err();
+        assert_eq!(e.key, "lb.state_dir", "{e}");
         let e = check(MIN, &[("HAPROXY_SSL", "maybe")]).unwrap_err();
         assert!(e.to_string().contains("HAPROXY_SSL"), "{e}");
 

@@ -375,6 +375,7 @@ fn restricted_env(dir: Option<&std::path::Path>) -> Result<Option<restricted::La
 /// SIGTERM/SIGINT (which stops it all in reverse order and exits 0), or until
 /// it fails by itself (a unit's supervisor died: exit 70; a panic: exit 70).
 async fn up(config: config::Config, plan: supervisor::roles::Plan) -> Result<(), AppError> {
+    supervisor::consul::require_command(&config, &plan, &env::ProcessEnv).map_err(AppError::Config)?;
     tracing::info!(config = %config.source, role = plan.role(), "starting up");
     match &config.host_address {
         Some(h) => tracing::info!("host address {} ({})", h.ip, h.from),
@@ -476,6 +477,12 @@ pub fn render_check(
         config.vpn.subnet(),
         vpn::client_endpoint(config).unwrap_or_else(|_| "(unset: set vpn.endpoint or HOST_IP)".into())
     ));
+    if let Some(https) = config.lb.https.as_ref().filter(|h| h.certs.is_empty()) {
+        out.push_str(&format!(
+            "# lb https: no lb.certs: a self-signed certificate of its own, kept in {}\n",
+            https.state_dir.join(lb::selfsigned::FILE).display()
+        ));
+    }
     out.push_str("# environment variables read:\n");
     for (var, what) in env::VARS {
         out.push_str(&format!("#   {var:<22} {what}\n"));

@@ -13,6 +13,7 @@
 //!  health::run: haproxy_httpchk / TCP connect checks every 2 s (rise 2, fall 3)
 //!  remote::run: svc.service.<dc>.<domain> names polled in that datacenter on demand
 //!  tls::watch: certificate files re-read when they change
+//!  selfsigned: HTTPS on and no certificate files: the lb's own certificate
 //!  status::serve: the stats listener (status page, /stats.json)
 //! ```
 //!
@@ -34,6 +35,7 @@ pub mod policy;
 pub mod proxy;
 pub mod register;
 pub mod remote;
+pub mod selfsigned;
 pub mod stats;
 pub mod status;
 pub mod table;
@@ -240,6 +242,27 @@ pub fn table_config(config: &Config) -> TableConfig {
     }
 }
 
+/// HTTPS without certificate files: the lb's own self-signed certificate for
+/// this host's names, kept in `state_dir` (see [`selfsigned`]), marked so on the
+/// status pages and logged with its fingerprint.
+fn self_signed(config: &Config, state_dir: &std::path::Path) -> Result<tls::CertIndex, tls::CertError> {
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
+    let names = selfsigned::names(hostname.as_deref(), config.host_ip, config.lb.add_domain.as_deref());
+    let made = selfsigned::load_or_create(state_dir, &names)?;
+    let mut index = tls::CertIndex::load(std::slice::from_ref(&made.path))?;
+    for cert in &mut index.certs {
+        cert.self_signed = true;
+    }
+    tracing::warn!(
+        file = %made.path.display(),
+        sha256 = %made.fingerprint,
+        names = ?names,
+        "lb: HTTPS with a self-signed certificate ({}); configure lb.certs to replace it",
+        if made.created { "made now" } else { "kept from an earlier start" },
+    );
+    Ok(index)
+}
+
 /// Runs the load balancer on `sockets` until `shutdown` is cancelled; in-flight
 /// requests are given the grace the caller allows.
 pub async fn run(
@@ -254,7 +277,12 @@ pub async fn run(
     // Certificates first: a bad file is a start-up error, before any listener serves.
     let tls = match &config.lb.https {
         Some(https) => {
-            let resolver = tls::SniResolver::new(tls::CertIndex::load(&https.certs).map_err(LbError::Certs)?);
+            let index = if https.certs.is_empty() {
+                self_signed(config, &https.state_dir).map_err(LbError::Certs)?
+            } else {
+                tls::CertIndex::load(&https.certs).map_err(LbError::Certs)?
+            };
+            let resolver = tls::SniResolver::new(index);
             let _ = state.certs.set(resolver.clone());
             Some(tokio_rustls::TlsAcceptor::from(
                 tls::server_config(resolver).map_err(LbError::Tls)?,
@@ -263,7 +291,9 @@ pub async fn run(
         None => None,
     };
     let tasks = TaskTracker::new();
-    if let (Some(https), Some(resolver)) = (&config.lb.https, state.certs.get()) {
+    if let (Some(https), Some(resolver)) = (&config.lb.https, state.certs.get())
+        && !https.certs.is_empty()
+    {
         tasks.spawn(tls::watch(https.certs.clone(), resolver.clone(), shutdown.clone()));
     }
     let view = consul.catalog().map_err(LbError::Consul)?;

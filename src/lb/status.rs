@@ -245,6 +245,26 @@ impl LbStatus {
             }
             refused.push_str("</ul>");
         }
+        let mut certs = String::new();
+        if !self.certificates.is_empty() {
+            certs.push_str("<h2>HTTPS certificates</h2><ul>");
+            for c in &self.certificates {
+                let whose = if c.self_signed {
+                    "<strong>self-signed</strong> (made by the lb: configure lb.certs to replace it), "
+                } else {
+                    ""
+                };
+                let _ = write!(
+                    certs,
+                    "<li><code>{}</code>: {}{whose}until {}, SHA-256 <code>{}</code></li>",
+                    escape(&c.file.display().to_string()),
+                    escape(&c.names.join(", ")),
+                    escape(&c.not_after),
+                    escape(&c.sha256),
+                );
+            }
+            certs.push_str("</ul>");
+        }
         let age = self
             .consul_view
             .as_ref()
@@ -267,7 +287,7 @@ impl LbStatus {
              <h1>wayfinder lb</h1><p>Consul: {consul}. Routing changes: {changes} (propagation p99 {p99}). \
              Requests: {total}. <a href=\"/stats.json\">JSON</a></p>\
              <table><thead><tr><th>service</th><th>datacenter</th><th>reached at</th><th>traffic</th></tr></thead>\
-             {rows}</table>{refused}</body></html>\n",
+             {rows}</table>{refused}{certs}</body></html>\n",
             changes = self.changes,
             total = self.requests.total(),
         )

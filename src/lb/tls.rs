@@ -62,6 +62,11 @@ pub struct CertInfo {
     pub names: Vec<String>,
     /// End of validity (RFC 3339).
     pub not_after: String,
+    /// SHA-256 of the certificate, `AB:CD:...`.
+    pub sha256: String,
+    /// The lb's own self-signed certificate (HTTPS on and no `lb.certs`), not
+    /// one the operator configured.
+    pub self_signed: bool,
 }
 
 /// The certificates in force, indexed by the names they serve.
@@ -170,6 +175,7 @@ fn load_pem(path: &Path) -> Result<(CertifiedKey, CertInfo), CertError> {
     let signing_key = rustls::crypto::ring::sign::any_supported_type(&key_der)
         .map_err(|e| invalid(format!("unsupported private key: {e}")))?;
     let (names, not_after) = leaf_names(leaf).map_err(invalid)?;
+    let sha256 = super::selfsigned::fingerprint(leaf.as_ref());
     let key = CertifiedKey::new(chain, signing_key);
     key.keys_match()
         .map_err(|e| invalid(format!("the private key does not belong to the certificate: {e}")))?;
@@ -179,6 +185,8 @@ fn load_pem(path: &Path) -> Result<(CertifiedKey, CertInfo), CertError> {
             file: path.to_path_buf(),
             names,
             not_after,
+            sha256,
+            self_signed: false,
         },
     ))
 }

@@ -640,9 +640,12 @@ async fn answer(state: Arc<SupervisorState>, req: Request<Incoming>) -> Response
             )
         }
         (&Method::POST, ["api", "vpn", "peers"]) => {
-            let added = match read_body(req).await {
-                Ok(body) => vpn_admin::add(&state, &body, is_form),
-                Err(refusal) => Err(refusal),
+            let (added, is_form) = match read_body(req).await {
+                Ok(body) => {
+                    let is_form = is_form && !vpn_admin::is_json_object(&body);
+                    (vpn_admin::add(&state, &body, is_form), is_form)
+                }
+                Err(refusal) => (Err(refusal), is_form),
             };
             match (added, is_form) {
                 (Ok(answer), false) => json(StatusCode::CREATED, &answer),

@@ -12,11 +12,22 @@
 //! setting) becomes a single-node server with `-bootstrap-expect 1`.
 
 use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::roles::{ConsulMode, Plan};
+use super::roles::{ConsulMode, Plan, UnitKind};
 use super::settings::{ProgramConfig, RestartPolicy};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+use crate::env::Env;
+
+/// How to get Consul, for the error when it is missing.
+pub const CONSUL_INSTALL: &str = "install Consul (`scripts/install-deps.sh` does, from Debian bullseye), \
+     or set supervisor.consul.command to its path; with a Consul agent that runs elsewhere, \
+     START_CONSUL=false";
+
+/// The search path `execvp` uses when `PATH` is unset (glibc's default).
+const DEFAULT_PATH: &str = "/bin:/usr/bin";
 
 /// How long Consul gets after SIGTERM before SIGKILL (it flushes its raft log).
 const CONSUL_STOP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -69,6 +80,50 @@ fn join_args(words: &[String]) -> Vec<String> {
         out.push("-retry-interval=2s".into());
     }
     out
+}
+
+/// Where `command` is run from: itself when it names a path (has a `/`), else
+/// the first executable file of that name in `path` (a `PATH` value), as
+/// `execvp` looks it up.
+pub fn find_executable(command: &Path, path: Option<&str>) -> Option<PathBuf> {
+    let executable = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if command.components().count() > 1 || command.is_absolute() {
+        return executable(command).then(|| command.to_path_buf());
+    }
+    std::env::split_paths(path.unwrap_or(DEFAULT_PATH))
+        .map(|dir| dir.join(command))
+        .find(|p| executable(p))
+}
+
+/// When `plan` starts the built-in Consul agent, its command must exist: a
+/// missing one is a configuration error at start (exit 64, naming the install
+/// step), not a unit that crash-loops into `failed` with every other unit
+/// waiting for a leader that never comes.
+pub fn require_command(config: &Config, plan: &Plan, env: &dyn Env) -> Result<(), ConfigError> {
+    if !plan.starting().any(|u| matches!(u.kind, UnitKind::Consul(_))) {
+        return Ok(());
+    }
+    let command = &config.supervisor.consul.command;
+    if find_executable(command, env.get("PATH").as_deref()).is_some() {
+        return Ok(());
+    }
+    let whence = if command.components().count() > 1 || command.is_absolute() {
+        "is not an executable file"
+    } else {
+        "is not in PATH"
+    };
+    Err(ConfigError {
+        file: config.source.clone(),
+        key: "supervisor.consul.command".into(),
+        problem: format!(
+            "up starts a Consul agent, but `{}` {whence}: {CONSUL_INSTALL}",
+            command.display()
+        ),
+    })
 }
 
 /// The built-in agent as a program.
@@ -219,5 +274,47 @@ mod tests {
             "[supervisor.consul]\nextra_args = [\"-serf-lan-port\", \"18301\"]\n",
         );
         assert_eq!(&a[a.len() - 2..], ["-serf-lan-port", "18301"]);
+    }
+
+    #[test]
+    fn a_missing_consul_command_is_found_out_before_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("consul");
+        std::fs::write(&bin, "#!/bin/sh\n").unwrap();
+        let path = dir.path().display().to_string();
+        let found = find_executable(Path::new("consul"), Some(&format!("/nonexistent:{path}")));
+        assert_eq!(found, None, "a file without an execute bit is no program");
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(
+            find_executable(Path::new("consul"), Some(&path)).as_deref(),
+            Some(bin.as_path())
+        );
+        assert_eq!(find_executable(&bin, None).as_deref(), Some(bin.as_path()));
+        assert_eq!(find_executable(Path::new("consul"), Some("/nonexistent")), None);
+        assert_eq!(find_executable(&dir.path().join("nope"), Some(&path)), None);
+
+        let config = |extra: &str, vars: &[(&str, &str)]| {
+            let env: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let text = format!("[dns]\nupstreams = [\"192.0.2.1\"]\n{extra}");
+            let file = crate::config::parse(&text, "t.toml", &env).unwrap();
+            let config = crate::config::validate(&file, "t.toml").unwrap();
+            let p = plan(&env, &config).unwrap();
+            require_command(&config, &p, &env)
+        };
+        let e = config("", &[("PATH", "/nonexistent")]).unwrap_err();
+        assert_eq!(e.key, "supervisor.consul.command");
+        assert!(
+            e.problem.contains("`consul` is not in PATH") && e.problem.contains("scripts/install-deps.sh"),
+            "{e}"
+        );
+        config("", &[("PATH", &path)]).unwrap();
+        // Not started: nothing to find.
+        config("", &[("PATH", "/nonexistent"), ("START_CONSUL", "false")]).unwrap();
+        config("[supervisor.consul]\nenabled = false\n", &[("PATH", "/nonexistent")]).unwrap();
+        let e = config("[supervisor.consul]\ncommand = \"/opt/consul/bin/consul\"\n", &[]).unwrap_err();
+        assert!(
+            e.problem.contains("`/opt/consul/bin/consul` is not an executable file"),
+            "{e}"
+        );
     }
 }

@@ -655,16 +655,29 @@ pub fn banner(state: &SupervisorState) -> String {
     if a.vpn.is_some() {
         match a.admin {
             Some(admin) => out.push_str(&format!(
-                "  curl -X POST -d '{{\"name\":\"laptop\"}}' http://{}/api/vpn/peers   (a WireGuard client config)\n",
+                "  curl -X POST -d '{{\"name\":\"laptop\"}}' http://{}/api/vpn/peers   # a WireGuard client config\n",
                 reachable(admin, config)
             )),
             None => out.push_str(&format!("  wayfinder vpn peer add laptop --qr -c {}\n", config.source)),
         }
     }
     if a.admin.is_some() {
-        out.push_str("  wayfinder status\n");
+        out.push_str(&format!("  {} status -c {}\n", invoked_as(), config.source));
     }
     out
+}
+
+/// How this binary was started, for commands to copy from the banner:
+/// `target/release/wayfinder` when run by a path (the standalone script),
+/// else `wayfinder` (from PATH, or a test binary running `up` in-process).
+fn invoked_as() -> String {
+    let ours = std::env::current_exe()
+        .ok()
+        .is_some_and(|p| p.file_name().is_some_and(|n| n == "wayfinder"));
+    std::env::args()
+        .next()
+        .filter(|a| ours && a.contains('/'))
+        .unwrap_or_else(|| "wayfinder".into())
 }
 
 #[cfg(test)]

@@ -76,7 +76,8 @@ pub struct ConsulProgramSection {
     /// Run it. Default: by role (every host); `START_CONSUL` overrides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
-    /// The consul executable (looked up in `PATH`). Default `consul`.
+    /// The consul executable (looked up in `PATH`). Default `consul`. When `up`
+    /// starts the agent and it cannot be found, `up` exits 64 naming the install step.
     #[serde(default = "default_consul_command")]
     pub command: PathBuf,
     /// Persistent state (`-data-dir`), relative to the working directory.

@@ -181,6 +181,19 @@ pub fn render(report: &StatusReport, q: &str) -> String {
     if let Some(h) = a.lb_https {
         let _ = write!(html, "<li>lb <code>https://{h}/</code></li>");
     }
+    for c in report.lb.iter().flat_map(|lb| &lb.certificates) {
+        let whose = if c.self_signed {
+            ", self-signed (configure lb.certs to replace it)"
+        } else {
+            ""
+        };
+        let _ = write!(
+            html,
+            "<li>lb certificate {}{whose}, SHA-256 <code>{}</code></li>",
+            escape(&c.names.join(", ")),
+            escape(&c.sha256)
+        );
+    }
     if let Some(h) = a.lb_stats {
         let _ = write!(html, "<li>lb stats <code>http://{h}/</code></li>");
     }

@@ -149,6 +149,14 @@ fn usable(state: &SupervisorState) -> Result<std::sync::Arc<VpnState>, Refusal> 
     }
 }
 
+/// True for a body that is a JSON object. `curl -d '{"name": ...}'`, as the
+/// README and the ready banner write it, labels its JSON as a form (curl's
+/// default type for `-d`); such a body is taken as JSON and answered with
+/// JSON, while a browser's form (`name=...`) gets the HTML page.
+pub fn is_json_object(body: &[u8]) -> bool {
+    body.trim_ascii_start().starts_with(b"{")
+}
+
 /// The peer name from a JSON (`{"name": "..."}`) or form (`name=...`) body.
 pub fn peer_name(body: &[u8], is_form: bool) -> Result<String, Refusal> {
     let bad = || {
@@ -157,17 +165,20 @@ pub fn peer_name(body: &[u8], is_form: bool) -> Result<String, Refusal> {
             "send the new peer's name: {\"name\": \"laptop-alice\"} as JSON, or name=laptop-alice from a form",
         )
     };
-    let name = if is_form {
-        form_urlencoded::parse(body)
-            .find(|(k, _)| k == "name")
-            .map(|(_, v)| v.into_owned())
-    } else {
+    let json = || {
         #[derive(serde::Deserialize)]
         #[serde(deny_unknown_fields)]
         struct AddPeer {
             name: String,
         }
         serde_json::from_slice::<AddPeer>(body).ok().map(|a| a.name)
+    };
+    let name = if is_form {
+        form_urlencoded::parse(body)
+            .find(|(k, _)| k == "name")
+            .map(|(_, v)| v.into_owned())
+    } else {
+        json()
     };
     let name = name.ok_or_else(bad)?.trim().to_string();
     if !vpn::peers::valid_name(&name) {
@@ -264,6 +275,8 @@ mod tests {
     fn names_come_from_json_or_forms_and_are_checked() {
         assert_eq!(peer_name(br#"{"name": "laptop"}"#, false).unwrap(), "laptop");
         assert_eq!(peer_name(b"name=alice%40home&x=1", true).unwrap(), "alice@home");
+        // curl -d without -H 'Content-Type: application/json'.
+        assert!(is_json_object(br#" {"name":"laptop"}"#) && !is_json_object(b"name=laptop"));
         for (body, form) in [
             (&b"{}"[..], false),
             (b"not json", false),

@@ -632,7 +632,10 @@ async fn each_command_checks_what_it_runs() {
     // The first of its two problems (which one depends on whether this machine
     // gives a host address to guess).
     let err = stderr(&out);
-    assert!(err.contains("dns.wildcard_targets") || err.contains("dns.upstreams"), "{err}");
+    assert!(
+        err.contains("dns.wildcard_targets") || err.contains("dns.upstreams"),
+        "{err}"
+    );
 
     // A slave-less host (no lb) with a broken [lb]: check passes and says so.
     let (_, out, _d) = check(
@@ -649,4 +652,66 @@ async fn each_command_checks_what_it_runs() {
     let (_, out, _d) = check("[dns]\nupstreams = [\"192.0.2.1\"]\n[lb]\nstats = \"nope\"\n", &[]);
     assert_eq!(out.status.code(), Some(EXIT_CONFIG));
     assert!(stderr(&out).contains("lb.stats"), "{}", stderr(&out));
+}
+
+/// `up` on a host without Consul: when its plan starts the built-in agent
+/// (the default), it exits 64 at once naming the install step, rather than
+/// crash-looping a unit; with `START_CONSUL=false` (an agent that runs
+/// elsewhere) the same PATH is fine and `up` runs until SIGTERM (exit 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_without_a_consul_binary_exits_64_naming_the_install_step() {
+    let dir = tempfile::tempdir().unwrap();
+    // A PATH with the usual tools but no consul: an empty directory.
+    let path = dir.path().join("bin");
+    std::fs::create_dir(&path).unwrap();
+    let config = dir.path().join("wayfinder.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[consul]\nhttp = \"127.0.0.1:{}\"\n[dns]\nlisten = [\"127.0.0.1:{}\"]\nupstreams = [\"192.0.2.1\"]\nworkers = 1\n\
+             [supervisor]\nadmin = \"\"\n",
+            free_port(),
+            free_port(),
+        ),
+    )
+    .unwrap();
+    let up = |vars: &[(&str, &str)], log: &str| {
+        let mut cmd = wayfinder(dir.path(), &["up", "-c", config.to_str().unwrap()], vars);
+        cmd.env("PATH", &path).env_remove("NOTIFY_SOCKET");
+        Running::spawn(cmd, dir.path().join(log))
+    };
+
+    let mut server = up(&[("START_LB", "false")], "no-consul.log");
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("up without consul still runs after 10 s; log:\n{}", server.log()));
+    let log = server.log();
+    assert_eq!(status.code(), Some(EXIT_CONFIG), "{log}");
+    for want in [
+        "supervisor.consul.command",
+        "`consul` is not in PATH",
+        "scripts/install-deps.sh",
+        "START_CONSUL=false",
+    ] {
+        assert!(log.contains(want), "`{want}` not in:\n{log}");
+    }
+    assert!(
+        !log.contains("starting up"),
+        "it stopped before starting anything:\n{log}"
+    );
+
+    let mut server = up(&[("START_LB", "false"), ("START_CONSUL", "false")], "elsewhere.log");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server.log().contains("dns listening") {
+        if let Some(status) = server.wait_exit(Duration::from_millis(100)).await {
+            panic!("up with START_CONSUL=false exited {status:?}:\n{}", server.log());
+        }
+        assert!(Instant::now() < deadline, "dns never started:\n{}", server.log());
+    }
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(20)).await;
+    let log = server.log();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{log}");
+    assert!(!log.contains("supervisor.consul.command"), "{log}");
 }

@@ -253,3 +253,138 @@ fn route_requests(lb: &Lb, svc: &str) -> u64 {
         .find(|r| r.service == svc)
         .map_or(0, |r| r.requests.status_classes[2])
 }
+
+/// `curl --cacert <ca> https://<host>:<port>/` connecting to `addr`: the
+/// certificate must verify against `ca` for `host`. (status, body), or curl's
+/// error when the handshake or the verification fails.
+async fn curl_verified(addr: std::net::SocketAddr, host: &str, ca: &Path) -> Result<(u16, String), String> {
+    let out = tokio::process::Command::new(require("curl"))
+        .args(["-sS", "--max-time", "5", "--cacert"])
+        .arg(ca)
+        .args([
+            "--resolve",
+            &format!("{host}:{}:{}", addr.port(), addr.ip()),
+            "-w",
+            "\n%{http_code}",
+            &format!("https://{host}:{}/", addr.port()),
+        ])
+        .output()
+        .await
+        .expect("run curl");
+    if !out.status.success() {
+        return Err(format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr)));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+}
+
+/// The SHA-256 of the first certificate in a PEM file, as the lb logs it.
+fn file_fingerprint(pem: &Path) -> String {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let der = CertificateDer::from_pem_file(pem).unwrap_or_else(|e| panic!("{}: {e}", pem.display()));
+    wayfinder::lb::selfsigned::fingerprint(der.as_ref())
+}
+
+/// The lb's certificates as `/stats.json` lists them.
+async fn stats_certificates(lb: &Lb) -> Vec<serde_json::Value> {
+    let json: serde_json::Value = lb
+        .client
+        .get(format!("http://{}/stats.json", lb.stats))
+        .send()
+        .await
+        .expect("stats.json")
+        .json()
+        .await
+        .expect("JSON");
+    json["certificates"].as_array().cloned().unwrap_or_default()
+}
+
+/// HTTPS on without certificate files (PanteraS's first start served its
+/// default certificate): the lb makes a self-signed certificate for the host's
+/// names and the wildcard domain, 0600 in `lb.state_dir`; a client that trusts
+/// that file gets a routed answer; a restart serves the same certificate
+/// (same fingerprint, file untouched); configured files replace it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_without_certificates_serves_a_kept_self_signed_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let consul = Consul::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (svc, _backend) = tagged_backend(consul, "selfsig", "first-start").await;
+    let toml = |certs: &str| {
+        format!(
+            "{}[dns]\nwildcard_domain = \".apps.example.com\"\nwildcard_targets = [\"127.0.0.1\"]\n\
+             [lb]\nssl = true\nstate_dir = \"{}\"\n{certs}",
+            consul_section(consul),
+            state.display()
+        )
+    };
+    let pem = state.join("selfsigned.pem");
+
+    let lb = Lb::start(&toml("")).await;
+    lb.wait_for(&format!("{svc}.service"), "/", &["first-start"]).await;
+    let https = lb.https.expect("https listener");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&pem), 0o600);
+    let made = std::fs::read(&pem).unwrap();
+    let fingerprint = file_fingerprint(&pem);
+    // The names it was made for verify (localhost: the landing page).
+    let answer = curl_verified(https, "localhost", &pem).await;
+    assert!(matches!(&answer, Ok((200, _))), "localhost: {answer:?}");
+    assert_eq!(
+        curl_verified(https, &format!("{svc}.apps.example.com"), &pem).await,
+        Ok((200, "first-start".into()))
+    );
+    let rejected = curl_verified(https, "elsewhere.example.test", &pem).await;
+    assert!(rejected.is_err(), "a name it was not made for: {rejected:?}");
+    let certs = stats_certificates(&lb).await;
+    assert_eq!(certs.len(), 1, "{certs:?}");
+    assert_eq!(certs[0]["self_signed"], true, "{certs:?}");
+    assert_eq!(certs[0]["sha256"], fingerprint.as_str(), "{certs:?}");
+    let page = lb
+        .client
+        .get(format!("http://{}/", lb.stats))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("self-signed") && page.contains(&fingerprint), "{page}");
+    lb.stop().await;
+
+    // The next start: the same certificate, not a new one.
+    let lb = Lb::start(&toml("")).await;
+    lb.wait_for(&format!("{svc}.service"), "/", &["first-start"]).await;
+    let https = lb.https.expect("https listener");
+    assert_eq!(
+        curl_verified(https, &format!("{svc}.apps.example.com"), &pem).await,
+        Ok((200, "first-start".into()))
+    );
+    assert_eq!(std::fs::read(&pem).unwrap(), made, "the kept file was rewritten");
+    assert_eq!(stats_certificates(&lb).await[0]["sha256"], fingerprint.as_str());
+    lb.stop().await;
+
+    // Certificates configured: they are served, the self-signed one is not.
+    let site = dir.path().join("site.pem");
+    write_cert(&site, &["*.apps.example.com"]);
+    let lb = Lb::start(&toml(&format!("certs = [\"{}\"]\n", site.display()))).await;
+    lb.wait_for(&format!("{svc}.service"), "/", &["first-start"]).await;
+    let https = lb.https.expect("https listener");
+    let host = format!("{svc}.apps.example.com");
+    assert_eq!(
+        curl_verified(https, &host, &site).await,
+        Ok((200, "first-start".into()))
+    );
+    assert!(
+        curl_verified(https, &host, &pem).await.is_err(),
+        "still the self-signed one"
+    );
+    let certs = stats_certificates(&lb).await;
+    assert_eq!(certs.len(), 1, "{certs:?}");
+    assert_eq!(certs[0]["self_signed"], false, "{certs:?}");
+    assert_eq!(certs[0]["sha256"], file_fingerprint(&site).as_str());
+}

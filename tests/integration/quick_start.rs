@@ -1,0 +1,290 @@
+//! The README's quick start, as a newcomer meets it: a fresh `git clone` of
+//! this repository (the committed HEAD of the tree the test was built from,
+//! `CARGO_MANIFEST_DIR`), then the README's vpn command exactly as the README
+//! writes it (read from the clone's README, `<this host's address>` filled in),
+//! inside a fresh network namespace so that ports 53, 80, 8500 and 9000 are
+//! free. Then the banner's "try" commands, each run as printed (`sh -c`): the
+//! service registration, `dig` against port 53, `curl` through the lb on port
+//! 80, the vpn peer from the admin API; the client config it gives brings up a
+//! wireguard-go laptop in a second namespace, which resolves the service
+//! through the tunnel's DNS and reaches it on the tunnel address. Ctrl-C's
+//! SIGTERM stops it all with exit 0.
+//!
+//! What differs from a newcomer's run, and why:
+//! - `WAYFINDER_BIN` (honoured by scripts/standalone.sh) points at the binary
+//!   this test was built with: the clone is not built a second time (a release
+//!   build from scratch takes many minutes on a 2-core machine). The script's
+//!   install step (`scripts/install-deps.sh`) runs as written; with everything
+//!   installed it only checks.
+//! - `/run/wireguard` is a private tmpfs in the appliance's mount namespace
+//!   (`ip netns exec` gives it one): the quick start's vpn uses the default
+//!   interface name `wf0`, and its control socket must not meet another one.
+//! - The service is a real nginx in the appliance namespace on port 8080 of
+//!   every address (as a container's published port is), registered by the
+//!   banner's own `curl -X PUT` (address 127.0.0.1, port 8080). The standalone
+//!   lb listens on loopback only, so the laptop reaches the service at the
+//!   tunnel address on the port its SRV answer names.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::{require, wayfinder_bin};
+use crate::netns::{Netns, WireguardGo, link, run};
+
+/// The appliance's address on the laptop's network: the README's HOST_IP.
+const HOST_IP: &str = "10.252.0.1";
+const LAPTOP_IP: &str = "10.252.0.2";
+
+/// The README's vpn quick-start command with `<...>` in `HOST_IP=<...>`
+/// replaced by `host_ip`.
+fn readme_vpn_command(readme: &str, host_ip: &str) -> String {
+    let text = readme.split_whitespace().collect::<Vec<_>>().join(" ");
+    let start = text
+        .find("`START_VPN=true")
+        .unwrap_or_else(|| panic!("the README has no `START_VPN=true ...` quick-start command"));
+    let rest = &text[start + 1..];
+    let command = &rest[..rest.find('`').expect("closing backtick")];
+    assert!(
+        command.ends_with("scripts/standalone.sh"),
+        "the README's vpn quick start: {command}"
+    );
+    let at = command.find("HOST_IP=<").expect("HOST_IP=<...> in the command") + "HOST_IP=".len();
+    let end = at + command[at..].find('>').expect("HOST_IP=<...>") + 1;
+    format!("{}{host_ip}{}", &command[..at], &command[end..])
+}
+
+/// The commands under `try:` in the banner, one per line.
+fn try_lines(banner: &str) -> Vec<String> {
+    banner
+        .lines()
+        .skip_while(|l| l.trim() != "try:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+/// `sh -c line` in `ns` with `dir` as working directory: (success, stdout).
+fn shell(ns: &Netns, dir: &Path, line: &str) -> (bool, String, String) {
+    let out = ns
+        .cmd("sh")
+        .args(["-c", line])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sh");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `line` until `ok` holds for its output, within `limit`.
+fn until(ns: &Netns, dir: &Path, line: &str, limit: Duration, log: &Path, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (success, out, err) = shell(ns, dir, line);
+        if success && ok(&out) {
+            return out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "`{line}` did not give what was wanted in {limit:?}: {out}{err}\nlog of the quick start:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A real nginx in `ns` answering `body` on port 8080 of every address.
+fn nginx(ns: &mut Netns, dir: &Path, body: &str) {
+    let d = dir.display();
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+             error_log {d}/error.log warn;\nevents {{ worker_connections 64; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             server {{\n    listen 8080;\n    location / {{ return 200 \"{body}\"; }}\n  }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = ns.cmd(require("nginx").to_str().unwrap());
+    cmd.args(["-p", &d.to_string(), "-c", "nginx.conf"]);
+    ns.spawn(cmd, &dir.join("nginx.out"));
+}
+
+/// Pids of processes named `comm` in `ns`.
+fn pids_named(ns: &Netns, comm: &str) -> Vec<libc::pid_t> {
+    let out = run(Command::new("ip").args(["netns", "pids", &ns.name]));
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm))
+        .filter_map(|pid| pid.parse().ok())
+        .collect()
+}
+
+#[test]
+fn readme_quick_start_with_the_vpn_works_in_a_fresh_clone() {
+    for p in [
+        "git",
+        "bash",
+        "consul",
+        "curl",
+        "dig",
+        "nginx",
+        "ping",
+        "wireguard-go",
+        "wg",
+        "wg-quick",
+        "nft",
+    ] {
+        require(p);
+    }
+    // Dropped last: after the namespaces (and everything running in them).
+    let work = tempfile::tempdir().unwrap();
+    let clone = work.path().join("wayfinder");
+    run(Command::new("git")
+        .args(["clone", "--quiet", env!("CARGO_MANIFEST_DIR")])
+        .arg(&clone));
+    let vpn_mode = |clone: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(clone.join("vpn")).map(|m| m.permissions().mode() & 0o777)
+    };
+    let readme = std::fs::read_to_string(clone.join("README.md")).expect("README.md in the clone");
+    let command = readme_vpn_command(&readme, HOST_IP);
+
+    let mut app = Netns::new();
+    let mut laptop = Netns::new();
+    link(
+        &app,
+        "wan0",
+        &format!("{HOST_IP}/24"),
+        &laptop,
+        "wan",
+        &format!("{LAPTOP_IP}/24"),
+    );
+    let backend = work.path().join("nginx");
+    std::fs::create_dir(&backend).unwrap();
+    nginx(&mut app, &backend, "hello from web");
+
+    let log = work.path().join("quick-start.log");
+    let mut cmd = app.cmd("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "mkdir -p /run/wireguard && mount -t tmpfs -o mode=0755 quick-start /run/wireguard || exit 1\n{command}"
+        ))
+        .current_dir(&clone)
+        .env("WAYFINDER_BIN", wayfinder_bin())
+        .env_remove("RUST_LOG")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("CARGO_TARGET_DIR");
+    for (var, _) in wayfinder::env::VARS {
+        cmd.env_remove(var);
+    }
+    app.spawn(cmd, &log);
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut started = false;
+    while !read_log().contains("wayfinder up: ready") {
+        assert!(
+            Instant::now() < deadline,
+            "`{command}` never printed its ready banner:\n{}",
+            read_log()
+        );
+        // (Not in the namespace yet while `ip netns exec` itself starts.)
+        let running = ["sh", "bash", "wayfinder"]
+            .iter()
+            .any(|c| !pids_named(&app, c).is_empty());
+        assert!(
+            running || !started,
+            "`{command}` ended before its ready banner:\n{}",
+            read_log()
+        );
+        started |= running;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let banner = read_log();
+    assert_eq!(vpn_mode(&clone).ok(), Some(0o700), "vpn/ made private:\n{banner}");
+    for want in ["vpn      running", &format!("vpn      udp {HOST_IP}:51820")] {
+        assert!(banner.contains(want), "`{want}` not in:\n{banner}");
+    }
+
+    // The banner's commands, as printed.
+    let lines = try_lines(&banner);
+    let line = |start: &str| {
+        lines
+            .iter()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no `{start} ...` under try: in\n{banner}"))
+            .clone()
+    };
+    let register = line("curl -X PUT");
+    assert!(register.contains("\"Port\":8080"), "{register}");
+    until(&app, &clone, &register, Duration::from_secs(30), &log, |_| true);
+    let dig = line("dig @127.0.0.1 -p 53 ");
+    until(&app, &clone, &dig, Duration::from_secs(30), &log, |out| {
+        out.contains("status: NOERROR") && out.lines().any(|l| l.contains("\tSRV\t") && l.contains(" 8080 "))
+    });
+    let through_lb = line("curl -H 'Host: web.service.consul' http://127.0.0.1:80/");
+    until(&app, &clone, &through_lb, Duration::from_secs(30), &log, |out| {
+        out == "hello from web"
+    });
+    let status = line(&format!("{} status", wayfinder_bin().display()));
+    until(&app, &clone, &status, Duration::from_secs(10), &log, |out| {
+        out.contains("web") && out.contains("wf0")
+    });
+
+    // The laptop's config from the admin API, with the banner's command.
+    let add_peer = line("curl -X POST");
+    let (ok, answer, err) = shell(&app, &clone, &add_peer);
+    assert!(ok, "{add_peer}: {err}");
+    let added: serde_json::Value =
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{add_peer}: {e}: {answer}\n{}", read_log()));
+    let config = added["config"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no client config in {added:#}"));
+    assert!(config.contains(&format!("Endpoint = {HOST_IP}:51820")), "{config}");
+    let dns = config
+        .lines()
+        .find_map(|l| l.strip_prefix("DNS = "))
+        .and_then(|v| v.split(',').next())
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no DNS = in\n{config}"));
+
+    let wg = WireguardGo::start(&mut laptop);
+    wg.configure(&laptop, config);
+    let up_log = || format!("quick start log:\n{}", read_log());
+    laptop.wait_for_srv(&dns, "web.service.consul", 8080, Duration::from_secs(30), up_log);
+    let curl = require("curl");
+    let url = format!("http://{dns}:8080/");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = laptop.output(curl.to_str().unwrap(), &["-s", "-m", "5", &url]);
+        if String::from_utf8_lossy(&out.stdout) == "hello from web" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the laptop never reached {url} through the tunnel\n{}",
+            read_log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    // Ctrl-C (SIGTERM here): everything stops, exit 0.
+    let ups = pids_named(&app, "wayfinder");
+    assert_eq!(ups.len(), 1, "one wayfinder up in the namespace: {ups:?}");
+    // SAFETY: kill(2) on the `up` this test started in its own namespace.
+    unsafe { libc::kill(ups[0], libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !read_log().contains("wayfinder up: stopped") || !pids_named(&app, "consul").is_empty() {
+        assert!(Instant::now() < deadline, "up did not stop:\n{}", read_log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // wg, laptop and app drop before `work` (declared first): nothing runs
+    // in the clone when it is removed.
+}
