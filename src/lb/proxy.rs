@@ -298,6 +298,10 @@ impl Proxy {
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
+                    if e.is_timeout() {
+                        // hyper's header timer: idle keep-alive, or a slow request head.
+                        self.state.stats.cut(Cut::Idle);
+                    }
                     tracing::debug!(%peer, error = %e, "lb client connection ended");
                 }
             }

@@ -82,8 +82,9 @@ pub struct LbStats {
     pub retries: AtomicU64,
     /// Routing changes applied.
     pub changes: AtomicU64,
-    /// Client connections cut by their watchdog: stalled (`client_timeout`),
-    /// idle h2 sessions (`idle_timeout`), no first request or h2 preface
+    /// Client connections cut: stalled (`client_timeout`), idle (`idle_timeout`:
+    /// h2 sessions without a stream, HTTP/1.1 keep-alive without a request or
+    /// with a slow request head), no first request or h2 preface
     /// (`handshake_timeout`, TLS handshakes included).
     pub cut_stalled: AtomicU64,
     /// See `cut_stalled`.
@@ -108,7 +109,7 @@ pub struct LbSnapshot {
     pub changes: u64,
     /// Client connections cut because the client stalled (`client_timeout`).
     pub cut_stalled: u64,
-    /// Idle h2 sessions closed (`idle_timeout`).
+    /// Idle connections closed (`idle_timeout`).
     pub cut_idle: u64,
     /// Connections closed before their first request or h2 preface (`handshake_timeout`).
     pub cut_handshake: u64,

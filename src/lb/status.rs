@@ -61,7 +61,8 @@ pub struct LbStatus {
     pub connections: ConnSnapshot,
     /// Client connections cut because the client stalled (`client_timeout`).
     pub cut_stalled: u64,
-    /// Idle h2 sessions closed (`idle_timeout`).
+    /// Idle connections closed (`idle_timeout`: h2 sessions without a stream,
+    /// HTTP/1.1 keep-alive without a request or with a slow request head).
     pub cut_idle: u64,
     /// Connections closed before their first request or h2 preface (`handshake_timeout`).
     pub cut_handshake: u64,

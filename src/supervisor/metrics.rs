@@ -284,7 +284,7 @@ fn lb(out: &mut Out, status: &LbStatus) {
     out.family(
         "wayfinder_lb_client_connections_cut_total",
         "counter",
-        "Client connections cut: stalled (client_timeout), idle h2 (idle_timeout), handshake (handshake_timeout).",
+        "Client connections cut: stalled (client_timeout), idle (idle_timeout), handshake (handshake_timeout).",
     );
     for (reason, n) in [
         ("stalled", status.cut_stalled),
