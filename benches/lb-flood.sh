@@ -312,7 +312,7 @@ non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
 print("\t".join([phase, rps.group(1), f"{ms(dist['99']):.3f}", str(nerr), non2xx.group(1) if non2xx else "0",
                  *dnsout.split(), flood, *lbc.split()]))
 EOF
-  tail -n 1 "$results" | awk -F'\t' '{printf "  %-10s lb: %8.0f req/s  p99 %8.3f ms  errors %s non-2xx %s | dns p99 udp %s ms (failed %s), tcp %s ms (failed %s) | lb sees %s open, %s refused\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $11, $12}'
+  tail -n 1 "$results" | awk -F'\t' '{printf "  %-10s lb: %8.0f req/s  p99 %8.3f ms  errors %s non-2xx %s | dns p99 udp %s ms (failed %s), tcp %s ms (failed %s) | lb sees %s open, %s refused since start\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $11, $12}'
 }
 
 # flood PHASE SOURCE...: opens the flood, measures while it is held, ends it.
@@ -334,6 +334,9 @@ flood() {
   measure "$phase" "lb:${h[0]}/${h[1]}/${h[2]},dns:${h[3]}/${h[4]}/${h[5]}"
   kill -TERM "${pid_of[flood-$phase]}" 2>/dev/null || true
   wait "${pid_of[flood-$phase]}" 2>/dev/null || true
+  # It was the last one started: off the list check_alive and the trap go through.
+  pids=("${pids[@]:0:${#pids[@]}-1}")
+  names=("${names[@]:0:${#names[@]}-1}")
   [ -s "$tmp/final-$phase" ] && read -r -a h <"$tmp/final-$phase" \
     && echo "  flood $phase at its end: lb ${h[0]} still held, dns ${h[3]} still held"
   # Wait until the lb has let go of the flood before the next phase.
