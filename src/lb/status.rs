@@ -279,7 +279,7 @@ impl LbStatus {
              td,th{{padding:.3em .5em;text-align:left;border-bottom:1px solid #ddd;vertical-align:top}}\
              tr.svc{{background:#f3f3f3}}tr.down td{{color:#b00}}</style></head><body>\
              <h1>wayfinder lb</h1><p>Consul: {consul}. Routing changes: {changes} (propagation p99 {p99}). \
-             Requests: {total}. Client connections: {open} open of {max} ({refused} refused at a cap). \
+             Requests: {total}. Client connections: {open} open of {max} ({conns_refused} refused at a cap). \
              <a href=\"/stats.json\">JSON</a></p>\
              <table><thead><tr><th>service</th><th>datacenter</th><th>reached at</th><th>traffic</th></tr></thead>\
              {rows}</table>{refused}</body></html>\n",
@@ -287,7 +287,7 @@ impl LbStatus {
             total = self.requests.total(),
             open = self.connections.open,
             max = self.connections.max,
-            refused = self.connections.refused_total + self.connections.refused_per_source,
+            conns_refused = self.connections.refused_total + self.connections.refused_per_source,
         )
     }
 }
