@@ -30,7 +30,11 @@
 # max_connections_per_source (1000), and handshake_timeout / idle_timeout /
 # dns.tcp_idle_timeout raised to 300 s so that the idle flood is still held
 # while it is measured (with the defaults it would be closed after 10 s).
-# The script raises `ulimit -n` for itself and every process it starts.
+# The script raises `ulimit -n` (the hard limit too, as root with
+# CAP_SYS_RESOURCE) for itself and every process it starts. Where the limit
+# cannot be raised that far, the lb's max_connections is what its limit
+# allows (limit - 2048) and the spread phase holds that less 1000; the script
+# says so. The flood client runs as several processes of at most 8000 sockets.
 #
 # Per phase it prints: flood connections held and closed by the server (lb,
 # dns), the lb's own count of open client connections and refusals, the
@@ -63,14 +67,27 @@ print_machine
 
 # Every process started from here inherits this limit: the flood client holds
 # FLOOD_LB + FLOOD_DNS sockets, the lb as many plus its backends.
-want_fds=$((flood_lb + flood_dns + 8192))
+# The lb holds the spread flood (FLOOD_LB), its backends and listeners.
+want_fds=$((flood_lb + 8192))
 if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$want_fds" ]; then
   if [ "$(ulimit -Hn)" != unlimited ] && [ "$(ulimit -Hn)" -lt "$want_fds" ]; then
-    ulimit -Hn "$want_fds" 2>/dev/null || { echo "lb-flood: cannot raise the hard open-file limit to $want_fds (run as root)" >&2; exit 1; }
+    ulimit -Hn "$want_fds" 2>/dev/null || true
   fi
-  ulimit -n "$want_fds"
+  hard=$(ulimit -Hn)
+  if [ "$hard" != unlimited ] && [ "$hard" -lt "$want_fds" ]; then
+    ulimit -n "$hard"
+  else
+    ulimit -n "$want_fds"
+  fi
 fi
-echo "ulimit:   -n $(ulimit -n)"
+fds=$(ulimit -n)
+[ "$fds" = unlimited ] && fds=1048576
+[ "$fds" -ge 12288 ] || { echo "lb-flood: needs an open-file limit of at least 12288 (ulimit -n is $fds)" >&2; exit 1; }
+lb_max=$((flood_lb + 5000))
+[ $lb_max -le $((fds - 2048)) ] || lb_max=$((fds - 2048))
+spread_lb=$flood_lb
+[ "$spread_lb" -le $((lb_max - 1000)) ] || spread_lb=$((lb_max - 1000))
+echo "ulimit:   -n $fds (wanted $want_fds): lb max_connections $lb_max, spread phase $spread_lb connections"
 
 apt_install_missing nginx-light wrk curl
 command -v consul >/dev/null 2>&1 || scripts/install-deps.sh
@@ -112,7 +129,7 @@ tcp_idle_timeout = "300s"
 http = "127.0.0.1:$lb_port"
 stats = "127.0.0.1:$stats_port"
 register = ""
-max_connections = $((flood_lb + 5000))
+max_connections = $lb_max
 handshake_timeout = "300s"
 idle_timeout = "300s"
 EOF
@@ -315,30 +332,50 @@ EOF
   tail -n 1 "$results" | awk -F'\t' '{printf "  %-10s lb: %8.0f req/s  p99 %8.3f ms  errors %s non-2xx %s | dns p99 udp %s ms (failed %s), tcp %s ms (failed %s) | lb sees %s open, %s refused since start\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $11, $12}'
 }
 
-# flood PHASE SOURCE...: opens the flood, measures while it is held, ends it.
+# flood PHASE N_LB SOURCE...: opens the flood (N_LB lb connections spread over
+# the sources, FLOOD_DNS dns ones from the first) in shards of at most 8000
+# sockets per process, measures while it is held, ends it.
+shard_max=8000
 flood() {
-  local phase=$1
-  shift
-  rm -f "$tmp/ready-$phase" "$tmp/final-$phase"
-  start "flood-$phase" python3 "$tmp/flood.py" "$tmp/ready-$phase" "$tmp/final-$phase" \
-    "$lb_port" "$flood_lb" "$dns_port" "$flood_dns" "$@"
+  local phase=$1 n_lb=$2
+  shift 2
+  local nsrc=$# shards total=$((n_lb + flood_dns)) k lb_k dns_k
+  shards=$(((total + shard_max - 1) / shard_max))
+  rm -f "$tmp"/ready-"$phase"-* "$tmp"/final-"$phase"-*
+  local started=()
+  for ((k = 0; k < shards; k++)); do
+    # Shard k: its share of the lb flood; the dns flood goes to the last shards.
+    lb_k=$(((n_lb * (k + 1)) / shards - (n_lb * k) / shards))
+    dns_k=$(((flood_dns * (k + 1)) / shards - (flood_dns * k) / shards))
+    start "flood-$phase-$k" python3 "$tmp/flood.py" "$tmp/ready-$phase-$k" "$tmp/final-$phase-$k" \
+      "$lb_port" "$lb_k" "$dns_port" "$dns_k" "$@"
+    started+=("flood-$phase-$k")
+  done
   for _ in $(seq 600); do
-    [ -s "$tmp/ready-$phase" ] && break
+    local all=1
+    for ((k = 0; k < shards; k++)); do [ -s "$tmp/ready-$phase-$k" ] || all=0; done
+    [ $all = 1 ] && break
     check_alive
     sleep 0.5
   done
-  [ -s "$tmp/ready-$phase" ] || die "the flood of phase $phase did not finish opening in 300 s"
+  for ((k = 0; k < shards; k++)); do
+    [ -s "$tmp/ready-$phase-$k" ] || die "the flood of phase $phase did not finish opening in 300 s"
+  done
   local h
-  read -r -a h <"$tmp/ready-$phase"
-  echo "  flood $phase from $# source(s): lb $flood_lb opened: ${h[0]} held, ${h[1]} closed by the lb, ${h[2]} failed; dns $flood_dns: ${h[3]} held, ${h[4]} closed, ${h[5]} failed"
+  read -r -a h < <(cat "$tmp"/ready-"$phase"-* | awk '{for (i = 1; i <= 6; i++) s[i] += $i} END {print s[1], s[2], s[3], s[4], s[5], s[6]}')
+  echo "  flood $phase from $nsrc source(s), $shards client processes: lb $n_lb opened: ${h[0]} held, ${h[1]} closed by the lb, ${h[2]} refused or reset at connect; dns $flood_dns: ${h[3]} held, ${h[4]} closed, ${h[5]} refused or reset"
   measure "$phase" "lb:${h[0]}/${h[1]}/${h[2]},dns:${h[3]}/${h[4]}/${h[5]}"
-  kill -TERM "${pid_of[flood-$phase]}" 2>/dev/null || true
-  wait "${pid_of[flood-$phase]}" 2>/dev/null || true
-  # It was the last one started: off the list check_alive and the trap go through.
-  pids=("${pids[@]:0:${#pids[@]}-1}")
-  names=("${names[@]:0:${#names[@]}-1}")
-  [ -s "$tmp/final-$phase" ] && read -r -a h <"$tmp/final-$phase" \
-    && echo "  flood $phase at its end: lb ${h[0]} still held, dns ${h[3]} still held"
+  local name
+  for name in "${started[@]}"; do
+    kill -TERM "${pid_of[$name]}" 2>/dev/null || true
+    wait "${pid_of[$name]}" 2>/dev/null || true
+  done
+  # They were the last ones started: off the list check_alive and the trap go through.
+  pids=("${pids[@]:0:${#pids[@]}-$shards}")
+  names=("${names[@]:0:${#names[@]}-$shards}")
+  if read -r -a h < <(cat "$tmp"/final-"$phase"-* 2>/dev/null | awk '{for (i = 1; i <= 6; i++) s[i] += $i} END {if (NR) print s[1], s[2], s[3], s[4], s[5], s[6]}'); then
+    echo "  flood $phase at its end: lb ${h[0]} still held, dns ${h[3]} still held"
+  fi
   # Wait until the lb has let go of the flood before the next phase.
   for _ in $(seq 100); do
     read -r open _ < <(lb_conns)
@@ -352,17 +389,17 @@ echo "phases (normal client on 127.0.0.1: wrk -t1 -c$connections ${run_seconds}s
 timeout 30 wrk -t1 -c"$connections" -d2s -H 'Host: web.service' "http://127.0.0.1:$lb_port/" >"$tmp/warm.out" 2>&1 \
   || die "wrk warm-up failed: $(tail -3 "$tmp/warm.out")"
 measure baseline none
-flood one-source 127.0.0.2
+flood one-source "$flood_lb" 127.0.0.2
 spread_sources=()
 for i in $(seq 2 $((spread + 1))); do spread_sources+=("127.0.0.$i"); done
-flood spread "${spread_sources[@]}"
+flood spread "$spread_lb" "${spread_sources[@]}"
 
 echo
 python3 - "$results" <<'EOF'
 import sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])][1:]
 base = float(rows[0][2])
-print(f"{'phase':<11} {'lb held/closed/failed':>22} {'p99 ms':>8} {'x base':>6} {'errors':>6} {'dns udp p99':>11} {'dns tcp p99':>11} {'tcp failed':>10}")
+print(f"{'phase':<11} {'lb held/closed/reset':>22} {'p99 ms':>8} {'x base':>6} {'errors':>6} {'dns udp p99':>11} {'dns tcp p99':>11} {'tcp failed':>10}")
 met = True
 for r in rows:
     phase, rps, p99, err, non2xx, udp, udpf, tcp, tcpf, flood = r[:10]
