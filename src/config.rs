@@ -72,10 +72,36 @@ pub struct LbSection {
     /// Time to connect to a backend instance before trying another. Default `5s`.
     #[serde(default = "default_lb_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Time a client may take to send request headers, and idle keep-alive time.
-    /// Default `60s`.
+    /// Inactivity allowed to a client while the lb waits for it (HAProxy's
+    /// `timeout client`): a connection whose client neither sends nor reads for
+    /// this long while a response is waiting to be read, or a request body to be
+    /// sent, is closed and its maxconn slot freed. Also bounds the time to send a
+    /// request head (with `idle_timeout`, whichever is shorter), and is the h2
+    /// keep-alive PING interval. Default `60s`.
     #[serde(default = "default_lb_io_timeout", with = "humantime_serde")]
     pub client_timeout: Duration,
+    /// An HTTP/1.1 keep-alive connection with no request for this long, or an
+    /// HTTP/2 session with no open stream for this long, is closed (h2 with a
+    /// GOAWAY). Default `30s`.
+    #[serde(default = "default_lb_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Time from accepting a connection to the end of the TLS handshake and, for
+    /// HTTP/2, the client's connection preface; a client that does not get that
+    /// far is closed. Default `10s`.
+    #[serde(default = "default_lb_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Client connections open at once over HTTP, HTTPS and the `haproxy_tcp`
+    /// listeners; one more is accepted and closed at once (counted, logged at most
+    /// every 10 s). Default `0` = derived from the open-file limit (raised to its
+    /// hard limit at start): half of it less 1024, at most 20000.
+    #[serde(default)]
+    pub max_connections: usize,
+    /// Client connections open at once from one source address (an IPv6 /64
+    /// counts as one address), so one client, or one NATed office, cannot take
+    /// every connection; over it new ones from that source are closed at once.
+    /// Default `1000`; at least 1.
+    #[serde(default = "default_lb_max_connections_per_source")]
+    pub max_connections_per_source: usize,
     /// Time a backend may take to start its response. Default `60s`.
     #[serde(default = "default_lb_io_timeout", with = "humantime_serde")]
     pub server_timeout: Duration,
@@ -94,6 +120,10 @@ pub struct LbSection {
     /// it gets 503. Default `5s`.
     #[serde(default = "default_lb_queue_timeout", with = "humantime_serde")]
     pub queue_timeout: Duration,
+    /// Requests waiting for an instance below its maxconn, over all services, at
+    /// most; one more gets 503 at once. Default `4096`; at least 1.
+    #[serde(default = "default_lb_max_queued")]
+    pub max_queued: usize,
     /// How long a request that arrives before the first routing table (built
     /// from a complete read of Consul) waits for it before it gets 503, so a
     /// restart never answers 503 for a service that exists. Default `10s`.
@@ -173,6 +203,18 @@ fn default_lb_connect_timeout() -> Duration {
 }
 fn default_lb_io_timeout() -> Duration {
     Duration::from_secs(60)
+}
+fn default_lb_idle_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_lb_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_lb_max_connections_per_source() -> usize {
+    1000
+}
+fn default_lb_max_queued() -> usize {
+    4096
 }
 fn default_lb_queue_timeout() -> Duration {
     Duration::from_secs(5)
@@ -426,8 +468,18 @@ pub struct LbConfig {
     pub add_domain: Option<String>,
     /// Backend connect timeout.
     pub connect_timeout: Duration,
-    /// Client header/idle timeout.
+    /// Client inactivity timeout (HAProxy `timeout client`).
     pub client_timeout: Duration,
+    /// Keep-alive / h2 session idle timeout.
+    pub idle_timeout: Duration,
+    /// TLS handshake and h2 preface timeout.
+    pub handshake_timeout: Duration,
+    /// Cap on client connections; `None` = derived from the open-file limit at start.
+    pub max_connections: Option<usize>,
+    /// Cap on client connections per source address.
+    pub max_connections_per_source: usize,
+    /// Cap on requests queued for a free instance.
+    pub max_queued: usize,
     /// Backend response-start timeout.
     pub server_timeout: Duration,
     /// Passive ejection time.
@@ -1106,11 +1158,16 @@ fn validate_lb(
         landing_hosts,
         connect_timeout,
         client_timeout,
+        idle_timeout,
+        handshake_timeout,
+        max_connections,
+        max_connections_per_source,
         server_timeout,
         eject_time,
         check_interval,
         check_timeout,
         queue_timeout,
+        max_queued,
         ready_timeout,
         register,
         ssl,
@@ -1150,10 +1207,20 @@ fn validate_lb(
         ("lb.check_timeout", check_timeout),
         ("lb.connect_timeout", connect_timeout),
         ("lb.client_timeout", client_timeout),
+        ("lb.idle_timeout", idle_timeout),
+        ("lb.handshake_timeout", handshake_timeout),
         ("lb.server_timeout", server_timeout),
     ] {
         if d.is_zero() {
             return Err(err(key, "must be longer than 0s".into()));
+        }
+    }
+    for (key, n) in [
+        ("lb.max_connections_per_source", max_connections_per_source),
+        ("lb.max_queued", max_queued),
+    ] {
+        if *n == 0 {
+            return Err(err(key, "must be at least 1".into()));
         }
     }
     let mut hosts: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "[::1]".into()];
@@ -1174,6 +1241,11 @@ fn validate_lb(
         add_domain: wildcard_domain.map(|n| format!(".{}", n.to_string().trim_end_matches('.'))),
         connect_timeout: *connect_timeout,
         client_timeout: *client_timeout,
+        idle_timeout: *idle_timeout,
+        handshake_timeout: *handshake_timeout,
+        max_connections: (*max_connections > 0).then_some(*max_connections),
+        max_connections_per_source: *max_connections_per_source,
+        max_queued: *max_queued,
         server_timeout: *server_timeout,
         eject_time: *eject_time,
         check_interval: *check_interval,

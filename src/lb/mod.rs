@@ -20,6 +20,11 @@
 //! Per-instance state that must outlive a table (ejection, in-flight counts) lives
 //! in the [`table::HealthRegistry`], keyed by address.
 //!
+//! Client connections (HTTP, HTTPS and `haproxy_tcp` listeners) are capped in
+//! total and per source address by [`client::ConnLimits`]; over a cap a new
+//! connection is accepted and closed at once. At start the open-file limit is
+//! raised to its hard limit, and `max_connections = 0` derives the cap from it.
+//!
 //! The proxy runs on `workers` OS threads of its own (`lb-proxy-N`, one
 //! single-threaded runtime each), watched by [`crate::threads::WatchedThreads`]:
 //! one that ends before shutdown (a panic) ends [`run`] with
@@ -30,6 +35,7 @@
 //! live, requests wait (up to `ready_timeout`, then 503), so a restart never
 //! answers 503 for a service that exists.
 
+pub mod client;
 pub mod health;
 pub mod policy;
 pub mod proxy;
@@ -152,6 +158,8 @@ pub struct LbState {
     pub maxconn: ArcSwap<std::collections::HashMap<String, usize>>,
     /// Requests waiting for a free instance right now (bounded).
     pub queued: std::sync::atomic::AtomicUsize,
+    /// Client connections open, per source and in total, and their caps.
+    pub conns: Arc<client::ConnLimits>,
     /// The HTTPS certificates in force, when HTTPS is on.
     pub certs: std::sync::OnceLock<Arc<tls::SniResolver>>,
     /// Host names of other datacenters requests asked for (see [`remote`]).
@@ -178,6 +186,7 @@ impl LbState {
             changes: tokio::sync::watch::Sender::new(0),
             maxconn: ArcSwap::from_pointee(std::collections::HashMap::new()),
             queued: std::sync::atomic::AtomicUsize::new(0),
+            conns: Arc::new(client::ConnLimits::default()),
             certs: std::sync::OnceLock::new(),
             datacenter_wants,
             datacenter_wants_rx: std::sync::Mutex::new(Some(datacenter_wants_rx)),
@@ -274,6 +283,23 @@ pub async fn run(
 ) -> Result<(), LbError> {
     // Cancelled on `stop`, or by the lb itself when a task it needs has ended.
     let shutdown = stop.child_token();
+    let nofile = client::raise_nofile_limit();
+    let max_connections = config
+        .lb
+        .max_connections
+        .unwrap_or_else(|| client::derived_max_connections(nofile));
+    state
+        .conns
+        .set_limits(max_connections, config.lb.max_connections_per_source);
+    if let Some(limit) = nofile
+        && max_connections as u64 * 2 > limit
+    {
+        tracing::warn!(
+            max_connections,
+            open_file_limit = limit,
+            "lb: lb.max_connections may need more file descriptors than the process may open (a client and a backend socket each); raise LimitNOFILE"
+        );
+    }
     // Certificates first: a bad file is a start-up error, before any listener serves.
     let tls = match &config.lb.https {
         Some(https) => {
@@ -391,7 +417,16 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
-    tracing::info!(http = ?addr, https = ?https_addr, stats = ?stats_addr, consul = %config.consul.http, "lb listening");
+    tracing::info!(
+        http = ?addr,
+        https = ?https_addr,
+        stats = ?stats_addr,
+        consul = %config.consul.http,
+        max_connections,
+        max_connections_per_source = config.lb.max_connections_per_source,
+        open_file_limit = nofile,
+        "lb listening"
+    );
     // The table builder, the remote watcher and the proxy threads only end on
     // shutdown; if one ends before, the lb stops with an error so its
     // supervisor restarts it.
@@ -435,6 +470,7 @@ fn proxy_worker(
     };
     runtime.block_on(async move {
         let connections = TaskTracker::new();
+        connections.spawn(proxy.clone().sweep_pool(shutdown.clone()));
         for (listener, tls) in listeners {
             match tokio_listener(listener) {
                 Ok(listener) => {

@@ -13,12 +13,23 @@
 //! ```
 //!
 //! Sessions are hyper client connections kept per instance address; a session is
-//! reused once hyper reports it ready, so no request waits behind another.
+//! reused once hyper reports it ready, so no request waits behind another. The
+//! pool forgets addresses that left the routing table (checked after every
+//! table change and every [`POOL_SWEEP`]).
+//!
+//! Client connections are admitted under [`super::client::ConnLimits`] and
+//! watched by [`super::client::watch`]: a client that stalls for
+//! `client_timeout`, an h2 session idle for `idle_timeout` and a connection
+//! without a first request (h2: preface) after `handshake_timeout` are cut.
+//! Requests over an instance's maxconn wait for a slot to be freed
+//! ([`InstanceHealth::freed`](super::table::InstanceHealth)), in a queue of at
+//! most `max_queued`, for at most `queue_timeout`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,7 +48,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::LbState;
-use super::table::{Backend, Route};
+use super::client::{self, Activity, ClientBody, ClientIo, ConnSlot, Cut, RequestBody, Timeouts};
+use super::table::{Backend, BackendInstance, HealthRegistry, Route};
 use crate::config::Config;
 
 /// The body type on both sides of the proxy.
@@ -51,10 +63,12 @@ const MAX_IDLE_PER_INSTANCE: usize = 64;
 /// it parses, but does not reliably refuse a head below that bound, so the sum
 /// of header sizes is checked again per request.
 const MAX_HEADER_BYTES: usize = 32 * 1024;
-/// Requests waiting for a free instance, over all services, at most.
-const MAX_QUEUED: usize = 4096;
-/// How often a queued request looks for a free instance.
-const QUEUE_POLL: Duration = Duration::from_millis(2);
+/// How often the session pool drops closed sessions even without table changes.
+pub const POOL_SWEEP: Duration = Duration::from_secs(30);
+/// After a pool sweep, the next one waits at least this long (changes come in bursts).
+const POOL_SWEEP_GAP: Duration = Duration::from_secs(1);
+/// How long an idle h2 session may take to go away after its GOAWAY.
+const GOAWAY_GRACE: Duration = Duration::from_secs(5);
 /// How long an upgraded (WebSocket) connection may live.
 const TUNNEL_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -97,12 +111,14 @@ struct ClientConn {
     ip: HeaderValue,
     /// How it reached the proxy (`X-Forwarded-Proto`).
     scheme: Scheme,
+    /// What the connection's watchdog reads (request bodies report to it).
+    activity: Arc<Activity>,
 }
 
 impl ClientConn {
-    fn new(peer: SocketAddr, scheme: Scheme) -> Self {
+    fn new(peer: SocketAddr, scheme: Scheme, activity: Arc<Activity>) -> Self {
         let ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Self { ip, scheme }
+        Self { ip, scheme, activity }
     }
 }
 
@@ -119,9 +135,14 @@ pub struct Proxy {
     pool: SessionPool,
     connect_timeout: Duration,
     client_timeout: Duration,
+    idle_timeout: Duration,
+    handshake_timeout: Duration,
+    /// The three client timeouts, as the watchdog takes them.
+    timeouts: Timeouts,
     server_timeout: Duration,
     eject_ms: u64,
     queue_timeout: Duration,
+    max_queued: usize,
     ready_timeout: Duration,
     request_ids: AtomicU64,
     id_prefix: u32,
@@ -135,9 +156,17 @@ impl Proxy {
             pool: SessionPool::default(),
             connect_timeout: config.lb.connect_timeout,
             client_timeout: config.lb.client_timeout,
+            idle_timeout: config.lb.idle_timeout,
+            handshake_timeout: config.lb.handshake_timeout,
+            timeouts: Timeouts::new(
+                config.lb.client_timeout,
+                config.lb.idle_timeout,
+                config.lb.handshake_timeout,
+            ),
             server_timeout: config.lb.server_timeout,
             eject_ms: config.lb.eject_time.as_millis() as u64,
             queue_timeout: config.lb.queue_timeout,
+            max_queued: config.lb.max_queued,
             ready_timeout: config.lb.ready_timeout,
             request_ids: AtomicU64::new(0),
             id_prefix: rand::random(),
@@ -145,7 +174,8 @@ impl Proxy {
     }
 
     /// Accepts client connections until shutdown (over TLS when `tls` is given);
-    /// open connections finish their current request.
+    /// open connections finish their current request. A connection over the
+    /// caps is closed at once.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
@@ -165,101 +195,194 @@ impl Proxy {
                     }
                 },
             };
+            // Counted and logged by admit; dropping the stream closes it.
+            let Ok(slot) = self.state.conns.admit(peer.ip()) else {
+                continue;
+            };
+            let accepted = tokio::time::Instant::now();
             let _ = stream.set_nodelay(true);
             let proxy = self.clone();
             let shutdown = shutdown.clone();
             match &tls {
-                None => {
-                    tasks.spawn(async move { proxy.http1(TokioIo::new(stream), peer, Scheme::Http, shutdown).await })
-                }
+                None => tasks.spawn(async move {
+                    let activity = Activity::new(accepted, false);
+                    let io = ClientIo::new(stream, activity.clone(), slot);
+                    proxy.http1(io, activity, peer, Scheme::Http, shutdown).await
+                }),
                 Some(tls) => {
                     let tls = tls.clone();
-                    tasks.spawn(async move { proxy.tls(tls, stream, peer, shutdown).await })
+                    tasks.spawn(async move { proxy.tls(tls, stream, slot, accepted, peer, shutdown).await })
                 }
             };
         }
     }
 
     /// The TLS handshake, then HTTP/2 when the client chose it by ALPN, else HTTP/1.1.
-    async fn tls(self: Arc<Self>, tls: TlsAcceptor, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
-        let stream = match tokio::time::timeout(self.client_timeout, tls.accept(stream)).await {
+    async fn tls(
+        self: Arc<Self>,
+        tls: TlsAcceptor,
+        stream: TcpStream,
+        slot: ConnSlot,
+        accepted: tokio::time::Instant,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) {
+        let handshake = tokio::time::timeout_at(accepted + self.handshake_timeout, tls.accept(stream));
+        let stream = match handshake.await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => {
                 tracing::debug!(%peer, %error, "lb: TLS handshake failed");
                 return;
             }
             Err(_) => {
+                self.state.stats.cut(Cut::Handshake);
                 tracing::debug!(%peer, "lb: TLS handshake timed out");
                 return;
             }
         };
-        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-            self.http2(TokioIo::new(stream), peer, shutdown).await;
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        let activity = Activity::new(accepted, h2);
+        let io = ClientIo::new(stream, activity.clone(), slot);
+        if h2 {
+            self.http2(io, activity, peer, shutdown).await;
         } else {
-            self.http1(TokioIo::new(stream), peer, Scheme::Https, shutdown).await;
+            self.http1(io, activity, peer, Scheme::Https, shutdown).await;
         }
     }
 
-    async fn http1<I>(self: Arc<Self>, io: I, peer: SocketAddr, scheme: Scheme, shutdown: CancellationToken)
-    where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    {
-        let proxy = self.clone();
-        let client = ClientConn::new(peer, scheme);
-        let service = service_fn(move |req| {
-            let proxy = proxy.clone();
+    /// The service for one client connection: every response body reports to
+    /// the connection's activity.
+    fn service(
+        self: Arc<Self>,
+        client: ClientConn,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<ClientBody>,
+        Error = Infallible,
+        Future = impl Future<Output = Result<Response<ClientBody>, Infallible>> + Send,
+    > + Clone {
+        service_fn(move |req| {
+            let proxy = self.clone();
             let client = client.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, &client).await) }
-        });
+            // Counted from here until the response body is done, or this future dropped.
+            let stream = client.activity.stream_started();
+            async move {
+                let resp = proxy.handle(req, &client).await;
+                Ok::<_, Infallible>(resp.map(|body| ClientBody::new(body, stream)))
+            }
+        })
+    }
+
+    async fn http1<S>(
+        self: Arc<Self>,
+        io: ClientIo<S>,
+        activity: Arc<Activity>,
+        peer: SocketAddr,
+        scheme: Scheme,
+        shutdown: CancellationToken,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = self.clone().service(ClientConn::new(peer, scheme, activity.clone()));
         let mut builder = hyper::server::conn::http1::Builder::new();
+        // hyper's header timer runs from the moment the connection is idle, so
+        // it bounds keep-alive idling and slow request heads alike.
         builder
             .timer(TokioTimer::new())
             .keep_alive(true)
-            .header_read_timeout(self.client_timeout)
+            .header_read_timeout(self.client_timeout.min(self.idle_timeout))
             .max_buf_size(2 * MAX_HEADER_BYTES);
-        let conn = builder.serve_connection(io, service).with_upgrades();
-        tokio::pin!(conn);
+        let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+        let watchdog = client::watch(&activity, self.timeouts);
+        tokio::pin!(conn, watchdog);
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
+                    if e.is_timeout() {
+                        // hyper's header timer: idle keep-alive, or a slow request head.
+                        self.state.stats.cut(Cut::Idle);
+                    }
                     tracing::debug!(%peer, error = %e, "lb client connection ended");
                 }
             }
+            cut = &mut watchdog => self.cut(peer, cut),
             _ = shutdown.cancelled() => {
                 conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+                tokio::select! {
+                    _ = conn => {}
+                    cut = watchdog => self.cut(peer, cut),
+                }
             }
         }
     }
 
-    async fn http2<I>(self: Arc<Self>, io: I, peer: SocketAddr, shutdown: CancellationToken)
-    where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    async fn http2<S>(
+        self: Arc<Self>,
+        io: ClientIo<S>,
+        activity: Arc<Activity>,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let proxy = self.clone();
-        let client = ClientConn::new(peer, Scheme::Https);
-        let service = service_fn(move |req| {
-            let proxy = proxy.clone();
-            let client = client.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, &client).await) }
-        });
+        let service = self
+            .clone()
+            .service(ClientConn::new(peer, Scheme::Https, activity.clone()));
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
             .max_header_list_size(MAX_HEADER_BYTES as u32)
             .keep_alive_interval(Some(self.client_timeout))
             .keep_alive_timeout(self.client_timeout);
-        let conn = builder.serve_connection(io, service);
-        tokio::pin!(conn);
+        let conn = builder.serve_connection(TokioIo::new(io), service);
+        let watchdog = client::watch(&activity, self.timeouts);
+        tokio::pin!(conn, watchdog);
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(%peer, error = %e, "lb client h2 connection ended");
                 }
             }
+            cut = &mut watchdog => {
+                self.cut(peer, cut);
+                if cut == Cut::Idle {
+                    // No stream is open: GOAWAY, and the session ends at once
+                    // unless the client does not read even that.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(GOAWAY_GRACE.min(self.client_timeout), conn).await;
+                }
+            }
             _ = shutdown.cancelled() => {
                 conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+                tokio::select! {
+                    _ = conn => {}
+                    cut = watchdog => self.cut(peer, cut),
+                }
+            }
+        }
+    }
+
+    /// Counts and logs a connection its watchdog cut (the caller drops it).
+    fn cut(&self, peer: SocketAddr, cut: Cut) {
+        self.state.stats.cut(cut);
+        tracing::debug!(%peer, ?cut, "lb: client connection cut");
+    }
+
+    /// Drops pooled sessions to addresses no table has any more, and closed
+    /// ones, after every table change (at most once per [`POOL_SWEEP_GAP`]) and
+    /// every [`POOL_SWEEP`], until shutdown.
+    pub async fn sweep_pool(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut changes = self.state.changes.subscribe();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = changes.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(POOL_SWEEP) => {}
+            }
+            self.pool.prune(&self.state.health);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(POOL_SWEEP_GAP) => {}
             }
         }
     }
@@ -394,7 +517,7 @@ impl Proxy {
                 empty()
             } else {
                 match body.take() {
-                    Some(b) => b.boxed(),
+                    Some(b) => RequestBody::new(b, client.activity.clone()).boxed(),
                     None => break,
                 }
             };
@@ -456,43 +579,13 @@ impl Proxy {
         backend: &'b Backend,
         maxconn: usize,
         tried: &Tried,
-    ) -> Option<&'b super::table::BackendInstance> {
-        let deadline = Instant::now() + self.queue_timeout;
-        let mut queued = false;
-        let at_cap = |i: &super::table::BackendInstance| i.health.inflight.load(Ordering::Relaxed) >= maxconn;
-        let result = loop {
-            let now = self.state.health.now_ms();
-            if let Some(instance) = backend.pick_where(now, |i| tried.contains(i.addr) || at_cap(i)) {
-                // Reserve the slot atomically: another request may have taken
-                // the last one since the cap was read above.
-                let reserved = instance
-                    .health
-                    .inflight
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < maxconn).then_some(n + 1))
-                    .is_ok();
-                if reserved {
-                    break Some(instance);
-                }
-                continue;
-            }
-            // Nothing below the cap (or nothing at all): queue, if there is room.
-            let full = backend.instances.iter().any(|i| !tried.contains(i.addr) && at_cap(i));
-            if !full || Instant::now() >= deadline {
-                break None;
-            }
-            if !queued {
-                if self.state.queued.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED {
-                    self.state.queued.fetch_sub(1, Ordering::Relaxed);
-                    return None;
-                }
-                queued = true;
-            }
-            tokio::time::sleep(QUEUE_POLL).await;
+    ) -> Option<&'b BackendInstance> {
+        let queue = Queue {
+            queued: &self.state.queued,
+            max: self.max_queued,
+            timeout: self.queue_timeout,
         };
-        if queued {
-            self.state.queued.fetch_sub(1, Ordering::Relaxed);
-        }
-        result
+        reserve_instance(backend, maxconn, tried, &self.state.health, &queue).await
     }
 
     /// The request headers as the backend gets them: hop-by-hop headers gone,
@@ -585,7 +678,7 @@ impl Release<'_> {
 
 impl Drop for Release<'_> {
     fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+        free_slot(self.0);
     }
 }
 
@@ -593,7 +686,116 @@ struct OwnedRelease(Arc<super::table::InstanceHealth>);
 
 impl Drop for OwnedRelease {
     fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+        free_slot(&self.0);
+    }
+}
+
+/// Gives an in-flight slot back and wakes one request queued for it (FIFO).
+fn free_slot(health: &super::table::InstanceHealth) {
+    health.inflight.fetch_sub(1, Ordering::AcqRel);
+    health.freed.notify_one();
+}
+
+/// The maxconn queue: its length now, its bound and its timeout.
+struct Queue<'a> {
+    queued: &'a AtomicUsize,
+    max: usize,
+    timeout: Duration,
+}
+
+/// A place in the [`Queue`], given back when dropped.
+struct QueueTicket<'a>(&'a AtomicUsize);
+
+impl<'a> QueueTicket<'a> {
+    fn take(queue: &Queue<'a>) -> Option<Self> {
+        queue
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < queue.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(queue.queued))
+    }
+}
+
+impl Drop for QueueTicket<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One attempt at an instance with a free slot: the instance (slot reserved),
+/// or whether some instance is merely full (`true`: worth queueing for).
+fn try_reserve<'b>(
+    backend: &'b Backend,
+    now_ms: u64,
+    maxconn: usize,
+    tried: &Tried,
+) -> Result<&'b BackendInstance, bool> {
+    let at_cap = |i: &BackendInstance| i.health.inflight.load(Ordering::Acquire) >= maxconn;
+    loop {
+        let Some(instance) = backend.pick_where(now_ms, |i| tried.contains(i.addr) || at_cap(i)) else {
+            return Err(backend.instances.iter().any(|i| !tried.contains(i.addr) && at_cap(i)));
+        };
+        // Reserve the slot atomically: another request may have taken the last
+        // one since the cap was read above.
+        let reserved = instance
+            .health
+            .inflight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < maxconn).then_some(n + 1))
+            .is_ok();
+        if reserved {
+            return Ok(instance);
+        }
+    }
+}
+
+/// An instance of `backend` below `maxconn` with a slot reserved for the
+/// caller; when every candidate is full, waits in `queue` until a slot is freed
+/// (woken by [`free_slot`], no polling) or the queue timeout passes.
+async fn reserve_instance<'b>(
+    backend: &'b Backend,
+    maxconn: usize,
+    tried: &Tried,
+    health: &HealthRegistry,
+    queue: &Queue<'_>,
+) -> Option<&'b BackendInstance> {
+    match try_reserve(backend, health.now_ms(), maxconn, tried) {
+        Ok(instance) => return Some(instance),
+        Err(false) => return None,
+        Err(true) => {}
+    }
+    let _ticket = QueueTicket::take(queue)?;
+    let deadline = tokio::time::Instant::now() + queue.timeout;
+    loop {
+        // Waiting on every candidate, registered before looking again, so a
+        // slot freed in between wakes this request rather than nobody.
+        let mut freed: Vec<Pin<Box<tokio::sync::futures::Notified<'b>>>> = backend
+            .instances
+            .iter()
+            .filter(|i| !tried.contains(i.addr))
+            .map(|i| Box::pin(i.health.freed.notified()))
+            .collect();
+        for f in &mut freed {
+            f.as_mut().enable();
+        }
+        match try_reserve(backend, health.now_ms(), maxconn, tried) {
+            Ok(instance) => return Some(instance),
+            Err(false) => return None,
+            Err(true) => {}
+        }
+        let any_freed = std::future::poll_fn(|cx| {
+            if freed.iter_mut().any(|f| f.as_mut().poll(cx).is_ready()) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        });
+        // A notification taken by a Notified dropped here is handed on to the
+        // next waiter (tokio's notify_one semantics), so none is lost.
+        if tokio::time::timeout_at(deadline, any_freed).await.is_err() {
+            return None;
+        }
     }
 }
 
@@ -701,7 +903,8 @@ pub(super) fn error_page(status: StatusCode, message: &str) -> Response<ProxyBod
     )
 }
 
-/// Backend sessions by instance address.
+/// Backend sessions by instance address. Addresses come from the routing
+/// table only; [`SessionPool::prune`] forgets those that left it.
 #[derive(Default)]
 struct SessionPool {
     idle: Mutex<HashMap<SocketAddr, Vec<SendRequest<ProxyBody>>>>,
@@ -716,6 +919,9 @@ impl SessionPool {
                 list.retain(|s| !s.is_closed());
                 if let Some(i) = list.iter().position(SendRequest::is_ready) {
                     return Ok(list.swap_remove(i));
+                }
+                if list.is_empty() {
+                    idle.remove(&addr);
                 }
             }
         }
@@ -740,6 +946,23 @@ impl SessionPool {
         if list.len() < MAX_IDLE_PER_INSTANCE {
             list.push(session);
         }
+    }
+
+    /// Drops the sessions of addresses that are in no table any more (the
+    /// health registry keeps exactly the live ones) and the closed ones.
+    fn prune(&self, health: &HealthRegistry) {
+        let mut idle = self.idle.lock().expect("pool lock");
+        for list in idle.values_mut() {
+            list.retain(|s| !s.is_closed());
+        }
+        idle.retain(|_, list| !list.is_empty());
+        health.retain_live(&mut idle);
+    }
+
+    /// Addresses with pooled sessions (for the tests).
+    #[cfg(test)]
+    fn addresses(&self) -> usize {
+        self.idle.lock().expect("pool lock").len()
     }
 }
 
@@ -781,6 +1004,162 @@ mod tests {
         plain.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
         strip_hop_by_hop(&mut plain);
         assert_eq!(plain.len(), 1);
+    }
+
+    fn backend(instances: &[(u8, &HealthRegistry)]) -> Backend {
+        let instances = instances
+            .iter()
+            .map(|&(last, health)| {
+                let addr = SocketAddr::from(([192, 0, 2, last], 80));
+                BackendInstance {
+                    id: format!("i{last}"),
+                    node: "n".into(),
+                    addr,
+                    weight: 100,
+                    health: health.get(addr),
+                    httpchk: None,
+                }
+            })
+            .collect();
+        Backend::new("svc".into(), "dc1".into(), instances, Default::default())
+    }
+
+    /// A queued request is woken by the slot being given back, not by a poll:
+    /// with the clock paused, it is served at the very instant the slot frees.
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_request_takes_a_freed_slot_at_once() {
+        let health = HealthRegistry::new();
+        let backend = Arc::new(backend(&[(1, &health), (2, &health)]));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let queue = |queued| Queue {
+            queued,
+            max: 8,
+            timeout: Duration::from_secs(60),
+        };
+        // Both instances at maxconn 1.
+        let q = queue(&queued);
+        let a = reserve_instance(&backend, 1, &Tried::default(), &health, &q)
+            .await
+            .unwrap();
+        let b = reserve_instance(&backend, 1, &Tried::default(), &health, &q)
+            .await
+            .unwrap();
+        assert_ne!(a.addr, b.addr);
+        let waiter = {
+            let (backend, queued) = (backend.clone(), queued.clone());
+            tokio::spawn(async move {
+                let health = HealthRegistry::new();
+                let q = Queue {
+                    queued: &queued,
+                    max: 8,
+                    timeout: Duration::from_secs(60),
+                };
+                let got = reserve_instance(&backend, 1, &Tried::default(), &health, &q).await;
+                (got.map(|i| i.addr), tokio::time::Instant::now())
+            })
+        };
+        // The waiter is queued (the paused clock does not move while it waits).
+        while queued.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // Not a multiple of any poll period a loop might use.
+        tokio::time::sleep(Duration::from_millis(7_001)).await;
+        assert_eq!(queued.load(Ordering::Acquire), 1, "still queued after 7 s");
+        let freed_at = tokio::time::Instant::now();
+        free_slot(&b.health);
+        let (got, served_at) = waiter.await.unwrap();
+        assert_eq!(got, Some(b.addr), "the freed instance");
+        assert_eq!(served_at, freed_at, "woken by the release, not by a timer");
+        assert_eq!(queued.load(Ordering::Acquire), 0);
+        assert_eq!(
+            b.health.inflight.load(Ordering::Acquire),
+            1,
+            "the slot is the waiter's now"
+        );
+    }
+
+    /// The queue bound holds (one more gets nothing at once), and a queued
+    /// request gives up after the queue timeout.
+    #[tokio::test(start_paused = true)]
+    async fn the_queue_is_bounded_in_length_and_time() {
+        let health = HealthRegistry::new();
+        let backend = Arc::new(backend(&[(1, &health)]));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let q = Queue {
+            queued: &queued,
+            max: 2,
+            timeout: Duration::from_secs(5),
+        };
+        let held = reserve_instance(&backend, 1, &Tried::default(), &health, &q)
+            .await
+            .unwrap();
+        let mut waiters = Vec::new();
+        for _ in 0..2 {
+            let (backend, queued) = (backend.clone(), queued.clone());
+            waiters.push(tokio::spawn(async move {
+                let health = HealthRegistry::new();
+                let q = Queue {
+                    queued: &queued,
+                    max: 2,
+                    timeout: Duration::from_secs(5),
+                };
+                let started = tokio::time::Instant::now();
+                let got = reserve_instance(&backend, 1, &Tried::default(), &health, &q)
+                    .await
+                    .is_some();
+                (got, started.elapsed())
+            }));
+        }
+        while queued.load(Ordering::Acquire) < 2 {
+            tokio::task::yield_now().await;
+        }
+        let started = tokio::time::Instant::now();
+        assert!(
+            reserve_instance(&backend, 1, &Tried::default(), &health, &q)
+                .await
+                .is_none(),
+            "a third request finds the queue full"
+        );
+        assert_eq!(started.elapsed(), Duration::ZERO, "refused at once, not after waiting");
+        for w in waiters {
+            let (got, waited) = w.await.unwrap();
+            assert!(!got, "nothing freed: the queue timeout ends the wait");
+            assert_eq!(waited, Duration::from_secs(5));
+        }
+        assert_eq!(queued.load(Ordering::Acquire), 0);
+        assert_eq!(held.health.inflight.load(Ordering::Acquire), 1);
+    }
+
+    /// Pooled sessions of addresses that left every table are dropped.
+    #[tokio::test]
+    async fn the_pool_forgets_addresses_that_left_the_table() {
+        let health = HealthRegistry::new();
+        let pool = SessionPool::default();
+        let mut addrs = Vec::new();
+        let mut servers = Vec::new();
+        for _ in 0..3 {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addrs.push(listener.local_addr().unwrap());
+            servers.push(tokio::spawn(async move {
+                let mut held = Vec::new();
+                while let Ok((s, _)) = listener.accept().await {
+                    held.push(s);
+                }
+            }));
+        }
+        for &addr in &addrs {
+            let _ = health.get(addr);
+            let session = pool.checkout(addr, Duration::from_secs(5)).await.unwrap();
+            pool.checkin(addr, session);
+        }
+        pool.prune(&health);
+        assert_eq!(pool.addresses(), 3, "all three are live");
+        health.retain(&addrs[..1].iter().copied().collect());
+        pool.prune(&health);
+        assert_eq!(pool.addresses(), 1, "the two that left the table are gone");
+        for s in servers {
+            s.abort();
+        }
     }
 
     #[test]

@@ -209,7 +209,8 @@ fn stop_idle(
     updates: &mpsc::UnboundedSender<Update>,
 ) {
     watches.retain(|(service, dc), w| {
-        let served = state.health.route_counters(service, dc).snapshot().total();
+        // Read without creating counters for a route the table never built.
+        let served = state.health.route_total(service, dc).unwrap_or(0);
         if served != w.served {
             w.served = served;
             w.since = Instant::now();

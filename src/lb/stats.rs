@@ -82,6 +82,15 @@ pub struct LbStats {
     pub retries: AtomicU64,
     /// Routing changes applied.
     pub changes: AtomicU64,
+    /// Client connections cut: stalled (`client_timeout`), idle (`idle_timeout`:
+    /// h2 sessions without a stream, HTTP/1.1 keep-alive without a request or
+    /// with a slow request head), no first request or h2 preface
+    /// (`handshake_timeout`, TLS handshakes included).
+    pub cut_stalled: AtomicU64,
+    /// See `cut_stalled`.
+    pub cut_idle: AtomicU64,
+    /// See `cut_stalled`.
+    pub cut_handshake: AtomicU64,
     propagation: Mutex<Vec<Duration>>,
     /// How long the last table build took (µs).
     last_build_us: AtomicU64,
@@ -98,6 +107,12 @@ pub struct LbSnapshot {
     pub retries: u64,
     /// Routing changes applied.
     pub changes: u64,
+    /// Client connections cut because the client stalled (`client_timeout`).
+    pub cut_stalled: u64,
+    /// Idle connections closed (`idle_timeout`).
+    pub cut_idle: u64,
+    /// Connections closed before their first request or h2 preface (`handshake_timeout`).
+    pub cut_handshake: u64,
     /// Median propagation time of the recent changes.
     pub propagation_p50: Option<Duration>,
     /// 99th percentile propagation time of the recent changes.
@@ -129,11 +144,25 @@ impl LbStats {
             requests: self.requests.snapshot(),
             retries: load(&self.retries),
             changes: load(&self.changes),
+            cut_stalled: load(&self.cut_stalled),
+            cut_idle: load(&self.cut_idle),
+            cut_handshake: load(&self.cut_handshake),
             propagation_p50: pct(50),
             propagation_p99: pct(99),
             last_build: Duration::from_micros(load(&self.last_build_us)),
             max_build: Duration::from_micros(load(&self.max_build_us)),
         }
+    }
+
+    /// Counts one connection cut by its watchdog.
+    pub fn cut(&self, why: super::client::Cut) {
+        use super::client::Cut;
+        match why {
+            Cut::Stalled => &self.cut_stalled,
+            Cut::Idle => &self.cut_idle,
+            Cut::Handshake => &self.cut_handshake,
+        }
+        .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records how long one table build took.

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::LbState;
+use super::client::ConnSnapshot;
 use super::proxy::{ProxyBody, error_page, html};
 use super::stats::{LATENCY_BUCKETS_US, RequestSnapshot};
 use super::table::Backend;
@@ -56,6 +57,15 @@ pub struct LbStatus {
     pub retries: u64,
     /// Requests waiting for an instance below its maxconn right now.
     pub queued: usize,
+    /// Client connections: open now, sources, the caps, refused at them.
+    pub connections: ConnSnapshot,
+    /// Client connections cut because the client stalled (`client_timeout`).
+    pub cut_stalled: u64,
+    /// Idle connections closed (`idle_timeout`: h2 sessions without a stream,
+    /// HTTP/1.1 keep-alive without a request or with a slow request head).
+    pub cut_idle: u64,
+    /// Connections closed before their first request or h2 preface (`handshake_timeout`).
+    pub cut_handshake: u64,
     /// Every request answered (routes, landing page, unknown names).
     pub requests: RequestSnapshot,
     /// Upper bounds of the latency buckets, microseconds (the last bucket has none).
@@ -186,6 +196,10 @@ impl LbStatus {
             propagation_p99_ms: ms(stats.propagation_p99),
             retries: stats.retries,
             queued: state.queued.load(Ordering::Relaxed),
+            connections: state.conns.snapshot(),
+            cut_stalled: stats.cut_stalled,
+            cut_idle: stats.cut_idle,
+            cut_handshake: stats.cut_handshake,
             requests: stats.requests,
             latency_bounds_us: &LATENCY_BUCKETS_US,
             routes,
@@ -285,11 +299,15 @@ impl LbStatus {
              td,th{{padding:.3em .5em;text-align:left;border-bottom:1px solid #ddd;vertical-align:top}}\
              tr.svc{{background:#f3f3f3}}tr.down td{{color:#b00}}</style></head><body>\
              <h1>wayfinder lb</h1><p>Consul: {consul}. Routing changes: {changes} (propagation p99 {p99}). \
-             Requests: {total}. <a href=\"/stats.json\">JSON</a></p>\
+             Requests: {total}. Client connections: {open} open of {max} ({conns_refused} refused at a cap). \
+             <a href=\"/stats.json\">JSON</a></p>\
              <table><thead><tr><th>service</th><th>datacenter</th><th>reached at</th><th>traffic</th></tr></thead>\
              {rows}</table>{refused}{certs}</body></html>\n",
             changes = self.changes,
             total = self.requests.total(),
+            open = self.connections.open,
+            max = self.connections.max,
+            conns_refused = self.connections.refused_total + self.connections.refused_per_source,
         )
     }
 }

@@ -42,6 +42,10 @@ use super::tags::{self, HttpCheck, InstanceTags};
 // The health fields are independent flags read on the hot path; nothing is
 // published through them, so Relaxed ordering is enough everywhere below.
 
+/// Route counters of routes no table has any more, kept at most (see
+/// [`HealthRegistry::retain_routes`]).
+pub const MAX_RETIRED_ROUTES: usize = 1024;
+
 /// Per-instance state that must survive table rebuilds (keyed by address).
 #[derive(Debug)]
 pub struct InstanceHealth {
@@ -53,6 +57,9 @@ pub struct InstanceHealth {
     pub check_up: AtomicBool,
     /// Requests in flight to this instance (for maxconn and the status page).
     pub inflight: AtomicUsize,
+    /// Told (`notify_one`) whenever an in-flight slot is given back, so a
+    /// request queued for a full instance is woken, not polling.
+    pub freed: tokio::sync::Notify,
 }
 
 // Not derived: a derived Default would start with check_up = false.
@@ -62,6 +69,7 @@ impl Default for InstanceHealth {
             ejected_until_ms: AtomicU64::new(0),
             check_up: AtomicBool::new(true),
             inflight: AtomicUsize::new(0),
+            freed: tokio::sync::Notify::new(),
         }
     }
 }
@@ -79,8 +87,10 @@ impl InstanceHealth {
 pub struct HealthRegistry {
     /// One entry per address in a live table; the tables hold clones of the Arcs.
     by_addr: Mutex<HashMap<SocketAddr, Arc<InstanceHealth>>>,
-    /// Counters per (service, datacenter). Kept when a service goes away, so the
-    /// counts stay monotonic for scrapers when it returns; service names are few.
+    /// Counters per (service, datacenter). Kept when a route goes away (up to
+    /// [`MAX_RETIRED_ROUTES`] of them, and only those that served requests), so
+    /// the counts stay monotonic for scrapers when it returns; see
+    /// [`HealthRegistry::retain_routes`].
     routes: Mutex<HashMap<(String, String), Arc<RequestCounters>>>,
     /// Zero of every `*_ms` time, so the times fit an atomic u64.
     epoch: Instant,
@@ -117,11 +127,50 @@ impl HealthRegistry {
             .clone()
     }
 
+    /// Requests answered through a route so far, without creating its counters.
+    pub fn route_total(&self, service: &str, datacenter: &str) -> Option<u64> {
+        let map = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(&(service.to_string(), datacenter.to_string()))
+            .map(|c| c.snapshot().total())
+    }
+
+    /// Bounds the route counters after a table change: the routes of `live`
+    /// stay; of the others (services gone, other-datacenter names nobody asks
+    /// for any more, made-up names that were watched), those that never served
+    /// a request go at once, and the rest are kept up to [`MAX_RETIRED_ROUTES`].
+    pub fn retain_routes<'a>(&self, live: impl IntoIterator<Item = (&'a str, &'a str)>) {
+        let live: HashSet<(&str, &str)> = live.into_iter().collect();
+        let mut map = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        let is_live = |k: &(String, String)| live.contains(&(k.0.as_str(), k.1.as_str()));
+        map.retain(|k, c| is_live(k) || c.snapshot().total() > 0);
+        let mut retired = map.keys().filter(|k| !is_live(k)).count();
+        if retired > MAX_RETIRED_ROUTES {
+            map.retain(|k, _| {
+                if is_live(k) || retired <= MAX_RETIRED_ROUTES {
+                    return true;
+                }
+                retired -= 1;
+                false
+            });
+        }
+    }
+
+    /// Route counter sets held (for the tests).
+    pub fn route_count(&self) -> usize {
+        self.routes.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
     /// Forgets instances not in `live` (no longer in any table), so a returning
     /// address starts afresh and the map does not grow forever.
     pub fn retain(&self, live: &HashSet<SocketAddr>) {
         let mut map = self.by_addr.lock().unwrap_or_else(PoisonError::into_inner);
         map.retain(|addr, _| live.contains(addr));
+    }
+
+    /// Removes from `map` the addresses no table has (one lock for all).
+    pub fn retain_live<T>(&self, map: &mut HashMap<SocketAddr, T>) {
+        let live = self.by_addr.lock().unwrap_or_else(PoisonError::into_inner);
+        map.retain(|addr, _| live.contains_key(addr));
     }
 
     /// Milliseconds since the registry was created.
@@ -964,6 +1013,49 @@ mod tests {
 
     fn web() -> ServiceSpec {
         spec("web", "dc1", vec![inst(1, &["haproxy"])])
+    }
+
+    /// Route counters are bounded: routes no table has any more go at once
+    /// when they never served a request, and the others are kept up to
+    /// MAX_RETIRED_ROUTES; reading a total creates nothing.
+    #[test]
+    fn route_counters_of_gone_and_made_up_routes_are_pruned() {
+        let health = HealthRegistry::new();
+        // Made-up other-datacenter names that were watched and never served.
+        for i in 0..5000 {
+            let _ = health.route_counters(&format!("madeup{i}"), "dc2");
+        }
+        assert_eq!(health.route_total("nobody", "dc9"), None);
+        // Routes that served before they went away.
+        for i in 0..(MAX_RETIRED_ROUTES + 100) {
+            health
+                .route_counters(&format!("gone{i}"), "dc1")
+                .record(200, std::time::Duration::ZERO);
+        }
+        let live = health.route_counters("web", "dc1");
+        live.record(200, std::time::Duration::ZERO);
+        let _ = health.route_counters("quiet", "dc1");
+        health.retain_routes([("web", "dc1"), ("quiet", "dc1")]);
+        assert_eq!(
+            health.route_count(),
+            2 + MAX_RETIRED_ROUTES,
+            "live ones plus the retired bound"
+        );
+        assert_eq!(
+            health.route_total("web", "dc1"),
+            Some(1),
+            "live counters are kept as they are"
+        );
+        assert_eq!(
+            health.route_total("quiet", "dc1"),
+            Some(0),
+            "live routes stay even unused"
+        );
+        assert_eq!(health.route_total("madeup1", "dc2"), None);
+        // The same counters come back for a live route (monotonic for scrapers).
+        assert!(Arc::ptr_eq(&live, &health.route_counters("web", "dc1")));
+        health.retain_routes([]);
+        assert_eq!(health.route_count(), MAX_RETIRED_ROUTES);
     }
 
     #[test]

@@ -121,8 +121,13 @@ async fn accept(
                 }
             },
         };
+        // The same caps as the HTTP listeners; over them the client is closed at once.
+        let Ok(slot) = state.conns.admit(peer.ip()) else {
+            continue;
+        };
         let (state, shutdown) = (state.clone(), splices.shutdown.clone());
         splices.tasks.spawn(async move {
+            let _slot = slot;
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 _ = async {

@@ -130,6 +130,9 @@ pub(super) async fn run(
         let (table, warnings) = RoutingTable::build_cached(&config, &specs, &state.health, &mut backends);
         let live: HashSet<SocketAddr> = specs.iter().flat_map(|s| s.instances.iter().map(|i| i.addr)).collect();
         state.health.retain(&live);
+        state
+            .health
+            .retain_routes(specs.iter().map(|s| (s.name.as_str(), s.datacenter.as_str())));
         state.table.store(Arc::new(table));
         let built = started.elapsed();
         state.stats.table_built(built);

@@ -255,6 +255,45 @@ fn lb(out: &mut Out, status: &LbStatus) {
     );
     out.sample("wayfinder_lb_queued", &[], status.queued);
     out.family(
+        "wayfinder_lb_client_connections",
+        "gauge",
+        "Client connections open (HTTP, HTTPS, haproxy_tcp listeners).",
+    );
+    out.sample("wayfinder_lb_client_connections", &[], status.connections.open);
+    out.family(
+        "wayfinder_lb_client_connections_max",
+        "gauge",
+        "The cap on client connections (lb.max_connections, resolved).",
+    );
+    out.sample("wayfinder_lb_client_connections_max", &[], status.connections.max);
+    out.family(
+        "wayfinder_lb_client_connections_refused_total",
+        "counter",
+        "Client connections closed at once over a cap, by cap (total, source).",
+    );
+    out.sample(
+        "wayfinder_lb_client_connections_refused_total",
+        &[("cap", "total")],
+        status.connections.refused_total,
+    );
+    out.sample(
+        "wayfinder_lb_client_connections_refused_total",
+        &[("cap", "source")],
+        status.connections.refused_per_source,
+    );
+    out.family(
+        "wayfinder_lb_client_connections_cut_total",
+        "counter",
+        "Client connections cut: stalled (client_timeout), idle (idle_timeout), handshake (handshake_timeout).",
+    );
+    for (reason, n) in [
+        ("stalled", status.cut_stalled),
+        ("idle", status.cut_idle),
+        ("handshake", status.cut_handshake),
+    ] {
+        out.sample("wayfinder_lb_client_connections_cut_total", &[("reason", reason)], n);
+    }
+    out.family(
         "wayfinder_lb_routing_changes_total",
         "counter",
         "Routing tables swapped in.",

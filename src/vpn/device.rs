@@ -56,7 +56,9 @@ const MAX_FLUSH: usize = 300;
 /// the burst (wireguard-go's limits).
 const INITS_PER_SECOND: f32 = 20.0;
 const INIT_BURST: f32 = 5.0;
-/// Source IPs tracked at once; the table starts over when it is full.
+/// Source IPs tracked at once. When a new one comes and the table is full,
+/// buckets that have refilled (the same as no entry) go first, else the one
+/// seen least recently: a flood of new sources never resets the others.
 const MAX_SOURCES: usize = 4096;
 
 /// Token buckets per source IP for handshake initiations, checked after mac1
@@ -69,10 +71,25 @@ struct InitBuckets {
 
 impl InitBuckets {
     fn allow(&mut self, ip: IpAddr) -> bool {
+        self.allow_at(ip, Instant::now())
+    }
+
+    fn allow_at(&mut self, ip: IpAddr, now: Instant) -> bool {
         if self.buckets.len() >= MAX_SOURCES && !self.buckets.contains_key(&ip) {
-            self.buckets.clear();
+            // Rare (a full table and a new source): one pass over the table.
+            self.buckets.retain(|_, (tokens, last)| {
+                *tokens + now.duration_since(*last).as_secs_f32() * INITS_PER_SECOND < INIT_BURST
+            });
+            if self.buckets.len() >= MAX_SOURCES
+                && let Some(oldest) = self
+                    .buckets
+                    .iter()
+                    .min_by_key(|(_, (_, last))| *last)
+                    .map(|(ip, _)| *ip)
+            {
+                self.buckets.remove(&oldest);
+            }
         }
-        let now = Instant::now();
         let (tokens, last) = self.buckets.entry(ip).or_insert((INIT_BURST, now));
         *tokens = (*tokens + now.duration_since(*last).as_secs_f32() * INITS_PER_SECOND).min(INIT_BURST);
         *last = now;
@@ -439,6 +456,29 @@ mod tests {
         );
         std::thread::sleep(Duration::from_millis(120));
         assert!(b.allow(ip), "the bucket refills at 20/s");
+    }
+
+    /// The table is bounded, and filling it with new sources neither resets
+    /// the sources already spent nor refuses the newcomers.
+    #[test]
+    fn init_buckets_stay_bounded_without_resetting_spent_sources() {
+        // One instant for every call: no refill, whatever the machine's speed.
+        let now = Instant::now();
+        let mut b = InitBuckets::default();
+        for i in 0..MAX_SOURCES as u32 {
+            let ip = IpAddr::from((0x0a00_0000 + i).to_be_bytes());
+            while b.allow_at(ip, now) {}
+        }
+        assert_eq!(b.buckets.len(), MAX_SOURCES);
+        let spent: IpAddr = "10.0.0.7".parse().unwrap();
+        let later = now + Duration::from_micros(1);
+        assert!(!b.allow_at(spent, later), "spent, and now the most recently seen");
+        for i in 0..100u32 {
+            let newcomer = IpAddr::from((0xc000_0200 + i).to_be_bytes());
+            assert!(b.allow_at(newcomer, later), "a new source gets its burst");
+            assert!(b.buckets.len() <= MAX_SOURCES);
+        }
+        assert!(!b.allow_at(spent, later), "a flood of new sources did not refill it");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use crate::harness::{Consul, HttpBackend, Lb, consul_section, eventually, requir
 
 /// Writes a self-signed certificate for `names` (CN = the first) with its key,
 /// HAProxy style.
-fn write_cert(path: &Path, names: &[&str]) {
+pub fn write_cert(path: &Path, names: &[&str]) {
     let mut params = rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
         .expect("certificate params");
     params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);

@@ -13,6 +13,7 @@ mod dns_robustness; // malformed packets over UDP and TCP never hurt the server
 mod dns_trust; // attacks refused: spoofed upstream answers, ICMP errors, forwarding and TCP limits
 mod dns_upstream; // the cache in front of the upstream resolvers: TTLs, negatives, stale
 mod lb; // the load balancer against real Consul and HTTP backends
+mod lb_bounds; // what clients can hold: connections per source and in total, h2 timeouts, stalled readers, the maxconn queue
 mod lb_tls; // HTTPS by SNI, HTTP/2, certificate reload; the stats listener
 mod lb_trust; // what a Consul registration can make the lb reach: own listeners, ports, networks, names
 mod quick_start; // the README's vpn quick start in a fresh clone, in a namespace: dig, lb, a wireguard-go laptop
