@@ -595,8 +595,9 @@ async fn lb_with_a_broken_certificate_exits_64_naming_the_file() {
 
 /// A command checks the sections of what it runs: `wayfinder lb` starts with a
 /// `[dns]` the dns would refuse (PanteraS's HAPROXY_ADD_DOMAIN without targets,
-/// a loop upstream), `wayfinder dns` refuses it naming the key, and `check` on a
-/// host whose role does not start the lb shows a bad `[lb]` as not checked.
+/// a loop upstream), `wayfinder dns` refuses it naming the key; `up` on a host
+/// whose role does not start the lb runs with a bad `[lb]` (and says so), while
+/// `check`, the file's validator, refuses it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_command_checks_what_it_runs() {
     let dir = tempfile::tempdir().unwrap();
@@ -637,21 +638,49 @@ async fn each_command_checks_what_it_runs() {
         "{err}"
     );
 
-    // A slave-less host (no lb) with a broken [lb]: check passes and says so.
+    // `check` validates the whole file, whatever this host starts.
     let (_, out, _d) = check(
         "[dns]\nupstreams = [\"192.0.2.1\"]\n[lb]\nstats = \"nope\"\n",
         &[("SLAVE", "false")],
     );
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(
-        stdout(&out).contains("# not checked (its component does not start here)") && stdout(&out).contains("lb.stats"),
-        "{}",
-        stdout(&out)
-    );
-    // Where the lb starts, the same file is an error.
-    let (_, out, _d) = check("[dns]\nupstreams = [\"192.0.2.1\"]\n[lb]\nstats = \"nope\"\n", &[]);
     assert_eq!(out.status.code(), Some(EXIT_CONFIG));
     assert!(stderr(&out).contains("lb.stats"), "{}", stderr(&out));
+
+    // `up` checks what the role starts: a host without the lb runs with a
+    // broken [lb], and logs it as not checked.
+    let up_config = dir.path().join("up.toml");
+    std::fs::write(
+        &up_config,
+        format!(
+            "[dns]\nlisten = [\"127.0.0.1:{}\"]\nupstreams = [\"192.0.2.1\"]\nworkers = 1\n\
+             [lb]\nstats = \"nope\"\n[supervisor]\nadmin = \"\"\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let mut up = Running::spawn(
+        wayfinder(
+            dir.path(),
+            &["up", "-c", up_config.to_str().unwrap()],
+            &[("SLAVE", "false"), ("START_CONSUL", "false")],
+        ),
+        dir.path().join("up.log"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !up.log().contains("dns listening") {
+        if let Some(status) = up.wait_exit(Duration::from_millis(100)).await {
+            panic!("up stopped on a broken [lb] it does not run: {status:?}\n{}", up.log());
+        }
+        assert!(Instant::now() < deadline, "dns never started:\n{}", up.log());
+    }
+    assert!(
+        up.log().contains("not checked") && up.log().contains("lb.stats"),
+        "{}",
+        up.log()
+    );
+    up.signal(libc::SIGTERM);
+    let status = up.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", up.log());
 }
 
 /// `up` on a host without Consul: when its plan starts the built-in agent
