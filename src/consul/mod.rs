@@ -18,6 +18,7 @@ pub mod api;
 pub mod catalog;
 pub mod http;
 pub mod kv;
+pub mod settings;
 pub mod watch;
 
 use std::collections::HashMap;

@@ -19,6 +19,7 @@
 
 pub mod engine;
 pub mod forward;
+pub mod settings;
 pub mod stats;
 pub mod tcp;
 pub mod udp;

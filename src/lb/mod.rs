@@ -42,6 +42,7 @@ pub mod proxy;
 pub mod register;
 pub mod remote;
 pub mod selfsigned;
+pub mod settings;
 pub mod stats;
 pub mod status;
 pub mod table;

@@ -26,6 +26,7 @@ pub mod device;
 pub mod forward;
 pub mod keys;
 pub mod peers;
+pub mod settings;
 pub mod tun;
 pub mod uapi;
 pub mod udp;

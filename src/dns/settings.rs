@@ -1,0 +1,510 @@
+//! `[dns]`: the dns component's section of the configuration file, its
+//! defaults, and its validation into [`DnsConfig`] (upstreams resolved, the
+//! wildcard domain and targets parsed, the tunnel address added when the vpn
+//! is on).
+//!
+//! ```text
+//!  wayfinder.toml [dns] + HAPROXY_ADD_DOMAIN, HOST_IP, LISTEN_IP
+//!      ──DnsSection──validate_dns(consul, vpn)──▶ DnsConfig
+//! ```
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hickory_proto::rr::Name;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ConfigError, parse_domain};
+use crate::consul::settings::ConsulConfig;
+use crate::vpn::settings::VpnConfig;
+
+/// How A/AAAA questions for `*.service.<consul domain>` are answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsulARecords {
+    /// Ask Consul: the instances' own addresses (the default).
+    Consul,
+    /// Answer with the load-balancer hosts (the wildcard targets), as PanteraS's
+    /// dnsmasq `--address=/consul/HOST_IP` did; SRV still goes to Consul.
+    Lb,
+}
+
+/// `[dns]`: the host DNS server.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSection {
+    /// Addresses to answer on, UDP and TCP on each. Default `["0.0.0.0:53"]`;
+    /// `LISTEN_IP` replaces the address of each (ports kept).
+    #[serde(default = "default_dns_listen")]
+    pub listen: Vec<SocketAddr>,
+    /// Client networks that get answers; everyone else gets REFUSED.
+    /// Default: loopback and the RFC 1918 private ranges.
+    #[serde(default = "default_dns_allow")]
+    pub allow: Vec<IpNet>,
+    /// Resolvers for every other name: resolv.conf paths and/or `IP[:port]` entries.
+    /// Default: `/etc/resolv.conf.orig` if it exists, else `/etc/resolv.conf`
+    /// (nameservers that are this server itself are skipped in the default only).
+    #[serde(default)]
+    pub upstreams: Vec<String>,
+    /// Directory of RFC 1035 master files, one zone per file, served authoritatively.
+    /// Default `zones`; a missing directory means no zones.
+    #[serde(default = "default_zones_dir")]
+    pub zones_dir: PathBuf,
+    /// How often `zones_dir` is checked for changes (SIGHUP reloads at once). Default `1s`.
+    #[serde(default = "default_zones_poll", with = "humantime_serde")]
+    pub zones_poll: Duration,
+    /// The wildcard domain answered with the LB hosts, e.g. `.apps.example.com`.
+    /// Default: none; `HAPROXY_ADD_DOMAIN` overrides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wildcard_domain: Option<String>,
+    /// Targets of wildcard answers: IP addresses and/or `consul:SERVICE` (the passing
+    /// instances of SERVICE). Default: `HOST_IP` when set.
+    #[serde(default)]
+    pub wildcard_targets: Vec<String>,
+    /// TTL of wildcard and LB answers. Default `0s` (as dnsmasq's `address=`).
+    #[serde(default, with = "humantime_serde")]
+    pub wildcard_ttl: Duration,
+    /// `consul` (default) or `lb`; see [`ConsulARecords`].
+    #[serde(default = "default_consul_a_records")]
+    pub consul_a_records: ConsulARecords,
+    /// Deadline for a Consul answer over all Consul addresses; SERVFAIL after it. Default `2s`.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub consul_timeout: Duration,
+    /// Deadline for an upstream answer over all upstreams; stale or SERVFAIL after it. Default `2s`.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub upstream_timeout: Duration,
+    /// Bytes the answer cache may hold: answers, keys and an estimated 256 bytes
+    /// of bookkeeping per entry; the least useful answers are evicted beyond it.
+    /// Default `33554432` (32 MiB); `0` caches nothing.
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: u64,
+    /// Replaced by `cache_bytes` (the cache was bounded by entries): still
+    /// accepted so older files keep working, and ignored with a warning.
+    #[serde(default, skip_serializing)]
+    pub cache_size: Option<u64>,
+    /// Upper bound on the TTL of a cached positive answer. Default `1d`.
+    #[serde(default = "default_max_ttl", with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// Upper bound on negative caching (RFC 2308). Default `1h`.
+    #[serde(default = "default_negative_max_ttl", with = "humantime_serde")]
+    pub negative_max_ttl: Duration,
+    /// How long an expired answer may still be served when every upstream fails
+    /// (RFC 8767). Default `1d`; `0s` disables serve-stale.
+    #[serde(default = "default_serve_stale", with = "humantime_serde")]
+    pub serve_stale: Duration,
+    /// UDP worker threads (one SO_REUSEPORT socket each) per listen address.
+    /// Default `0` = one per CPU.
+    #[serde(default)]
+    pub workers: usize,
+    /// Queries being resolved at once (Consul, upstreams, zones); more are dropped
+    /// and counted. Default `4096`.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: usize,
+    /// Questions forwarded at once to Consul, and to the upstreams (each its own
+    /// bound; one socket per question); more are answered SERVFAIL (or stale)
+    /// at once. Default `1024`.
+    #[serde(default = "default_max_forwarded")]
+    pub max_forwarded: usize,
+    /// A TCP client connection that sends no question for this long is closed,
+    /// and one that leaves an answer unread for this long is cut. Default `10s`.
+    #[serde(default = "default_tcp_idle_timeout", with = "humantime_serde")]
+    pub tcp_idle_timeout: Duration,
+    /// TCP connections one client (an IPv4 address, an IPv6 /64) may hold at
+    /// once; more are reset at accept. Default `32`.
+    #[serde(default = "default_tcp_connections_per_source")]
+    pub tcp_connections_per_source: usize,
+}
+
+impl Default for DnsSection {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
+}
+
+fn default_dns_listen() -> Vec<SocketAddr> {
+    vec![SocketAddr::from(([0, 0, 0, 0], 53))]
+}
+
+fn default_dns_allow() -> Vec<IpNet> {
+    [
+        "127.0.0.0/8",
+        "::1/128",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+    ]
+    .iter()
+    .map(|n| n.parse().expect("valid default network"))
+    .collect()
+}
+
+fn default_zones_dir() -> PathBuf {
+    PathBuf::from("zones")
+}
+
+fn default_zones_poll() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_consul_a_records() -> ConsulARecords {
+    ConsulARecords::Consul
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_cache_bytes() -> u64 {
+    32 << 20
+}
+
+fn default_max_forwarded() -> usize {
+    1024
+}
+
+fn default_tcp_connections_per_source() -> usize {
+    32
+}
+
+fn default_max_ttl() -> Duration {
+    Duration::from_secs(86400)
+}
+
+fn default_negative_max_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_serve_stale() -> Duration {
+    Duration::from_secs(86400)
+}
+
+fn default_max_inflight() -> usize {
+    4096
+}
+
+fn default_tcp_idle_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// A wildcard answer target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WildcardTarget {
+    /// A fixed address.
+    Static(IpAddr),
+    /// The addresses of the passing instances of a Consul service.
+    ConsulService(String),
+}
+
+/// Validated `[dns]`.
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    /// Listen addresses (UDP and TCP on each).
+    pub listen: Vec<SocketAddr>,
+    /// Allowed client networks.
+    pub allow: Vec<IpNet>,
+    /// Upstream resolvers, in order.
+    pub upstreams: Vec<SocketAddr>,
+    /// Zone directory.
+    pub zones_dir: PathBuf,
+    /// Zone directory poll interval.
+    pub zones_poll: Duration,
+    /// The wildcard domain apex (`apps.example.com.`), if any.
+    pub wildcard_domain: Option<Name>,
+    /// Wildcard/LB answer targets.
+    pub wildcard_targets: Vec<WildcardTarget>,
+    /// TTL of wildcard answers, seconds.
+    pub wildcard_ttl: u32,
+    /// A/AAAA policy for Consul service names.
+    pub consul_a_records: ConsulARecords,
+    /// Consul deadline.
+    pub consul_timeout: Duration,
+    /// Upstream deadline.
+    pub upstream_timeout: Duration,
+    /// Cache capacity in bytes.
+    pub cache_bytes: u64,
+    /// Positive TTL cap, seconds.
+    pub max_ttl: u32,
+    /// Negative TTL cap, seconds.
+    pub negative_max_ttl: u32,
+    /// Serve-stale window.
+    pub serve_stale: Duration,
+    /// UDP workers per listen address (resolved: never 0).
+    pub workers: usize,
+    /// Bound on queries being resolved at once.
+    pub max_inflight: usize,
+    /// Bound on questions on the wire, per forwarder.
+    pub max_forwarded: usize,
+    /// TCP idle and write timeout.
+    pub tcp_idle_timeout: Duration,
+    /// TCP connections per client source.
+    pub tcp_connections_per_source: usize,
+}
+
+impl DnsConfig {
+    /// The dns settings of a command that does not run the dns, when `[dns]`
+    /// does not validate: its listen addresses as written (other components
+    /// must know them), everything else off or at its default.
+    pub(crate) fn inactive(dns: &DnsSection) -> Self {
+        let secs = |d: &Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+        DnsConfig {
+            listen: dns.listen.clone(),
+            allow: dns.allow.clone(),
+            upstreams: Vec::new(),
+            zones_dir: dns.zones_dir.clone(),
+            zones_poll: dns.zones_poll,
+            wildcard_domain: None,
+            wildcard_targets: Vec::new(),
+            wildcard_ttl: secs(&dns.wildcard_ttl),
+            consul_a_records: ConsulARecords::Consul,
+            consul_timeout: dns.consul_timeout,
+            upstream_timeout: dns.upstream_timeout,
+            cache_bytes: dns.cache_bytes,
+            max_ttl: secs(&dns.max_ttl),
+            negative_max_ttl: secs(&dns.negative_max_ttl),
+            serve_stale: dns.serve_stale,
+            workers: dns.workers.max(1),
+            max_inflight: dns.max_inflight.max(1),
+            max_forwarded: dns.max_forwarded.max(1),
+            tcp_idle_timeout: dns.tcp_idle_timeout,
+            tcp_connections_per_source: dns.tcp_connections_per_source.max(1),
+        }
+    }
+}
+
+/// Validates `[dns]`: `consul` for the domain overlap, `vpn` for the tunnel
+/// address it also answers on.
+pub(crate) fn validate_dns(
+    dns: &DnsSection,
+    consul: &ConsulConfig,
+    vpn: &VpnConfig,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<DnsConfig, ConfigError> {
+    let DnsSection {
+        listen,
+        allow,
+        upstreams,
+        zones_dir,
+        zones_poll,
+        wildcard_domain,
+        wildcard_targets,
+        wildcard_ttl,
+        consul_a_records,
+        consul_timeout,
+        upstream_timeout,
+        cache_bytes,
+        cache_size,
+        max_ttl,
+        negative_max_ttl,
+        serve_stale,
+        workers,
+        max_inflight,
+        max_forwarded,
+        tcp_idle_timeout,
+        tcp_connections_per_source,
+    } = dns;
+
+    if listen.is_empty() {
+        return Err(err("dns.listen", "needs at least one address".into()));
+    }
+    // With the vpn on, laptops ask the dns on the tunnel address (see `vpn_dns`).
+    let (listen, allow) = &vpn_dns(vpn, listen, allow);
+    for (key, d) in [
+        ("dns.consul_timeout", consul_timeout),
+        ("dns.upstream_timeout", upstream_timeout),
+        ("dns.zones_poll", zones_poll),
+        ("dns.tcp_idle_timeout", tcp_idle_timeout),
+    ] {
+        if d.is_zero() {
+            return Err(err(key, "must be longer than 0s".into()));
+        }
+    }
+    for (key, n) in [
+        ("dns.max_inflight", max_inflight),
+        ("dns.max_forwarded", max_forwarded),
+        ("dns.tcp_connections_per_source", tcp_connections_per_source),
+    ] {
+        if *n == 0 {
+            return Err(err(key, "must be at least 1".into()));
+        }
+    }
+
+    let wildcard_domain = wildcard_domain
+        .as_deref()
+        .map(parse_domain)
+        .transpose()
+        .map_err(|p| err("dns.wildcard_domain", p))?;
+    if let Some(w) = &wildcard_domain
+        && (consul.domain.zone_of(w) || w.zone_of(&consul.domain))
+    {
+        return Err(err(
+            "dns.wildcard_domain",
+            format!("`{w}` overlaps the Consul domain `{}`", consul.domain),
+        ));
+    }
+    let wildcard_targets = wildcard_targets
+        .iter()
+        .map(|t| parse_target(t))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|p| err("dns.wildcard_targets", p))?;
+    if wildcard_domain.is_some() && wildcard_targets.is_empty() {
+        return Err(err(
+            "dns.wildcard_targets",
+            "a wildcard_domain needs targets: set dns.wildcard_targets, or HOST_IP or IP (no host address was given or could be guessed)".into(),
+        ));
+    }
+    if *consul_a_records == ConsulARecords::Lb && wildcard_targets.is_empty() {
+        return Err(err(
+            "dns.consul_a_records",
+            "`lb` answers with the LB hosts: set dns.wildcard_targets, or HOST_IP or IP (no host address was given or could be guessed)".into(),
+        ));
+    }
+
+    let explicit = !upstreams.is_empty();
+    let entries: Vec<String> = if explicit {
+        upstreams.clone()
+    } else if Path::new("/etc/resolv.conf.orig").exists() {
+        vec!["/etc/resolv.conf.orig".into()]
+    } else {
+        vec!["/etc/resolv.conf".into()]
+    };
+    let mut resolved = Vec::new();
+    for entry in &entries {
+        for addr in parse_upstream(entry).map_err(|p| err("dns.upstreams", p))? {
+            if let Some(own) = listen.iter().find(|l| crate::listeners::reaches(**l, addr)) {
+                if explicit {
+                    return Err(err(
+                        "dns.upstreams",
+                        format!(
+                            "upstream {addr} (from `{entry}`) is this server's own listen address {own}: \
+                             queries would loop; point upstreams at the host's real resolvers"
+                        ),
+                    ));
+                }
+                tracing::warn!(%addr, entry, "skipping upstream that is this server itself");
+                continue;
+            }
+            if !resolved.contains(&addr) {
+                resolved.push(addr);
+            }
+        }
+    }
+    if resolved.is_empty() {
+        return Err(err(
+            "dns.upstreams",
+            format!("no usable upstream resolver in {entries:?}"),
+        ));
+    }
+
+    let workers = if *workers == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        *workers
+    };
+    if let Some(entries) = cache_size {
+        tracing::warn!(
+            entries,
+            cache_bytes = *cache_bytes,
+            "dns.cache_size is replaced by dns.cache_bytes (the cache is bounded by bytes); ignored"
+        );
+    }
+    let secs = |d: &Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+    Ok(DnsConfig {
+        listen: listen.clone(),
+        allow: allow.clone(),
+        upstreams: resolved,
+        zones_dir: zones_dir.clone(),
+        zones_poll: *zones_poll,
+        wildcard_domain,
+        wildcard_targets,
+        wildcard_ttl: secs(wildcard_ttl),
+        consul_a_records: *consul_a_records,
+        consul_timeout: *consul_timeout,
+        upstream_timeout: *upstream_timeout,
+        cache_bytes: *cache_bytes,
+        max_ttl: secs(max_ttl),
+        negative_max_ttl: secs(negative_max_ttl),
+        serve_stale: *serve_stale,
+        workers,
+        max_inflight: *max_inflight,
+        max_forwarded: *max_forwarded,
+        tcp_idle_timeout: *tcp_idle_timeout,
+        tcp_connections_per_source: *tcp_connections_per_source,
+    })
+}
+
+/// The dns listen and allow lists with the vpn taken into account: when it is on,
+/// the tunnel address (on the port of the first listener) is added unless a
+/// listener already covers it, and the tunnel subnet is allowed.
+fn vpn_dns(vpn: &VpnConfig, listen: &[SocketAddr], allow: &[IpNet]) -> (Vec<SocketAddr>, Vec<IpNet>) {
+    let (mut listen, mut allow) = (listen.to_vec(), allow.to_vec());
+    if vpn.enabled {
+        let port = listen.first().map_or(53, |l| l.port());
+        let tunnel = SocketAddr::new(IpAddr::V4(vpn.address.addr()), port);
+        let covered = listen
+            .iter()
+            .any(|l| l.port() == port && (l.ip() == tunnel.ip() || l.ip() == IpAddr::from([0, 0, 0, 0])));
+        if !covered {
+            listen.push(tunnel);
+        }
+        let subnet = IpNet::V4(vpn.subnet());
+        if !allow.iter().any(|a| a.contains(&subnet)) {
+            allow.push(subnet);
+        }
+    }
+    (listen, allow)
+}
+
+fn parse_target(text: &str) -> Result<WildcardTarget, String> {
+    let text = text.trim();
+    if let Some(service) = text.strip_prefix("consul:") {
+        let ok = !service.is_empty()
+            && service
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        return if ok {
+            Ok(WildcardTarget::ConsulService(service.to_string()))
+        } else {
+            Err(format!("`{text}`: `consul:` needs a service name"))
+        };
+    }
+    text.parse::<IpAddr>()
+        .map(WildcardTarget::Static)
+        .map_err(|_| format!("`{text}` is neither an IP address nor `consul:SERVICE`"))
+}
+
+/// An upstream entry: `IP`, `IP:port`, `[v6]:port`, or a resolv.conf path.
+fn parse_upstream(entry: &str) -> Result<Vec<SocketAddr>, String> {
+    let entry = entry.trim();
+    if let Ok(addr) = entry.parse::<SocketAddr>() {
+        return Ok(vec![addr]);
+    }
+    if let Ok(ip) = entry.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, 53)]);
+    }
+    if entry.starts_with('/') || entry.starts_with('.') {
+        let text = std::fs::read_to_string(entry).map_err(|e| format!("could not read resolv.conf `{entry}`: {e}"))?;
+        let servers = parse_resolv_conf(&text);
+        if servers.is_empty() {
+            return Err(format!("`{entry}` has no `nameserver` lines"));
+        }
+        return Ok(servers);
+    }
+    Err(format!(
+        "`{entry}` is neither an `IP[:port]` nor a resolv.conf path (paths start with `/`)"
+    ))
+}
+
+/// The `nameserver` addresses of a resolv.conf, port 53 (scoped v6 addresses kept
+/// without their zone, which resolv.conf users rarely need on a server).
+pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next()? == "nameserver").then_some(())?;
+            let ip = words.next()?.split('%').next()?.parse::<IpAddr>().ok()?;
+            Some(SocketAddr::new(ip, 53))
+        })
+        .collect()
+}
