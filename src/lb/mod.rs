@@ -163,6 +163,8 @@ pub struct LbState {
     pub conns: Arc<client::ConnLimits>,
     /// The HTTPS certificates in force, when HTTPS is on.
     pub certs: std::sync::OnceLock<Arc<tls::SniResolver>>,
+    /// The landing page as last rendered (see [`status::landing_page`]).
+    pub landing: status::LandingCache,
     /// Host names of other datacenters requests asked for (see [`remote`]).
     datacenter_wants: tokio::sync::mpsc::Sender<String>,
     datacenter_wants_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<String>>>,
@@ -189,6 +191,7 @@ impl LbState {
             queued: std::sync::atomic::AtomicUsize::new(0),
             conns: Arc::new(client::ConnLimits::default()),
             certs: std::sync::OnceLock::new(),
+            landing: status::LandingCache::default(),
             datacenter_wants,
             datacenter_wants_rx: std::sync::Mutex::new(Some(datacenter_wants_rx)),
         })

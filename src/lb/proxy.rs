@@ -879,8 +879,8 @@ fn empty() -> ProxyBody {
     Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
 }
 
-pub(super) fn html(status: StatusCode, body: String) -> Response<ProxyBody> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+pub(super) fn html(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut resp = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed());
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

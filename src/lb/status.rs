@@ -314,7 +314,38 @@ impl LbStatus {
 
 /// The landing page (the lb's own host name on the HTTP port).
 pub fn landing_page(state: &LbState) -> Response<ProxyBody> {
-    html(StatusCode::OK, LbStatus::collect(state).render_html())
+    html(
+        StatusCode::OK,
+        state
+            .landing
+            .get(|| Bytes::from(LbStatus::collect(state).render_html())),
+    )
+}
+
+/// How long a rendered landing page is served again before it is rendered anew.
+pub const LANDING_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// The landing page as last rendered: anyone who reaches the lb's HTTP port can
+/// ask for it (`Host: localhost`), and it lists every route, so it is rendered
+/// at most once per [`LANDING_MAX_AGE`] whatever the request rate.
+#[derive(Debug, Default)]
+pub struct LandingCache {
+    page: std::sync::Mutex<Option<(std::time::Instant, Bytes)>>,
+}
+
+impl LandingCache {
+    /// The cached page while fresh, else the one `render` makes (kept).
+    pub fn get(&self, render: impl FnOnce() -> Bytes) -> Bytes {
+        let mut page = self.page.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*page {
+            Some((at, body)) if at.elapsed() < LANDING_MAX_AGE => body.clone(),
+            _ => {
+                let body = render();
+                *page = Some((std::time::Instant::now(), body.clone()));
+                body
+            }
+        }
+    }
 }
 
 fn escape(s: &str) -> String {
@@ -354,4 +385,23 @@ pub async fn serve(listener: TcpListener, state: Arc<LbState>, shutdown: Cancell
         async move { resp }
     };
     crate::http_server::serve(listener, "lb stats", handler, shutdown, tasks).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_landing_page_is_rendered_once_per_max_age() {
+        let cache = LandingCache::default();
+        let mut renders = 0;
+        for _ in 0..100 {
+            let page = cache.get(|| {
+                renders += 1;
+                Bytes::from_static(b"page")
+            });
+            assert_eq!(&page[..], b"page");
+        }
+        assert_eq!(renders, 1, "100 requests, one render");
+    }
 }
