@@ -17,6 +17,10 @@ use crate::consul::ConsulHttp;
 const RETRY: Duration = Duration::from_secs(5);
 /// How often the agent is asked whether it still holds the registration.
 pub const CHECK_EVERY: Duration = Duration::from_secs(10);
+/// How long the deregistration at shutdown may take: the agent answers only
+/// once the servers committed it, which on a busy host takes seconds (2 s was
+/// seen to run out); well inside the supervisor's stop grace.
+const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(6);
 
 /// Registers `name` at `addr` until it succeeds, then waits for shutdown and
 /// deregisters.
@@ -71,7 +75,7 @@ pub async fn run(consul: ConsulHttp, name: String, addr: SocketAddr, shutdown: C
     if !registered {
         return;
     }
-    match tokio::time::timeout(Duration::from_secs(2), consul.deregister(&id)).await {
+    match tokio::time::timeout(DEREGISTER_TIMEOUT, consul.deregister(&id)).await {
         Ok(Ok(())) => tracing::info!(id, "lb deregistered from consul"),
         Ok(Err(error)) => tracing::warn!(%error, "lb: could not deregister from consul"),
         Err(_) => tracing::warn!("lb: consul did not answer the deregistration in time"),
