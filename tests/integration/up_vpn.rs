@@ -426,10 +426,13 @@ fn stop(app: &Appliance) {
         }
     }
     let sock = PathBuf::from(format!("/var/run/wireguard/{}.sock", app.interface));
+    // The interface goes a moment before the vpn logs that it stopped (and
+    // removes its nft table): wait for all of it.
     app.wait(Duration::from_secs(20), "the vpn to stop", |a| {
-        !sock.exists() && !a.ns.output("ip", &["link", "show", &a.interface]).status.success()
+        !sock.exists()
+            && !a.ns.output("ip", &["link", "show", &a.interface]).status.success()
+            && a.log().contains("vpn stopped")
     });
-    assert!(app.log().contains("vpn stopped"), "{}", app.log());
     let tables = app.ns.output(require("nft").to_str().unwrap(), &["list", "tables"]);
     let tables = String::from_utf8_lossy(&tables.stdout);
     assert!(
