@@ -6,16 +6,26 @@
 //! ```text
 //!  spawn (under the ChildSet lock) ──pid──▶ ChildSet  ◀── tokio waits for these
 //!  SIGCHLD / every second ──▶ scan /proc for our zombie children not in ChildSet
-//!                              └─▶ waitpid(that pid) (never waitpid(-1), which
-//!                                  would steal the status tokio waits for)
+//!                              └─ still a zombie ZOMBIE_GRACE after first seen?
+//!                                  └─▶ waitpid(that pid) (never waitpid(-1), which
+//!                                      would steal the status tokio waits for)
 //! ```
+//!
+//! The grace is for the short-lived helpers the components run with
+//! `std::process::Command` (the vpn's `nft`): their own thread is already in
+//! `waitpid` for them and collects them at once; reaping them on the SIGCHLD
+//! their exit raised would race it and make its `wait` fail with ECHILD. A
+//! zombie nobody waits for stays one, and is reaped on a later pass.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
+
+/// How long a zombie child nobody collected stays before it is reaped here.
+pub const ZOMBIE_GRACE: Duration = Duration::from_secs(1);
 
 /// The pids of the programs the supervisor spawned itself (tokio reaps those).
 #[derive(Debug, Default)]
@@ -84,38 +94,82 @@ pub async fn run(children: std::sync::Arc<ChildSet>, shutdown: CancellationToken
             return poll_only(children, shutdown).await;
         }
     };
+    let mut seen = HashMap::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = sigchld.recv() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        reap_once(&children);
+        reap_once(&children, &mut seen, Instant::now());
     }
 }
 
 async fn poll_only(children: std::sync::Arc<ChildSet>, shutdown: CancellationToken) {
+    let mut seen = HashMap::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        reap_once(&children);
+        reap_once(&children, &mut seen, Instant::now());
     }
 }
 
-/// One pass: reap every zombie child that is not one of ours.
-pub fn reap_once(children: &ChildSet) {
+/// Of `zombies`, those first seen [`ZOMBIE_GRACE`] ago or more (forgotten in
+/// `seen` as they are returned); the others are remembered from `now`.
+fn due(zombies: Vec<u32>, seen: &mut HashMap<u32, Instant>, now: Instant) -> Vec<u32> {
+    // A pid that is no zombie any more was collected by whoever waited for it.
+    seen.retain(|pid, _| zombies.contains(pid));
+    zombies
+        .into_iter()
+        .filter(|pid| {
+            let first = *seen.entry(*pid).or_insert(now);
+            let due = now.duration_since(first) >= ZOMBIE_GRACE;
+            if due {
+                seen.remove(pid);
+            }
+            due
+        })
+        .collect()
+}
+
+/// One pass: reap every zombie child that is not one of ours and has been a
+/// zombie for [`ZOMBIE_GRACE`] (`seen`: when each was first seen as one).
+fn reap_once(children: &ChildSet, seen: &mut HashMap<u32, Instant>, now: Instant) {
     let ours = children.lock();
-    for pid in zombie_children() {
-        if ours.contains(&pid) {
-            continue;
-        }
+    let zombies: Vec<u32> = zombie_children()
+        .into_iter()
+        .filter(|pid| !ours.contains(pid))
+        .collect();
+    drop(ours);
+    for pid in due(zombies, seen, now) {
         let mut status = 0;
         // SAFETY: waitpid on one specific pid that is our zombie child.
         let rc = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
         if rc > 0 {
             tracing::debug!(pid, status, "reaped an orphaned descendant");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zombie_is_reaped_only_after_its_grace() {
+        let mut seen = HashMap::new();
+        let t0 = Instant::now();
+        assert!(
+            due(vec![10, 11], &mut seen, t0).is_empty(),
+            "first sight: someone may be collecting it"
+        );
+        // 11 was collected by its own waiter meanwhile; 10 was not.
+        assert!(due(vec![10], &mut seen, t0 + ZOMBIE_GRACE / 2).is_empty());
+        assert_eq!(due(vec![10], &mut seen, t0 + ZOMBIE_GRACE), vec![10]);
+        assert!(seen.is_empty(), "reaped and collected ones are forgotten");
+        // A pid seen again later starts its grace anew.
+        assert!(due(vec![11], &mut seen, t0 + ZOMBIE_GRACE * 3).is_empty());
     }
 }

@@ -414,6 +414,8 @@ fn up_runs_the_vpn_and_the_admin_api_manages_its_peers() {
 /// SIGTERM to `up` in `app`; waits until the vpn's interface and control socket
 /// are gone.
 fn stop(app: &Appliance) {
+    // Earlier restarts logged their own stops: wait for one more.
+    let stops_before = app.log().matches("vpn stopped").count();
     let out = Command::new("ip")
         .args(["netns", "pids", &app.ns.name])
         .output()
@@ -431,7 +433,7 @@ fn stop(app: &Appliance) {
     app.wait(Duration::from_secs(20), "the vpn to stop", |a| {
         !sock.exists()
             && !a.ns.output("ip", &["link", "show", &a.interface]).status.success()
-            && a.log().contains("vpn stopped")
+            && a.log().matches("vpn stopped").count() > stops_before
     });
     let tables = app.ns.output(require("nft").to_str().unwrap(), &["list", "tables"]);
     let tables = String::from_utf8_lossy(&tables.stdout);
