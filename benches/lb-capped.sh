@@ -27,6 +27,12 @@
 #                 proxy terminating TLS with the same self-signed certificate)   (1)
 #   WF_WORKERS    Wayfinder's `[lb] workers`; empty = its default
 #   WAYFINDER     an already built binary (e.g. for a before/after figure)
+#   BEFORE        another Wayfinder binary, measured as `wf-before` in the same
+#                 rounds (same config, other ports): a before/after ratio that the
+#                 machine's drift does not touch
+#   PROFILE=1     instead of the tables: per request CPU, user/kernel split, syscalls,
+#                 context switches, wake-ups, epoll calls (perf stat), and the
+#                 syscall mix (strace -c) of every capped proxy
 #   KEEP_TMP=1    keep the temp dir (configs, logs, raw wrk/h2load output)
 #
 # Every proxy does the same work per request (benches/lib.sh configures all three
@@ -137,7 +143,7 @@ throttled() { awk '$1 == "nr_throttled" {print $2}' "$cg_base/$1/cpu.stat"; }
 
 # --- ports -----------------------------------------------------------------------------
 read -r p_http p_cdns p_grpc p_serf_lan p_serf_wan p_server p_b1 p_b2 p_wf p_hap p_ngx p_tcp \
-  p_wfs p_haps p_ngxs < <(free_ports 15)
+  p_wfs p_haps p_ngxs p_wfb p_wfbs < <(free_ports 17)
 echo "ports:    consul http=$p_http, backends=$p_b1,$p_b2, wayfinder=$p_wf, haproxy=$p_hap, nginx=$p_ngx, tcp-limit=$p_tcp"
 
 load_pin=(taskset -c "$load_cpu")
@@ -179,6 +185,12 @@ fi
 "$wayfinder" check -c "$tmp/wayfinder.toml" >"$tmp/wayfinder-check.log" 2>&1 \
   || die "wayfinder config is invalid: $(cat "$tmp/wayfinder-check.log")"
 start wayfinder "${proxy_pin[@]}" env RUST_LOG=warn "$wayfinder" lb -c "$tmp/wayfinder.toml"
+if [ -n "${BEFORE:-}" ]; then
+  # The same configuration on other ports, for a before/after figure in the same rounds.
+  sed -e "s/127.0.0.1:$p_wf\"/127.0.0.1:$p_wfb\"/" -e "s/127.0.0.1:$p_wfs\"/127.0.0.1:$p_wfbs\"/" \
+    "$tmp/wayfinder.toml" >"$tmp/wf-before.toml"
+  start wf-before "${proxy_pin[@]}" env RUST_LOG=warn "$BEFORE" lb -c "$tmp/wf-before.toml"
+fi
 
 write_haproxy_config "$haproxy_bin" "$p_hap" "$p_b1" "$p_b2"
 if [ "$tls" = 1 ]; then
@@ -236,15 +248,18 @@ EOF
   || die "tcp-limit config is invalid: $(cat "$tmp/tcp-limit-check.log")"
 start tcp-limit "${proxy_pin[@]}" "$haproxy_bin" -db -f "$tmp/tcp-limit.cfg"
 
-proxies=(wayfinder haproxy nginx tcp-limit)
-declare -A port=([wayfinder]=$p_wf [haproxy]=$p_hap [nginx]=$p_ngx [tcp-limit]=$p_tcp [direct]=$p_b1)
-declare -A tls_port=([wayfinder]=$p_wfs [haproxy]=$p_haps [nginx]=$p_ngxs)
+# l7: the HTTP proxies compared; wf-before (BEFORE=binary) is another Wayfinder build.
+l7=(wayfinder haproxy nginx)
+[ -n "${BEFORE:-}" ] && l7=(wayfinder wf-before haproxy nginx)
+proxies=("${l7[@]}" tcp-limit)
+declare -A port=([wayfinder]=$p_wf [wf-before]=$p_wfb [haproxy]=$p_hap [nginx]=$p_ngx [tcp-limit]=$p_tcp [direct]=$p_b1)
+declare -A tls_port=([wayfinder]=$p_wfs [wf-before]=$p_wfbs [haproxy]=$p_haps [nginx]=$p_ngxs)
 
 # --- every proxy answers ok from both backends --------------------------------------------
 for p in "${proxies[@]}"; do
   expect_both "$p" "${port[$p]}"
 done
-for p in wayfinder haproxy nginx; do
+for p in "${l7[@]}"; do
   code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 -H 'Host: nothing.service' "http://127.0.0.1:${port[$p]}/" || true)
   [ "$code" = 503 ] || die "$p answers Host: nothing.service with $code, expected 503"
   if [ "$tls" = 1 ]; then
@@ -367,10 +382,80 @@ for p in "${proxies[@]}"; do
     || die "wrk warm-up against $p failed: $(tail -3 "$tmp/warm-$p.out")"
 done
 
+# PROFILE=1: where each capped proxy's CPU goes, per request, instead of the tables:
+# perf stat (task-clock, context switches, migrations, syscalls, wake-ups, epoll_ctl)
+# and the user/kernel split from /proc over one capped wrk run, then `strace -c -f`
+# over a counted h2load run (strace slows the proxy: only its counts are used).
+if [ "${PROFILE:-0}" = 1 ]; then
+  command -v perf >/dev/null 2>&1 || apt_install_missing linux-perf
+  command -v strace >/dev/null 2>&1 || apt_install_missing strace
+  n_strace=${PROFILE_REQUESTS:-20000}
+  for p in "${proxies[@]}"; do
+    cap "$p" >/dev/null
+    mapfile -t ppids < <(tree_pids "${pid_of[$p]}")
+    tids=$(for q in "${ppids[@]}"; do ls "/proc/$q/task"; done | wc -l)
+    ut0=$(for q in "${ppids[@]}"; do sed 's/^.*) //' "/proc/$q/stat" | awk '{print $12, $13}'; done | awk '{u += $1; s += $2} END {print u, s}')
+    perf stat -x, -o "$tmp/perf-$p.csv" -e task-clock,context-switches,cpu-migrations,raw_syscalls:sys_enter,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_epoll_wait,sched:sched_wakeup \
+      -p "$(IFS=,; echo "${ppids[*]}")" -- sleep "$((run_seconds + 1))" 2>"$tmp/perf-$p.err" &
+    perf_pid=$!
+    perf record -q -F 4999 -g -o "$tmp/perf-$p.data" -p "$(IFS=,; echo "${ppids[*]}")" -- sleep "$((run_seconds + 1))" 2>"$tmp/perf-record-$p.err" &
+    record_pid=$!
+    sleep 0.5
+    timeout $((run_seconds + 30)) "${load_pin[@]}" wrk "${wrk_args[@]}" -d"${run_seconds}s" "http://127.0.0.1:${port[$p]}/" >"$tmp/profile-$p.out" 2>&1 \
+      || die "wrk against $p failed: $(tail -3 "$tmp/profile-$p.out")"
+    wait "$perf_pid" || die "perf stat failed: $(cat "$tmp/perf-$p.err")"
+    wait "$record_pid" || die "perf record failed: $(cat "$tmp/perf-record-$p.err")"
+    # Where the time goes: the hottest symbols (kernel and user), self time.
+    perf report -q -i "$tmp/perf-$p.data" --no-children --sort dso,sym --percent-limit 1.5 2>/dev/null \
+      | grep -v '^$' | grep -v '^ *|' | grep -v -- '---' | head -n 25 >"$tmp/perf-top-$p.txt" || true
+    ut1=$(for q in "${ppids[@]}"; do sed 's/^.*) //' "/proc/$q/stat" | awk '{print $12, $13}'; done | awk '{u += $1; s += $2} END {print u, s}')
+    strace_args=()
+    for q in "${ppids[@]}"; do strace_args+=(-p "$q"); done
+    strace -c -f -o "$tmp/strace-$p.txt" "${strace_args[@]}" 2>"$tmp/strace-$p.err" &
+    strace_pid=$!
+    sleep 1
+    timeout 120 "${load_pin[@]}" h2load --h1 -n "$n_strace" -c 16 -H ':authority: web.service' \
+      --connect-to="127.0.0.1:${port[$p]}" "http://web.service:${port[$p]}/" >"$tmp/strace-h2load-$p.out" 2>&1 \
+      || die "h2load against $p (strace) failed: $(tail -3 "$tmp/strace-h2load-$p.out")"
+    kill -INT "$strace_pid"
+    wait "$strace_pid" || true
+    python3 - "$p" "$tmp/perf-$p.csv" "$tmp/profile-$p.out" "$ut0" "$ut1" "$tmp/strace-$p.txt" "$n_strace" "$tids" "$clk_tck" <<'EOF'
+import re, sys
+p, perf, out, ut0, ut1, strace, n_strace, tids, hz = sys.argv[1:]
+text = open(out).read()
+reqs = int(re.search(r"^\s+(\d+) requests in", text, re.M).group(1))
+ev = {}
+for line in open(perf):
+    f = line.strip().split(",")
+    if len(f) > 2 and f[0] and f[0][0].isdigit():
+        ev[f[2]] = float(f[0])
+u0, s0 = (int(x) for x in ut0.split())
+u1, s1 = (int(x) for x in ut1.split())
+user, kern = (u1 - u0) / int(hz), (s1 - s0) / int(hz)
+tc = ev.get("task-clock", 0) / 1e3  # ms -> s... perf gives msec
+print(f"profile {p}: {reqs} requests in a capped wrk run, {tids} threads")
+print(f"  per request: {ev.get('task-clock', 0) * 1e3 / reqs:6.1f} us CPU (user {user / (user + kern or 1):.0%}, kernel {kern / (user + kern or 1):.0%}), "
+      f"{ev.get('raw_syscalls:sys_enter', 0) / reqs:5.2f} syscalls, {ev.get('context-switches', 0) / reqs:5.3f} context switches, "
+      f"{ev.get('sched:sched_wakeup', 0) / reqs:5.3f} wake-ups, {ev.get('syscalls:sys_enter_epoll_wait', 0) / reqs:5.3f} epoll_wait, "
+      f"{ev.get('syscalls:sys_enter_epoll_ctl', 0) / reqs:5.3f} epoll_ctl, {ev.get('cpu-migrations', 0):.0f} migrations")
+rows = []
+for line in open(strace):
+    m = re.match(r"\s*[0-9.]+\s+[0-9.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$", line)
+    if m and m.group(2) != "total":
+        rows.append((int(m.group(1)), m.group(2)))
+rows.sort(reverse=True)
+print("  strace -c per request (h2load --h1 -c 16): " + ", ".join(f"{name} {calls / int(n_strace):.2f}" for calls, name in rows[:8]))
+EOF
+    echo "  hottest symbols (perf record, self time; full data: KEEP_TMP=1, $tmp/perf-$p.data):"
+    sed 's/^/    /' "$tmp/perf-top-$p.txt"
+  done
+  exit 0
+fi
+
 echo "HTTP/1.1 throughput: $rounds rounds x ${#proxies[@]} capped proxies + direct, ${run_seconds}s each: wrk ${wrk_args[*]} on CPU $load_cpu"
 for r in $(seq 1 "$rounds"); do
-  for k in 0 1 2 3; do
-    measure "$r" "${proxies[$(((r - 1 + k) % 4))]}"
+  for k in "${!proxies[@]}"; do
+    measure "$r" "${proxies[$(((r - 1 + k) % ${#proxies[@]}))]}"
   done
   measure "$r" direct
 done
@@ -381,7 +466,7 @@ import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 kind = sys.argv[2] if len(sys.argv) > 2 else None
 meds = []
-for p in ("wayfinder", "haproxy", "nginx"):
+for p in ("wayfinder", "haproxy", "nginx"):  # the peers' figure: wf-before is not one
     v = [float(r["reqs"]) for r in rows if r["proxy"] == p and (kind is None or (r["kind"] == kind and r["rate"] == "0"))]
     if v:
         meds.append(statistics.median(v))
@@ -393,33 +478,34 @@ if [ "$lat_seconds" -gt 0 ]; then
   rate=${lat_rps:-$(python3 -c "print(int($(median_reqs "$results") * $lat_share))")}
   echo "HTTP/1.1 fixed rate: $rate req/s (h2load --h1 -c $lat_conns --rps, ${lat_seconds}s), $rounds rounds"
   for r in $(seq 1 "$rounds"); do
-    for k in 0 1 2; do
-      h2load_run "$r" "$(echo wayfinder haproxy nginx | cut -d' ' -f$(((r - 1 + k) % 3 + 1)))" h1 "$rate"
+    for k in "${!l7[@]}"; do
+      h2load_run "$r" "${l7[$(((r - 1 + k) % ${#l7[@]}))]}" h1 "$rate"
     done
   done
 fi
 if [ "$tls" = 1 ] && [ "$lat_seconds" -gt 0 ]; then
   echo "HTTP/2 over TLS throughput: h2load -c $lat_conns -m 10, ${lat_seconds}s, $rounds rounds"
   for r in $(seq 1 "$rounds"); do
-    for k in 0 1 2; do
-      h2load_run "$r" "$(echo wayfinder haproxy nginx | cut -d' ' -f$(((r - 1 + k) % 3 + 1)))" h2 0
+    for k in "${!l7[@]}"; do
+      h2load_run "$r" "${l7[$(((r - 1 + k) % ${#l7[@]}))]}" h2 0
     done
   done
   rate=${lat_rps:-$(python3 -c "print(int($(median_reqs "$tmp/h2load.tsv" h2) * $lat_share))")}
   echo "HTTP/2 over TLS fixed rate: $rate req/s"
   for r in $(seq 1 "$rounds"); do
-    for k in 0 1 2; do
-      h2load_run "$r" "$(echo wayfinder haproxy nginx | cut -d' ' -f$(((r - 1 + k) % 3 + 1)))" h2 "$rate"
+    for k in "${!l7[@]}"; do
+      h2load_run "$r" "${l7[$(((r - 1 + k) % ${#l7[@]}))]}" h2 "$rate"
     done
   done
 fi
 
 # --- summary ---------------------------------------------------------------------------------
-python3 - "$results" "$tmp/h2load.tsv" "$quota_pct" <<'EOF'
+python3 - "$results" "$tmp/h2load.tsv" "$quota_pct" "${l7[@]}" <<'EOF'
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 lat = list(csv.DictReader(open(sys.argv[2]), delimiter="\t"))
 quota = sys.argv[3]
+l7 = sys.argv[4:]
 
 def num(v):
     try:
@@ -446,7 +532,7 @@ def ratio(rows, key, a, b, match=lambda r: True):
 print()
 print(f"HTTP/1.1, wrk -t1 -c64 closed loop, each proxy capped at {quota}% of one core (medians over rounds)")
 print(f"{'proxy':<10} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'cpu':>5} {'throttled':>9} {'wrk cpu':>7} {'errors':>6} {'non-2xx':>7}")
-for p in ("wayfinder", "haproxy", "nginx", "tcp-limit", "direct"):
+for p in l7 + ["tcp-limit", "direct"]:
     sel = [r for r in rows if r["proxy"] == p]
     c = lambda k: med([num(r[k]) for r in sel])
     print(f"{p:<10} {fmt(c('reqs'), '8.0f')} {fmt(c('p50_ms'), '7.3f')} {fmt(c('p99_ms'), '7.3f')} "
@@ -458,10 +544,12 @@ t = ratio(rows, "reqs", "wayfinder", "tcp-limit")
 print(f"capped req/s ratios: wayfinder/haproxy {fmt(h, '.2f')}  wayfinder/nginx {fmt(n, '.2f')}  "
       f"wayfinder/tcp-limit {fmt(t, '.2f')}  (haproxy/tcp-limit {fmt(ratio(rows, 'reqs', 'haproxy', 'tcp-limit'), '.2f')}, "
       f"nginx/tcp-limit {fmt(ratio(rows, 'reqs', 'nginx', 'tcp-limit'), '.2f')})")
+if "wf-before" in l7:
+    print(f"before/after: wayfinder/wf-before {fmt(ratio(rows, 'reqs', 'wayfinder', 'wf-before'), '.2f')}")
 print("target: capped req/s >= 1.2x HAProxy and nginx: "
       + ("met" if h and n and h >= 1.2 and n >= 1.2 else "MISSED"))
 d = med([num(r["reqs"]) for r in rows if r["proxy"] == "direct"])
-best = max((med([num(r["reqs"]) for r in rows if r["proxy"] == p]) or 0) for p in ("wayfinder", "haproxy", "nginx", "tcp-limit"))
+best = max((med([num(r["reqs"]) for r in rows if r["proxy"] == p]) or 0) for p in l7 + ["tcp-limit"])
 if d and best > 0.8 * d:
     print(f"note: a capped proxy reached {best / d:.0%} of the direct line: the load side may set the pace; lower QUOTA_PCT")
 
@@ -477,7 +565,7 @@ for kind, title in (("h1", "HTTP/1.1"), ("h2", "HTTP/2 over TLS")):
         print()
         print(f"{title}, h2load {what}, capped at {quota}% (medians over rounds)")
         print(f"{'proxy':<10} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'cpu':>5} {'throttled':>9} {'failed':>6} {'non-2xx':>7}")
-        for p in ("wayfinder", "haproxy", "nginx"):
+        for p in l7:
             ps = [r for r in part if r["proxy"] == p]
             c = lambda k: med([num(r[k]) for r in ps])
             print(f"{p:<10} {fmt(c('reqs'), '8.0f')} {fmt(c('p50_ms'), '7.3f')} {fmt(c('p99_ms'), '7.3f')} "
@@ -488,12 +576,16 @@ for kind, title in (("h1", "HTTP/1.1"), ("h2", "HTTP/2 over TLS")):
         if fixed:
             h = ratio(part, "p99_ms", "wayfinder", "haproxy")
             n = ratio(part, "p99_ms", "wayfinder", "nginx")
-            print(f"p99 ratios: wayfinder/haproxy {fmt(h, '.2f')}  wayfinder/nginx {fmt(n, '.2f')}; target p99 <= HAProxy's: "
+            b = ratio(part, "p99_ms", "wayfinder", "wf-before")
+            print(f"p99 ratios: wayfinder/haproxy {fmt(h, '.2f')}  wayfinder/nginx {fmt(n, '.2f')}"
+                  + (f"  wayfinder/wf-before {fmt(b, '.2f')}" if b else "") + "; target p99 <= HAProxy's: "
                   + ("met" if h is not None and h <= 1.0 else "MISSED"))
         else:
             h = ratio(part, "reqs", "wayfinder", "haproxy")
             n = ratio(part, "reqs", "wayfinder", "nginx")
-            print(f"capped req/s ratios: wayfinder/haproxy {fmt(h, '.2f')}  wayfinder/nginx {fmt(n, '.2f')}")
+            b = ratio(part, "reqs", "wayfinder", "wf-before")
+            print(f"capped req/s ratios: wayfinder/haproxy {fmt(h, '.2f')}  wayfinder/nginx {fmt(n, '.2f')}"
+                  + (f"  wayfinder/wf-before {fmt(b, '.2f')}" if b else ""))
 EOF
 echo
 echo "lb-capped: done in ${SECONDS}s"
