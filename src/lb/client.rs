@@ -432,17 +432,18 @@ impl Activity {
             }
             wake = wake.min(t.handshake_ms);
         }
-        if self.h2 || self.streams.load(Ordering::Relaxed) == 0 {
-            let limit = if self.h2 { t.idle_ms } else { t.head_ms };
-            if self.streams.load(Ordering::Relaxed) == 0 {
-                let deadline = self.idle_since_ms.load(Ordering::Relaxed).saturating_add(limit);
-                if now >= deadline {
-                    return Verdict::Cut(Cut::Idle);
-                }
-                wake = wake.min(deadline);
-            } else {
-                wake = wake.min(now.saturating_add(t.idle_ms));
+        // Idle: an h2 session without a stream, an HTTP/1.1 connection between
+        // requests (or in a slow head). While a request is answered, look again
+        // after `limit`: nothing wakes the watchdog when it ends.
+        let limit = if self.h2 { t.idle_ms } else { t.head_ms };
+        if self.streams.load(Ordering::Relaxed) == 0 {
+            let deadline = self.idle_since_ms.load(Ordering::Relaxed).saturating_add(limit);
+            if now >= deadline {
+                return Verdict::Cut(Cut::Idle);
             }
+            wake = wake.min(deadline);
+        } else {
+            wake = wake.min(now.saturating_add(limit));
         }
         if self.waiting.load(Ordering::Relaxed) > 0 || self.write_blocked.load(Ordering::Relaxed) {
             let deadline = self
@@ -747,12 +748,13 @@ mod tests {
         assert_eq!(a.check(0, &T), Verdict::WakeAt(300));
         assert_eq!(a.check(300, &T), Verdict::Cut(Cut::Handshake));
         let guard = a.stream_started();
-        // A request being answered, nothing pending: no idle cut.
-        assert_eq!(a.check(10_000, &T), Verdict::WakeAt(11_000));
+        // A request being answered, nothing pending: no idle cut, but a look
+        // again after head_ms (its end wakes nothing).
+        assert_eq!(a.check(10_000, &T), Verdict::WakeAt(10_400));
         // A response chunk handed over at 10 s and not taken.
         a.last_progress_ms.store(10_000, Ordering::Relaxed);
         a.waiting.store(1, Ordering::Relaxed);
-        assert_eq!(a.check(10_500, &T), Verdict::WakeAt(11_000));
+        assert_eq!(a.check(10_700, &T), Verdict::WakeAt(11_000));
         assert_eq!(a.check(11_000, &T), Verdict::Cut(Cut::Stalled));
         a.waiting.store(0, Ordering::Relaxed);
         // A write blocked on a full socket is a stall too.
@@ -768,7 +770,7 @@ mod tests {
         let _next = a.stream_started();
         assert_eq!(
             a.check(since + 400, &T),
-            Verdict::WakeAt(since + 1_400),
+            Verdict::WakeAt(since + 800),
             "the next request came"
         );
     }
