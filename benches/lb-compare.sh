@@ -102,45 +102,7 @@ start wayfinder env RUST_LOG=warn "$wayfinder" lb -c "$tmp/wayfinder.toml"
 write_haproxy_config "$haproxy_bin" "$p_hap" "$p_b1" "$p_b2"
 start haproxy "$haproxy_bin" -db -f "$tmp/haproxy.cfg"
 
-mkdir -p "$tmp/proxy/logs"
-cat >"$tmp/proxy/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-master_process on;
-pid $tmp/proxy/nginx.pid;
-error_log $tmp/proxy/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  keepalive_timeout 75s;
-  upstream web {
-    server 127.0.0.1:$p_b1 weight=100 max_conns=128;
-    server 127.0.0.1:$p_b2 weight=100 max_conns=128;
-    keepalive 64;
-    keepalive_requests 1000000;
-  }
-  server {
-    listen 127.0.0.1:$p_ngx backlog=1024;
-    server_name web.service;
-    location / {
-      proxy_pass http://web;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-      proxy_set_header X-Unique-ID \$request_id;
-    }
-  }
-  server {
-    listen 127.0.0.1:$p_ngx default_server;
-    return 503;
-  }
-}
-EOF
-"$nginx_bin" -t -q -p "$tmp/proxy/" -c "$tmp/proxy/nginx.conf" 2>"$tmp/nginx-check.log" \
-  || die "nginx proxy config is invalid: $(cat "$tmp/nginx-check.log")"
+write_nginx_proxy_config "$nginx_bin" "$p_ngx" "$p_b1" "$p_b2"
 start nginx "$nginx_bin" -p "$tmp/proxy/" -c "$tmp/proxy/nginx.conf"
 
 proxies=(wayfinder haproxy nginx)
@@ -150,30 +112,8 @@ declare -A port=([wayfinder]=$p_wf [haproxy]=$p_hap [nginx]=$p_ngx)
 # Each backend adds `X-Backend: b1|b2`; a proxy is ready when 8 fresh requests all
 # answer 200 "ok" and both backends were seen (Wayfinder: once its Consul watch has
 # delivered both instances).
-expect_both() { # proxy
-  local p=$1 got seen
-  for _ in $(seq 100); do
-    check_alive
-    seen=""
-    local ok=1
-    for _ in 1 2 3 4 5 6 7 8; do
-      got=$(curl -s --max-time 2 -D - -H 'Host: web.service' "http://127.0.0.1:${port[$p]}/" 2>/dev/null | tr -d '\r' || true)
-      if ! grep -q '^HTTP/1.1 200' <<<"$got" || [ "$(tail -n 1 <<<"$got")" != ok ]; then
-        ok=0
-        break
-      fi
-      seen+=" $(awk -F': ' 'tolower($1) == "x-backend" {print $2}' <<<"$got")"
-    done
-    if [ $ok = 1 ] && grep -q b1 <<<"$seen" && grep -q b2 <<<"$seen"; then
-      echo "verified: $p (port ${port[$p]}) answers 200 ok from both backends:$seen"
-      return 0
-    fi
-    sleep 0.2
-  done
-  die "$p (port ${port[$p]}) does not answer 200 ok from both backends (last: $(head -c 300 <<<"${got:-nothing}"))"
-}
 for p in "${proxies[@]}"; do
-  expect_both "$p"
+  expect_both "$p" "${port[$p]}"
 done
 # An unknown Host must not reach the backends through any proxy.
 for p in "${proxies[@]}"; do
@@ -186,29 +126,6 @@ pin=()
 [ -n "$wrk_cpu" ] && pin=(taskset -c "$wrk_cpu")
 wrk_args=(-t1 -c"$connections" -H 'Host: web.service' --latency)
 clk_tck=$(getconf CLK_TCK)
-
-# PIDs of an instance: the started process and all its descendants (from the
-# parent links in `ps`: /proc/PID/task/*/children needs CONFIG_PROC_CHILDREN).
-tree_pids() {
-  ps -e -o pid=,ppid= | awk -v root="$1" '
-    { parent[$1] = $2 }
-    END {
-      inside[root] = 1
-      do {
-        grew = 0
-        for (p in parent) if (!(p in inside) && (parent[p] in inside)) { inside[p] = 1; grew = 1 }
-      } while (grew)
-      for (p in inside) print p
-    }'
-}
-# CPU ticks (utime + stime + cutime + cstime, all threads) of a list of PIDs.
-cpu_ticks() {
-  local p
-  for p in "$@"; do
-    # Field 2 (comm) may hold spaces: count from the closing parenthesis.
-    sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 + $14 + $15 }' || true
-  done | awk '{ s += $1 } END { print s + 0 }'
-}
 
 # Warm-up: fill every proxy's backend pool, let the backends settle.
 for p in "${proxies[@]}"; do

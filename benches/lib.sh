@@ -95,6 +95,8 @@ cleanup() {
       wait "${pids[$i]}" 2>/dev/null || true
     done
   fi
+  # A script's own cleanup (e.g. removing cgroups), once its processes are gone.
+  if declare -F bench_cleanup_hook >/dev/null; then bench_cleanup_hook || true; fi
   if [ -n "$tmp" ]; then
     if [ "${KEEP_TMP:-0}" = 1 ]; then
       echo "$BENCH_NAME: kept $tmp"
@@ -270,4 +272,103 @@ backend web
 EOF
   "$1" -c -q -f "$tmp/haproxy.cfg" >"$tmp/haproxy-check.log" 2>&1 \
     || die "haproxy config is invalid: $(cat "$tmp/haproxy-check.log")"
+}
+
+# write_nginx_proxy_config NGINX PORT BACKEND1 BACKEND2: $tmp/proxy/nginx.conf, an
+# nginx reverse proxy (one worker) configured as Wayfinder works: Host routing of
+# web.service over both backends (weight 100, max_conns 128, keep-alive pool of
+# 64), Host forwarded, X-Forwarded-For/-Proto and X-Unique-ID added, 503 for any
+# other Host; then checked. Start it with `start nginx NGINX -p $tmp/proxy/ -c $tmp/proxy/nginx.conf`.
+write_nginx_proxy_config() {
+  mkdir -p "$tmp/proxy/logs"
+  cat >"$tmp/proxy/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+master_process on;
+pid $tmp/proxy/nginx.pid;
+error_log $tmp/proxy/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 75s;
+  upstream web {
+    server 127.0.0.1:$3 weight=100 max_conns=128;
+    server 127.0.0.1:$4 weight=100 max_conns=128;
+    keepalive 64;
+    keepalive_requests 1000000;
+  }
+  server {
+    listen 127.0.0.1:$2 backlog=1024;
+    server_name web.service;
+    location / {
+      proxy_pass http://web;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Unique-ID \$request_id;
+    }
+  }
+  server {
+    listen 127.0.0.1:$2 default_server;
+    return 503;
+  }
+}
+EOF
+  "$1" -t -q -p "$tmp/proxy/" -c "$tmp/proxy/nginx.conf" 2>"$tmp/nginx-check.log" \
+    || die "nginx proxy config is invalid: $(cat "$tmp/nginx-check.log")"
+}
+
+# PIDs of an instance: the started process and all its descendants (from the
+# parent links in `ps`: /proc/PID/task/*/children needs CONFIG_PROC_CHILDREN).
+tree_pids() {
+  ps -e -o pid=,ppid= | awk -v root="$1" '
+    { parent[$1] = $2 }
+    END {
+      inside[root] = 1
+      do {
+        grew = 0
+        for (p in parent) if (!(p in inside) && (parent[p] in inside)) { inside[p] = 1; grew = 1 }
+      } while (grew)
+      for (p in inside) print p
+    }'
+}
+# CPU ticks (utime + stime + cutime + cstime, all threads) of a list of PIDs.
+cpu_ticks() {
+  local p
+  for p in "$@"; do
+    # Field 2 (comm) may hold spaces: count from the closing parenthesis.
+    sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 + $14 + $15 }' || true
+  done | awk '{ s += $1 } END { print s + 0 }'
+}
+
+
+# expect_both NAME PORT [CURL_OPTION...]: waits until the proxy NAME on 127.0.0.1:PORT
+# answers 8 fresh `Host: web.service` requests with 200 "ok", both backends seen
+# (each backend adds `X-Backend: b1|b2`); fails otherwise. CURL_OPTIONs (e.g. -k and
+# an https URL scheme via EXPECT_SCHEME) go to every curl.
+expect_both() { # name port [curl options...]
+  local p=$1 pport=$2 got seen
+  shift 2
+  for _ in $(seq 100); do
+    check_alive
+    seen=""
+    local ok=1
+    for _ in 1 2 3 4 5 6 7 8; do
+      got=$(curl -s --max-time 2 "$@" -D - -H 'Host: web.service' "${EXPECT_SCHEME:-http}://127.0.0.1:$pport/" 2>/dev/null | tr -d '\r' || true)
+      if ! grep -qE '^HTTP/(1.1|2) 200' <<<"$got" || [ "$(tail -n 1 <<<"$got")" != ok ]; then
+        ok=0
+        break
+      fi
+      seen+=" $(awk -F': ' 'tolower($1) == "x-backend" {print $2}' <<<"$got")"
+    done
+    if [ $ok = 1 ] && grep -q b1 <<<"$seen" && grep -q b2 <<<"$seen"; then
+      echo "verified: $p (port $pport) answers 200 ok from both backends:$seen"
+      return 0
+    fi
+    sleep 0.2
+  done
+  die "$p (port $pport) does not answer 200 ok from both backends (last: $(head -c 300 <<<"${got:-nothing}"))"
 }

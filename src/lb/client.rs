@@ -294,8 +294,14 @@ pub enum Cut {
 pub struct Timeouts {
     /// `client_timeout`.
     pub client_ms: u64,
-    /// `idle_timeout` (h2 sessions; HTTP/1.1 idling is hyper's header timer).
+    /// `idle_timeout`: an h2 session without a stream this long is closed.
     pub idle_ms: u64,
+    /// HTTP/1.1: the smaller of `client_timeout` and `idle_timeout`, from the
+    /// moment no request is being answered (the accept, or the last response
+    /// done) until the next request head is complete: bounds keep-alive idling
+    /// and slow request heads alike. One deadline per connection, looked at by
+    /// its watchdog, instead of a timer armed and cancelled per request.
+    pub head_ms: u64,
     /// `handshake_timeout`, from the accept.
     pub handshake_ms: u64,
 }
@@ -307,6 +313,7 @@ impl Timeouts {
         Self {
             client_ms: ms(client),
             idle_ms: ms(idle),
+            head_ms: ms(client.min(idle)),
             handshake_ms: ms(handshake),
         }
     }
@@ -425,16 +432,18 @@ impl Activity {
             }
             wake = wake.min(t.handshake_ms);
         }
-        if self.h2 {
-            if self.streams.load(Ordering::Relaxed) == 0 {
-                let deadline = self.idle_since_ms.load(Ordering::Relaxed).saturating_add(t.idle_ms);
-                if now >= deadline {
-                    return Verdict::Cut(Cut::Idle);
-                }
-                wake = wake.min(deadline);
-            } else {
-                wake = wake.min(now.saturating_add(t.idle_ms));
+        // Idle: an h2 session without a stream, an HTTP/1.1 connection between
+        // requests (or in a slow head). While a request is answered, look again
+        // after `limit`: nothing wakes the watchdog when it ends.
+        let limit = if self.h2 { t.idle_ms } else { t.head_ms };
+        if self.streams.load(Ordering::Relaxed) == 0 {
+            let deadline = self.idle_since_ms.load(Ordering::Relaxed).saturating_add(limit);
+            if now >= deadline {
+                return Verdict::Cut(Cut::Idle);
             }
+            wake = wake.min(deadline);
+        } else {
+            wake = wake.min(now.saturating_add(limit));
         }
         if self.waiting.load(Ordering::Relaxed) > 0 || self.write_blocked.load(Ordering::Relaxed) {
             let deadline = self
@@ -729,6 +738,7 @@ mod tests {
     const T: Timeouts = Timeouts {
         client_ms: 1_000,
         idle_ms: 500,
+        head_ms: 400,
         handshake_ms: 300,
     };
 
@@ -738,12 +748,13 @@ mod tests {
         assert_eq!(a.check(0, &T), Verdict::WakeAt(300));
         assert_eq!(a.check(300, &T), Verdict::Cut(Cut::Handshake));
         let guard = a.stream_started();
-        // Nothing pending: no idle cut for HTTP/1.1 (hyper's header timer does it).
-        assert_eq!(a.check(10_000, &T), Verdict::WakeAt(11_000));
+        // A request being answered, nothing pending: no idle cut, but a look
+        // again after head_ms (its end wakes nothing).
+        assert_eq!(a.check(10_000, &T), Verdict::WakeAt(10_400));
         // A response chunk handed over at 10 s and not taken.
         a.last_progress_ms.store(10_000, Ordering::Relaxed);
         a.waiting.store(1, Ordering::Relaxed);
-        assert_eq!(a.check(10_500, &T), Verdict::WakeAt(11_000));
+        assert_eq!(a.check(10_700, &T), Verdict::WakeAt(11_000));
         assert_eq!(a.check(11_000, &T), Verdict::Cut(Cut::Stalled));
         a.waiting.store(0, Ordering::Relaxed);
         // A write blocked on a full socket is a stall too.
@@ -752,6 +763,16 @@ mod tests {
         a.on_write(false);
         assert!(matches!(a.check(11_000, &T), Verdict::WakeAt(_)), "drained: progress");
         drop(guard);
+        // Answered: keep-alive idling (and the next head) gets head_ms from now.
+        let since = a.idle_since_ms.load(Ordering::Relaxed);
+        assert_eq!(a.check(since, &T), Verdict::WakeAt(since + 400));
+        assert_eq!(a.check(since + 400, &T), Verdict::Cut(Cut::Idle));
+        let _next = a.stream_started();
+        assert_eq!(
+            a.check(since + 400, &T),
+            Verdict::WakeAt(since + 800),
+            "the next request came"
+        );
     }
 
     #[tokio::test]

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  accept ─▶ [TLS handshake, ALPN h2 → hyper http2]
-//!         ─▶ hyper http1 (keep-alive, header size limit → 431, header timeout)
+//!         ─▶ hyper http1 (keep-alive, header size limit → 431; idle and slow heads: the watchdog)
 //!    request ─▶ table.route(Host, path) ─▶ Landing page | 503 page | Backend
 //!      Backend: pick an instance (smooth WRR) ─▶ checkout a pooled session
 //!         connect failed ─▶ eject the instance, pick another (the request body is
@@ -135,7 +135,6 @@ pub struct Proxy {
     pool: SessionPool,
     connect_timeout: Duration,
     client_timeout: Duration,
-    idle_timeout: Duration,
     handshake_timeout: Duration,
     /// The three client timeouts, as the watchdog takes them.
     timeouts: Timeouts,
@@ -156,7 +155,6 @@ impl Proxy {
             pool: SessionPool::default(),
             connect_timeout: config.lb.connect_timeout,
             client_timeout: config.lb.client_timeout,
-            idle_timeout: config.lb.idle_timeout,
             handshake_timeout: config.lb.handshake_timeout,
             timeouts: Timeouts::new(
                 config.lb.client_timeout,
@@ -285,23 +283,23 @@ impl Proxy {
     {
         let service = self.clone().service(ClientConn::new(peer, scheme, activity.clone()));
         let mut builder = hyper::server::conn::http1::Builder::new();
-        // hyper's header timer runs from the moment the connection is idle, so
-        // it bounds keep-alive idling and slow request heads alike.
+        // No hyper timer: keep-alive idling and slow request heads are the
+        // watchdog's `head_ms` deadline (one per connection; hyper's header
+        // timer was a timer armed and cancelled per request).
         builder
-            .timer(TokioTimer::new())
             .keep_alive(true)
-            .header_read_timeout(self.client_timeout.min(self.idle_timeout))
-            .max_buf_size(2 * MAX_HEADER_BYTES);
+            .max_buf_size(2 * MAX_HEADER_BYTES)
+            // One flat buffer per write, sent with send(2), instead of a writev(2)
+            // of head and body chunks: for the small answers most requests get,
+            // the kernel's iovec walk costs more than copying the body (see
+            // benches/README.md, lb-capped.sh PROFILE=1).
+            .writev(false);
         let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
         let watchdog = client::watch(&activity, self.timeouts);
         tokio::pin!(conn, watchdog);
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
-                    if e.is_timeout() {
-                        // hyper's header timer: idle keep-alive, or a slow request head.
-                        self.state.stats.cut(Cut::Idle);
-                    }
                     tracing::debug!(%peer, error = %e, "lb client connection ended");
                 }
             }
@@ -930,7 +928,10 @@ impl SessionPool {
             .map_err(|_| format!("connect timed out after {connect_timeout:?}"))?
             .map_err(|e| e.to_string())?;
         let _ = stream.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        // Flat writes, as on the client side (see `http1`).
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .writev(false)
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| e.to_string())?;
         tokio::spawn(async move {

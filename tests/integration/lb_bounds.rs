@@ -350,7 +350,7 @@ async fn h2_handshakes_and_idle_sessions_time_out() {
     assert!(ended.is_ok(), "an idle h2 session is still open after 15 s");
     assert!(lb.state.stats.snapshot().cut_idle >= 1);
 
-    // HTTP/1.1 keep-alive: idle after one response, closed by the header timer.
+    // HTTP/1.1 keep-alive: idle after one response, closed by the watchdog (head_ms).
     let mut h1 = TcpStream::connect(lb.addr).await.unwrap();
     assert_eq!(raw_get(&mut h1, &host, "/").await, 200);
     assert!(
