@@ -345,13 +345,30 @@ impl Runs {
         vpn: true,
         supervisor: true,
     };
-    /// Nothing but `[consul]` (the first look of `up` and `check`, before the
-    /// role says what starts).
+    /// Nothing but `[consul]` (the first look of `up`, before the role says
+    /// what starts).
     pub const NONE: Runs = Runs {
         dns: false,
         lb: false,
         vpn: false,
         supervisor: false,
+    };
+    /// `wayfinder dns`.
+    pub const DNS: Runs = Runs {
+        dns: true,
+        ..Runs::NONE
+    };
+    /// `wayfinder lb`.
+    pub const LB: Runs = Runs { lb: true, ..Runs::NONE };
+    /// `wayfinder vpn` and its peer commands.
+    pub const VPN: Runs = Runs {
+        vpn: true,
+        ..Runs::NONE
+    };
+    /// `wayfinder status` (the admin address and token).
+    pub const SUPERVISOR: Runs = Runs {
+        supervisor: true,
+        ..Runs::NONE
     };
 }
 

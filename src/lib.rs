@@ -181,11 +181,8 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
             up(config, plan).await
         }
         Command::Status { config, admin, json } => {
-            let runs = config::Runs {
-                supervisor: true,
-                ..config::Runs::NONE
-            };
-            let (_, config) = config::load(config.as_deref(), &env::ProcessEnv, runs).map_err(AppError::Config)?;
+            let (_, config) = config::load(config.as_deref(), &env::ProcessEnv, config::Runs::SUPERVISOR)
+                .map_err(AppError::Config)?;
             let addr = admin.or(config.supervisor.admin).ok_or_else(|| {
                 AppError::Config(ConfigError {
                     file: config.source.clone(),
@@ -210,11 +207,8 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
             Ok(())
         }
         Command::Dns { config } => {
-            let runs = config::Runs {
-                dns: true,
-                ..config::Runs::NONE
-            };
-            let (_, config) = config::load(config.as_deref(), &env::ProcessEnv, runs).map_err(AppError::Config)?;
+            let (_, config) =
+                config::load(config.as_deref(), &env::ProcessEnv, config::Runs::DNS).map_err(AppError::Config)?;
             log_unchecked(&config);
             tracing::info!(config = %config.source, "starting dns");
             let sockets = dns::DnsSockets::bind(&config.dns.listen, config.dns.workers).map_err(AppError::Dns)?;
@@ -229,11 +223,8 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
             .await
         }
         Command::Lb { config } => {
-            let runs = config::Runs {
-                lb: true,
-                ..config::Runs::NONE
-            };
-            let (_, config) = config::load(config.as_deref(), &env::ProcessEnv, runs).map_err(AppError::Config)?;
+            let (_, config) =
+                config::load(config.as_deref(), &env::ProcessEnv, config::Runs::LB).map_err(AppError::Config)?;
             log_unchecked(&config);
             tracing::info!(config = %config.source, "starting lb");
             let sockets = lb::LbSockets::bind(&config.lb).map_err(AppError::Lb)?;
@@ -247,11 +238,8 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
             .await
         }
         Command::Vpn { config, action } => {
-            let runs = config::Runs {
-                vpn: true,
-                ..config::Runs::NONE
-            };
-            let (_, config) = config::load(config.as_deref(), &env::ProcessEnv, runs).map_err(AppError::Config)?;
+            let (_, config) =
+                config::load(config.as_deref(), &env::ProcessEnv, config::Runs::VPN).map_err(AppError::Config)?;
             log_unchecked(&config);
             match action {
                 Some(VpnCommand::Peer { command }) => vpn_peer(&config, command),

@@ -1200,15 +1200,14 @@ impl Drop for Up {
 /// `<svc>-1` of a new service `<prefix>...` tagged `haproxy` (TTL check,
 /// passing): (service name, backend).
 pub async fn tagged_backend(consul: &Consul, prefix: &str, answer: &str) -> (String, HttpBackend) {
-    let svc = unique(prefix);
     let backend = HttpBackend::start(answer).await;
-    consul.register(
-        &format!("{svc}-1"),
-        &svc,
-        "127.0.0.1",
-        backend.addr.port(),
-        &["haproxy"],
-        true,
-    );
-    (svc, backend)
+    (register_tagged(consul, prefix, backend.addr.port()), backend)
+}
+
+/// Registers instance `<svc>-1` of a new service `<prefix>...` at
+/// 127.0.0.1:`port`, tagged `haproxy`, with a passing TTL check: its name.
+pub fn register_tagged(consul: &Consul, prefix: &str, port: u16) -> String {
+    let svc = unique(prefix);
+    consul.register(&format!("{svc}-1"), &svc, "127.0.0.1", port, &["haproxy"], true);
+    svc
 }

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{Consul, Lb, consul_section, eventually, unique};
+use crate::harness::{Consul, Lb, consul_section, eventually, register_tagged};
 
 /// Size of the `/big` body: far more than the socket buffers on both sides of
 /// the lb hold, so a client that stops reading stalls the lb.
@@ -111,16 +111,8 @@ impl Drop for Backend {
 /// (with `lb_extra` in its `[lb]` section) once it routes the service.
 async fn service_and_lb(prefix: &str, lb_extra: &str) -> (String, Backend, Lb) {
     let consul = Consul::shared();
-    let svc = unique(prefix);
     let backend = Backend::start().await;
-    consul.register(
-        &format!("{svc}-1"),
-        &svc,
-        "127.0.0.1",
-        backend.addr.port(),
-        &["haproxy"],
-        true,
-    );
+    let svc = register_tagged(consul, prefix, backend.addr.port());
     let lb = Lb::start(&format!("{}[lb]\n{lb_extra}", consul_section(consul))).await;
     lb.wait_for(&format!("{svc}.service"), "/", &["ok"]).await;
     (svc, backend, lb)
@@ -279,16 +271,8 @@ async fn h2_handshakes_and_idle_sessions_time_out() {
     let dir = tempfile::tempdir().unwrap();
     let pem = dir.path().join("site.pem");
     crate::lb_tls::write_cert(&pem, &[NAME]);
-    let svc = unique("h2idle");
     let backend = Backend::start().await;
-    consul.register(
-        &format!("{svc}-1"),
-        &svc,
-        "127.0.0.1",
-        backend.addr.port(),
-        &["haproxy"],
-        true,
-    );
+    let svc = register_tagged(consul, "h2idle", backend.addr.port());
     let lb = Lb::start(&format!(
         "{}[lb]\nssl = true\ncerts = [\"{}\"]\nhandshake_timeout = \"1s\"\nidle_timeout = \"1s\"\n",
         consul_section(consul),

@@ -141,6 +141,7 @@ fn readme_quick_start_with_the_vpn_works_in_a_fresh_clone() {
         "wg",
         "wg-quick",
         "nft",
+        "git",
     ] {
         require(p);
     }
