@@ -323,6 +323,7 @@ done
 # --- summary -------------------------------------------------------------------------
 python3 - "$results" "$lat_qps" "$consul_lat_qps" <<'EOF'
 import csv, statistics, sys
+from benchstats import fmt, med, num
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 lat_qps, consul_lat_qps = sys.argv[2], sys.argv[3]
 mixes = [m for m in ["wildcard", "cached", "consul", "forward"] if any(r["mix"] == m for r in rows)]
@@ -333,11 +334,6 @@ targets = {"wildcard": {"dnsmasq": 2.0, "unbound": 1.2},
            "consul": {"dnsmasq": 0.95, "unbound": None},
            "forward": {"dnsmasq": None, "unbound": None}}
 
-def num(v):
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
 
 def per_core(row):
     # QPS per fully used server core: the server's capacity per core, estimated
@@ -352,12 +348,7 @@ for r in rows:
     q, ok = num(r["qps"]), num(r["noerror_pct"])
     r["good_qps"] = q * ok / 100 if q is not None and ok is not None else None
 
-def med(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
 
-def fmt(v, spec):
-    return format(v, spec) if v is not None else "n/a"
 
 by = {(r["mix"], r["server"], r["round"]): r for r in rows}
 rounds = sorted({r["round"] for r in rows}, key=int)

@@ -298,14 +298,12 @@ measure() {
   check_alive
   python3 - "$r" "$p" "$out" "$times" "$before" "$after" "$clk_tck" $((ta - tb)) >>"$results" <<'EOF'
 import re, sys
+from benchstats import wrk_ms
 r, p, out, times, before, after, hz, thr = sys.argv[1:]
 text = open(out).read()
 user, sys_, wall = (float(x) for x in open(times).read().split())
 def ms(v):
-    m = re.fullmatch(r"([0-9.]+)(us|ms|s|m)", v)
-    if not m:
-        raise SystemExit(f"lb-capped: cannot parse wrk latency {v!r} in {out}")
-    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[m.group(2)]
+    return wrk_ms(v, out)
 dist = dict(re.findall(r"^\s+(\d+)%\s+(\S+)\s*$", text, re.M))
 rps = re.search(r"^Requests/sec:\s+([0-9.]+)", text, re.M)
 if not rps or "50" not in dist or "99" not in dist:
@@ -502,23 +500,14 @@ fi
 # --- summary ---------------------------------------------------------------------------------
 python3 - "$results" "$tmp/h2load.tsv" "$quota_pct" "${l7[@]}" <<'EOF'
 import csv, statistics, sys
+from benchstats import fmt, med, num
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 lat = list(csv.DictReader(open(sys.argv[2]), delimiter="\t"))
 quota = sys.argv[3]
 l7 = sys.argv[4:]
 
-def num(v):
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
 
-def med(vals):
-    vals = [v for v in vals if v is not None]
-    return statistics.median(vals) if vals else None
 
-def fmt(v, spec):
-    return format(v, spec) if v is not None else "n/a"
 
 def ratio(rows, key, a, b, match=lambda r: True):
     # median over rounds of a/b in the same round

@@ -156,14 +156,12 @@ measure() { # round proxy
   check_alive
   python3 - "$r" "$p" "$out" "$times" "$before" "$after" "$bbefore" "$bafter" "$clk_tck" >>"$results" <<'EOF'
 import re, sys
+from benchstats import wrk_ms
 r, p, out, times, before, after, bbefore, bafter, hz = sys.argv[1:]
 text = open(out).read()
 user, sys_, wall = (float(x) for x in open(times).read().split())
-def ms(value):  # wrk prints e.g. 812.00us, 1.23ms, 2.01s, 1.00m
-    m = re.fullmatch(r"([0-9.]+)(us|ms|s|m)", value)
-    if not m:
-        raise SystemExit(f"lb-compare: cannot parse wrk latency {value!r} in {out}")
-    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[m.group(2)]
+def ms(value):
+    return wrk_ms(value, out)
 dist = dict(re.findall(r"^\s+(\d+)%\s+(\S+)\s*$", text, re.M))
 rps = re.search(r"^Requests/sec:\s+([0-9.]+)", text, re.M)
 total = re.search(r"^\s+(\d+) requests in ([0-9.]+)(\w+),", text, re.M)
@@ -196,22 +194,13 @@ done
 # --- summary -------------------------------------------------------------------------
 python3 - "$results" <<'EOF'
 import csv, statistics, sys
+from benchstats import fmt, med, num
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 proxies = ["wayfinder", "haproxy", "nginx"]
 peers = ["haproxy", "nginx"]
 
-def num(v):
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
 
-def med(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
 
-def fmt(v, spec):
-    return format(v, spec) if v is not None else "n/a"
 
 by = {(r["proxy"], r["round"]): r for r in rows}
 rounds = sorted({r["round"] for r in rows}, key=int)

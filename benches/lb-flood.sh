@@ -312,13 +312,11 @@ measure() { # phase flood-summary
   check_alive
   python3 - "$phase" "$out" "$dnsout" "$flood" "$lbc" >>"$results" <<'EOF'
 import re, sys
+from benchstats import wrk_ms
 phase, out, dnsout, flood, lbc = sys.argv[1:]
 text = open(out).read()
-def ms(value):  # wrk prints e.g. 812.00us, 1.23ms, 2.01s, 1.00m
-    m = re.fullmatch(r"([0-9.]+)(us|ms|s|m)", value)
-    if not m:
-        raise SystemExit(f"lb-flood: cannot parse wrk latency {value!r} in {out}")
-    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[m.group(2)]
+def ms(value):
+    return wrk_ms(value, out)
 dist = dict(re.findall(r"^\s+(\d+)%\s+(\S+)\s*$", text, re.M))
 rps = re.search(r"^Requests/sec:\s+([0-9.]+)", text, re.M)
 if not rps or "99" not in dist:

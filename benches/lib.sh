@@ -7,6 +7,9 @@
 
 : "${BENCH_NAME:?set BENCH_NAME before sourcing benches/lib.sh}"
 BENCH_STOP_ORDER=${BENCH_STOP_ORDER:-parallel}
+# The summaries' shared python helpers (benchstats.py) import from here.
+PYTHONPATH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH
 tmp=""
 pids=()
 names=()
