@@ -21,7 +21,8 @@
 #   FLOOD_LB       idle connections opened to the lb per flood phase      (20000)
 #   FLOOD_DNS      idle dns-over-TCP connections per flood phase          (2000)
 #   SPREAD         source addresses of the spread phase                   (20)
-#   RUN_SECONDS    length of one wrk run                                  (10)
+#   RUN_SECONDS    length of one wrk run                                  (5)
+#   ROUNDS         wrk runs per phase, through the lb and direct each     (3)
 #   CONNECTIONS    wrk -c of the normal client                            (8)
 #   WAYFINDER      a wayfinder binary to use instead of building one
 #   KEEP_TMP=1     keep the temp dir
@@ -38,9 +39,11 @@
 #
 # Per phase it prints: flood connections held and closed by the server (lb,
 # dns), the lb's own count of open client connections and refusals, the
-# normal client's wrk req/s, p99 and errors, its DNS p99 over UDP and over
-# TCP with failures, and the p99 ratio to the baseline. Target: the normal
-# client keeps being served (no errors) with its lb p99 within 2x.
+# normal client's wrk req/s, p99 and errors (medians of ROUNDS runs), the
+# same wrk run straight at a backend (the machine's noise, same rounds), its
+# DNS p99 over UDP and over TCP with failures, and the p99 ratios to the
+# baseline. Target: the normal client keeps being served (no errors) with its
+# lb p99 within 2x.
 #
 # Exit status: 0 when the measurement ran (target met or not).
 set -euo pipefail
@@ -48,7 +51,8 @@ set -euo pipefail
 flood_lb=${FLOOD_LB:-20000}
 flood_dns=${FLOOD_DNS:-2000}
 spread=${SPREAD:-20}
-run_seconds=${RUN_SECONDS:-10}
+run_seconds=${RUN_SECONDS:-5}
+rounds=${ROUNDS:-3}
 connections=${CONNECTIONS:-8}
 
 BENCH_NAME='lb-flood'
@@ -60,7 +64,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
 echo "== lb-flood: a normal client's latency while idle connections flood the lb and the dns"
-echo "command:  FLOOD_LB=$flood_lb FLOOD_DNS=$flood_dns SPREAD=$spread RUN_SECONDS=$run_seconds CONNECTIONS=$connections $0 $*"
+echo "command:  FLOOD_LB=$flood_lb FLOOD_DNS=$flood_dns SPREAD=$spread RUN_SECONDS=$run_seconds ROUNDS=$rounds CONNECTIONS=$connections $0 $*"
 print_machine
 [ $((flood_lb / spread)) -le 1000 ] || { echo "lb-flood: FLOOD_LB / SPREAD must be at most 1000 (the per-source cap)" >&2; exit 64; }
 [ "$spread" -le 200 ] || { echo "lb-flood: SPREAD must be at most 200" >&2; exit 64; }
@@ -300,34 +304,45 @@ c = json.load(sys.stdin)["connections"]
 print(c["open"], c["refused_per_source"] + c["refused_total"])'
 }
 
-# measure PHASE: the normal client through the lb (wrk) and to the dns.
+# measure PHASE: the normal client through the lb (ROUNDS wrk runs, each
+# followed by the same run straight at backend b1, the machine's own noise) and
+# to the dns. The phase's figures are the medians of its rounds.
 results="$tmp/results.tsv"
-printf 'phase\trps\tp99_ms\terrors\tnon2xx\tdns_udp_p99_ms\tdns_udp_failed\tdns_tcp_p99_ms\tdns_tcp_failed\tflood\tlb_open\tlb_refused\n' >"$results"
+printf 'phase\trps\tp99_ms\terrors\tnon2xx\tdirect_p99_ms\tdns_udp_p99_ms\tdns_udp_failed\tdns_tcp_p99_ms\tdns_tcp_failed\tflood\tlb_open\tlb_refused\n' >"$results"
 measure() { # phase flood-summary
-  local phase=$1 flood=$2 out="$tmp/wrk-$1.out" dnsout lbc
-  timeout $((run_seconds + 30)) wrk -t1 -c"$connections" -d"${run_seconds}s" -H 'Host: web.service' --latency \
-    "http://127.0.0.1:$lb_port/" >"$out" 2>&1 || die "wrk failed in phase $phase: $(tail -3 "$out")"
+  local phase=$1 flood=$2 dnsout lbc r
+  for ((r = 1; r <= rounds; r++)); do
+    timeout $((run_seconds + 30)) wrk -t1 -c"$connections" -d"${run_seconds}s" -H 'Host: web.service' --latency \
+      "http://127.0.0.1:$lb_port/" >"$tmp/wrk-$phase-$r.out" 2>&1 \
+      || die "wrk failed in phase $phase: $(tail -3 "$tmp/wrk-$phase-$r.out")"
+    timeout $((run_seconds + 30)) wrk -t1 -c"$connections" -d"${run_seconds}s" --latency \
+      "http://127.0.0.1:$b1_port/" >"$tmp/direct-$phase-$r.out" 2>&1 \
+      || die "wrk to the backend failed in phase $phase: $(tail -3 "$tmp/direct-$phase-$r.out")"
+  done
   dnsout=$(python3 "$tmp/dnsclient.py" "$dns_port" 2000) || die "the dns client failed in phase $phase"
   lbc=$(lb_conns) || die "the lb stats listener does not answer"
   check_alive
-  python3 - "$phase" "$out" "$dnsout" "$flood" "$lbc" >>"$results" <<'EOF'
+  python3 - "$phase" "$tmp" "$rounds" "$dnsout" "$flood" "$lbc" >>"$results" <<'EOF'
 import re, sys
-from benchstats import wrk_ms
-phase, out, dnsout, flood, lbc = sys.argv[1:]
-text = open(out).read()
-def ms(value):
-    return wrk_ms(value, out)
-dist = dict(re.findall(r"^\s+(\d+)%\s+(\S+)\s*$", text, re.M))
-rps = re.search(r"^Requests/sec:\s+([0-9.]+)", text, re.M)
-if not rps or "99" not in dist:
-    raise SystemExit(f"lb-flood: cannot parse wrk output {out}")
-errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-nerr = sum(int(x) for x in errors.groups()) if errors else 0
-non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-print("\t".join([phase, rps.group(1), f"{ms(dist['99']):.3f}", str(nerr), non2xx.group(1) if non2xx else "0",
+from benchstats import med, wrk_ms
+phase, tmp, rounds, dnsout, flood, lbc = sys.argv[1:]
+def parse(out):
+    text = open(out).read()
+    dist = dict(re.findall(r"^\s+(\d+)%\s+(\S+)\s*$", text, re.M))
+    rps = re.search(r"^Requests/sec:\s+([0-9.]+)", text, re.M)
+    if not rps or "99" not in dist:
+        raise SystemExit(f"lb-flood: cannot parse wrk output {out}")
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    return (float(rps.group(1)), wrk_ms(dist["99"], out),
+            sum(int(x) for x in errors.groups()) if errors else 0, int(non2xx.group(1)) if non2xx else 0)
+lb = [parse(f"{tmp}/wrk-{phase}-{r}.out") for r in range(1, int(rounds) + 1)]
+direct = [parse(f"{tmp}/direct-{phase}-{r}.out") for r in range(1, int(rounds) + 1)]
+print("\t".join([phase, f"{med([x[0] for x in lb]):.0f}", f"{med([x[1] for x in lb]):.3f}",
+                 str(sum(x[2] for x in lb)), str(sum(x[3] for x in lb)), f"{med([x[1] for x in direct]):.3f}",
                  *dnsout.split(), flood, *lbc.split()]))
 EOF
-  tail -n 1 "$results" | awk -F'\t' '{printf "  %-10s lb: %8.0f req/s  p99 %8.3f ms  errors %s non-2xx %s | dns p99 udp %s ms (failed %s), tcp %s ms (failed %s) | lb sees %s open, %s refused since start\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $11, $12}'
+  tail -n 1 "$results" | awk -F'\t' '{printf "  %-10s lb: %8.0f req/s  p99 %8.3f ms  errors %s non-2xx %s (direct to a backend: p99 %s ms) | dns p99 udp %s ms (failed %s), tcp %s ms (failed %s) | lb sees %s open, %s refused since start\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, $13}'
 }
 
 # flood PHASE N_LB SOURCE...: opens the flood (N_LB lb connections spread over
@@ -382,7 +397,7 @@ flood() {
   done
 }
 
-echo "phases (normal client on 127.0.0.1: wrk -t1 -c$connections ${run_seconds}s; 2000 UDP + 200 TCP DNS queries):"
+echo "phases (normal client on 127.0.0.1: $rounds x wrk -t1 -c$connections ${run_seconds}s through the lb and direct; 2000 UDP + 200 TCP DNS queries):"
 # Warm-up: the lb's backend pool and nginx.
 timeout 30 wrk -t1 -c"$connections" -d2s -H 'Host: web.service' "http://127.0.0.1:$lb_port/" >"$tmp/warm.out" 2>&1 \
   || die "wrk warm-up failed: $(tail -3 "$tmp/warm.out")"
@@ -396,16 +411,18 @@ echo
 python3 - "$results" <<'EOF'
 import sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])][1:]
-base = float(rows[0][2])
-print(f"{'phase':<11} {'lb held/closed/reset':>22} {'p99 ms':>8} {'x base':>6} {'errors':>6} {'dns udp p99':>11} {'dns tcp p99':>11} {'tcp failed':>10}")
+base, base_direct = float(rows[0][2]), float(rows[0][5])
+print(f"{'phase':<11} {'lb held/closed/reset':>22} {'p99 ms':>8} {'x base':>6} {'errors':>6} {'direct p99':>10} {'x base':>6} {'dns udp p99':>11} {'dns tcp p99':>11} {'tcp failed':>10}")
 met = True
 for r in rows:
-    phase, rps, p99, err, non2xx, udp, udpf, tcp, tcpf, flood = r[:10]
+    phase, rps, p99, err, non2xx, direct, udp, udpf, tcp, tcpf, flood = r[:11]
     lb = flood.split(",")[0].split(":")[-1] if flood != "none" else "-"
     ratio = float(p99) / base if base > 0 else float("nan")
-    print(f"{phase:<11} {lb:>22} {float(p99):8.3f} {ratio:6.2f} {int(err) + int(non2xx):>6} {udp:>11} {tcp:>11} {tcpf:>10}")
+    dratio = float(direct) / base_direct if base_direct > 0 else float("nan")
+    print(f"{phase:<11} {lb:>22} {float(p99):8.3f} {ratio:6.2f} {int(err) + int(non2xx):>6} {float(direct):10.3f} {dratio:6.2f} {udp:>11} {tcp:>11} {tcpf:>10}")
     if phase != "baseline" and (ratio > 2 or int(err) + int(non2xx) > 0):
         met = False
-print("target (normal client served without errors, lb p99 within 2x of the baseline): " + ("met" if met else "MISSED"))
+print("target (normal client served without errors, lb p99 within 2x of the baseline, medians of the rounds): " + ("met" if met else "MISSED"))
+print("direct: the same wrk run straight at one backend after each lb run; its ratio moving with the lb's says the machine, not the lb")
 EOF
 echo "elapsed: ${SECONDS}s"

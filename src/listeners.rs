@@ -10,10 +10,24 @@
 //! splice to the appliance itself) and by the dns config check (an upstream that
 //! is the dns itself). A listener on a wildcard address owns every local address
 //! with its port; connecting to `0.0.0.0` or `::` reaches the host too.
+//!
+//! [`refuse`] is how every listener turns a client away (over a cap, outside
+//! `allow`): a reset, so a flood of refused connections leaves no orphaned
+//! socket in FIN_WAIT2 or TIME_WAIT behind in the kernel.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::config::Config;
+
+/// Closes an accepted connection the listener will not serve, with a reset:
+/// nothing queued is sent and the kernel keeps no state for it afterwards
+/// (a plain close would leave an orphaned socket for up to `tcp_fin_timeout`
+/// per refused connection, while the peer holds its end open).
+pub fn refuse(stream: tokio::net::TcpStream) {
+    // Only fails on a socket that is already gone; dropping it closes it either way.
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
 
 /// Consul's server RPC, Serf LAN and Serf WAN ports (the agent `up` runs binds
 /// them on the cluster address; they are control plane like its HTTP API).

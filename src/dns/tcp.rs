@@ -31,6 +31,7 @@ use tokio_util::task::TaskTracker;
 use super::engine::{Engine, Verdict};
 use super::stats::TcpClose;
 use super::wire::Transport;
+use crate::listeners::refuse;
 
 /// Most TCP clients served at once; more are reset at accept.
 const MAX_CONNECTIONS: usize = 1024;
@@ -92,12 +93,6 @@ fn source_of(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Closes `stream` with a reset: nothing queued is sent, no TIME_WAIT is kept.
-fn reset(stream: TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-    drop(stream);
-}
-
 /// Accepts connections until shutdown.
 pub async fn serve(
     listener: TcpListener,
@@ -125,17 +120,17 @@ pub async fn serve(
         let stats = engine.stats();
         if !engine.allowed(peer.ip()) {
             stats.count_tcp_closed(TcpClose::NotAllowed);
-            reset(stream);
+            refuse(stream);
             continue;
         }
         let Some(source) = SourceSlot::take(&sources, source_of(peer.ip()), limits.per_source) else {
             stats.count_tcp_closed(TcpClose::PerSource);
-            reset(stream);
+            refuse(stream);
             continue;
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             stats.count_tcp_closed(TcpClose::Full);
-            reset(stream);
+            refuse(stream);
             continue;
         };
         let engine = engine.clone();
@@ -193,7 +188,7 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, engine: &Engine, id
             // The client does not read what it asked for (the socket buffers
             // are full): it loses the connection, and with it the slots.
             engine.stats().count_tcp_closed(TcpClose::SlowReader);
-            reset(stream);
+            refuse(stream);
             return Ok(());
         }
     }

@@ -193,8 +193,9 @@ impl Proxy {
                     }
                 },
             };
-            // Counted and logged by admit; dropping the stream closes it.
+            // Counted and logged by admit; the client is reset at once.
             let Ok(slot) = self.state.conns.admit(peer.ip()) else {
+                crate::listeners::refuse(stream);
                 continue;
             };
             let accepted = tokio::time::Instant::now();

@@ -121,8 +121,9 @@ async fn accept(
                 }
             },
         };
-        // The same caps as the HTTP listeners; over them the client is closed at once.
+        // The same caps as the HTTP listeners; over them the client is reset at once.
         let Ok(slot) = state.conns.admit(peer.ip()) else {
+            crate::listeners::refuse(client);
             continue;
         };
         let (state, shutdown) = (state.clone(), splices.shutdown.clone());
