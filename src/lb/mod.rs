@@ -43,6 +43,7 @@ pub mod register;
 pub mod remote;
 pub mod selfsigned;
 pub mod settings;
+pub mod splice;
 pub mod stats;
 pub mod status;
 pub mod table;
@@ -368,6 +369,7 @@ pub async fn run(
         config.lb.http.ip(),
         config.lb.connect_timeout,
         config.lb.eject_time.as_millis() as u64,
+        config.lb.tunnel_timeout,
         shutdown.clone(),
     ));
     let addr = sockets.http.local_addr().ok();
@@ -390,7 +392,8 @@ pub async fn run(
             .map_err(bind_error)?;
         // A proxy of its own per thread: its backend session pool is then used
         // by one thread only (sessions never hop between runtimes).
-        let (proxy, shutdown) = (proxy::Proxy::new(config, state.clone()), shutdown.clone());
+        let proxy = proxy::Proxy::new(config, state.clone(), shutdown.clone());
+        let shutdown = shutdown.clone();
         let thread = std::thread::Builder::new()
             .name(format!("lb-proxy-{worker}"))
             .spawn(move || proxy_worker(proxy, mine, shutdown))
@@ -489,6 +492,8 @@ fn proxy_worker(
         }
         connections.close();
         connections.wait().await;
+        proxy.tunnels.close();
+        proxy.tunnels.wait().await;
     });
 }
 

@@ -9,7 +9,8 @@
 //!                           still untouched, so any request can be retried)
 //!         session failed after sending ─▶ retried only when the request had no body
 //!      response streamed back; 101 Switching Protocols ─▶ both upgraded
-//!      connections spliced (WebSocket and other Upgrades)
+//!      connections spliced (WebSocket and other Upgrades; `super::splice`:
+//!      tracked, cut after `tunnel_timeout` without a byte and at shutdown)
 //! ```
 //!
 //! Sessions are hyper client connections kept per instance address; a session is
@@ -49,6 +50,7 @@ use tokio_util::task::TaskTracker;
 
 use super::LbState;
 use super::client::{self, Activity, ClientBody, ClientIo, ConnSlot, Cut, RequestBody, Timeouts};
+use super::splice::SpliceEnd;
 use super::table::{Backend, BackendInstance, HealthRegistry, Route};
 use crate::config::Config;
 
@@ -69,8 +71,6 @@ pub const POOL_SWEEP: Duration = Duration::from_secs(30);
 const POOL_SWEEP_GAP: Duration = Duration::from_secs(1);
 /// How long an idle h2 session may take to go away after its GOAWAY.
 const GOAWAY_GRACE: Duration = Duration::from_secs(5);
-/// How long an upgraded (WebSocket) connection may live.
-const TUNNEL_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Hop-by-hop headers (RFC 9110 7.6.1, plus the legacy `Keep-Alive` and
 /// `Proxy-Connection`): never forwarded.
@@ -145,11 +145,17 @@ pub struct Proxy {
     ready_timeout: Duration,
     request_ids: AtomicU64,
     id_prefix: u32,
+    /// Upgraded connections (WebSocket) spliced to their backend: tracked, cut
+    /// at shutdown and after `tunnel_timeout` without a byte; the proxy thread
+    /// waits for them after its client connections.
+    pub tunnels: TaskTracker,
+    tunnel_timeout: Duration,
+    shutdown: CancellationToken,
 }
 
 impl Proxy {
     /// A proxy over `state` with the configured timeouts.
-    pub fn new(config: &Config, state: Arc<LbState>) -> Arc<Self> {
+    pub fn new(config: &Config, state: Arc<LbState>, shutdown: CancellationToken) -> Arc<Self> {
         Arc::new(Self {
             state,
             pool: SessionPool::default(),
@@ -168,12 +174,15 @@ impl Proxy {
             ready_timeout: config.lb.ready_timeout,
             request_ids: AtomicU64::new(0),
             id_prefix: rand::random(),
+            tunnels: TaskTracker::new(),
+            tunnel_timeout: config.lb.tunnel_timeout,
+            shutdown,
         })
     }
 
     /// Accepts client connections until shutdown (over TLS when `tls` is given);
     /// open connections finish their current request. A connection over the
-    /// caps is closed at once.
+    /// caps is reset at once.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
@@ -537,7 +546,9 @@ impl Proxy {
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                         if let Some(client) = client_upgrade {
                             let server = hyper::upgrade::on(&mut resp);
-                            tokio::spawn(splice(client, server));
+                            let (idle, shutdown) = (self.tunnel_timeout, self.shutdown.clone());
+                            self.tunnels
+                                .spawn(async move { splice_upgraded(client, server, idle, &shutdown).await });
                         }
                     } else {
                         self.pool.checkin(instance.addr, session);
@@ -865,13 +876,23 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-async fn splice(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade) {
-    let (Ok(client), Ok(server)) = tokio::join!(client, server) else {
+/// Splices both sides of a 101 Switching Protocols once hyper hands them over.
+async fn splice_upgraded(
+    client: hyper::upgrade::OnUpgrade,
+    server: hyper::upgrade::OnUpgrade,
+    idle: Duration,
+    shutdown: &CancellationToken,
+) {
+    let upgraded = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        both = async { tokio::join!(client, server) } => both,
+    };
+    let (Ok(client), Ok(server)) = upgraded else {
         return;
     };
-    let mut client = TokioIo::new(client);
-    let mut server = TokioIo::new(server);
-    let _ = tokio::time::timeout(TUNNEL_TIMEOUT, tokio::io::copy_bidirectional(&mut client, &mut server)).await;
+    if super::splice::splice(TokioIo::new(client), TokioIo::new(server), idle, shutdown).await == SpliceEnd::Idle {
+        tracing::debug!("lb: upgraded connection idle for tunnel_timeout; closed");
+    }
 }
 
 fn empty() -> ProxyBody {

@@ -66,6 +66,13 @@ pub struct LbSection {
     /// Time a backend may take to start its response. Default `60s`.
     #[serde(default = "default_lb_io_timeout", with = "humantime_serde")]
     pub server_timeout: Duration,
+    /// Inactivity allowed to a spliced connection (a `haproxy_tcp` port, or a
+    /// WebSocket or other HTTP Upgrade) in both directions at once: one that
+    /// moves no byte either way for this long is closed, one in use lives as
+    /// long as it is used (HAProxy's `timeout tunnel`; PanteraS: `3600s`).
+    /// Default `1h`.
+    #[serde(default = "default_lb_tunnel_timeout", with = "humantime_serde")]
+    pub tunnel_timeout: Duration,
     /// How long an instance that refused a connection gets no new requests
     /// (passive ejection). Default `10s`.
     #[serde(default = "default_lb_eject_time", with = "humantime_serde")]
@@ -172,6 +179,10 @@ fn default_lb_io_timeout() -> Duration {
     Duration::from_secs(60)
 }
 
+fn default_lb_tunnel_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
+
 fn default_lb_idle_timeout() -> Duration {
     Duration::from_secs(30)
 }
@@ -234,6 +245,8 @@ pub struct LbConfig {
     pub max_queued: usize,
     /// Backend response-start timeout.
     pub server_timeout: Duration,
+    /// Inactivity timeout of spliced connections (HAProxy `timeout tunnel`).
+    pub tunnel_timeout: Duration,
     /// Passive ejection time.
     pub eject_time: Duration,
     /// Active check interval.
@@ -284,6 +297,7 @@ pub(crate) fn validate_lb(
         max_connections,
         max_connections_per_source,
         server_timeout,
+        tunnel_timeout,
         eject_time,
         check_interval,
         check_timeout,
@@ -331,6 +345,7 @@ pub(crate) fn validate_lb(
         ("lb.idle_timeout", idle_timeout),
         ("lb.handshake_timeout", handshake_timeout),
         ("lb.server_timeout", server_timeout),
+        ("lb.tunnel_timeout", tunnel_timeout),
     ] {
         if d.is_zero() {
             return Err(err(key, "must be longer than 0s".into()));
@@ -368,6 +383,7 @@ pub(crate) fn validate_lb(
         max_connections_per_source: *max_connections_per_source,
         max_queued: *max_queued,
         server_timeout: *server_timeout,
+        tunnel_timeout: *tunnel_timeout,
         eject_time: *eject_time,
         check_interval: *check_interval,
         check_timeout: *check_timeout,

@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Connections already spliced are left alone when their port goes away, and
-//! end at shutdown; a listener that cannot be bound is logged and tried again at
+//! end at shutdown or after `tunnel_timeout` without a byte either way; a listener that cannot be bound is logged and tried again at
 //! the next change. Which ports may be opened, and which instances may be
 //! connected to, the table has already decided (see [`super::policy`]).
 
@@ -22,11 +22,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::LbState;
+use super::splice::{SpliceEnd, splice};
 
 /// Instances tried per connection at most.
 const MAX_ATTEMPTS: usize = 3;
-/// Longest life of one proxied TCP connection (PanteraS: `timeout tunnel 3600s`).
-const TUNNEL_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Keeps one listener per wanted port on `ip` until shutdown.
 pub async fn run(
@@ -34,6 +33,7 @@ pub async fn run(
     ip: std::net::IpAddr,
     connect_timeout: Duration,
     eject_ms: u64,
+    tunnel_timeout: Duration,
     shutdown: CancellationToken,
 ) {
     let mut changes = state.changes.subscribe();
@@ -63,6 +63,7 @@ pub async fn run(
                     let splices = Splices {
                         tasks: tasks.clone(),
                         shutdown: shutdown.clone(),
+                        idle: tunnel_timeout,
                     };
                     tasks.spawn(accept(
                         listener,
@@ -99,6 +100,8 @@ pub async fn run(
 struct Splices {
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// `lb.tunnel_timeout`.
+    idle: Duration,
 }
 
 async fn accept(
@@ -126,18 +129,20 @@ async fn accept(
             crate::listeners::refuse(client);
             continue;
         };
-        let (state, shutdown) = (state.clone(), splices.shutdown.clone());
+        let (state, shutdown, idle) = (state.clone(), splices.shutdown.clone(), splices.idle);
         splices.tasks.spawn(async move {
             let _slot = slot;
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = async {
-                    if let Some(server) = connect_backend(&state, port, connect_timeout, eject_ms).await {
-                        splice(client, server).await;
-                    } else {
-                        tracing::debug!(port, %peer, "lb: no tcp instance reachable; closing");
-                    }
-                } => {}
+            let server = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                server = connect_backend(&state, port, connect_timeout, eject_ms) => server,
+            };
+            let Some(server) = server else {
+                tracing::debug!(port, %peer, "lb: no tcp instance reachable; closing");
+                return;
+            };
+            let _ = (client.set_nodelay(true), server.set_nodelay(true));
+            if splice(client, server, idle, &shutdown).await == SpliceEnd::Idle {
+                tracing::debug!(port, %peer, "lb: tcp connection idle for tunnel_timeout; closed");
             }
         });
     }
@@ -160,10 +165,4 @@ async fn connect_backend(state: &LbState, port: u16, connect_timeout: Duration, 
         }
     }
     None
-}
-
-async fn splice(mut client: TcpStream, mut server: TcpStream) {
-    let _ = client.set_nodelay(true);
-    let _ = server.set_nodelay(true);
-    let _ = tokio::time::timeout(TUNNEL_TIMEOUT, tokio::io::copy_bidirectional(&mut client, &mut server)).await;
 }

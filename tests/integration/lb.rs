@@ -315,11 +315,12 @@ async fn httpchk_failures_take_an_instance_out_and_back() {
 }
 
 /// `Upgrade` requests are passed through and the two connections spliced
-/// (WebSocket and friends, RFC 9110 7.8).
+/// (WebSocket and friends, RFC 9110 7.8); a splice in use outlives
+/// `tunnel_timeout`, a silent one is closed after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgraded_connections_are_spliced() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (svc, _backend, lb) = one_service("upgrade", "u", &["haproxy"], "").await;
+    let (svc, _backend, lb) = one_service("upgrade", "u", &["haproxy"], "[lb]\ntunnel_timeout = \"2s\"\n").await;
     let mut s = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
     s.write_all(
         format!("GET /chat HTTP/1.1\r\nHost: {svc}.service\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").as_bytes(),
@@ -343,6 +344,35 @@ async fn upgraded_connections_are_spliced() {
             .unwrap();
         assert_eq!(buf, msg.as_bytes());
     }
+    assert_used_then_cut_when_silent(&mut s, Duration::from_secs(2)).await;
+}
+
+/// Echoes a byte every 100 ms over `s` for 2.5 x `idle` (it must stay open),
+/// then stays silent: the lb must close it, not before `idle`, and well
+/// within 5 x `idle`.
+async fn assert_used_then_cut_when_silent(s: &mut tokio::net::TcpStream, idle: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let busy_until = Instant::now() + idle * 5 / 2;
+    let mut byte = [0u8; 1];
+    let mut last_byte = Instant::now();
+    while Instant::now() < busy_until {
+        s.write_all(b"k").await.expect("closed while in use");
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .expect("an echo within 5 s")
+            .unwrap_or(0);
+        assert_eq!(n, 1, "closed while in use");
+        last_byte = Instant::now();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    match tokio::time::timeout(idle * 5, s.read(&mut byte)).await {
+        Ok(Ok(0) | Err(_)) => {}
+        Ok(Ok(_)) => panic!("unexpected bytes on a silent splice"),
+        Err(_) => panic!("a silent splice is still open after {:?}", idle * 5),
+    }
+    // The lb counts its last write a moment before our read of it returned.
+    let silence = last_byte.elapsed() + Duration::from_millis(20);
+    assert!(silence >= idle, "cut after {silence:?} of silence");
 }
 
 /// Oversized request heads get 431; clients that trickle their headers do not
@@ -395,7 +425,8 @@ async fn huge_headers_and_slow_clients_do_no_harm() {
 }
 
 /// `haproxy_tcp=<port>` opens a TCP listener at runtime that forwards to the
-/// instances, and closes it when the tag goes away.
+/// instances (a connection in use outlives `tunnel_timeout`, a silent one is
+/// closed after it), and closes the listener when the tag goes away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_listeners_follow_their_tags() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -420,7 +451,11 @@ async fn tcp_listeners_follow_their_tags() {
     // 127.0.0.1, and one of those may be stopping when this test connects (an
     // early EOF, which made this test fail now and then).
     let ip = crate::harness::unique_loopback();
-    let lb = Lb::start(&format!("{}[lb]\nhttp = \"{ip}:0\"\n", consul_section(consul))).await;
+    let lb = Lb::start(&format!(
+        "{}[lb]\nhttp = \"{ip}:0\"\ntunnel_timeout = \"2s\"\n",
+        consul_section(consul)
+    ))
+    .await;
     let target = std::net::SocketAddr::new(ip, port);
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut s = loop {
@@ -437,6 +472,7 @@ async fn tcp_listeners_follow_their_tags() {
         .unwrap()
         .unwrap();
     assert_eq!(&buf, b"select 1");
+    assert_used_then_cut_when_silent(&mut s, Duration::from_secs(2)).await;
     drop(s);
 
     consul.deregister(&format!("{svc}-1"));
