@@ -494,6 +494,7 @@ fn proxy_worker(
         connections.wait().await;
         proxy.tunnels.close();
         proxy.tunnels.wait().await;
+        proxy.close_sessions().await;
     });
 }
 

@@ -376,6 +376,12 @@ impl Proxy {
         tracing::debug!(%peer, ?cut, "lb: client connection cut");
     }
 
+    /// After the client connections and tunnels have ended: closes the backend
+    /// sessions and waits for their connection tasks.
+    pub async fn close_sessions(&self) {
+        self.pool.close().await;
+    }
+
     /// Drops pooled sessions to addresses no table has any more, and closed
     /// ones, after every table change (at most once per [`POOL_SWEEP_GAP`]) and
     /// every [`POOL_SWEEP`], until shutdown.
@@ -924,10 +930,14 @@ pub(super) fn error_page(status: StatusCode, message: &str) -> Response<ProxyBod
 }
 
 /// Backend sessions by instance address. Addresses come from the routing
-/// table only; [`SessionPool::prune`] forgets those that left it.
+/// table only; [`SessionPool::prune`] forgets those that left it. Each
+/// session's connection runs as a task of `connections`, ended by
+/// [`SessionPool::close`] once no client request can need it any more.
 #[derive(Default)]
 struct SessionPool {
     idle: Mutex<HashMap<SocketAddr, Vec<SendRequest<ProxyBody>>>>,
+    connections: TaskTracker,
+    closing: CancellationToken,
 }
 
 impl SessionPool {
@@ -956,10 +966,22 @@ impl SessionPool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
+        let closing = self.closing.clone();
+        self.connections.spawn(async move {
+            tokio::select! {
+                _ = conn.with_upgrades() => {}
+                _ = closing.cancelled() => {}
+            }
         });
         Ok(sender)
+    }
+
+    /// Ends every backend connection and waits for their tasks.
+    async fn close(&self) {
+        self.idle.lock().expect("pool lock").clear();
+        self.closing.cancel();
+        self.connections.close();
+        self.connections.wait().await;
     }
 
     /// Keeps a session for reuse (it becomes ready when its response is read).
