@@ -33,6 +33,8 @@
 #   PROFILE=1     instead of the tables: per request CPU, user/kernel split, syscalls,
 #                 context switches, wake-ups, epoll calls (perf stat), and the
 #                 syscall mix (strace -c) of every capped proxy
+#   PROFILE_KIND  h1 (wrk, plain HTTP/1.1) or h2 (h2load -c16 -m10, HTTP/2
+#                 over TLS) for PROFILE=1                                        (h1)
 #   KEEP_TMP=1    keep the temp dir (configs, logs, raw wrk/h2load output)
 #
 # Every proxy does the same work per request (benches/lib.sh configures all three
@@ -385,6 +387,9 @@ done
 # and the user/kernel split from /proc over one capped wrk run, then `strace -c -f`
 # over a counted h2load run (strace slows the proxy: only its counts are used).
 if [ "${PROFILE:-0}" = 1 ]; then
+  profile_kind=${PROFILE_KIND:-h1}
+  [ "$profile_kind" = h1 ] || [ "$profile_kind" = h2 ] || die "PROFILE_KIND is h1 or h2, not $profile_kind"
+  [ "$profile_kind" = h1 ] || [ "$tls" = 1 ] || die "PROFILE_KIND=h2 needs TLS=1"
   command -v perf >/dev/null 2>&1 || apt_install_missing linux-perf
   command -v strace >/dev/null 2>&1 || apt_install_missing strace
   n_strace=${PROFILE_REQUESTS:-20000}
@@ -399,8 +404,14 @@ if [ "${PROFILE:-0}" = 1 ]; then
     perf record -q -F 4999 -g -o "$tmp/perf-$p.data" -p "$(IFS=,; echo "${ppids[*]}")" -- sleep "$((run_seconds + 1))" 2>"$tmp/perf-record-$p.err" &
     record_pid=$!
     sleep 0.5
-    timeout $((run_seconds + 30)) "${load_pin[@]}" wrk "${wrk_args[@]}" -d"${run_seconds}s" "http://127.0.0.1:${port[$p]}/" >"$tmp/profile-$p.out" 2>&1 \
-      || die "wrk against $p failed: $(tail -3 "$tmp/profile-$p.out")"
+    if [ "$profile_kind" = h2 ]; then
+      timeout $((run_seconds + 30)) "${load_pin[@]}" h2load -c 16 -m 10 -D "$run_seconds" -H ':authority: web.service' \
+        --connect-to="127.0.0.1:${tls_port[$p]}" "https://web.service:${tls_port[$p]}/" >"$tmp/profile-$p.out" 2>&1 \
+        || die "h2load against $p failed: $(tail -3 "$tmp/profile-$p.out")"
+    else
+      timeout $((run_seconds + 30)) "${load_pin[@]}" wrk "${wrk_args[@]}" -d"${run_seconds}s" "http://127.0.0.1:${port[$p]}/" >"$tmp/profile-$p.out" 2>&1 \
+        || die "wrk against $p failed: $(tail -3 "$tmp/profile-$p.out")"
+    fi
     wait "$perf_pid" || die "perf stat failed: $(cat "$tmp/perf-$p.err")"
     wait "$record_pid" || die "perf record failed: $(cat "$tmp/perf-record-$p.err")"
     # Where the time goes: the hottest symbols (kernel and user), self time.
@@ -412,16 +423,25 @@ if [ "${PROFILE:-0}" = 1 ]; then
     strace -c -f -o "$tmp/strace-$p.txt" "${strace_args[@]}" 2>"$tmp/strace-$p.err" &
     strace_pid=$!
     sleep 1
-    timeout 120 "${load_pin[@]}" h2load --h1 -n "$n_strace" -c 16 -H ':authority: web.service' \
-      --connect-to="127.0.0.1:${port[$p]}" "http://web.service:${port[$p]}/" >"$tmp/strace-h2load-$p.out" 2>&1 \
-      || die "h2load against $p (strace) failed: $(tail -3 "$tmp/strace-h2load-$p.out")"
+    if [ "$profile_kind" = h2 ]; then
+      timeout 120 "${load_pin[@]}" h2load -n "$n_strace" -c 16 -m 10 -H ':authority: web.service' \
+        --connect-to="127.0.0.1:${tls_port[$p]}" "https://web.service:${tls_port[$p]}/" >"$tmp/strace-h2load-$p.out" 2>&1 \
+        || die "h2load against $p (strace) failed: $(tail -3 "$tmp/strace-h2load-$p.out")"
+    else
+      timeout 120 "${load_pin[@]}" h2load --h1 -n "$n_strace" -c 16 -H ':authority: web.service' \
+        --connect-to="127.0.0.1:${port[$p]}" "http://web.service:${port[$p]}/" >"$tmp/strace-h2load-$p.out" 2>&1 \
+        || die "h2load against $p (strace) failed: $(tail -3 "$tmp/strace-h2load-$p.out")"
+    fi
     kill -INT "$strace_pid"
     wait "$strace_pid" || true
-    python3 - "$p" "$tmp/perf-$p.csv" "$tmp/profile-$p.out" "$ut0" "$ut1" "$tmp/strace-$p.txt" "$n_strace" "$tids" "$clk_tck" <<'EOF'
+    python3 - "$p" "$tmp/perf-$p.csv" "$tmp/profile-$p.out" "$ut0" "$ut1" "$tmp/strace-$p.txt" "$n_strace" "$tids" "$clk_tck" "$profile_kind" <<'EOF'
 import re, sys
-p, perf, out, ut0, ut1, strace, n_strace, tids, hz = sys.argv[1:]
+p, perf, out, ut0, ut1, strace, n_strace, tids, hz, kind = sys.argv[1:]
 text = open(out).read()
-reqs = int(re.search(r"^\s+(\d+) requests in", text, re.M).group(1))
+if kind == "h2":
+    reqs = int(re.search(r"^requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", text, re.M).group(1))
+else:
+    reqs = int(re.search(r"^\s+(\d+) requests in", text, re.M).group(1))
 ev = {}
 for line in open(perf):
     f = line.strip().split(",")
@@ -431,7 +451,7 @@ u0, s0 = (int(x) for x in ut0.split())
 u1, s1 = (int(x) for x in ut1.split())
 user, kern = (u1 - u0) / int(hz), (s1 - s0) / int(hz)
 tc = ev.get("task-clock", 0) / 1e3  # ms -> s... perf gives msec
-print(f"profile {p}: {reqs} requests in a capped wrk run, {tids} threads")
+print(f"profile {p}: {reqs} requests in a capped {'h2load -c16 -m10 (h2/TLS)' if kind == 'h2' else 'wrk'} run, {tids} threads")
 print(f"  per request: {ev.get('task-clock', 0) * 1e3 / reqs:6.1f} us CPU (user {user / (user + kern or 1):.0%}, kernel {kern / (user + kern or 1):.0%}), "
       f"{ev.get('raw_syscalls:sys_enter', 0) / reqs:5.2f} syscalls, {ev.get('context-switches', 0) / reqs:5.3f} context switches, "
       f"{ev.get('sched:sched_wakeup', 0) / reqs:5.3f} wake-ups, {ev.get('syscalls:sys_enter_epoll_wait', 0) / reqs:5.3f} epoll_wait, "
@@ -442,7 +462,7 @@ for line in open(strace):
     if m and m.group(2) != "total":
         rows.append((int(m.group(1)), m.group(2)))
 rows.sort(reverse=True)
-print("  strace -c per request (h2load --h1 -c 16): " + ", ".join(f"{name} {calls / int(n_strace):.2f}" for calls, name in rows[:8]))
+print(f"  strace -c per request (h2load {'-c 16 -m 10, h2/TLS' if kind == 'h2' else '--h1 -c 16'}): " + ", ".join(f"{name} {calls / int(n_strace):.2f}" for calls, name in rows[:8]))
 EOF
     echo "  hottest symbols (perf record, self time; full data: KEEP_TMP=1, $tmp/perf-$p.data):"
     sed 's/^/    /' "$tmp/perf-top-$p.txt"

@@ -274,10 +274,15 @@ impl Proxy {
             let client = client.clone();
             // Counted from here until the response body is done, or this future dropped.
             let stream = client.activity.stream_started();
-            async move {
+            // Boxed: the request's future is ~3 KB (the whole forward path's
+            // state), and hyper moves what this returns per request (h1: into
+            // the connection's in-flight slot; h2: into a task spawned per
+            // stream); a pointer moves for the price of one allocation
+            // (benches/README.md, lb-capped.sh PROFILE_KIND=h2).
+            Box::pin(async move {
                 let resp = proxy.handle(req, &client).await;
                 Ok::<_, Infallible>(resp.map(|body| ClientBody::new(body, stream)))
-            }
+            })
         })
     }
 
