@@ -651,6 +651,11 @@ mod tests {
             let e = check(&format!("{MIN}{key} = 0\n"), &[]).unwrap_err();
             assert_eq!(e.key, format!("dns.{key}"), "{e}");
         }
+        assert_eq!(c.dns.consul_inline_slots, 256);
+        let c = check(&format!("{MIN}consul_inline_slots = 0\n"), &[]).unwrap();
+        assert_eq!(c.dns.consul_inline_slots, 0, "0 sends Consul questions the task path");
+        let e = check(&format!("{MIN}consul_inline_slots = 4097\n"), &[]).unwrap_err();
+        assert_eq!(e.key, "dns.consul_inline_slots", "{e}");
         let c = check(&format!("{MIN}cache_bytes = 0\n"), &[]).unwrap();
         assert_eq!(c.dns.cache_bytes, 0, "0 turns the cache off");
         // The entry count bound is gone: the cache is bounded by bytes only; an

@@ -51,6 +51,30 @@ impl<const N: usize, const SLOT: usize> RecvBatch<N, SLOT> {
     /// Blocks (up to the socket's read timeout) for at least one datagram and
     /// takes what else is queued, up to `N`; returns how many came.
     pub fn recv(&mut self, fd: RawFd) -> usize {
+        // A timeout (the caller's shutdown poll), EINTR, or an ICMP error about
+        // one earlier send: none of them stop the caller's loop.
+        self.recv_with(fd, libc::MSG_WAITFORONE).unwrap_or(0)
+    }
+
+    /// Takes what is queued, up to `N`, without waiting: `Ok(0)` when nothing
+    /// is (or the call was interrupted); other errors are returned, e.g.
+    /// `ECONNREFUSED` on a connected socket whose peer's host sent ICMP port
+    /// unreachable.
+    pub fn try_recv(&mut self, fd: RawFd) -> std::io::Result<usize> {
+        match self.recv_with(fd, libc::MSG_DONTWAIT) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(0)
+            }
+            other => other,
+        }
+    }
+
+    fn recv_with(&mut self, fd: RawFd, flags: libc::c_int) -> std::io::Result<usize> {
         for hdr in self.hdrs.iter_mut() {
             hdr.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             hdr.msg_hdr.msg_flags = 0;
@@ -62,14 +86,29 @@ impl<const N: usize, const SLOT: usize> RecvBatch<N, SLOT> {
                 fd,
                 self.hdrs.as_mut_ptr(),
                 N as libc::c_uint,
-                libc::MSG_WAITFORONE,
+                flags,
                 std::ptr::null_mut(),
             )
         };
-        // A timeout (the caller's shutdown poll), EINTR, or an ICMP error about
-        // one earlier send: none of them stop the caller's loop.
-        self.count = if n > 0 { n as usize } else { 0 };
-        self.count
+        if n < 0 {
+            self.count = 0;
+            return Err(std::io::Error::last_os_error());
+        }
+        self.count = n as usize;
+        Ok(self.count)
+    }
+
+    /// Datagram `i` of the last receive, cut to `SLOT` bytes, and whether it
+    /// was cut (it was larger); `None` when it is not in the batch.
+    #[inline]
+    pub fn get_cut(&self, i: usize) -> Option<(&[u8], bool)> {
+        let hdr = self.hdrs.get(i)?;
+        if i >= self.count {
+            return None;
+        }
+        let len = (hdr.msg_len as usize).min(SLOT);
+        let cut = hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+        Some((&self.slots[i * SLOT..i * SLOT + len], cut))
     }
 
     /// Datagram `i` of the last receive and its raw source address, or None
@@ -90,6 +129,14 @@ impl<const N: usize, const SLOT: usize> RecvBatch<N, SLOT> {
     pub fn get(&self, i: usize) -> Option<(&[u8], SocketAddr)> {
         let (data, storage) = self.get_raw(i)?;
         Some((data, socket_addr(storage)?))
+    }
+
+    /// The source address of datagram `i` in C form and its length, to be
+    /// copied for a reply's `msg_name`.
+    #[inline]
+    pub fn source_raw(&self, i: usize) -> Option<(&libc::sockaddr_storage, libc::socklen_t)> {
+        let hdr = self.hdrs.get(i)?;
+        (i < self.count).then(|| (&self.addrs[i], hdr.msg_hdr.msg_namelen))
     }
 
     /// The source address of datagram `i` in C form, for a reply's `msg_name`.

@@ -4,6 +4,8 @@
 //!  packet ─parse─▶ allowed? ──no──▶ REFUSED
 //!    │ fast path (inline in the receive loop, no task, no allocation):
 //!    ├─ not Consul, and the cache holds a valid pre-encoded answer ─▶ finish() ─▶ send
+//!    ├─ *.consul over UDP, Consul on loopback ─▶ the worker's own Consul socket
+//!    │                            (inline.rs: merged per worker, never cached)
 //!    │ slow path (a tokio task):
 //!    ├─ *.consul ───────────────▶ Consul forwarder (merged, never cached)
 //!    ├─ consul A/AAAA, mode lb ─▶ LB hosts   ┐
@@ -28,7 +30,7 @@ use ipnet::IpNet;
 use moka::Expiry;
 use moka::sync::Cache;
 
-use super::forward::{ForwardOptions, Forwarder};
+use super::forward::{ForwardError, ForwardOptions, Forwarder};
 use super::stats::{DnsStats, Route};
 use super::wildcard::LbAnswers;
 use super::wire::{self, Malformed, Query, Template, Transport, TtlRewrite, rcode, rtype};
@@ -42,7 +44,7 @@ const LOCAL_ENTRY_LIFETIME: Duration = Duration::from_secs(3600);
 /// Class IN.
 const CLASS_IN: u16 = 1;
 /// EDNS payload we advertise to Consul: large, it is (nearly always) local.
-const CONSUL_PAYLOAD: u16 = 4096;
+pub(super) const CONSUL_PAYLOAD: u16 = 4096;
 /// What a cache entry costs besides its key and answer bytes: the entry, its
 /// `Arc`, and moka's bookkeeping (hash slot, LRU and timer nodes), estimated.
 const ENTRY_OVERHEAD: usize = 256;
@@ -277,6 +279,17 @@ impl Engine {
         }
     }
 
+    /// True when `query` goes to the Consul forwarder (a `*.consul` name not
+    /// answered with LB hosts): what a UDP worker may ask Consul itself.
+    pub fn is_consul_forwarded(&self, query: &Query<'_>) -> bool {
+        wire::name_in_zone(query.qname, &self.consul_zone) && !self.is_lb_consul_question(query)
+    }
+
+    /// The Consul forwarder.
+    pub fn consul_forwarder(&self) -> &Forwarder {
+        &self.consul
+    }
+
     fn is_lb_consul_question(&self, query: &Query<'_>) -> bool {
         self.lb_for_consul
             && matches!(query.qtype, rtype::A | rtype::AAAA)
@@ -419,20 +432,41 @@ impl Engine {
 
     async fn forward_consul(&self, query: &Query<'_>, key: &[u8], limit: usize, mut out: Vec<u8>) -> Vec<u8> {
         let stats = self.stats.at(Route::Consul);
-        match self.consul.resolve(key, query, stats).await {
+        let result = self.consul.resolve(key, query, stats).await;
+        if let Err(error) = &result {
+            self.consul_failed(error, query);
+        }
+        self.finish_consul(&result, query, limit, &mut out);
+        out
+    }
+
+    /// The client's answer to a Consul question from the forwarder's `result`
+    /// (SERVFAIL for an error), counted.
+    pub fn finish_consul(
+        &self,
+        result: &Result<Arc<Template>, ForwardError>,
+        query: &Query<'_>,
+        limit: usize,
+        out: &mut Vec<u8>,
+    ) {
+        let stats = self.stats.at(Route::Consul);
+        match result {
             Ok(template) => {
-                wire::finish(&template, query, TtlRewrite::Keep, limit, &mut out);
+                wire::finish(template, query, TtlRewrite::Keep, limit, out);
                 stats.answered(template.rcode);
             }
-            Err(error) => {
-                if self.consul_log.allow() {
-                    tracing::warn!(%error, name = %wire::name_to_string(query.qname), "consul did not answer; SERVFAIL (logged at most every 10 s)");
-                }
-                wire::error_response(query, u16::from(rcode::SERVFAIL), &mut out);
+            Err(_) => {
+                wire::error_response(query, u16::from(rcode::SERVFAIL), out);
                 stats.answered(rcode::SERVFAIL);
             }
         }
-        out
+    }
+
+    /// Logs that Consul did not answer `query` (at most every 10 s).
+    pub fn consul_failed(&self, error: &ForwardError, query: &Query<'_>) {
+        if self.consul_log.allow() {
+            tracing::warn!(%error, name = %wire::name_to_string(query.qname), "consul did not answer; SERVFAIL (logged at most every 10 s)");
+        }
     }
 
     /// How long an upstream answer may be cached: positive answers by their

@@ -27,6 +27,11 @@
 //! such martians on every other interface), and Consul questions are the hot
 //! forwarded path (never cached). An ICMP error there fails every question
 //! waiting on that socket: they all went to the same dead agent.
+//!
+//! The UDP workers ask that first pooled server themselves, on sockets of
+//! their own (`inline.rs`), under the same `max_forwarded` slots, hold-down
+//! and deadline; what they cannot finish there (truncated answers, failures
+//! with other servers left) comes back through [`Forwarder::resolve_after`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,7 +42,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::stats::RouteStats;
@@ -80,7 +85,7 @@ pub enum ExchangeError {
 }
 
 impl ExchangeError {
-    fn io(op: &'static str, error: std::io::Error) -> Self {
+    pub(crate) fn io(op: &'static str, error: std::io::Error) -> Self {
         if error.kind() == std::io::ErrorKind::ConnectionRefused {
             ExchangeError::Refused
         } else {
@@ -146,8 +151,9 @@ pub struct Forwarder {
     servers: Vec<Server>,
     /// Timeout, RD, payload, limit.
     options: ForwardOptions,
-    /// One permit per question on the wire: bounds sockets and upstream load.
-    slots: Semaphore,
+    /// One per question on the wire (the UDP workers' own Consul questions
+    /// included): bounds sockets and upstream load.
+    slots: Slots,
     /// Questions on the wire right now, by cache key, with the queries merged into them.
     inflight: Mutex<HashMap<Box<[u8]>, Vec<Waiter>>>,
     /// Stops the pool reader tasks.
@@ -197,7 +203,10 @@ impl Forwarder {
                 })
                 .collect(),
             options,
-            slots: Semaphore::new(options.max_forwarded),
+            slots: Slots {
+                used: AtomicUsize::new(0),
+                limit: options.max_forwarded,
+            },
             inflight: Mutex::new(HashMap::new()),
             shutdown,
         }
@@ -263,16 +272,26 @@ impl Forwarder {
 
     async fn exchange(&self, query: &Query<'_>, stats: &RouteStats) -> Result<Arc<Template>, ForwardError> {
         // Held for the whole exchange: one question uses one socket at a time.
-        let Ok(_slot) = self.slots.try_acquire() else {
+        let Some(_slot) = self.slots.acquire() else {
             return Err(ForwardError::Busy {
                 limit: self.options.max_forwarded,
             });
         };
-        let start = Instant::now();
-        let deadline = start + self.options.timeout;
+        let deadline = Instant::now() + self.options.timeout;
         let order = self.servers_in_order();
-        let mut last_error = None;
-        let mut last_failure_answer = None;
+        self.try_servers(query, stats, &order, deadline, Tried::default()).await
+    }
+
+    /// Asks `order` in turn until one answers well or `deadline` passes; `tried`
+    /// holds what servers asked before (by a UDP worker) left behind.
+    async fn try_servers(
+        &self,
+        query: &Query<'_>,
+        stats: &RouteStats,
+        order: &[&Server],
+        deadline: Instant,
+        mut tried: Tried,
+    ) -> Result<Arc<Template>, ForwardError> {
         for (index, server) in order.iter().enumerate() {
             let now = Instant::now();
             if now >= deadline {
@@ -282,29 +301,33 @@ impl Forwarder {
             let attempt = (deadline - now) / (order.len() - index) as u32;
             match server.exchange(self, query, attempt, stats).await {
                 Ok(template) => {
-                    let failure = matches!(template.rcode, wire::rcode::SERVFAIL | wire::rcode::REFUSED);
-                    if !failure {
-                        server.down_until_ms.store(0, Ordering::Relaxed);
+                    if !is_failure(&template) {
+                        server.healthy();
                         return Ok(Arc::new(template));
                     }
                     server.hold_down();
-                    last_failure_answer = Some(template);
+                    tried.failure_answer = Some(template);
                 }
                 Err(cause) => {
                     tracing::debug!(server = %server.addr, %cause, "dns server failed");
                     server.hold_down();
-                    last_error = Some((server.addr, cause));
+                    tried.error = Some((server.addr, cause));
                 }
             }
         }
-        if let Some(answer) = last_failure_answer {
+        if let Some(answer) = tried.failure_answer {
             return Ok(Arc::new(answer));
         }
-        match last_error {
+        Err(self.final_error(tried.error))
+    }
+
+    /// The error of a question no server answered; `last` is the last failure.
+    fn final_error(&self, last: Option<(SocketAddr, ExchangeError)>) -> ForwardError {
+        match last {
             Some((server, cause)) if !matches!(cause, ExchangeError::Timeout) => {
-                Err(ForwardError::Unreachable { server, cause })
+                ForwardError::Unreachable { server, cause }
             }
-            _ => Err(ForwardError::Timeout {
+            _ => ForwardError::Timeout {
                 servers: self
                     .servers
                     .iter()
@@ -312,8 +335,205 @@ impl Forwarder {
                     .collect::<Vec<_>>()
                     .join(", "),
                 timeout: self.options.timeout,
-            }),
+            },
         }
+    }
+
+    /// Where a UDP worker may ask questions itself, on its own connected
+    /// socket: the first server, when it is a pooled one (Consul on loopback),
+    /// with the share of the deadline that server gets. `None`: every question
+    /// goes through [`Forwarder::resolve`].
+    pub fn inline_target(&self) -> Option<(SocketAddr, Duration)> {
+        let first = self.servers.first()?;
+        first.pool.as_ref()?;
+        Some((first.addr, self.options.timeout / self.servers.len() as u32))
+    }
+
+    /// Whether a UDP worker should ask the first server itself now: yes unless
+    /// it is held down while others are not (those come first then, through
+    /// [`Forwarder::resolve`]).
+    pub fn inline_now(&self) -> bool {
+        let now = now_ms();
+        match self.servers.split_first() {
+            Some((first, rest)) => {
+                first.down_until_ms.load(Ordering::Relaxed) <= now
+                    || rest.iter().all(|s| s.down_until_ms.load(Ordering::Relaxed) > now)
+            }
+            None => false,
+        }
+    }
+
+    /// Takes one `max_forwarded` slot for a UDP worker's own exchange; `false`
+    /// when none is free (the question is then [`ForwardError::Busy`]). Given
+    /// back with [`Forwarder::release_slot`] or handed to
+    /// [`Forwarder::resolve_after`].
+    pub fn take_slot(&self) -> bool {
+        self.slots.take()
+    }
+
+    /// Gives back a slot taken with [`Forwarder::take_slot`].
+    pub fn release_slot(&self) {
+        self.slots.release();
+    }
+
+    /// The error for a question that found every slot taken.
+    pub fn busy(&self) -> ForwardError {
+        ForwardError::Busy {
+            limit: self.options.max_forwarded,
+        }
+    }
+
+    /// A UDP worker's own exchange with the first server got an answer:
+    /// `failure` (SERVFAIL, REFUSED) holds that server down, any other clears it.
+    pub fn inline_answered(&self, failure: bool) {
+        if let Some(first) = self.servers.first() {
+            if failure { first.hold_down() } else { first.healthy() }
+        }
+    }
+
+    /// A UDP worker's own exchange with the first server failed with `cause`:
+    /// that server is held down. With no other server this is the question's
+    /// final error (the worker answers SERVFAIL, as [`Forwarder::resolve`]
+    /// would); `None`: hand it to [`Forwarder::resolve_after`].
+    pub fn inline_failed(&self, cause: &ExchangeError) -> Option<ForwardError> {
+        let first = self.servers.first()?;
+        first.hold_down();
+        (self.servers.len() == 1).then(|| self.final_error(Some((first.addr, cause.clone()))))
+    }
+
+    /// Whether a UDP worker must hand an exchange that failed with the first
+    /// server over to [`Forwarder::resolve_after`] (there are other servers).
+    pub fn has_fallback(&self) -> bool {
+        self.servers.len() > 1
+    }
+
+    /// Goes on with a question a UDP worker asked the first server itself,
+    /// `started` at that moment, holding a slot from [`Forwarder::take_slot`]
+    /// (released here): over TCP to that server when its answer was truncated,
+    /// else on to the other servers, all within the question's deadline.
+    /// Recorded in `stats` as [`Forwarder::resolve`] records an exchange.
+    pub async fn resolve_after(
+        &self,
+        query: &Query<'_>,
+        stats: &RouteStats,
+        started: Instant,
+        first: FirstTry,
+    ) -> Result<Arc<Template>, ForwardError> {
+        let _slot = SlotGuard(&self.slots);
+        let deadline = started + self.options.timeout;
+        let mut tried = Tried::default();
+        let result = async {
+            let first_server = self.servers.first()?;
+            match first {
+                FirstTry::Truncated => {
+                    let ForwardOptions { recursion, payload, .. } = self.options;
+                    let own = started + self.options.timeout / self.servers.len() as u32;
+                    let left = own.saturating_duration_since(Instant::now());
+                    let answer = tcp_exchange(first_server.addr, query, recursion, payload, left)
+                        .await
+                        .and_then(|r| wire::make_template(&r).ok_or(ExchangeError::Malformed));
+                    match answer {
+                        Ok(t) if !is_failure(&t) => {
+                            first_server.healthy();
+                            return Some(Ok(Arc::new(t)));
+                        }
+                        Ok(t) => {
+                            first_server.hold_down();
+                            tried.failure_answer = Some(t);
+                        }
+                        Err(cause) => {
+                            first_server.hold_down();
+                            tried.error = Some((first_server.addr, cause));
+                        }
+                    }
+                }
+                FirstTry::Failed(cause) => tried.error = Some((first_server.addr, cause)),
+                FirstTry::FailureAnswer(t) => tried.failure_answer = Some(t),
+            }
+            None
+        }
+        .await;
+        let result = match result {
+            Some(done) => done,
+            None => {
+                let rest: Vec<&Server> = self
+                    .servers_in_order()
+                    .into_iter()
+                    .filter(|s| !std::ptr::eq(*s, &self.servers[0]))
+                    .collect();
+                self.try_servers(query, stats, &rest, deadline, tried).await
+            }
+        };
+        match &result {
+            Ok(_) => stats.upstream_latency(started.elapsed()),
+            Err(_) => {
+                stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        result
+    }
+}
+
+/// SERVFAIL and REFUSED answers make the next server be tried.
+pub fn is_failure(template: &Template) -> bool {
+    matches!(template.rcode, wire::rcode::SERVFAIL | wire::rcode::REFUSED)
+}
+
+/// How a UDP worker's own exchange with the first server ended, when it
+/// hands the question to [`Forwarder::resolve_after`].
+#[derive(Debug)]
+pub enum FirstTry {
+    /// The answer was truncated (TC set, or larger than the worker's buffer):
+    /// the same server is asked over TCP.
+    Truncated,
+    /// No usable answer (timeout, refused, malformed); the server is held down.
+    Failed(ExchangeError),
+    /// SERVFAIL or REFUSED; kept in case no other server does better.
+    FailureAnswer(Template),
+}
+
+/// What the servers tried so far left behind.
+#[derive(Default)]
+struct Tried {
+    /// The last SERVFAIL/REFUSED answer: returned when no server does better.
+    failure_answer: Option<Template>,
+    /// The last failed exchange.
+    error: Option<(SocketAddr, ExchangeError)>,
+}
+
+/// The `max_forwarded` bound: a counter, taken without waiting (a question
+/// over the bound fails at once), shared by the tasks and the UDP workers.
+struct Slots {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl Slots {
+    fn take(&self) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release(&self) {
+        self.used.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn acquire(&self) -> Option<SlotGuard<'_>> {
+        // `then`, not `then_some`: a guard made eagerly would give back, when
+        // dropped, a slot that was never taken.
+        self.take().then(|| SlotGuard(self))
+    }
+}
+
+/// A taken slot, given back on drop.
+struct SlotGuard<'a>(&'a Slots);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        self.0.release();
     }
 }
 
@@ -355,6 +575,13 @@ impl Drop for LeaderGuard<'_> {
 }
 
 impl Server {
+    /// Answered well: no longer held down (a store only when it was).
+    fn healthy(&self) {
+        if self.down_until_ms.load(Ordering::Relaxed) != 0 {
+            self.down_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
     fn hold_down(&self) {
         self.down_until_ms
             .store(now_ms() + HOLD_DOWN.as_millis() as u64, Ordering::Relaxed);
@@ -599,4 +826,31 @@ async fn tcp_exchange(
     tokio::time::timeout(limit, exchange)
         .await
         .unwrap_or(Err(ExchangeError::Timeout))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `max_forwarded`: at most `limit` slots are out; a refused take leaves
+    /// the count alone (it gives nothing back), and a dropped guard frees one.
+    #[test]
+    fn slots_are_bounded_and_a_refused_take_gives_nothing_back() {
+        let slots = Slots {
+            used: AtomicUsize::new(0),
+            limit: 2,
+        };
+        let a = slots.acquire().expect("first");
+        let b = slots.acquire().expect("second");
+        for _ in 0..3 {
+            assert!(slots.acquire().is_none());
+        }
+        assert_eq!(slots.used.load(Ordering::Relaxed), 2);
+        drop(a);
+        assert!(slots.take(), "the freed slot");
+        assert!(!slots.take());
+        slots.release();
+        drop(b);
+        assert_eq!(slots.used.load(Ordering::Relaxed), 0);
+    }
 }

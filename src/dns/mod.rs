@@ -19,6 +19,7 @@
 
 pub mod engine;
 pub mod forward;
+pub mod inline;
 pub mod settings;
 pub mod stats;
 pub mod tcp;
@@ -249,8 +250,14 @@ pub async fn run(
             tasks.clone(),
         ));
     }
-    let threads = udp::spawn_workers(sockets.udp, &engine, &tokio::runtime::Handle::current(), &local)
-        .map_err(DnsError::Workers)?;
+    let threads = udp::spawn_workers(
+        sockets.udp,
+        &engine,
+        &tokio::runtime::Handle::current(),
+        dns.consul_inline_slots,
+        &local,
+    )
+    .map_err(DnsError::Workers)?;
     tracing::info!(
         listen = ?addrs,
         udp_workers = udp_count,

@@ -107,6 +107,14 @@ pub struct DnsSection {
     /// at once. Default `1024`.
     #[serde(default = "default_max_forwarded")]
     pub max_forwarded: usize,
+    /// Consul questions each UDP worker thread may have on the wire itself, on
+    /// its own socket to the first Consul address when that is a loopback
+    /// address (the slots of its pending table; they count in `max_inflight`
+    /// and `max_forwarded` too). A question finding them all taken goes the
+    /// task path, as every Consul question does with `0`. Default `256`, at
+    /// most `4096`.
+    #[serde(default = "default_consul_inline_slots")]
+    pub consul_inline_slots: usize,
     /// A TCP client connection that sends no question for this long is closed,
     /// and one that leaves an answer unread for this long is cut. Default `10s`.
     #[serde(default = "default_tcp_idle_timeout", with = "humantime_serde")]
@@ -163,6 +171,13 @@ fn default_cache_bytes() -> u64 {
 fn default_max_forwarded() -> usize {
     1024
 }
+
+fn default_consul_inline_slots() -> usize {
+    256
+}
+
+/// Upper bound of `consul_inline_slots`: the slots share 65536 query IDs.
+pub const MAX_CONSUL_INLINE_SLOTS: usize = 4096;
 
 fn default_tcp_connections_per_source() -> usize {
     32
@@ -236,6 +251,8 @@ pub struct DnsConfig {
     pub max_inflight: usize,
     /// Bound on questions on the wire, per forwarder.
     pub max_forwarded: usize,
+    /// Consul questions a UDP worker asks itself at once (0: none).
+    pub consul_inline_slots: usize,
     /// TCP idle and write timeout.
     pub tcp_idle_timeout: Duration,
     /// TCP connections per client source.
@@ -267,6 +284,7 @@ impl DnsConfig {
             workers: dns.workers.max(1),
             max_inflight: dns.max_inflight.max(1),
             max_forwarded: dns.max_forwarded.max(1),
+            consul_inline_slots: dns.consul_inline_slots.min(MAX_CONSUL_INLINE_SLOTS),
             tcp_idle_timeout: dns.tcp_idle_timeout,
             tcp_connections_per_source: dns.tcp_connections_per_source.max(1),
         }
@@ -301,6 +319,7 @@ pub(crate) fn validate_dns(
         workers,
         max_inflight,
         max_forwarded,
+        consul_inline_slots,
         tcp_idle_timeout,
         tcp_connections_per_source,
     } = dns;
@@ -328,6 +347,12 @@ pub(crate) fn validate_dns(
         if *n == 0 {
             return Err(err(key, "must be at least 1".into()));
         }
+    }
+    if *consul_inline_slots > MAX_CONSUL_INLINE_SLOTS {
+        return Err(err(
+            "dns.consul_inline_slots",
+            format!("must be at most {MAX_CONSUL_INLINE_SLOTS}"),
+        ));
     }
 
     let wildcard_domain = wildcard_domain
@@ -429,6 +454,7 @@ pub(crate) fn validate_dns(
         workers,
         max_inflight: *max_inflight,
         max_forwarded: *max_forwarded,
+        consul_inline_slots: *consul_inline_slots,
         tcp_idle_timeout: *tcp_idle_timeout,
         tcp_connections_per_source: *tcp_connections_per_source,
     })

@@ -66,6 +66,11 @@ pub struct RouteStats {
     /// Questions answered SERVFAIL (or stale) at once because `max_forwarded`
     /// questions were already on the wire.
     pub over_limit: AtomicU64,
+    /// Exchanges a UDP worker made itself, on its own socket (Consul only).
+    pub inline_exchanges: AtomicU64,
+    /// Questions a UDP worker would have asked itself but its pending table was
+    /// full: they took the task path instead (Consul only).
+    pub inline_overflow: AtomicU64,
 }
 
 impl RouteStats {
@@ -100,6 +105,8 @@ impl RouteStats {
             upstream_errors: load(&self.upstream_errors),
             ignored_responses: load(&self.ignored_responses),
             over_limit: load(&self.over_limit),
+            inline_exchanges: load(&self.inline_exchanges),
+            inline_overflow: load(&self.inline_overflow),
         }
     }
 }
@@ -125,6 +132,10 @@ pub struct RouteSnapshot {
     pub ignored_responses: u64,
     /// Questions refused at once for `max_forwarded`.
     pub over_limit: u64,
+    /// Exchanges made by the UDP workers themselves.
+    pub inline_exchanges: u64,
+    /// Questions that found a UDP worker's pending table full.
+    pub inline_overflow: u64,
 }
 
 /// Counter shards: UDP workers take 1.., every other thread shares shard 0.
@@ -247,6 +258,8 @@ impl RouteSnapshot {
         self.upstream_errors += other.upstream_errors;
         self.ignored_responses += other.ignored_responses;
         self.over_limit += other.over_limit;
+        self.inline_exchanges += other.inline_exchanges;
+        self.inline_overflow += other.inline_overflow;
     }
 
     /// Upstream exchanges made (merged questions count once).

@@ -1,38 +1,47 @@
 //! UDP receive loops: one OS thread per SO_REUSEPORT socket, batched syscalls.
 //!
-//! Each worker blocks in `recvmmsg` (up to [`BATCH`] datagrams per call), answers
-//! cached and local questions inline (no task, no allocation: every buffer lives as
-//! long as the thread), sends all those answers with one `sendmmsg`, and hands the
-//! rest to the tokio runtime, which replies on the same socket when the answer is
-//! in. The kernel spreads clients over the sockets. A short receive timeout lets
-//! the loop notice shutdown. A worker only returns on shutdown; `dns::run`
-//! watches the threads and fails when one ends (or panics) before.
+//! Each worker takes up to [`BATCH`] datagrams per `recvmmsg`, answers cached
+//! and local questions inline (no task, no allocation: every buffer lives as
+//! long as the thread), asks Consul itself for `*.consul` questions when Consul
+//! is on loopback ([`super::inline`]: its own connected socket, answers back in
+//! the same loop), sends all those answers with one `sendmmsg`, and hands the
+//! rest to the tokio runtime, which replies on the same socket when the answer
+//! is in. The kernel spreads clients over the sockets. A short receive timeout
+//! (or poll timeout) lets the loop notice shutdown. A worker only returns on
+//! shutdown; `dns::run` watches the threads and fails when one ends (or
+//! panics) before.
 
 use std::mem::zeroed;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use super::engine::{Engine, Verdict};
-use super::wire::Transport;
+use super::inline::InlineConsul;
+use super::wire::{self, Transport};
 use crate::udp_batch::RecvBatch;
 
 /// How often an idle worker checks for shutdown.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(200);
-/// Datagrams received (and answers sent) per syscall at most.
+/// Datagrams received per syscall at most.
 const BATCH: usize = 32;
+/// Answers sent per syscall at most (cached ones and Consul's, which may fan
+/// out to several merged clients); a full batch is sent at once.
+const OUT: usize = 64;
 /// Receive slot per datagram. Queries are small; a larger datagram is dropped.
 const SLOT: usize = 4096;
 
-/// Starts one worker thread per socket.
+/// Starts one worker thread per socket; each asks Consul itself, with up to
+/// `inline_slots` questions on the wire (see [`super::inline`]).
 pub fn spawn_workers(
     sockets: Vec<UdpSocket>,
     engine: &Arc<Engine>,
     runtime: &tokio::runtime::Handle,
+    inline_slots: usize,
     shutdown: &CancellationToken,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
     let mut threads = Vec::with_capacity(sockets.len());
@@ -40,6 +49,7 @@ pub fn spawn_workers(
         socket.set_nonblocking(false)?;
         socket.set_read_timeout(Some(SHUTDOWN_POLL))?;
         let socket = Arc::new(socket);
+        let inline = InlineConsul::new(engine, runtime, &socket, inline_slots)?;
         let engine = engine.clone();
         let runtime = runtime.clone();
         let shutdown = shutdown.clone();
@@ -47,87 +57,101 @@ pub fn spawn_workers(
             .name(format!("dns-udp-{index}"))
             .spawn(move || {
                 super::stats::set_worker_shard(index + 1);
-                Worker::new(socket, engine, runtime).run(&shutdown);
+                Worker::new(socket, engine, runtime, inline).run(&shutdown);
             })?;
         threads.push(handle);
     }
     Ok(threads)
 }
 
-/// The buffers of one worker; `send_hdrs` point into `outs` and `received`,
-/// which is why they are boxed once and never resized.
+/// The buffers of one worker, allocated once.
 struct Worker {
     socket: Arc<UdpSocket>,
     engine: Arc<Engine>,
     runtime: tokio::runtime::Handle,
     received: RecvBatch<BATCH, SLOT>,
-    outs: Vec<Vec<u8>>,
-    send_iovecs: Box<[libc::iovec; BATCH]>,
-    send_hdrs: Box<[libc::mmsghdr; BATCH]>,
+    outbox: Outbox,
+    /// This worker's own Consul client (Consul on loopback).
+    inline: Option<InlineConsul>,
 }
 
-// SAFETY: the raw pointers inside the send mmsghdr/iovec arrays point only into
-// this struct's own boxed buffers; the worker is moved into its thread before use.
-unsafe impl Send for Worker {}
+/// Answers to send from the client socket: up to [`OUT`], sent with one
+/// `sendmmsg`; the headers are filled right before it, pointing into `bufs`
+/// and `addrs`, which are allocated once and never resized.
+pub struct Outbox {
+    fd: libc::c_int,
+    bufs: Vec<Vec<u8>>,
+    addrs: Box<[libc::sockaddr_storage; OUT]>,
+    addr_lens: [libc::socklen_t; OUT],
+    iovecs: Box<[libc::iovec; OUT]>,
+    hdrs: Box<[libc::mmsghdr; OUT]>,
+    len: usize,
+}
 
-impl Worker {
-    fn new(socket: Arc<UdpSocket>, engine: Arc<Engine>, runtime: tokio::runtime::Handle) -> Self {
-        // SAFETY: all-zero is a valid value for these plain C structs.
-        let zeroed_box = || -> Box<[libc::mmsghdr; BATCH]> { Box::new(unsafe { zeroed() }) };
-        Worker {
-            socket,
-            engine,
-            runtime,
-            received: RecvBatch::default(),
-            outs: (0..BATCH).map(|_| Vec::with_capacity(SLOT)).collect(),
-            send_iovecs: Box::new(unsafe { zeroed() }),
-            send_hdrs: zeroed_box(),
+// SAFETY: the raw pointers inside the mmsghdr/iovec arrays point only into
+// this struct's own buffers and are set right before each use; the outbox is
+// moved into its worker thread before use.
+unsafe impl Send for Outbox {}
+
+impl Outbox {
+    fn new(fd: libc::c_int) -> Self {
+        Outbox {
+            fd,
+            bufs: (0..OUT).map(|_| Vec::with_capacity(SLOT)).collect(),
+            // SAFETY: all-zero is a valid value for these plain C structs.
+            addrs: Box::new(unsafe { zeroed() }),
+            addr_lens: [0; OUT],
+            // SAFETY: as above.
+            iovecs: Box::new(unsafe { zeroed() }),
+            // SAFETY: as above.
+            hdrs: Box::new(unsafe { zeroed() }),
+            len: 0,
         }
     }
 
-    fn run(mut self, shutdown: &CancellationToken) {
-        let fd = self.socket.as_raw_fd();
-        while !shutdown.is_cancelled() {
-            let received = self.received.recv(fd);
-            let mut answers = 0;
-            for i in 0..received {
-                let Some((packet, src)) = self.received.get(i) else {
-                    continue;
-                };
-                match self
-                    .engine
-                    .classify(packet, src, Transport::Udp, &mut self.outs[answers])
-                {
-                    Verdict::Answered => {
-                        let out = &mut self.outs[answers];
-                        self.send_iovecs[answers] = libc::iovec {
-                            iov_base: out.as_mut_ptr().cast(),
-                            iov_len: out.len(),
-                        };
-                        let (name, namelen) = self.received.name(i);
-                        let hdr = &mut self.send_hdrs[answers].msg_hdr;
-                        hdr.msg_iov = &mut self.send_iovecs[answers];
-                        hdr.msg_iovlen = 1;
-                        hdr.msg_name = name.cast();
-                        hdr.msg_namelen = namelen;
-                        answers += 1;
-                    }
-                    Verdict::Drop => {}
-                    Verdict::Resolve => self.resolve_later(packet, src),
-                }
-            }
-            self.send(fd, answers);
+    /// The buffer for the next answer (the batch is sent first when full);
+    /// [`Outbox::push`] queues what was written into it.
+    pub fn buf(&mut self) -> &mut Vec<u8> {
+        if self.len == OUT {
+            self.flush();
         }
+        &mut self.bufs[self.len]
     }
 
-    fn send(&mut self, fd: libc::c_int, count: usize) {
+    /// Queues the answer just written into [`Outbox::buf`] for `addr`.
+    pub fn push(&mut self, addr: &libc::sockaddr_storage, len: libc::socklen_t) {
+        if self.len == OUT {
+            // `buf` was not called first: nothing was written for this answer.
+            return;
+        }
+        self.addrs[self.len] = *addr;
+        self.addr_lens[self.len] = len;
+        self.len += 1;
+    }
+
+    /// Sends the queued answers.
+    pub fn flush(&mut self) {
+        let count = self.len;
+        for i in 0..count {
+            let out = &mut self.bufs[i];
+            self.iovecs[i] = libc::iovec {
+                iov_base: out.as_mut_ptr().cast(),
+                iov_len: out.len(),
+            };
+            let hdr = &mut self.hdrs[i].msg_hdr;
+            hdr.msg_iov = &mut self.iovecs[i];
+            hdr.msg_iovlen = 1;
+            hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            hdr.msg_namelen = self.addr_lens[i];
+        }
         let mut sent = 0;
         while sent < count {
-            // SAFETY: headers [sent, count) point at live answer buffers.
+            // SAFETY: headers [sent, count) point at live answer buffers and
+            // addresses, set just above.
             let n = unsafe {
                 libc::sendmmsg(
-                    fd,
-                    self.send_hdrs[sent..].as_mut_ptr(),
+                    self.fd,
+                    self.hdrs[sent..].as_mut_ptr(),
                     (count - sent) as libc::c_uint,
                     0,
                 )
@@ -140,19 +164,105 @@ impl Worker {
                 sent += n as usize;
             }
         }
+        self.len = 0;
+    }
+}
+
+impl Worker {
+    fn new(
+        socket: Arc<UdpSocket>,
+        engine: Arc<Engine>,
+        runtime: tokio::runtime::Handle,
+        inline: Option<InlineConsul>,
+    ) -> Self {
+        Worker {
+            outbox: Outbox::new(socket.as_raw_fd()),
+            socket,
+            engine,
+            runtime,
+            received: RecvBatch::default(),
+            inline,
+        }
     }
 
-    fn resolve_later(&self, packet: &[u8], src: SocketAddr) {
-        let Some(slot) = self.engine.admit() else { return };
-        // Copied out: the next receive reuses the slot.
-        let packet = packet.to_vec();
-        let engine = self.engine.clone();
-        let socket = self.socket.clone();
-        self.runtime.spawn(async move {
-            let _slot = slot;
-            if let Some(response) = engine.resolve(&packet, src, Transport::Udp).await {
-                let _ = socket.send_to(&response, src);
+    /// The loop: with no Consul question of its own on the wire, the worker
+    /// blocks in `recvmmsg` on the client socket (as it always did); with
+    /// some, it takes what both sockets have without waiting and, when
+    /// neither has anything, polls both until the nearest deadline.
+    fn run(mut self, shutdown: &CancellationToken) {
+        let fd = self.socket.as_raw_fd();
+        while !shutdown.is_cancelled() {
+            let waiting = self.inline.as_ref().is_some_and(|i| !i.idle());
+            let received = if waiting {
+                self.received.try_recv(fd).unwrap_or(0)
+            } else {
+                self.received.recv(fd)
+            };
+            // The time, read once a batch and only when a Consul question of
+            // this worker's own is (or is about to be) on the wire.
+            let mut now = waiting.then(Instant::now);
+            for i in 0..received {
+                let Some((packet, src)) = self.received.get(i) else {
+                    continue;
+                };
+                match self.engine.classify(packet, src, Transport::Udp, self.outbox.buf()) {
+                    Verdict::Answered => {
+                        if let Some((raw, len)) = self.received.source_raw(i) {
+                            self.outbox.push(raw, len);
+                        }
+                    }
+                    Verdict::Drop => {}
+                    Verdict::Resolve => {
+                        if let Some(inline) = self.inline.as_mut()
+                            && let Ok(query) = wire::parse_query(packet)
+                            && self.engine.is_consul_forwarded(&query)
+                            && let Some(raw) = self.received.source_raw(i)
+                            && inline.ask(
+                                &query,
+                                raw,
+                                src,
+                                *now.get_or_insert_with(Instant::now),
+                                &mut self.outbox,
+                            )
+                        {
+                            continue;
+                        }
+                        resolve_later(&self.engine, &self.runtime, &self.socket, packet, src);
+                    }
+                }
             }
-        });
+            if let (Some(inline), Some(now)) = (self.inline.as_mut(), now) {
+                inline.send_queued(&mut self.outbox);
+                if !inline.idle() {
+                    let answers = inline.receive(&mut self.outbox);
+                    inline.expire(now, &mut self.outbox);
+                    if received == 0 && answers == 0 && self.outbox.len == 0 && !inline.idle() {
+                        inline.wait(fd, now, SHUTDOWN_POLL);
+                    }
+                }
+            }
+            self.outbox.flush();
+        }
     }
+}
+
+/// The task path: the question is copied out (the next receive reuses the
+/// slot) and resolved in a tokio task, which answers on the client socket.
+fn resolve_later(
+    engine: &Arc<Engine>,
+    runtime: &tokio::runtime::Handle,
+    socket: &Arc<UdpSocket>,
+    packet: &[u8],
+    src: SocketAddr,
+) {
+    let Some(slot) = engine.admit() else { return };
+    let packet = packet.to_vec();
+    let engine = engine.clone();
+    let socket = socket.clone();
+    runtime.spawn(async move {
+        let _slot = slot;
+        if let Some(response) = engine.resolve(&packet, src, Transport::Udp).await {
+            let _ = socket.send_to(&response, src);
+        }
+    });
 }

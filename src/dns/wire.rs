@@ -333,6 +333,37 @@ pub struct Template {
 /// Builds a [`Template`] from a full response. `None` when it does not parse or has
 /// no single question.
 pub fn make_template(resp: &[u8]) -> Option<Template> {
+    let mut wire = Vec::with_capacity(resp.len());
+    let mut ttl_offsets = Vec::new();
+    let meta = make_template_into(resp, &mut wire, &mut ttl_offsets)?;
+    Some(Template {
+        wire: wire.into_boxed_slice(),
+        ttl_offsets: ttl_offsets.into_boxed_slice(),
+        rcode: meta.rcode,
+        answers: meta.answers,
+        min_answer_ttl: meta.min_answer_ttl,
+        negative_ttl: meta.negative_ttl,
+    })
+}
+
+/// What [`make_template_into`] learnt about a response besides its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TemplateMeta {
+    /// Response code (low 4 bits).
+    pub rcode: u8,
+    /// Records in the answer section.
+    pub answers: u16,
+    /// Smallest TTL in the answer section.
+    pub min_answer_ttl: Option<u32>,
+    /// RFC 2308 negative TTL.
+    pub negative_ttl: Option<u32>,
+}
+
+/// [`make_template`] into caller-owned buffers (cleared first), which keep
+/// their capacity: the UDP workers' Consul answers allocate nothing.
+pub fn make_template_into(resp: &[u8], wire: &mut Vec<u8>, ttl_offsets: &mut Vec<u16>) -> Option<TemplateMeta> {
+    wire.clear();
+    ttl_offsets.clear();
     if resp.len() < HEADER_LEN {
         return None;
     }
@@ -348,9 +379,7 @@ pub fn make_template(resp: &[u8]) -> Option<Template> {
     if question_end > resp.len() {
         return None;
     }
-    let mut wire = Vec::with_capacity(resp.len());
     wire.extend_from_slice(&resp[..question_end]);
-    let mut ttl_offsets = Vec::new();
     let mut min_answer_ttl: Option<u32> = None;
     let mut negative_ttl = None;
     let mut opt_seen = 0u16;
@@ -376,7 +405,7 @@ pub fn make_template(resp: &[u8]) -> Option<Template> {
                 return None;
             }
             if index + 1 != total {
-                return make_template(&reencode_without_opt(resp)?);
+                return make_template_into(&reencode_without_opt(resp)?, wire, ttl_offsets);
             }
             opt_seen += 1;
             pos = end;
@@ -402,9 +431,7 @@ pub fn make_template(resp: &[u8]) -> Option<Template> {
     for b in &mut wire[HEADER_LEN..qname_end] {
         b.make_ascii_lowercase();
     }
-    Some(Template {
-        wire: wire.into_boxed_slice(),
-        ttl_offsets: ttl_offsets.into_boxed_slice(),
+    Some(TemplateMeta {
         rcode: resp[3] & 0x0F,
         answers: an as u16,
         min_answer_ttl,
@@ -433,8 +460,20 @@ pub enum TtlRewrite {
 /// Finishes `template` for the client that sent `query` into `out`; `limit` is the
 /// largest response the transport allows (UDP size or 65535 for TCP).
 pub fn finish(template: &Template, query: &Query<'_>, ttl: TtlRewrite, limit: usize, out: &mut Vec<u8>) {
+    finish_parts(&template.wire, &template.ttl_offsets, query, ttl, limit, out);
+}
+
+/// [`finish`] from a template's parts (as [`make_template_into`] leaves them).
+pub fn finish_parts(
+    wire: &[u8],
+    ttl_offsets: &[u16],
+    query: &Query<'_>,
+    ttl: TtlRewrite,
+    limit: usize,
+    out: &mut Vec<u8>,
+) {
     out.clear();
-    out.extend_from_slice(&template.wire);
+    out.extend_from_slice(wire);
     out[0..2].copy_from_slice(&query.id.to_be_bytes());
     // Echo RD and CD; we always offer recursion; the template carries QR, AA, RCODE.
     let mut flags = u16::from_be_bytes([out[2], out[3]]) & !(FLAG_RD | FLAG_CD | FLAG_TC);
@@ -449,7 +488,7 @@ pub fn finish(template: &Template, query: &Query<'_>, ttl: TtlRewrite, limit: us
         TtlRewrite::Keep => {}
         TtlRewrite::Age(0) => {}
         TtlRewrite::Age(elapsed) => {
-            for &off in template.ttl_offsets.iter() {
+            for &off in ttl_offsets.iter() {
                 let off = off as usize;
                 if let Some(field) = out.get_mut(off..off + 4) {
                     let t = u32::from_be_bytes([field[0], field[1], field[2], field[3]]);
@@ -458,7 +497,7 @@ pub fn finish(template: &Template, query: &Query<'_>, ttl: TtlRewrite, limit: us
             }
         }
         TtlRewrite::Fixed(value) => {
-            for &off in template.ttl_offsets.iter() {
+            for &off in ttl_offsets.iter() {
                 let off = off as usize;
                 if let Some(field) = out.get_mut(off..off + 4) {
                     field.copy_from_slice(&value.to_be_bytes());

@@ -137,6 +137,30 @@ fn dns(out: &mut Out, stats: &DnsStats) {
         );
     }
     out.family(
+        "wayfinder_dns_inline_exchanges_total",
+        "counter",
+        "Exchanges a UDP worker thread made itself on its own socket (Consul on loopback), by route.",
+    );
+    for (route, s) in &routes {
+        out.sample(
+            "wayfinder_dns_inline_exchanges_total",
+            &[("route", route)],
+            s.inline_exchanges,
+        );
+    }
+    out.family(
+        "wayfinder_dns_inline_overflow_total",
+        "counter",
+        "Questions that found a UDP worker's pending table (dns.consul_inline_slots) full and took the task path, by route.",
+    );
+    for (route, s) in &routes {
+        out.sample(
+            "wayfinder_dns_inline_overflow_total",
+            &[("route", route)],
+            s.inline_overflow,
+        );
+    }
+    out.family(
         "wayfinder_dns_tcp_closed_total",
         "counter",
         "TCP client connections closed by the server, by reason.",

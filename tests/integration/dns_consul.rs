@@ -149,11 +149,22 @@ async fn dead_consul_gives_servfail_in_time_and_recovers() {
         dig(wf.addr, &["outage.service.consul", "A"]).await.answers(),
         ["127.0.5.1"]
     );
+    let route = || wf.control.stats.route(wayfinder::dns::stats::Route::Consul);
+    assert!(
+        route().inline_exchanges >= 1,
+        "asked by the UDP worker itself: {:?}",
+        route()
+    );
 
     consul.stop();
     let d = dig(wf.addr, &["outage.service.consul", "A"]).await;
     assert_eq!(d.status(), "SERVFAIL", "{}", d.out);
     assert!(d.took < Duration::from_millis(1500), "SERVFAIL took {:?}", d.took);
+    assert!(
+        route().inline_exchanges >= 2,
+        "the worker's own exchange failed too: {:?}",
+        route()
+    );
 
     consul.restart();
     consul.register("svc-1", "outage", "127.0.5.1", 80, &[], false);
@@ -184,6 +195,11 @@ async fn second_consul_address_is_used_when_the_first_is_down() {
         assert_eq!(d.answers(), ["127.0.6.1"], "{}", d.out);
         assert!(d.took < Duration::from_millis(1000), "failover took {:?}", d.took);
     }
+    // The first question went to the dead address from the UDP worker itself
+    // and on to the second in a task; the others (first one held down) went
+    // the task path, second address first.
+    let route = wf.control.stats.route(wayfinder::dns::stats::Route::Consul);
+    assert!(route.inline_exchanges >= 1, "{route:?}");
     wf.stop().await;
 }
 

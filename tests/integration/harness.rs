@@ -302,6 +302,26 @@ impl Consul {
         }
     }
 
+    /// Freezes the agent (SIGSTOP): it answers nothing, and what is sent to
+    /// it waits in its sockets until [`Self::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused agent run again (SIGCONT): it answers what waited.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("the agent runs").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid}: {status}");
+    }
+
     /// Starts it again on the same ports.
     pub fn restart(&mut self) {
         self.stop();

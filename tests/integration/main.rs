@@ -8,6 +8,7 @@ mod cli; // black-box: the built binary, its exit codes, signals
 mod consul_view; // the one Consul view at scale (default limits): 1000 services, bounded connections, every change, restarts
 mod deploy; // deploy/ files as fixtures: systemd unit, Dockerfile, compose, restricted/host, Marathon, *.toml
 mod dns_consul; // *.consul forwarded to a real Consul agent: freshness, failover, truncation
+mod dns_inline; // Consul asked from the UDP worker's own loop: many at once, 0x20 kept, its table's limit, late and forged answers
 mod dns_local; // wildcard LB domain and zones_dir zones: AA, reloads, broken files
 mod dns_robustness; // malformed packets over UDP and TCP never hurt the server
 mod dns_trust; // attacks refused: spoofed upstream answers, ICMP errors, forwarding and TCP limits
