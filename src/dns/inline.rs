@@ -36,7 +36,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use super::engine::{CONSUL_PAYLOAD, Engine, InflightSlot};
 use super::forward::{ExchangeError, FirstTry, ForwardError};
 use super::stats::Route;
-use super::udp::Outbox;
+use super::udp::{Outbox, SlowPath};
 use super::wire::{self, Edns, MAX_KEY_LEN, Query, Transport, TtlRewrite, rcode};
 use crate::udp_batch::RecvBatch;
 
@@ -384,7 +384,7 @@ struct Core {
     /// The first Consul address's share of `dns.consul_timeout`.
     attempt: Duration,
     engine: Arc<Engine>,
-    runtime: tokio::runtime::Handle,
+    slow: SlowPath,
     /// The worker's client socket: the task path answers on it.
     client_socket: Arc<UdpSocket>,
 }
@@ -399,7 +399,7 @@ impl InlineConsul {
     /// is one a worker may ask itself (loopback) and `slots` is not 0.
     pub fn new(
         engine: &Arc<Engine>,
-        runtime: &tokio::runtime::Handle,
+        slow: &SlowPath,
         client_socket: &Arc<UdpSocket>,
         slots: usize,
     ) -> std::io::Result<Option<Self>> {
@@ -434,7 +434,7 @@ impl InlineConsul {
                 ttls: Vec::with_capacity(256),
                 attempt,
                 engine: engine.clone(),
-                runtime: runtime.clone(),
+                slow: slow.clone(),
                 client_socket: client_socket.clone(),
             },
             socket,
@@ -715,7 +715,7 @@ impl Core {
         let (head, edns) = (head.clone(), *edns);
         let engine = self.engine.clone();
         let socket = self.client_socket.clone();
-        self.runtime.spawn(async move {
+        self.slow.spawn(async move {
             let query = client_query(&head, edns);
             let stats = engine.stats().at(Route::Consul);
             let result = engine

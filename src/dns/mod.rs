@@ -253,7 +253,7 @@ pub async fn run(
     let threads = udp::spawn_workers(
         sockets.udp,
         &engine,
-        &tokio::runtime::Handle::current(),
+        &udp::SlowPath::new(tokio::runtime::Handle::current(), tasks.clone()),
         dns.consul_inline_slots,
         &local,
     )

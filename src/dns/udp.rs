@@ -19,6 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::engine::{Engine, Verdict};
 use super::inline::InlineConsul;
@@ -35,12 +36,33 @@ const OUT: usize = 64;
 /// Receive slot per datagram. Queries are small; a larger datagram is dropped.
 const SLOT: usize = 4096;
 
+/// Where the questions a worker cannot answer in its own loop go: tasks on
+/// the dns's runtime, tracked so that `dns::run` waits for them at shutdown
+/// (each is bounded by its forwarder's timeout and ends on its shutdown).
+#[derive(Clone)]
+pub struct SlowPath {
+    runtime: tokio::runtime::Handle,
+    tasks: TaskTracker,
+}
+
+impl SlowPath {
+    /// Tasks on `runtime`, tracked by `tasks`.
+    pub fn new(runtime: tokio::runtime::Handle, tasks: TaskTracker) -> Self {
+        Self { runtime, tasks }
+    }
+
+    /// Runs `task` on the runtime.
+    pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn_on(task, &self.runtime);
+    }
+}
+
 /// Starts one worker thread per socket; each asks Consul itself, with up to
 /// `inline_slots` questions on the wire (see [`super::inline`]).
 pub fn spawn_workers(
     sockets: Vec<UdpSocket>,
     engine: &Arc<Engine>,
-    runtime: &tokio::runtime::Handle,
+    slow: &SlowPath,
     inline_slots: usize,
     shutdown: &CancellationToken,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
@@ -49,15 +71,15 @@ pub fn spawn_workers(
         socket.set_nonblocking(false)?;
         socket.set_read_timeout(Some(SHUTDOWN_POLL))?;
         let socket = Arc::new(socket);
-        let inline = InlineConsul::new(engine, runtime, &socket, inline_slots)?;
+        let inline = InlineConsul::new(engine, slow, &socket, inline_slots)?;
         let engine = engine.clone();
-        let runtime = runtime.clone();
+        let slow = slow.clone();
         let shutdown = shutdown.clone();
         let handle = std::thread::Builder::new()
             .name(format!("dns-udp-{index}"))
             .spawn(move || {
                 super::stats::set_worker_shard(index + 1);
-                Worker::new(socket, engine, runtime, inline).run(&shutdown);
+                Worker::new(socket, engine, slow, inline).run(&shutdown);
             })?;
         threads.push(handle);
     }
@@ -68,7 +90,7 @@ pub fn spawn_workers(
 struct Worker {
     socket: Arc<UdpSocket>,
     engine: Arc<Engine>,
-    runtime: tokio::runtime::Handle,
+    slow: SlowPath,
     received: RecvBatch<BATCH, SLOT>,
     outbox: Outbox,
     /// This worker's own Consul client (Consul on loopback).
@@ -169,17 +191,12 @@ impl Outbox {
 }
 
 impl Worker {
-    fn new(
-        socket: Arc<UdpSocket>,
-        engine: Arc<Engine>,
-        runtime: tokio::runtime::Handle,
-        inline: Option<InlineConsul>,
-    ) -> Self {
+    fn new(socket: Arc<UdpSocket>, engine: Arc<Engine>, slow: SlowPath, inline: Option<InlineConsul>) -> Self {
         Worker {
             outbox: Outbox::new(socket.as_raw_fd()),
             socket,
             engine,
-            runtime,
+            slow,
             received: RecvBatch::default(),
             inline,
         }
@@ -227,7 +244,7 @@ impl Worker {
                         {
                             continue;
                         }
-                        resolve_later(&self.engine, &self.runtime, &self.socket, packet, src);
+                        resolve_later(&self.engine, &self.slow, &self.socket, packet, src);
                     }
                 }
             }
@@ -248,18 +265,12 @@ impl Worker {
 
 /// The task path: the question is copied out (the next receive reuses the
 /// slot) and resolved in a tokio task, which answers on the client socket.
-fn resolve_later(
-    engine: &Arc<Engine>,
-    runtime: &tokio::runtime::Handle,
-    socket: &Arc<UdpSocket>,
-    packet: &[u8],
-    src: SocketAddr,
-) {
+fn resolve_later(engine: &Arc<Engine>, slow: &SlowPath, socket: &Arc<UdpSocket>, packet: &[u8], src: SocketAddr) {
     let Some(slot) = engine.admit() else { return };
     let packet = packet.to_vec();
     let engine = engine.clone();
     let socket = socket.clone();
-    runtime.spawn(async move {
+    slow.spawn(async move {
         let _slot = slot;
         if let Some(response) = engine.resolve(&packet, src, Transport::Udp).await {
             let _ = socket.send_to(&response, src);
