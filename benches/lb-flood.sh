@@ -412,17 +412,18 @@ python3 - "$results" <<'EOF'
 import sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])][1:]
 base, base_direct = float(rows[0][2]), float(rows[0][5])
-print(f"{'phase':<11} {'lb held/closed/reset':>22} {'p99 ms':>8} {'x base':>6} {'errors':>6} {'direct p99':>10} {'x base':>6} {'dns udp p99':>11} {'dns tcp p99':>11} {'tcp failed':>10}")
+print(f"{'phase':<11} {'lb held/closed/reset':>22} {'p99 ms':>8} {'x base':>6} {'errors':>6} {'direct p99':>10} {'x base':>6} {'lb/direct':>9} {'dns udp p99':>11} {'dns tcp p99':>11} {'tcp failed':>10}")
 met = True
 for r in rows:
     phase, rps, p99, err, non2xx, direct, udp, udpf, tcp, tcpf, flood = r[:11]
     lb = flood.split(",")[0].split(":")[-1] if flood != "none" else "-"
     ratio = float(p99) / base if base > 0 else float("nan")
     dratio = float(direct) / base_direct if base_direct > 0 else float("nan")
-    print(f"{phase:<11} {lb:>22} {float(p99):8.3f} {ratio:6.2f} {int(err) + int(non2xx):>6} {float(direct):10.3f} {dratio:6.2f} {udp:>11} {tcp:>11} {tcpf:>10}")
+    print(f"{phase:<11} {lb:>22} {float(p99):8.3f} {ratio:6.2f} {int(err) + int(non2xx):>6} {float(direct):10.3f} {dratio:6.2f} {ratio / dratio if dratio > 0 else float('nan'):9.2f} {udp:>11} {tcp:>11} {tcpf:>10}")
     if phase != "baseline" and (ratio > 2 or int(err) + int(non2xx) > 0):
         met = False
 print("target (normal client served without errors, lb p99 within 2x of the baseline, medians of the rounds): " + ("met" if met else "MISSED"))
 print("direct: the same wrk run straight at one backend after each lb run; its ratio moving with the lb's says the machine, not the lb")
+print("lb/direct: the lb's p99 ratio divided by the direct one: what the flood did to the lb beyond what the machine did to everyone")
 EOF
 echo "elapsed: ${SECONDS}s"
