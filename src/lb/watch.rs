@@ -57,6 +57,77 @@ struct Inputs {
     specs: BTreeMap<(String, String), ServiceSpec>,
 }
 
+/// The watcher's per-change step, apart from the channels: takes pictures of the
+/// catalog and other datacenters' specs, and turns them into the next table.
+/// Public so that `benches/lb_table.rs` measures the path `run` takes.
+pub struct Feed {
+    config: TableConfig,
+    inputs: Inputs,
+    backends: BackendCache,
+    last_warnings: HashSet<String>,
+}
+
+/// What one [`Feed::publish`] did.
+#[derive(Debug, Clone, Copy)]
+pub struct Published {
+    /// Specs in the table.
+    pub services: usize,
+    /// Instance addresses in the table.
+    pub instances: usize,
+    /// How long building and swapping took.
+    pub built: std::time::Duration,
+}
+
+impl Feed {
+    /// A feed that has seen nothing yet.
+    pub fn new(config: TableConfig) -> Self {
+        Self {
+            config,
+            inputs: Inputs {
+                seen: HashMap::new(),
+                specs: BTreeMap::new(),
+            },
+            backends: BackendCache::default(),
+            last_warnings: HashSet::new(),
+        }
+    }
+
+    /// Takes a new picture of the local catalog; returns how many services changed.
+    pub fn catalog(&mut self, services: &BTreeMap<String, Arc<ServiceEntry>>) -> usize {
+        apply_catalog(&mut self.inputs, services, &self.config.local_datacenter)
+    }
+
+    /// Takes another datacenter's spec.
+    pub(super) fn remote(&mut self, u: Update) {
+        apply_remote(&mut self.inputs, u);
+    }
+
+    /// Builds the table from what the feed holds, swaps it into `state`, lets the
+    /// registry forget what left, and logs the warnings that are new.
+    pub fn publish(&mut self, state: &LbState) -> Published {
+        let started = Instant::now();
+        let specs: Vec<&ServiceSpec> = self.inputs.specs.values().collect();
+        let (table, warnings) = RoutingTable::build_cached(&self.config, &specs, &state.health, &mut self.backends);
+        let live: HashSet<SocketAddr> = specs.iter().flat_map(|s| s.instances.iter().map(|i| i.addr)).collect();
+        state.health.retain(&live);
+        state
+            .health
+            .retain_routes(specs.iter().map(|s| (s.name.as_str(), s.datacenter.as_str())));
+        state.table.store(Arc::new(table));
+        let built = started.elapsed();
+        let warnings: HashSet<String> = warnings.into_iter().collect();
+        for w in warnings.difference(&self.last_warnings) {
+            tracing::warn!("lb: {w}");
+        }
+        self.last_warnings = warnings;
+        Published {
+            services: specs.len(),
+            instances: live.len(),
+            built,
+        }
+    }
+}
+
 /// Builds tables from `catalog`, `maxconn` and `remote` until shutdown; returns
 /// when its inputs end (the caller treats that as a failure).
 pub(super) async fn run(
@@ -67,15 +138,9 @@ pub(super) async fn run(
     state: Arc<LbState>,
     shutdown: CancellationToken,
 ) {
-    let datacenter = config.local_datacenter.clone();
     let mut pictures = catalog.subscribe();
     let mut kv = maxconn.subscribe();
-    let mut inputs = Inputs {
-        seen: HashMap::new(),
-        specs: BTreeMap::new(),
-    };
-    let mut last_warnings: HashSet<String> = HashSet::new();
-    let mut backends = BackendCache::default();
+    let mut feed = Feed::new(config);
     apply_maxconn(&state, &kv.borrow_and_update());
     loop {
         let mut earliest: Option<Instant> = None;
@@ -93,7 +158,7 @@ pub(super) async fn run(
             u = remote.recv() => match u {
                 Some(u) => {
                     earliest = Some(u.received);
-                    apply_remote(&mut inputs, u);
+                    feed.remote(u);
                     dirty = true;
                 }
                 None => return,
@@ -110,7 +175,7 @@ pub(super) async fn run(
         // Everything already queued goes into this one table.
         while let Ok(u) = remote.try_recv() {
             earliest = Some(earliest.map_or(u.received, |e| e.min(u.received)));
-            apply_remote(&mut inputs, u);
+            feed.remote(u);
             dirty = true;
         }
         let picture = pictures.borrow_and_update().clone();
@@ -118,45 +183,34 @@ pub(super) async fn run(
         if !picture.complete {
             continue;
         }
-        if (local_changed || !state.is_ready()) && apply_catalog(&mut inputs, &picture.services, &datacenter) > 0 {
+        if (local_changed || !state.is_ready()) && feed.catalog(&picture.services) > 0 {
             earliest = Some(earliest.map_or(picture.received, |e| e.min(picture.received)));
             dirty = true;
         }
         if !dirty && state.is_ready() {
             continue;
         }
-        let started = Instant::now();
-        let specs: Vec<&ServiceSpec> = inputs.specs.values().collect();
-        let (table, warnings) = RoutingTable::build_cached(&config, &specs, &state.health, &mut backends);
-        let live: HashSet<SocketAddr> = specs.iter().flat_map(|s| s.instances.iter().map(|i| i.addr)).collect();
-        state.health.retain(&live);
-        state
-            .health
-            .retain_routes(specs.iter().map(|s| (s.name.as_str(), s.datacenter.as_str())));
-        state.table.store(Arc::new(table));
-        let built = started.elapsed();
+        let Published {
+            services,
+            instances,
+            built,
+        } = feed.publish(&state);
         state.stats.table_built(built);
         state.changes.send_modify(|n| *n += 1);
         if let Some(earliest) = earliest {
             state.stats.propagation(earliest.elapsed());
         }
-        let first = state.set_ready();
-        let warnings: HashSet<String> = warnings.into_iter().collect();
-        for w in warnings.difference(&last_warnings) {
-            tracing::warn!("lb: {w}");
-        }
-        last_warnings = warnings;
-        if first {
+        if state.set_ready() {
             tracing::info!(
-                services = specs.len(),
-                instances = live.len(),
+                services,
+                instances,
                 build_ms = built.as_secs_f64() * 1000.0,
                 "lb: first routing table built; answering requests"
             );
         } else {
             tracing::info!(
-                services = specs.len(),
-                instances = live.len(),
+                services,
+                instances,
                 build_us = built.as_micros() as u64,
                 propagation_us = earliest.map_or(0, |e| e.elapsed().as_micros() as u64),
                 "lb: routing table updated"
