@@ -22,20 +22,16 @@
 //! --measurement-time 3` for a quick look; a group name as filter, e.g.
 //! `-- lb_change`, runs one group).
 
-use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use wayfinder::consul::{Health, InstanceEntry, ServiceEntry};
+use wayfinder::consul::{Health, InstanceEntry, ServiceEntry, Services};
 use wayfinder::lb::LbState;
-use wayfinder::lb::table::{BackendCache, HealthRegistry, InstanceSpec, Route, RoutingTable, ServiceSpec, TableConfig};
+use wayfinder::lb::table::{HealthRegistry, InstanceSpec, Route, RoutingTable, ServiceSpec, TableConfig};
 use wayfinder::lb::tags::parse_tags;
 use wayfinder::lb::watch::Feed;
-
-/// The catalog map the Consul view publishes.
-type Services = BTreeMap<String, Arc<ServiceEntry>>;
 
 const SIZES: [usize; 2] = [5_000, 50_000];
 
@@ -108,13 +104,10 @@ fn catalog(n: usize) -> Services {
 fn table_benches(c: &mut Criterion) {
     let cfg = cfg();
     let specs = specs(5000);
-    let refs: Vec<&ServiceSpec> = specs.iter().collect();
     let health = HealthRegistry::new();
     let mut group = c.benchmark_group("lb_table");
     group.sample_size(10);
-    group.bench_function("cold", |b| {
-        b.iter(|| RoutingTable::build_cached(&cfg, &refs, &health, &mut BackendCache::default()))
-    });
+    group.bench_function("cold", |b| b.iter(|| RoutingTable::build(&cfg, &specs, &health)));
     group.finish();
 }
 
@@ -138,7 +131,7 @@ fn change_benches(c: &mut Criterion) {
         ];
         for (what, variant) in variants {
             let versions = variant(changed);
-            let mut flip = 0usize;
+            let mut flip = 1usize;
             group.bench_with_input(BenchmarkId::new(what, n), &n, |b, _| {
                 b.iter(|| {
                     flip ^= 1;
