@@ -967,6 +967,8 @@ struct Naming {
     local_dc: String,
     /// Lower-case add-domain with exactly one leading dot and no trailing dot.
     add_domain: Option<String>,
+    /// The `/` prefix, shared by every service's own names (one allocation).
+    root: Arc<str>,
 }
 
 impl Naming {
@@ -981,6 +983,7 @@ impl Naming {
             domain: cfg.consul_domain.trim().trim_matches('.').to_ascii_lowercase(),
             local_dc: cfg.local_datacenter.trim().to_ascii_lowercase(),
             add_domain,
+            root: "/".into(),
         }
     }
 }
@@ -1090,9 +1093,62 @@ impl Claim {
     }
 }
 
-/// The claimants of each key, in [`SpecKey`] order (the first one wins): what
-/// lets a delta recompute only the keys it touches.
-type Claims = HashMap<Key, Vec<(SpecKey, Arc<Part>)>>;
+/// A spec and the part it claims with.
+type Claimant = (SpecKey, Arc<Part>);
+
+/// The claimants of each key (the first one wins): what lets a delta decide
+/// again only the keys it touches.
+type Claims = HashMap<Key, Claimants>;
+
+/// The claimants of one key, in [`SpecKey`] order, each spec once. Nearly
+/// every key has one (a conflict is the exception), kept inline: the index
+/// costs no allocation per key.
+#[derive(Debug)]
+enum Claimants {
+    One(Claimant),
+    Many(Vec<Claimant>),
+}
+
+impl Claimants {
+    fn as_slice(&self) -> &[Claimant] {
+        match self {
+            Claimants::One(c) => std::slice::from_ref(c),
+            Claimants::Many(v) => v,
+        }
+    }
+
+    /// Adds (or replaces) the claim of `c`'s spec, in order.
+    fn insert(&mut self, c: Claimant) {
+        match self {
+            Claimants::One(one) if one.0 == c.0 => *one = c,
+            Claimants::One(one) => {
+                let mut list = vec![one.clone(), c];
+                list.sort_by(|a, b| a.0.cmp(&b.0));
+                *self = Claimants::Many(list);
+            }
+            Claimants::Many(list) => match list.binary_search_by(|(k, _)| k.cmp(&c.0)) {
+                Ok(i) => list[i] = c,
+                Err(i) => list.insert(i, c),
+            },
+        }
+    }
+
+    /// Takes `key`'s claim out; false when none is left.
+    fn remove(&mut self, key: &SpecKey) -> bool {
+        match self {
+            Claimants::One(one) => one.0 != *key,
+            Claimants::Many(list) => {
+                list.retain(|(k, _)| k != key);
+                if list.len() == 1
+                    && let Some(last) = list.pop()
+                {
+                    *self = Claimants::One(last);
+                }
+                !matches!(self, Claimants::Many(l) if l.is_empty())
+            }
+        }
+    }
+}
 
 /// A table under construction from nothing, and what went wrong so far.
 struct Builder<'c> {
@@ -1149,24 +1205,45 @@ impl<'c> Builder<'c> {
         }
         if let Some(claims) = self.claims.as_deref_mut() {
             for k in part.keys() {
-                claims.entry(k).or_default().push((key.clone(), part.clone()));
+                let claimant = (key.clone(), part.clone());
+                match claims.entry(k) {
+                    std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().insert(claimant),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(Claimants::One(claimant));
+                    }
+                }
             }
         }
     }
 
     fn claim_host(&mut self, host: &Arc<str>, path: &Arc<str>, backend: &Arc<Backend>) {
-        let owner = match self.table.hosts.get(&**host) {
-            // The common case (a service's own names) stays inline.
-            None if &**path == "/" => {
-                self.table.hosts.insert(host.clone(), HostRoutes::Root(backend.clone()));
+        let root = &**path == "/";
+        let owner = match self.table.hosts.entry(host.clone()) {
+            // The common case (a service's own names) stays inline, one lookup.
+            imbl::hashmap::Entry::Vacant(e) if root => {
+                e.insert(HostRoutes::Root(backend.clone()));
                 return;
             }
-            Some(HostRoutes::Root(owner)) if &**path == "/" => owner.clone(),
-            current => {
-                let mut map = current.map(HostRoutes::to_map).unwrap_or_default();
+            imbl::hashmap::Entry::Occupied(e) if root && matches!(e.get(), HostRoutes::Root(_)) => match e.get() {
+                HostRoutes::Root(owner) => owner.clone(),
+                // Not reached: the guard matched Root.
+                HostRoutes::Prefixes(_) => return,
+            },
+            entry => {
+                let mut map = match &entry {
+                    imbl::hashmap::Entry::Occupied(e) => e.get().to_map(),
+                    imbl::hashmap::Entry::Vacant(_) => PrefixMap::default(),
+                };
                 let claimed = map.claim(path, backend);
                 if let Some(routes) = HostRoutes::of(map) {
-                    self.table.hosts.insert(host.clone(), routes);
+                    match entry {
+                        imbl::hashmap::Entry::Occupied(mut e) => {
+                            e.insert(routes);
+                        }
+                        imbl::hashmap::Entry::Vacant(e) => {
+                            e.insert(routes);
+                        }
+                    }
                 }
                 match claimed {
                     Ok(()) => return,
@@ -1177,7 +1254,7 @@ impl<'c> Builder<'c> {
         if Arc::ptr_eq(&owner, backend) {
             return;
         }
-        let what = if &**path == "/" {
+        let what = if root {
             format!("host {host}")
         } else {
             format!("host {host} path {path}")
@@ -1188,8 +1265,8 @@ impl<'c> Builder<'c> {
 
 /// The conflict warnings of one key: each claim of each claimant after the
 /// first one lost to it.
-fn key_warnings(key: &Key, claimants: Option<&Vec<(SpecKey, Arc<Part>)>>) -> Vec<String> {
-    let Some([(_, first), rest @ ..]) = claimants.map(Vec::as_slice) else {
+fn key_warnings(key: &Key, claimants: Option<&Claimants>) -> Vec<String> {
+    let Some([(_, first), rest @ ..]) = claimants.map(Claimants::as_slice) else {
         return Vec::new();
     };
     let Some(winner) = first.backend_for(key) else {
@@ -1243,7 +1320,7 @@ fn compile(
             compile_local_http(spec, &name, &http, names, &mut part);
         } else {
             let host = dotted(&[&name, "service", &dc, &names.domain]);
-            part.claims.push(Claim::Host(host.into(), "/".into()));
+            part.claims.push(Claim::Host(host.into(), names.root.clone()));
         }
     }
     // Another datacenter's ports are that datacenter's load balancers' business.
@@ -1279,7 +1356,7 @@ fn compile_local_http(spec: &ServiceSpec, name: &str, http: &[&InstanceSpec], na
         hosts.push(format!("{name}{add}"));
     }
     part.claims
-        .extend(hosts.into_iter().map(|h| Claim::Host(h.into(), "/".into())));
+        .extend(hosts.into_iter().map(|h| Claim::Host(h.into(), names.root.clone())));
     part.local_name = Some(name.into());
 
     check_agreement(spec, "haproxy_route", http, &mut part.notes, |t| t.routes.clone());

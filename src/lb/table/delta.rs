@@ -65,9 +65,6 @@ pub struct TableState {
     built: bool,
 }
 
-/// A spec and the part it claims with.
-type Claimant = (SpecKey, Arc<Part>);
-
 /// One spec the table holds.
 #[derive(Debug)]
 struct Held {
@@ -278,7 +275,7 @@ impl TableState {
             }
             let claimants = self.claims.get(&key);
             let winner = claimants
-                .and_then(|c| c.first())
+                .and_then(|c| c.as_slice().first())
                 .and_then(|(_, part)| part.backend_for(&key))
                 .cloned();
             for w in key_warnings(&key, claimants) {
@@ -335,6 +332,8 @@ impl TableState {
             self.tcp_listeners = listeners;
         }
         self.claims.clear();
+        // About five keys per service (its names, its local name).
+        self.claims.reserve(self.specs.len() * 5);
         let mut builder = Builder::new(&self.config, Some(&mut self.claims));
         let mut previous: Option<&ServiceSpec> = None;
         for (key, held) in self.specs.iter_mut() {
@@ -476,11 +475,10 @@ impl TableState {
         self.table.backends.remove(key);
         for k in part.keys() {
             work.touch(&k, &self.claims);
-            if let Some(list) = self.claims.get_mut(&k) {
-                list.retain(|(c, _)| c != key);
-                if list.is_empty() {
-                    self.claims.remove(&k);
-                }
+            if let Some(list) = self.claims.get_mut(&k)
+                && !list.remove(key)
+            {
+                self.claims.remove(&k);
             }
         }
     }
@@ -498,10 +496,12 @@ impl TableState {
         }
         for k in part.keys() {
             work.touch(&k, &self.claims);
-            let list = self.claims.entry(k).or_default();
-            match list.binary_search_by(|(c, _)| c.cmp(key)) {
-                Ok(i) => list[i] = (key.clone(), part.clone()),
-                Err(i) => list.insert(i, (key.clone(), part.clone())),
+            let claimant = (key.clone(), part.clone());
+            match self.claims.entry(k) {
+                std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().insert(claimant),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(Claimants::One(claimant));
+                }
             }
         }
     }
