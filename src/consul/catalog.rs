@@ -22,6 +22,13 @@
 //!  lb::watch, dns::wildcard, supervisor::admin
 //! ```
 //!
+//! The services are a persistent map ([`Services`], `imbl::OrdMap`): publishing
+//! a picture clones it in O(1), and two pictures share every node that a change
+//! did not touch, so a reader that keeps the picture it last applied finds what
+//! changed since with `OrdMap::diff` in time proportional to the change (the lb
+//! does). A full sync merges what it read into the working copy, entry by entry,
+//! so it too leaves the unchanged services shared.
+//!
 //! Cost per change: a check flip costs Consul two small answers (the unhealthy
 //! lists) and one fetch of the service concerned, whatever the size of the
 //! catalog. A registration change costs the service list and one `ui/services`
@@ -262,6 +269,10 @@ impl From<UiService> for SummaryLine {
     }
 }
 
+/// Every service by name, as the view publishes it: a persistent map (see the
+/// module docs), cloned in O(1).
+pub type Services = imbl::OrdMap<String, Arc<ServiceEntry>>;
+
 /// Every service from a `/v1/internal/ui/nodes` answer.
 fn services_from_nodes(nodes: Vec<UiNode>) -> BTreeMap<String, Arc<ServiceEntry>> {
     let mut by_service: BTreeMap<String, Vec<InstanceEntry>> = BTreeMap::new();
@@ -308,8 +319,8 @@ fn services_from_nodes(nodes: Vec<UiNode>) -> BTreeMap<String, Arc<ServiceEntry>
 /// One consistent picture of the catalog, never changed once published.
 #[derive(Debug, Clone)]
 pub struct Catalog {
-    /// Every service by name.
-    pub services: BTreeMap<String, Arc<ServiceEntry>>,
+    /// Every service by name (shares its unchanged nodes with the previous picture).
+    pub services: Services,
     /// False until the first full sync: readers that must not act on a partial
     /// picture (the lb's first table) wait for it.
     pub complete: bool,
@@ -323,7 +334,7 @@ pub struct Catalog {
 impl Catalog {
     fn empty() -> Self {
         Self {
-            services: BTreeMap::new(),
+            services: Services::new(),
             complete: false,
             generation: 0,
             received: Instant::now(),
@@ -496,7 +507,7 @@ pub(super) fn start(
         http,
         tx,
         status: status.clone(),
-        services: BTreeMap::new(),
+        services: Services::new(),
         unhealthy: HashMap::new(),
         shrink_index: 0,
         hot: VecDeque::new(),
@@ -603,8 +614,8 @@ struct Runner {
     http: ConsulHttp,
     tx: watch::Sender<Arc<Catalog>>,
     status: Arc<CatalogStatus>,
-    /// The working copy; published as `Arc<Catalog>` after each step.
-    services: BTreeMap<String, Arc<ServiceEntry>>,
+    /// The working copy; published as `Arc<Catalog>` after each step (an O(1) clone).
+    services: Services,
     /// Consul's index for the newest fetch that found a service with fewer
     /// instances (or none): a deregistration leaves no instance to carry its
     /// index, so this is what explains one.
@@ -997,10 +1008,11 @@ impl Runner {
             .last_full_sync_us
             .store(took.as_micros() as u64, Ordering::Relaxed);
         self.status.full_syncs.fetch_add(1, Ordering::Relaxed);
+        let changed = merge(&mut self.services, services);
         if self.complete && periodic {
             // Only the periodic sync measures the watches: the others run because
             // something changed that a targeted fetch could not pin down.
-            let corrections = differences(&self.services, &services);
+            let corrections = changed.len() as u64;
             if corrections > 0 {
                 self.status.corrections.fetch_add(corrections, Ordering::Relaxed);
                 tracing::warn!(
@@ -1012,13 +1024,10 @@ impl Runner {
         if self.complete {
             // What a later full sync found changed is likely to change again;
             // the first one says nothing about that.
-            for (name, entry) in &services {
-                if self.services.get(name) != Some(entry) {
-                    self.mark_hot(name);
-                }
+            for name in &changed {
+                self.mark_hot(name);
             }
         }
-        self.services = services;
         // Indexes may have gone backwards (that is one reason for a full sync).
         self.shrink_index = 0;
         self.complete = true;
@@ -1097,11 +1106,23 @@ async fn fetch_services(
     Ok(results)
 }
 
-/// Services present in one map and not the other, or different in both.
-fn differences(a: &BTreeMap<String, Arc<ServiceEntry>>, b: &BTreeMap<String, Arc<ServiceEntry>>) -> u64 {
-    let changed = a.iter().filter(|(k, v)| b.get(*k) != Some(*v)).count();
-    let added = b.keys().filter(|k| !a.contains_key(*k)).count();
-    (changed + added) as u64
+/// Makes `view` what a full sync read (`fresh`), touching only the services
+/// that differ, so that the next picture shares every other one with the last
+/// (readers diff them); returns the names of those that differed (added,
+/// changed or gone).
+fn merge(view: &mut Services, fresh: BTreeMap<String, Arc<ServiceEntry>>) -> Vec<String> {
+    let gone: Vec<String> = view.keys().filter(|k| !fresh.contains_key(*k)).cloned().collect();
+    for name in &gone {
+        view.remove(name);
+    }
+    let mut changed = gone;
+    for (name, entry) in fresh {
+        if view.get(&name) != Some(&entry) {
+            changed.push(name.clone());
+            view.insert(name, entry);
+        }
+    }
+    changed
 }
 
 #[cfg(test)]
@@ -1173,7 +1194,7 @@ mod tests {
     }
 
     #[test]
-    fn differences_count_changed_added_and_removed() {
+    fn a_full_sync_merges_only_what_differs() {
         let entry = |port| {
             Arc::new(
                 ServiceEntry::new(
@@ -1192,14 +1213,38 @@ mod tests {
                 .unwrap(),
             )
         };
-        let a = BTreeMap::from([("a".to_string(), entry(1)), ("b".to_string(), entry(1))]);
+        let a = BTreeMap::from([
+            ("a".to_string(), entry(1)),
+            ("b".to_string(), entry(1)),
+            ("d".to_string(), entry(1)),
+        ]);
         let b = BTreeMap::from([
             ("a".to_string(), entry(1)),
             ("b".to_string(), entry(2)),
             ("c".to_string(), entry(1)),
         ]);
-        assert_eq!(differences(&a, &b), 2);
-        assert_eq!(differences(&a, &a), 0);
+        let mut view: Services = a.clone().into_iter().collect();
+        let before = view.clone();
+        let mut changed = merge(&mut view, b.clone());
+        changed.sort();
+        assert_eq!(changed, ["b", "c", "d"]);
+        assert_eq!(
+            view.iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<BTreeMap<_, _>>(),
+            b
+        );
+        // Only what differed is touched: the rest stays shared with the old picture.
+        assert!(Arc::ptr_eq(&view["a"], &before["a"]));
+        let diff: Vec<&String> = before
+            .diff(&view)
+            .map(|d| match d {
+                imbl::ordmap::DiffItem::Add(k, _) | imbl::ordmap::DiffItem::Remove(k, _) => k,
+                imbl::ordmap::DiffItem::Update { new: (k, _), .. } => k,
+            })
+            .collect();
+        assert_eq!(diff, ["b", "c", "d"]);
+        assert!(merge(&mut view, b).is_empty());
     }
 
     #[test]

@@ -29,7 +29,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use catalog::{Catalog, CatalogView, Health, InstanceEntry, ServiceEntry};
+pub use catalog::{Catalog, CatalogView, Health, InstanceEntry, ServiceEntry, Services};
 pub use http::ConsulHttp;
 pub use kv::KvView;
 

@@ -204,7 +204,7 @@ impl LbStatus {
             latency_bounds_us: &LATENCY_BUCKETS_US,
             routes,
             tcp,
-            refused: table.refused().to_vec(),
+            refused: table.refused().cloned().collect(),
             certificates: state.certs.get().map(|r| r.current().certs.clone()).unwrap_or_default(),
         }
     }

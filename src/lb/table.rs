@@ -1,12 +1,20 @@
-//! The routing table: which backend an HTTP request or a TCP port goes to. Built
-//! from the watcher's view of Consul, never changed afterwards, and swapped whole.
+//! The routing table: which backend an HTTP request or a TCP port goes to. Made
+//! from the watcher's view of Consul, never changed once published, and swapped
+//! whole.
 //!
 //! ```text
-//!  ServiceSpec per (service, datacenter) ──build──▶ RoutingTable ──ArcSwap──▶ proxy
-//!    (passing instances + parsed tags)        │       route(host, path) ─▶ Route
-//!  HealthRegistry (outlives every table) ─────┘       tcp_ports()       ─▶ listeners
-//!                                                     Backend::pick()   ─▶ instance
+//!  ServiceSpec per (service, datacenter) ──TableState──▶ RoutingTable ──ArcSwap──▶ proxy
+//!    (passing instances + parsed tags)   (delta │ build)  route(host, path) ─▶ Route
+//!  HealthRegistry (outlives every table) ───────┘         tcp_ports()       ─▶ listeners
+//!                                                         Backend::pick()   ─▶ instance
 //! ```
+//!
+//! The table's maps are persistent (`imbl`): [`TableState`] (in `delta.rs`) makes
+//! the next table from the last one by a delta, the changed services' claims
+//! out and in, so a change costs what it touches and the new table shares every
+//! other entry with the old one. [`RoutingTable::build`] is the full build from
+//! nothing, used for the first table, when the TCP listener ports move, for the
+//! watcher's periodic re-sync, and as the reference the delta is checked against.
 //!
 //! `route` looks up, in order: the Host (exact names, then Fabio host+path prefixes,
 //! then `svc.service.<dc>.<domain>` falling back to the local service), the path
@@ -25,8 +33,9 @@
 //!
 //! What must outlive a rebuild (ejections, check verdicts, in-flight counts) lives in
 //! [`InstanceHealth`], shared by address through the [`HealthRegistry`]. The
-//! round-robin position is per table: a rebuild restarts the sequence, which skews
-//! a weighted split only for the few requests around the swap.
+//! round-robin position is per backend, and a service whose spec is unchanged
+//! keeps its backend from table to table: only a changed service restarts its
+//! sequence, which skews its weighted split for the few requests around the swap.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -39,11 +48,14 @@ use super::policy::{BackendPolicy, Refusal, Refused, is_service_name};
 use super::stats::RequestCounters;
 use super::tags::{self, HttpCheck, InstanceTags};
 
+mod delta;
+pub use delta::{Applied, TableState};
+
 // The health fields are independent flags read on the hot path; nothing is
 // published through them, so Relaxed ordering is enough everywhere below.
 
 /// Route counters of routes no table has any more, kept at most (see
-/// [`HealthRegistry::retain_routes`]).
+/// [`HealthRegistry::retain_routes`] and [`HealthRegistry::retire_routes`]).
 pub const MAX_RETIRED_ROUTES: usize = 1024;
 
 /// Per-instance state that must survive table rebuilds (keyed by address).
@@ -87,13 +99,48 @@ impl InstanceHealth {
 pub struct HealthRegistry {
     /// One entry per address in a live table; the tables hold clones of the Arcs.
     by_addr: Mutex<HashMap<SocketAddr, Arc<InstanceHealth>>>,
-    /// Counters per (service, datacenter). Kept when a route goes away (up to
-    /// [`MAX_RETIRED_ROUTES`] of them, and only those that served requests), so
-    /// the counts stay monotonic for scrapers when it returns; see
-    /// [`HealthRegistry::retain_routes`].
-    routes: Mutex<HashMap<(String, String), Arc<RequestCounters>>>,
+    /// Counters per (service, datacenter), and which routes left the table.
+    routes: Mutex<RouteBook>,
     /// Zero of every `*_ms` time, so the times fit an atomic u64.
     epoch: Instant,
+}
+
+/// The route counters. Kept when a route goes away (up to
+/// [`MAX_RETIRED_ROUTES`] of them, and only those that served requests), so the
+/// counts stay monotonic for scrapers when it returns.
+#[derive(Debug, Default)]
+struct RouteBook {
+    /// Counters by (service, datacenter), and whether a spec of the table has
+    /// that route (`live`).
+    by_route: HashMap<(String, String), (Arc<RequestCounters>, bool)>,
+    /// Routes that went away, oldest first: the first to go when more than
+    /// [`MAX_RETIRED_ROUTES`] are kept. May name routes live again or gone
+    /// since (skipped when reached); compacted when it holds more than twice
+    /// the bound.
+    retired: std::collections::VecDeque<(String, String)>,
+    /// Routes in `by_route` that are not live.
+    retired_count: usize,
+}
+
+impl RouteBook {
+    /// Drops the oldest retired routes beyond [`MAX_RETIRED_ROUTES`].
+    fn evict(&mut self) {
+        while self.retired_count > MAX_RETIRED_ROUTES {
+            let Some(key) = self.retired.pop_front() else {
+                break;
+            };
+            if self.by_route.get(&key).is_some_and(|(_, live)| !live) {
+                self.by_route.remove(&key);
+                self.retired_count -= 1;
+            }
+        }
+        if self.retired.len() > 2 * MAX_RETIRED_ROUTES + 64 {
+            let mut seen = HashSet::new();
+            let by_route = &self.by_route;
+            self.retired
+                .retain(|k| by_route.get(k).is_some_and(|(_, live)| !live) && seen.insert(k.clone()));
+        }
+    }
 }
 
 impl Default for HealthRegistry {
@@ -107,7 +154,7 @@ impl HealthRegistry {
     pub fn new() -> Self {
         Self {
             by_addr: Mutex::new(HashMap::new()),
-            routes: Mutex::new(HashMap::new()),
+            routes: Mutex::new(RouteBook::default()),
             epoch: Instant::now(),
         }
     }
@@ -119,45 +166,97 @@ impl HealthRegistry {
         map.entry(addr).or_default().clone()
     }
 
-    /// The request counters of a service's route in a datacenter.
+    /// The request counters of a service's route in a datacenter (a route a
+    /// table is being built with, so live).
     pub fn route_counters(&self, service: &str, datacenter: &str) -> Arc<RequestCounters> {
-        let mut map = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
-        map.entry((service.to_string(), datacenter.to_string()))
-            .or_default()
-            .clone()
+        let mut book = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        let book = &mut *book;
+        let (counters, live) = book
+            .by_route
+            .entry((service.to_string(), datacenter.to_string()))
+            .or_insert_with(|| (Arc::default(), true));
+        if !*live {
+            *live = true;
+            book.retired_count -= 1;
+        }
+        counters.clone()
     }
 
     /// Requests answered through a route so far, without creating its counters.
     pub fn route_total(&self, service: &str, datacenter: &str) -> Option<u64> {
-        let map = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
-        map.get(&(service.to_string(), datacenter.to_string()))
-            .map(|c| c.snapshot().total())
+        let book = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        book.by_route
+            .get(&(service.to_string(), datacenter.to_string()))
+            .map(|(c, _)| c.snapshot().total())
     }
 
-    /// Bounds the route counters after a table change: the routes of `live`
+    /// Bounds the route counters after a full table build: the routes of `live`
     /// stay; of the others (services gone, other-datacenter names nobody asks
     /// for any more, made-up names that were watched), those that never served
     /// a request go at once, and the rest are kept up to [`MAX_RETIRED_ROUTES`].
     pub fn retain_routes<'a>(&self, live: impl IntoIterator<Item = (&'a str, &'a str)>) {
         let live: HashSet<(&str, &str)> = live.into_iter().collect();
-        let mut map = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
-        let is_live = |k: &(String, String)| live.contains(&(k.0.as_str(), k.1.as_str()));
-        map.retain(|k, c| is_live(k) || c.snapshot().total() > 0);
-        let mut retired = map.keys().filter(|k| !is_live(k)).count();
-        if retired > MAX_RETIRED_ROUTES {
-            map.retain(|k, _| {
-                if is_live(k) || retired <= MAX_RETIRED_ROUTES {
-                    return true;
-                }
-                retired -= 1;
-                false
-            });
+        let mut book = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        book.by_route.retain(|k, (c, is_live)| {
+            *is_live = live.contains(&(k.0.as_str(), k.1.as_str()));
+            *is_live || c.snapshot().total() > 0
+        });
+        let retired: std::collections::VecDeque<(String, String)> = book
+            .by_route
+            .iter()
+            .filter(|(_, (_, live))| !live)
+            .map(|(k, _)| k.clone())
+            .collect();
+        book.retired_count = retired.len();
+        book.retired = retired;
+        book.evict();
+    }
+
+    /// [`Self::retain_routes`] for a delta: the routes of `gone` left the
+    /// table (those that never served go at once, the others join the retired
+    /// ones, bounded as there), and those of `back` are in it again. Costs
+    /// what the delta names, not what the table holds.
+    pub fn retire_routes<'a>(
+        &self,
+        gone: impl IntoIterator<Item = (&'a str, &'a str)>,
+        back: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) {
+        let mut book = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        let book = &mut *book;
+        for (service, datacenter) in gone {
+            let key = (service.to_string(), datacenter.to_string());
+            let Some((counters, live)) = book.by_route.get_mut(&key) else {
+                continue;
+            };
+            if !*live {
+                continue;
+            }
+            if counters.snapshot().total() == 0 {
+                book.by_route.remove(&key);
+            } else {
+                *live = false;
+                book.retired_count += 1;
+                book.retired.push_back(key);
+            }
         }
+        for (service, datacenter) in back {
+            if let Some((_, live)) = book.by_route.get_mut(&(service.to_string(), datacenter.to_string()))
+                && !*live
+            {
+                *live = true;
+                book.retired_count -= 1;
+            }
+        }
+        book.evict();
     }
 
     /// Route counter sets held (for the tests).
     pub fn route_count(&self) -> usize {
-        self.routes.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_route
+            .len()
     }
 
     /// Forgets instances not in `live` (no longer in any table), so a returning
@@ -165,6 +264,19 @@ impl HealthRegistry {
     pub fn retain(&self, live: &HashSet<SocketAddr>) {
         let mut map = self.by_addr.lock().unwrap_or_else(PoisonError::into_inner);
         map.retain(|addr, _| live.contains(addr));
+    }
+
+    /// [`Self::retain`] for a delta: forgets the addresses that left every table.
+    pub fn forget(&self, gone: impl IntoIterator<Item = SocketAddr>) {
+        let mut map = self.by_addr.lock().unwrap_or_else(PoisonError::into_inner);
+        for addr in gone {
+            map.remove(&addr);
+        }
+    }
+
+    /// Addresses held (for the tests).
+    pub fn addr_count(&self) -> usize {
+        self.by_addr.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
 
     /// Removes from `map` the addresses no table has (one lock for all).
@@ -360,41 +472,77 @@ pub enum Route<'a> {
 
 /// Path prefixes to backends, matched by whole segments: `/minions` takes
 /// `/minions` and `/minions/...` but not `/minionsX`; `/` takes everything.
-#[derive(Debug, Default)]
+/// Persistent (`imbl`): a table made from the previous one by a delta shares
+/// every entry the delta did not touch.
+#[derive(Debug, Clone, Default)]
 struct PrefixMap {
     /// Non-root prefixes (normalised: leading `/`, no trailing `/`).
-    by_prefix: HashMap<String, Arc<Backend>>,
-    /// The distinct lengths of the keys of `by_prefix`, longest first: a lookup
-    /// tries only the cuts of the path that could be a key, longest match first.
-    lens: Vec<usize>,
+    by_prefix: imbl::HashMap<Arc<str>, Arc<Backend>>,
+    /// The distinct lengths of the keys of `by_prefix`, longest first, each with
+    /// how many keys have it: a lookup tries only the cuts of the path that could
+    /// be a key, longest match first. As many as distinct lengths, so a clone
+    /// per change costs little.
+    lens: Vec<(usize, u32)>,
     /// The `/` prefix.
     root: Option<Arc<Backend>>,
 }
 
 impl PrefixMap {
+    /// The backend at exactly `prefix`.
+    fn get(&self, prefix: &str) -> Option<&Arc<Backend>> {
+        if prefix == "/" {
+            self.root.as_ref()
+        } else {
+            self.by_prefix.get(prefix)
+        }
+    }
+
+    /// Puts `backend` at `prefix`, or takes the prefix away (`None`).
+    fn set(&mut self, prefix: &Arc<str>, backend: Option<Arc<Backend>>) {
+        if &**prefix == "/" {
+            self.root = backend;
+            return;
+        }
+        let len = prefix.len();
+        let at = self.lens.binary_search_by(|(l, _)| len.cmp(l));
+        match backend {
+            Some(backend) => {
+                if self.by_prefix.insert(prefix.clone(), backend).is_none() {
+                    match at {
+                        Ok(i) => self.lens[i].1 += 1,
+                        Err(i) => self.lens.insert(i, (len, 1)),
+                    }
+                }
+            }
+            None => {
+                if self.by_prefix.remove(&**prefix).is_some()
+                    && let Ok(i) = at
+                {
+                    self.lens[i].1 -= 1;
+                    if self.lens[i].1 == 0 {
+                        self.lens.remove(i);
+                    }
+                }
+            }
+        }
+    }
+
     /// Claims `prefix` for `backend`; returns the backend that keeps it when another
     /// one got there first.
-    fn claim(&mut self, prefix: &str, backend: &Arc<Backend>) -> Result<(), Arc<Backend>> {
-        let owner = if prefix == "/" {
-            self.root.get_or_insert_with(|| backend.clone())
-        } else {
-            if let Err(at) = self.lens.binary_search_by(|len| prefix.len().cmp(len)) {
-                self.lens.insert(at, prefix.len());
+    fn claim(&mut self, prefix: &Arc<str>, backend: &Arc<Backend>) -> Result<(), Arc<Backend>> {
+        match self.get(prefix) {
+            Some(owner) if Arc::ptr_eq(owner, backend) => Ok(()),
+            Some(owner) => Err(owner.clone()),
+            None => {
+                self.set(prefix, Some(backend.clone()));
+                Ok(())
             }
-            self.by_prefix
-                .entry(prefix.to_owned())
-                .or_insert_with(|| backend.clone())
-        };
-        if Arc::ptr_eq(owner, backend) {
-            Ok(())
-        } else {
-            Err(owner.clone())
         }
     }
 
     /// The backend of the longest prefix of `path`.
     fn longest(&self, path: &str) -> Option<&Arc<Backend>> {
-        for &len in &self.lens {
+        for &(len, _) in &self.lens {
             // A cut is a candidate only at a segment boundary (which also makes it a
             // char boundary, so `get` cannot fail there).
             if !matches!(path.as_bytes().get(len), None | Some(b'/')) {
@@ -406,28 +554,75 @@ impl PrefixMap {
         }
         self.root.as_ref()
     }
+
+    /// Every (prefix, backend), `/` first.
+    fn iter(&self) -> impl Iterator<Item = (&str, &Arc<Backend>)> {
+        let root = self.root.iter().map(|b| ("/", b));
+        root.chain(self.by_prefix.iter().map(|(p, b)| (&**p, b)))
+    }
 }
 
-/// Immutable once built; swapped atomically by the watcher (arc-swap), so it must be Send + Sync.
-#[derive(Debug)]
+/// What one host name routes to. Nearly every host is a service's own name
+/// with only the `/` prefix: that case is kept inline, without a map.
+#[derive(Debug, Clone)]
+enum HostRoutes {
+    /// Only `/`: every path.
+    Root(Arc<Backend>),
+    /// Path prefixes under the host (Fabio `urlprefix-host/path`).
+    Prefixes(Arc<PrefixMap>),
+}
+
+impl HostRoutes {
+    fn longest(&self, path: &str) -> Option<&Arc<Backend>> {
+        match self {
+            HostRoutes::Root(backend) => Some(backend),
+            HostRoutes::Prefixes(map) => map.longest(path),
+        }
+    }
+
+    fn to_map(&self) -> PrefixMap {
+        match self {
+            HostRoutes::Root(backend) => PrefixMap {
+                root: Some(backend.clone()),
+                ..PrefixMap::default()
+            },
+            HostRoutes::Prefixes(map) => (**map).clone(),
+        }
+    }
+
+    /// The compact form of `map` (`None` when it routes nothing).
+    fn of(map: PrefixMap) -> Option<Self> {
+        if map.by_prefix.is_empty() {
+            map.root.map(HostRoutes::Root)
+        } else {
+            Some(HostRoutes::Prefixes(Arc::new(map)))
+        }
+    }
+}
+
+/// Immutable once published; swapped atomically by the watcher (arc-swap), so
+/// it must be Send + Sync. Its maps are persistent (`imbl`): cloning a table is
+/// O(1), and the next table, made by [`TableState`] from a delta, shares every
+/// entry the delta did not touch.
+#[derive(Debug, Clone)]
 pub struct RoutingTable {
-    /// Lower-case host name to its prefixes (`/` for the names a service gets).
-    hosts: HashMap<Arc<str>, PrefixMap>,
+    /// Lower-case host name to its prefixes.
+    hosts: imbl::HashMap<Arc<str>, HostRoutes>,
     /// Host-independent path prefixes.
     paths: PrefixMap,
     /// Local HTTP backends by lower-case service name, for `svc.service.<dc>.<domain>`
     /// when there is no spec for that datacenter.
-    local: HashMap<Arc<str>, Arc<Backend>>,
+    local: imbl::HashMap<Arc<str>, Arc<Backend>>,
     /// `.<domain>` (empty when the domain is).
-    domain_suffix: String,
+    domain_suffix: Arc<str>,
     /// Lower-case landing host names and addresses.
-    landing: HashSet<String>,
+    landing: Arc<HashSet<String>>,
     /// TCP port to backend.
-    tcp: BTreeMap<u16, Arc<Backend>>,
+    tcp: imbl::OrdMap<u16, Arc<Backend>>,
     /// Every HTTP backend, by service name then datacenter.
-    backends: Vec<Arc<Backend>>,
-    /// What the policy left out, by service name then datacenter.
-    refused: Vec<Refused>,
+    backends: imbl::OrdMap<SpecKey, Arc<Backend>>,
+    /// The parts with something the policy left out, by service name then datacenter.
+    refused: imbl::OrdMap<SpecKey, Arc<Part>>,
 }
 
 impl RoutingTable {
@@ -441,18 +636,18 @@ impl RoutingTable {
             .filter(|h| !h.is_empty())
             .collect();
         Self {
-            hosts: HashMap::new(),
+            hosts: imbl::HashMap::new(),
             paths: PrefixMap::default(),
-            local: HashMap::new(),
+            local: imbl::HashMap::new(),
             domain_suffix: if names.domain.is_empty() {
-                String::new()
+                "".into()
             } else {
-                format!(".{}", names.domain)
+                format!(".{}", names.domain).into()
             },
-            landing,
-            tcp: BTreeMap::new(),
-            backends: Vec::new(),
-            refused: Vec::new(),
+            landing: Arc::new(landing),
+            tcp: imbl::OrdMap::new(),
+            backends: imbl::OrdMap::new(),
+            refused: imbl::OrdMap::new(),
         }
     }
 
@@ -464,67 +659,34 @@ impl RoutingTable {
     /// add-domain name and TCP ports; another datacenter's spec only answers to
     /// `svc.service.<dc>.<domain>`. A service gets an HTTP backend when at least one
     /// instance takes HTTP; its routes are the union over its instances.
+    ///
+    /// This is the full build, from nothing; [`TableState`] keeps a table up to
+    /// date by delta, and builds it this way only when it must.
     pub fn build(cfg: &TableConfig, services: &[ServiceSpec], health: &HealthRegistry) -> (Self, Vec<String>) {
-        let refs: Vec<&ServiceSpec> = services.iter().collect();
-        Self::build_cached(cfg, &refs, health, &mut BackendCache::default())
-    }
-
-    /// [`Self::build`] from borrowed specs (the watcher keeps its own), reusing
-    /// the backends of `cache` whose members did not change and leaving in it
-    /// the backends of this table.
-    pub fn build_cached(
-        cfg: &TableConfig,
-        services: &[&ServiceSpec],
-        health: &HealthRegistry,
-        cache: &mut BackendCache,
-    ) -> (Self, Vec<String>) {
-        // Instances must not reach the lb's own TCP listeners, so a change in
-        // which ports they take is a change of every part.
-        let tcp_listeners = tcp_listeners(cfg, services);
-        if tcp_listeners != cache.tcp_listeners {
-            cache.parts.clear();
-            cache.tcp_listeners = tcp_listeners.clone();
-        }
-        let mut builder = Builder {
-            table: Self::empty(cfg),
-            names: Naming::new(cfg),
-            policy: &cfg.policy,
-            tcp_listeners,
-            warnings: Vec::new(),
-            previous: std::mem::take(&mut cache.parts),
-            next: HashMap::with_capacity(services.len()),
-        };
-        let mut order: Vec<&ServiceSpec> = services.to_vec();
+        let names = Naming::new(cfg);
+        let listeners = tcp_listeners(cfg, services.iter());
+        let mut order: Vec<&ServiceSpec> = services.iter().collect();
         // Stable: equal keys keep the caller's order, which only the duplicate check
-        // sees. Compared without allocating (the order of every build).
-        fn lower(s: &str) -> impl Iterator<Item = u8> + '_ {
-            s.bytes().map(|b| b.to_ascii_lowercase())
-        }
+        // sees. Compared without allocating.
         order.sort_by(|a, b| {
             lower(&a.name)
                 .cmp(lower(&b.name))
                 .then_with(|| a.name.cmp(&b.name))
                 .then_with(|| lower(&a.datacenter).cmp(lower(&b.datacenter)))
         });
-        builder.table.hosts.reserve(services.len() * 4);
-        builder.table.local.reserve(services.len());
-        builder.table.backends.reserve(services.len());
+        let mut builder = Builder::new(cfg, None);
         let mut previous: Option<&ServiceSpec> = None;
         for spec in order {
             // Sorted: a duplicate follows its first list.
-            let twice =
-                previous.is_some_and(|p| p.name == spec.name && p.datacenter.eq_ignore_ascii_case(&spec.datacenter));
+            let twice = previous.is_some_and(|p| same_group(p, spec));
             previous = Some(spec);
             if twice {
-                builder.warnings.push(format!(
-                    "service '{}' ({}) is listed twice; using the first list",
-                    spec.name, spec.datacenter
-                ));
+                builder.warnings.push(listed_twice(spec));
                 continue;
             }
-            builder.add_service(spec, health);
+            let part = Arc::new(compile(spec, &names, &cfg.policy, &listeners, health));
+            builder.assemble(&SpecKey::of(spec), &part);
         }
-        cache.parts = builder.next;
         (builder.table, builder.warnings)
     }
 
@@ -563,29 +725,28 @@ impl RoutingTable {
     /// Every HTTP backend (for the status page and health checks), by service name
     /// then datacenter.
     pub fn backends(&self) -> impl Iterator<Item = &Arc<Backend>> {
-        self.backends.iter()
+        self.backends.values()
     }
 
-    /// The services, instances and ports the policy refused, for status pages.
-    pub fn refused(&self) -> &[Refused] {
-        &self.refused
+    /// The services, instances and ports the policy refused (by service name then
+    /// datacenter), for status pages.
+    pub fn refused(&self) -> impl Iterator<Item = &Refused> {
+        self.refused.values().flat_map(|part| part.refused.iter())
     }
 
     /// Every routing entry: (host, path prefix, backend); host `None` for the
     /// host-independent path routes. Sorted by host then path; for status pages.
     pub fn entries(&self) -> Vec<(Option<&str>, &str, &Arc<Backend>)> {
-        fn of<'t>(
-            host: Option<&'t str>,
-            map: &'t PrefixMap,
-        ) -> impl Iterator<Item = (Option<&'t str>, &'t str, &'t Arc<Backend>)> {
-            let root = map.root.iter().map(move |b| (host, "/", b));
-            root.chain(map.by_prefix.iter().map(move |(p, b)| (host, p.as_str(), b)))
-        }
         let mut all: Vec<_> = self
             .hosts
             .iter()
-            .flat_map(|(h, m)| of(Some(&**h), m))
-            .chain(of(None, &self.paths))
+            .flat_map(|(h, routes)| -> Box<dyn Iterator<Item = _>> {
+                match routes {
+                    HostRoutes::Root(b) => Box::new(std::iter::once((Some(&**h), "/", b))),
+                    HostRoutes::Prefixes(map) => Box::new(map.iter().map(move |(p, b)| (Some(&**h), p, b))),
+                }
+            })
+            .chain(self.paths.iter().map(|(p, b)| (None, p, b)))
             .collect();
         all.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
         all
@@ -593,7 +754,7 @@ impl RoutingTable {
 
     /// What a lower-case host name asks for.
     fn host_backend(&self, host: &str, path: &str) -> HostMatch<'_> {
-        if let Some(backend) = self.hosts.get(host).and_then(|prefixes| prefixes.longest(path)) {
+        if let Some(backend) = self.hosts.get(host).and_then(|routes| routes.longest(path)) {
             return HostMatch::Found(backend);
         }
         // `svc.service.<dc>.<domain>` for a datacenter we have no instances of.
@@ -601,6 +762,97 @@ impl RoutingTable {
             Some((name, _)) => HostMatch::OtherDatacenter(self.local.get(name)),
             None => HostMatch::None,
         }
+    }
+
+    /// Puts `winner` at `key` (or takes the key out): the delta's one write.
+    fn put(&mut self, key: &Key, winner: Option<Arc<Backend>>) {
+        match key {
+            Key::Host(host, path) => {
+                let routes = match (self.hosts.get(&**host), &**path, winner) {
+                    (None | Some(HostRoutes::Root(_)), "/", Some(b)) => Some(HostRoutes::Root(b)),
+                    (None | Some(HostRoutes::Root(_)), "/", None) => None,
+                    (current, _, winner) => {
+                        let mut map = current.map(HostRoutes::to_map).unwrap_or_default();
+                        map.set(path, winner);
+                        HostRoutes::of(map)
+                    }
+                };
+                match routes {
+                    Some(r) => self.hosts.insert(host.clone(), r),
+                    None => self.hosts.remove(&**host),
+                };
+            }
+            Key::Path(path) => self.paths.set(path, winner),
+            Key::Local(name) => {
+                match winner {
+                    Some(b) => self.local.insert(name.clone(), b),
+                    None => self.local.remove(&**name),
+                };
+            }
+            Key::Tcp(port) => {
+                match winner {
+                    Some(b) => self.tcp.insert(*port, b),
+                    None => self.tcp.remove(port),
+                };
+            }
+        }
+    }
+
+    /// Every routing decision of the table as text, in a fixed order: two
+    /// tables route alike exactly when these are equal (what the delta is
+    /// checked against, see [`TableState::check`]).
+    fn describe(&self) -> Vec<String> {
+        fn b(backend: &Backend) -> String {
+            let instances: Vec<String> = backend
+                .instances
+                .iter()
+                .map(|i| format!("{}/{}/{}/{}/{:?}", i.id, i.node, i.addr, i.weight, i.httpchk))
+                .collect();
+            format!("{}@{} [{}]", backend.service, backend.datacenter, instances.join(" "))
+        }
+        fn lens_ok(map: &PrefixMap) -> bool {
+            let mut want: Vec<(usize, u32)> = Vec::new();
+            let mut lens: Vec<usize> = map.by_prefix.keys().map(|k| k.len()).collect();
+            lens.sort_unstable_by(|a, b| b.cmp(a));
+            for len in lens {
+                match want.last_mut() {
+                    Some((l, n)) if *l == len => *n += 1,
+                    _ => want.push((len, 1)),
+                }
+            }
+            want == map.lens
+        }
+        let mut out: Vec<String> = self
+            .entries()
+            .into_iter()
+            .map(|(h, p, backend)| format!("route {} {p} -> {}", h.unwrap_or("*"), b(backend)))
+            .collect();
+        for (host, routes) in &self.hosts {
+            if let HostRoutes::Prefixes(map) = routes
+                && (!lens_ok(map) || map.by_prefix.is_empty())
+            {
+                out.push(format!("host {host}: prefix lengths out of step"));
+            }
+        }
+        if !lens_ok(&self.paths) {
+            out.push("paths: prefix lengths out of step".into());
+        }
+        let mut local: Vec<String> = self
+            .local
+            .iter()
+            .map(|(n, backend)| format!("local {n} -> {}", b(backend)))
+            .collect();
+        local.sort();
+        out.extend(local);
+        out.extend(self.tcp.iter().map(|(p, backend)| format!("tcp {p} -> {}", b(backend))));
+        out.extend(self.backends().map(|backend| format!("backend {}", b(backend))));
+        out.extend(self.refused().map(|r| format!("refused {r:?}")));
+        out.push(format!("domain {:?} landing {:?}", self.domain_suffix, {
+            let mut l: Vec<&String> = self.landing.iter().collect();
+            l.sort();
+            l
+        }));
+        out
     }
 }
 
@@ -623,17 +875,91 @@ pub fn other_datacenter_name<'h>(host: &'h str, domain_suffix: &str) -> Option<(
 
 /// The ports the `haproxy_tcp` listeners take: asked for by a local service
 /// with a usable name, and allowed by the policy.
-fn tcp_listeners(cfg: &TableConfig, services: &[&ServiceSpec]) -> BTreeSet<u16> {
+fn tcp_listeners<'s>(cfg: &TableConfig, services: impl Iterator<Item = &'s ServiceSpec>) -> BTreeSet<u16> {
+    services.flat_map(|s| listener_ports(cfg, s)).collect()
+}
+
+/// The `haproxy_tcp` listener ports one spec asks for (once per instance).
+fn listener_ports<'a>(cfg: &'a TableConfig, spec: &'a ServiceSpec) -> impl Iterator<Item = u16> + 'a {
     let local = cfg.local_datacenter.trim().trim_matches('.');
-    services
+    let wanted = spec.datacenter.eq_ignore_ascii_case(local) && is_service_name(&spec.name);
+    spec.instances
         .iter()
-        .filter(|s| s.datacenter.eq_ignore_ascii_case(local) && is_service_name(&s.name))
-        .flat_map(|s| s.instances.iter().filter_map(|i| i.tags.tcp_port))
+        .filter(move |_| wanted)
+        .filter_map(|i| i.tags.tcp_port)
         .filter(|&port| cfg.policy.refuse_tcp_port(port).is_none())
-        .collect()
+}
+
+/// Lower-case bytes of `s`, for comparing names without allocating.
+fn lower(s: &str) -> impl Iterator<Item = u8> + '_ {
+    s.bytes().map(|b| b.to_ascii_lowercase())
+}
+
+/// True when `b` lists the same service and datacenter as `a` (the datacenter
+/// in another case): the table uses the first list.
+fn same_group(a: &ServiceSpec, b: &ServiceSpec) -> bool {
+    a.name == b.name && a.datacenter.eq_ignore_ascii_case(&b.datacenter)
+}
+
+/// The warning for a spec that [`same_group`] a spec before it.
+fn listed_twice(spec: &ServiceSpec) -> String {
+    format!(
+        "service '{}' ({}) is listed twice; using the first list",
+        spec.name, spec.datacenter
+    )
+}
+
+/// A spec's (service, datacenter), ordered as conflicts are decided: by
+/// lower-case name, name, lower-case datacenter, then datacenter. Two specs
+/// that differ only in the datacenter's case are the same service listed
+/// twice; the first in this order is used.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct SpecKey {
+    name: Arc<str>,
+    datacenter: Arc<str>,
+}
+
+impl SpecKey {
+    fn of(spec: &ServiceSpec) -> Self {
+        Self {
+            name: spec.name.as_str().into(),
+            datacenter: spec.datacenter.as_str().into(),
+        }
+    }
+}
+
+impl Ord for SpecKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        lower(&self.name)
+            .cmp(lower(&other.name))
+            .then_with(|| self.name.cmp(&other.name))
+            .then_with(|| lower(&self.datacenter).cmp(lower(&other.datacenter)))
+            .then_with(|| self.datacenter.cmp(&other.datacenter))
+    }
+}
+
+impl PartialOrd for SpecKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// One thing services claim, whose first claimant (in [`SpecKey`] order) the
+/// table routes to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Key {
+    /// A lower-case host name and a path prefix under it.
+    Host(Arc<str>, Arc<str>),
+    /// A host-independent path prefix.
+    Path(Arc<str>),
+    /// The `svc.service.<dc>.<domain>` fallback of a lower-case local service name.
+    Local(Arc<str>),
+    /// A `haproxy_tcp` port.
+    Tcp(u16),
 }
 
 /// The naming inputs, normalised once per build.
+#[derive(Debug)]
 struct Naming {
     /// Lower-case Consul domain without dots at the ends.
     domain: String,
@@ -641,6 +967,8 @@ struct Naming {
     local_dc: String,
     /// Lower-case add-domain with exactly one leading dot and no trailing dot.
     add_domain: Option<String>,
+    /// The `/` prefix, shared by every service's own names (one allocation).
+    root: Arc<str>,
 }
 
 impl Naming {
@@ -655,6 +983,7 @@ impl Naming {
             domain: cfg.consul_domain.trim().trim_matches('.').to_ascii_lowercase(),
             local_dc: cfg.local_datacenter.trim().to_ascii_lowercase(),
             add_domain,
+            root: "/".into(),
         }
     }
 }
@@ -675,7 +1004,7 @@ fn label(backend: &Backend) -> String {
 }
 
 /// What one service spec asks of the table, worked out once and reused by the
-/// next builds while the spec is unchanged.
+/// next tables while the spec is unchanged.
 #[derive(Debug, Default)]
 struct Part {
     /// The HTTP backend, when an instance takes HTTP.
@@ -693,66 +1022,160 @@ struct Part {
     refused: Vec<Refused>,
 }
 
-/// One name the HTTP backend of a service claims.
+impl Part {
+    /// Every key the part claims, once each.
+    fn keys(&self) -> Vec<Key> {
+        let mut keys = Vec::new();
+        if self.http.is_some() {
+            keys.extend(self.local_name.iter().map(|n| Key::Local(n.clone())));
+            keys.extend(self.claims.iter().map(Claim::key));
+        }
+        if let Some((_, ports)) = &self.tcp {
+            keys.extend(ports.iter().map(|&p| Key::Tcp(p)));
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    /// The backend the part puts at `key`.
+    fn backend_for(&self, key: &Key) -> Option<&Arc<Backend>> {
+        match key {
+            Key::Tcp(_) => self.tcp.as_ref().map(|(b, _)| b),
+            _ => self.http.as_ref(),
+        }
+    }
+
+    /// What each of the part's claims on `key` is called in a conflict warning
+    /// (one per claim, as the full build warns once per lost claim).
+    fn claim_names(&self, key: &Key) -> Vec<String> {
+        match key {
+            Key::Tcp(port) => vec![format!("haproxy_tcp port {port}")],
+            Key::Local(_) => Vec::new(),
+            _ => self
+                .claims
+                .iter()
+                .filter(|c| c.key() == *key)
+                .map(|c| match c {
+                    Claim::Host(host, path) if &**path == "/" => format!("host {host}"),
+                    Claim::Host(host, path) => format!("host {host} path {path}"),
+                    Claim::Path(_, what) => what.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The part's own warnings (before any conflict with another service).
+    fn warnings(&self) -> impl Iterator<Item = String> + '_ {
+        self.notes
+            .iter()
+            .cloned()
+            .chain(self.refused.iter().map(Refused::to_string))
+    }
+}
+
+/// One name the HTTP backend of a service claims (shared with every table
+/// built from this part: no allocation per build).
 #[derive(Debug)]
 enum Claim {
-    /// A lower-case host name and a path prefix under it (shared with every
-    /// table built from this part: no allocation per build).
-    Host(Arc<str>, String),
+    /// A lower-case host name and a path prefix under it.
+    Host(Arc<str>, Arc<str>),
     /// A host-independent path prefix, and what claims it (for warnings).
-    Path(String, String),
+    Path(Arc<str>, String),
 }
 
-/// The parts of the last table by (service, datacenter), with the spec each was
-/// made from. A spec that did not change reuses its part: no allocation, no
-/// registry lookups, and its backends keep their round-robin position (a rebuild
-/// no longer restarts every weighted sequence). A build then costs a few hash
-/// inserts per service.
-#[derive(Debug, Default)]
-pub struct BackendCache {
-    parts: HashMap<(String, String), (ServiceSpec, Arc<Part>)>,
-    /// The TCP listener ports the parts were compiled against.
-    tcp_listeners: BTreeSet<u16>,
+impl Claim {
+    fn key(&self) -> Key {
+        match self {
+            Claim::Host(host, path) => Key::Host(host.clone(), path.clone()),
+            Claim::Path(path, _) => Key::Path(path.clone()),
+        }
+    }
 }
 
-/// A table under construction and what went wrong so far.
+/// A spec and the part it claims with.
+type Claimant = (SpecKey, Arc<Part>);
+
+/// The claimants of each key (the first one wins): what lets a delta decide
+/// again only the keys it touches.
+type Claims = HashMap<Key, Claimants>;
+
+/// The claimants of one key, in [`SpecKey`] order, each spec once. Nearly
+/// every key has one (a conflict is the exception), kept inline: the index
+/// costs no allocation per key.
+#[derive(Debug)]
+enum Claimants {
+    One(Claimant),
+    Many(Vec<Claimant>),
+}
+
+impl Claimants {
+    fn as_slice(&self) -> &[Claimant] {
+        match self {
+            Claimants::One(c) => std::slice::from_ref(c),
+            Claimants::Many(v) => v,
+        }
+    }
+
+    /// Adds (or replaces) the claim of `c`'s spec, in order.
+    fn insert(&mut self, c: Claimant) {
+        match self {
+            Claimants::One(one) if one.0 == c.0 => *one = c,
+            Claimants::One(one) => {
+                let mut list = vec![one.clone(), c];
+                list.sort_by(|a, b| a.0.cmp(&b.0));
+                *self = Claimants::Many(list);
+            }
+            Claimants::Many(list) => match list.binary_search_by(|(k, _)| k.cmp(&c.0)) {
+                Ok(i) => list[i] = c,
+                Err(i) => list.insert(i, c),
+            },
+        }
+    }
+
+    /// Takes `key`'s claim out; false when none is left.
+    fn remove(&mut self, key: &SpecKey) -> bool {
+        match self {
+            Claimants::One(one) => one.0 != *key,
+            Claimants::Many(list) => {
+                list.retain(|(k, _)| k != key);
+                if list.len() == 1
+                    && let Some(last) = list.pop()
+                {
+                    *self = Claimants::One(last);
+                }
+                !matches!(self, Claimants::Many(l) if l.is_empty())
+            }
+        }
+    }
+}
+
+/// A table under construction from nothing, and what went wrong so far.
 struct Builder<'c> {
     table: RoutingTable,
-    names: Naming,
-    policy: &'c BackendPolicy,
-    /// Ports of this table's TCP listeners.
-    tcp_listeners: BTreeSet<u16>,
     warnings: Vec<String>,
-    /// Parts of the previous table (taken when reused).
-    previous: HashMap<(String, String), (ServiceSpec, Arc<Part>)>,
-    /// Parts of this table.
-    next: HashMap<(String, String), (ServiceSpec, Arc<Part>)>,
+    /// The claimants of each key, when the caller keeps them for deltas.
+    claims: Option<&'c mut Claims>,
 }
 
-impl Builder<'_> {
-    fn add_service(&mut self, spec: &ServiceSpec, health: &HealthRegistry) {
-        let key = (spec.name.clone(), spec.datacenter.clone());
-        let part = match self.previous.remove(&key) {
-            Some((was, part)) if was == *spec => {
-                self.next.insert(key, (was, part.clone()));
-                part
-            }
-            _ => {
-                let part = Arc::new(compile(spec, &self.names, self.policy, &self.tcp_listeners, health));
-                self.next.insert(key, (spec.clone(), part.clone()));
-                part
-            }
-        };
-        self.assemble(&part);
+impl<'c> Builder<'c> {
+    fn new(cfg: &TableConfig, claims: Option<&'c mut Claims>) -> Self {
+        Self {
+            table: RoutingTable::empty(cfg),
+            warnings: Vec::new(),
+            claims,
+        }
     }
 
     /// Makes the claims of `part` (earlier, alphabetically first, services win).
-    fn assemble(&mut self, part: &Part) {
-        self.warnings.extend(part.notes.iter().cloned());
-        self.warnings.extend(part.refused.iter().map(Refused::to_string));
-        self.table.refused.extend(part.refused.iter().cloned());
+    /// Parts come in [`SpecKey`] order.
+    fn assemble(&mut self, key: &SpecKey, part: &Arc<Part>) {
+        self.warnings.extend(part.warnings());
+        if !part.refused.is_empty() {
+            self.table.refused.insert(key.clone(), part.clone());
+        }
         if let Some(backend) = &part.http {
-            self.table.backends.push(backend.clone());
+            self.table.backends.insert(key.clone(), backend.clone());
             if let Some(name) = &part.local_name {
                 self.table.local.entry(name.clone()).or_insert_with(|| backend.clone());
             }
@@ -780,19 +1203,82 @@ impl Builder<'_> {
                 }
             }
         }
-    }
-
-    fn claim_host(&mut self, host: &Arc<str>, path: &str, backend: &Arc<Backend>) {
-        let prefixes = self.table.hosts.entry(host.clone()).or_default();
-        if let Err(owner) = prefixes.claim(path, backend) {
-            let what = if path == "/" {
-                format!("host {host}")
-            } else {
-                format!("host {host} path {path}")
-            };
-            self.warnings.push(conflict(&what, &owner, backend));
+        if let Some(claims) = self.claims.as_deref_mut() {
+            for k in part.keys() {
+                let claimant = (key.clone(), part.clone());
+                match claims.entry(k) {
+                    std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().insert(claimant),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(Claimants::One(claimant));
+                    }
+                }
+            }
         }
     }
+
+    fn claim_host(&mut self, host: &Arc<str>, path: &Arc<str>, backend: &Arc<Backend>) {
+        let root = &**path == "/";
+        let owner = match self.table.hosts.entry(host.clone()) {
+            // The common case (a service's own names) stays inline, one lookup.
+            imbl::hashmap::Entry::Vacant(e) if root => {
+                e.insert(HostRoutes::Root(backend.clone()));
+                return;
+            }
+            imbl::hashmap::Entry::Occupied(e) if root && matches!(e.get(), HostRoutes::Root(_)) => match e.get() {
+                HostRoutes::Root(owner) => owner.clone(),
+                // Not reached: the guard matched Root.
+                HostRoutes::Prefixes(_) => return,
+            },
+            entry => {
+                let mut map = match &entry {
+                    imbl::hashmap::Entry::Occupied(e) => e.get().to_map(),
+                    imbl::hashmap::Entry::Vacant(_) => PrefixMap::default(),
+                };
+                let claimed = map.claim(path, backend);
+                if let Some(routes) = HostRoutes::of(map) {
+                    match entry {
+                        imbl::hashmap::Entry::Occupied(mut e) => {
+                            e.insert(routes);
+                        }
+                        imbl::hashmap::Entry::Vacant(e) => {
+                            e.insert(routes);
+                        }
+                    }
+                }
+                match claimed {
+                    Ok(()) => return,
+                    Err(owner) => owner,
+                }
+            }
+        };
+        if Arc::ptr_eq(&owner, backend) {
+            return;
+        }
+        let what = if root {
+            format!("host {host}")
+        } else {
+            format!("host {host} path {path}")
+        };
+        self.warnings.push(conflict(&what, &owner, backend));
+    }
+}
+
+/// The conflict warnings of one key: each claim of each claimant after the
+/// first one lost to it.
+fn key_warnings(key: &Key, claimants: Option<&Claimants>) -> Vec<String> {
+    let Some([(_, first), rest @ ..]) = claimants.map(Claimants::as_slice) else {
+        return Vec::new();
+    };
+    let Some(winner) = first.backend_for(key) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (_, part) in rest {
+        if let Some(loser) = part.backend_for(key) {
+            out.extend(part.claim_names(key).iter().map(|what| conflict(what, winner, loser)));
+        }
+    }
+    out
 }
 
 /// What `spec` asks of the table: its backends and the names they claim, less
@@ -834,7 +1320,7 @@ fn compile(
             compile_local_http(spec, &name, &http, names, &mut part);
         } else {
             let host = dotted(&[&name, "service", &dc, &names.domain]);
-            part.claims.push(Claim::Host(host.into(), "/".into()));
+            part.claims.push(Claim::Host(host.into(), names.root.clone()));
         }
     }
     // Another datacenter's ports are that datacenter's load balancers' business.
@@ -870,7 +1356,7 @@ fn compile_local_http(spec: &ServiceSpec, name: &str, http: &[&InstanceSpec], na
         hosts.push(format!("{name}{add}"));
     }
     part.claims
-        .extend(hosts.into_iter().map(|h| Claim::Host(h.into(), "/".into())));
+        .extend(hosts.into_iter().map(|h| Claim::Host(h.into(), names.root.clone())));
     part.local_name = Some(name.into());
 
     check_agreement(spec, "haproxy_route", http, &mut part.notes, |t| t.routes.clone());
@@ -880,7 +1366,7 @@ fn compile_local_http(spec: &ServiceSpec, name: &str, http: &[&InstanceSpec], na
         .collect();
     for route in routes {
         part.claims
-            .push(Claim::Path(route.to_owned(), format!("haproxy_route {route}")));
+            .push(Claim::Path(route.into(), format!("haproxy_route {route}")));
     }
 
     check_agreement(spec, "urlprefix-", http, &mut part.notes, |t| {
@@ -895,8 +1381,8 @@ fn compile_local_http(spec: &ServiceSpec, name: &str, http: &[&InstanceSpec], na
         .collect();
     for (host, path) in prefixes {
         part.claims.push(match host {
-            Some(host) => Claim::Host(host.into(), path.to_owned()),
-            None => Claim::Path(path.to_owned(), format!("urlprefix-{path}")),
+            Some(host) => Claim::Host(host.into(), path.into()),
+            None => Claim::Path(path.into(), format!("urlprefix-{path}")),
         });
     }
 }
@@ -1058,6 +1544,51 @@ mod tests {
         assert_eq!(health.route_count(), MAX_RETIRED_ROUTES);
     }
 
+    /// The delta's version of the same bound: routes that leave go at once
+    /// when they never served, the others are kept up to MAX_RETIRED_ROUTES
+    /// (oldest out first), a route that comes back is live again, and the
+    /// queue of retired routes stays bounded however often routes come and go.
+    #[test]
+    fn retired_routes_are_bounded_by_delta_too() {
+        let health = HealthRegistry::new();
+        let _ = health.route_counters("quiet", "dc1");
+        health.retire_routes([("quiet", "dc1")], []);
+        assert_eq!(health.route_count(), 0, "never served: gone at once");
+        let names: Vec<String> = (0..MAX_RETIRED_ROUTES + 100).map(|i| format!("gone{i}")).collect();
+        for n in &names {
+            health.route_counters(n, "dc1").record(200, std::time::Duration::ZERO);
+        }
+        health.retire_routes(names.iter().map(|n| (n.as_str(), "dc1")), []);
+        assert_eq!(health.route_count(), MAX_RETIRED_ROUTES);
+        assert_eq!(health.route_total("gone0", "dc1"), None, "the oldest went first");
+        assert_eq!(health.route_total("gone100", "dc1"), Some(1));
+        // Back in a table: live, and no longer counted against the bound.
+        health.retire_routes([], [("gone100", "dc1")]);
+        let more: Vec<String> = (0..10).map(|i| format!("more{i}")).collect();
+        for n in &more {
+            health.route_counters(n, "dc1").record(200, std::time::Duration::ZERO);
+        }
+        health.retire_routes(more.iter().map(|n| (n.as_str(), "dc1")), []);
+        assert_eq!(
+            health.route_total("gone100", "dc1"),
+            Some(1),
+            "live routes are never evicted"
+        );
+        assert_eq!(health.route_count(), MAX_RETIRED_ROUTES + 1);
+        // A route flapping in and out many times leaves the bookkeeping bounded.
+        for _ in 0..10 * MAX_RETIRED_ROUTES {
+            health.retire_routes([("gone100", "dc1")], []);
+            health.retire_routes([], [("gone100", "dc1")]);
+        }
+        let book = health.routes.lock().unwrap();
+        assert!(
+            book.retired.len() <= 2 * MAX_RETIRED_ROUTES + 64,
+            "{}",
+            book.retired.len()
+        );
+        assert_eq!(book.retired_count, MAX_RETIRED_ROUTES - 1, "gone100 is live again");
+    }
+
     #[test]
     fn local_service_host_forms() {
         let t = build(&[web()]);
@@ -1111,9 +1642,10 @@ mod tests {
         let b = t.backends().next().expect("the other instance still routes");
         assert_eq!(b.instances.len(), 1);
         assert_eq!(b.instances[0].addr, addr(2, 8080));
-        assert_eq!(t.refused().len(), 1);
-        assert_eq!(t.refused()[0].reason, Refusal::OwnListener { listener: "admin" });
-        assert_eq!(t.refused()[0].instance.as_deref(), Some("i1"));
+        let refused: Vec<&Refused> = t.refused().collect();
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].reason, Refusal::OwnListener { listener: "admin" });
+        assert_eq!(refused[0].instance.as_deref(), Some("i1"));
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(warnings[0].contains("admin"), "{warnings:?}");
 
@@ -1135,7 +1667,7 @@ mod tests {
         let (t, _) = build_with(&c, &specs);
         let ports: Vec<u16> = t.tcp_ports().map(|(p, _)| p).collect();
         assert_eq!(ports, vec![5000]);
-        let reasons: Vec<_> = t.refused().iter().map(|r| (r.port, r.reason.clone())).collect();
+        let reasons: Vec<_> = t.refused().map(|r| (r.port, r.reason.clone())).collect();
         assert_eq!(
             reasons,
             vec![
@@ -1158,15 +1690,22 @@ mod tests {
             spec("a", "dc1", vec![inst(1, &["haproxy_tcp=5000"])]),
             spec("b", "dc1", vec![at(inst(2, &["haproxy"]), "127.0.0.1:5000")]),
         ];
-        let mut cache = BackendCache::default();
-        let refs: Vec<&ServiceSpec> = specs.iter().collect();
-        let (t, _) = RoutingTable::build_cached(&c, &refs, &HealthRegistry::new(), &mut cache);
-        assert_eq!(t.refused().len(), 1);
-        assert_eq!(t.refused()[0].reason, Refusal::OwnTcpListener);
-        // a's port goes away: b is taken again (the cached part is not reused).
-        let (t, _) = RoutingTable::build_cached(&c, &refs[1..], &HealthRegistry::new(), &mut cache);
-        assert!(t.refused().is_empty());
-        assert_eq!(to(&t, Some("b.service.consul"), "/"), "b@dc1");
+        let health = HealthRegistry::new();
+        let mut state = TableState::new(c);
+        for s in &specs {
+            state.set(s.clone());
+        }
+        state.apply(&health);
+        let t = state.table();
+        let refused: Vec<&Refused> = t.refused().collect();
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].reason, Refusal::OwnTcpListener);
+        // a's port goes away: b is taken again (the compiled part is not reused).
+        state.remove("a", "dc1");
+        assert!(state.apply(&health).full, "the listener ports moved: a full build");
+        let t = state.table();
+        assert_eq!(t.refused().count(), 0);
+        assert_eq!(to(t, Some("b.service.consul"), "/"), "b@dc1");
     }
 
     #[test]
@@ -1179,8 +1718,8 @@ mod tests {
         let (t, warnings) = build_with(&cfg(), &specs);
         assert_eq!(t.backends().count(), 1);
         assert_eq!(t.tcp_ports().count(), 0);
-        assert_eq!(t.refused().len(), 2);
-        assert!(t.refused().iter().all(|r| r.reason == Refusal::Name));
+        assert_eq!(t.refused().count(), 2);
+        assert!(t.refused().all(|r| r.reason == Refusal::Name));
         assert_eq!(warnings.len(), 2);
         // Host names that would carry such a name into a Consul query.
         assert_eq!(other_datacenter_name("a?b.service.dc2.consul", ".consul"), None);

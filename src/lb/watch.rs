@@ -2,32 +2,36 @@
 //!
 //! ```text
 //!  CatalogView (consul::catalog) ──new picture──▶ services whose entry changed
-//!      (an Arc comparison per service: unchanged ones cost nothing to skip)
+//!      (OrdMap::diff against the last picture: the two share every node the
+//!      change did not touch, so this costs the change, not the catalog)
 //!      ──▶ ServiceSpec of each LB-tagged service (passing instances, parsed tags)
 //!  remote::run ──Update──▶ other datacenters' specs
 //!  KvView haproxy/ ──▶ maxconn per service
-//!            └──▶ RoutingTable::build, ArcSwap::store (requests in flight keep
-//!                 the table they started with); the first table from a complete
-//!                 picture makes the lb ready
+//!            └──▶ TableState::apply (by delta: the changed services' claims
+//!                 only), ArcSwap::store (requests in flight keep the table they
+//!                 started with); the first table from a complete picture makes
+//!                 the lb ready; every RESYNC_EVERY a full build re-checks it
 //! ```
 //!
 //! On a Consul outage the view keeps its last picture, so the last good table
 //! stays live; `LbState::consul_ok` and the view's age say so.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use imbl::ordmap::DiffItem;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::LbState;
-use super::table::{BackendCache, InstanceSpec, RoutingTable, ServiceSpec, TableConfig};
+use super::table::{Applied, InstanceSpec, ServiceSpec, TableConfig, TableState};
 use super::tags::parse_tags;
 use crate::consul::kv::KvTree;
-use crate::consul::{CatalogView, KvView, ServiceEntry};
+use crate::consul::{CatalogView, KvView, ServiceEntry, Services};
 
 /// A service's instances in another datacenter (None: no longer watched).
 pub(super) struct Update {
@@ -49,12 +53,110 @@ fn is_lb_tag(tag: &str) -> bool {
         || tag.starts_with("urlprefix-")
 }
 
-/// What the builder has built from, so the next picture costs only what changed.
-struct Inputs {
-    /// The entry each local spec was made from.
-    seen: HashMap<String, Arc<ServiceEntry>>,
-    /// Every spec by (service, datacenter).
-    specs: BTreeMap<(String, String), ServiceSpec>,
+/// How often the table is built whole from the specs, however few the changes:
+/// the delta is checked against it (a difference is logged) and any drift healed.
+const RESYNC_EVERY: Duration = Duration::from_secs(600);
+
+/// The watcher's per-change step, apart from the channels: takes pictures of the
+/// catalog and other datacenters' specs, and turns them into the next table at a
+/// cost proportional to what changed. Public so that `benches/lb_table.rs`
+/// measures the path `run` takes.
+pub struct Feed {
+    /// The local datacenter, which the catalog's specs are of.
+    datacenter: String,
+    /// The catalog as last taken: the next picture is diffed against it (the
+    /// two share every node a change did not touch, so that is cheap).
+    last: Services,
+    /// The specs and the table they make.
+    tables: TableState,
+}
+
+/// What one [`Feed::publish`] did.
+#[derive(Debug, Clone, Copy)]
+pub struct Published {
+    /// Specs in the table.
+    pub services: usize,
+    /// Instance addresses in the table.
+    pub instances: usize,
+    /// How long building and swapping took.
+    pub built: Duration,
+    /// True when the table was built whole rather than changed by delta.
+    pub full: bool,
+}
+
+impl Feed {
+    /// A feed that has seen nothing yet.
+    pub fn new(config: TableConfig) -> Self {
+        Self {
+            datacenter: config.local_datacenter.clone(),
+            last: Services::new(),
+            tables: TableState::new(config),
+        }
+    }
+
+    /// Takes a new picture of the local catalog; returns how many specs changed.
+    pub fn catalog(&mut self, services: &Services) -> usize {
+        let mut changed = 0;
+        for d in self.last.diff(services) {
+            let queued = match d {
+                DiffItem::Add(name, entry) | DiffItem::Update { new: (name, entry), .. } => {
+                    if entry.tags.iter().any(|t| is_lb_tag(t)) {
+                        self.tables.set(service_spec(entry, &self.datacenter))
+                    } else {
+                        self.tables.remove(name, &self.datacenter)
+                    }
+                }
+                DiffItem::Remove(name, _) => self.tables.remove(name, &self.datacenter),
+            };
+            changed += usize::from(queued);
+        }
+        self.last = services.clone();
+        changed
+    }
+
+    /// Takes another datacenter's spec; false when it changes nothing.
+    pub(super) fn remote(&mut self, u: Update) -> bool {
+        match u.spec {
+            Some(spec) => self.tables.set(spec),
+            None => self.tables.remove(&u.service, &u.datacenter),
+        }
+    }
+
+    /// Applies what changed to the table, swaps it into `state` (the registry
+    /// forgets the addresses and routes that left), and logs the warnings that
+    /// are new.
+    pub fn publish(&mut self, state: &LbState) -> Published {
+        let started = Instant::now();
+        let applied = self.tables.apply(&state.health);
+        state.table.store(Arc::new(self.tables.table().clone()));
+        self.published(started, applied)
+    }
+
+    /// Builds the table whole (the periodic re-sync), checks that the table the
+    /// deltas made routes the same, and swaps it into `state`.
+    pub fn resync(&mut self, state: &LbState) -> Published {
+        let started = Instant::now();
+        let before = self.tables.table().clone();
+        let applied = self.tables.rebuild(&state.health);
+        if let Err(difference) = self.tables.same_routes(&before) {
+            tracing::warn!(%difference, "lb: the re-sync found the table out of step with its specs; rebuilt");
+        }
+        state.table.store(Arc::new(self.tables.table().clone()));
+        self.published(started, applied)
+    }
+
+    fn published(&self, started: Instant, applied: Applied) -> Published {
+        let built = started.elapsed();
+        for w in &applied.new_warnings {
+            tracing::warn!("lb: {w}");
+        }
+        Published {
+            services: self.tables.services(),
+            instances: self.tables.instances(),
+            built,
+            full: applied.full,
+        }
+    }
 }
 
 /// Builds tables from `catalog`, `maxconn` and `remote` until shutdown; returns
@@ -67,15 +169,10 @@ pub(super) async fn run(
     state: Arc<LbState>,
     shutdown: CancellationToken,
 ) {
-    let datacenter = config.local_datacenter.clone();
     let mut pictures = catalog.subscribe();
     let mut kv = maxconn.subscribe();
-    let mut inputs = Inputs {
-        seen: HashMap::new(),
-        specs: BTreeMap::new(),
-    };
-    let mut last_warnings: HashSet<String> = HashSet::new();
-    let mut backends = BackendCache::default();
+    let mut feed = Feed::new(config);
+    let mut resync_at = Instant::now() + RESYNC_EVERY;
     apply_maxconn(&state, &kv.borrow_and_update());
     loop {
         let mut earliest: Option<Instant> = None;
@@ -93,8 +190,7 @@ pub(super) async fn run(
             u = remote.recv() => match u {
                 Some(u) => {
                     earliest = Some(u.received);
-                    apply_remote(&mut inputs, u);
-                    dirty = true;
+                    dirty |= feed.remote(u);
                 }
                 None => return,
             },
@@ -106,103 +202,61 @@ pub(super) async fn run(
                 apply_maxconn(&state, &kv.borrow_and_update());
                 continue;
             }
+            _ = tokio::time::sleep_until(resync_at.into()), if state.is_ready() => {
+                resync_at = Instant::now() + RESYNC_EVERY;
+                let p = feed.resync(&state);
+                state.stats.table_built(p.built);
+                state.changes.send_modify(|n| *n += 1);
+                tracing::debug!(services = p.services, build_us = p.built.as_micros() as u64, "lb: routing table re-synced");
+                continue;
+            }
         }
         // Everything already queued goes into this one table.
         while let Ok(u) = remote.try_recv() {
             earliest = Some(earliest.map_or(u.received, |e| e.min(u.received)));
-            apply_remote(&mut inputs, u);
-            dirty = true;
+            dirty |= feed.remote(u);
         }
         let picture = pictures.borrow_and_update().clone();
         state.consul_ok.store(catalog.status().ok(), Ordering::Relaxed);
         if !picture.complete {
             continue;
         }
-        if (local_changed || !state.is_ready()) && apply_catalog(&mut inputs, &picture.services, &datacenter) > 0 {
+        if (local_changed || !state.is_ready()) && feed.catalog(&picture.services) > 0 {
             earliest = Some(earliest.map_or(picture.received, |e| e.min(picture.received)));
             dirty = true;
         }
         if !dirty && state.is_ready() {
             continue;
         }
-        let started = Instant::now();
-        let specs: Vec<&ServiceSpec> = inputs.specs.values().collect();
-        let (table, warnings) = RoutingTable::build_cached(&config, &specs, &state.health, &mut backends);
-        let live: HashSet<SocketAddr> = specs.iter().flat_map(|s| s.instances.iter().map(|i| i.addr)).collect();
-        state.health.retain(&live);
-        state
-            .health
-            .retain_routes(specs.iter().map(|s| (s.name.as_str(), s.datacenter.as_str())));
-        state.table.store(Arc::new(table));
-        let built = started.elapsed();
+        let Published {
+            services,
+            instances,
+            built,
+            full,
+        } = feed.publish(&state);
         state.stats.table_built(built);
         state.changes.send_modify(|n| *n += 1);
         if let Some(earliest) = earliest {
             state.stats.propagation(earliest.elapsed());
         }
-        let first = state.set_ready();
-        let warnings: HashSet<String> = warnings.into_iter().collect();
-        for w in warnings.difference(&last_warnings) {
-            tracing::warn!("lb: {w}");
-        }
-        last_warnings = warnings;
-        if first {
+        if state.set_ready() {
             tracing::info!(
-                services = specs.len(),
-                instances = live.len(),
+                services,
+                instances,
                 build_ms = built.as_secs_f64() * 1000.0,
                 "lb: first routing table built; answering requests"
             );
         } else {
             tracing::info!(
-                services = specs.len(),
-                instances = live.len(),
+                services,
+                instances,
+                full,
                 build_us = built.as_micros() as u64,
                 propagation_us = earliest.map_or(0, |e| e.elapsed().as_micros() as u64),
                 "lb: routing table updated"
             );
         }
     }
-}
-
-/// Takes a new catalog picture into `inputs`; returns how many services changed.
-fn apply_catalog(inputs: &mut Inputs, services: &BTreeMap<String, Arc<ServiceEntry>>, datacenter: &str) -> usize {
-    let mut touched = 0;
-    let gone: Vec<String> = inputs
-        .seen
-        .keys()
-        .filter(|name| !services.contains_key(*name))
-        .cloned()
-        .collect();
-    for name in gone {
-        inputs.seen.remove(&name);
-        inputs.specs.remove(&(name, datacenter.to_string()));
-        touched += 1;
-    }
-    for (name, entry) in services {
-        if inputs.seen.get(name).is_some_and(|seen| Arc::ptr_eq(seen, entry)) {
-            continue;
-        }
-        let key = (name.clone(), datacenter.to_string());
-        let had = inputs.specs.contains_key(&key);
-        inputs.seen.insert(name.clone(), entry.clone());
-        if entry.tags.iter().any(|t| is_lb_tag(t)) {
-            inputs.specs.insert(key, service_spec(entry, datacenter));
-            touched += 1;
-        } else if had {
-            inputs.specs.remove(&key);
-            touched += 1;
-        }
-    }
-    touched
-}
-
-fn apply_remote(inputs: &mut Inputs, u: Update) {
-    let key = (u.service, u.datacenter);
-    match u.spec {
-        Some(spec) => inputs.specs.insert(key, spec),
-        None => inputs.specs.remove(&key),
-    };
 }
 
 fn apply_maxconn(state: &LbState, tree: &KvTree) {
@@ -311,26 +365,83 @@ mod tests {
         })
     }
 
+    fn cfg() -> TableConfig {
+        TableConfig {
+            consul_domain: "consul".into(),
+            local_datacenter: "dc1".into(),
+            add_domain: None,
+            landing_hosts: Vec::new(),
+            policy: Default::default(),
+        }
+    }
+
+    fn names(feed: &Feed) -> Vec<&str> {
+        feed.tables.specs().map(|s| s.name.as_str()).collect()
+    }
+
     #[test]
     fn only_changed_services_are_rebuilt() {
-        let mut inputs = Inputs {
-            seen: HashMap::new(),
-            specs: BTreeMap::new(),
-        };
+        let state = LbState::new(&cfg());
+        let mut feed = Feed::new(cfg());
         let web = entry("web", &["haproxy"], 80);
         let db = entry("db", &["other"], 5432);
-        let mut services = BTreeMap::from([("web".to_string(), web.clone()), ("db".to_string(), db)]);
-        assert_eq!(apply_catalog(&mut inputs, &services, "dc1"), 1);
-        assert_eq!(inputs.specs.len(), 1);
-        // The same Arcs again: nothing to do.
-        assert_eq!(apply_catalog(&mut inputs, &services, "dc1"), 0);
+        let mut services = Services::from_iter([("web".to_string(), web.clone()), ("db".to_string(), db)]);
+        assert_eq!(feed.catalog(&services), 1);
+        assert!(feed.publish(&state).full, "the first table is built whole");
+        assert_eq!(names(&feed), ["web"]);
+        // The same picture again: nothing to do.
+        assert_eq!(feed.catalog(&services.clone()), 0);
+        // A new entry with the same spec, or an untagged service changing: nothing either.
+        services.insert("web".into(), entry("web", &["haproxy"], 80));
+        services.insert("db".into(), entry("db", &["other"], 5433));
+        assert_eq!(feed.catalog(&services), 0);
         // web loses its tag, api arrives, db leaves.
         services.insert("web".into(), entry("web", &["x"], 80));
         services.insert("api".into(), entry("api", &["haproxy_tcp=5000"], 5000));
         services.remove("db");
-        assert_eq!(apply_catalog(&mut inputs, &services, "dc1"), 3);
-        let names: Vec<&str> = inputs.specs.keys().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["api"]);
+        assert_eq!(feed.catalog(&services), 2);
+        let p = feed.publish(&state);
+        assert!(p.full, "api's port is a new listener: a full build");
+        assert_eq!(names(&feed), ["api"]);
+        // A weight change is a delta.
+        services.insert(
+            "api".into(),
+            entry("api", &["haproxy_tcp=5000", "haproxy_weight=5"], 5000),
+        );
+        assert_eq!(feed.catalog(&services), 1);
+        let p = feed.publish(&state);
+        assert!(!p.full);
+        let table = state.table.load();
+        let (port, backend) = table.tcp_ports().next().expect("api's port");
+        assert_eq!((port, backend.instances[0].weight), (5000, 5));
+    }
+
+    /// The registry follows the delta: an address that left every spec is
+    /// forgotten, and so is a route that never served.
+    #[test]
+    fn the_registry_forgets_what_a_delta_took_away() {
+        let state = LbState::new(&cfg());
+        let mut feed = Feed::new(cfg());
+        let mut services = Services::from_iter([
+            ("web".to_string(), entry("web", &["haproxy"], 80)),
+            ("api".to_string(), entry("api", &["haproxy"], 81)),
+        ]);
+        feed.catalog(&services);
+        feed.publish(&state);
+        assert_eq!((state.health.addr_count(), state.health.route_count()), (2, 2));
+        services.remove("api");
+        feed.catalog(&services);
+        assert!(!feed.publish(&state).full);
+        assert_eq!((state.health.addr_count(), state.health.route_count()), (1, 1));
+        let gone = SocketAddr::from(([10, 0, 0, 1], 81));
+        assert!(
+            !state
+                .table
+                .load()
+                .backends()
+                .any(|b| b.instances.iter().any(|i| i.addr == gone)),
+            "api's instance is out of the table"
+        );
     }
 
     #[test]

@@ -517,7 +517,11 @@ async fn the_view_agrees_with_consuls_summary() {
         let picture = view.current();
         let mut out = Vec::new();
         if summary.len() != picture.services.len() {
-            out.push(format!("{} lines vs {:?}", summary.len(), picture.services.keys()));
+            out.push(format!(
+                "{} lines vs {:?}",
+                summary.len(),
+                picture.services.keys().collect::<Vec<_>>()
+            ));
         }
         for line in summary {
             let consul_line = wayfinder::consul::catalog::SummaryLine::from(line.clone());

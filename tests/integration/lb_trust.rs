@@ -16,7 +16,6 @@ fn refusals(up: &Up, service: &str) -> Vec<Refusal> {
         lb.table
             .load()
             .refused()
-            .iter()
             .filter(|r| r.service == service)
             .map(|r| r.reason.clone())
             .collect()
@@ -189,7 +188,6 @@ async fn backend_networks_limit_where_the_lb_connects() {
             .table
             .load()
             .refused()
-            .iter()
             .any(|r| r.service == outside && r.reason == Refusal::OutsideNetworks)
     })
     .await;
