@@ -1459,7 +1459,8 @@ mod tests {
         }
     }
 
-    fn spec(name: &str, dc: &str, instances: Vec<InstanceSpec>) -> ServiceSpec {
+    /// A spec of `name` in `dc` (also used by `delta`'s tests).
+    pub(super) fn spec(name: &str, dc: &str, instances: Vec<InstanceSpec>) -> ServiceSpec {
         ServiceSpec {
             name: name.into(),
             datacenter: dc.into(),

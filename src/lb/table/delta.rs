@@ -601,6 +601,7 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
+    use super::super::tests::spec;
     use super::*;
 
     fn cfg() -> TableConfig {
@@ -623,14 +624,6 @@ mod tests {
             node: "n1".into(),
             addr: addr.parse().unwrap(),
             tags: parsed,
-        }
-    }
-
-    fn spec(name: &str, dc: &str, instances: Vec<InstanceSpec>) -> ServiceSpec {
-        ServiceSpec {
-            name: name.into(),
-            datacenter: dc.into(),
-            instances,
         }
     }
 
