@@ -492,29 +492,28 @@ print(int(min(meds)) if meds else 0)
 EOF
 }
 
+# h2load_rounds KIND RATE: $rounds rounds of h2load_run over the HTTP proxies,
+# the first one rotating from round to round.
+h2load_rounds() {
+  local r k
+  for r in $(seq 1 "$rounds"); do
+    for k in "${!l7[@]}"; do
+      h2load_run "$r" "${l7[$(((r - 1 + k) % ${#l7[@]}))]}" "$1" "$2"
+    done
+  done
+}
+
 if [ "$lat_seconds" -gt 0 ]; then
   rate=${lat_rps:-$(python3 -c "print(int($(median_reqs "$results") * $lat_share))")}
   echo "HTTP/1.1 fixed rate: $rate req/s (h2load --h1 -c $lat_conns --rps, ${lat_seconds}s), $rounds rounds"
-  for r in $(seq 1 "$rounds"); do
-    for k in "${!l7[@]}"; do
-      h2load_run "$r" "${l7[$(((r - 1 + k) % ${#l7[@]}))]}" h1 "$rate"
-    done
-  done
+  h2load_rounds h1 "$rate"
 fi
 if [ "$tls" = 1 ] && [ "$lat_seconds" -gt 0 ]; then
   echo "HTTP/2 over TLS throughput: h2load -c $lat_conns -m 10, ${lat_seconds}s, $rounds rounds"
-  for r in $(seq 1 "$rounds"); do
-    for k in "${!l7[@]}"; do
-      h2load_run "$r" "${l7[$(((r - 1 + k) % ${#l7[@]}))]}" h2 0
-    done
-  done
+  h2load_rounds h2 0
   rate=${lat_rps:-$(python3 -c "print(int($(median_reqs "$tmp/h2load.tsv" h2) * $lat_share))")}
   echo "HTTP/2 over TLS fixed rate: $rate req/s"
-  for r in $(seq 1 "$rounds"); do
-    for k in "${!l7[@]}"; do
-      h2load_run "$r" "${l7[$(((r - 1 + k) % ${#l7[@]}))]}" h2 "$rate"
-    done
-  done
+  h2load_rounds h2 "$rate"
 fi
 
 # --- summary ---------------------------------------------------------------------------------
