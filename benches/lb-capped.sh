@@ -403,6 +403,9 @@ if [ "${PROFILE:-0}" = 1 ]; then
     perf_pid=$!
     perf record -q -F 4999 -g -o "$tmp/perf-$p.data" -p "$(IFS=,; echo "${ppids[*]}")" -- sleep "$((run_seconds + 1))" 2>"$tmp/perf-record-$p.err" &
     record_pid=$!
+    # Who the proxy wakes (the sched_wakeup tracepoint fires in the waker's context).
+    perf record -q -e sched:sched_wakeup -o "$tmp/wakeups-$p.data" -p "$(IFS=,; echo "${ppids[*]}")" -- sleep "$((run_seconds + 1))" 2>"$tmp/wakeups-record-$p.err" &
+    wakeups_pid=$!
     sleep 0.5
     if [ "$profile_kind" = h2 ]; then
       timeout $((run_seconds + 30)) "${load_pin[@]}" h2load -c 16 -m 10 -D "$run_seconds" -H ':authority: web.service' \
@@ -414,6 +417,8 @@ if [ "${PROFILE:-0}" = 1 ]; then
     fi
     wait "$perf_pid" || die "perf stat failed: $(cat "$tmp/perf-$p.err")"
     wait "$record_pid" || die "perf record failed: $(cat "$tmp/perf-record-$p.err")"
+    wait "$wakeups_pid" || die "perf record (wake-ups) failed: $(cat "$tmp/wakeups-record-$p.err")"
+    perf script -i "$tmp/wakeups-$p.data" -F trace 2>/dev/null | sed -n 's/^comm=\([^ ]*\) .*/\1/p' | sort | uniq -c | sort -rn >"$tmp/wakeups-$p.txt" || true
     # Where the time goes: the hottest symbols (kernel and user), self time.
     perf report -q -i "$tmp/perf-$p.data" --no-children --sort dso,sym --percent-limit 1.5 2>/dev/null \
       | grep -v '^$' | grep -v '^ *|' | grep -v -- '---' | head -n 25 >"$tmp/perf-top-$p.txt" || true
@@ -434,9 +439,9 @@ if [ "${PROFILE:-0}" = 1 ]; then
     fi
     kill -INT "$strace_pid"
     wait "$strace_pid" || true
-    python3 - "$p" "$tmp/perf-$p.csv" "$tmp/profile-$p.out" "$ut0" "$ut1" "$tmp/strace-$p.txt" "$n_strace" "$tids" "$clk_tck" "$profile_kind" <<'EOF'
+    python3 - "$p" "$tmp/perf-$p.csv" "$tmp/profile-$p.out" "$ut0" "$ut1" "$tmp/strace-$p.txt" "$n_strace" "$tids" "$clk_tck" "$profile_kind" "$tmp/wakeups-$p.txt" <<'EOF'
 import re, sys
-p, perf, out, ut0, ut1, strace, n_strace, tids, hz, kind = sys.argv[1:]
+p, perf, out, ut0, ut1, strace, n_strace, tids, hz, kind, wakeups = sys.argv[1:]
 text = open(out).read()
 if kind == "h2":
     reqs = int(re.search(r"^requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", text, re.M).group(1))
@@ -463,6 +468,8 @@ for line in open(strace):
         rows.append((int(m.group(1)), m.group(2)))
 rows.sort(reverse=True)
 print(f"  strace -c per request (h2load {'-c 16 -m 10, h2/TLS' if kind == 'h2' else '--h1 -c 16'}): " + ", ".join(f"{name} {calls / int(n_strace):.2f}" for calls, name in rows[:8]))
+woken = [line.split() for line in open(wakeups) if line.strip()]
+print("  wakes per request, by who is woken: " + (", ".join(f"{w[1]} {int(w[0]) / reqs:.3f}" for w in woken[:6]) or "none recorded"))
 EOF
     echo "  hottest symbols (perf record, self time; full data: KEEP_TMP=1, $tmp/perf-$p.data):"
     sed 's/^/    /' "$tmp/perf-top-$p.txt"

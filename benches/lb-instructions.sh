@@ -10,6 +10,10 @@
 #
 # Environment (all optional):
 #   SECONDS       length of the measured wrk run under callgrind, seconds     (10)
+#   CACHE_SIM=1   also simulate the caches and branch predictor (callgrind
+#                 --cache-sim=yes --branch-sim=yes; slower): L1 instruction and
+#                 data misses, last-level misses and mispredicted branches per
+#                 request, which say why fewer instructions can take longer
 #   KEEP_TMP=1    keep the temp dir (configs, logs, callgrind output)
 #
 # Method: start the proxy under callgrind (Wayfinder with `[lb] workers = 1`,
@@ -54,11 +58,15 @@ write_lb_config "$p_http" "$p_cdns" "$p_wf"
 printf 'register = ""\nworkers = 1\n' >>"$tmp/wayfinder.toml"
 write_haproxy_config "$haproxy_bin" "$p_hap" "$p_b1" "$p_b2"
 
-# measure NAME PORT CMD...: prints "NAME requests instructions per-request".
+sim_args=()
+[ "${CACHE_SIM:-0}" = 1 ] && sim_args=(--cache-sim=yes --branch-sim=yes)
+
+# measure NAME PORT CMD...: prints "NAME requests instructions per-request"
+# (and with CACHE_SIM=1 writes the simulated misses to $tmp/NAME.sim).
 measure() {
   local name=$1 port=$2
   shift 2
-  start "$name" env RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$tmp/$name.cg" "$@"
+  start "$name" env RUST_LOG=warn valgrind --tool=callgrind "${sim_args[@]}" --callgrind-out-file="$tmp/$name.cg" "$@"
   local ok=""
   for _ in $(seq 150); do
     check_alive
@@ -80,6 +88,28 @@ measure() {
   done
   [ "${requests:-0}" -gt 0 ] || die "$name: wrk completed no request"
   kill -TERM "${pid_of[$name]}" 2>/dev/null || true
+  if [ "${CACHE_SIM:-0}" = 1 ]; then
+    # The dump with the most instructions is the measured run; its `events:` and
+    # `summary:` lines carry every simulated counter.
+    python3 - "$requests" "$tmp/$name.cg".* >"$tmp/$name.sim" <<'EOF'
+import sys
+requests, files = int(sys.argv[1]), sys.argv[2:]
+best = None
+for f in files:
+    events = summary = None
+    for line in open(f, errors="replace"):
+        if line.startswith("events:"):
+            events = line.split()[1:]
+        elif line.startswith(("summary:", "totals:")):
+            summary = [int(x) for x in line.split()[1:]]
+    if events and summary and (best is None or summary[0] > best[1][0]):
+        best = (events, summary)
+if best:
+    c = dict(zip(*best))
+    per = lambda *names: sum(c.get(n, 0) for n in names) / requests
+    print(f"{per('I1mr'):.0f} {per('D1mr', 'D1mw'):.0f} {per('ILmr', 'DLmr', 'DLmw'):.0f} {per('Bcm', 'Bim'):.0f}")
+EOF
+  fi
   echo "$name $requests $total $((total / requests))"
 }
 
@@ -92,4 +122,12 @@ for line in "$wf" "$hap"; do
   printf '%-10s %10s %16s %14s\n' $line
 done
 awk -v a="${wf##* }" -v b="${hap##* }" 'BEGIN { printf "wayfinder / haproxy instructions per request: %.2f (below 1: Wayfinder is cheaper)\n", a / b }'
+if [ "${CACHE_SIM:-0}" = 1 ]; then
+  echo "simulated per request (callgrind --cache-sim=yes --branch-sim=yes):"
+  printf '%-10s %10s %10s %10s %12s\n' proxy 'I1 misses' 'D1 misses' 'LL misses' 'mispredicts'
+  for name in wayfinder haproxy; do
+    # shellcheck disable=SC2046 # four numbers
+    printf '%-10s %10s %10s %10s %12s\n' "$name" $(cat "$tmp/$name.sim")
+  done
+fi
 echo "$BENCH_NAME: done in ${SECONDS}s"

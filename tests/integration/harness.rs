@@ -763,6 +763,8 @@ pub struct HttpBackend {
     pub name: String,
     /// When false, `/health` answers 503 (for active checks).
     pub healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Connections accepted so far.
+    pub accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     shutdown: CancellationToken,
 }
 
@@ -776,6 +778,8 @@ impl HttpBackend {
         let body_name = name.to_string();
         let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let health_flag = healthy.clone();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted_count = accepted.clone();
         tokio::spawn(async move {
             let conns = tokio_util::task::TaskTracker::new();
             loop {
@@ -783,23 +787,27 @@ impl HttpBackend {
                     _ = stop.cancelled() => break,
                     a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
                 };
+                accepted_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let name = body_name.clone();
                 let stop = stop.clone();
                 let health_flag = health_flag.clone();
                 conns.spawn(async move {
-                    let service = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let name = name.clone();
                         let healthy = health_flag.load(std::sync::atomic::Ordering::Relaxed);
                         async move {
                             if req.uri().path() == "/health" && !healthy {
-                                let mut resp =
-                                    http::Response::new(http_body_util::Full::new(bytes::Bytes::from("sick")));
+                                let mut resp = http::Response::new(Answer::sized(bytes::Bytes::from("sick")));
                                 *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
                                 return Ok::<_, std::convert::Infallible>(resp);
                             }
                             if req.uri().path() == "/slow" {
                                 tokio::time::sleep(Duration::from_millis(400)).await;
                             }
+                            let mut req = match special_answer(&name, req).await {
+                                Ok(resp) => return Ok(resp),
+                                Err(req) => req,
+                            };
                             if req.headers().contains_key("upgrade") {
                                 // An echo protocol after 101, standing in for WebSocket.
                                 let upgrade = hyper::upgrade::on(&mut req);
@@ -809,7 +817,7 @@ impl HttpBackend {
                                         let _ = tokio::io::copy(&mut r, &mut w).await;
                                     }
                                 });
-                                let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+                                let mut resp = http::Response::new(Answer::sized(bytes::Bytes::new()));
                                 *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
                                 resp.headers_mut()
                                     .insert("connection", http::HeaderValue::from_static("upgrade"));
@@ -817,7 +825,7 @@ impl HttpBackend {
                                     .insert("upgrade", http::HeaderValue::from_static("echo"));
                                 return Ok(resp);
                             }
-                            let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(name)));
+                            let mut resp = http::Response::new(Answer::sized(bytes::Bytes::from(name)));
                             for (h, seen) in [
                                 ("x-forwarded-for", "x-seen-xff"),
                                 ("x-forwarded-proto", "x-seen-proto"),
@@ -847,7 +855,80 @@ impl HttpBackend {
             addr,
             name: name.to_string(),
             healthy,
+            accepted,
             shutdown,
+        }
+    }
+}
+
+/// The backend's answers with other kinds of body: `/empty` is 204, `/chunked`
+/// sends `name` in three chunks of unknown length, and a POST is answered
+/// with `<name> got <n>` once its `n`-byte body is read. Any other request is
+/// handed back.
+async fn special_answer(
+    name: &str,
+    req: http::Request<hyper::body::Incoming>,
+) -> Result<http::Response<Answer>, http::Request<hyper::body::Incoming>> {
+    use http_body_util::BodyExt;
+    if req.method() == http::Method::POST {
+        let n = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+        return Ok(http::Response::new(Answer::sized(format!("{name} got {n}").into())));
+    }
+    match req.uri().path() {
+        "/empty" => {
+            let mut resp = http::Response::new(Answer::sized(bytes::Bytes::new()));
+            *resp.status_mut() = http::StatusCode::NO_CONTENT;
+            Ok(resp)
+        }
+        "/chunked" => {
+            let third = name.len().div_ceil(3);
+            let chunks = name.as_bytes().chunks(third.max(1));
+            Ok(http::Response::new(Answer {
+                frames: chunks.map(bytes::Bytes::copy_from_slice).collect(),
+                sized: false,
+            }))
+        }
+        _ => Err(req),
+    }
+}
+
+/// A test backend's response body: its frames, and whether its length is
+/// known (sent with Content-Length, else chunked).
+pub struct Answer {
+    frames: std::collections::VecDeque<bytes::Bytes>,
+    sized: bool,
+}
+
+impl Answer {
+    /// One frame of known length.
+    pub fn sized(data: bytes::Bytes) -> Self {
+        Self {
+            frames: std::iter::once(data).filter(|d| !d.is_empty()).collect(),
+            sized: true,
+        }
+    }
+}
+
+impl hyper::body::Body for Answer {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.frames.pop_front().map(|d| Ok(hyper::body::Frame::data(d))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        if self.sized {
+            hyper::body::SizeHint::with_exact(self.frames.iter().map(|f| f.len() as u64).sum())
+        } else {
+            hyper::body::SizeHint::default()
         }
     }
 }

@@ -212,6 +212,71 @@ async fn forwarding_headers_are_added() {
     assert_ne!(h1["x-seen-unique-id"], h2["x-seen-unique-id"]);
 }
 
+/// Backend sessions are reused whatever the body: one client asking in turn
+/// for sized, chunked, empty (204) and HEAD answers and sending POST bodies
+/// keeps one backend connection; eight clients at once keep about eight. A
+/// session that is not given back (or not seen as ready) costs a connection
+/// per request, hundreds here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_sessions_are_reused_whatever_the_body() {
+    let (svc, backend, lb) = one_service("reuse", "reused", &["haproxy"], "").await;
+    let host = format!("{svc}.service");
+    let url = |path: &str| format!("http://{}{path}", lb.addr);
+    let before = backend.accepted.load(Ordering::Relaxed);
+    for i in 0..40 {
+        let (status, body, _) = lb.get(&host, "/").await;
+        assert_eq!((status, body.as_str()), (200, "reused"), "sized, request {i}");
+        let (status, body, headers) = lb.get(&host, "/chunked").await;
+        assert_eq!((status, body.as_str()), (200, "reused"), "chunked, request {i}");
+        assert_eq!(
+            headers.get("transfer-encoding").map(|v| v.as_bytes()),
+            Some(&b"chunked"[..])
+        );
+        let (status, body, _) = lb.get(&host, "/empty").await;
+        assert_eq!((status, body.as_str()), (204, ""), "204, request {i}");
+        let head = lb.client.head(url("/")).header("Host", &host).send().await.unwrap();
+        assert_eq!(head.status(), 200, "HEAD, request {i}");
+        let post = lb
+            .client
+            .post(url("/"))
+            .header("Host", &host)
+            .body(vec![b'x'; 3000 + i]);
+        let post = post.send().await.unwrap();
+        assert_eq!(
+            post.text().await.unwrap(),
+            format!("reused got {}", 3000 + i),
+            "POST {i}"
+        );
+    }
+    let in_turn = backend.accepted.load(Ordering::Relaxed) - before;
+    assert!(
+        in_turn <= 1,
+        "200 requests in turn opened {in_turn} backend connections"
+    );
+
+    let before = backend.accepted.load(Ordering::Relaxed);
+    let mut clients = tokio::task::JoinSet::new();
+    for c in 0..8 {
+        let (addr, host) = (lb.addr, host.clone());
+        clients.spawn(async move {
+            let client = crate::harness::http_client();
+            for i in 0..25 {
+                let path = if i % 2 == 0 { "/" } else { "/chunked" };
+                let (status, body, _) = crate::harness::get_with(&client, addr, &host, path).await;
+                assert_eq!((status, body.as_str()), (200, "reused"), "client {c}, request {i}");
+            }
+        });
+    }
+    while let Some(done) = clients.join_next().await {
+        done.unwrap();
+    }
+    let at_once = backend.accepted.load(Ordering::Relaxed) - before;
+    assert!(
+        at_once <= 16,
+        "200 requests from 8 clients opened {at_once} backend connections"
+    );
+}
+
 /// With Consul gone the last good routes stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_outage_keeps_the_routes() {
