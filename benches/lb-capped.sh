@@ -35,6 +35,10 @@
 #                 syscall mix (strace -c) of every capped proxy
 #   PROFILE_KIND  h1 (wrk, plain HTTP/1.1) or h2 (h2load -c16 -m10, HTTP/2
 #                 over TLS) for PROFILE=1                                        (h1)
+#   PERF_CALLGRAPH  perf record --call-graph for PROFILE=1: fp, or dwarf to see
+#                 callers through code built without frame pointers (Rust's
+#                 release code, libc's memmove)                                 (fp)
+#   PERF_FREQ     perf record -F for PROFILE=1 (lower it with dwarf)             (4999)
 #   KEEP_TMP=1    keep the temp dir (configs, logs, raw wrk/h2load output)
 #
 # Every proxy does the same work per request (benches/lib.sh configures all three
@@ -393,7 +397,10 @@ if [ "${PROFILE:-0}" = 1 ]; then
   command -v perf >/dev/null 2>&1 || apt_install_missing linux-perf
   command -v strace >/dev/null 2>&1 || apt_install_missing strace
   n_strace=${PROFILE_REQUESTS:-20000}
-  for p in "${proxies[@]}"; do
+  # tcp-limit has no TLS listener: the h2 profile is of the HTTP proxies only.
+  profiled=("${proxies[@]}")
+  [ "$profile_kind" = h1 ] || profiled=("${l7[@]}")
+  for p in "${profiled[@]}"; do
     cap "$p" >/dev/null
     mapfile -t ppids < <(tree_pids "${pid_of[$p]}")
     tids=$(for q in "${ppids[@]}"; do ls "/proc/$q/task"; done | wc -l)
@@ -401,7 +408,7 @@ if [ "${PROFILE:-0}" = 1 ]; then
     perf stat -x, -o "$tmp/perf-$p.csv" -e task-clock,context-switches,cpu-migrations,raw_syscalls:sys_enter,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_epoll_wait,sched:sched_wakeup \
       -p "$(IFS=,; echo "${ppids[*]}")" -- sleep "$((run_seconds + 1))" 2>"$tmp/perf-$p.err" &
     perf_pid=$!
-    perf record -q -F 4999 -g -o "$tmp/perf-$p.data" -p "$(IFS=,; echo "${ppids[*]}")" -- sleep "$((run_seconds + 1))" 2>"$tmp/perf-record-$p.err" &
+    perf record -q -F "${PERF_FREQ:-4999}" --call-graph "${PERF_CALLGRAPH:-fp}" -o "$tmp/perf-$p.data" -p "$(IFS=,; echo "${ppids[*]}")" -- sleep "$((run_seconds + 1))" 2>"$tmp/perf-record-$p.err" &
     record_pid=$!
     # Who the proxy wakes (the sched_wakeup tracepoint fires in the waker's context).
     perf record -q -e sched:sched_wakeup -o "$tmp/wakeups-$p.data" -p "$(IFS=,; echo "${ppids[*]}")" -- sleep "$((run_seconds + 1))" 2>"$tmp/wakeups-record-$p.err" &
