@@ -193,7 +193,10 @@ zones_dir = "/nonexistent/wayfinder-bench-zones"
             LbAnswers::new(&config.dns.wildcard_targets, config.dns.wildcard_ttl),
             Arc::new(Zones::new(&config.dns.zones_dir)),
             Arc::new(DnsStats::default()),
-            shutdown.clone(),
+            wayfinder::dns::forward::ReaderTasks {
+                shutdown: shutdown.clone(),
+                ..Default::default()
+            },
         )
     };
     let src = SocketAddr::from((Ipv4Addr::LOCALHOST, 40000));

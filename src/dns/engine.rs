@@ -163,13 +163,14 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Builds the engine; must run inside the tokio runtime (forwarder sockets).
+    /// Builds the engine; must run inside the tokio runtime (forwarder
+    /// sockets). The forwarders' socket readers run in `readers`.
     pub fn new(
         config: &Config,
         lb: Arc<LbAnswers>,
         zones: Arc<Zones>,
         stats: Arc<DnsStats>,
-        shutdown: tokio_util::sync::CancellationToken,
+        readers: super::forward::ReaderTasks,
     ) -> Self {
         let dns = &config.dns;
         let service = Name::from_ascii("service")
@@ -193,7 +194,7 @@ impl Engine {
                     pool_loopback: true,
                     max_forwarded: dns.max_forwarded,
                 },
-                shutdown.clone(),
+                readers.clone(),
             ),
             upstream: Forwarder::new(
                 &dns.upstreams,
@@ -204,7 +205,7 @@ impl Engine {
                     pool_loopback: false,
                     max_forwarded: dns.max_forwarded,
                 },
-                shutdown,
+                readers,
             ),
             cache: answer_cache(dns.cache_bytes, dns.serve_stale),
             generation: AtomicU64::new(1),

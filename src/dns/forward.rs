@@ -23,9 +23,10 @@
 //! The cost is a `socket` + `connect` + `close` per forwarded question.
 //!
 //! Consul on a loopback address keeps a pool of four long-lived connected
-//! sockets: nothing off the host can send from 127.0.0.0/8 (the kernel drops
-//! such martians on every other interface), and Consul questions are the hot
-//! forwarded path (never cached). An ICMP error there fails every question
+//! sockets, each read by a task of [`ReaderTasks`] (tracked; one that ends
+//! before shutdown ends the dns with an error). Nothing off the host can send
+//! from 127.0.0.0/8 (the kernel drops such martians on every other
+//! interface), and Consul questions are the hot forwarded path (never cached). An ICMP error there fails every question
 //! waiting on that socket: they all went to the same dead agent.
 //!
 //! The UDP workers ask that first pooled server themselves, on sockets of
@@ -44,6 +45,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::stats::RouteStats;
 use super::wire::{self, Query, Template};
@@ -156,8 +158,50 @@ pub struct Forwarder {
     slots: Slots,
     /// Questions on the wire right now, by cache key, with the queries merged into them.
     inflight: Mutex<HashMap<Box<[u8]>, Vec<Waiter>>>,
-    /// Stops the pool reader tasks.
+    /// Where the pool sockets' readers run.
+    readers: ReaderTasks,
+}
+
+/// Where a forwarder runs the readers of its pooled sockets: in the dns's
+/// task tracker (waited for at shutdown), until `shutdown`. A reader that ends
+/// before that (a panic) cancels `failed`, and the dns, which watches it,
+/// ends with [`super::DnsError::ReaderDied`]: its supervisor restarts it
+/// rather than let every pooled question time out.
+#[derive(Clone, Default)]
+pub struct ReaderTasks {
+    /// The dns's task tracker.
+    pub tasks: TaskTracker,
+    /// Ends the readers.
+    pub shutdown: CancellationToken,
+    /// Cancelled when a reader ended before `shutdown`.
+    pub failed: CancellationToken,
+}
+
+impl ReaderTasks {
+    fn spawn(&self, reader: impl Future<Output = ()> + Send + 'static) {
+        let ended = EndedEarly {
+            shutdown: self.shutdown.clone(),
+            failed: self.failed.clone(),
+        };
+        self.tasks.spawn(async move {
+            let _ended = ended;
+            reader.await;
+        });
+    }
+}
+
+/// Dropped when a reader's task ends, also by a panic's unwinding.
+struct EndedEarly {
     shutdown: CancellationToken,
+    failed: CancellationToken,
+}
+
+impl Drop for EndedEarly {
+    fn drop(&mut self) {
+        if !self.shutdown.is_cancelled() {
+            self.failed.cancel();
+        }
+    }
 }
 
 struct Server {
@@ -191,7 +235,7 @@ fn now_ms() -> u64 {
 
 impl Forwarder {
     /// A forwarder to `servers` (in failover order).
-    pub fn new(servers: &[SocketAddr], options: ForwardOptions, shutdown: CancellationToken) -> Self {
+    pub fn new(servers: &[SocketAddr], options: ForwardOptions, readers: ReaderTasks) -> Self {
         Self {
             servers: servers
                 .iter()
@@ -208,7 +252,7 @@ impl Forwarder {
                 limit: options.max_forwarded,
             },
             inflight: Mutex::new(HashMap::new()),
-            shutdown,
+            readers,
         }
     }
 
@@ -590,14 +634,14 @@ impl Server {
     fn pool<'a>(
         &self,
         pool: &'a OnceLock<Vec<PooledSocket>>,
-        shutdown: &CancellationToken,
+        readers: &ReaderTasks,
     ) -> Result<&'a [PooledSocket], ExchangeError> {
         if let Some(pool) = pool.get() {
             return Ok(pool);
         }
         let mut sockets = Vec::with_capacity(POOL_SIZE);
         for _ in 0..POOL_SIZE {
-            sockets.push(PooledSocket::connect(self.addr, shutdown.clone())?);
+            sockets.push(PooledSocket::connect(self.addr, readers)?);
         }
         // Another task may have won the race; its pool is used and ours dropped.
         Ok(pool.get_or_init(|| sockets))
@@ -614,7 +658,7 @@ impl Server {
         let ForwardOptions { recursion, payload, .. } = fwd.options;
         let (response, cut) = match &self.pool {
             Some(pool) => {
-                let pool = self.pool(pool, &fwd.shutdown)?;
+                let pool = self.pool(pool, &fwd.readers)?;
                 let socket = &pool[self.next.fetch_add(1, Ordering::Relaxed) % pool.len()];
                 (socket.exchange(query, recursion, payload, limit).await?, false)
             }
@@ -683,10 +727,14 @@ async fn fresh_exchange(
 }
 
 impl PooledSocket {
-    fn connect(addr: SocketAddr, shutdown: CancellationToken) -> Result<Self, ExchangeError> {
+    fn connect(addr: SocketAddr, readers: &ReaderTasks) -> Result<Self, ExchangeError> {
         let socket = Arc::new(connected_udp(addr)?);
         let pending: Arc<Mutex<HashMap<u16, PendingQuery>>> = Arc::default();
-        tokio::spawn(read_responses(socket.clone(), pending.clone(), shutdown));
+        readers.spawn(read_responses(
+            socket.clone(),
+            pending.clone(),
+            readers.shutdown.clone(),
+        ));
         Ok(Self { socket, pending })
     }
 
@@ -831,6 +879,28 @@ async fn tcp_exchange(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reader that panics cancels `failed` (the dns then stops with an
+    /// error); readers that end at shutdown do not, and the tracker waits for
+    /// them.
+    #[tokio::test]
+    async fn a_reader_that_dies_before_shutdown_is_loud() {
+        let readers = ReaderTasks::default();
+        readers.spawn(async { panic!("reader bug") });
+        tokio::time::timeout(Duration::from_secs(5), readers.failed.cancelled())
+            .await
+            .expect("a panicked reader cancels `failed`");
+
+        let readers = ReaderTasks::default();
+        let shutdown = readers.shutdown.clone();
+        readers.spawn(async move { shutdown.cancelled().await });
+        readers.shutdown.cancel();
+        readers.tasks.close();
+        tokio::time::timeout(Duration::from_secs(5), readers.tasks.wait())
+            .await
+            .expect("the tracker waits for the readers, which end at shutdown");
+        assert!(!readers.failed.is_cancelled(), "ending at shutdown is not a failure");
+    }
 
     /// `max_forwarded`: at most `limit` slots are out; a refused take leaves
     /// the count alone (it gives nothing back), and a dropped guard frees one.

@@ -71,6 +71,10 @@ pub enum DnsError {
         /// `returned`, or `panicked: <message>`.
         how: String,
     },
+    /// The reader of a pooled Consul socket ended while the dns was not asked
+    /// to stop (a panic): the dns stops so its supervisor restarts it.
+    #[error("a pooled Consul socket's reader ended unexpectedly")]
+    ReaderDied,
 }
 
 /// Already-bound sockets for [`run`].
@@ -210,12 +214,17 @@ pub async fn run(
         tracing::info!(dir = %dns.zones_dir.display(), "zones directory does not exist; serving no zones");
     }
     let lb = LbAnswers::new(&dns.wildcard_targets, dns.wildcard_ttl);
+    let readers = forward::ReaderTasks {
+        tasks: tasks.clone(),
+        shutdown: local.clone(),
+        failed: CancellationToken::new(),
+    };
     let engine = Arc::new(Engine::new(
         config,
         lb.clone(),
         zones.clone(),
         control.stats.clone(),
-        local.clone(),
+        readers.clone(),
     ));
 
     if lb.follows_consul() {
@@ -267,16 +276,21 @@ pub async fn run(
         "dns listening"
     );
 
-    // The UDP workers only end on shutdown; one that ends before (a panic)
-    // stops the dns with an error, so its supervisor restarts it whole.
+    // The UDP workers and the forwarders' socket readers only end on
+    // shutdown; one that ends before (a panic) stops the dns with an error,
+    // so its supervisor restarts it whole.
     let mut workers = crate::threads::WatchedThreads::new(threads);
     let died = tokio::select! {
         biased;
         _ = shutdown.cancelled() => None,
-        Some(end) = workers.next_end() => Some(end),
+        Some(end) = workers.next_end() => Some(DnsError::WorkerDied {
+            name: end.name,
+            how: end.how,
+        }),
+        _ = readers.failed.cancelled() => Some(DnsError::ReaderDied),
     };
-    if let Some(end) = &died {
-        tracing::error!(thread = %end.name, how = %end.how, "dns: a UDP worker thread ended; stopping");
+    if let Some(error) = &died {
+        tracing::error!(%error, "dns: stopping");
     }
     local.cancel();
     tasks.close();
@@ -284,10 +298,7 @@ pub async fn run(
     workers.wait_all().await;
     tracing::info!("dns stopped");
     match died {
-        Some(end) => Err(DnsError::WorkerDied {
-            name: end.name,
-            how: end.how,
-        }),
+        Some(error) => Err(error),
         None => Ok(()),
     }
 }
