@@ -12,7 +12,9 @@
 //! ```
 //!
 //! The whole group is signalled, so a shell's children go with it; whatever is
-//! left in the group after the leader exits is killed too.
+//! left in the group after the leader exits is killed too. A process that left
+//! the group (setsid) keeps the pipes only until the next start: the output
+//! tasks of a run are aborted then, and when the supervisor ends.
 
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
@@ -158,6 +160,9 @@ pub async fn supervise(
             },
         }
     }
+    // The tasks forwarding the child's stdout and stderr: they end at the
+    // pipes' end, and are aborted at the next start and with this function.
+    let mut output;
     loop {
         handle.set_state(UnitState::Starting);
         let started = Instant::now();
@@ -172,11 +177,15 @@ pub async fn supervise(
                 handle.running(pid, first);
                 first = false;
                 tracing::info!(program = %config.name, pid, "program started");
+                // A process that left the group (setsid) may still hold the
+                // last run's pipes: its lines are forwarded until this start,
+                // when the old set (and with it every task still in it) goes.
+                output = tokio::task::JoinSet::new();
                 if let Some(out) = child.stdout.take() {
-                    tokio::spawn(forward(config.name.clone(), "stdout", out));
+                    output.spawn(forward(config.name.clone(), "stdout", out));
                 }
                 if let Some(err) = child.stderr.take() {
-                    tokio::spawn(forward(config.name.clone(), "stderr", err));
+                    output.spawn(forward(config.name.clone(), "stderr", err));
                 }
                 let outcome = tokio::select! {
                     status = child.wait() => {

@@ -185,6 +185,53 @@ async fn stubborn_program_is_killed_after_stop_timeout_with_its_group() {
     .await;
 }
 
+/// A process that left its program's group (setsid) and kept its stdout is
+/// forwarded no longer than until the program's next start: the supervisor
+/// then closes its end of the old pipe, so that process's writes fail (EPIPE)
+/// instead of being read, by a task per run, for as long as it lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_of_a_process_that_left_the_group_is_let_go_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pidfile, marker) = (dir.path().join("escaped.pid"), dir.path().join("let-go"));
+    let escaped = format!(
+        "trap '' PIPE; echo $$ > {}; while echo tick; do sleep 0.1; done; echo > {}",
+        pidfile.display(),
+        marker.display()
+    );
+    // The first run leaves the writer behind and fails; the second one stays.
+    let script = format!(
+        "[ -e {} ] && exec sleep 1000; setsid sh -c {escaped:?} & sleep 0.3; exit 1",
+        pidfile.display()
+    );
+    let up = Up::start(
+        &format!(
+            "[[supervisor.program]]\nname = \"leaver\"\ncommand = \"sh\"\nargs = [\"-c\", {script:?}]\n\
+             restart = \"on-failure\"\n"
+        ),
+        PROGRAMS_ONLY,
+    )
+    .await;
+    up.wait_unit("leaver", Duration::from_secs(10), "started again", |u| {
+        u.state == UnitState::Running && u.restarts >= 1
+    })
+    .await;
+    let escaped_pid: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    let let_go = {
+        let marker = marker.clone();
+        tokio::time::timeout(Duration::from_secs(10), async move {
+            while !marker.exists() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+    };
+    // SAFETY: kill(2) on the pid the escaped shell wrote (it ends by itself
+    // once its writes fail; this covers the failure below).
+    unsafe { libc::kill(escaped_pid as libc::pid_t, libc::SIGKILL) };
+    assert!(let_go.is_ok(), "the old pipe is still read after the next start");
+    up.stop().await;
+}
+
 /// A component whose run keeps failing (the lb with a certificate file that
 /// cannot be used) backs off and ends `failed` after five starts; dns, in the
 /// same supervisor, keeps answering all the while.
