@@ -406,190 +406,215 @@ impl Proxy {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, client: &ClientConn) -> Response<ProxyBody> {
-        let started = Instant::now();
-        let head_bytes: usize = req
-            .headers()
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 4)
-            .sum::<usize>()
-            + req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
-        if head_bytes > MAX_HEADER_BYTES {
-            let mut resp = error_page(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "The request headers are too large.",
-            );
-            if req.version() < http::Version::HTTP_2 {
+    // `handle` and `forward` are plain fns around an `async move` block: an
+    // `async fn` keeps each argument twice in its future (the argument and
+    // the local it is moved into), and this future is copied into a box per
+    // request (`service`; benches/README.md, lb-capped step 7).
+    #[expect(clippy::manual_async_fn, reason = "an async fn keeps its arguments twice")]
+    fn handle<'a>(
+        &'a self,
+        req: Request<Incoming>,
+        client: &'a ClientConn,
+    ) -> impl Future<Output = Response<ProxyBody>> + 'a {
+        async move {
+            let started = Instant::now();
+            let head_bytes: usize = req
+                .headers()
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum::<usize>()
+                + req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+            if head_bytes > MAX_HEADER_BYTES {
+                let mut resp = error_page(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "The request headers are too large.",
+                );
+                if req.version() < http::Version::HTTP_2 {
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                self.state
+                    .stats
+                    .requests
+                    .record(resp.status().as_u16(), started.elapsed());
+                return resp;
+            }
+            // Until the first table from a complete read of Consul is live, an empty
+            // table would answer 503 for services that exist: wait for it instead.
+            if !self.state.is_ready() && !self.state.wait_ready(self.ready_timeout).await {
+                let mut resp = error_page(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "The load balancer is still reading the service catalog from Consul.",
+                );
                 resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                self.state
+                    .stats
+                    .requests
+                    .record(resp.status().as_u16(), started.elapsed());
+                return resp;
             }
+            let table = self.state.table.load_full();
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| req.uri().host());
+            let route = table.route(host, req.uri().path());
+            let response = match route {
+                Route::Landing => super::status::landing_page(&self.state),
+                Route::NotFound => error_page(StatusCode::SERVICE_UNAVAILABLE, "No service answers to this name."),
+                Route::OtherDatacenter(None) => {
+                    if let Some(host) = host {
+                        self.state.want_datacenter(host);
+                    }
+                    error_page(StatusCode::SERVICE_UNAVAILABLE, "No service answers to this name.")
+                }
+                Route::Backend(backend) | Route::OtherDatacenter(Some(backend)) => {
+                    if let (Route::OtherDatacenter(_), Some(host)) = (&route, host) {
+                        self.state.want_datacenter(host);
+                    }
+                    let backend = backend.clone();
+                    drop(table);
+                    let response = self.forward(req, client, &backend).await;
+                    backend.counters.record(response.status().as_u16(), started.elapsed());
+                    response
+                }
+            };
             self.state
                 .stats
                 .requests
-                .record(resp.status().as_u16(), started.elapsed());
-            return resp;
+                .record(response.status().as_u16(), started.elapsed());
+            response
         }
-        // Until the first table from a complete read of Consul is live, an empty
-        // table would answer 503 for services that exist: wait for it instead.
-        if !self.state.is_ready() && !self.state.wait_ready(self.ready_timeout).await {
-            let mut resp = error_page(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "The load balancer is still reading the service catalog from Consul.",
-            );
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            self.state
-                .stats
-                .requests
-                .record(resp.status().as_u16(), started.elapsed());
-            return resp;
-        }
-        let table = self.state.table.load_full();
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().host());
-        let route = table.route(host, req.uri().path());
-        let response = match route {
-            Route::Landing => super::status::landing_page(&self.state),
-            Route::NotFound => error_page(StatusCode::SERVICE_UNAVAILABLE, "No service answers to this name."),
-            Route::OtherDatacenter(None) => {
-                if let Some(host) = host {
-                    self.state.want_datacenter(host);
-                }
-                error_page(StatusCode::SERVICE_UNAVAILABLE, "No service answers to this name.")
-            }
-            Route::Backend(backend) | Route::OtherDatacenter(Some(backend)) => {
-                if let (Route::OtherDatacenter(_), Some(host)) = (&route, host) {
-                    self.state.want_datacenter(host);
-                }
-                let backend = backend.clone();
-                drop(table);
-                let response = self.forward(req, client, &backend).await;
-                backend.counters.record(response.status().as_u16(), started.elapsed());
-                response
-            }
-        };
-        self.state
-            .stats
-            .requests
-            .record(response.status().as_u16(), started.elapsed());
-        response
     }
 
-    async fn forward(&self, mut req: Request<Incoming>, client: &ClientConn, backend: &Backend) -> Response<ProxyBody> {
-        let wants_upgrade = req.headers().contains_key(header::UPGRADE);
-        let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (parts, body) = req.into_parts();
-        // A request without a body can be sent again after any failure that
-        // happened before a response; one with a body only before it was sent.
-        let bodiless = !parts.headers.contains_key(header::TRANSFER_ENCODING)
-            && parts
-                .headers
-                .get(header::CONTENT_LENGTH)
-                .is_none_or(|v| v.as_bytes() == b"0");
-        let mut body = Some(body);
-        // Built once; rebuilt only for a retry (rare), not cloned per attempt.
-        let first_headers = self.outgoing_headers(&parts, client, wants_upgrade);
-        let unique_id = first_headers.get(X_UNIQUE_ID).cloned();
-        let mut headers = Some(first_headers);
-        let uri = parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
-        let mut tried = Tried::default();
-        let maxconn = self
-            .state
-            .maxconn
-            .load()
-            .get(&backend.service)
-            .copied()
-            .unwrap_or(super::DEFAULT_MAXCONN);
-        for attempt in 0..MAX_ATTEMPTS {
-            let Some(instance) = self.pick_with_capacity(backend, maxconn, &tried).await else {
-                if tried.len == 0 && !backend.instances.is_empty() {
-                    return error_page(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "Every instance of this service is busy.",
-                    );
+    // A plain fn around an `async move` block, as `handle`.
+    #[expect(clippy::manual_async_fn, reason = "an async fn keeps its arguments twice")]
+    fn forward<'a>(
+        &'a self,
+        mut req: Request<Incoming>,
+        client: &'a ClientConn,
+        backend: &'a Backend,
+    ) -> impl Future<Output = Response<ProxyBody>> + 'a {
+        async move {
+            let wants_upgrade = req.headers().contains_key(header::UPGRADE);
+            let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
+            let (parts, body) = req.into_parts();
+            // A request without a body can be sent again after any failure that
+            // happened before a response; one with a body only before it was sent.
+            let bodiless = !parts.headers.contains_key(header::TRANSFER_ENCODING)
+                && parts
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .is_none_or(|v| v.as_bytes() == b"0");
+            let mut body = Some(body);
+            // Built once; rebuilt only for a retry (rare), not cloned per attempt.
+            let first_headers = self.outgoing_headers(&parts, client, wants_upgrade);
+            let unique_id = first_headers.get(X_UNIQUE_ID).cloned();
+            let mut headers = Some(first_headers);
+            let uri = parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+            let mut tried = Tried::default();
+            let maxconn = self
+                .state
+                .maxconn
+                .load()
+                .get(&backend.service)
+                .copied()
+                .unwrap_or(super::DEFAULT_MAXCONN);
+            for attempt in 0..MAX_ATTEMPTS {
+                let Some(instance) = self.pick_with_capacity(backend, maxconn, &tried).await else {
+                    if tried.len == 0 && !backend.instances.is_empty() {
+                        return error_page(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "Every instance of this service is busy.",
+                        );
+                    }
+                    break;
+                };
+                tried.push(instance.addr);
+                if attempt > 0 {
+                    self.state.stats.retries.fetch_add(1, Ordering::Relaxed);
                 }
-                break;
-            };
-            tried.push(instance.addr);
-            if attempt > 0 {
-                self.state.stats.retries.fetch_add(1, Ordering::Relaxed);
-            }
-            // pick_with_capacity reserved a slot; it is released when the response
-            // body is done, or on any early return.
-            let release = Release(&instance.health);
-            let mut session = match self.pool.checkout(instance.addr, self.connect_timeout).await {
-                Ok(s) => s,
-                Err(error) => {
-                    tracing::warn!(service = %backend.service, instance = %instance.id, addr = %instance.addr, %error,
-                        "lb: cannot connect; instance ejected, trying another");
-                    self.state.health.eject(&instance.health, self.eject_ms);
-                    continue;
-                }
-            };
-            let out_body: ProxyBody = if bodiless {
-                empty()
-            } else {
-                match body.take() {
-                    Some(b) => RequestBody::new(b, client.activity.clone()).boxed(),
-                    None => break,
-                }
-            };
-            let mut out = Request::new(out_body);
-            *out.method_mut() = parts.method.clone();
-            *out.uri_mut() = uri.clone();
-            *out.headers_mut() = headers.take().unwrap_or_else(|| {
-                // A retry: same request, same X-Unique-ID.
-                let mut h = self.outgoing_headers(&parts, client, wants_upgrade);
-                if let Some(id) = &unique_id {
-                    h.insert(X_UNIQUE_ID, id.clone());
-                }
-                h
-            });
-            let sent = tokio::time::timeout(self.server_timeout, session.send_request(out)).await;
-            match sent {
-                Ok(Ok(mut resp)) => {
-                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                        if let Some(client) = client_upgrade {
-                            let server = hyper::upgrade::on(&mut resp);
-                            let (idle, shutdown) = (self.tunnel_timeout, self.shutdown.clone());
-                            self.tunnels
-                                .spawn(async move { splice_upgraded(client, server, idle, &shutdown).await });
-                        }
+                // pick_with_capacity reserved a slot; it is released when the response
+                // body is done, or on any early return.
+                let release = Release(&instance.health);
+                let mut session = match self.pool.checkout(instance.addr, self.connect_timeout).await {
+                    Ok(s) => s,
+                    Err(error) => {
+                        tracing::warn!(service = %backend.service, instance = %instance.id, addr = %instance.addr, %error,
+                            "lb: cannot connect; instance ejected, trying another");
+                        self.state.health.eject(&instance.health, self.eject_ms);
+                        continue;
+                    }
+                };
+                // Built in a block of its own: hyper takes the request at once, so
+                // nothing of it is kept in this future across the await.
+                let sent = {
+                    let out_body: ProxyBody = if bodiless {
+                        empty()
                     } else {
-                        self.pool.checkin(instance.addr, session);
-                    }
-                    let (mut parts, body) = resp.into_parts();
-                    if parts.status != StatusCode::SWITCHING_PROTOCOLS {
-                        strip_hop_by_hop(&mut parts.headers);
-                    }
-                    // The instance counts this request until its body is done.
-                    let body = CountedBody {
-                        inner: body,
-                        _release: release.owned(),
+                        match body.take() {
+                            Some(b) => RequestBody::new(b, client.activity.clone()).boxed(),
+                            None => break,
+                        }
                     };
-                    return Response::from_parts(parts, body.boxed());
-                }
-                Ok(Err(error)) => {
-                    tracing::debug!(service = %backend.service, addr = %instance.addr, %error, "lb: backend session failed");
-                    if !bodiless {
-                        return error_page(StatusCode::BAD_GATEWAY, "The service failed while answering.");
+                    let mut out = Request::new(out_body);
+                    *out.method_mut() = parts.method.clone();
+                    *out.uri_mut() = uri.clone();
+                    *out.headers_mut() = headers.take().unwrap_or_else(|| {
+                        // A retry: same request, same X-Unique-ID.
+                        let mut h = self.outgoing_headers(&parts, client, wants_upgrade);
+                        if let Some(id) = &unique_id {
+                            h.insert(X_UNIQUE_ID, id.clone());
+                        }
+                        h
+                    });
+                    tokio::time::timeout(self.server_timeout, session.send_request(out))
+                };
+                let sent = sent.await;
+                match sent {
+                    Ok(Ok(mut resp)) => {
+                        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                            if let Some(client) = client_upgrade {
+                                let server = hyper::upgrade::on(&mut resp);
+                                let (idle, shutdown) = (self.tunnel_timeout, self.shutdown.clone());
+                                self.tunnels
+                                    .spawn(async move { splice_upgraded(client, server, idle, &shutdown).await });
+                            }
+                        } else {
+                            self.pool.checkin(instance.addr, session);
+                        }
+                        let (mut parts, body) = resp.into_parts();
+                        if parts.status != StatusCode::SWITCHING_PROTOCOLS {
+                            strip_hop_by_hop(&mut parts.headers);
+                        }
+                        // The instance counts this request until its body is done.
+                        let body = CountedBody {
+                            inner: body,
+                            _release: release.owned(),
+                        };
+                        return Response::from_parts(parts, body.boxed());
                     }
-                }
-                Err(_) => {
-                    return error_page(StatusCode::GATEWAY_TIMEOUT, "The service did not answer in time.");
+                    Ok(Err(error)) => {
+                        tracing::debug!(service = %backend.service, addr = %instance.addr, %error, "lb: backend session failed");
+                        if !bodiless {
+                            return error_page(StatusCode::BAD_GATEWAY, "The service failed while answering.");
+                        }
+                    }
+                    Err(_) => {
+                        return error_page(StatusCode::GATEWAY_TIMEOUT, "The service did not answer in time.");
+                    }
                 }
             }
+            error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "No instance of this service could be reached.",
+            )
         }
-        error_page(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "No instance of this service could be reached.",
-        )
     }
 
     /// An instance below `maxconn` (PanteraS's per-instance cap), with one
