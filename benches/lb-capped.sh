@@ -405,13 +405,14 @@ if [ "${PROFILE:-0}" = 1 ]; then
     mapfile -t ppids < <(tree_pids "${pid_of[$p]}")
     tids=$(for q in "${ppids[@]}"; do ls "/proc/$q/task"; done | wc -l)
     ut0=$(for q in "${ppids[@]}"; do sed 's/^.*) //' "/proc/$q/stat" | awk '{print $12, $13}'; done | awk '{u += $1; s += $2} END {print u, s}')
+    pid_list=$(IFS=,; echo "${ppids[*]}")
     perf stat -x, -o "$tmp/perf-$p.csv" -e task-clock,context-switches,cpu-migrations,raw_syscalls:sys_enter,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_epoll_wait,sched:sched_wakeup \
-      -p "$(IFS=,; echo "${ppids[*]}")" -- sleep "$((run_seconds + 1))" 2>"$tmp/perf-$p.err" &
+      -p "$pid_list" -- sleep "$((run_seconds + 1))" 2>"$tmp/perf-$p.err" &
     perf_pid=$!
-    perf record -q -F "${PERF_FREQ:-4999}" --call-graph "${PERF_CALLGRAPH:-fp}" -o "$tmp/perf-$p.data" -p "$(IFS=,; echo "${ppids[*]}")" -- sleep "$((run_seconds + 1))" 2>"$tmp/perf-record-$p.err" &
+    perf record -q -F "${PERF_FREQ:-4999}" --call-graph "${PERF_CALLGRAPH:-fp}" -o "$tmp/perf-$p.data" -p "$pid_list" -- sleep "$((run_seconds + 1))" 2>"$tmp/perf-record-$p.err" &
     record_pid=$!
     # Who the proxy wakes (the sched_wakeup tracepoint fires in the waker's context).
-    perf record -q -e sched:sched_wakeup -o "$tmp/wakeups-$p.data" -p "$(IFS=,; echo "${ppids[*]}")" -- sleep "$((run_seconds + 1))" 2>"$tmp/wakeups-record-$p.err" &
+    perf record -q -e sched:sched_wakeup -o "$tmp/wakeups-$p.data" -p "$pid_list" -- sleep "$((run_seconds + 1))" 2>"$tmp/wakeups-record-$p.err" &
     wakeups_pid=$!
     sleep 0.5
     if [ "$profile_kind" = h2 ]; then

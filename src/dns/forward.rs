@@ -26,8 +26,9 @@
 //! sockets, each read by a task of [`ReaderTasks`] (tracked; one that ends
 //! before shutdown ends the dns with an error). Nothing off the host can send
 //! from 127.0.0.0/8 (the kernel drops such martians on every other
-//! interface), and Consul questions are the hot forwarded path (never cached). An ICMP error there fails every question
-//! waiting on that socket: they all went to the same dead agent.
+//! interface), and Consul questions are the hot forwarded path (never
+//! cached). An ICMP error there fails every question waiting on that socket:
+//! they all went to the same dead agent.
 //!
 //! The UDP workers ask that first pooled server themselves, on sockets of
 //! their own (`inline.rs`), under the same `max_forwarded` slots, hold-down
