@@ -30,7 +30,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use cli::{Cli, Command, PeerCommand, VpnCommand};
-use config::ConfigError;
+use config::shared::ConfigError;
 
 /// How long components get to finish after SIGTERM before the process exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

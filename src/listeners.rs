@@ -1,8 +1,8 @@
 //! The appliance's own TCP listeners, and whether an address reaches one.
 //!
 //! ```text
-//!  Config (lb http/https/stats, dns listen, admin, Consul's HTTP/DNS/RPC ports)
-//!      ──OwnListeners::from_config──▶ the control plane's addresses
+//!  every section's listeners (lb http/https/stats, dns listen, admin, Consul's
+//!  HTTP/DNS/RPC ports) ──Config::own_listeners──▶ the control plane's addresses
 //!  an address from Consul ──reaches()──▶ the listener it would connect to, if any
 //! ```
 //!
@@ -16,8 +16,6 @@
 //! socket in FIN_WAIT2 or TIME_WAIT behind in the kernel.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-
-use crate::config::Config;
 
 /// Closes an accepted connection the listener will not serve, with a reset:
 /// nothing queued is sent and the kernel keeps no state for it afterwards
@@ -50,35 +48,6 @@ pub struct OwnListeners {
 }
 
 impl OwnListeners {
-    /// Every TCP listener the configuration asks for, whichever components run.
-    pub fn from_config(config: &Config) -> Self {
-        let mut own = Self::default();
-        own.add("lb http", config.lb.http);
-        if let Some(https) = &config.lb.https {
-            own.add("lb https", https.listen);
-        }
-        if let Some(stats) = config.lb.stats {
-            own.add("lb stats", stats);
-        }
-        for &listen in &config.dns.listen {
-            own.add("dns", listen);
-        }
-        if let Some(admin) = config.supervisor.admin {
-            own.add("admin", admin);
-        }
-        own.add("consul http", config.consul.http);
-        for &dns in &config.consul.dns {
-            own.add("consul dns", dns);
-        }
-        for port in CONSUL_CLUSTER_PORTS {
-            own.add(
-                "consul cluster",
-                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
-            );
-        }
-        own
-    }
-
     /// Adds a listener (a bound socket's real address, e.g. after binding port 0).
     pub fn add(&mut self, what: &'static str, addr: SocketAddr) {
         let listener = OwnListener { what, addr };

@@ -12,7 +12,7 @@ use std::time::Duration;
 use hickory_proto::rr::Name;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ConfigError, parse_domain};
+use crate::config::shared::{ConfigError, parse_domain};
 
 /// `[consul]`: the local Consul agent.
 #[derive(Debug, Clone, Deserialize, Serialize)]

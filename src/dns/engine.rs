@@ -31,11 +31,12 @@ use moka::Expiry;
 use moka::sync::Cache;
 
 use super::forward::{ForwardError, ForwardOptions, Forwarder};
+use super::settings::ConsulARecords;
 use super::stats::{DnsStats, Route};
 use super::wildcard::LbAnswers;
 use super::wire::{self, Malformed, Query, Template, Transport, TtlRewrite, rcode, rtype};
 use super::zones::Zones;
-use crate::config::{Config, ConsulARecords};
+use crate::config::Config;
 
 /// TTL of a stale answer (RFC 8767 section 4 suggests 30 seconds).
 const STALE_TTL: u32 = 30;

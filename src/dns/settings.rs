@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!  wayfinder.toml [dns] + HAPROXY_ADD_DOMAIN, HOST_IP, LISTEN_IP
-//!      ──DnsSection──validate_dns(consul, vpn)──▶ DnsConfig
+//!      ──DnsSection──validate_dns(consul, tunnel)──▶ DnsConfig
 //! ```
 
 use std::net::{IpAddr, SocketAddr};
@@ -16,9 +16,8 @@ use hickory_proto::rr::Name;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ConfigError, parse_domain};
+use crate::config::shared::{ConfigError, parse_domain};
 use crate::consul::settings::ConsulConfig;
-use crate::vpn::settings::VpnConfig;
 
 /// How A/AAAA questions for `*.service.<consul domain>` are answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -291,12 +290,22 @@ impl DnsConfig {
     }
 }
 
-/// Validates `[dns]`: `consul` for the domain overlap, `vpn` for the tunnel
-/// address it also answers on.
+/// The vpn's tunnel as the dns needs it (an input from the vpn's section):
+/// laptops ask the dns on the tunnel address, from the tunnel subnet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tunnel {
+    /// The appliance's address in the tunnel.
+    pub address: IpAddr,
+    /// The peers' subnet.
+    pub subnet: IpNet,
+}
+
+/// Validates `[dns]`: `consul` for the domain overlap, `tunnel` (when the vpn
+/// is on) for the address it also answers on.
 pub(crate) fn validate_dns(
     dns: &DnsSection,
     consul: &ConsulConfig,
-    vpn: &VpnConfig,
+    tunnel: Option<Tunnel>,
     err: &dyn Fn(&str, String) -> ConfigError,
 ) -> Result<DnsConfig, ConfigError> {
     let DnsSection {
@@ -328,7 +337,7 @@ pub(crate) fn validate_dns(
         return Err(err("dns.listen", "needs at least one address".into()));
     }
     // With the vpn on, laptops ask the dns on the tunnel address (see `vpn_dns`).
-    let (listen, allow) = &vpn_dns(vpn, listen, allow);
+    let (listen, allow) = &vpn_dns(tunnel, listen, allow);
     for (key, d) in [
         ("dns.consul_timeout", consul_timeout),
         ("dns.upstream_timeout", upstream_timeout),
@@ -463,18 +472,17 @@ pub(crate) fn validate_dns(
 /// The dns listen and allow lists with the vpn taken into account: when it is on,
 /// the tunnel address (on the port of the first listener) is added unless a
 /// listener already covers it, and the tunnel subnet is allowed.
-fn vpn_dns(vpn: &VpnConfig, listen: &[SocketAddr], allow: &[IpNet]) -> (Vec<SocketAddr>, Vec<IpNet>) {
+fn vpn_dns(tunnel: Option<Tunnel>, listen: &[SocketAddr], allow: &[IpNet]) -> (Vec<SocketAddr>, Vec<IpNet>) {
     let (mut listen, mut allow) = (listen.to_vec(), allow.to_vec());
-    if vpn.enabled {
+    if let Some(Tunnel { address, subnet }) = tunnel {
         let port = listen.first().map_or(53, |l| l.port());
-        let tunnel = SocketAddr::new(IpAddr::V4(vpn.address.addr()), port);
+        let tunnel = SocketAddr::new(address, port);
         let covered = listen
             .iter()
             .any(|l| l.port() == port && (l.ip() == tunnel.ip() || l.ip() == IpAddr::from([0, 0, 0, 0])));
         if !covered {
             listen.push(tunnel);
         }
-        let subnet = IpNet::V4(vpn.subnet());
         if !allow.iter().any(|a| a.contains(&subnet)) {
             allow.push(subnet);
         }

@@ -24,8 +24,8 @@ use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use tokio_util::sync::CancellationToken;
 
+use super::settings::WildcardTarget;
 use super::wire::{self, Query, rtype};
-use crate::config::WildcardTarget;
 use crate::consul::CatalogView;
 
 /// The current LB hosts and how to answer for them.

@@ -239,7 +239,7 @@ fn load_zone(path: &Path) -> Result<(Name, InMemoryZoneHandler), String> {
         .unwrap_or_default();
     let origin_text = file_name.strip_suffix(".zone").unwrap_or(&file_name);
     let origin =
-        crate::config::parse_domain(origin_text).map_err(|e| format!("file name is not a zone origin: {e}"))?;
+        crate::config::shared::parse_domain(origin_text).map_err(|e| format!("file name is not a zone origin: {e}"))?;
     let text = std::fs::read_to_string(path).map_err(|e| format!("could not read: {e}"))?;
     let (origin, records) = Parser::new(text, Some(path.to_path_buf()), Some(origin))
         .parse()

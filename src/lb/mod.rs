@@ -113,7 +113,7 @@ pub struct LbSockets {
 
 impl LbSockets {
     /// Binds the listeners the configuration asks for (port 0 picks a free port).
-    pub fn bind(config: &crate::config::LbConfig) -> Result<Self, LbError> {
+    pub fn bind(config: &settings::LbConfig) -> Result<Self, LbError> {
         Ok(Self {
             http: bind_tcp(config.http)?,
             https: config.https.as_ref().map(|h| bind_tcp(h.listen)).transpose()?,
@@ -249,7 +249,7 @@ pub fn table_config(config: &Config) -> TableConfig {
         add_domain: config.lb.add_domain.clone(),
         landing_hosts: config.lb.landing_hosts.clone(),
         policy: policy::BackendPolicy {
-            own: crate::listeners::OwnListeners::from_config(config),
+            own: config.own_listeners(),
             networks: config.lb.backend_networks.clone(),
             tcp_ports: config.lb.tcp_ports.clone(),
         },

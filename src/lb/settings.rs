@@ -17,7 +17,7 @@ use hickory_proto::rr::Name;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::config::shared::ConfigError;
 
 /// `[lb]`: the HTTP/TCP load balancer fed by the Consul catalog.
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use super::roles::{ConsulMode, Plan, UnitKind};
 use super::settings::{ProgramConfig, RestartPolicy};
-use crate::config::{Config, ConfigError};
+use crate::config::Config;
+use crate::config::shared::ConfigError;
 use crate::env::Env;
 
 /// How to get Consul, for the error when it is missing.

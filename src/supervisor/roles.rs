@@ -14,7 +14,8 @@
 //! only where asked for (`vpn.enabled = true`). An explicit `START_*` wins over
 //! the file, which wins over the role.
 
-use crate::config::{Config, ConfigError};
+use crate::config::Config;
+use crate::config::shared::ConfigError;
 use crate::env::{self, Env};
 
 /// An in-process component. Adding one is one variant here plus its arms in

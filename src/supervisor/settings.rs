@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::config::shared::ConfigError;
 
 /// `[supervisor]`: what `wayfinder up` runs and how it restarts things.
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -45,7 +45,7 @@ use std::process::{Command, Stdio};
 
 use ipnet::IpNet;
 
-use crate::config::VpnConfig;
+use super::settings::VpnConfig;
 
 use super::VpnError;
 

@@ -47,9 +47,10 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, VpnConfig};
+use crate::config::Config;
 use allowed::AllowedIps;
 use peers::{PeerRecord, PeerStore};
+use settings::VpnConfig;
 
 /// Handshakes per second over all peers before cookies are required. Every
 /// initiation is counted twice (our check before the peer lookup, then the
@@ -124,7 +125,7 @@ pub enum VpnError {
     Device(std::io::Error),
     /// A client config cannot be written: no endpoint for clients to dial.
     #[error("could not write a client config: {0}")]
-    NoEndpoint(#[source] crate::config::ConfigError),
+    NoEndpoint(#[source] crate::config::shared::ConfigError),
     /// The control socket could not be served.
     #[error("could not serve the control socket {path}: {problem}")]
     Uapi {
@@ -555,13 +556,13 @@ impl VpnState {
 }
 
 /// The `host:port` clients dial: `vpn.endpoint`, else `HOST_IP:<listen port>`.
-pub fn client_endpoint(config: &Config) -> Result<String, crate::config::ConfigError> {
+pub fn client_endpoint(config: &Config) -> Result<String, crate::config::shared::ConfigError> {
     if let Some(e) = &config.vpn.endpoint {
         return Ok(e.clone());
     }
     match config.host_ip {
         Some(ip) => Ok(SocketAddr::new(ip, config.vpn.listen.port()).to_string()),
-        None => Err(crate::config::ConfigError {
+        None => Err(crate::config::shared::ConfigError {
             file: config.source.clone(),
             key: "vpn.endpoint".into(),
             problem:

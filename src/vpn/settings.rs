@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::config::shared::ConfigError;
 
 /// `[vpn]`: the WireGuard server that gives laptops the platform's networks and DNS.
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -7,7 +7,7 @@
 
 use tun_rs::{DeviceBuilder, SyncDevice};
 
-use crate::config::VpnConfig;
+use super::settings::VpnConfig;
 
 /// Creates the interface `config.interface` with `config.address` and `config.mtu`.
 pub fn create(config: &VpnConfig) -> std::io::Result<SyncDevice> {

@@ -18,38 +18,24 @@
 //! next to each field. Every error names the file, the key and the problem; `main`
 //! maps a [`ConfigError`] to exit status 64.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 
-use hickory_proto::rr::Name;
 use serde::{Deserialize, Serialize};
 
-use crate::consul::settings::validate_consul;
-pub use crate::consul::settings::{ConsulConfig, ConsulSection};
-use crate::dns::settings::validate_dns;
-pub use crate::dns::settings::{ConsulARecords, DnsConfig, DnsSection, WildcardTarget, parse_resolv_conf};
+pub mod shared;
+
+use crate::consul::settings::{ConsulConfig, ConsulSection, validate_consul};
+use crate::dns::settings::{DnsConfig, DnsSection, Tunnel, validate_dns};
 use crate::env::{self, Env};
-use crate::lb::settings::validate_lb;
-pub use crate::lb::settings::{HttpsConfig, LbConfig, LbSection};
-use crate::supervisor::settings::validate_supervisor;
-pub use crate::supervisor::settings::{SupervisorConfig, SupervisorSection};
-use crate::vpn::settings::validate_vpn;
-pub use crate::vpn::settings::{VpnConfig, VpnSection};
+use crate::lb::settings::{LbConfig, LbSection, validate_lb};
+use crate::listeners::OwnListeners;
+use crate::supervisor::settings::{SupervisorConfig, SupervisorSection, validate_supervisor};
+use crate::vpn::settings::{VpnConfig, VpnSection, validate_vpn};
+use shared::{ConfigError, parse_bool, parse_domain};
 
 /// The config file used when `-c` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "wayfinder.toml";
-
-/// A configuration problem: which file, which key, what is wrong.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{file}: {key}: {problem}")]
-pub struct ConfigError {
-    /// The config file (or `environment` for a bad variable).
-    pub file: String,
-    /// The key, e.g. `dns.listen`, or the variable name.
-    pub key: String,
-    /// What is wrong, in words.
-    pub problem: String,
-}
 
 /// The file as written, after environment overrides. Serialised back by `check`.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -95,6 +81,38 @@ pub struct Config {
     pub supervisor: SupervisorConfig,
     /// WireGuard VPN.
     pub vpn: VpnConfig,
+}
+
+impl Config {
+    /// Every TCP listener the configuration asks for, whichever components run.
+    pub fn own_listeners(&self) -> OwnListeners {
+        let config = self;
+        let mut own = OwnListeners::default();
+        own.add("lb http", config.lb.http);
+        if let Some(https) = &config.lb.https {
+            own.add("lb https", https.listen);
+        }
+        if let Some(stats) = config.lb.stats {
+            own.add("lb stats", stats);
+        }
+        for &listen in &config.dns.listen {
+            own.add("dns", listen);
+        }
+        if let Some(admin) = config.supervisor.admin {
+            own.add("admin", admin);
+        }
+        own.add("consul http", config.consul.http);
+        for &dns in &config.consul.dns {
+            own.add("consul dns", dns);
+        }
+        for port in crate::listeners::CONSUL_CLUSTER_PORTS {
+            own.add(
+                "consul cluster",
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+            );
+        }
+        own
+    }
 }
 
 /// Reads `path` (or the default file), applies `env`, validates what `runs`
@@ -231,11 +249,7 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 fn env_error(var: &str, problem: String) -> ConfigError {
-    ConfigError {
-        file: "environment".into(),
-        key: var.into(),
-        problem,
-    }
+    ConfigError::env(var, problem)
 }
 
 fn env_ip(env: &dyn Env, var: &str) -> Result<Option<IpAddr>, ConfigError> {
@@ -263,11 +277,7 @@ fn apply_env(file: &mut FileConfig, env: &dyn Env) -> Result<(), ConfigError> {
         }
     }
     if let Some(ssl) = env.get(env::HAPROXY_SSL) {
-        file.lb.ssl = match ssl.trim().to_ascii_lowercase().as_str() {
-            "true" | "1" | "yes" => true,
-            "false" | "0" | "no" => false,
-            other => return Err(env_error(env::HAPROXY_SSL, format!("`{other}` is not true or false"))),
-        };
+        file.lb.ssl = parse_bool(&ssl).map_err(|p| env_error(env::HAPROXY_SSL, p))?;
     }
     if let Some(ip) = env_ip(env, env::CONSUL_IP)? {
         file.consul.http.set_ip(ip);
@@ -294,25 +304,9 @@ fn apply_env(file: &mut FileConfig, env: &dyn Env) -> Result<(), ConfigError> {
     // START_VPN switches the whole vpn, not only `up`'s unit: with it on, the dns
     // must answer on the tunnel address too (see `vpn_dns`).
     if let Some(on) = env.get(env::START_VPN) {
-        file.vpn.enabled = match on.trim().to_ascii_lowercase().as_str() {
-            "true" | "1" | "yes" | "on" => true,
-            "false" | "0" | "no" | "off" => false,
-            other => return Err(env_error(env::START_VPN, format!("`{other}` is not true or false"))),
-        };
+        file.vpn.enabled = parse_bool(&on).map_err(|p| env_error(env::START_VPN, p))?;
     }
     Ok(())
-}
-
-/// Parses a domain written by a person (`.apps.example.com`, `consul`) into a
-/// fully qualified lower-case name.
-pub fn parse_domain(text: &str) -> Result<Name, String> {
-    let trimmed = text.trim().trim_start_matches('.');
-    if trimmed.is_empty() || trimmed == "." {
-        return Err("must be a domain name such as `apps.example.com`".into());
-    }
-    let mut name = Name::from_ascii(trimmed).map_err(|e| format!("`{text}` is not a domain: {e}"))?;
-    name.set_fqdn(true);
-    Ok(name.to_lowercase())
 }
 
 /// Turns the (overridden) file into a [`Config`], checking everything that can be
@@ -391,6 +385,14 @@ fn checked<T>(
     }
 }
 
+/// What the dns takes from the vpn's section: the tunnel, when the vpn is on.
+fn tunnel(vpn: &VpnConfig) -> Option<Tunnel> {
+    vpn.enabled.then(|| Tunnel {
+        address: IpAddr::V4(vpn.address.addr()),
+        subnet: ipnet::IpNet::V4(vpn.subnet()),
+    })
+}
+
 /// [`validate`] for a command that runs `runs`.
 pub fn validate_for(file: &FileConfig, source: &str, runs: Runs) -> Result<Config, ConfigError> {
     let err = |key: &str, problem: String| ConfigError {
@@ -408,7 +410,7 @@ pub fn validate_for(file: &FileConfig, source: &str, runs: Runs) -> Result<Confi
     )?;
     let dns = checked(
         runs.dns,
-        validate_dns(&file.dns, &consul, &vpn, &err),
+        validate_dns(&file.dns, &consul, tunnel(&vpn), &err),
         || Ok(DnsConfig::inactive(&file.dns)),
         &mut unchecked,
     )?;
@@ -453,6 +455,7 @@ pub fn validate_for(file: &FileConfig, source: &str, runs: Runs) -> Result<Confi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dns::settings::WildcardTarget;
     use std::collections::HashMap;
     use std::path::PathBuf;
     use std::time::Duration;
@@ -720,9 +723,9 @@ mod tests {
     #[test]
     fn shipped_configs_are_valid() {
         for (name, text) in [
-            ("deploy/wayfinder.toml", include_str!("../deploy/wayfinder.toml")),
-            ("deploy/standalone.toml", include_str!("../deploy/standalone.toml")),
-            ("deploy/appliance.toml", include_str!("../deploy/appliance.toml")),
+            ("deploy/wayfinder.toml", include_str!("../../deploy/wayfinder.toml")),
+            ("deploy/standalone.toml", include_str!("../../deploy/standalone.toml")),
+            ("deploy/appliance.toml", include_str!("../../deploy/appliance.toml")),
         ] {
             let mut file = parse(text, name, &env(&[])).unwrap_or_else(|e| panic!("{e}"));
             // The machine's resolv.conf may point anywhere; the rest must validate.
