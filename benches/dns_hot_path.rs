@@ -189,7 +189,8 @@ zones_dir = "/nonexistent/wayfinder-bench-zones"
     let engine = {
         let _inside = rt.enter(); // the forwarders' sockets need the runtime
         Engine::new(
-            &config,
+            &config.dns,
+            &config.consul,
             LbAnswers::new(&config.dns.wildcard_targets, config.dns.wildcard_ttl),
             Arc::new(Zones::new(&config.dns.zones_dir)),
             Arc::new(DnsStats::default()),

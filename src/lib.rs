@@ -3,12 +3,14 @@
 //!
 //! `main` parses the command line and sets up logging; [`run`] loads the
 //! configuration and runs the chosen command. Each component lives in its own
-//! module with one entry point that takes its config, bound sockets and a
-//! shutdown token (see [`dns::run`]).
+//! folder and plugs in through one seam, [`component::Component`]; the
+//! component list ([`components`]) is the one place that knows them all.
 
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod component;
+pub mod components;
 pub mod config;
 pub mod consul;
 pub mod dns;
@@ -17,6 +19,7 @@ pub mod host_address;
 pub mod http_server;
 pub mod lb;
 pub mod listeners;
+pub mod report;
 pub mod restricted;
 pub mod signals;
 pub mod supervisor;
@@ -47,16 +50,18 @@ pub enum AppError {
     /// Bad configuration (exit 64).
     #[error("configuration error: {0}")]
     Config(#[source] ConfigError),
-    /// The dns component failed.
-    #[error("dns: {0}")]
-    Dns(#[source] dns::DnsError),
-    /// The lb component failed.
-    #[error("lb: {0}")]
-    Lb(#[source] lb::LbError),
+    /// A component run alone (`wayfinder dns`, `lb`, `vpn`) failed.
+    #[error("{component}: {source}")]
+    Component {
+        /// `dns`, `lb`, `vpn`.
+        component: &'static str,
+        /// Its error, with the exit status it means.
+        source: component::ComponentError,
+    },
     /// The supervisor (`up`, `status`) failed.
     #[error("up: {0}")]
     Supervisor(#[source] supervisor::SupervisorError),
-    /// The vpn component (or a peer command) failed.
+    /// A vpn peer command failed.
     #[error("vpn: {0}")]
     Vpn(#[source] vpn::VpnError),
     /// The supervisor's or a component's task panicked (exit 70).
@@ -74,12 +79,7 @@ impl AppError {
     pub fn exit_code(&self) -> u8 {
         match self {
             AppError::Config(_) => EXIT_CONFIG,
-            AppError::Dns(dns::DnsError::Bind { .. }) => EXIT_CONFIG,
-            AppError::Dns(dns::DnsError::WorkerDied { .. }) => EXIT_SOFTWARE,
-            AppError::Dns(_) => 1,
-            AppError::Lb(lb::LbError::Bind { .. } | lb::LbError::Certs(_)) => EXIT_CONFIG,
-            AppError::Lb(lb::LbError::WorkerDied { .. }) => EXIT_SOFTWARE,
-            AppError::Lb(_) => 1,
+            AppError::Component { source, .. } => source.exit_code,
             AppError::Supervisor(
                 supervisor::SupervisorError::BindAdmin { .. } | supervisor::SupervisorError::BindComponent { .. },
             ) => EXIT_CONFIG,
@@ -87,13 +87,7 @@ impl AppError {
                 supervisor::SupervisorError::UnitDied { .. } | supervisor::SupervisorError::TaskDied { .. },
             ) => EXIT_SOFTWARE,
             AppError::Supervisor(_) => 1,
-            AppError::Vpn(
-                vpn::VpnError::Bind { .. }
-                | vpn::VpnError::State { .. }
-                | vpn::VpnError::NoEndpoint(_)
-                | vpn::VpnError::NoNft,
-            ) => EXIT_CONFIG,
-            AppError::Vpn(_) => 1,
+            AppError::Vpn(e) => component::Failure::exit_code(e),
             AppError::Panicked { .. } => EXIT_SOFTWARE,
         }
     }
@@ -203,58 +197,47 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
                 println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
             } else {
                 print!("{}", supervisor::terminal::render(&report));
+                print!("{}", components::terminal_sections(&report));
             }
             Ok(())
         }
-        Command::Dns { config } => {
-            let (_, config) =
-                config::load(config.as_deref(), &env::ProcessEnv, config::Runs::DNS).map_err(AppError::Config)?;
-            log_unchecked(&config);
-            tracing::info!(config = %config.source, "starting dns");
-            let sockets = dns::DnsSockets::bind(&config.dns.listen, config.dns.workers).map_err(AppError::Dns)?;
-            let control = dns::DnsControl::default();
-            signals::forward_hangups(control.reload_zones.clone());
-            until_signal("dns", move |shutdown| async move {
-                let hub = consul::ConsulHub::new(config.consul.http, config.consul.resync, &shutdown);
-                let result = dns::run(&config, sockets, control, hub.clone(), shutdown).await;
-                hub.close().await;
-                result.map_err(AppError::Dns)
-            })
-            .await
-        }
-        Command::Lb { config } => {
-            let (_, config) =
-                config::load(config.as_deref(), &env::ProcessEnv, config::Runs::LB).map_err(AppError::Config)?;
-            log_unchecked(&config);
-            tracing::info!(config = %config.source, "starting lb");
-            let sockets = lb::LbSockets::bind(&config.lb).map_err(AppError::Lb)?;
-            let state = lb::LbState::new(&lb::table_config(&config));
-            until_signal("lb", move |shutdown| async move {
-                let hub = consul::ConsulHub::new(config.consul.http, config.consul.resync, &shutdown);
-                let result = lb::run(&config, sockets, state, hub.clone(), shutdown).await;
-                hub.close().await;
-                result.map_err(AppError::Lb)
-            })
-            .await
-        }
-        Command::Vpn { config, action } => {
-            let (_, config) =
-                config::load(config.as_deref(), &env::ProcessEnv, config::Runs::VPN).map_err(AppError::Config)?;
-            log_unchecked(&config);
-            match action {
-                Some(VpnCommand::Peer { command }) => vpn_peer(&config, command),
-                None => {
-                    tracing::info!(config = %config.source, "starting vpn");
-                    let state = vpn::VpnState::new(&config.vpn).map_err(AppError::Vpn)?;
-                    let sockets = vpn::VpnSockets::bind(&config.vpn).map_err(AppError::Vpn)?;
-                    until_signal("vpn", move |shutdown| async move {
-                        vpn::run(&config, sockets, state, shutdown).await.map_err(AppError::Vpn)
-                    })
-                    .await
-                }
+        Command::Dns { config } => alone(config.as_deref(), components::ComponentKind::Dns).await,
+        Command::Lb { config } => alone(config.as_deref(), components::ComponentKind::Lb).await,
+        Command::Vpn { config, action } => match action {
+            Some(VpnCommand::Peer { command }) => {
+                let (_, config) =
+                    config::load(config.as_deref(), &env::ProcessEnv, config::Runs::VPN).map_err(AppError::Config)?;
+                log_unchecked(&config);
+                vpn_peer(&config, command)
             }
-        }
+            None => alone(config.as_deref(), components::ComponentKind::Vpn).await,
+        },
     }
+}
+
+/// `wayfinder dns|lb|vpn`: one component, from its section, until SIGTERM/SIGINT.
+async fn alone(path: Option<&std::path::Path>, kind: components::ComponentKind) -> Result<(), AppError> {
+    let name = kind.name();
+    let mut runs = config::Runs::NONE;
+    kind.check_in(&mut runs);
+    let (_, config) = config::load(path, &env::ProcessEnv, runs).map_err(AppError::Config)?;
+    log_unchecked(&config);
+    tracing::info!(config = %config.source, "starting {name}");
+    let appliance = component::Appliance::new(&config.consul, config.host_ip, config.own_listeners());
+    let component = components::build(kind, &config, &appliance);
+    let failed = |source| AppError::Component {
+        component: name,
+        source,
+    };
+    let bound = component.bind().map_err(failed)?;
+    appliance.listened(&bound.listening());
+    signals::forward_hangups(vec![component.clone()]);
+    let result = until_signal(name, move |shutdown| async move {
+        bound.run(shutdown).await.map_err(failed)
+    })
+    .await;
+    appliance.close().await;
+    result
 }
 
 /// `wayfinder vpn peer add|list|remove`: edits the registry (the running server
@@ -264,9 +247,10 @@ fn vpn_peer(config: &config::Config, command: PeerCommand) -> Result<(), AppErro
         PeerCommand::Add { name, qr } => {
             // Checked before the state exists, so a config without an endpoint
             // leaves no server key behind.
-            vpn::client_endpoint(config).map_err(AppError::Config)?;
+            let inputs = vpn::ClientInputs::new(config.host_ip, &config.consul.domain, &config.source);
+            vpn::client_endpoint(&config.vpn, &inputs).map_err(AppError::Config)?;
             let state = vpn::VpnState::new(&config.vpn).map_err(AppError::Vpn)?;
-            let added = vpn::add_client(config, &state, &name).map_err(AppError::Vpn)?;
+            let added = vpn::add_client(&config.vpn, &inputs, &state, &name).map_err(AppError::Vpn)?;
             let text = added.client.render();
             eprintln!(
                 "added peer `{}` with address {}; its private key is shown only now:",
@@ -326,14 +310,17 @@ fn load_for_up(
 ) -> Result<(config::FileConfig, config::Config, supervisor::roles::Plan), AppError> {
     let (file, first) = config::load(path, env, config::Runs::NONE).map_err(AppError::Config)?;
     let plan = supervisor::roles::plan(env, &first).map_err(AppError::Config)?;
-    let runs = config::Runs {
-        dns: plan.starts("dns"),
-        lb: plan.starts("lb"),
-        // The file (or START_VPN) turning the vpn on is checked even where the
-        // plan leaves it off, so a mistake in it is never silent.
-        vpn: plan.starts("vpn") || file.vpn.enabled,
+    let mut runs = config::Runs {
         supervisor: true,
+        ..config::Runs::NONE
     };
+    for kind in components::ComponentKind::ALL {
+        // A section that turns its component on is checked even where the
+        // plan leaves it off, so a mistake in it is never silent.
+        if plan.starts(kind.name()) || kind.enabled_in(&file) {
+            kind.check_in(&mut runs);
+        }
+    }
     let config = config::recheck(&file, &first, runs).map_err(AppError::Config)?;
     let plan = supervisor::roles::plan(env, &config).map_err(AppError::Config)?;
     log_unchecked(&config);
@@ -365,7 +352,8 @@ fn restricted_env(dir: Option<&std::path::Path>) -> Result<Option<restricted::La
 /// SIGTERM/SIGINT (which stops it all in reverse order and exits 0), or until
 /// it fails by itself (a unit's supervisor died: exit 70; a panic: exit 70).
 async fn up(config: config::Config, plan: supervisor::roles::Plan) -> Result<(), AppError> {
-    supervisor::consul::require_command(&config, &plan, &env::ProcessEnv).map_err(AppError::Config)?;
+    supervisor::consul::require_command(&supervisor::UpConfig::of(&config), &plan, &env::ProcessEnv)
+        .map_err(AppError::Config)?;
     tracing::info!(config = %config.source, role = plan.role(), "starting up");
     match &config.host_address {
         Some(h) => tracing::info!("host address {} ({})", h.ip, h.from),
@@ -381,17 +369,16 @@ async fn up(config: config::Config, plan: supervisor::roles::Plan) -> Result<(),
             false
         }
     };
-    let sockets = supervisor::UpSockets::bind(&config, &plan).map_err(AppError::Supervisor)?;
-    let mut config = config;
-    sockets.addresses().pin(&mut config);
-    let config = std::sync::Arc::new(config);
-    let state = supervisor::SupervisorState::new(config.clone(), plan, adopt);
-    signals::forward_hangups(state.components.dns.reload_zones.clone());
+    let (appliance, all) = components::assemble(&config);
+    let up_config = supervisor::UpConfig::of(&config);
+    let sockets = supervisor::UpSockets::bind(&up_config, &plan, &all, &appliance).map_err(AppError::Supervisor)?;
+    signals::forward_hangups(all.iter().filter(|c| plan.starts(c.name())).cloned().collect());
+    let state = supervisor::SupervisorState::new(up_config, plan, all, appliance, adopt);
     let shutdown = CancellationToken::new();
     let mut task = tokio::spawn({
         let (state, shutdown) = (state.clone(), shutdown.clone());
         async move {
-            supervisor::run(&config, sockets, state, shutdown)
+            supervisor::run(sockets, state, shutdown)
                 .await
                 .map_err(AppError::Supervisor)
         }
@@ -465,7 +452,11 @@ pub fn render_check(
         if config.vpn.enabled { "enabled" } else { "disabled" },
         config.vpn.interface,
         config.vpn.subnet(),
-        vpn::client_endpoint(config).unwrap_or_else(|_| "(unset: set vpn.endpoint or HOST_IP)".into())
+        vpn::client_endpoint(
+            &config.vpn,
+            &vpn::ClientInputs::new(config.host_ip, &config.consul.domain, &config.source)
+        )
+        .unwrap_or_else(|_| "(unset: set vpn.endpoint or HOST_IP)".into())
     ));
     if let Some(https) = config.lb.https.as_ref().filter(|h| h.certs.is_empty()) {
         out.push_str(&format!(
@@ -524,7 +515,12 @@ mod tests {
         assert_eq!(error.to_string(), "the dns task died: panicked: bug in dns");
         // A task's own result passes through, exit code and all.
         assert!(join_outcome("lb", tokio::spawn(async { Ok(()) }).await).is_ok());
-        let failed = tokio::spawn(async { Err(AppError::Lb(lb::LbError::TaskEnded("routing table"))) });
+        let failed = tokio::spawn(async {
+            Err(AppError::Component {
+                component: "lb",
+                source: lb::LbError::TaskEnded("routing table").into(),
+            })
+        });
         assert_eq!(join_outcome("lb", failed.await).unwrap_err().exit_code(), 1);
     }
 
@@ -540,10 +536,14 @@ mod tests {
         let died = tokio::time::timeout(
             Duration::from_secs(5),
             until_signal("lb", |_shutdown| async {
-                Err(AppError::Lb(lb::LbError::WorkerDied {
-                    name: "lb-proxy-0".into(),
-                    how: "panicked: x".into(),
-                }))
+                Err(AppError::Component {
+                    component: "lb",
+                    source: lb::LbError::WorkerDied {
+                        name: "lb-proxy-0".into(),
+                        how: "panicked: x".into(),
+                    }
+                    .into(),
+                })
             }),
         )
         .await
@@ -553,10 +553,14 @@ mod tests {
 
     #[test]
     fn dead_workers_and_unit_supervisors_exit_70() {
-        let dns = AppError::Dns(dns::DnsError::WorkerDied {
-            name: "dns-udp-0".into(),
-            how: "returned".into(),
-        });
+        let dns = AppError::Component {
+            component: "dns",
+            source: dns::DnsError::WorkerDied {
+                name: "dns-udp-0".into(),
+                how: "returned".into(),
+            }
+            .into(),
+        };
         let up = AppError::Supervisor(supervisor::SupervisorError::UnitDied {
             unit: "lb".into(),
             message: "panicked: x".into(),
@@ -564,7 +568,11 @@ mod tests {
         assert_eq!(dns.exit_code(), EXIT_SOFTWARE);
         assert_eq!(up.exit_code(), EXIT_SOFTWARE);
         assert_eq!(
-            AppError::Lb(lb::LbError::TaskEnded("routing table")).exit_code(),
+            AppError::Component {
+                component: "lb",
+                source: lb::LbError::TaskEnded("routing table").into(),
+            }
+            .exit_code(),
             1,
             "a task that ends is a restartable failure, not a bug"
         );

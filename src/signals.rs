@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::Notify;
+
+use crate::component::Component;
 
 /// Resolves on the first SIGTERM or SIGINT, with the signal's name.
 pub async fn shutdown() -> &'static str {
@@ -17,13 +18,17 @@ pub async fn shutdown() -> &'static str {
     }
 }
 
-/// Notifies `reload` on every SIGHUP, for the life of the process.
-pub fn forward_hangups(reload: Arc<Notify>) {
+/// Asks every component to reload what it can on each SIGHUP, for the life
+/// of the process (the dns re-reads its zones).
+pub fn forward_hangups(components: Vec<Arc<dyn Component>>) {
     let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler installs");
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading zones");
-            reload.notify_one();
+            for c in &components {
+                if c.reload() {
+                    tracing::info!(component = c.name(), "SIGHUP: reloading");
+                }
+            }
         }
     });
 }

@@ -31,12 +31,12 @@ use moka::Expiry;
 use moka::sync::Cache;
 
 use super::forward::{ForwardError, ForwardOptions, Forwarder};
-use super::settings::ConsulARecords;
+use super::settings::{ConsulARecords, DnsConfig};
 use super::stats::{DnsStats, Route};
 use super::wildcard::LbAnswers;
 use super::wire::{self, Malformed, Query, Template, Transport, TtlRewrite, rcode, rtype};
 use super::zones::Zones;
-use crate::config::Config;
+use crate::consul::settings::ConsulConfig;
 
 /// TTL of a stale answer (RFC 8767 section 4 suggests 30 seconds).
 const STALE_TTL: u32 = 30;
@@ -167,27 +167,27 @@ impl Engine {
     /// Builds the engine; must run inside the tokio runtime (forwarder
     /// sockets). The forwarders' socket readers run in `readers`.
     pub fn new(
-        config: &Config,
+        dns: &DnsConfig,
+        consul: &ConsulConfig,
         lb: Arc<LbAnswers>,
         zones: Arc<Zones>,
         stats: Arc<DnsStats>,
         readers: super::forward::ReaderTasks,
     ) -> Self {
-        let dns = &config.dns;
         let service = Name::from_ascii("service")
             .ok()
-            .and_then(|s| s.append_domain(&config.consul.domain).ok())
-            .unwrap_or_else(|| config.consul.domain.clone());
+            .and_then(|s| s.append_domain(&consul.domain).ok())
+            .unwrap_or_else(|| consul.domain.clone());
         Self {
             allow: dns.allow.clone(),
-            consul_zone: wire::name_to_wire(&config.consul.domain),
+            consul_zone: wire::name_to_wire(&consul.domain),
             service_zone: wire::name_to_wire(&service),
             lb_for_consul: dns.consul_a_records == ConsulARecords::Lb,
             wildcard: dns.wildcard_domain.as_ref().map(|n| (n.clone(), wire::name_to_wire(n))),
             lb,
             zones,
             consul: Forwarder::new(
-                &config.consul.dns,
+                &consul.dns,
                 ForwardOptions {
                     timeout: dns.consul_timeout,
                     recursion: false,

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  DnsSockets::bind ─▶ N SO_REUSEPORT UDP sockets + 1 TCP listener per address
-//!  run(config, sockets, control, shutdown):
+//!  run(dns section, consul section, sockets, control, hub, shutdown):
 //!     Zones (zones_dir, polled + SIGHUP) ─┐
 //!     LbAnswers (static + Consul view) ───┼─▶ Engine (router + answer cache)
 //!     Forwarders (Consul, upstreams) ─────┘        ▲            ▲
@@ -17,6 +17,7 @@
 //! on some packet) ends [`run`] with [`DnsError::WorkerDied`], so the supervisor
 //! restarts the dns rather than let it answer on fewer sockets.
 
+pub mod component;
 pub mod engine;
 pub mod forward;
 pub mod inline;
@@ -36,9 +37,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
 use crate::consul::ConsulHub;
+use crate::consul::settings::ConsulConfig;
 use engine::Engine;
+use settings::DnsConfig;
 use stats::DnsStats;
 use wildcard::LbAnswers;
 use zones::Zones;
@@ -196,13 +198,13 @@ pub struct DnsControl {
 
 /// Runs the DNS server on `sockets` until `shutdown` is cancelled.
 pub async fn run(
-    config: &Config,
+    dns: &DnsConfig,
+    consul_config: &ConsulConfig,
     sockets: DnsSockets,
     control: DnsControl,
     consul: Arc<ConsulHub>,
     shutdown: CancellationToken,
 ) -> Result<(), DnsError> {
-    let dns = &config.dns;
     let tasks = TaskTracker::new();
     let local = shutdown.child_token();
 
@@ -220,7 +222,8 @@ pub async fn run(
         failed: CancellationToken::new(),
     };
     let engine = Arc::new(Engine::new(
-        config,
+        dns,
+        consul_config,
         lb.clone(),
         zones.clone(),
         control.stats.clone(),
@@ -270,7 +273,7 @@ pub async fn run(
     tracing::info!(
         listen = ?addrs,
         udp_workers = udp_count,
-        consul = ?config.consul.dns,
+        consul = ?consul_config.dns,
         upstreams = ?dns.upstreams,
         wildcard = ?dns.wildcard_domain.as_ref().map(|n| n.to_string()),
         "dns listening"

@@ -36,6 +36,7 @@
 //! answers 503 for a service that exists.
 
 pub mod client;
+pub mod component;
 pub mod health;
 pub mod policy;
 pub mod proxy;
@@ -61,8 +62,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::component::Appliance;
 use crate::consul::ConsulHub;
+use crate::consul::settings::ConsulConfig;
+use settings::LbConfig;
 use stats::LbStats;
 use table::{HealthRegistry, RoutingTable, TableConfig};
 
@@ -113,7 +116,7 @@ pub struct LbSockets {
 
 impl LbSockets {
     /// Binds the listeners the configuration asks for (port 0 picks a free port).
-    pub fn bind(config: &settings::LbConfig) -> Result<Self, LbError> {
+    pub fn bind(config: &LbConfig) -> Result<Self, LbError> {
         Ok(Self {
             http: bind_tcp(config.http)?,
             https: config.https.as_ref().map(|h| bind_tcp(h.listen)).transpose()?,
@@ -241,17 +244,48 @@ impl LbState {
     }
 }
 
-/// The table naming rules from the configuration.
-pub fn table_config(config: &Config) -> TableConfig {
+/// What the lb takes from outside its own section: Consul's naming, this
+/// host's address, and the appliance's own listeners (which no route may
+/// reach), as known when a run starts.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    /// The Consul domain without its trailing dot (`consul`).
+    pub consul_domain: String,
+    /// The local datacenter.
+    pub datacenter: String,
+    /// The Consul agent's HTTP address (for the log).
+    pub consul_http: SocketAddr,
+    /// This host's address: where Consul checks the lb, a name of the
+    /// self-signed certificate.
+    pub host_ip: Option<std::net::IpAddr>,
+    /// The appliance's TCP listeners.
+    pub own: crate::listeners::OwnListeners,
+}
+
+impl Inputs {
+    /// The inputs from the `[consul]` section and the appliance.
+    pub fn new(consul: &ConsulConfig, appliance: &Appliance) -> Self {
+        Self {
+            consul_domain: consul.domain.to_string().trim_end_matches('.').to_string(),
+            datacenter: consul.datacenter.clone(),
+            consul_http: consul.http,
+            host_ip: appliance.host_ip,
+            own: appliance.own_listeners(),
+        }
+    }
+}
+
+/// The table naming rules from the lb's section and its inputs.
+pub fn table_config(config: &LbConfig, inputs: &Inputs) -> TableConfig {
     TableConfig {
-        consul_domain: config.consul.domain.to_string().trim_end_matches('.').to_string(),
-        local_datacenter: config.consul.datacenter.clone(),
-        add_domain: config.lb.add_domain.clone(),
-        landing_hosts: config.lb.landing_hosts.clone(),
+        consul_domain: inputs.consul_domain.clone(),
+        local_datacenter: inputs.datacenter.clone(),
+        add_domain: config.add_domain.clone(),
+        landing_hosts: config.landing_hosts.clone(),
         policy: policy::BackendPolicy {
-            own: config.own_listeners(),
-            networks: config.lb.backend_networks.clone(),
-            tcp_ports: config.lb.tcp_ports.clone(),
+            own: inputs.own.clone(),
+            networks: config.backend_networks.clone(),
+            tcp_ports: config.tcp_ports.clone(),
         },
     }
 }
@@ -259,9 +293,13 @@ pub fn table_config(config: &Config) -> TableConfig {
 /// HTTPS without certificate files: the lb's own self-signed certificate for
 /// this host's names, kept in `state_dir` (see [`selfsigned`]), marked so on the
 /// status pages and logged with its fingerprint.
-fn self_signed(config: &Config, state_dir: &std::path::Path) -> Result<tls::CertIndex, tls::CertError> {
+fn self_signed(
+    config: &LbConfig,
+    host_ip: Option<std::net::IpAddr>,
+    state_dir: &std::path::Path,
+) -> Result<tls::CertIndex, tls::CertError> {
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
-    let names = selfsigned::names(hostname.as_deref(), config.host_ip, config.lb.add_domain.as_deref());
+    let names = selfsigned::names(hostname.as_deref(), host_ip, config.add_domain.as_deref());
     let made = selfsigned::load_or_create(state_dir, &names)?;
     let mut index = tls::CertIndex::load(std::slice::from_ref(&made.path))?;
     for cert in &mut index.certs {
@@ -280,7 +318,8 @@ fn self_signed(config: &Config, state_dir: &std::path::Path) -> Result<tls::Cert
 /// Runs the load balancer on `sockets` until `shutdown` is cancelled; in-flight
 /// requests are given the grace the caller allows.
 pub async fn run(
-    config: &Config,
+    config: &LbConfig,
+    inputs: &Inputs,
     sockets: LbSockets,
     state: Arc<LbState>,
     consul: Arc<ConsulHub>,
@@ -290,12 +329,11 @@ pub async fn run(
     let shutdown = stop.child_token();
     let nofile = client::raise_nofile_limit();
     let max_connections = config
-        .lb
         .max_connections
         .unwrap_or_else(|| client::derived_max_connections(nofile));
     state
         .conns
-        .set_limits(max_connections, config.lb.max_connections_per_source);
+        .set_limits(max_connections, config.max_connections_per_source);
     if let Some(limit) = nofile
         && max_connections as u64 * 2 > limit
     {
@@ -306,10 +344,10 @@ pub async fn run(
         );
     }
     // Certificates first: a bad file is a start-up error, before any listener serves.
-    let tls = match &config.lb.https {
+    let tls = match &config.https {
         Some(https) => {
             let index = if https.certs.is_empty() {
-                self_signed(config, &https.state_dir).map_err(LbError::Certs)?
+                self_signed(config, inputs.host_ip, &https.state_dir).map_err(LbError::Certs)?
             } else {
                 tls::CertIndex::load(&https.certs).map_err(LbError::Certs)?
             };
@@ -322,7 +360,7 @@ pub async fn run(
         None => None,
     };
     let tasks = TaskTracker::new();
-    if let (Some(https), Some(resolver)) = (&config.lb.https, state.certs.get())
+    if let (Some(https), Some(resolver)) = (&config.https, state.certs.get())
         && !https.certs.is_empty()
     {
         tasks.spawn(tls::watch(https.certs.clone(), resolver.clone(), shutdown.clone()));
@@ -332,7 +370,7 @@ pub async fn run(
     let _ = state.view.set(view.clone());
     // The configuration names the listeners; the bound sockets say where they
     // really are (a port 0 in the file).
-    let mut table_config = table_config(config);
+    let mut table_config = table_config(config, inputs);
     for (what, socket) in [
         ("lb http", Some(&sockets.http)),
         ("lb https", sockets.https.as_ref()),
@@ -360,16 +398,16 @@ pub async fn run(
     ));
     tasks.spawn(health::run(
         state.clone(),
-        config.lb.check_interval,
-        config.lb.check_timeout,
+        config.check_interval,
+        config.check_timeout,
         shutdown.clone(),
     ));
     tasks.spawn(tcp::run(
         state.clone(),
-        config.lb.http.ip(),
-        config.lb.connect_timeout,
-        config.lb.eject_time.as_millis() as u64,
-        config.lb.tunnel_timeout,
+        config.http.ip(),
+        config.connect_timeout,
+        config.eject_time.as_millis() as u64,
+        config.tunnel_timeout,
         shutdown.clone(),
     ));
     let addr = sockets.http.local_addr().ok();
@@ -380,11 +418,11 @@ pub async fn run(
         listeners.push((listener, Some(tls)));
     }
     let bind_error = |source| LbError::Bind {
-        addr: addr.unwrap_or(config.lb.http),
+        addr: addr.unwrap_or(config.http),
         source,
     };
     let mut workers = crate::threads::WatchedThreads::default();
-    for worker in 0..config.lb.workers {
+    for worker in 0..config.workers {
         let mine = listeners
             .iter()
             .map(|(l, tls)| Ok((l.try_clone()?, tls.clone())))
@@ -409,13 +447,13 @@ pub async fn run(
             tasks.clone(),
         ));
     }
-    if let (Some(name), Some(bound)) = (&config.lb.register, addr) {
+    if let (Some(name), Some(bound)) = (&config.register, addr) {
         // Consul must reach the address it checks: the configured one, else HOST_IP,
         // else loopback (a single host).
         let ip = if !bound.ip().is_unspecified() {
             bound.ip()
         } else {
-            config.host_ip.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]))
+            inputs.host_ip.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]))
         };
         tasks.spawn(register::run(
             consul.http().clone(),
@@ -428,9 +466,9 @@ pub async fn run(
         http = ?addr,
         https = ?https_addr,
         stats = ?stats_addr,
-        consul = %config.consul.http,
+        consul = %inputs.consul_http,
         max_connections,
-        max_connections_per_source = config.lb.max_connections_per_source,
+        max_connections_per_source = config.max_connections_per_source,
         open_file_limit = nofile,
         "lb listening"
     );

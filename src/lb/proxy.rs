@@ -50,9 +50,9 @@ use tokio_util::task::TaskTracker;
 
 use super::LbState;
 use super::client::{self, Activity, ClientBody, ClientIo, ConnSlot, Cut, RequestBody, Timeouts};
+use super::settings::LbConfig;
 use super::splice::SpliceEnd;
 use super::table::{Backend, BackendInstance, HealthRegistry, Route};
-use crate::config::Config;
 
 /// The body type on both sides of the proxy.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -155,27 +155,23 @@ pub struct Proxy {
 
 impl Proxy {
     /// A proxy over `state` with the configured timeouts.
-    pub fn new(config: &Config, state: Arc<LbState>, shutdown: CancellationToken) -> Arc<Self> {
+    pub fn new(config: &LbConfig, state: Arc<LbState>, shutdown: CancellationToken) -> Arc<Self> {
         Arc::new(Self {
             state,
             pool: SessionPool::default(),
-            connect_timeout: config.lb.connect_timeout,
-            client_timeout: config.lb.client_timeout,
-            handshake_timeout: config.lb.handshake_timeout,
-            timeouts: Timeouts::new(
-                config.lb.client_timeout,
-                config.lb.idle_timeout,
-                config.lb.handshake_timeout,
-            ),
-            server_timeout: config.lb.server_timeout,
-            eject_ms: config.lb.eject_time.as_millis() as u64,
-            queue_timeout: config.lb.queue_timeout,
-            max_queued: config.lb.max_queued,
-            ready_timeout: config.lb.ready_timeout,
+            connect_timeout: config.connect_timeout,
+            client_timeout: config.client_timeout,
+            handshake_timeout: config.handshake_timeout,
+            timeouts: Timeouts::new(config.client_timeout, config.idle_timeout, config.handshake_timeout),
+            server_timeout: config.server_timeout,
+            eject_ms: config.eject_time.as_millis() as u64,
+            queue_timeout: config.queue_timeout,
+            max_queued: config.max_queued,
+            ready_timeout: config.ready_timeout,
             request_ids: AtomicU64::new(0),
             id_prefix: rand::random(),
             tunnels: TaskTracker::new(),
-            tunnel_timeout: config.lb.tunnel_timeout,
+            tunnel_timeout: config.tunnel_timeout,
             shutdown,
         })
     }

@@ -4,13 +4,13 @@
 //!
 //! ```text
 //!  GET  /                          status page (HTML, rendered here, no script)
-//!  GET  /api/status                StatusReport: units, consul, services, lb, dns, vpn
+//!  GET  /api/status                StatusReport: units, consul, services, and each
+//!                                  component's own part under its name (dns, lb, vpn)
 //!  GET  /api/units                 units only
 //!  POST /api/units/<name>/restart  stop it if running, start it now
-//!  POST /api/dns/reload            reload zones_dir now
-//!  POST /api/vpn/peers            add a peer ({"name"}: JSON back; a form: a page
-//!                                  with the client config and its QR code)
-//!  DELETE /api/vpn/peers/<name>    remove a peer (POST …/<name>/remove from the page)
+//!  *    /api/<component>/...       the component's own actions (Component::api):
+//!                                  POST /api/dns/reload, POST /api/vpn/peers,
+//!                                  DELETE /api/vpn/peers/<name> ...
 //!  GET  /metrics                   Prometheus text format (metrics.rs)
 //!  GET  /healthz                   `ok`
 //! ```
@@ -39,10 +39,8 @@
 //! the lb and the dns read), so a page view costs Consul nothing; everything
 //! else comes from in-process state.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -53,188 +51,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::unit::UnitInfo;
-use super::vpn_admin::{self, Refusal, VpnReport};
-use super::{Addresses, ConsulHealth, SupervisorState, lock};
-use crate::lb::status::LbStatus;
-
-/// Services listed at most (the page is for people).
-const MAX_SERVICES: usize = 1000;
+use super::report::report;
+use super::{SupervisorState, lock};
+use crate::component::{ApiAnswer, ApiRequest};
+use crate::report::html::{escape, refusal_page};
 
 type Body = Full<Bytes>;
 
-/// The whole picture, as `/api/status` returns it.
-#[derive(Debug, Clone, Serialize)]
-pub struct StatusReport {
-    /// Wayfinder's version.
-    pub version: &'static str,
-    /// This host's name.
-    pub host: String,
-    /// The role (`standalone (master + slave)`, `master`, `slave` ...).
-    pub role: String,
-    /// Seconds since `up` started.
-    pub uptime_secs: f64,
-    /// Every unit has started (or failed).
-    pub ready: bool,
-    /// Listen addresses.
-    pub addresses: Addresses,
-    /// The Consul agent.
-    pub consul: ConsulHealth,
-    /// Programs and components.
-    pub units: Vec<UnitInfo>,
-    /// Consul services with their instances and how to reach them.
-    pub services: Vec<ServiceReport>,
-    /// The lb's routes, instances and counters, when it runs.
-    pub lb: Option<LbStatus>,
-    /// dns counters, when dns runs.
-    pub dns: Option<DnsReport>,
-    /// The vpn and its peers.
-    pub vpn: VpnReport,
-}
-
-/// A Consul service.
-#[derive(Debug, Clone, Serialize)]
-pub struct ServiceReport {
-    /// Service name.
-    pub name: String,
-    /// The union of its instances' tags.
-    pub tags: Vec<String>,
-    /// DNS names that resolve it through the dns component.
-    pub dns_names: Vec<String>,
-    /// URLs that reach it through the lb (empty unless tagged for it).
-    pub urls: Vec<String>,
-    /// Its instances.
-    pub instances: Vec<InstanceReport>,
-}
-
-/// One instance of a service.
-#[derive(Debug, Clone, Serialize)]
-pub struct InstanceReport {
-    /// Consul service ID.
-    pub id: String,
-    /// Node.
-    pub node: String,
-    /// Address and port.
-    pub address: String,
-    /// Worst check status: `passing`, `warning` or `critical`.
-    pub health: String,
-    /// The lb's own view (`up`, `down`), when it routes this instance.
-    pub lb: Option<String>,
-}
-
-/// dns counters.
-#[derive(Debug, Clone, Serialize)]
-pub struct DnsReport {
-    /// Per route (consul, lb, zone, upstream, rejected).
-    pub routes: BTreeMap<&'static str, crate::dns::stats::RouteSnapshot>,
-    /// Packets dropped unanswered.
-    pub dropped: u64,
-}
-
-/// Every service from the process's Consul view (no Consul request per page view).
-fn services(state: &SupervisorState, lb: Option<&LbStatus>) -> Vec<ServiceReport> {
-    let config = &state.config;
-    let Ok(view) = state.consul_hub.catalog() else {
-        return Vec::new();
-    };
-    let catalog = view.current();
-    let domain = config.consul.domain.to_string().trim_end_matches('.').to_string();
-    let dc = &config.consul.datacenter;
-    let http = state.addresses().lb_http.map(|a| super::reachable(a, config));
-    let mut out = Vec::new();
-    for (name, entry) in catalog.services.iter().take(MAX_SERVICES) {
-        let route = lb.and_then(|l| l.routes.iter().find(|r| &r.service == name && &r.datacenter == dc));
-        let urls = match (route, http) {
-            (Some(route), Some(http)) => route
-                .names
-                .iter()
-                .map(|n| match n.strip_prefix('*') {
-                    Some(path) => format!("http://{http}{path}"),
-                    None => {
-                        let port = if http.port() == 80 {
-                            String::new()
-                        } else {
-                            format!(":{}", http.port())
-                        };
-                        match n.split_once('/') {
-                            Some((host, path)) => format!("http://{host}{port}/{path}"),
-                            None => format!("http://{n}{port}/"),
-                        }
-                    }
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        let instances = entry
-            .instances
-            .iter()
-            .map(|i| {
-                let address = format!("{}:{}", i.address, i.port);
-                let refused = lb.and_then(|l| {
-                    l.refused
-                        .iter()
-                        .find(|r| &r.service == name && r.instance.as_deref() == Some(&i.id))
-                });
-                let lb = match refused {
-                    Some(r) => Some(format!("refused: {}", r.reason)),
-                    None => route.and_then(|route| {
-                        route.instances.iter().find(|r| r.addr.to_string() == address).map(|r| {
-                            if r.available {
-                                "up".to_string()
-                            } else {
-                                "down".to_string()
-                            }
-                        })
-                    }),
-                };
-                InstanceReport {
-                    id: i.id.clone(),
-                    node: i.node.clone(),
-                    address,
-                    health: i.health.name().to_string(),
-                    lb,
-                }
-            })
-            .collect();
-        out.push(ServiceReport {
-            dns_names: vec![
-                format!("{name}.service.{domain}"),
-                format!("{name}.service.{dc}.{domain}"),
-            ],
-            name: name.clone(),
-            tags: entry.tags.clone(),
-            urls,
-            instances,
-        });
-    }
-    out
-}
-
-/// Collects the whole picture.
-pub async fn report(state: &SupervisorState) -> StatusReport {
-    let lb = state.components.lb.load_full().filter(|_| state.plan.starts("lb"));
-    let lb = lb.map(|l| LbStatus::collect(&l));
-    let dns = state.plan.starts("dns").then(|| DnsReport {
-        routes: state.components.dns.stats.snapshot().into_iter().collect(),
-        dropped: state.components.dns.stats.dropped(),
-    });
-    StatusReport {
-        version: env!("CARGO_PKG_VERSION"),
-        host: std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_default(),
-        role: state.plan.role().into(),
-        uptime_secs: state.started.elapsed().as_secs_f64(),
-        ready: state.ready.load(Ordering::Relaxed),
-        addresses: state.addresses(),
-        consul: state.consul_health(),
-        units: state.units.iter().map(|u| u.snapshot()).collect(),
-        services: services(state, lb.as_ref()),
-        lb,
-        dns,
-        vpn: super::vpn_admin::report(state),
-    }
-}
+/// Longest request body an action reads.
+const MAX_BODY: usize = 4096;
 
 fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     let mut resp = Response::new(Full::new(body.into()));
@@ -281,7 +106,7 @@ fn authorized(req: &Request<Incoming>, token: &str) -> bool {
 /// per-process form secret, and the token when there is one.
 fn page_query(state: &SupervisorState) -> String {
     match &state.config.supervisor.token {
-        Some(t) => format!("?csrf={}&amp;token={}", state.csrf, super::status_page::escape(t)),
+        Some(t) => format!("?csrf={}&amp;token={}", state.csrf, escape(t)),
         None => format!("?csrf={}", state.csrf),
     }
 }
@@ -592,7 +417,7 @@ async fn answer(state: Arc<SupervisorState>, req: Request<Incoming>) -> Response
             respond(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
-                super::status_page::render(&report, &page_query(&state)),
+                super::status_page::render(&state, &report, &page_query(&state)),
             )
         }
         (&Method::GET, ["healthz"]) => respond(StatusCode::OK, "text/plain", "ok\n"),
@@ -626,49 +451,10 @@ async fn answer(state: Arc<SupervisorState>, req: Request<Incoming>) -> Response
                 serde_json::json!({ "ok": true, "unit": name, "action": "restart" }),
             )
         }
-        (&Method::POST, ["api", "dns", "reload"]) => {
-            if !state.is_supervised("dns") {
-                return error(StatusCode::CONFLICT, "dns does not run on this host");
-            }
-            tracing::info!("zone reload requested through the admin endpoint");
-            state.components.dns.reload_zones.notify_one();
-            done(
-                is_form,
-                token.as_deref(),
-                StatusCode::ACCEPTED,
-                serde_json::json!({ "ok": true, "action": "reload zones" }),
-            )
-        }
-        (&Method::POST, ["api", "vpn", "peers"]) => {
-            let (added, is_form) = match read_body(req).await {
-                Ok(body) => {
-                    let is_form = is_form && !vpn_admin::is_json_object(&body);
-                    (vpn_admin::add(&state, &body, is_form), is_form)
-                }
-                Err(refusal) => (Err(refusal), is_form),
-            };
-            match (added, is_form) {
-                (Ok(answer), false) => json(StatusCode::CREATED, &answer),
-                (Ok(answer), true) => respond(
-                    StatusCode::CREATED,
-                    "text/html; charset=utf-8",
-                    super::status_page::render_new_peer(&state.config, &answer, &page_query(&state)),
-                ),
-                (Err(r), false) => error(r.status, &r.message),
-                (Err(r), true) => refused_page(&r, &page_query(&state)),
-            }
-        }
-        (&Method::DELETE, ["api", "vpn", "peers", name]) | (&Method::POST, ["api", "vpn", "peers", name, "remove"]) => {
-            match (vpn_admin::remove(&state, name), is_form) {
-                (Ok(()), _) => done(
-                    is_form,
-                    token.as_deref(),
-                    StatusCode::OK,
-                    serde_json::json!({ "ok": true, "peer": name, "action": "remove" }),
-                ),
-                (Err(r), false) => error(r.status, &r.message),
-                (Err(r), true) => refused_page(&r, &page_query(&state)),
-            }
+        (_, ["api", name, rest @ ..]) if state.component(name).is_some() => {
+            let name = name.to_string();
+            let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+            component_action(&state, &name, &rest, req, is_form, token.as_deref()).await
         }
         (_, ["api", ..]) | (_, ["metrics"]) | (_, ["healthz"]) => error(
             StatusCode::NOT_FOUND,
@@ -678,30 +464,60 @@ async fn answer(state: Arc<SupervisorState>, req: Request<Incoming>) -> Response
     }
 }
 
-/// A refused form action as a page (a person sent it from the status page).
-fn refused_page(r: &Refusal, q: &str) -> Response<Body> {
-    respond(
-        r.status,
-        "text/html; charset=utf-8",
-        super::status_page::render_refusal(&r.message, q),
-    )
+/// `/api/<name>/<rest>`: the component's own action, with the body read
+/// (bounded) and its answer turned into a response.
+async fn component_action(
+    state: &SupervisorState,
+    name: &str,
+    rest: &[String],
+    req: Request<Incoming>,
+    is_form: bool,
+    token: Option<&str>,
+) -> Response<Body> {
+    let method = req.method().clone();
+    let query = page_query(state);
+    let body = match read_body(req).await {
+        Ok(body) => body,
+        Err(message) if is_form => {
+            return respond(
+                StatusCode::BAD_REQUEST,
+                "text/html; charset=utf-8",
+                refusal_page(&message, &query),
+            );
+        }
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+    };
+    let Some(component) = state.component(name) else {
+        return error(StatusCode::NOT_FOUND, "not found; try / or /api/status");
+    };
+    let path: Vec<&str> = rest.iter().map(String::as_str).collect();
+    let request = ApiRequest {
+        method: &method,
+        path: &path,
+        body: &body,
+        is_form,
+        page_query: &query,
+        started: state.is_supervised(name),
+    };
+    match component.api(request).await {
+        Some(ApiAnswer::Json(status, value)) => json(status, &value),
+        Some(ApiAnswer::Html(status, page)) => respond(status, "text/html; charset=utf-8", page),
+        Some(ApiAnswer::Done(status, value)) => done(is_form, token, status, value),
+        None => error(
+            StatusCode::NOT_FOUND,
+            &format!("no {method} /api/{name}/{} here; see GET /api/status", rest.join("/")),
+        ),
+    }
 }
 
-/// The request body, at most [`vpn_admin::MAX_BODY`] bytes.
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, Refusal> {
+/// The request body, at most [`MAX_BODY`] bytes.
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, String> {
     use http_body_util::BodyExt;
-    match http_body_util::Limited::new(req.into_body(), vpn_admin::MAX_BODY)
-        .collect()
-        .await
-    {
+    match http_body_util::Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) => Err(Refusal {
-            status: StatusCode::BAD_REQUEST,
-            message: format!(
-                "could not read the request body (at most {} bytes): {e}",
-                vpn_admin::MAX_BODY
-            ),
-        }),
+        Err(e) => Err(format!(
+            "could not read the request body (at most {MAX_BODY} bytes): {e}"
+        )),
     }
 }
 

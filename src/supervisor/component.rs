@@ -1,124 +1,38 @@
-//! An in-process component (vpn, dns, lb) as a supervised task: bound
-//! sockets, its `run` on a child cancellation token, restarted with the same
-//! backoff as a program when it returns an error, returns unasked, or panics.
+//! An in-process component (see [`crate::component`]) as a supervised task:
+//! bound resources, its run on a child cancellation token, restarted with
+//! the same backoff as a program when it returns an error, returns unasked,
+//! or panics.
 //!
 //! ```text
-//!  supervise ─(lb: wait for Consul, bounded)─▶ bind (first time: sockets bound by `up`)
-//!      └─▶ tokio::spawn(vpn::run | dns::run | lb::run)(token) ──Err / Ok unasked / panic──▶ Backoff ─▶ again
+//!  supervise ─(needs Consul: wait for its leader, bounded)─▶ Component::bind (first time: bound by `up`)
+//!      └─▶ tokio::spawn(Bound::run(token)) ──Err / Ok unasked / panic──▶ Backoff ─▶ again
 //!  shutdown / admin restart ──▶ token.cancel() ──▶ run drains (lb: in-flight requests) ──▶ joined
 //! ```
 //!
-//! The handles the admin API reads ([`ComponentShared`]) outlive restarts: the
-//! dns counters are one `DnsControl` for the life of `up`; the lb state is
-//! replaced at each start (a fresh routing table) and published in an `ArcSwap`.
-//! The vpn's state (key, peers and their sessions) is loaded once and kept: a
-//! restart makes a new socket and TUN interface, and laptops keep their
-//! sessions (a fresh state would make them wait ~15 s to handshake again).
+//! What the admin API reads of a component lives in the component value,
+//! which outlives restarts (the dns counters, the lb state of its last start,
+//! the vpn's keys and peer sessions).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
 use tokio_util::sync::CancellationToken;
 
-use super::roles::ComponentKind;
 use super::settings::RestartSettings;
 use super::unit::{Backoff, UnitHandle, UnitState, Verdict};
-use crate::config::Config;
-use crate::consul::ConsulHub;
-use crate::{dns, lb, vpn};
+use crate::component::{Appliance, Bound, Component};
 
 /// How long a component gets to stop after its token is cancelled.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// Sockets bound for one start of a component.
-#[derive(Debug)]
-pub enum ComponentSockets {
-    /// The dns listeners.
-    Dns(dns::DnsSockets),
-    /// The lb listeners.
-    Lb(lb::LbSockets),
-    /// The vpn's UDP socket and TUN interface, with the state (server key,
-    /// peers) loaded from `vpn.dir` for this start.
-    Vpn(vpn::VpnSockets, Arc<vpn::VpnState>),
-}
-
-/// Component handles shared with the admin API, kept across restarts.
-#[derive(Default)]
-pub struct ComponentShared {
-    /// dns counters and the zone-reload trigger.
-    pub dns: dns::DnsControl,
-    /// The running lb's state (routing table, health, counters), once started.
-    pub lb: ArcSwapOption<lb::LbState>,
-    /// The vpn's state (keys, peers, live counters), once started.
-    pub vpn: ArcSwapOption<vpn::VpnState>,
-}
-
-/// Binds the sockets of `kind`; the message says what could not be bound. The
-/// vpn reuses `vpn_state` when it has run before, else loads it from `vpn.dir`.
-pub fn bind(
-    kind: ComponentKind,
-    config: &Config,
-    vpn_state: Option<Arc<vpn::VpnState>>,
-) -> Result<ComponentSockets, String> {
-    match kind {
-        ComponentKind::Dns => dns::DnsSockets::bind(&config.dns.listen, config.dns.workers)
-            .map(ComponentSockets::Dns)
-            .map_err(|e| e.to_string()),
-        ComponentKind::Lb => lb::LbSockets::bind(&config.lb)
-            .map(ComponentSockets::Lb)
-            .map_err(|e| e.to_string()),
-        // The state first: an unusable key file is reported before a TUN exists.
-        ComponentKind::Vpn => {
-            let state = match vpn_state {
-                Some(s) => s,
-                None => vpn::VpnState::new(&config.vpn).map_err(|e| e.to_string())?,
-            };
-            let sockets = vpn::VpnSockets::bind(&config.vpn).map_err(|e| e.to_string())?;
-            Ok(ComponentSockets::Vpn(sockets, state))
-        }
-    }
-}
-
-/// One run of a component on `sockets` until `token` is cancelled.
-async fn run_once(
-    config: Arc<Config>,
-    sockets: ComponentSockets,
-    shared: Arc<ComponentShared>,
-    consul: Arc<ConsulHub>,
-    token: CancellationToken,
-) -> Result<(), String> {
-    match sockets {
-        ComponentSockets::Dns(sockets) => dns::run(&config, sockets, shared.dns.clone(), consul, token)
-            .await
-            .map_err(|e| e.to_string()),
-        ComponentSockets::Lb(sockets) => {
-            let state = lb::LbState::new(&lb::table_config(&config));
-            shared.lb.store(Some(state.clone()));
-            lb::run(&config, sockets, state, consul, token)
-                .await
-                .map_err(|e| e.to_string())
-        }
-        ComponentSockets::Vpn(sockets, state) => {
-            shared.vpn.store(Some(state.clone()));
-            vpn::run(&config, sockets, state, token)
-                .await
-                .map_err(|e| e.to_string())
-        }
-    }
-}
-
 /// Everything a component supervisor needs.
 pub struct ComponentContext {
-    /// The configuration.
-    pub config: Arc<Config>,
-    /// Handles shared with the admin API.
-    pub shared: Arc<ComponentShared>,
-    /// The process's access to Consul.
-    pub consul: Arc<ConsulHub>,
+    /// What the components share (where bound listeners are recorded).
+    pub appliance: Arc<Appliance>,
     /// Restart arithmetic settings.
     pub restart: RestartSettings,
-    /// Fires `true` once the built-in Consul has a leader, when `up` runs one.
+    /// Fires `true` once the built-in Consul has a leader, when `up` runs one
+    /// and the component waits for it.
     pub consul_ready: Option<tokio::sync::watch::Receiver<bool>>,
     /// Upper bound of the wait for it.
     pub consul_wait: Duration,
@@ -126,14 +40,14 @@ pub struct ComponentContext {
 
 /// Runs one component under supervision until `shutdown`.
 pub async fn supervise(
-    kind: ComponentKind,
-    first_sockets: Option<ComponentSockets>,
+    component: Arc<dyn Component>,
+    first_sockets: Option<Box<dyn Bound>>,
     ctx: ComponentContext,
     handle: Arc<UnitHandle>,
     shutdown: CancellationToken,
 ) {
-    let name = kind.name();
-    if let (true, Some(mut ready)) = (kind.needs_consul(), ctx.consul_ready.clone()) {
+    let name = component.name();
+    if let Some(mut ready) = ctx.consul_ready.clone() {
         handle.set_state(UnitState::Waiting);
         let wait = tokio::time::timeout(ctx.consul_wait, ready.wait_for(|r| *r));
         tokio::select! {
@@ -154,9 +68,9 @@ pub async fn supervise(
         let started = Instant::now();
         let bound = match sockets.take() {
             Some(s) => Ok(s),
-            None => bind(kind, &ctx.config, ctx.shared.vpn.load_full()),
+            None => component.bind().map_err(Ended::Failed),
         };
-        let result: Result<Outcome, String> = match bound {
+        let result: Result<Outcome, Ended> = match bound {
             Err(e) => Err(e),
             Ok(bound) => {
                 let token = CancellationToken::new();
@@ -164,21 +78,16 @@ pub async fn supervise(
                 // down without our shutdown): the lb's proxy threads wait on it,
                 // and a runtime cannot finish while they run.
                 let _stop_on_drop = token.clone().drop_guard();
-                let mut task = tokio::spawn(run_once(
-                    ctx.config.clone(),
-                    bound,
-                    ctx.shared.clone(),
-                    ctx.consul.clone(),
-                    token.clone(),
-                ));
+                ctx.appliance.listened(&bound.listening());
+                let mut task = tokio::spawn(bound.run(token.clone()));
                 handle.running(None, first);
                 first = false;
                 let asked = tokio::select! {
                     joined = &mut task => {
                         match joined {
-                            Ok(Ok(())) => Err("returned without being asked to stop".to_string()),
-                            Ok(Err(e)) => Err(e),
-                            Err(join) => Err(crate::threads::join_error_message(join)),
+                            Ok(Ok(())) => Err(Ended::Returned),
+                            Ok(Err(e)) => Err(Ended::Failed(e)),
+                            Err(join) => Err(Ended::Died(crate::threads::join_error_message(join))),
                         }
                     }
                     _ = handle.restart.notified() => Ok(Outcome::Restart),
@@ -215,7 +124,7 @@ pub async fn supervise(
             }
             Err(error) => {
                 tracing::error!(component = name, %error, "component failed");
-                handle.ended(error);
+                handle.ended(error.to_string());
                 match backoff.failed(Instant::now(), started.elapsed()) {
                     Verdict::GiveUp => {
                         tracing::error!(
@@ -237,6 +146,20 @@ pub async fn supervise(
             }
         }
     }
+}
+
+/// How a run ended that nobody asked to stop.
+#[derive(Debug, thiserror::Error)]
+enum Ended {
+    /// It could not bind, or its run failed.
+    #[error("{0}")]
+    Failed(crate::component::ComponentError),
+    /// Its run returned `Ok` before shutdown.
+    #[error("returned without being asked to stop")]
+    Returned,
+    /// Its task panicked (or was cancelled).
+    #[error("{0}")]
+    Died(String),
 }
 
 /// Why a run that was still going ended.

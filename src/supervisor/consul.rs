@@ -16,9 +16,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::UpConfig;
 use super::roles::{ConsulMode, Plan, UnitKind};
 use super::settings::{ProgramConfig, RestartPolicy};
-use crate::config::Config;
 use crate::config::shared::ConfigError;
 use crate::env::Env;
 
@@ -43,7 +43,7 @@ fn hostname() -> String {
 }
 
 /// The address Consul binds its cluster ports to.
-fn bind_address(config: &Config) -> Option<IpAddr> {
+fn bind_address(config: &UpConfig) -> Option<IpAddr> {
     let http = config.consul.http.ip();
     config
         .supervisor
@@ -104,7 +104,7 @@ pub fn find_executable(command: &Path, path: Option<&str>) -> Option<PathBuf> {
 /// missing one is a configuration error at start (exit 64, naming the install
 /// step), not a unit that crash-loops into `failed` with every other unit
 /// waiting for a leader that never comes.
-pub fn require_command(config: &Config, plan: &Plan, env: &dyn Env) -> Result<(), ConfigError> {
+pub fn require_command(config: &UpConfig, plan: &Plan, env: &dyn Env) -> Result<(), ConfigError> {
     if !plan.starting().any(|u| matches!(u.kind, UnitKind::Consul(_))) {
         return Ok(());
     }
@@ -128,7 +128,7 @@ pub fn require_command(config: &Config, plan: &Plan, env: &dyn Env) -> Result<()
 }
 
 /// The built-in agent as a program.
-pub fn program(config: &Config, plan: &Plan, mode: ConsulMode) -> ProgramConfig {
+pub fn program(config: &UpConfig, plan: &Plan, mode: ConsulMode) -> ProgramConfig {
     let settings = &config.supervisor.consul;
     let mut args: Vec<String> = vec!["agent".into()];
     let mut push = |flag: &str, value: String| {
@@ -206,7 +206,7 @@ mod tests {
         let crate::supervisor::roles::UnitKind::Consul(mode) = p.units[0].kind else {
             panic!("consul first")
         };
-        program(&config, &p, mode).args
+        program(&super::super::UpConfig::of(&config), &p, mode).args
     }
 
     fn has(args: &[String], pair: &[&str]) -> bool {
@@ -300,7 +300,7 @@ mod tests {
             let file = crate::config::parse(&text, "t.toml", &env).unwrap();
             let config = crate::config::validate(&file, "t.toml").unwrap();
             let p = plan(&env, &config).unwrap();
-            require_command(&config, &p, &env)
+            require_command(&super::super::UpConfig::of(&config), &p, &env)
         };
         let e = config("", &[("PATH", "/nonexistent")]).unwrap_err();
         assert_eq!(e.key, "supervisor.consul.command");

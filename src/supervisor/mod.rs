@@ -9,7 +9,7 @@
 //!    consul monitor ──────────── leader? ─▶ consul_ready (lb waits, bounded)
 //!    for unit in plan (priority order):
 //!       consul / [[supervisor.program]] ─▶ program::supervise (child process)
-//!       vpn / dns / lb                  ─▶ component::supervise (task)
+//!       components (dns, lb, vpn ...)   ─▶ component::supervise (task)
 //!    all started ─▶ banner on stdout + sd_notify READY=1
 //!    shutdown ─▶ STOPPING=1, units stopped one by one in reverse start order
 //!    a unit's supervising task dies (panic) ─▶ the same stop, then UnitDied (exit 70)
@@ -20,9 +20,9 @@
 //! shutdown can go in reverse order: the lb drains and deregisters from Consul
 //! while Consul still runs.
 //!
-//! The vpn's peers reach people through the running vpn's `VpnState` in
-//! [`ComponentShared`]: the admin API (report, add and remove peer), `/metrics`,
-//! the status page and `wayfinder status` all read it there.
+//! The supervisor knows components only through [`crate::component`]: it
+//! binds, runs and restarts them, and the admin endpoint asks each for its
+//! metrics, its part of the status report and page, and its actions.
 
 pub mod admin;
 pub mod component;
@@ -31,12 +31,12 @@ pub mod metrics;
 pub mod notify;
 pub mod program;
 pub mod reaper;
+pub mod report;
 pub mod roles;
 pub mod settings;
 pub mod status_page;
 pub mod terminal;
 pub mod unit;
-pub mod vpn_admin;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,11 +46,14 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::component::{Appliance, Banner, Bound, Component, Host, Listening};
 use crate::config::Config;
-use component::{ComponentContext, ComponentShared, ComponentSockets};
+use crate::consul::settings::ConsulConfig;
+use component::ComponentContext;
 use program::ProgramContext;
 use reaper::ChildSet;
-use roles::{ComponentKind, Plan, UnitKind};
+use roles::{Plan, UnitKind};
+use settings::SupervisorConfig;
 use unit::{UnitClass, UnitHandle, UnitState};
 
 /// Errors of the supervisor.
@@ -65,12 +68,12 @@ pub enum SupervisorError {
         source: std::io::Error,
     },
     /// A component's listeners could not be bound at start.
-    #[error("could not start {component}: {problem}")]
+    #[error("could not start {component}: {source}")]
     BindComponent {
         /// dns, lb ...
         component: &'static str,
         /// What failed (names the address).
-        problem: String,
+        source: crate::component::ComponentError,
     },
     /// A unit's supervising task ended before shutdown (a panic in the
     /// supervisor itself): `up` stops everything and exits 70.
@@ -100,20 +103,52 @@ pub enum SupervisorError {
     },
 }
 
+/// What `up` itself is configured with: its own section, Consul's, and this
+/// host (the components' sections went to the components).
+#[derive(Debug, Clone)]
+pub struct UpConfig {
+    /// `[supervisor]`.
+    pub supervisor: SupervisorConfig,
+    /// `[consul]`.
+    pub consul: ConsulConfig,
+    /// This host's address (`HOST_IP`), when known.
+    pub host_ip: Option<std::net::IpAddr>,
+    /// Where the configuration came from (for messages and commands to copy).
+    pub source: String,
+}
+
+impl UpConfig {
+    /// `up`'s part of `config`.
+    pub fn of(config: &Config) -> Self {
+        Self {
+            supervisor: config.supervisor.clone(),
+            consul: config.consul.clone(),
+            host_ip: config.host_ip,
+            source: config.source.clone(),
+        }
+    }
+}
+
 /// Everything `up` binds before it starts anything, so a port clash ends it at
 /// once (exit 64) rather than as a crash loop.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct UpSockets {
     /// The admin endpoint, unless off.
     pub admin: Option<std::net::TcpListener>,
-    /// First-start listeners of the components that start.
-    pub components: Vec<(ComponentKind, ComponentSockets)>,
+    /// First-start resources of the components that start, by unit name.
+    pub components: Vec<(&'static str, Box<dyn Bound>)>,
 }
 
 impl UpSockets {
-    /// Binds the admin endpoint and the listeners of every component `plan` starts.
-    pub fn bind(config: &Config, plan: &Plan) -> Result<Self, SupervisorError> {
-        let admin = config
+    /// Binds the admin endpoint and every component `plan` starts; what they
+    /// bound is recorded in `appliance` (its own listeners).
+    pub fn bind(
+        up: &UpConfig,
+        plan: &Plan,
+        components: &[Arc<dyn Component>],
+        appliance: &Appliance,
+    ) -> Result<Self, SupervisorError> {
+        let admin = up
             .supervisor
             .admin
             .map(|addr| {
@@ -126,82 +161,70 @@ impl UpSockets {
                 })
             })
             .transpose()?;
-        let mut components = Vec::new();
-        for unit in plan.starting() {
-            if let UnitKind::Component(kind) = unit.kind {
-                let sockets =
-                    component::bind(kind, config, None).map_err(|problem| SupervisorError::BindComponent {
-                        component: kind.name(),
-                        problem,
-                    })?;
-                components.push((kind, sockets));
-            }
+        let mut bound = Vec::new();
+        for component in components.iter().filter(|c| plan.starts(c.name())) {
+            let resources = component.bind().map_err(|source| SupervisorError::BindComponent {
+                component: component.name(),
+                source,
+            })?;
+            appliance.listened(&resources.listening());
+            bound.push((component.name(), resources));
         }
-        Ok(Self { admin, components })
+        if let Some(addr) = admin.as_ref().and_then(|l| l.local_addr().ok()) {
+            appliance.listened(&Listening(vec![crate::component::Listener {
+                key: "admin",
+                what: "admin",
+                addr,
+                tcp: true,
+                list: false,
+            }]));
+        }
+        Ok(Self {
+            admin,
+            components: bound,
+        })
     }
 
-    /// Where everything listens (for the banner and the tests).
-    pub fn addresses(&self) -> Addresses {
-        let mut a = Addresses {
-            admin: self.admin.as_ref().and_then(|l| l.local_addr().ok()),
-            ..Addresses::default()
-        };
-        for (_, sockets) in &self.components {
-            match sockets {
-                ComponentSockets::Dns(s) => a.dns = s.local_addrs(),
-                ComponentSockets::Lb(s) => {
-                    a.lb_http = s.http.local_addr().ok();
-                    a.lb_https = s.https.as_ref().and_then(|l| l.local_addr().ok());
-                    a.lb_stats = s.stats.as_ref().and_then(|l| l.local_addr().ok());
-                }
-                ComponentSockets::Vpn(s, _) => a.vpn = s.local_addr(),
-            }
-        }
-        a
+    /// The admin endpoint's address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Where a component listens, by `/api/status` key (`dns`, `lb_http` ...).
+    pub fn listening(&self, key: &str) -> Vec<SocketAddr> {
+        self.components
+            .iter()
+            .flat_map(|(_, b)| b.listening().get(key).collect::<Vec<_>>())
+            .collect()
     }
 }
 
-/// Listen addresses of a running `up`.
-#[derive(Debug, Clone, Default, Serialize)]
+/// Listen addresses of a running `up`, as `/api/status` shows them: `admin`,
+/// and each component's keys (`dns` a list; `lb_http`, `vpn` ... one address).
+#[derive(Debug, Clone, Default)]
 pub struct Addresses {
     /// Admin endpoint.
     pub admin: Option<SocketAddr>,
-    /// dns listeners.
-    pub dns: Vec<SocketAddr>,
-    /// lb HTTP.
-    pub lb_http: Option<SocketAddr>,
-    /// lb HTTPS.
-    pub lb_https: Option<SocketAddr>,
-    /// lb stats listener.
-    pub lb_stats: Option<SocketAddr>,
-    /// vpn (WireGuard) UDP socket.
-    pub vpn: Option<SocketAddr>,
+    /// The components' listeners.
+    pub components: Listening,
 }
 
-impl Addresses {
-    /// Writes the bound addresses into `config`, so a listener the file left to
-    /// the kernel (port 0) keeps its port across component restarts, and every
-    /// component knows where the others really listen (the lb never connects
-    /// to them).
-    pub fn pin(&self, config: &mut Config) {
-        if self.admin.is_some() {
-            config.supervisor.admin = self.admin;
+impl Serialize for Addresses {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut keys: Vec<&'static str> = self.components.0.iter().map(|l| l.key).collect();
+        keys.dedup();
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("admin", &self.admin)?;
+        for key in keys {
+            let addrs: Vec<SocketAddr> = self.components.get(key).collect();
+            if self.components.0.iter().any(|l| l.key == key && l.list) {
+                map.serialize_entry(key, &addrs)?;
+            } else {
+                map.serialize_entry(key, &addrs.first())?;
+            }
         }
-        if !self.dns.is_empty() {
-            config.dns.listen.clone_from(&self.dns);
-        }
-        if let Some(http) = self.lb_http {
-            config.lb.http = http;
-        }
-        if let (Some(bound), Some(https)) = (self.lb_https, config.lb.https.as_mut()) {
-            https.listen = bound;
-        }
-        if self.lb_stats.is_some() {
-            config.lb.stats = self.lb_stats;
-        }
-        if let Some(vpn) = self.vpn {
-            config.vpn.listen = vpn;
-        }
+        map.end()
     }
 }
 
@@ -220,21 +243,21 @@ pub struct ConsulHealth {
 
 /// The state `up` shares with the admin API.
 pub struct SupervisorState {
-    /// The configuration.
-    pub config: Arc<Config>,
+    /// `up`'s own configuration.
+    pub config: Arc<UpConfig>,
     /// What the role starts.
     pub plan: Plan,
     /// Every unit of the plan, in start order.
     pub units: Vec<Arc<UnitHandle>>,
-    /// Component handles (dns counters, lb state).
-    pub components: Arc<ComponentShared>,
+    /// Every component, whether the plan starts it or not (in display order).
+    pub components: Vec<Arc<dyn Component>>,
+    /// What the components share: Consul, this host, the own listeners.
+    pub appliance: Arc<Appliance>,
     /// Consul as last probed.
     pub consul: Mutex<ConsulHealth>,
     /// The process's access to Consul, shared by the components and the admin
     /// endpoint (its views outlive component restarts).
     pub consul_hub: Arc<crate::consul::ConsulHub>,
-    /// Stops the hub's views once every unit has stopped.
-    consul_stop: CancellationToken,
     /// Listen addresses, filled in by [`run`].
     pub addresses: Mutex<Addresses>,
     /// When `up` started.
@@ -252,9 +275,16 @@ pub struct SupervisorState {
 }
 
 impl SupervisorState {
-    /// State for `plan`. `adopt_orphans`: this process is a child subreaper and
-    /// all its children are the supervisor's (true only in the `up` binary).
-    pub fn new(config: Arc<Config>, plan: Plan, adopt_orphans: bool) -> Arc<Self> {
+    /// State for `plan` over `components`. `adopt_orphans`: this process is a
+    /// child subreaper and all its children are the supervisor's (true only in
+    /// the `up` binary).
+    pub fn new(
+        config: UpConfig,
+        plan: Plan,
+        components: Vec<Arc<dyn Component>>,
+        appliance: Arc<Appliance>,
+        adopt_orphans: bool,
+    ) -> Arc<Self> {
         let units = plan
             .units
             .iter()
@@ -267,19 +297,17 @@ impl SupervisorState {
                 Arc::new(UnitHandle::new(&u.name, class, state, &u.why, u.priority))
             })
             .collect();
-        let consul_stop = CancellationToken::new();
-        let consul_hub = crate::consul::ConsulHub::new(config.consul.http, config.consul.resync, &consul_stop);
         Arc::new(Self {
-            consul_hub,
-            consul_stop,
+            consul_hub: appliance.consul.clone(),
             consul: Mutex::new(ConsulHealth {
                 addr: Some(config.consul.http),
                 ..ConsulHealth::default()
             }),
-            config,
+            config: Arc::new(config),
             plan,
             units,
-            components: Arc::new(ComponentShared::default()),
+            components,
+            appliance,
             addresses: Mutex::new(Addresses::default()),
             started: Instant::now(),
             ready: AtomicBool::new(false),
@@ -295,6 +323,19 @@ impl SupervisorState {
         self.units.iter().find(|u| u.name() == name)
     }
 
+    /// The component called `name`.
+    pub fn component(&self, name: &str) -> Option<&Arc<dyn Component>> {
+        self.components.iter().find(|c| c.name() == name)
+    }
+
+    /// The component of type `C` (tests and tools that know its type).
+    pub fn component_of<C: Component>(&self) -> Option<&C> {
+        self.components.iter().find_map(|c| {
+            let any: &dyn std::any::Any = c.as_ref();
+            any.downcast_ref::<C>()
+        })
+    }
+
     /// True when `name` has a supervisor that an admin restart reaches.
     pub fn is_supervised(&self, name: &str) -> bool {
         lock(&self.supervised).iter().any(|n| n == name)
@@ -308,6 +349,16 @@ impl SupervisorState {
     /// Listen addresses.
     pub fn addresses(&self) -> Addresses {
         lock(&self.addresses).clone()
+    }
+
+    /// What the components are told about this host for their banner lines and pages.
+    pub fn host(&self) -> Host {
+        Host {
+            domain: self.config.consul.domain.to_string().trim_end_matches('.').to_string(),
+            datacenter: self.config.consul.datacenter.clone(),
+            admin: self.addresses().admin.map(|a| self.appliance.reachable(a)),
+            source: self.config.source.clone(),
+        }
     }
 }
 
@@ -390,12 +441,16 @@ impl Running {
 /// Runs everything the plan starts until `shutdown`, then stops it all in
 /// reverse start order.
 pub async fn run(
-    config: &Config,
     sockets: UpSockets,
     state: Arc<SupervisorState>,
     shutdown: CancellationToken,
 ) -> Result<(), SupervisorError> {
-    *lock(&state.addresses) = sockets.addresses();
+    let config = state.config.clone();
+    {
+        let mut addresses = lock(&state.addresses);
+        addresses.admin = sockets.admin_addr();
+        addresses.components = Listening(sockets.components.iter().flat_map(|(_, b)| b.listening().0).collect());
+    }
     let UpSockets { admin, mut components } = sockets;
     // Everything `up` runs, in start order: its own tasks first, so they stop
     // last; a task that ends before shutdown (a panic) stops it all.
@@ -433,7 +488,7 @@ pub async fn run(
         let token = CancellationToken::new();
         let (task, grace) = match &planned.kind {
             UnitKind::Consul(mode) if planned.start => {
-                let program = consul::program(config, &state.plan, *mode);
+                let program = consul::program(&config, &state.plan, *mode);
                 if let Err(e) = std::fs::create_dir_all(&config.supervisor.consul.data_dir) {
                     tracing::warn!(dir = %config.supervisor.consul.data_dir.display(), error = %e, "could not create the consul data dir");
                 }
@@ -461,19 +516,26 @@ pub async fn run(
                 (task, grace)
             }
             UnitKind::Component(kind) if planned.start => {
+                let Some(component) = state.component(kind.name()).cloned() else {
+                    continue;
+                };
                 let first = components
                     .iter()
-                    .position(|(k, _)| k == kind)
+                    .position(|(name, _)| *name == kind.name())
                     .map(|i| components.swap_remove(i).1);
                 let ctx = ComponentContext {
-                    config: Arc::new(config.clone()),
-                    shared: state.components.clone(),
-                    consul: state.consul_hub.clone(),
+                    appliance: state.appliance.clone(),
                     restart: config.supervisor.restart,
-                    consul_ready: runs_consul.then(|| ready_rx.clone()),
+                    consul_ready: (runs_consul && kind.facts().needs_consul).then(|| ready_rx.clone()),
                     consul_wait: config.supervisor.consul_wait,
                 };
-                let task = tokio::spawn(component::supervise(*kind, first, ctx, handle.clone(), token.clone()));
+                let task = tokio::spawn(component::supervise(
+                    component,
+                    first,
+                    ctx,
+                    handle.clone(),
+                    token.clone(),
+                ));
                 (task, component::STOP_GRACE + Duration::from_secs(1))
             }
             // Off by role: nothing to supervise.
@@ -551,8 +613,7 @@ pub async fn run(
             task.abort();
         }
     }
-    state.consul_stop.cancel();
-    state.consul_hub.close().await;
+    state.appliance.close().await;
     tracing::info!("wayfinder up: stopped");
     match failure {
         Some(error) => Err(error),
@@ -588,21 +649,11 @@ fn first_ended(
     })
 }
 
-/// An address a person can type: a wildcard bind shown as HOST_IP or loopback.
-fn reachable(addr: SocketAddr, config: &Config) -> SocketAddr {
-    if addr.ip().is_unspecified() {
-        let ip = config.host_ip.unwrap_or_else(|| std::net::IpAddr::from([127, 0, 0, 1]));
-        SocketAddr::new(ip, addr.port())
-    } else {
-        addr
-    }
-}
-
 /// What `up` prints once it is ready: where everything is and what to try.
 pub fn banner(state: &SupervisorState) -> String {
     let config = &state.config;
-    let a = state.addresses();
-    let domain = config.consul.domain.to_string().trim_end_matches('.').to_string();
+    let appliance = &state.appliance;
+    let host = state.host();
     let mut out = String::from("wayfinder up: ready\n");
     out.push_str(&format!("  role     {}\n", state.plan.role()));
     for u in &state.units {
@@ -611,32 +662,20 @@ pub fn banner(state: &SupervisorState) -> String {
             out.push_str(&format!("  {:<8} {}\n", s.name, s.state.name()));
         }
     }
-    let dns = a.dns.first().map(|d| reachable(*d, config));
-    if let Some(d) = dns {
-        out.push_str(&format!("  dns      {d} (udp+tcp)\n"));
+    let mut banner = Banner::default();
+    for c in state.components.iter().filter(|c| state.plan.starts(c.name())) {
+        c.banner(appliance, &host, &mut banner);
     }
-    let http = a.lb_http.map(|h| reachable(h, config));
-    if let Some(h) = http {
-        out.push_str(&format!("  lb       http://{h}/\n"));
+    for place in &banner.places {
+        out.push_str(place);
+        out.push('\n');
     }
-    if let Some(s) = a.lb_stats {
-        out.push_str(&format!("  lb stats http://{}/\n", reachable(s, config)));
-    }
-    if let Some(v) = a.vpn {
+    if let Some(admin) = host.admin {
         out.push_str(&format!(
-            "  vpn      udp {} (WireGuard), tunnel {} on {}\n",
-            reachable(v, config),
-            config.vpn.address,
-            config.vpn.interface
+            "  admin    http://{admin}/ (status page, /api/status, /metrics)\n"
         ));
     }
-    if let Some(admin) = a.admin {
-        out.push_str(&format!(
-            "  admin    http://{}/ (status page, /api/status, /metrics)\n",
-            reachable(admin, config)
-        ));
-    }
-    let consul = reachable(config.consul.http, config);
+    let consul = appliance.reachable(config.consul.http);
     if state.plan.starts("consul") {
         out.push_str(&format!("  consul   http://{consul}/ui/\n"));
     } else {
@@ -646,22 +685,11 @@ pub fn banner(state: &SupervisorState) -> String {
     out.push_str(&format!(
         "  curl -X PUT -d '{{\"Name\":\"web\",\"Address\":\"127.0.0.1\",\"Port\":8080,\"Tags\":[\"haproxy\"]}}' http://{consul}/v1/agent/service/register\n"
     ));
-    if let Some(d) = dns {
-        out.push_str(&format!("  dig @{} -p {} web.service.{domain} SRV\n", d.ip(), d.port()));
+    for t in &banner.tries {
+        out.push_str(t);
+        out.push('\n');
     }
-    if let Some(h) = http {
-        out.push_str(&format!("  curl -H 'Host: web.service.{domain}' http://{h}/\n"));
-    }
-    if a.vpn.is_some() {
-        match a.admin {
-            Some(admin) => out.push_str(&format!(
-                "  curl -X POST -d '{{\"name\":\"laptop\"}}' http://{}/api/vpn/peers   # a WireGuard client config\n",
-                reachable(admin, config)
-            )),
-            None => out.push_str(&format!("  wayfinder vpn peer add laptop --qr -c {}\n", config.source)),
-        }
-    }
-    if a.admin.is_some() {
+    if host.admin.is_some() {
         out.push_str(&format!("  {} status -c {}\n", invoked_as(), config.source));
     }
     out

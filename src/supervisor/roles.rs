@@ -14,53 +14,10 @@
 //! only where asked for (`vpn.enabled = true`). An explicit `START_*` wins over
 //! the file, which wins over the role.
 
+use crate::components::{ComponentKind, RunsOn};
 use crate::config::Config;
 use crate::config::shared::ConfigError;
 use crate::env::{self, Env};
-
-/// An in-process component. Adding one is one variant here plus its arms in
-/// [`ComponentKind`]'s methods and `component.rs`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ComponentKind {
-    /// The DNS server.
-    Dns,
-    /// The HTTP/TCP load balancer.
-    Lb,
-    /// The WireGuard VPN.
-    Vpn,
-}
-
-impl ComponentKind {
-    /// Every component, in start order.
-    pub const ALL: [ComponentKind; 3] = [ComponentKind::Vpn, ComponentKind::Dns, ComponentKind::Lb];
-
-    /// Its unit name.
-    pub fn name(self) -> &'static str {
-        match self {
-            ComponentKind::Dns => "dns",
-            ComponentKind::Lb => "lb",
-            ComponentKind::Vpn => "vpn",
-        }
-    }
-
-    /// Start order (the built-in consul agent is 10, programs default to 100).
-    /// The vpn comes before the dns so the tunnel address exists when the dns
-    /// binds it (it would bind anyway, with IP_FREEBIND), and so stops after it.
-    pub fn priority(self) -> u32 {
-        match self {
-            ComponentKind::Vpn => 15,
-            ComponentKind::Dns => 20,
-            ComponentKind::Lb => 30,
-        }
-    }
-
-    /// True when it should wait for the built-in Consul agent before starting:
-    /// the lb registers itself there and builds its table from the catalog; dns
-    /// serves zones and upstream names without Consul, so it starts at once.
-    pub fn needs_consul(self) -> bool {
-        matches!(self, ComponentKind::Lb)
-    }
-}
 
 /// The mode of the built-in Consul agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,34 +170,30 @@ pub fn plan(env: &dyn Env, config: &Config) -> Result<Plan, ConfigError> {
     });
 
     for kind in ComponentKind::ALL {
-        let (var, alias, default, role_why) = match kind {
-            ComponentKind::Dns => (
-                env::START_DNS,
-                Some(env::START_DNSMASQ),
-                true,
-                "every host runs dns".to_string(),
-            ),
-            ComponentKind::Lb => (
-                env::START_LB,
-                Some(env::START_CONSUL_TEMPLATE),
+        let facts = kind.facts();
+        let (var, alias) = facts.switch;
+        let (default, role_why) = match facts.runs_on {
+            RunsOn::Every => (true, format!("every host runs {}", facts.name)),
+            RunsOn::Slaves => (
                 slave,
-                format!("the lb runs where SLAVE=true (SLAVE={slave})"),
+                format!("the {} runs where SLAVE=true (SLAVE={slave})", facts.name),
             ),
-            ComponentKind::Vpn => (
-                env::START_VPN,
-                None,
-                config.vpn.enabled,
-                format!("the vpn runs only where enabled (vpn.enabled = {})", config.vpn.enabled),
-            ),
+            RunsOn::WhereEnabled => {
+                let on = kind.enabled(config);
+                (
+                    on,
+                    format!("the {0} runs only where enabled ({0}.enabled = {on})", facts.name),
+                )
+            }
         };
         let (start, why) = match env_override(env, var, alias)? {
             Some((on, why)) => (on, why),
             None => (default, role_why),
         };
         units.push(PlannedUnit {
-            name: kind.name().into(),
+            name: facts.name.into(),
             kind: UnitKind::Component(kind),
-            priority: kind.priority(),
+            priority: facts.priority,
             start,
             why,
         });

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::SupervisorError;
-use super::status_page::{human_bytes, human_secs};
+use crate::report::html::human_secs;
 
 /// Fetches `/api/status` from the admin endpoint at `addr`.
 pub async fn fetch(addr: SocketAddr, token: Option<&str>) -> Result<Value, SupervisorError> {
@@ -125,76 +125,13 @@ pub fn render(v: &Value) -> String {
         }
     }
 
-    let a = &v["addresses"];
     let _ = writeln!(out, "\nLISTENING");
-    for d in a["dns"].as_array().into_iter().flatten() {
-        let _ = writeln!(out, "  dns    {} (udp+tcp)", d.as_str().unwrap_or(""));
-    }
-    for (key, what, scheme) in [
-        ("lb_http", "lb", "http"),
-        ("lb_https", "lb", "https"),
-        ("lb_stats", "stats", "http"),
-        ("admin", "admin", "http"),
-    ] {
-        if let Some(addr) = a[key].as_str() {
-            let _ = writeln!(out, "  {what:<6} {scheme}://{addr}/");
+    for (key, value) in v["addresses"].as_object().into_iter().flatten() {
+        for addr in value.as_array().cloned().unwrap_or_else(|| vec![value.clone()]) {
+            if let Some(addr) = addr.as_str() {
+                let _ = writeln!(out, "  {key:<9} {addr}");
+            }
         }
     }
-    vpn(&mut out, &v["vpn"]);
     out
-}
-
-/// The vpn and its peers.
-fn vpn(out: &mut String, vpn: &Value) {
-    if vpn["available"].as_bool() != Some(true) {
-        let _ = writeln!(
-            out,
-            "\nVPN: off on this host (vpn.enabled = true or START_VPN=true turns it on)"
-        );
-        return;
-    }
-    let peers = vpn["peers"].as_array().cloned().unwrap_or_default();
-    let _ = writeln!(
-        out,
-        "\nVPN {} on {}: {}, clients dial {} ({} peer{})",
-        s(vpn, "address"),
-        s(vpn, "interface"),
-        if vpn["running"].as_bool() == Some(true) {
-            "running"
-        } else {
-            "NOT RUNNING"
-        },
-        vpn["endpoint"]
-            .as_str()
-            .unwrap_or("(unset: set vpn.endpoint or HOST_IP)"),
-        peers.len(),
-        if peers.len() == 1 { "" } else { "s" },
-    );
-    if peers.is_empty() {
-        return;
-    }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let _ = writeln!(
-        out,
-        "  {:<20} {:<15} {:<14} {:>11} {:>11}  ENDPOINT",
-        "PEER", "ADDRESS", "HANDSHAKE", "RECEIVED", "SENT"
-    );
-    for p in &peers {
-        let handshake = p["latest_handshake"].as_u64().map_or_else(
-            || "never".to_string(),
-            |t| format!("{} ago", human_secs(now.saturating_sub(t) as f64)),
-        );
-        let _ = writeln!(
-            out,
-            "  {:<20} {:<15} {:<14} {:>11} {:>11}  {}",
-            s(p, "name"),
-            s(p, "address"),
-            handshake,
-            human_bytes(p["rx_bytes"].as_u64().unwrap_or(0)),
-            human_bytes(p["tx_bytes"].as_u64().unwrap_or(0)),
-            p["endpoint"].as_str().unwrap_or("-"),
-        );
-    }
 }

@@ -20,11 +20,14 @@
 //! a peer that stays keeps its `Arc<Peer>` and so its session. Each peer's
 //! `Tunn` sits behind its own mutex: the two packet threads only meet there.
 
+pub mod admin;
 pub mod allowed;
 pub mod client;
+pub mod component;
 pub mod device;
 pub mod forward;
 pub mod keys;
+pub mod page;
 pub mod peers;
 pub mod settings;
 pub mod tun;
@@ -47,7 +50,7 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::shared::ConfigError;
 use allowed::AllowedIps;
 use peers::{PeerRecord, PeerStore};
 use settings::VpnConfig;
@@ -125,7 +128,7 @@ pub enum VpnError {
     Device(std::io::Error),
     /// A client config cannot be written: no endpoint for clients to dial.
     #[error("could not write a client config: {0}")]
-    NoEndpoint(#[source] crate::config::shared::ConfigError),
+    NoEndpoint(#[source] ConfigError),
     /// The control socket could not be served.
     #[error("could not serve the control socket {path}: {problem}")]
     Uapi {
@@ -555,15 +558,37 @@ impl VpnState {
     }
 }
 
+/// What a client config takes from outside the vpn's section.
+#[derive(Debug, Clone)]
+pub struct ClientInputs {
+    /// This host's address: the endpoint clients dial when `vpn.endpoint` is unset.
+    pub host_ip: Option<IpAddr>,
+    /// The DNS search domain handed to clients: `service.<consul domain>`.
+    pub search_domain: String,
+    /// The config file, for the error when no endpoint can be made.
+    pub source: String,
+}
+
+impl ClientInputs {
+    /// The inputs from this host's address and the Consul domain.
+    pub fn new(host_ip: Option<IpAddr>, consul_domain: &hickory_proto::rr::Name, source: &str) -> Self {
+        Self {
+            host_ip,
+            search_domain: format!("service.{}", consul_domain.to_string().trim_end_matches('.')),
+            source: source.to_string(),
+        }
+    }
+}
+
 /// The `host:port` clients dial: `vpn.endpoint`, else `HOST_IP:<listen port>`.
-pub fn client_endpoint(config: &Config) -> Result<String, crate::config::shared::ConfigError> {
-    if let Some(e) = &config.vpn.endpoint {
+pub fn client_endpoint(config: &VpnConfig, inputs: &ClientInputs) -> Result<String, ConfigError> {
+    if let Some(e) = &config.endpoint {
         return Ok(e.clone());
     }
-    match config.host_ip {
-        Some(ip) => Ok(SocketAddr::new(ip, config.vpn.listen.port()).to_string()),
-        None => Err(crate::config::shared::ConfigError {
-            file: config.source.clone(),
+    match inputs.host_ip {
+        Some(ip) => Ok(SocketAddr::new(ip, config.listen.port()).to_string()),
+        None => Err(ConfigError {
+            file: inputs.source.clone(),
             key: "vpn.endpoint".into(),
             problem:
                 "client configs need the server's public address: set vpn.endpoint (\"host:port\"), or HOST_IP or IP"
@@ -572,29 +597,28 @@ pub fn client_endpoint(config: &Config) -> Result<String, crate::config::shared:
     }
 }
 
-/// The DNS search domain handed to clients: `service.<consul domain>`.
-pub fn search_domain(config: &Config) -> String {
-    format!("service.{}", config.consul.domain.to_string().trim_end_matches('.'))
-}
-
 /// Adds a client peer named `name`: the one path of `wayfinder vpn peer add`
 /// and the admin API's `POST /api/vpn/peers`. The endpoint and search domain
-/// come from `config`; the peer (next free address, new key pair) is saved in
+/// come from `inputs`; the peer (next free address, new key pair) is saved in
 /// `vpn.dir` and applied to `state` at once (a running server sharing `state`
 /// serves it immediately; another one picks the file change up).
-pub fn add_client(config: &Config, state: &VpnState, name: &str) -> Result<NewPeer, VpnError> {
-    let endpoint = client_endpoint(config).map_err(VpnError::NoEndpoint)?;
-    state.add_peer(name, &endpoint, &search_domain(config))
+pub fn add_client(
+    config: &VpnConfig,
+    inputs: &ClientInputs,
+    state: &VpnState,
+    name: &str,
+) -> Result<NewPeer, VpnError> {
+    let endpoint = client_endpoint(config, inputs).map_err(VpnError::NoEndpoint)?;
+    state.add_peer(name, &endpoint, &inputs.search_domain)
 }
 
 /// Runs the vpn on `sockets` until `shutdown` is cancelled.
 pub async fn run(
-    config: &Config,
+    vpn: &VpnConfig,
     sockets: VpnSockets,
     state: Arc<VpnState>,
     shutdown: CancellationToken,
 ) -> Result<(), VpnError> {
-    let vpn = &config.vpn;
     // Keys live in this process's memory: keep them out of core dumps and
     // away from ptrace by other users.
     // SAFETY: prctl with PR_SET_DUMPABLE takes plain integers.

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use wayfinder::dns::{self, DnsControl, DnsSockets};
 use wayfinder::supervisor::unit::UnitInfo;
-use wayfinder::supervisor::{SupervisorState, UpSockets};
+use wayfinder::supervisor::{SupervisorState, UpConfig, UpSockets};
 
 /// Sends Wayfinder's logs to the test's output (shown for a failing test),
 /// filtered by `RUST_LOG` (nothing when it is unset).
@@ -586,7 +586,7 @@ impl Wayfinder {
             let shutdown = shutdown.clone();
             async move {
                 let hub = wayfinder::consul::ConsulHub::new(config.consul.http, config.consul.resync, &shutdown);
-                dns::run(&config, sockets, control, hub.clone(), shutdown)
+                dns::run(&config.dns, &config.consul, sockets, control, hub.clone(), shutdown)
                     .await
                     .expect("dns runs");
                 hub.close().await;
@@ -982,17 +982,18 @@ impl Lb {
             .as_ref()
             .map(|l| l.local_addr().unwrap())
             .expect("stats listener");
-        let state = wayfinder::lb::LbState::new(&wayfinder::lb::table_config(&config));
+        let appliance = wayfinder::component::Appliance::new(&config.consul, None, config.own_listeners());
+        let inputs = wayfinder::lb::Inputs::new(&config.consul, &appliance);
+        let state = wayfinder::lb::LbState::new(&wayfinder::lb::table_config(&config.lb, &inputs));
         let shutdown = CancellationToken::new();
         tokio::spawn({
             let state = state.clone();
             let shutdown = shutdown.clone();
             async move {
-                let hub = wayfinder::consul::ConsulHub::new(config.consul.http, config.consul.resync, &shutdown);
-                wayfinder::lb::run(&config, sockets, state, hub.clone(), shutdown)
+                wayfinder::lb::run(&config.lb, &inputs, sockets, state, appliance.consul.clone(), shutdown)
                     .await
                     .expect("lb runs");
-                hub.close().await;
+                appliance.close().await;
             }
         });
         Lb {
@@ -1237,26 +1238,27 @@ impl Up {
         }
         let config = wayfinder::config::validate(&file, "test.toml").expect("test config validates");
         let plan = wayfinder::supervisor::roles::plan(&env, &config).expect("role plan");
-        let sockets = UpSockets::bind(&config, &plan)?;
-        let addresses = sockets.addresses();
-        let mut config = config;
-        addresses.pin(&mut config);
-        let config = Arc::new(config);
-        let state = SupervisorState::new(config.clone(), plan, false);
+        let (appliance, components) = wayfinder::components::assemble(&config);
+        let up = UpConfig::of(&config);
+        let sockets = UpSockets::bind(&up, &plan, &components, &appliance)?;
+        let admin = sockets.admin_addr().expect("admin endpoint on");
+        let dns = sockets.listening("dns").first().copied();
+        let lb = sockets.listening("lb_http").first().copied();
+        let state = SupervisorState::new(up, plan, components, appliance, false);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
             let (state, shutdown) = (state.clone(), shutdown.clone());
             async move {
-                wayfinder::supervisor::run(&config, sockets, state, shutdown)
+                wayfinder::supervisor::run(sockets, state, shutdown)
                     .await
                     .expect("supervisor runs")
             }
         });
         Ok(Up {
             state,
-            admin: addresses.admin.expect("admin endpoint on"),
-            dns: addresses.dns.first().copied(),
-            lb: addresses.lb_http,
+            admin,
+            dns,
+            lb,
             shutdown,
             task: Some(task),
         })

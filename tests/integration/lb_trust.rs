@@ -12,14 +12,17 @@ use crate::harness::{Consul, Lb, Up, consul_section, eventually, free_port, http
 
 /// The refusals the lb of `up` reports for `service`.
 fn refusals(up: &Up, service: &str) -> Vec<Refusal> {
-    up.state.components.lb.load_full().map_or_else(Vec::new, |lb| {
-        lb.table
-            .load()
-            .refused()
-            .filter(|r| r.service == service)
-            .map(|r| r.reason.clone())
-            .collect()
-    })
+    up.state
+        .component_of::<wayfinder::lb::component::Lb>()
+        .and_then(|lb| lb.state())
+        .map_or_else(Vec::new, |lb| {
+            lb.table
+                .load()
+                .refused()
+                .filter(|r| r.service == service)
+                .map(|r| r.reason.clone())
+                .collect()
+        })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +131,11 @@ async fn a_registration_cannot_point_the_lb_at_the_appliance() {
         std::net::TcpStream::connect(("127.0.0.1", 1)).is_err(),
         "TCP/1 was opened"
     );
-    let lb_state = up.state.components.lb.load_full().unwrap();
+    let lb_state = up
+        .state
+        .component_of::<wayfinder::lb::component::Lb>()
+        .and_then(|lb| lb.state())
+        .unwrap();
     assert!(lb_state.table.load().tcp_ports().next().is_none());
 
     // The status pages show it: the lb's stats and the admin's status.

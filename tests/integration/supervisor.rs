@@ -14,7 +14,11 @@ use crate::harness::{
 
 /// The lb's view (Consul connection, routed services), for failure messages.
 fn lb_routes(up: &Up) -> String {
-    match up.state.components.lb.load_full() {
+    match up
+        .state
+        .component_of::<wayfinder::lb::component::Lb>()
+        .and_then(|lb| lb.state())
+    {
         None => format!("lb not started: {:?}", up.unit("lb")),
         Some(state) => {
             let status = wayfinder::lb::status::LbStatus::collect(&state);
@@ -588,22 +592,22 @@ async fn admin_api_actions_and_metrics() {
     };
     assert!(
         value(
-            "wayfinder_dns_queries_total",
+            "wayfinder_dns_responses_total",
             &[("route", "zone"), ("rcode", "NOERROR")]
         ) >= 2.0
     );
     assert_eq!(value("wayfinder_supervisor_restarts_total", &[("unit", "dns")]), 1.0);
     assert_eq!(value("wayfinder_supervisor_restarts_total", &[("unit", "helper")]), 1.0);
     assert_eq!(value("wayfinder_supervisor_unit_up", &[("unit", "lb")]), 1.0);
-    assert!(value("wayfinder_lb_requests_total", &[("class", "2xx")]) >= 1.0);
+    assert!(value("wayfinder_lb_http_responses_total", &[("code", "2xx")]) >= 1.0);
     assert!(
         value(
-            "wayfinder_lb_route_requests_total",
-            &[("service", &svc), ("class", "2xx")]
+            "wayfinder_lb_backend_http_responses_total",
+            &[("proxy", &svc), ("code", "2xx")]
         ) >= 1.0
     );
     assert_eq!(
-        value("wayfinder_lb_backend_up", &[("service", &svc)]),
+        value("wayfinder_lb_server_up", &[("proxy", &svc)]),
         1.0,
         "the backend is up"
     );
@@ -612,9 +616,26 @@ async fn admin_api_actions_and_metrics() {
         value("wayfinder_lb_request_duration_seconds_bucket", &[("le", "+Inf")]),
         value("wayfinder_lb_request_duration_seconds_count", &[])
     );
-    assert!(value("wayfinder_dns_upstream_latency_seconds_count", &[("route", "consul")]) >= 0.0);
+    assert!(
+        value(
+            "wayfinder_dns_upstream_request_duration_seconds_count",
+            &[("route", "consul")]
+        ) >= 0.0
+    );
     assert_eq!(value("wayfinder_consul_up", &[]), 1.0);
     assert_eq!(value("wayfinder_up_ready", &[]), 1.0);
+    // Prometheus conventions: counters end in `_total`, histograms are in
+    // seconds, and every name is in base units (no `_ms`, `_us`, `_kb`).
+    for (family, kind) in &typed {
+        match kind.as_str() {
+            "counter" => assert!(family.ends_with("_total"), "counter {family} must end in _total"),
+            "histogram" => assert!(family.ends_with("_seconds"), "histogram {family} must be in seconds"),
+            _ => {}
+        }
+        for unit in ["_ms", "_us", "_millis", "_kb", "_mb"] {
+            assert!(!family.contains(unit), "{family}: base units only");
+        }
+    }
     assert!(
         !text.contains("wayfinder_vpn_"),
         "no vpn series while it is off:\n{text}"

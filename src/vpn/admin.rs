@@ -1,8 +1,9 @@
-//! The vpn as the admin endpoint shows and changes it: the `vpn` part of
-//! `/api/status` and the two peer actions.
+//! The vpn as the admin endpoint shows and changes it: the shapes of the
+//! `vpn` part of `/api/status` and of the peer actions' answers and refusals
+//! (the actions themselves are the vpn component's, in `component.rs`).
 //!
 //! ```text
-//!  ComponentShared.vpn (the running VpnState) ──report()──▶ VpnReport (API, page, metrics, terminal)
+//!  Vpn component (the running VpnState) ──report()──▶ VpnReport (API, page, terminal)
 //!  POST   /api/vpn/peers  {"name"} | name=…   ─▶ checks ─▶ vpn::add_client ─▶ NewPeerAnswer
 //!  DELETE /api/vpn/peers/<name>, POST …/<name>/remove ─▶ VpnState::remove_peer
 //! ```
@@ -18,9 +19,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use http::StatusCode;
 use serde::Serialize;
 
-use super::SupervisorState;
-use super::unit::UnitState;
-use crate::vpn::{self, VpnError, VpnState};
+use crate::vpn;
 
 /// Longest request body a peer action reads (a name is at most 64 bytes).
 pub const MAX_BODY: usize = 4096;
@@ -69,83 +68,19 @@ pub struct VpnPeerReport {
     pub handshakes: u64,
 }
 
-/// The running vpn's state, when the role starts the vpn and it has started.
-pub fn running_state(state: &SupervisorState) -> Option<std::sync::Arc<VpnState>> {
-    state.components.vpn.load_full().filter(|_| state.plan.starts("vpn"))
-}
-
-/// The vpn part of the status report.
-pub fn report(state: &SupervisorState) -> VpnReport {
-    let config = &state.config;
-    let available = state.plan.starts("vpn");
-    let running = available && state.unit("vpn").is_some_and(|u| u.state() == UnitState::Running);
-    let vpn_state = running_state(state);
-    VpnReport {
-        available,
-        running,
-        interface: config.vpn.interface.clone(),
-        address: config.vpn.address.to_string(),
-        listen: state.addresses().vpn,
-        endpoint: vpn::client_endpoint(config).ok(),
-        public_key: vpn_state.as_ref().map(|v| v.public_key()),
-        peers: vpn_state
-            .map(|v| {
-                v.peers()
-                    .into_iter()
-                    .map(|p| VpnPeerReport {
-                        name: p.name,
-                        address: p.address,
-                        public_key: p.public_key,
-                        endpoint: p.endpoint,
-                        latest_handshake: p.last_handshake.map(|t| t.as_secs()),
-                        rx_bytes: p.rx_bytes,
-                        tx_bytes: p.tx_bytes,
-                        handshakes: p.handshakes,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-    }
-}
-
 /// A refused peer action: the HTTP status and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
+pub struct PeerRefusal {
     /// 4xx (5xx only when the registry could not be written).
     pub status: StatusCode,
     /// The message for people.
     pub message: String,
 }
 
-fn refuse(status: StatusCode, message: impl Into<String>) -> Refusal {
-    Refusal {
+pub(crate) fn refuse(status: StatusCode, message: impl Into<String>) -> PeerRefusal {
+    PeerRefusal {
         status,
         message: message.into(),
-    }
-}
-
-/// The vpn this action works on: enabled on this host and running.
-fn usable(state: &SupervisorState) -> Result<std::sync::Arc<VpnState>, Refusal> {
-    if !state.plan.starts("vpn") {
-        return Err(refuse(
-            StatusCode::CONFLICT,
-            "the vpn is not enabled on this host: set `enabled = true` in the [vpn] section \
-             of the config (vpn.enabled = true) or START_VPN=true, then restart wayfinder up",
-        ));
-    }
-    let unit = state.unit("vpn").map(|u| u.snapshot());
-    match (running_state(state), unit) {
-        (Some(v), Some(u)) if u.state == UnitState::Running => Ok(v),
-        (_, u) => {
-            let (now, last) = u.map_or(("unknown".to_string(), None), |u| {
-                (u.state.name().to_string(), u.last_exit)
-            });
-            let last = last.map_or_else(String::new, |l| format!("; last: {l}"));
-            Err(refuse(
-                StatusCode::CONFLICT,
-                format!("the vpn is not running (it is {now}{last}); see GET /api/units"),
-            ))
-        }
     }
 }
 
@@ -158,7 +93,7 @@ pub fn is_json_object(body: &[u8]) -> bool {
 }
 
 /// The peer name from a JSON (`{"name": "..."}`) or form (`name=...`) body.
-pub fn peer_name(body: &[u8], is_form: bool) -> Result<String, Refusal> {
+pub fn peer_name(body: &[u8], is_form: bool) -> Result<String, PeerRefusal> {
     let bad = || {
         refuse(
             StatusCode::BAD_REQUEST,
@@ -205,66 +140,6 @@ pub struct NewPeerAnswer {
     pub config: String,
     /// The same config as a QR code, an inline SVG document.
     pub qr_svg: String,
-}
-
-/// Adds the peer named in `body` (JSON, or a form when `is_form`) to the
-/// running vpn. Whether the vpn can take one is checked first: that is the
-/// answer that matters to someone whose vpn is off.
-pub fn add(state: &SupervisorState, body: &[u8], is_form: bool) -> Result<NewPeerAnswer, Refusal> {
-    let vpn_state = usable(state)?;
-    let name = peer_name(body, is_form)?;
-    let name = name.as_str();
-    if vpn_state.table().entries().iter().any(|e| e.record.name == name) {
-        return Err(refuse(
-            StatusCode::CONFLICT,
-            format!("a peer named `{name}` exists already; remove it first or pick another name"),
-        ));
-    }
-    let added = vpn::add_client(&state.config, &vpn_state, name).map_err(|e| match e {
-        VpnError::NoEndpoint(c) => refuse(
-            StatusCode::CONFLICT,
-            format!(
-                "no endpoint configured for client configs: {}; restart wayfinder up after setting it",
-                c.problem
-            ),
-        ),
-        // Duplicates raced past the check above, the subnet is full ...
-        VpnError::Peer(p) => refuse(StatusCode::CONFLICT, p),
-        other => refuse(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
-    })?;
-    let config = added.client.render();
-    let qr_svg = vpn::client::qr_svg(&config).map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-    tracing::info!(
-        peer = %added.record.name,
-        address = %added.record.address,
-        public_key = %added.record.public_key,
-        "vpn peer added through the admin endpoint"
-    );
-    Ok(NewPeerAnswer {
-        ok: true,
-        name: added.record.name,
-        address: added.record.address,
-        public_key: added.record.public_key,
-        config,
-        qr_svg,
-    })
-}
-
-/// Removes peer `name` (or the peer with that public key) from the running vpn;
-/// its sessions end at once.
-pub fn remove(state: &SupervisorState, name: &str) -> Result<(), Refusal> {
-    let vpn_state = usable(state)?;
-    match vpn_state.remove_peer(name) {
-        Ok(true) => {
-            tracing::info!(peer = %name, "vpn peer removed through the admin endpoint");
-            Ok(())
-        }
-        Ok(false) => Err(refuse(
-            StatusCode::NOT_FOUND,
-            format!("there is no peer named `{name}`; see GET /api/status for the peers"),
-        )),
-        Err(e) => Err(refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
-    }
 }
 
 #[cfg(test)]

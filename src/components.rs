@@ -1,0 +1,168 @@
+//! The component list: every in-process component of the appliance, the facts
+//! `up` plans with (start order, the variables that switch it, where it runs
+//! by default), and how each is built from its section of the configuration.
+//!
+//! ```text
+//!  ComponentKind::ALL ──facts()──▶ roles::plan (START_* variables, MASTER/SLAVE)
+//!  build(kind, &Config, Appliance) ──▶ Arc<dyn Component>   (its own section + explicit inputs)
+//! ```
+//!
+//! The only file that knows every component; adding one is a variant here,
+//! its [`Facts`], its line in [`build`] and in [`Runs`](crate::config::Runs).
+
+use std::sync::Arc;
+
+use crate::component::{Appliance, Component};
+use crate::config::{Config, FileConfig, Runs};
+use crate::env;
+use crate::{dns, lb, vpn};
+
+/// An in-process component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ComponentKind {
+    /// The DNS server.
+    Dns,
+    /// The HTTP/TCP load balancer.
+    Lb,
+    /// The WireGuard VPN.
+    Vpn,
+}
+
+/// Where a component runs when no variable says otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunsOn {
+    /// Every host.
+    Every,
+    /// Hosts with `SLAVE=true` (where containers run).
+    Slaves,
+    /// Only where its section says `enabled = true`.
+    WhereEnabled,
+}
+
+/// What `up` needs to know of a component before building it.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts {
+    /// Its unit name.
+    pub name: &'static str,
+    /// Start order (the built-in Consul agent is 10, programs default to 100).
+    pub priority: u32,
+    /// The variable that switches it on or off, and its PanteraS alias.
+    pub switch: (&'static str, Option<&'static str>),
+    /// Where it runs by default.
+    pub runs_on: RunsOn,
+    /// It waits for the built-in Consul agent's leader before starting.
+    pub needs_consul: bool,
+}
+
+impl ComponentKind {
+    /// Every component, in the order they are shown.
+    pub const ALL: [ComponentKind; 3] = [ComponentKind::Dns, ComponentKind::Lb, ComponentKind::Vpn];
+
+    /// Its facts. The vpn starts before the dns so the tunnel address exists
+    /// when the dns binds it (it would bind anyway, with IP_FREEBIND), and so
+    /// stops after it. Only the lb waits for Consul: it registers itself there
+    /// and builds its table from the catalog; the dns serves zones and
+    /// upstream names without Consul, so it starts at once.
+    pub fn facts(self) -> Facts {
+        match self {
+            ComponentKind::Dns => Facts {
+                name: "dns",
+                priority: 20,
+                switch: (env::START_DNS, Some(env::START_DNSMASQ)),
+                runs_on: RunsOn::Every,
+                needs_consul: false,
+            },
+            ComponentKind::Lb => Facts {
+                name: "lb",
+                priority: 30,
+                switch: (env::START_LB, Some(env::START_CONSUL_TEMPLATE)),
+                runs_on: RunsOn::Slaves,
+                needs_consul: true,
+            },
+            ComponentKind::Vpn => Facts {
+                name: "vpn",
+                priority: 15,
+                switch: (env::START_VPN, None),
+                runs_on: RunsOn::WhereEnabled,
+                needs_consul: false,
+            },
+        }
+    }
+
+    /// Its unit name.
+    pub fn name(self) -> &'static str {
+        self.facts().name
+    }
+
+    /// Whether its section says `enabled` (for [`RunsOn::WhereEnabled`]).
+    pub fn enabled(self, config: &Config) -> bool {
+        match self {
+            ComponentKind::Vpn => config.vpn.enabled,
+            ComponentKind::Dns | ComponentKind::Lb => true,
+        }
+    }
+
+    /// Whether the file (after the environment) turns it on explicitly
+    /// (`enabled = true`), valid or not.
+    pub fn enabled_in(self, file: &FileConfig) -> bool {
+        match self {
+            ComponentKind::Vpn => file.vpn.enabled,
+            ComponentKind::Dns | ComponentKind::Lb => false,
+        }
+    }
+
+    /// Marks its section to be checked strictly.
+    pub fn check_in(self, runs: &mut Runs) {
+        match self {
+            ComponentKind::Dns => runs.dns = true,
+            ComponentKind::Lb => runs.lb = true,
+            ComponentKind::Vpn => runs.vpn = true,
+        }
+    }
+}
+
+/// The appliance of `config` and every component, whether this host starts
+/// it or not (a component's value is cheap until it binds).
+pub fn assemble(config: &Config) -> (Arc<Appliance>, Vec<Arc<dyn Component>>) {
+    let appliance = Appliance::new(&config.consul, config.host_ip, config.own_listeners());
+    let components = ComponentKind::ALL
+        .into_iter()
+        .map(|kind| build(kind, config, &appliance))
+        .collect();
+    (appliance, components)
+}
+
+/// Builds the component of `kind` from its own section and the appliance.
+pub fn build(kind: ComponentKind, config: &Config, appliance: &Arc<Appliance>) -> Arc<dyn Component> {
+    let consul = &config.consul;
+    match kind {
+        ComponentKind::Dns => Arc::new(dns::component::Dns::new(
+            config.dns.clone(),
+            consul.clone(),
+            appliance.clone(),
+        )),
+        ComponentKind::Lb => Arc::new(lb::component::Lb::new(
+            config.lb.clone(),
+            consul.clone(),
+            appliance.clone(),
+        )),
+        ComponentKind::Vpn => Arc::new(vpn::component::Vpn::new(
+            config.vpn.clone(),
+            vpn::ClientInputs::new(appliance.host_ip, &consul.domain, &config.source),
+        )),
+    }
+}
+
+/// The components' own sections of `wayfinder status` (a terminal), from
+/// their parts of `/api/status`.
+pub fn terminal_sections(report: &serde_json::Value) -> String {
+    let mut out = String::new();
+    for kind in ComponentKind::ALL {
+        let part = &report[kind.name()];
+        match kind {
+            ComponentKind::Vpn => vpn::page::terminal(&mut out, part),
+            ComponentKind::Dns | ComponentKind::Lb => {}
+        }
+    }
+    out
+}
