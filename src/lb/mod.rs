@@ -35,6 +35,7 @@
 //! live, requests wait (up to `ready_timeout`, then 503), so a restart never
 //! answers 503 for a service that exists.
 
+pub mod body;
 pub mod client;
 pub mod health;
 pub mod policy;

@@ -37,8 +37,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
@@ -49,13 +48,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::LbState;
+use super::body::{ProxyBody, error_page};
 use super::client::{self, Activity, ClientBody, ClientIo, ConnSlot, Cut, RequestBody, Timeouts};
 use super::splice::SpliceEnd;
 use super::table::{Backend, BackendInstance, HealthRegistry, Route};
 use crate::config::Config;
-
-/// The body type on both sides of the proxy.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// Instances tried for one request at most.
 const MAX_ATTEMPTS: usize = 3;
@@ -933,30 +930,6 @@ async fn splice_upgraded(
 
 fn empty() -> ProxyBody {
     Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
-}
-
-pub(super) fn html(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
-    let mut resp = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed());
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
-}
-
-pub(super) fn error_page(status: StatusCode, message: &str) -> Response<ProxyBody> {
-    html(
-        status,
-        format!(
-            "<!doctype html><html><head><meta charset=\"utf-8\"><title>{code}</title></head>\
-             <body><h1>{code} {reason}</h1><p>{message}</p><hr><p>wayfinder</p></body></html>\n",
-            code = status.as_u16(),
-            reason = status.canonical_reason().unwrap_or(""),
-        ),
-    )
 }
 
 /// Backend sessions by instance address. Addresses come from the routing

@@ -22,7 +22,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::tls::CertError;
+use super::tls::{CertError, fingerprint};
 
 /// The file in `lb.state_dir` (certificate then key, HAProxy's PEM layout).
 pub const FILE: &str = "selfsigned.pem";
@@ -92,13 +92,6 @@ pub fn load_or_create(dir: &Path, names: &[String]) -> Result<SelfSigned, CertEr
         fingerprint: fingerprint(&der),
         created: true,
     })
-}
-
-/// SHA-256 of `der` as colon-separated upper-case hex.
-pub fn fingerprint(der: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, der);
-    let hex: Vec<String> = digest.as_ref().iter().map(|b| format!("{b:02X}")).collect();
-    hex.join(":")
 }
 
 /// The kept file's fingerprint when it is one of ours for exactly `names` and

@@ -27,8 +27,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::LbState;
+use super::body::{ProxyBody, error_page, html};
 use super::client::ConnSnapshot;
-use super::proxy::{ProxyBody, error_page, html};
 use super::stats::{LATENCY_BUCKETS_US, RequestSnapshot};
 use super::table::Backend;
 use super::tls::CertInfo;
