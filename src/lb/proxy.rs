@@ -23,7 +23,7 @@
 //! `client_timeout`, an h2 session idle for `idle_timeout` and a connection
 //! without a first request (h2: preface) after `handshake_timeout` are cut.
 //! Requests over an instance's maxconn wait for a slot to be freed
-//! ([`InstanceHealth::freed`](super::table::InstanceHealth)), in a queue of at
+//! ([`InstanceState::freed`](super::table::InstanceState)), in a queue of at
 //! most `max_queued`, for at most `queue_timeout`.
 
 use std::collections::HashMap;
@@ -51,7 +51,7 @@ use super::LbState;
 use super::body::{ProxyBody, error_page};
 use super::client::{self, Activity, ClientBody, ClientIo, ConnSlot, Cut, RequestBody, Timeouts};
 use super::splice::SpliceEnd;
-use super::table::{Backend, BackendInstance, HealthRegistry, Route};
+use super::table::{Backend, BackendInstance, Carryover, Destination};
 use crate::config::Config;
 
 /// Instances tried for one request at most.
@@ -459,16 +459,18 @@ impl Proxy {
                 .or_else(|| req.uri().host());
             let route = table.route(host, req.uri().path());
             let response = match route {
-                Route::Landing => super::status::landing_page(&self.state),
-                Route::NotFound => error_page(StatusCode::SERVICE_UNAVAILABLE, "No service answers to this name."),
-                Route::OtherDatacenter(None) => {
+                Destination::Landing => super::status::landing_page(&self.state),
+                Destination::NotFound => {
+                    error_page(StatusCode::SERVICE_UNAVAILABLE, "No service answers to this name.")
+                }
+                Destination::OtherDatacenter(None) => {
                     if let Some(host) = host {
                         self.state.want_datacenter(host);
                     }
                     error_page(StatusCode::SERVICE_UNAVAILABLE, "No service answers to this name.")
                 }
-                Route::Backend(backend) | Route::OtherDatacenter(Some(backend)) => {
-                    if let (Route::OtherDatacenter(_), Some(host)) = (&route, host) {
+                Destination::Backend(backend) | Destination::OtherDatacenter(Some(backend)) => {
+                    if let (Destination::OtherDatacenter(_), Some(host)) = (&route, host) {
                         self.state.want_datacenter(host);
                     }
                     let backend = backend.clone();
@@ -708,7 +710,7 @@ impl Tried {
 }
 
 /// Decrements an instance's in-flight count when dropped.
-struct Release<'a>(&'a Arc<super::table::InstanceHealth>);
+struct Release<'a>(&'a Arc<super::table::InstanceState>);
 
 impl Release<'_> {
     /// Hands the count over to something that outlives this function.
@@ -725,7 +727,7 @@ impl Drop for Release<'_> {
     }
 }
 
-struct OwnedRelease(Arc<super::table::InstanceHealth>);
+struct OwnedRelease(Arc<super::table::InstanceState>);
 
 impl Drop for OwnedRelease {
     fn drop(&mut self) {
@@ -734,7 +736,7 @@ impl Drop for OwnedRelease {
 }
 
 /// Gives an in-flight slot back and wakes one request queued for it (FIFO).
-fn free_slot(health: &super::table::InstanceHealth) {
+fn free_slot(health: &super::table::InstanceState) {
     health.inflight.fetch_sub(1, Ordering::AcqRel);
     health.freed.notify_one();
 }
@@ -800,7 +802,7 @@ async fn reserve_instance<'b>(
     backend: &'b Backend,
     maxconn: usize,
     tried: &Tried,
-    health: &HealthRegistry,
+    health: &Carryover,
     queue: &Queue<'_>,
 ) -> Option<&'b BackendInstance> {
     match try_reserve(backend, health.now_ms(), maxconn, tried) {
@@ -998,7 +1000,7 @@ impl SessionPool {
 
     /// Drops the sessions of addresses that are in no table any more (the
     /// health registry keeps exactly the live ones) and the closed ones.
-    fn prune(&self, health: &HealthRegistry) {
+    fn prune(&self, health: &Carryover) {
         let mut idle = self.idle.lock().expect("pool lock");
         for list in idle.values_mut() {
             list.retain(|s| !s.is_closed());
@@ -1054,7 +1056,7 @@ mod tests {
         assert_eq!(plain.len(), 1);
     }
 
-    fn backend(instances: &[(u8, &HealthRegistry)]) -> Backend {
+    fn backend(instances: &[(u8, &Carryover)]) -> Backend {
         let instances = instances
             .iter()
             .map(|&(last, health)| {
@@ -1076,7 +1078,7 @@ mod tests {
     /// with the clock paused, it is served at the very instant the slot frees.
     #[tokio::test(start_paused = true)]
     async fn a_queued_request_takes_a_freed_slot_at_once() {
-        let health = HealthRegistry::new();
+        let health = Carryover::new();
         let backend = Arc::new(backend(&[(1, &health), (2, &health)]));
         let queued = Arc::new(AtomicUsize::new(0));
         let queue = |queued| Queue {
@@ -1096,7 +1098,7 @@ mod tests {
         let waiter = {
             let (backend, queued) = (backend.clone(), queued.clone());
             tokio::spawn(async move {
-                let health = HealthRegistry::new();
+                let health = Carryover::new();
                 let q = Queue {
                     queued: &queued,
                     max: 8,
@@ -1130,7 +1132,7 @@ mod tests {
     /// request gives up after the queue timeout.
     #[tokio::test(start_paused = true)]
     async fn the_queue_is_bounded_in_length_and_time() {
-        let health = HealthRegistry::new();
+        let health = Carryover::new();
         let backend = Arc::new(backend(&[(1, &health)]));
         let queued = Arc::new(AtomicUsize::new(0));
         let q = Queue {
@@ -1145,7 +1147,7 @@ mod tests {
         for _ in 0..2 {
             let (backend, queued) = (backend.clone(), queued.clone());
             waiters.push(tokio::spawn(async move {
-                let health = HealthRegistry::new();
+                let health = Carryover::new();
                 let q = Queue {
                     queued: &queued,
                     max: 2,
@@ -1181,7 +1183,7 @@ mod tests {
     /// Pooled sessions of addresses that left every table are dropped.
     #[tokio::test]
     async fn the_pool_forgets_addresses_that_left_the_table() {
-        let health = HealthRegistry::new();
+        let health = Carryover::new();
         let pool = SessionPool::default();
         let mut addrs = Vec::new();
         let mut servers = Vec::new();

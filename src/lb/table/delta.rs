@@ -24,11 +24,19 @@
 //! as is [`TableState::rebuild`], the watcher's periodic re-sync.
 //!
 //! Live addresses and routes follow the delta too: the state counts, per
-//! address, the instances that have it, and tells the [`HealthRegistry`] to
+//! address, the instances that have it, and tells the [`Carryover`] to
 //! forget an address when its count reaches zero, and which routes left or
-//! came back ([`HealthRegistry::retire_routes`]).
+//! came back ([`Carryover::retire_routes`]).
 
-use super::*;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use super::carryover::Carryover;
+use super::claims::{Claimant, Claimants, Claims, Key, Part, SpecKey};
+use super::compile::{Builder, compile, key_warnings, listed_twice, listener_ports, same_group};
+use super::routing::RoutingTable;
+use super::spec::{Naming, ServiceSpec, TableConfig};
 
 /// Tables of at most this many specs are compared with a full build after
 /// every delta in debug builds (a full build per change would make the
@@ -178,7 +186,7 @@ impl TableState {
 
     /// Applies what was queued: by delta, or by a full build for the first
     /// table and when the TCP listener ports move.
-    pub fn apply(&mut self, health: &HealthRegistry) -> Applied {
+    pub fn apply(&mut self, health: &Carryover) -> Applied {
         if !self.built {
             return self.rebuild(health);
         }
@@ -306,7 +314,7 @@ impl TableState {
     /// first table, a TCP listener change, and the watcher's periodic re-sync.
     /// Parts of unchanged specs are reused (their backends keep their
     /// round-robin position) unless the listener ports moved.
-    pub fn rebuild(&mut self, health: &HealthRegistry) -> Applied {
+    pub fn rebuild(&mut self, health: &Carryover) -> Applied {
         let pending = std::mem::take(&mut self.pending);
         let changed = pending.len();
         self.store(pending);
@@ -389,7 +397,7 @@ impl TableState {
     /// lists the first differences.
     pub fn check(&self) -> Result<(), String> {
         let specs: Vec<ServiceSpec> = self.specs().cloned().collect();
-        let (full, warnings) = RoutingTable::build(&self.config, &specs, &HealthRegistry::new());
+        let (full, warnings) = RoutingTable::build(&self.config, &specs, &Carryover::new());
         let mut problems = differences("delta", &self.table.describe(), "full", &full.describe());
         let mut theirs: HashMap<&str, u32> = HashMap::new();
         for w in &warnings {
@@ -437,7 +445,7 @@ impl TableState {
     }
 
     /// The part of spec `key`, compiled when it has none.
-    fn part(&mut self, key: &SpecKey, health: &HealthRegistry) -> Arc<Part> {
+    fn part(&mut self, key: &SpecKey, health: &Carryover) -> Arc<Part> {
         let held = self.specs.get_mut(key).expect("a member of the group is held");
         held.part
             .get_or_insert_with(|| {
@@ -603,6 +611,9 @@ mod tests {
 
     use super::super::tests::spec;
     use super::*;
+    use crate::lb::policy::BackendPolicy;
+    use crate::lb::table::{Backend, Destination, InstanceSpec};
+    use crate::lb::tags;
 
     fn cfg() -> TableConfig {
         let mut policy = BackendPolicy::default();
@@ -631,10 +642,10 @@ mod tests {
     fn decision(table: &RoutingTable, host: Option<&str>, path: &str) -> String {
         let of = |b: &Backend| format!("{}@{}", b.service, b.datacenter);
         match table.route(host, path) {
-            Route::Backend(b) => of(b),
-            Route::OtherDatacenter(b) => format!("other-dc:{}", b.map_or("-".into(), |b| of(b))),
-            Route::Landing => "landing".into(),
-            Route::NotFound => "none".into(),
+            Destination::Backend(b) => of(b),
+            Destination::OtherDatacenter(b) => format!("other-dc:{}", b.map_or("-".into(), |b| of(b))),
+            Destination::Landing => "landing".into(),
+            Destination::NotFound => "none".into(),
         }
     }
 
@@ -767,7 +778,7 @@ mod tests {
     /// The registry holds what the table uses: every instance's health and
     /// every backend's counters are the registry's own (so ejections and
     /// counts outlive a delta), and it holds no address no spec has.
-    fn registry_matches(state: &TableState, health: &HealthRegistry) -> Result<(), String> {
+    fn registry_matches(state: &TableState, health: &Carryover) -> Result<(), String> {
         let table = state.table();
         let tcp = table.tcp_ports().map(|(_, b)| b);
         for b in table.backends().chain(tcp) {
@@ -793,7 +804,7 @@ mod tests {
 
     fn run_sequence(seed: u64, steps: usize) -> Result<(), String> {
         let mut rng = StdRng::seed_from_u64(seed);
-        let health = HealthRegistry::new();
+        let health = Carryover::new();
         let mut state = TableState::new(cfg());
         let mut serial = 0;
         let (mut deltas, mut fulls) = (0, 0);
@@ -810,7 +821,7 @@ mod tests {
             let at = |e: String| format!("seed {seed} step {step}: {e}");
             state.check().map_err(at)?;
             let specs: Vec<ServiceSpec> = state.specs().cloned().collect();
-            let (full, _) = RoutingTable::build(&cfg(), &specs, &HealthRegistry::new());
+            let (full, _) = RoutingTable::build(&cfg(), &specs, &Carryover::new());
             same_decisions(state.table(), &full, &NAMES).map_err(at)?;
             registry_matches(&state, &health).map_err(at)?;
         }
@@ -843,7 +854,7 @@ mod tests {
     /// and the conflict warning goes.
     #[test]
     fn the_next_claimant_takes_over_and_warnings_follow() {
-        let health = HealthRegistry::new();
+        let health = Carryover::new();
         let mut state = TableState::new(cfg());
         let claim = |name: &str, last: u8| {
             spec(
@@ -886,7 +897,7 @@ mod tests {
     /// when that one goes, the other takes its place.
     #[test]
     fn a_duplicate_list_takes_over_when_the_first_goes() {
-        let health = HealthRegistry::new();
+        let health = Carryover::new();
         let mut state = TableState::new(cfg());
         state.set(spec("web", "dc1", vec![inst("a", "10.0.1.1:80", &["haproxy"])]));
         state.apply(&health);
@@ -895,7 +906,7 @@ mod tests {
         assert!(!applied.full);
         assert_eq!(applied.new_warnings.len(), 1, "{:?}", applied.new_warnings);
         let addr = |t: &RoutingTable| match t.route(Some("web.service"), "/") {
-            Route::Backend(b) => b.instances[0].addr.to_string(),
+            Destination::Backend(b) => b.instances[0].addr.to_string(),
             _ => "none".into(),
         };
         assert_eq!(addr(state.table()), "10.0.1.2:80", "'DC1' sorts before 'dc1'");
@@ -909,7 +920,7 @@ mod tests {
     /// backend with the previous one, and a spec equal to the one held is no change.
     #[test]
     fn a_delta_shares_what_it_did_not_touch() {
-        let health = HealthRegistry::new();
+        let health = Carryover::new();
         let mut state = TableState::new(cfg());
         for n in 0..50u8 {
             state.set(spec(

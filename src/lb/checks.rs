@@ -2,7 +2,7 @@
 //! `haproxy_httpchk=` instances get that HTTP request (2xx/3xx = up), the others a
 //! TCP connect. An instance goes down after [`FALL`] failures in a row and comes
 //! back after [`RISE`] successes; the verdict is written to
-//! [`InstanceHealth::check_up`](super::table::InstanceHealth), which
+//! [`InstanceState::check_up`](super::table::InstanceState), which
 //! `Backend::pick` reads. An instance passively ejected after a refused
 //! connection is back as soon as it passes [`RISE`] checks in a row after the
 //! ejection. Consul's own checks still gate membership; these catch
@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::LbState;
-use super::table::InstanceHealth;
+use super::table::InstanceState;
 use super::tags::HttpCheck;
 
 /// Successes in a row that bring a down instance back (HAProxy `rise`).
@@ -47,7 +47,7 @@ pub async fn run(state: Arc<LbState>, interval: Duration, timeout: Duration, shu
             _ = tokio::time::sleep(interval) => {}
         }
         let table = state.table.load_full();
-        let mut targets: HashMap<SocketAddr, (Arc<InstanceHealth>, Option<HttpCheck>, String)> = HashMap::new();
+        let mut targets: HashMap<SocketAddr, (Arc<InstanceState>, Option<HttpCheck>, String)> = HashMap::new();
         let tcp = table.tcp_ports().map(|(_, b)| b);
         for backend in table.backends().chain(tcp) {
             for i in &backend.instances {
