@@ -934,6 +934,21 @@ fn empty() -> ProxyBody {
     Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
 }
 
+/// Why no session to an instance could be had (the `error` of the "cannot
+/// connect" log line; the instance is then ejected).
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    /// No connection within the connect timeout.
+    #[error("connect timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    /// The connection was refused or failed.
+    #[error("{0}")]
+    Connect(std::io::Error),
+    /// The HTTP/1 handshake with the instance failed.
+    #[error("{0}")]
+    Handshake(hyper::Error),
+}
+
 /// Backend sessions by instance address. Addresses come from the routing
 /// table only; [`SessionPool::prune`] forgets those that left it. Each
 /// session's connection runs as a task of `connections`, ended by
@@ -947,7 +962,11 @@ struct SessionPool {
 
 impl SessionPool {
     /// A ready session to `addr`: a pooled one, else a new connection.
-    async fn checkout(&self, addr: SocketAddr, connect_timeout: Duration) -> Result<SendRequest<ProxyBody>, String> {
+    async fn checkout(
+        &self,
+        addr: SocketAddr,
+        connect_timeout: Duration,
+    ) -> Result<SendRequest<ProxyBody>, SessionError> {
         {
             let mut idle = self.idle.lock().expect("pool lock");
             if let Some(list) = idle.get_mut(&addr) {
@@ -962,15 +981,15 @@ impl SessionPool {
         }
         let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
             .await
-            .map_err(|_| format!("connect timed out after {connect_timeout:?}"))?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| SessionError::ConnectTimeout(connect_timeout))?
+            .map_err(SessionError::Connect)?;
         let _ = stream.set_nodelay(true);
         // Flat writes, as on the client side (see `http1`).
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .writev(false)
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(SessionError::Handshake)?;
         let closing = self.closing.clone();
         self.connections.spawn(async move {
             tokio::select! {

@@ -44,6 +44,12 @@ use super::spec::{Naming, ServiceSpec, TableConfig};
 #[cfg(debug_assertions)]
 const DEBUG_CHECK_MAX: usize = 256;
 
+/// Where two tables route differently (the first differences, as text: each
+/// names the decision on both sides).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct RouteDifferences(pub Vec<String>);
+
 /// A routing table with what it takes to change it by delta.
 #[derive(Debug)]
 pub struct TableState {
@@ -395,7 +401,7 @@ impl TableState {
     /// Compares the table with a full build from the same specs, warnings
     /// included (each as many times): what a delta must always equal. `Err`
     /// lists the first differences.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), RouteDifferences> {
         let specs: Vec<ServiceSpec> = self.specs().cloned().collect();
         let (full, warnings) = RoutingTable::build(&self.config, &specs, &Carryover::new());
         let mut problems = differences("delta", &self.table.describe(), "full", &full.describe());
@@ -414,18 +420,18 @@ impl TableState {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(problems.join("; "))
+            Err(RouteDifferences(problems))
         }
     }
 
     /// Routes the same as `other` (the table before a re-sync, against the
     /// one it made): `Err` lists the first differences.
-    pub fn same_routes(&self, other: &RoutingTable) -> Result<(), String> {
+    pub fn same_routes(&self, other: &RoutingTable) -> Result<(), RouteDifferences> {
         let problems = differences("now", &self.table.describe(), "before", &other.describe());
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(problems.join("; "))
+            Err(RouteDifferences(problems))
         }
     }
 
@@ -819,7 +825,7 @@ mod tests {
                 deltas += 1;
             }
             let at = |e: String| format!("seed {seed} step {step}: {e}");
-            state.check().map_err(at)?;
+            state.check().map_err(|e| at(e.to_string()))?;
             let specs: Vec<ServiceSpec> = state.specs().cloned().collect();
             let (full, _) = RoutingTable::build(&cfg(), &specs, &Carryover::new());
             same_decisions(state.table(), &full, &NAMES).map_err(at)?;
