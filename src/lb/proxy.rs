@@ -488,6 +488,13 @@ impl Proxy {
         }
     }
 
+    /// Proxies one request to `backend`: up to [`MAX_ATTEMPTS`] instances,
+    /// each picked with a free slot ([`Self::pick_with_capacity`]), a pooled
+    /// session checked out (a failed connect ejects the instance and tries
+    /// another), the request sent, and the answer relayed ([`Self::relay`]).
+    /// The steps after the pick stay in this one future: the per-request
+    /// future's size and layout are measured (`benches/lb-instructions.sh`),
+    /// so the helpers it calls are synchronous and inlined.
     // A plain fn around an `async move` block, as `handle`.
     #[expect(clippy::manual_async_fn, reason = "an async fn keeps its arguments twice")]
     fn forward<'a>(
@@ -502,11 +509,7 @@ impl Proxy {
             let (parts, body) = req.into_parts();
             // A request without a body can be sent again after any failure that
             // happened before a response; one with a body only before it was sent.
-            let bodiless = !parts.headers.contains_key(header::TRANSFER_ENCODING)
-                && parts
-                    .headers
-                    .get(header::CONTENT_LENGTH)
-                    .is_none_or(|v| v.as_bytes() == b"0");
+            let bodiless = is_bodiless(&parts.headers);
             let mut body = Some(body);
             // Built once; rebuilt only for a retry (rare), not cloned per attempt.
             let first_headers = self.outgoing_headers(&parts, client, wants_upgrade);
@@ -517,13 +520,7 @@ impl Proxy {
                 .path_and_query()
                 .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
             let mut tried = Tried::default();
-            let maxconn = self
-                .state
-                .maxconn
-                .load()
-                .get(&backend.service)
-                .copied()
-                .unwrap_or(super::DEFAULT_MAXCONN);
+            let maxconn = self.maxconn(backend);
             for attempt in 0..MAX_ATTEMPTS {
                 let Some(instance) = self.pick_with_capacity(backend, maxconn, &tried).await else {
                     if tried.len == 0 && !backend.instances.is_empty() {
@@ -564,40 +561,14 @@ impl Proxy {
                     let mut out = Request::new(out_body);
                     *out.method_mut() = parts.method.clone();
                     *out.uri_mut() = uri.clone();
-                    *out.headers_mut() = headers.take().unwrap_or_else(|| {
-                        // A retry: same request, same X-Unique-ID.
-                        let mut h = self.outgoing_headers(&parts, client, wants_upgrade);
-                        if let Some(id) = &unique_id {
-                            h.insert(X_UNIQUE_ID, id.clone());
-                        }
-                        h
-                    });
+                    *out.headers_mut() = headers
+                        .take()
+                        .unwrap_or_else(|| self.retry_headers(&parts, client, wants_upgrade, unique_id.as_ref()));
                     tokio::time::timeout(self.server_timeout, session.send_request(out))
                 };
                 let sent = sent.await;
                 match sent {
-                    Ok(Ok(mut resp)) => {
-                        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                            if let Some(client) = client_upgrade {
-                                let server = hyper::upgrade::on(&mut resp);
-                                let (idle, shutdown) = (self.tunnel_timeout, self.shutdown.clone());
-                                self.tunnels
-                                    .spawn(async move { splice_upgraded(client, server, idle, &shutdown).await });
-                            }
-                        } else {
-                            self.pool.checkin(instance.addr, session);
-                        }
-                        let (mut parts, body) = resp.into_parts();
-                        if parts.status != StatusCode::SWITCHING_PROTOCOLS {
-                            strip_hop_by_hop(&mut parts.headers);
-                        }
-                        // The instance counts this request until its body is done.
-                        let body = CountedBody {
-                            inner: body,
-                            _release: release.owned(),
-                        };
-                        return Response::from_parts(parts, body.boxed());
-                    }
+                    Ok(Ok(resp)) => return self.relay(resp, instance.addr, session, client_upgrade, release),
                     Ok(Err(error)) => {
                         tracing::debug!(service = %backend.service, addr = %instance.addr, %error, "lb: backend session failed");
                         if !bodiless {
@@ -614,6 +585,69 @@ impl Proxy {
                 "No instance of this service could be reached.",
             )
         }
+    }
+
+    /// The per-instance cap of `backend`'s service (`haproxy_maxconn`).
+    #[inline(always)]
+    fn maxconn(&self, backend: &Backend) -> usize {
+        self.state
+            .maxconn
+            .load()
+            .get(&backend.service)
+            .copied()
+            .unwrap_or(super::DEFAULT_MAXCONN)
+    }
+
+    /// The headers of a retry (rare): built again, with the first attempt's
+    /// X-Unique-ID, so the instances see one request.
+    fn retry_headers(
+        &self,
+        parts: &http::request::Parts,
+        client: &ClientConn,
+        wants_upgrade: bool,
+        unique_id: Option<&HeaderValue>,
+    ) -> HeaderMap {
+        let mut h = self.outgoing_headers(parts, client, wants_upgrade);
+        if let Some(id) = unique_id {
+            h.insert(X_UNIQUE_ID, id.clone());
+        }
+        h
+    }
+
+    /// The instance's response on its way to the client: the session goes
+    /// back to the pool (or, for 101 Switching Protocols, both upgraded
+    /// connections are spliced), hop-by-hop headers go, and the instance counts
+    /// the request until the body is done. Inlined into [`Self::forward`]'s
+    /// future: the request path is measured by instruction counts.
+    #[inline(always)]
+    fn relay(
+        &self,
+        mut resp: Response<Incoming>,
+        addr: SocketAddr,
+        session: SendRequest<ProxyBody>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        release: Release<'_>,
+    ) -> Response<ProxyBody> {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client) = client_upgrade {
+                let server = hyper::upgrade::on(&mut resp);
+                let (idle, shutdown) = (self.tunnel_timeout, self.shutdown.clone());
+                self.tunnels
+                    .spawn(async move { splice_upgraded(client, server, idle, &shutdown).await });
+            }
+        } else {
+            self.pool.checkin(addr, session);
+        }
+        let (mut parts, body) = resp.into_parts();
+        if parts.status != StatusCode::SWITCHING_PROTOCOLS {
+            strip_hop_by_hop(&mut parts.headers);
+        }
+        // The instance counts this request until its body is done.
+        let body = CountedBody {
+            inner: body,
+            _release: release.owned(),
+        };
+        Response::from_parts(parts, body.boxed())
     }
 
     /// An instance below `maxconn` (PanteraS's per-instance cap), with one
@@ -928,6 +962,14 @@ async fn splice_upgraded(
     if super::splice::splice(TokioIo::new(client), TokioIo::new(server), idle, shutdown).await == SpliceEnd::Idle {
         tracing::debug!("lb: upgraded connection idle for tunnel_timeout; closed");
     }
+}
+
+/// A request without a body can be sent again after any failure that happened
+/// before a response; one with a body only before it was sent.
+#[inline(always)]
+fn is_bodiless(headers: &HeaderMap) -> bool {
+    !headers.contains_key(header::TRANSFER_ENCODING)
+        && headers.get(header::CONTENT_LENGTH).is_none_or(|v| v.as_bytes() == b"0")
 }
 
 fn empty() -> ProxyBody {

@@ -99,6 +99,24 @@ pub struct Applied {
     pub new_warnings: Vec<String>,
 }
 
+/// What may have left the tables in a delta, for the carryover: addresses
+/// whose count reached zero (forgotten unless counted again since), routes
+/// that went, and routes that came back.
+#[derive(Default)]
+struct Left {
+    addrs: Vec<SocketAddr>,
+    routes: Vec<SpecKey>,
+    back: Vec<SpecKey>,
+}
+
+/// One (service, lower-case datacenter) a delta changes, with the spec and
+/// part it used before the delta.
+struct Group {
+    name: Arc<str>,
+    lower_dc: String,
+    used: Option<Claimant>,
+}
+
 /// The keys a delta touched (with their warnings before it), and how the
 /// count of each warning moves.
 #[derive(Default)]
@@ -201,10 +219,47 @@ impl TableState {
         }
         let pending = std::mem::take(&mut self.pending);
         let changed = pending.len();
-        let mut gone_addrs = Vec::new();
-        let mut gone_routes = Vec::new();
-        let mut back_routes = Vec::new();
-        for (key, new) in &pending {
+        let left = self.recount(&pending);
+        if self.listeners_moved() {
+            self.pending = pending;
+            let mut applied = self.rebuild(health);
+            applied.changed = changed;
+            return applied;
+        }
+        let mut work = Work::default();
+        let groups = self.groups(&pending, &mut work);
+        let changed_keys: HashSet<SpecKey> = pending.keys().cloned().collect();
+        self.store(pending);
+        for group in groups {
+            self.reclaim(group, &changed_keys, health, &mut work);
+        }
+        self.decide_touched(&mut work);
+        let new_warnings = self.count_warnings(work.warn);
+        health.forget(left.addrs.into_iter().filter(|a| !self.addrs.contains_key(a)));
+        health.retire_routes(
+            left.routes.iter().map(|k| (&*k.name, &*k.datacenter)),
+            left.back.iter().map(|k| (&*k.name, &*k.datacenter)),
+        );
+        #[cfg(debug_assertions)]
+        if self.specs.len() <= DEBUG_CHECK_MAX
+            && let Err(e) = self.check()
+        {
+            panic!("lb: the routing table changed by delta differs from a full build: {e}");
+        }
+        Applied {
+            full: false,
+            changed,
+            new_warnings,
+        }
+    }
+
+    /// The first step of a delta: the listener ports and addresses wanted,
+    /// counted again for the old and new spec of every change; returns what
+    /// may have left (addresses whose count reached zero, routes that went or
+    /// came back) for the carryover.
+    fn recount(&mut self, pending: &BTreeMap<SpecKey, Option<ServiceSpec>>) -> Left {
+        let mut left = Left::default();
+        for (key, new) in pending {
             let old = self.specs.get(key).map(|h| &h.spec);
             if let Some(old) = old {
                 count(
@@ -213,7 +268,7 @@ impl TableState {
                     &mut self.addrs,
                     old,
                     -1,
-                    &mut gone_addrs,
+                    &mut left.addrs,
                 );
             }
             if let Some(new) = new {
@@ -223,28 +278,30 @@ impl TableState {
                     &mut self.addrs,
                     new,
                     1,
-                    &mut gone_addrs,
+                    &mut left.addrs,
                 );
             }
             match (old.is_some(), new.is_some()) {
-                (true, false) => gone_routes.push(key.clone()),
-                (false, true) => back_routes.push(key.clone()),
+                (true, false) => left.routes.push(key.clone()),
+                (false, true) => left.back.push(key.clone()),
                 _ => {}
             }
         }
-        let listeners_moved = self.tcp_wanted.len() != self.tcp_listeners.len()
-            || !self.tcp_listeners.iter().all(|p| self.tcp_wanted.contains_key(p));
-        if listeners_moved {
-            self.pending = pending;
-            let mut applied = self.rebuild(health);
-            applied.changed = changed;
-            return applied;
-        }
+        left
+    }
 
-        let mut work = Work::default();
-        // The groups (service, lower-case datacenter) the changes fall in, with
-        // the spec each used before.
-        let mut groups: Vec<(Arc<str>, String, Option<Claimant>)> = Vec::new();
+    /// True when the `haproxy_tcp` listener ports wanted are no longer those
+    /// the table was built with (then the delta is a full build).
+    fn listeners_moved(&self) -> bool {
+        self.tcp_wanted.len() != self.tcp_listeners.len()
+            || !self.tcp_listeners.iter().all(|p| self.tcp_wanted.contains_key(p))
+    }
+
+    /// The groups (service, lower-case datacenter) the changes fall in, each
+    /// with the spec it used before; the "listed twice" warnings of the
+    /// groups as they were are taken back.
+    fn groups(&self, pending: &BTreeMap<SpecKey, Option<ServiceSpec>>, work: &mut Work) -> Vec<Group> {
+        let mut groups = Vec::new();
         let mut seen = HashSet::new();
         for key in pending.keys() {
             let dc = key.datacenter.to_ascii_lowercase();
@@ -258,31 +315,43 @@ impl TableState {
             for m in members.iter().skip(1) {
                 work.warn(listed_twice(&self.specs[m].spec), -1);
             }
-            groups.push((key.name.clone(), dc, used));
+            groups.push(Group {
+                name: key.name.clone(),
+                lower_dc: dc,
+                used,
+            });
         }
-        let changed_keys: HashSet<SpecKey> = pending.keys().cloned().collect();
-        self.store(pending);
-        for (name, dc, used) in groups {
-            let members = self.members(&name, &dc);
-            let first = members.first();
-            let same = matches!((&used, first), (Some((k, _)), Some(f)) if k == f && !changed_keys.contains(f));
-            if !same {
-                if let Some((k, part)) = &used {
-                    self.withdraw(k, part, &mut work);
-                    if let Some(held) = self.specs.get_mut(k) {
-                        held.part = None;
-                    }
-                }
-                if let Some(f) = first {
-                    let part = self.part(f, health);
-                    self.activate(f, &part, &mut work);
+        groups
+    }
+
+    /// One group after the changes are stored: when the spec it uses is
+    /// another one, or was changed, the old part's claims go out and the new
+    /// one's come in (touching their keys); its "listed twice" warnings are
+    /// counted again.
+    fn reclaim(&mut self, group: Group, changed_keys: &HashSet<SpecKey>, health: &Carryover, work: &mut Work) {
+        let members = self.members(&group.name, &group.lower_dc);
+        let first = members.first();
+        let same = matches!((&group.used, first), (Some((k, _)), Some(f)) if k == f && !changed_keys.contains(f));
+        if !same {
+            if let Some((k, part)) = &group.used {
+                self.withdraw(k, part, work);
+                if let Some(held) = self.specs.get_mut(k) {
+                    held.part = None;
                 }
             }
-            for m in members.iter().skip(1) {
-                work.warn(listed_twice(&self.specs[m].spec), 1);
+            if let Some(f) = first {
+                let part = self.part(f, health);
+                self.activate(f, &part, work);
             }
         }
-        // Only the keys the changes touched are decided again.
+        for m in members.iter().skip(1) {
+            work.warn(listed_twice(&self.specs[m].spec), 1);
+        }
+    }
+
+    /// Decides again only the keys the delta touched: each goes to its first
+    /// claimant, and its conflict warnings are counted anew.
+    fn decide_touched(&mut self, work: &mut Work) {
         for (key, before) in std::mem::take(&mut work.touched) {
             for w in before {
                 work.warn(w, -1);
@@ -296,23 +365,6 @@ impl TableState {
                 work.warn(w, 1);
             }
             self.table.put(&key, winner);
-        }
-        let new_warnings = self.count_warnings(work.warn);
-        health.forget(gone_addrs.into_iter().filter(|a| !self.addrs.contains_key(a)));
-        health.retire_routes(
-            gone_routes.iter().map(|k| (&*k.name, &*k.datacenter)),
-            back_routes.iter().map(|k| (&*k.name, &*k.datacenter)),
-        );
-        #[cfg(debug_assertions)]
-        if self.specs.len() <= DEBUG_CHECK_MAX
-            && let Err(e) = self.check()
-        {
-            panic!("lb: the routing table changed by delta differs from a full build: {e}");
-        }
-        Applied {
-            full: false,
-            changed,
-            new_warnings,
         }
     }
 
