@@ -120,7 +120,7 @@ impl Default for Carryover {
 }
 
 impl Carryover {
-    /// An empty registry whose clock starts now.
+    /// An empty carryover whose clock starts now.
     pub fn new() -> Self {
         Self {
             by_addr: Mutex::new(HashMap::new()),
@@ -255,7 +255,7 @@ impl Carryover {
         map.retain(|addr, _| live.contains_key(addr));
     }
 
-    /// Milliseconds since the registry was created.
+    /// Milliseconds since the carryover was created.
     pub fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }

@@ -8,7 +8,7 @@
 //!    otherwise, per changed service: its old claims out, its new ones in, and
 //!      only the keys it touched decided again (first claimant in SpecKey order)
 //!    ──▶ table (persistent maps: shares every entry the delta did not touch)
-//!        + the warnings that are new + the registry told what left
+//!        + the warnings that are new + the carryover told what left
 //! ```
 //!
 //! What makes a delta possible is the claimant list of every key (host and
@@ -833,29 +833,29 @@ mod tests {
         state.set(s);
     }
 
-    /// The registry holds what the table uses: every instance's health and
-    /// every backend's counters are the registry's own (so ejections and
+    /// The carryover holds what the table uses: every instance's health and
+    /// every backend's counters are the carryover's own (so ejections and
     /// counts outlive a delta), and it holds no address no spec has.
-    fn registry_matches(state: &TableState, health: &Carryover) -> Result<(), String> {
+    fn carryover_matches(state: &TableState, health: &Carryover) -> Result<(), String> {
         let table = state.table();
         let tcp = table.tcp_ports().map(|(_, b)| b);
         for b in table.backends().chain(tcp) {
             for i in &b.instances {
                 if !Arc::ptr_eq(&i.health, &health.get(i.addr)) {
                     return Err(format!(
-                        "{} of {} has a health state the registry forgot",
+                        "{} of {} has a health state the carryover forgot",
                         i.addr, b.service
                     ));
                 }
             }
             if !Arc::ptr_eq(&b.counters, &health.route_counters(&b.service, &b.datacenter)) {
-                return Err(format!("{}@{}: counters the registry forgot", b.service, b.datacenter));
+                return Err(format!("{}@{}: counters the carryover forgot", b.service, b.datacenter));
             }
         }
         let live: HashSet<SocketAddr> = state.specs().flat_map(|s| s.instances.iter().map(|i| i.addr)).collect();
         let held = health.by_addr.lock().unwrap();
         if let Some(a) = held.keys().find(|a| !live.contains(a)) {
-            return Err(format!("the registry still holds {a}, which no spec has"));
+            return Err(format!("the carryover still holds {a}, which no spec has"));
         }
         Ok(())
     }
@@ -881,7 +881,7 @@ mod tests {
             let specs: Vec<ServiceSpec> = state.specs().cloned().collect();
             let (full, _) = RoutingTable::build(&cfg(), &specs, &Carryover::new());
             same_decisions(state.table(), &full, &NAMES).map_err(at)?;
-            registry_matches(&state, &health).map_err(at)?;
+            carryover_matches(&state, &health).map_err(at)?;
         }
         if deltas == 0 || fulls == 0 {
             return Err(format!(

@@ -819,26 +819,26 @@ fn all_unavailable_falls_back_to_the_least_recently_ejected() {
 }
 
 #[test]
-fn eject_uses_the_registry_clock_and_never_shortens() {
-    let registry = Carryover::new();
-    let h = registry.get(addr(1, 80));
-    assert!(h.is_available(registry.now_ms()));
-    registry.eject(&h, 60_000);
+fn eject_uses_the_carryover_clock_and_never_shortens() {
+    let carryover = Carryover::new();
+    let h = carryover.get(addr(1, 80));
+    assert!(h.is_available(carryover.now_ms()));
+    carryover.eject(&h, 60_000);
     let until = h.ejected_until_ms.load(Ordering::Relaxed);
-    assert!(until >= 60_000 && !h.is_available(registry.now_ms()));
-    registry.eject(&h, 1);
+    assert!(until >= 60_000 && !h.is_available(carryover.now_ms()));
+    carryover.eject(&h, 1);
     assert_eq!(h.ejected_until_ms.load(Ordering::Relaxed), until);
     assert!(h.is_available(until));
-    registry.eject(&h, u64::MAX);
+    carryover.eject(&h, u64::MAX);
     assert_eq!(h.ejected_until_ms.load(Ordering::Relaxed), u64::MAX, "saturates");
 }
 
 #[test]
 fn health_survives_rebuilds_and_retain_forgets() {
-    let registry = Carryover::new();
+    let carryover = Carryover::new();
     let specs = [spec("web", "dc1", vec![inst(1, &["haproxy"]), inst(2, &["haproxy"])])];
-    let (t1, _) = RoutingTable::build(&cfg(), &specs, &registry);
-    let (t2, _) = RoutingTable::build(&cfg(), &specs, &registry);
+    let (t1, _) = RoutingTable::build(&cfg(), &specs, &carryover);
+    let (t2, _) = RoutingTable::build(&cfg(), &specs, &carryover);
     let h = |t: &RoutingTable, i: usize| {
         t.backends()
             .next()
@@ -847,14 +847,14 @@ fn health_survives_rebuilds_and_retain_forgets() {
     };
     assert!(Arc::ptr_eq(&h(&t1, 0), &h(&t2, 0)));
     assert!(!Arc::ptr_eq(&h(&t1, 0), &h(&t1, 1)));
-    assert!(Arc::ptr_eq(&h(&t1, 0), &registry.get(addr(1, 8080))));
+    assert!(Arc::ptr_eq(&h(&t1, 0), &carryover.get(addr(1, 8080))));
     // An ejection recorded through the old table is seen by the new one.
     h(&t1, 0).ejected_until_ms.store(u64::MAX, Ordering::Relaxed);
     let picked = t2.backends().next().and_then(|b| b.pick(0, &[])).map(|i| i.addr);
     assert_eq!(picked, Some(addr(2, 8080)));
     // The TCP and HTTP backends of one address share its state too.
     let both = [spec("svc", "dc1", vec![inst(1, &["haproxy", "haproxy_tcp=9000"])])];
-    let (t3, _) = RoutingTable::build(&cfg(), &both, &registry);
+    let (t3, _) = RoutingTable::build(&cfg(), &both, &carryover);
     let tcp_health = t3
         .tcp_ports()
         .next()
@@ -862,9 +862,9 @@ fn health_survives_rebuilds_and_retain_forgets() {
         .expect("tcp");
     assert!(Arc::ptr_eq(&tcp_health, &h(&t1, 0)));
 
-    registry.retain(&HashSet::from([addr(1, 8080)]));
-    assert!(Arc::ptr_eq(&registry.get(addr(1, 8080)), &h(&t1, 0)));
-    let fresh = registry.get(addr(2, 8080));
+    carryover.retain(&HashSet::from([addr(1, 8080)]));
+    assert!(Arc::ptr_eq(&carryover.get(addr(1, 8080)), &h(&t1, 0)));
+    let fresh = carryover.get(addr(2, 8080));
     assert!(!Arc::ptr_eq(&fresh, &h(&t1, 1)), "forgotten, so a new state");
     assert!(fresh.check_up.load(Ordering::Relaxed), "new instances start up");
 }
