@@ -7,7 +7,7 @@
 //!   services x 3 (an instance added then removed, or its weight changed), for
 //!   the whole per-change path of the watcher: the view's publication of its map,
 //!   `lb::watch::Feed` taking the picture, building the next table, swapping it
-//!   and letting the health registry forget what left. N = 5,000 (what the lb is
+//!   and letting the carryover forget what left. N = 5,000 (what the lb is
 //!   meant for) and 50,000 (10x that). Proportional to the change means the same
 //!   figure at both sizes.
 //! * `lb_route/{host,path}/N`: one `RoutingTable::route` (the request hot path)
@@ -29,7 +29,7 @@ use std::sync::Arc;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use wayfinder::consul::{Health, InstanceEntry, ServiceEntry, Services};
 use wayfinder::lb::LbState;
-use wayfinder::lb::table::{HealthRegistry, InstanceSpec, Route, RoutingTable, ServiceSpec, TableConfig};
+use wayfinder::lb::table::{Carryover, Destination, InstanceSpec, RoutingTable, ServiceSpec, TableConfig};
 use wayfinder::lb::tags::parse_tags;
 use wayfinder::lb::watch::Feed;
 
@@ -104,7 +104,7 @@ fn catalog(n: usize) -> Services {
 fn table_benches(c: &mut Criterion) {
     let cfg = cfg();
     let specs = specs(5000);
-    let health = HealthRegistry::new();
+    let health = Carryover::new();
     let mut group = c.benchmark_group("lb_table");
     group.sample_size(10);
     group.bench_function("cold", |b| b.iter(|| RoutingTable::build(&cfg, &specs, &health)));
@@ -159,12 +159,12 @@ fn route_benches(c: &mut Criterion) {
         let mut specs = specs(n);
         let (routed, _) = parse_tags(&["haproxy".to_string(), "haproxy_route=/api".to_string()]);
         specs[n / 2].instances[0].tags = routed;
-        let (table, _) = RoutingTable::build(&cfg(), &specs, &HealthRegistry::new());
+        let (table, _) = RoutingTable::build(&cfg(), &specs, &Carryover::new());
         // A fixed spread of names over the whole table (a multiplicative step).
         let hosts: Vec<String> = (0..4096)
             .map(|i| format!("svc-{}.service.consul", (i * 7919) % n))
             .collect();
-        let found = |host: &str, path: &str| matches!(table.route(Some(host), path), Route::Backend(_));
+        let found = |host: &str, path: &str| matches!(table.route(Some(host), path), Destination::Backend(_));
         assert!(hosts.iter().all(|h| found(h, "/")) && found("unknown.example.com", "/api/v1/items"));
         let mut next = 0usize;
         group.bench_with_input(BenchmarkId::new("host", n), &n, |b, _| {

@@ -37,7 +37,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-use super::proxy::ProxyBody;
+use super::body::ProxyBody;
 
 /// Default total cap when the open-file limit cannot be read.
 pub const FALLBACK_MAX_CONNECTIONS: usize = 4096;

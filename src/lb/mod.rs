@@ -10,7 +10,7 @@
 //!                            instance when a connection cannot be made
 //!  tcp::run: haproxy_tcp= listeners opened and closed as the table changes
 //!  register::run: the lb itself as Consul service `wayfinder-lb` (DNS follows it)
-//!  health::run: haproxy_httpchk / TCP connect checks every 2 s (rise 2, fall 3)
+//!  checks::run: haproxy_httpchk / TCP connect checks every 2 s (rise 2, fall 3)
 //!  remote::run: svc.service.<dc>.<domain> names polled in that datacenter on demand
 //!  tls::watch: certificate files re-read when they change
 //!  selfsigned: HTTPS on and no certificate files: the lb's own certificate
@@ -18,7 +18,7 @@
 //! ```
 //!
 //! Per-instance state that must outlive a table (ejection, in-flight counts) lives
-//! in the [`table::HealthRegistry`], keyed by address.
+//! in the [`table::Carryover`], keyed by address.
 //!
 //! Client connections (HTTP, HTTPS and `haproxy_tcp` listeners) are capped in
 //! total and per source address by [`client::ConnLimits`]; over a cap a new
@@ -35,9 +35,10 @@
 //! live, requests wait (up to `ready_timeout`, then 503), so a restart never
 //! answers 503 for a service that exists.
 
+pub mod body;
+pub mod checks;
 pub mod client;
 pub mod component;
-pub mod health;
 pub mod policy;
 pub mod proxy;
 pub mod register;
@@ -67,7 +68,7 @@ use crate::consul::ConsulHub;
 use crate::consul::settings::ConsulConfig;
 use settings::LbConfig;
 use stats::LbStats;
-use table::{HealthRegistry, RoutingTable, TableConfig};
+use table::{Carryover, RoutingTable, TableConfig};
 
 /// Errors of the lb component.
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +144,7 @@ pub struct LbState {
     /// The routing table in force.
     pub table: ArcSwap<RoutingTable>,
     /// Per-instance state across tables.
-    pub health: HealthRegistry,
+    pub health: Carryover,
     /// Counters.
     pub stats: LbStats,
     /// False while Consul cannot be reached (the last good table stays).
@@ -183,7 +184,7 @@ impl LbState {
         let (datacenter_wants, datacenter_wants_rx) = tokio::sync::mpsc::channel(remote::WANTS_QUEUE);
         Arc::new(Self {
             table: ArcSwap::from_pointee(RoutingTable::empty(table_config)),
-            health: HealthRegistry::new(),
+            health: Carryover::new(),
             stats: LbStats::default(),
             consul_ok: AtomicBool::new(false),
             ready: AtomicBool::new(false),
@@ -396,7 +397,7 @@ pub async fn run(
         state.clone(),
         shutdown.clone(),
     ));
-    tasks.spawn(health::run(
+    tasks.spawn(checks::run(
         state.clone(),
         config.check_interval,
         config.check_timeout,

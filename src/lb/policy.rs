@@ -92,7 +92,7 @@ impl fmt::Display for PortRanges {
 /// Why a service, an instance or a port was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Refusal {
+pub enum RefusalReason {
     /// The service name has characters outside a DNS label.
     Name,
     /// The instance's address is one of the appliance's own listeners.
@@ -113,7 +113,7 @@ pub enum Refusal {
     },
 }
 
-impl fmt::Display for Refusal {
+impl fmt::Display for RefusalReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Name => write!(
@@ -143,7 +143,7 @@ pub struct Refused {
     /// The refused `haproxy_tcp` port.
     pub port: Option<u16>,
     /// Why.
-    pub reason: Refusal,
+    pub reason: RefusalReason,
 }
 
 impl fmt::Display for Refused {
@@ -173,25 +173,25 @@ pub struct BackendPolicy {
 impl BackendPolicy {
     /// Why the lb must not connect to `addr`, if it must not. `tcp_listeners` are
     /// the ports the lb's `haproxy_tcp` listeners take in this table.
-    pub fn refuse_addr(&self, addr: SocketAddr, tcp_listeners: &BTreeSet<u16>) -> Option<Refusal> {
+    pub fn refuse_addr(&self, addr: SocketAddr, tcp_listeners: &BTreeSet<u16>) -> Option<RefusalReason> {
         if let Some(own) = self.own.reaches(addr) {
-            return Some(Refusal::OwnListener { listener: own.what });
+            return Some(RefusalReason::OwnListener { listener: own.what });
         }
         if tcp_listeners.contains(&addr.port()) && crate::listeners::is_local(addr.ip()) {
-            return Some(Refusal::OwnTcpListener);
+            return Some(RefusalReason::OwnTcpListener);
         }
         if !self.networks.is_empty() && !self.networks.iter().any(|n| n.contains(&addr.ip())) {
-            return Some(Refusal::OutsideNetworks);
+            return Some(RefusalReason::OutsideNetworks);
         }
         None
     }
 
     /// Why the lb must not listen on `port` for `haproxy_tcp`, if it must not.
-    pub fn refuse_tcp_port(&self, port: u16) -> Option<Refusal> {
+    pub fn refuse_tcp_port(&self, port: u16) -> Option<RefusalReason> {
         if let Some(own) = self.own.has_port(port) {
-            return Some(Refusal::PortTaken { listener: own.what });
+            return Some(RefusalReason::PortTaken { listener: own.what });
         }
-        (!self.tcp_ports.contains(port)).then_some(Refusal::PortNotAllowed)
+        (!self.tcp_ports.contains(port)).then_some(RefusalReason::PortNotAllowed)
     }
 }
 
@@ -229,16 +229,19 @@ mod tests {
         let none = BTreeSet::new();
         assert_eq!(
             p.refuse_addr(a("127.0.0.1:9090"), &none),
-            Some(Refusal::OwnListener { listener: "admin" })
+            Some(RefusalReason::OwnListener { listener: "admin" })
         );
         assert_eq!(
             p.refuse_addr(a("0.0.0.0:8080"), &none),
-            Some(Refusal::OwnListener { listener: "lb http" })
+            Some(RefusalReason::OwnListener { listener: "lb http" })
         );
         assert_eq!(p.refuse_addr(a("127.0.0.1:9091"), &none), None);
         assert_eq!(p.refuse_addr(a("192.0.2.10:9090"), &none), None, "another host's port");
         let tcp = BTreeSet::from([5000]);
-        assert_eq!(p.refuse_addr(a("127.0.0.1:5000"), &tcp), Some(Refusal::OwnTcpListener));
+        assert_eq!(
+            p.refuse_addr(a("127.0.0.1:5000"), &tcp),
+            Some(RefusalReason::OwnTcpListener)
+        );
         assert_eq!(p.refuse_addr(a("192.0.2.10:5000"), &tcp), None);
     }
 
@@ -248,18 +251,21 @@ mod tests {
         p.networks = vec!["172.17.0.0/16".parse().unwrap()];
         let none = BTreeSet::new();
         assert_eq!(p.refuse_addr(a("172.17.0.5:80"), &none), None);
-        assert_eq!(p.refuse_addr(a("10.0.0.5:80"), &none), Some(Refusal::OutsideNetworks));
+        assert_eq!(
+            p.refuse_addr(a("10.0.0.5:80"), &none),
+            Some(RefusalReason::OutsideNetworks)
+        );
     }
 
     #[test]
     fn tcp_ports_stay_in_range_and_off_own_ports() {
         let p = policy();
-        assert_eq!(p.refuse_tcp_port(1), Some(Refusal::PortNotAllowed));
-        assert_eq!(p.refuse_tcp_port(1023), Some(Refusal::PortNotAllowed));
+        assert_eq!(p.refuse_tcp_port(1), Some(RefusalReason::PortNotAllowed));
+        assert_eq!(p.refuse_tcp_port(1023), Some(RefusalReason::PortNotAllowed));
         assert_eq!(p.refuse_tcp_port(5000), None);
         assert_eq!(
             p.refuse_tcp_port(8080),
-            Some(Refusal::PortTaken { listener: "lb http" })
+            Some(RefusalReason::PortTaken { listener: "lb http" })
         );
         let ranges = PortRanges::parse(&["53".into(), "2000-2010".into()]).unwrap();
         assert!(ranges.contains(53) && ranges.contains(2005) && !ranges.contains(2011));

@@ -23,7 +23,7 @@
 //! `client_timeout`, an h2 session idle for `idle_timeout` and a connection
 //! without a first request (h2: preface) after `handshake_timeout` are cut.
 //! Requests over an instance's maxconn wait for a slot to be freed
-//! ([`InstanceHealth::freed`](super::table::InstanceHealth)), in a queue of at
+//! ([`InstanceState::freed`](super::table::InstanceState)), in a queue of at
 //! most `max_queued`, for at most `queue_timeout`.
 
 use std::collections::HashMap;
@@ -37,8 +37,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
@@ -49,13 +48,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::LbState;
+use super::body::{ProxyBody, error_page};
 use super::client::{self, Activity, ClientBody, ClientIo, ConnSlot, Cut, RequestBody, Timeouts};
 use super::settings::LbConfig;
 use super::splice::SpliceEnd;
-use super::table::{Backend, BackendInstance, HealthRegistry, Route};
-
-/// The body type on both sides of the proxy.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+use super::table::{Backend, BackendInstance, Carryover, Destination};
 
 /// Instances tried for one request at most.
 const MAX_ATTEMPTS: usize = 3;
@@ -458,16 +455,18 @@ impl Proxy {
                 .or_else(|| req.uri().host());
             let route = table.route(host, req.uri().path());
             let response = match route {
-                Route::Landing => super::status::landing_page(&self.state),
-                Route::NotFound => error_page(StatusCode::SERVICE_UNAVAILABLE, "No service answers to this name."),
-                Route::OtherDatacenter(None) => {
+                Destination::Landing => super::status::landing_page(&self.state),
+                Destination::NotFound => {
+                    error_page(StatusCode::SERVICE_UNAVAILABLE, "No service answers to this name.")
+                }
+                Destination::OtherDatacenter(None) => {
                     if let Some(host) = host {
                         self.state.want_datacenter(host);
                     }
                     error_page(StatusCode::SERVICE_UNAVAILABLE, "No service answers to this name.")
                 }
-                Route::Backend(backend) | Route::OtherDatacenter(Some(backend)) => {
-                    if let (Route::OtherDatacenter(_), Some(host)) = (&route, host) {
+                Destination::Backend(backend) | Destination::OtherDatacenter(Some(backend)) => {
+                    if let (Destination::OtherDatacenter(_), Some(host)) = (&route, host) {
                         self.state.want_datacenter(host);
                     }
                     let backend = backend.clone();
@@ -485,6 +484,13 @@ impl Proxy {
         }
     }
 
+    /// Proxies one request to `backend`: up to [`MAX_ATTEMPTS`] instances,
+    /// each picked with a free slot ([`Self::pick_with_capacity`]), a pooled
+    /// session checked out (a failed connect ejects the instance and tries
+    /// another), the request sent, and the answer relayed ([`Self::relay`]).
+    /// The steps after the pick stay in this one future: the per-request
+    /// future's size and layout are measured (`benches/lb-instructions.sh`),
+    /// so the helpers it calls are synchronous and inlined.
     // A plain fn around an `async move` block, as `handle`.
     #[expect(clippy::manual_async_fn, reason = "an async fn keeps its arguments twice")]
     fn forward<'a>(
@@ -499,11 +505,7 @@ impl Proxy {
             let (parts, body) = req.into_parts();
             // A request without a body can be sent again after any failure that
             // happened before a response; one with a body only before it was sent.
-            let bodiless = !parts.headers.contains_key(header::TRANSFER_ENCODING)
-                && parts
-                    .headers
-                    .get(header::CONTENT_LENGTH)
-                    .is_none_or(|v| v.as_bytes() == b"0");
+            let bodiless = is_bodiless(&parts.headers);
             let mut body = Some(body);
             // Built once; rebuilt only for a retry (rare), not cloned per attempt.
             let first_headers = self.outgoing_headers(&parts, client, wants_upgrade);
@@ -514,13 +516,7 @@ impl Proxy {
                 .path_and_query()
                 .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
             let mut tried = Tried::default();
-            let maxconn = self
-                .state
-                .maxconn
-                .load()
-                .get(&backend.service)
-                .copied()
-                .unwrap_or(super::DEFAULT_MAXCONN);
+            let maxconn = self.maxconn(backend);
             for attempt in 0..MAX_ATTEMPTS {
                 let Some(instance) = self.pick_with_capacity(backend, maxconn, &tried).await else {
                     if tried.len == 0 && !backend.instances.is_empty() {
@@ -561,40 +557,14 @@ impl Proxy {
                     let mut out = Request::new(out_body);
                     *out.method_mut() = parts.method.clone();
                     *out.uri_mut() = uri.clone();
-                    *out.headers_mut() = headers.take().unwrap_or_else(|| {
-                        // A retry: same request, same X-Unique-ID.
-                        let mut h = self.outgoing_headers(&parts, client, wants_upgrade);
-                        if let Some(id) = &unique_id {
-                            h.insert(X_UNIQUE_ID, id.clone());
-                        }
-                        h
-                    });
+                    *out.headers_mut() = headers
+                        .take()
+                        .unwrap_or_else(|| self.retry_headers(&parts, client, wants_upgrade, unique_id.as_ref()));
                     tokio::time::timeout(self.server_timeout, session.send_request(out))
                 };
                 let sent = sent.await;
                 match sent {
-                    Ok(Ok(mut resp)) => {
-                        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                            if let Some(client) = client_upgrade {
-                                let server = hyper::upgrade::on(&mut resp);
-                                let (idle, shutdown) = (self.tunnel_timeout, self.shutdown.clone());
-                                self.tunnels
-                                    .spawn(async move { splice_upgraded(client, server, idle, &shutdown).await });
-                            }
-                        } else {
-                            self.pool.checkin(instance.addr, session);
-                        }
-                        let (mut parts, body) = resp.into_parts();
-                        if parts.status != StatusCode::SWITCHING_PROTOCOLS {
-                            strip_hop_by_hop(&mut parts.headers);
-                        }
-                        // The instance counts this request until its body is done.
-                        let body = CountedBody {
-                            inner: body,
-                            _release: release.owned(),
-                        };
-                        return Response::from_parts(parts, body.boxed());
-                    }
+                    Ok(Ok(resp)) => return self.relay(resp, instance.addr, session, client_upgrade, release),
                     Ok(Err(error)) => {
                         tracing::debug!(service = %backend.service, addr = %instance.addr, %error, "lb: backend session failed");
                         if !bodiless {
@@ -611,6 +581,69 @@ impl Proxy {
                 "No instance of this service could be reached.",
             )
         }
+    }
+
+    /// The per-instance cap of `backend`'s service (`haproxy_maxconn`).
+    #[inline(always)]
+    fn maxconn(&self, backend: &Backend) -> usize {
+        self.state
+            .maxconn
+            .load()
+            .get(&backend.service)
+            .copied()
+            .unwrap_or(super::DEFAULT_MAXCONN)
+    }
+
+    /// The headers of a retry (rare): built again, with the first attempt's
+    /// X-Unique-ID, so the instances see one request.
+    fn retry_headers(
+        &self,
+        parts: &http::request::Parts,
+        client: &ClientConn,
+        wants_upgrade: bool,
+        unique_id: Option<&HeaderValue>,
+    ) -> HeaderMap {
+        let mut h = self.outgoing_headers(parts, client, wants_upgrade);
+        if let Some(id) = unique_id {
+            h.insert(X_UNIQUE_ID, id.clone());
+        }
+        h
+    }
+
+    /// The instance's response on its way to the client: the session goes
+    /// back to the pool (or, for 101 Switching Protocols, both upgraded
+    /// connections are spliced), hop-by-hop headers go, and the instance counts
+    /// the request until the body is done. Inlined into [`Self::forward`]'s
+    /// future: the request path is measured by instruction counts.
+    #[inline(always)]
+    fn relay(
+        &self,
+        mut resp: Response<Incoming>,
+        addr: SocketAddr,
+        session: SendRequest<ProxyBody>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        release: Release<'_>,
+    ) -> Response<ProxyBody> {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client) = client_upgrade {
+                let server = hyper::upgrade::on(&mut resp);
+                let (idle, shutdown) = (self.tunnel_timeout, self.shutdown.clone());
+                self.tunnels
+                    .spawn(async move { splice_upgraded(client, server, idle, &shutdown).await });
+            }
+        } else {
+            self.pool.checkin(addr, session);
+        }
+        let (mut parts, body) = resp.into_parts();
+        if parts.status != StatusCode::SWITCHING_PROTOCOLS {
+            strip_hop_by_hop(&mut parts.headers);
+        }
+        // The instance counts this request until its body is done.
+        let body = CountedBody {
+            inner: body,
+            _release: release.owned(),
+        };
+        Response::from_parts(parts, body.boxed())
     }
 
     /// An instance below `maxconn` (PanteraS's per-instance cap), with one
@@ -707,7 +740,7 @@ impl Tried {
 }
 
 /// Decrements an instance's in-flight count when dropped.
-struct Release<'a>(&'a Arc<super::table::InstanceHealth>);
+struct Release<'a>(&'a Arc<super::table::InstanceState>);
 
 impl Release<'_> {
     /// Hands the count over to something that outlives this function.
@@ -724,7 +757,7 @@ impl Drop for Release<'_> {
     }
 }
 
-struct OwnedRelease(Arc<super::table::InstanceHealth>);
+struct OwnedRelease(Arc<super::table::InstanceState>);
 
 impl Drop for OwnedRelease {
     fn drop(&mut self) {
@@ -733,7 +766,7 @@ impl Drop for OwnedRelease {
 }
 
 /// Gives an in-flight slot back and wakes one request queued for it (FIFO).
-fn free_slot(health: &super::table::InstanceHealth) {
+fn free_slot(health: &super::table::InstanceState) {
     health.inflight.fetch_sub(1, Ordering::AcqRel);
     health.freed.notify_one();
 }
@@ -799,7 +832,7 @@ async fn reserve_instance<'b>(
     backend: &'b Backend,
     maxconn: usize,
     tried: &Tried,
-    health: &HealthRegistry,
+    health: &Carryover,
     queue: &Queue<'_>,
 ) -> Option<&'b BackendInstance> {
     match try_reserve(backend, health.now_ms(), maxconn, tried) {
@@ -927,32 +960,31 @@ async fn splice_upgraded(
     }
 }
 
+/// A request without a body can be sent again after any failure that happened
+/// before a response; one with a body only before it was sent.
+#[inline(always)]
+fn is_bodiless(headers: &HeaderMap) -> bool {
+    !headers.contains_key(header::TRANSFER_ENCODING)
+        && headers.get(header::CONTENT_LENGTH).is_none_or(|v| v.as_bytes() == b"0")
+}
+
 fn empty() -> ProxyBody {
     Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
 }
 
-pub(super) fn html(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
-    let mut resp = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed());
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
-}
-
-pub(super) fn error_page(status: StatusCode, message: &str) -> Response<ProxyBody> {
-    html(
-        status,
-        format!(
-            "<!doctype html><html><head><meta charset=\"utf-8\"><title>{code}</title></head>\
-             <body><h1>{code} {reason}</h1><p>{message}</p><hr><p>wayfinder</p></body></html>\n",
-            code = status.as_u16(),
-            reason = status.canonical_reason().unwrap_or(""),
-        ),
-    )
+/// Why no session to an instance could be had (the `error` of the "cannot
+/// connect" log line; the instance is then ejected).
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    /// No connection within the connect timeout.
+    #[error("connect timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    /// The connection was refused or failed.
+    #[error("{0}")]
+    Connect(std::io::Error),
+    /// The HTTP/1 handshake with the instance failed.
+    #[error("{0}")]
+    Handshake(hyper::Error),
 }
 
 /// Backend sessions by instance address. Addresses come from the routing
@@ -968,7 +1000,11 @@ struct SessionPool {
 
 impl SessionPool {
     /// A ready session to `addr`: a pooled one, else a new connection.
-    async fn checkout(&self, addr: SocketAddr, connect_timeout: Duration) -> Result<SendRequest<ProxyBody>, String> {
+    async fn checkout(
+        &self,
+        addr: SocketAddr,
+        connect_timeout: Duration,
+    ) -> Result<SendRequest<ProxyBody>, SessionError> {
         {
             let mut idle = self.idle.lock().expect("pool lock");
             if let Some(list) = idle.get_mut(&addr) {
@@ -983,15 +1019,15 @@ impl SessionPool {
         }
         let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
             .await
-            .map_err(|_| format!("connect timed out after {connect_timeout:?}"))?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| SessionError::ConnectTimeout(connect_timeout))?
+            .map_err(SessionError::Connect)?;
         let _ = stream.set_nodelay(true);
         // Flat writes, as on the client side (see `http1`).
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .writev(false)
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(SessionError::Handshake)?;
         let closing = self.closing.clone();
         self.connections.spawn(async move {
             tokio::select! {
@@ -1021,7 +1057,7 @@ impl SessionPool {
 
     /// Drops the sessions of addresses that are in no table any more (the
     /// health registry keeps exactly the live ones) and the closed ones.
-    fn prune(&self, health: &HealthRegistry) {
+    fn prune(&self, health: &Carryover) {
         let mut idle = self.idle.lock().expect("pool lock");
         for list in idle.values_mut() {
             list.retain(|s| !s.is_closed());
@@ -1077,7 +1113,7 @@ mod tests {
         assert_eq!(plain.len(), 1);
     }
 
-    fn backend(instances: &[(u8, &HealthRegistry)]) -> Backend {
+    fn backend(instances: &[(u8, &Carryover)]) -> Backend {
         let instances = instances
             .iter()
             .map(|&(last, health)| {
@@ -1099,7 +1135,7 @@ mod tests {
     /// with the clock paused, it is served at the very instant the slot frees.
     #[tokio::test(start_paused = true)]
     async fn a_queued_request_takes_a_freed_slot_at_once() {
-        let health = HealthRegistry::new();
+        let health = Carryover::new();
         let backend = Arc::new(backend(&[(1, &health), (2, &health)]));
         let queued = Arc::new(AtomicUsize::new(0));
         let queue = |queued| Queue {
@@ -1119,7 +1155,7 @@ mod tests {
         let waiter = {
             let (backend, queued) = (backend.clone(), queued.clone());
             tokio::spawn(async move {
-                let health = HealthRegistry::new();
+                let health = Carryover::new();
                 let q = Queue {
                     queued: &queued,
                     max: 8,
@@ -1153,7 +1189,7 @@ mod tests {
     /// request gives up after the queue timeout.
     #[tokio::test(start_paused = true)]
     async fn the_queue_is_bounded_in_length_and_time() {
-        let health = HealthRegistry::new();
+        let health = Carryover::new();
         let backend = Arc::new(backend(&[(1, &health)]));
         let queued = Arc::new(AtomicUsize::new(0));
         let q = Queue {
@@ -1168,7 +1204,7 @@ mod tests {
         for _ in 0..2 {
             let (backend, queued) = (backend.clone(), queued.clone());
             waiters.push(tokio::spawn(async move {
-                let health = HealthRegistry::new();
+                let health = Carryover::new();
                 let q = Queue {
                     queued: &queued,
                     max: 2,
@@ -1204,7 +1240,7 @@ mod tests {
     /// Pooled sessions of addresses that left every table are dropped.
     #[tokio::test]
     async fn the_pool_forgets_addresses_that_left_the_table() {
-        let health = HealthRegistry::new();
+        let health = Carryover::new();
         let pool = SessionPool::default();
         let mut addrs = Vec::new();
         let mut servers = Vec::new();

@@ -2,7 +2,7 @@
 //! instances, watched on demand.
 //!
 //! ```text
-//!  proxy: Route::OtherDatacenter ──want(host)──▶ bounded channel (dropped if full)
+//!  proxy: Destination::OtherDatacenter ──want(host)──▶ bounded channel (dropped if full)
 //!  run: parse svc + dc ─▶ dc known to Consul (/v1/catalog/datacenters, cached)?
 //!        ─▶ poll(svc, dc): /v1/health/service/<svc>?dc= every REMOTE_POLL through
 //!           the shared pool ──Update (when it changed)──▶ table builder

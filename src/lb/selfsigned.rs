@@ -22,7 +22,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::tls::CertError;
+use super::tls::{CertError, fingerprint};
 
 /// The file in `lb.state_dir` (certificate then key, HAProxy's PEM layout).
 pub const FILE: &str = "selfsigned.pem";
@@ -79,7 +79,9 @@ pub fn load_or_create(dir: &Path, names: &[String]) -> Result<SelfSigned, CertEr
                     created: false,
                 });
             }
-            Err(why) => tracing::info!(file = %path.display(), why, "lb: making a new self-signed certificate"),
+            Err(why) => {
+                tracing::info!(file = %path.display(), why = why.to_string(), "lb: making a new self-signed certificate")
+            }
         }
     }
     let (pem, der) = generate(names).map_err(|problem| CertError::Invalid {
@@ -94,22 +96,32 @@ pub fn load_or_create(dir: &Path, names: &[String]) -> Result<SelfSigned, CertEr
     })
 }
 
-/// SHA-256 of `der` as colon-separated upper-case hex.
-pub fn fingerprint(der: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, der);
-    let hex: Vec<String> = digest.as_ref().iter().map(|b| format!("{b:02X}")).collect();
-    hex.join(":")
+/// Why the kept certificate is not used again (logged as `why`).
+#[derive(Debug, thiserror::Error)]
+enum Unfit {
+    #[error("unreadable: {0}")]
+    Unreadable(std::io::Error),
+    #[error("no certificate in it: {0}")]
+    NoCertificate(rustls::pki_types::pem::Error),
+    #[error("no private key in it: {0}")]
+    NoKey(rustls::pki_types::pem::Error),
+    #[error("bad certificate: {0}")]
+    BadCertificate(x509_parser::nom::Err<x509_parser::error::X509Error>),
+    #[error("made for {has:?}, now wanted for {wanted:?}")]
+    OtherNames { has: Vec<String>, wanted: Vec<String> },
+    #[error("it expires within 30 days")]
+    Expiring,
 }
 
 /// The kept file's fingerprint when it is one of ours for exactly `names` and
 /// not about to expire; else why not.
-fn kept(path: &Path, names: &[String]) -> Result<String, String> {
+fn kept(path: &Path, names: &[String]) -> Result<String, Unfit> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
-    let pem = fs::read(path).map_err(|e| format!("unreadable: {e}"))?;
-    let der = CertificateDer::from_pem_slice(&pem).map_err(|e| format!("no certificate in it: {e}"))?;
-    rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem).map_err(|e| format!("no private key in it: {e}"))?;
-    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| format!("bad certificate: {e}"))?;
+    let pem = fs::read(path).map_err(Unfit::Unreadable)?;
+    let der = CertificateDer::from_pem_slice(&pem).map_err(Unfit::NoCertificate)?;
+    rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem).map_err(Unfit::NoKey)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(Unfit::BadCertificate)?;
     let mut has: Vec<String> = match cert.subject_alternative_name() {
         Ok(Some(san)) => san
             .value
@@ -126,11 +138,14 @@ fn kept(path: &Path, names: &[String]) -> Result<String, String> {
     has.sort();
     has.dedup();
     if has != names {
-        return Err(format!("made for {has:?}, now wanted for {names:?}"));
+        return Err(Unfit::OtherNames {
+            has,
+            wanted: names.to_vec(),
+        });
     }
     let ends = UNIX_EPOCH + Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0));
     if ends < SystemTime::now() + RENEW_BEFORE {
-        return Err("it expires within 30 days".into());
+        return Err(Unfit::Expiring);
     }
     Ok(fingerprint(der.as_ref()))
 }

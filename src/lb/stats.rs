@@ -1,6 +1,6 @@
 //! Load-balancer counters for the status page and the admin API: requests by
 //! status class and latency, for the whole lb and per route ([`RequestCounters`],
-//! one per service, kept across tables by the health registry), and the
+//! one per service, kept across tables by the carryover), and the
 //! propagation time of every routing change (Consul's answer to the new table
 //! being live). Relaxed atomics on the request path; the propagation samples
 //! (rare) keep a bounded ring for percentiles.

@@ -27,11 +27,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::LbState;
+use super::body::{ProxyBody, error_page, html};
 use super::client::ConnSnapshot;
-use super::proxy::{ProxyBody, error_page, html};
 use super::stats::{LATENCY_BUCKETS_US, RequestSnapshot};
 use super::table::Backend;
 use super::tls::CertInfo;
+use crate::report::html::escape;
 
 /// The whole lb, as the status page and the admin API show it.
 #[derive(Debug, Clone, Serialize)]
@@ -346,13 +347,6 @@ impl LandingCache {
             }
         }
     }
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 fn json(status: &LbStatus) -> Response<ProxyBody> {

@@ -175,7 +175,7 @@ fn load_pem(path: &Path) -> Result<(CertifiedKey, CertInfo), CertError> {
     let signing_key = rustls::crypto::ring::sign::any_supported_type(&key_der)
         .map_err(|e| invalid(format!("unsupported private key: {e}")))?;
     let (names, not_after) = leaf_names(leaf).map_err(invalid)?;
-    let sha256 = super::selfsigned::fingerprint(leaf.as_ref());
+    let sha256 = fingerprint(leaf.as_ref());
     let key = CertifiedKey::new(chain, signing_key);
     key.keys_match()
         .map_err(|e| invalid(format!("the private key does not belong to the certificate: {e}")))?;
@@ -290,6 +290,13 @@ pub async fn watch(paths: Vec<PathBuf>, resolver: Arc<SniResolver>, shutdown: Ca
             }
         }
     }
+}
+
+/// SHA-256 of `der` as colon-separated upper-case hex.
+pub fn fingerprint(der: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let hex: Vec<String> = digest.as_ref().iter().map(|b| format!("{b:02X}")).collect();
+    hex.join(":")
 }
 
 #[cfg(test)]

@@ -122,7 +122,7 @@ impl Feed {
         }
     }
 
-    /// Applies what changed to the table, swaps it into `state` (the registry
+    /// Applies what changed to the table, swaps it into `state` (the carryover
     /// forgets the addresses and routes that left), and logs the warnings that
     /// are new.
     pub fn publish(&mut self, state: &LbState) -> Published {
@@ -416,10 +416,10 @@ mod tests {
         assert_eq!((port, backend.instances[0].weight), (5000, 5));
     }
 
-    /// The registry follows the delta: an address that left every spec is
+    /// The carryover follows the delta: an address that left every spec is
     /// forgotten, and so is a route that never served.
     #[test]
-    fn the_registry_forgets_what_a_delta_took_away() {
+    fn the_carryover_forgets_what_a_delta_took_away() {
         let state = LbState::new(&cfg());
         let mut feed = Feed::new(cfg());
         let mut services = Services::from_iter([

@@ -284,7 +284,7 @@ fn file_fingerprint(pem: &Path) -> String {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let der = CertificateDer::from_pem_file(pem).unwrap_or_else(|e| panic!("{}: {e}", pem.display()));
-    wayfinder::lb::selfsigned::fingerprint(der.as_ref())
+    wayfinder::lb::tls::fingerprint(der.as_ref())
 }
 
 /// The lb's certificates as `/stats.json` lists them.

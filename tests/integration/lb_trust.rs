@@ -6,12 +6,12 @@
 
 use std::time::Duration;
 
-use wayfinder::lb::policy::Refusal;
+use wayfinder::lb::policy::RefusalReason;
 
 use crate::harness::{Consul, Lb, Up, consul_section, eventually, free_port, http_client, tagged_backend, wait_routed};
 
 /// The refusals the lb of `up` reports for `service`.
-fn refusals(up: &Up, service: &str) -> Vec<Refusal> {
+fn refusals(up: &Up, service: &str) -> Vec<RefusalReason> {
     up.state
         .component_of::<wayfinder::lb::component::Lb>()
         .and_then(|lb| lb.state())
@@ -99,10 +99,10 @@ async fn a_registration_cannot_point_the_lb_at_the_appliance() {
     )
     .await;
     eventually(Duration::from_secs(10), "every attack refused", || {
-        refusals(&up, &to_admin) == [Refusal::OwnListener { listener: "admin" }]
-            && refusals(&up, &to_lb) == [Refusal::OwnListener { listener: "lb http" }]
-            && refusals(&up, &tcp_low) == [Refusal::PortNotAllowed]
-            && refusals(&up, &tcp_dns) == [Refusal::PortTaken { listener: "dns" }]
+        refusals(&up, &to_admin) == [RefusalReason::OwnListener { listener: "admin" }]
+            && refusals(&up, &to_lb) == [RefusalReason::OwnListener { listener: "lb http" }]
+            && refusals(&up, &tcp_low) == [RefusalReason::PortNotAllowed]
+            && refusals(&up, &tcp_dns) == [RefusalReason::PortTaken { listener: "dns" }]
     })
     .await;
 
@@ -195,7 +195,7 @@ async fn backend_networks_limit_where_the_lb_connects() {
             .table
             .load()
             .refused()
-            .any(|r| r.service == outside && r.reason == Refusal::OutsideNetworks)
+            .any(|r| r.service == outside && r.reason == RefusalReason::OutsideNetworks)
     })
     .await;
     let (status, _, _) = lb.get(&format!("{outside}.service"), "/").await;

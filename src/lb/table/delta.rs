@@ -8,7 +8,7 @@
 //!    otherwise, per changed service: its old claims out, its new ones in, and
 //!      only the keys it touched decided again (first claimant in SpecKey order)
 //!    ──▶ table (persistent maps: shares every entry the delta did not touch)
-//!        + the warnings that are new + the registry told what left
+//!        + the warnings that are new + the carryover told what left
 //! ```
 //!
 //! What makes a delta possible is the claimant list of every key (host and
@@ -24,17 +24,31 @@
 //! as is [`TableState::rebuild`], the watcher's periodic re-sync.
 //!
 //! Live addresses and routes follow the delta too: the state counts, per
-//! address, the instances that have it, and tells the [`HealthRegistry`] to
+//! address, the instances that have it, and tells the [`Carryover`] to
 //! forget an address when its count reaches zero, and which routes left or
-//! came back ([`HealthRegistry::retire_routes`]).
+//! came back ([`Carryover::retire_routes`]).
 
-use super::*;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use super::carryover::Carryover;
+use super::claims::{Claimant, Claimants, Claims, Key, Part, SpecKey};
+use super::compile::{Builder, compile, key_warnings, listed_twice, listener_ports, same_group};
+use super::routing::RoutingTable;
+use super::spec::{Naming, ServiceSpec, TableConfig};
 
 /// Tables of at most this many specs are compared with a full build after
 /// every delta in debug builds (a full build per change would make the
 /// larger catalogs of the integration tests slow, not wrong).
 #[cfg(debug_assertions)]
 const DEBUG_CHECK_MAX: usize = 256;
+
+/// Where two tables route differently (the first differences, as text: each
+/// names the decision on both sides).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct RouteDifferences(pub Vec<String>);
 
 /// A routing table with what it takes to change it by delta.
 #[derive(Debug)]
@@ -83,6 +97,24 @@ pub struct Applied {
     pub changed: usize,
     /// Warnings the table did not have before, sorted (the caller logs them).
     pub new_warnings: Vec<String>,
+}
+
+/// What may have left the tables in a delta, for the carryover: addresses
+/// whose count reached zero (forgotten unless counted again since), routes
+/// that went, and routes that came back.
+#[derive(Default)]
+struct Left {
+    addrs: Vec<SocketAddr>,
+    routes: Vec<SpecKey>,
+    back: Vec<SpecKey>,
+}
+
+/// One (service, lower-case datacenter) a delta changes, with the spec and
+/// part it used before the delta.
+struct Group {
+    name: Arc<str>,
+    lower_dc: String,
+    used: Option<Claimant>,
 }
 
 /// The keys a delta touched (with their warnings before it), and how the
@@ -178,7 +210,7 @@ impl TableState {
 
     /// Applies what was queued: by delta, or by a full build for the first
     /// table and when the TCP listener ports move.
-    pub fn apply(&mut self, health: &HealthRegistry) -> Applied {
+    pub fn apply(&mut self, health: &Carryover) -> Applied {
         if !self.built {
             return self.rebuild(health);
         }
@@ -187,107 +219,26 @@ impl TableState {
         }
         let pending = std::mem::take(&mut self.pending);
         let changed = pending.len();
-        let mut gone_addrs = Vec::new();
-        let mut gone_routes = Vec::new();
-        let mut back_routes = Vec::new();
-        for (key, new) in &pending {
-            let old = self.specs.get(key).map(|h| &h.spec);
-            if let Some(old) = old {
-                count(
-                    &self.config,
-                    &mut self.tcp_wanted,
-                    &mut self.addrs,
-                    old,
-                    -1,
-                    &mut gone_addrs,
-                );
-            }
-            if let Some(new) = new {
-                count(
-                    &self.config,
-                    &mut self.tcp_wanted,
-                    &mut self.addrs,
-                    new,
-                    1,
-                    &mut gone_addrs,
-                );
-            }
-            match (old.is_some(), new.is_some()) {
-                (true, false) => gone_routes.push(key.clone()),
-                (false, true) => back_routes.push(key.clone()),
-                _ => {}
-            }
-        }
-        let listeners_moved = self.tcp_wanted.len() != self.tcp_listeners.len()
-            || !self.tcp_listeners.iter().all(|p| self.tcp_wanted.contains_key(p));
-        if listeners_moved {
+        let left = self.recount(&pending);
+        if self.listeners_moved() {
             self.pending = pending;
             let mut applied = self.rebuild(health);
             applied.changed = changed;
             return applied;
         }
-
         let mut work = Work::default();
-        // The groups (service, lower-case datacenter) the changes fall in, with
-        // the spec each used before.
-        let mut groups: Vec<(Arc<str>, String, Option<Claimant>)> = Vec::new();
-        let mut seen = HashSet::new();
-        for key in pending.keys() {
-            let dc = key.datacenter.to_ascii_lowercase();
-            if !seen.insert((key.name.clone(), dc.clone())) {
-                continue;
-            }
-            let members = self.members(&key.name, &dc);
-            let used = members
-                .first()
-                .and_then(|k| self.specs[k].part.clone().map(|p| (k.clone(), p)));
-            for m in members.iter().skip(1) {
-                work.warn(listed_twice(&self.specs[m].spec), -1);
-            }
-            groups.push((key.name.clone(), dc, used));
-        }
+        let groups = self.groups(&pending, &mut work);
         let changed_keys: HashSet<SpecKey> = pending.keys().cloned().collect();
         self.store(pending);
-        for (name, dc, used) in groups {
-            let members = self.members(&name, &dc);
-            let first = members.first();
-            let same = matches!((&used, first), (Some((k, _)), Some(f)) if k == f && !changed_keys.contains(f));
-            if !same {
-                if let Some((k, part)) = &used {
-                    self.withdraw(k, part, &mut work);
-                    if let Some(held) = self.specs.get_mut(k) {
-                        held.part = None;
-                    }
-                }
-                if let Some(f) = first {
-                    let part = self.part(f, health);
-                    self.activate(f, &part, &mut work);
-                }
-            }
-            for m in members.iter().skip(1) {
-                work.warn(listed_twice(&self.specs[m].spec), 1);
-            }
+        for group in groups {
+            self.reclaim(group, &changed_keys, health, &mut work);
         }
-        // Only the keys the changes touched are decided again.
-        for (key, before) in std::mem::take(&mut work.touched) {
-            for w in before {
-                work.warn(w, -1);
-            }
-            let claimants = self.claims.get(&key);
-            let winner = claimants
-                .and_then(|c| c.as_slice().first())
-                .and_then(|(_, part)| part.backend_for(&key))
-                .cloned();
-            for w in key_warnings(&key, claimants) {
-                work.warn(w, 1);
-            }
-            self.table.put(&key, winner);
-        }
+        self.decide_touched(&mut work);
         let new_warnings = self.count_warnings(work.warn);
-        health.forget(gone_addrs.into_iter().filter(|a| !self.addrs.contains_key(a)));
+        health.forget(left.addrs.into_iter().filter(|a| !self.addrs.contains_key(a)));
         health.retire_routes(
-            gone_routes.iter().map(|k| (&*k.name, &*k.datacenter)),
-            back_routes.iter().map(|k| (&*k.name, &*k.datacenter)),
+            left.routes.iter().map(|k| (&*k.name, &*k.datacenter)),
+            left.back.iter().map(|k| (&*k.name, &*k.datacenter)),
         );
         #[cfg(debug_assertions)]
         if self.specs.len() <= DEBUG_CHECK_MAX
@@ -302,11 +253,126 @@ impl TableState {
         }
     }
 
+    /// The first step of a delta: the listener ports and addresses wanted,
+    /// counted again for the old and new spec of every change; returns what
+    /// may have left (addresses whose count reached zero, routes that went or
+    /// came back) for the carryover.
+    fn recount(&mut self, pending: &BTreeMap<SpecKey, Option<ServiceSpec>>) -> Left {
+        let mut left = Left::default();
+        for (key, new) in pending {
+            let old = self.specs.get(key).map(|h| &h.spec);
+            if let Some(old) = old {
+                count(
+                    &self.config,
+                    &mut self.tcp_wanted,
+                    &mut self.addrs,
+                    old,
+                    -1,
+                    &mut left.addrs,
+                );
+            }
+            if let Some(new) = new {
+                count(
+                    &self.config,
+                    &mut self.tcp_wanted,
+                    &mut self.addrs,
+                    new,
+                    1,
+                    &mut left.addrs,
+                );
+            }
+            match (old.is_some(), new.is_some()) {
+                (true, false) => left.routes.push(key.clone()),
+                (false, true) => left.back.push(key.clone()),
+                _ => {}
+            }
+        }
+        left
+    }
+
+    /// True when the `haproxy_tcp` listener ports wanted are no longer those
+    /// the table was built with (then the delta is a full build).
+    fn listeners_moved(&self) -> bool {
+        self.tcp_wanted.len() != self.tcp_listeners.len()
+            || !self.tcp_listeners.iter().all(|p| self.tcp_wanted.contains_key(p))
+    }
+
+    /// The groups (service, lower-case datacenter) the changes fall in, each
+    /// with the spec it used before; the "listed twice" warnings of the
+    /// groups as they were are taken back.
+    fn groups(&self, pending: &BTreeMap<SpecKey, Option<ServiceSpec>>, work: &mut Work) -> Vec<Group> {
+        let mut groups = Vec::new();
+        let mut seen = HashSet::new();
+        for key in pending.keys() {
+            let dc = key.datacenter.to_ascii_lowercase();
+            if !seen.insert((key.name.clone(), dc.clone())) {
+                continue;
+            }
+            let members = self.members(&key.name, &dc);
+            let used = members
+                .first()
+                .and_then(|k| self.specs[k].part.clone().map(|p| (k.clone(), p)));
+            for m in members.iter().skip(1) {
+                work.warn(listed_twice(&self.specs[m].spec), -1);
+            }
+            groups.push(Group {
+                name: key.name.clone(),
+                lower_dc: dc,
+                used,
+            });
+        }
+        groups
+    }
+
+    /// One group after the changes are stored: when the spec it uses is
+    /// another one, or was changed, the old part's claims go out and the new
+    /// one's come in (touching their keys); its "listed twice" warnings are
+    /// counted again.
+    fn reclaim(&mut self, group: Group, changed_keys: &HashSet<SpecKey>, health: &Carryover, work: &mut Work) {
+        let members = self.members(&group.name, &group.lower_dc);
+        let first = members.first();
+        let same = matches!((&group.used, first), (Some((k, _)), Some(f)) if k == f && !changed_keys.contains(f));
+        if !same {
+            if let Some((k, part)) = &group.used {
+                self.withdraw(k, part, work);
+                if let Some(held) = self.specs.get_mut(k) {
+                    held.part = None;
+                }
+            }
+            if let Some(f) = first {
+                let part = self.part(f, health);
+                self.activate(f, &part, work);
+            }
+        }
+        for m in members.iter().skip(1) {
+            work.warn(listed_twice(&self.specs[m].spec), 1);
+        }
+    }
+
+    /// Decides again only the keys the delta touched: each goes to its first
+    /// claimant, and its conflict warnings are counted anew.
+    fn decide_touched(&mut self, work: &mut Work) {
+        for (key, before) in std::mem::take(&mut work.touched) {
+            for w in before {
+                work.warn(w, -1);
+            }
+            let claimants = self.claims.get(&key);
+            let winner = claimants
+                .and_then(|c| c.as_slice().first())
+                .and_then(|(_, part)| part.backend_for(&key))
+                .cloned();
+            for w in key_warnings(&key, claimants) {
+                work.warn(w, 1);
+            }
+            self.table.put(&key, winner);
+        }
+    }
+
     /// Builds the table whole from the specs held (and what is queued): the
     /// first table, a TCP listener change, and the watcher's periodic re-sync.
     /// Parts of unchanged specs are reused (their backends keep their
     /// round-robin position) unless the listener ports moved.
-    pub fn rebuild(&mut self, health: &HealthRegistry) -> Applied {
+    pub fn rebuild(&mut self, health: &Carryover) -> Applied {
         let pending = std::mem::take(&mut self.pending);
         let changed = pending.len();
         self.store(pending);
@@ -387,9 +453,9 @@ impl TableState {
     /// Compares the table with a full build from the same specs, warnings
     /// included (each as many times): what a delta must always equal. `Err`
     /// lists the first differences.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), RouteDifferences> {
         let specs: Vec<ServiceSpec> = self.specs().cloned().collect();
-        let (full, warnings) = RoutingTable::build(&self.config, &specs, &HealthRegistry::new());
+        let (full, warnings) = RoutingTable::build(&self.config, &specs, &Carryover::new());
         let mut problems = differences("delta", &self.table.describe(), "full", &full.describe());
         let mut theirs: HashMap<&str, u32> = HashMap::new();
         for w in &warnings {
@@ -406,18 +472,18 @@ impl TableState {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(problems.join("; "))
+            Err(RouteDifferences(problems))
         }
     }
 
     /// Routes the same as `other` (the table before a re-sync, against the
     /// one it made): `Err` lists the first differences.
-    pub fn same_routes(&self, other: &RoutingTable) -> Result<(), String> {
+    pub fn same_routes(&self, other: &RoutingTable) -> Result<(), RouteDifferences> {
         let problems = differences("now", &self.table.describe(), "before", &other.describe());
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(problems.join("; "))
+            Err(RouteDifferences(problems))
         }
     }
 
@@ -437,7 +503,7 @@ impl TableState {
     }
 
     /// The part of spec `key`, compiled when it has none.
-    fn part(&mut self, key: &SpecKey, health: &HealthRegistry) -> Arc<Part> {
+    fn part(&mut self, key: &SpecKey, health: &Carryover) -> Arc<Part> {
         let held = self.specs.get_mut(key).expect("a member of the group is held");
         held.part
             .get_or_insert_with(|| {
@@ -603,6 +669,9 @@ mod tests {
 
     use super::super::tests::spec;
     use super::*;
+    use crate::lb::policy::BackendPolicy;
+    use crate::lb::table::{Backend, Destination, InstanceSpec};
+    use crate::lb::tags;
 
     fn cfg() -> TableConfig {
         let mut policy = BackendPolicy::default();
@@ -631,10 +700,10 @@ mod tests {
     fn decision(table: &RoutingTable, host: Option<&str>, path: &str) -> String {
         let of = |b: &Backend| format!("{}@{}", b.service, b.datacenter);
         match table.route(host, path) {
-            Route::Backend(b) => of(b),
-            Route::OtherDatacenter(b) => format!("other-dc:{}", b.map_or("-".into(), |b| of(b))),
-            Route::Landing => "landing".into(),
-            Route::NotFound => "none".into(),
+            Destination::Backend(b) => of(b),
+            Destination::OtherDatacenter(b) => format!("other-dc:{}", b.map_or("-".into(), |b| of(b))),
+            Destination::Landing => "landing".into(),
+            Destination::NotFound => "none".into(),
         }
     }
 
@@ -764,36 +833,36 @@ mod tests {
         state.set(s);
     }
 
-    /// The registry holds what the table uses: every instance's health and
-    /// every backend's counters are the registry's own (so ejections and
+    /// The carryover holds what the table uses: every instance's health and
+    /// every backend's counters are the carryover's own (so ejections and
     /// counts outlive a delta), and it holds no address no spec has.
-    fn registry_matches(state: &TableState, health: &HealthRegistry) -> Result<(), String> {
+    fn carryover_matches(state: &TableState, health: &Carryover) -> Result<(), String> {
         let table = state.table();
         let tcp = table.tcp_ports().map(|(_, b)| b);
         for b in table.backends().chain(tcp) {
             for i in &b.instances {
                 if !Arc::ptr_eq(&i.health, &health.get(i.addr)) {
                     return Err(format!(
-                        "{} of {} has a health state the registry forgot",
+                        "{} of {} has a health state the carryover forgot",
                         i.addr, b.service
                     ));
                 }
             }
             if !Arc::ptr_eq(&b.counters, &health.route_counters(&b.service, &b.datacenter)) {
-                return Err(format!("{}@{}: counters the registry forgot", b.service, b.datacenter));
+                return Err(format!("{}@{}: counters the carryover forgot", b.service, b.datacenter));
             }
         }
         let live: HashSet<SocketAddr> = state.specs().flat_map(|s| s.instances.iter().map(|i| i.addr)).collect();
         let held = health.by_addr.lock().unwrap();
         if let Some(a) = held.keys().find(|a| !live.contains(a)) {
-            return Err(format!("the registry still holds {a}, which no spec has"));
+            return Err(format!("the carryover still holds {a}, which no spec has"));
         }
         Ok(())
     }
 
     fn run_sequence(seed: u64, steps: usize) -> Result<(), String> {
         let mut rng = StdRng::seed_from_u64(seed);
-        let health = HealthRegistry::new();
+        let health = Carryover::new();
         let mut state = TableState::new(cfg());
         let mut serial = 0;
         let (mut deltas, mut fulls) = (0, 0);
@@ -808,11 +877,11 @@ mod tests {
                 deltas += 1;
             }
             let at = |e: String| format!("seed {seed} step {step}: {e}");
-            state.check().map_err(at)?;
+            state.check().map_err(|e| at(e.to_string()))?;
             let specs: Vec<ServiceSpec> = state.specs().cloned().collect();
-            let (full, _) = RoutingTable::build(&cfg(), &specs, &HealthRegistry::new());
+            let (full, _) = RoutingTable::build(&cfg(), &specs, &Carryover::new());
             same_decisions(state.table(), &full, &NAMES).map_err(at)?;
-            registry_matches(&state, &health).map_err(at)?;
+            carryover_matches(&state, &health).map_err(at)?;
         }
         if deltas == 0 || fulls == 0 {
             return Err(format!(
@@ -843,7 +912,7 @@ mod tests {
     /// and the conflict warning goes.
     #[test]
     fn the_next_claimant_takes_over_and_warnings_follow() {
-        let health = HealthRegistry::new();
+        let health = Carryover::new();
         let mut state = TableState::new(cfg());
         let claim = |name: &str, last: u8| {
             spec(
@@ -886,7 +955,7 @@ mod tests {
     /// when that one goes, the other takes its place.
     #[test]
     fn a_duplicate_list_takes_over_when_the_first_goes() {
-        let health = HealthRegistry::new();
+        let health = Carryover::new();
         let mut state = TableState::new(cfg());
         state.set(spec("web", "dc1", vec![inst("a", "10.0.1.1:80", &["haproxy"])]));
         state.apply(&health);
@@ -895,7 +964,7 @@ mod tests {
         assert!(!applied.full);
         assert_eq!(applied.new_warnings.len(), 1, "{:?}", applied.new_warnings);
         let addr = |t: &RoutingTable| match t.route(Some("web.service"), "/") {
-            Route::Backend(b) => b.instances[0].addr.to_string(),
+            Destination::Backend(b) => b.instances[0].addr.to_string(),
             _ => "none".into(),
         };
         assert_eq!(addr(state.table()), "10.0.1.2:80", "'DC1' sorts before 'dc1'");
@@ -909,7 +978,7 @@ mod tests {
     /// backend with the previous one, and a spec equal to the one held is no change.
     #[test]
     fn a_delta_shares_what_it_did_not_touch() {
-        let health = HealthRegistry::new();
+        let health = Carryover::new();
         let mut state = TableState::new(cfg());
         for n in 0..50u8 {
             state.set(spec(

@@ -2,7 +2,7 @@
 //! `haproxy_httpchk=` instances get that HTTP request (2xx/3xx = up), the others a
 //! TCP connect. An instance goes down after [`FALL`] failures in a row and comes
 //! back after [`RISE`] successes; the verdict is written to
-//! [`InstanceHealth::check_up`](super::table::InstanceHealth), which
+//! [`InstanceState::check_up`](super::table::InstanceState), which
 //! `Backend::pick` reads. An instance passively ejected after a refused
 //! connection is back as soon as it passes [`RISE`] checks in a row after the
 //! ejection. Consul's own checks still gate membership; these catch
@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::LbState;
-use super::table::InstanceHealth;
+use super::table::InstanceState;
 use super::tags::HttpCheck;
 
 /// Successes in a row that bring a down instance back (HAProxy `rise`).
@@ -47,7 +47,7 @@ pub async fn run(state: Arc<LbState>, interval: Duration, timeout: Duration, shu
             _ = tokio::time::sleep(interval) => {}
         }
         let table = state.table.load_full();
-        let mut targets: HashMap<SocketAddr, (Arc<InstanceHealth>, Option<HttpCheck>, String)> = HashMap::new();
+        let mut targets: HashMap<SocketAddr, (Arc<InstanceState>, Option<HttpCheck>, String)> = HashMap::new();
         let tcp = table.tcp_ports().map(|(_, b)| b);
         for backend in table.backends().chain(tcp) {
             for i in &backend.instances {
@@ -67,19 +67,15 @@ pub async fn run(state: Arc<LbState>, interval: Duration, timeout: Duration, shu
             let slots = slots.clone();
             checks.spawn(async move {
                 let _slot = slots.acquire_owned().await;
-                let result = tokio::time::timeout(timeout, check(addr, httpchk.as_ref())).await;
-                let ok = matches!(result, Ok(Ok(())));
-                let reason = match result {
-                    Ok(Err(e)) => e,
-                    Err(_) => format!("no answer within {timeout:?}"),
-                    Ok(Ok(())) => String::new(),
-                };
-                (addr, health, service, ok, reason)
+                let result = tokio::time::timeout(timeout, check(addr, httpchk.as_ref()))
+                    .await
+                    .unwrap_or(Err(CheckError::Timeout(timeout)));
+                (addr, health, service, result)
             });
         }
-        while let Some(Ok((addr, health, service, ok, reason))) = checks.join_next().await {
+        while let Some(Ok((addr, health, service, result))) = checks.join_next().await {
             let streak = streaks.entry(addr).or_default();
-            if ok {
+            if result.is_ok() {
                 streak.ok += 1;
                 streak.failed = 0;
             } else {
@@ -87,7 +83,11 @@ pub async fn run(state: Arc<LbState>, interval: Duration, timeout: Duration, shu
                 streak.ok = 0;
             }
             let up = health.check_up.load(Ordering::Relaxed);
-            if up && streak.failed >= FALL {
+            // `failed >= FALL` means this check failed too, so `result` holds the reason.
+            if let Err(reason) = &result
+                && up
+                && streak.failed >= FALL
+            {
                 health.check_up.store(false, Ordering::Relaxed);
                 tracing::warn!(service, %addr, %reason, "lb: instance failed its health check; no new requests");
             } else if !up && streak.ok >= RISE {
@@ -104,8 +104,34 @@ pub async fn run(state: Arc<LbState>, interval: Duration, timeout: Duration, shu
     }
 }
 
-async fn check(addr: SocketAddr, httpchk: Option<&HttpCheck>) -> Result<(), String> {
-    let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+/// Why an instance failed one active check (the `reason` of the log line).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// No TCP connection.
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    /// The check request could not be written.
+    #[error("send: {0}")]
+    Send(std::io::Error),
+    /// The answer could not be read.
+    #[error("read: {0}")]
+    Read(std::io::Error),
+    /// The connection ended before a whole status line.
+    #[error("closed before a status line")]
+    Closed,
+    /// An answer outside 2xx/3xx.
+    #[error("status {0}")]
+    Status(u16),
+    /// Something that is not an HTTP status line.
+    #[error("not an HTTP response")]
+    NotHttp,
+    /// No answer within the check timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+async fn check(addr: SocketAddr, httpchk: Option<&HttpCheck>) -> Result<(), CheckError> {
+    let mut stream = TcpStream::connect(addr).await.map_err(CheckError::Connect)?;
     let Some(chk) = httpchk else {
         return Ok(());
     };
@@ -117,16 +143,13 @@ async fn check(addr: SocketAddr, httpchk: Option<&HttpCheck>) -> Result<(), Stri
         request.push_str(&format!("{k}: {v}\r\n"));
     }
     request.push_str("Connection: close\r\nUser-Agent: wayfinder-check\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| format!("send: {e}"))?;
+    stream.write_all(request.as_bytes()).await.map_err(CheckError::Send)?;
     let mut head = [0u8; 32];
     let mut got = 0;
     while got < 12 {
-        let n = stream.read(&mut head[got..]).await.map_err(|e| format!("read: {e}"))?;
+        let n = stream.read(&mut head[got..]).await.map_err(CheckError::Read)?;
         if n == 0 {
-            return Err("closed before a status line".into());
+            return Err(CheckError::Closed);
         }
         got += n;
     }
@@ -136,7 +159,7 @@ async fn check(addr: SocketAddr, httpchk: Option<&HttpCheck>) -> Result<(), Stri
         .and_then(|s| s.parse::<u16>().ok());
     match status {
         Some(s) if (200..400).contains(&s) => Ok(()),
-        Some(s) => Err(format!("status {s}")),
-        None => Err("not an HTTP response".into()),
+        Some(s) => Err(CheckError::Status(s)),
+        None => Err(CheckError::NotHttp),
     }
 }
