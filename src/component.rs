@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::consul::ConsulHub;
 use crate::consul::settings::ConsulConfig;
-use crate::listeners::OwnListeners;
+use crate::net::listeners::OwnListeners;
 use crate::report::prometheus;
 
 /// A boxed future, for the object-safe methods.

@@ -115,7 +115,7 @@ pub const VARS: &[(&str, &str)] = &[
 ];
 
 /// The PanteraS variables as `generate_yml.sh` derived them: `HOST_IP` is the
-/// host address (given or guessed, see [`crate::host_address`]) and `CONSUL_IP`
+/// host address (given or guessed, see [`crate::net::host`]) and `CONSUL_IP`
 /// falls back to `IP`.
 pub struct Panteras<'a> {
     base: &'a dyn Env,

@@ -29,7 +29,7 @@ use crate::consul::settings::{ConsulConfig, ConsulSection, validate_consul};
 use crate::dns::settings::{DnsConfig, DnsSection, Tunnel, validate_dns};
 use crate::env::{self, Env};
 use crate::lb::settings::{LbConfig, LbSection, validate_lb};
-use crate::listeners::OwnListeners;
+use crate::net::listeners::OwnListeners;
 use crate::supervisor::settings::{SupervisorConfig, SupervisorSection, validate_supervisor};
 use crate::vpn::settings::{VpnConfig, VpnSection, validate_vpn};
 use shared::{ConfigError, parse_bool, parse_domain};
@@ -73,7 +73,7 @@ pub struct Config {
     pub host_ip: Option<IpAddr>,
     /// The same with where it came from (given or guessed), when [`load`]
     /// resolved it.
-    pub host_address: Option<crate::host_address::HostAddress>,
+    pub host_address: Option<crate::net::host::HostAddress>,
     /// Problems in the sections of components this command does not run
     /// (see [`Runs`]): not errors here, but `check` shows them.
     pub unchecked: Vec<ConfigError>,
@@ -105,7 +105,7 @@ impl Config {
         for &dns in &config.consul.dns {
             own.add("consul dns", dns);
         }
-        for port in crate::listeners::CONSUL_CLUSTER_PORTS {
+        for port in crate::net::listeners::CONSUL_CLUSTER_PORTS {
             own.add(
                 "consul cluster",
                 SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
@@ -144,7 +144,7 @@ pub fn load(path: Option<&Path>, env: &dyn Env, runs: Runs) -> Result<(FileConfi
     // The host address first: a guessed one counts as HOST_IP everywhere.
     let host = match given_host_address(env)? {
         Some(given) => Some(given),
-        None => crate::host_address::guess(env),
+        None => crate::net::host::guess(env),
     };
     match &host {
         Some(h) if h.guessed() => {
@@ -171,7 +171,7 @@ pub fn recheck(file: &FileConfig, config: &Config, runs: Runs) -> Result<Config,
 }
 
 /// `config` with this host's address, which is also a landing-page host.
-fn with_host(mut config: Config, host: Option<crate::host_address::HostAddress>) -> Config {
+fn with_host(mut config: Config, host: Option<crate::net::host::HostAddress>) -> Config {
     if let Some(h) = &host {
         config.host_ip = Some(h.ip);
         config.lb.landing_hosts.push(h.ip.to_string());
@@ -181,8 +181,8 @@ fn with_host(mut config: Config, host: Option<crate::host_address::HostAddress>)
 }
 
 /// `HOST_IP`, else PanteraS's `IP`, when one is set.
-fn given_host_address(env: &dyn Env) -> Result<Option<crate::host_address::HostAddress>, ConfigError> {
-    use crate::host_address::{HostAddress, Origin};
+fn given_host_address(env: &dyn Env) -> Result<Option<crate::net::host::HostAddress>, ConfigError> {
+    use crate::net::host::{HostAddress, Origin};
     for var in [env::HOST_IP, env::IP] {
         if let Some(ip) = env_ip(env, var)? {
             return Ok(Some(HostAddress {

@@ -406,7 +406,7 @@ pub(crate) fn validate_dns(
     let mut resolved = Vec::new();
     for entry in &entries {
         for addr in parse_upstream(entry).map_err(|p| err("dns.upstreams", p))? {
-            if let Some(own) = listen.iter().find(|l| crate::listeners::reaches(**l, addr)) {
+            if let Some(own) = listen.iter().find(|l| crate::net::listeners::reaches(**l, addr)) {
                 if explicit {
                     return Err(err(
                         "dns.upstreams",

@@ -17,9 +17,8 @@
 //! usually gets). Refused and cut connections are reset rather than closed,
 //! so no unsent answers or TIME_WAIT state are left behind.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,7 +30,8 @@ use tokio_util::task::TaskTracker;
 use super::engine::{Engine, Verdict};
 use super::stats::TcpClose;
 use super::wire::Transport;
-use crate::listeners::refuse;
+use crate::net::listeners::refuse;
+use crate::net::sources::Sources;
 
 /// Most TCP clients served at once; more are reset at accept.
 const MAX_CONNECTIONS: usize = 1024;
@@ -46,53 +46,6 @@ pub struct TcpLimits {
     pub per_source: usize,
 }
 
-/// Open connections per source, pruned when a source's last one ends.
-type Sources = Arc<Mutex<HashMap<IpAddr, usize>>>;
-
-/// A connection's place in its source's count, given back on drop.
-struct SourceSlot {
-    sources: Sources,
-    source: IpAddr,
-}
-
-impl SourceSlot {
-    fn take(sources: &Sources, source: IpAddr, limit: usize) -> Option<Self> {
-        let mut map = sources.lock().expect("sources lock");
-        let count = map.entry(source).or_insert(0);
-        if *count >= limit {
-            return None;
-        }
-        *count += 1;
-        Some(Self {
-            sources: sources.clone(),
-            source,
-        })
-    }
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut map = self.sources.lock().expect("sources lock");
-        if let Some(count) = map.get_mut(&self.source) {
-            *count -= 1;
-            if *count == 0 {
-                map.remove(&self.source);
-            }
-        }
-    }
-}
-
-/// What counts as one source: an IPv4 address (also when v4-mapped), an IPv6 /64.
-fn source_of(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
-        },
-    }
-}
-
 /// Accepts connections until shutdown.
 pub async fn serve(
     listener: TcpListener,
@@ -102,7 +55,7 @@ pub async fn serve(
     tasks: TaskTracker,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let sources: Sources = Arc::default();
+    let sources = Arc::new(Sources::default());
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -123,7 +76,7 @@ pub async fn serve(
             refuse(stream);
             continue;
         }
-        let Some(source) = SourceSlot::take(&sources, source_of(peer.ip()), limits.per_source) else {
+        let Some(source) = sources.take(peer.ip(), limits.per_source) else {
             stats.count_tcp_closed(TcpClose::PerSource);
             refuse(stream);
             continue;
@@ -191,38 +144,5 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, engine: &Engine, id
             refuse(stream);
             return Ok(());
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_source_is_an_ipv4_address_or_an_ipv6_64() {
-        let v4: IpAddr = "10.1.2.3".parse().unwrap();
-        assert_eq!(source_of(v4), v4);
-        assert_eq!(source_of("::ffff:10.1.2.3".parse().unwrap()), v4);
-        let a = source_of("2001:db8:1:2:aaaa::1".parse().unwrap());
-        let b = source_of("2001:db8:1:2:bbbb::2".parse().unwrap());
-        assert_eq!(a, b);
-        assert_eq!(a, "2001:db8:1:2::".parse::<IpAddr>().unwrap());
-        assert_ne!(a, source_of("2001:db8:1:3::1".parse().unwrap()));
-    }
-
-    #[test]
-    fn source_slots_are_bounded_and_pruned() {
-        let sources: Sources = Arc::default();
-        let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        let held: Vec<_> = (0..3).map(|_| SourceSlot::take(&sources, ip, 3).unwrap()).collect();
-        assert!(SourceSlot::take(&sources, ip, 3).is_none(), "a fourth is refused");
-        let other = SourceSlot::take(&sources, "10.0.0.2".parse().unwrap(), 3);
-        assert!(other.is_some(), "another source is not affected");
-        drop(other);
-        drop(held);
-        assert!(
-            sources.lock().unwrap().is_empty(),
-            "sources without connections are forgotten"
-        );
     }
 }

@@ -23,12 +23,11 @@
 //! The per-source map holds an entry only while that source has a connection
 //! open, so it is bounded by the total cap.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -38,6 +37,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use super::body::ProxyBody;
+use crate::net::sources::{SourceSlot, Sources};
+use crate::report::throttle::LogEvery;
 
 /// Default total cap when the open-file limit cannot be read.
 pub const FALLBACK_MAX_CONNECTIONS: usize = 4096;
@@ -47,7 +48,7 @@ pub const MAX_DERIVED_CONNECTIONS: usize = 20_000;
 /// Consul, checks, listeners) when the cap is derived from the limit.
 const FD_RESERVE: u64 = 1024;
 /// At most one log line about refused connections per this many ms.
-const REFUSED_LOG_EVERY_MS: u64 = 10_000;
+const REFUSED_LOG_EVERY: Duration = Duration::from_secs(10);
 /// The HTTP/2 client connection preface (RFC 9113 3.4) is this long.
 const H2_PREFACE_LEN: u64 = 24;
 
@@ -69,17 +70,14 @@ pub struct ConnLimits {
     max_per_source: AtomicUsize,
     /// Connections open now.
     open: AtomicUsize,
-    /// Open connections per source; an entry exists only while its count is > 0.
-    /// One lock per accept and per close, never per request.
-    per_source: Mutex<HashMap<IpAddr, u32>>,
+    /// Open connections per source.
+    per_source: Arc<Sources>,
     /// Refused because the total cap was reached.
     refused_total: AtomicU64,
     /// Refused because their source was at its cap.
     refused_source: AtomicU64,
-    /// Refusals since the last log line, and when that was (ms since `epoch`).
-    unlogged: AtomicU64,
-    last_log_ms: AtomicU64,
-    epoch: std::time::Instant,
+    /// Refusals are logged at most once per [`REFUSED_LOG_EVERY`].
+    refused_log: LogEvery,
 }
 
 impl Default for ConnLimits {
@@ -112,12 +110,10 @@ impl ConnLimits {
             max_total: AtomicUsize::new(max_total),
             max_per_source: AtomicUsize::new(max_per_source),
             open: AtomicUsize::new(0),
-            per_source: Mutex::new(HashMap::new()),
+            per_source: Arc::new(Sources::default()),
             refused_total: AtomicU64::new(0),
             refused_source: AtomicU64::new(0),
-            unlogged: AtomicU64::new(0),
-            last_log_ms: AtomicU64::new(0),
-            epoch: std::time::Instant::now(),
+            refused_log: LogEvery::new(REFUSED_LOG_EVERY),
         }
     }
 
@@ -130,7 +126,6 @@ impl ConnLimits {
     /// A slot for a new connection from `ip`, or why there is none (counted and
     /// logged here; the caller just closes the connection).
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, Refused> {
-        let key = source_key(ip);
         let max_total = self.max_total.load(Ordering::Relaxed);
         if self.open.fetch_add(1, Ordering::AcqRel) >= max_total {
             self.open.fetch_sub(1, Ordering::AcqRel);
@@ -138,34 +133,15 @@ impl ConnLimits {
             return Err(Refused::Total);
         }
         let max_per_source = self.max_per_source.load(Ordering::Relaxed);
-        {
-            let mut map = self.per_source.lock().unwrap_or_else(PoisonError::into_inner);
-            let count = map.entry(key).or_insert(0);
-            if *count as usize >= max_per_source {
-                drop(map);
-                self.open.fetch_sub(1, Ordering::AcqRel);
-                self.refused(Refused::Source, ip);
-                return Err(Refused::Source);
-            }
-            *count += 1;
-        }
+        let Some(source) = self.per_source.take(ip, max_per_source) else {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            self.refused(Refused::Source, ip);
+            return Err(Refused::Source);
+        };
         Ok(ConnSlot {
             limits: self.clone(),
-            key,
+            _source: source,
         })
-    }
-
-    fn release(&self, key: IpAddr) {
-        {
-            let mut map = self.per_source.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(count) = map.get_mut(&key) {
-                *count -= 1;
-                if *count == 0 {
-                    map.remove(&key);
-                }
-            }
-        }
-        self.open.fetch_sub(1, Ordering::AcqRel);
     }
 
     fn refused(&self, why: Refused, ip: IpAddr) {
@@ -174,18 +150,7 @@ impl ConnLimits {
             Refused::Source => &self.refused_source,
         }
         .fetch_add(1, Ordering::Relaxed);
-        let unlogged = self.unlogged.fetch_add(1, Ordering::Relaxed) + 1;
-        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let last = self.last_log_ms.load(Ordering::Relaxed);
-        // The first refusal is logged at once, then at most one line per period
-        // (whichever thread wins the exchange writes it).
-        if (last == 0 || now.saturating_sub(last) >= REFUSED_LOG_EVERY_MS)
-            && self
-                .last_log_ms
-                .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        {
-            self.unlogged.fetch_sub(unlogged, Ordering::Relaxed);
+        if let Some(unlogged) = self.refused_log.event() {
             let (max, reason) = match why {
                 Refused::Total => (self.max_total.load(Ordering::Relaxed), "lb.max_connections"),
                 Refused::Source => (
@@ -207,25 +172,12 @@ impl ConnLimits {
     pub fn snapshot(&self) -> ConnSnapshot {
         ConnSnapshot {
             open: self.open.load(Ordering::Relaxed),
-            sources: self.per_source.lock().unwrap_or_else(PoisonError::into_inner).len(),
+            sources: self.per_source.len(),
             max: self.max_total.load(Ordering::Relaxed),
             max_per_source: self.max_per_source.load(Ordering::Relaxed),
             refused_total: self.refused_total.load(Ordering::Relaxed),
             refused_per_source: self.refused_source.load(Ordering::Relaxed),
         }
-    }
-}
-
-/// What counts as one source: an IPv4 address, or an IPv6 /64 (one host or
-/// one site typically holds a whole /64, and could otherwise pick a fresh
-/// address per connection). IPv4-mapped IPv6 addresses count as IPv4.
-fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-        },
     }
 }
 
@@ -269,12 +221,13 @@ pub fn raise_nofile_limit() -> Option<u64> {
 #[derive(Debug)]
 pub struct ConnSlot {
     limits: Arc<ConnLimits>,
-    key: IpAddr,
+    /// Its source's slot (given back when this drops).
+    _source: SourceSlot,
 }
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        self.limits.release(self.key);
+        self.limits.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -260,7 +260,7 @@ pub struct Inputs {
     /// self-signed certificate.
     pub host_ip: Option<std::net::IpAddr>,
     /// The appliance's TCP listeners.
-    pub own: crate::listeners::OwnListeners,
+    pub own: crate::net::listeners::OwnListeners,
 }
 
 impl Inputs {
@@ -299,7 +299,7 @@ fn self_signed(
     host_ip: Option<std::net::IpAddr>,
     state_dir: &std::path::Path,
 ) -> Result<tls::CertIndex, tls::CertError> {
-    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
+    let hostname = crate::net::host::name();
     let names = selfsigned::names(hostname.as_deref(), host_ip, config.add_domain.as_deref());
     let made = selfsigned::load_or_create(state_dir, &names)?;
     let mut index = tls::CertIndex::load(std::slice::from_ref(&made.path))?;

@@ -24,7 +24,7 @@ use std::ops::RangeInclusive;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::listeners::OwnListeners;
+use crate::net::listeners::OwnListeners;
 
 /// Longest service name taken (a DNS label).
 pub const MAX_NAME_LEN: usize = 63;
@@ -177,7 +177,7 @@ impl BackendPolicy {
         if let Some(own) = self.own.reaches(addr) {
             return Some(RefusalReason::OwnListener { listener: own.what });
         }
-        if tcp_listeners.contains(&addr.port()) && crate::listeners::is_local(addr.ip()) {
+        if tcp_listeners.contains(&addr.port()) && crate::net::host::is_local(addr.ip()) {
             return Some(RefusalReason::OwnTcpListener);
         }
         if !self.networks.is_empty() && !self.networks.iter().any(|n| n.contains(&addr.ip())) {

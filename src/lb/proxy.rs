@@ -197,7 +197,7 @@ impl Proxy {
             };
             // Counted and logged by admit; the client is reset at once.
             let Ok(slot) = self.state.conns.admit(peer.ip()) else {
-                crate::listeners::refuse(stream);
+                crate::net::listeners::refuse(stream);
                 continue;
             };
             let accepted = tokio::time::Instant::now();

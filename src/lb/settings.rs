@@ -360,8 +360,8 @@ pub(crate) fn validate_lb(
         }
     }
     let mut hosts: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "[::1]".into()];
-    if let Ok(name) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
-        hosts.push(name.trim().to_ascii_lowercase());
+    if let Some(name) = crate::net::host::name() {
+        hosts.push(name.to_ascii_lowercase());
     }
     for h in landing_hosts {
         if h.trim().is_empty() || h.contains(char::is_whitespace) {

@@ -126,7 +126,7 @@ async fn accept(
         };
         // The same caps as the HTTP listeners; over them the client is reset at once.
         let Ok(slot) = state.conns.admit(peer.ip()) else {
-            crate::listeners::refuse(client);
+            crate::net::listeners::refuse(client);
             continue;
         };
         let (state, shutdown, idle) = (state.clone(), splices.shutdown.clone(), splices.idle);

@@ -13,3 +13,4 @@
 pub mod histogram;
 pub mod html;
 pub mod prometheus;
+pub mod throttle;

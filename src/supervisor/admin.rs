@@ -55,6 +55,7 @@ use super::report::report;
 use super::{SupervisorState, lock};
 use crate::component::{ApiAnswer, ApiRequest};
 use crate::report::html::{escape, refusal_page};
+use crate::report::throttle::LogEvery;
 
 type Body = Full<Bytes>;
 
@@ -138,8 +139,8 @@ impl Allowed {
             ],
             any_local: false,
         };
-        if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
-            let h = h.trim().trim_end_matches('.').to_ascii_lowercase();
+        if let Some(h) = crate::net::host::name() {
+            let h = h.trim_end_matches('.').to_ascii_lowercase();
             if !h.is_empty() {
                 allowed.names.push(h);
             }
@@ -220,37 +221,12 @@ fn parse_origin(origin: &str) -> Option<HostName> {
     parse_host(authority)
 }
 
-/// The addresses of this host's interfaces (`getifaddrs`); empty when it fails.
+/// The addresses of this host's interfaces; empty when they cannot be read.
 fn interface_addresses() -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return out;
-    }
-    let mut cursor = head;
-    while !cursor.is_null() {
-        // SAFETY: `cursor` is a node of the list getifaddrs returned, not yet freed.
-        let ifa = unsafe { &*cursor };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: `ifa_addr` points at a sockaddr whose family says its real type.
-            match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
-                libc::AF_INET => {
-                    let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
-                    out.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
-                }
-                libc::AF_INET6 => {
-                    let sin6 = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in6>() };
-                    out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
-                }
-                _ => {}
-            }
-        }
-        cursor = ifa.ifa_next;
-    }
-    // SAFETY: `head` came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
-    out
+    crate::net::host::interface_addresses()
+        .into_iter()
+        .map(|(_, ip)| ip)
+        .collect()
 }
 
 /// Whether the request names this endpoint: every `Host` header (and the
@@ -307,46 +283,33 @@ fn same_site<B>(req: &Request<B>, allowed: &Allowed, csrf: &str) -> bool {
     parse_origin(origin).is_some_and(|h| allowed.contains(&h, interface_addresses))
 }
 
-/// Distinct refused `Host`/`Origin` values logged so far, at most
-/// [`REFUSALS_LOGGED`]; past that, one line a minute says how many more there were.
-struct RefusalLog {
-    seen: Vec<String>,
-    unlogged: u64,
-    last_summary: Option<std::time::Instant>,
-}
-
 /// Distinct refused values logged one by one.
 const REFUSALS_LOGGED: usize = 32;
 
-static REFUSALS: std::sync::Mutex<RefusalLog> = std::sync::Mutex::new(RefusalLog {
-    seen: Vec::new(),
-    unlogged: 0,
-    last_summary: None,
-});
+/// Distinct refused `Host`/`Origin` values logged so far, at most
+/// [`REFUSALS_LOGGED`]; past that, [`MORE_REFUSALS`] says how many more.
+static REFUSALS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
-/// Logs a refusal at warn once per distinct `what`+`value` (bounded, see [`RefusalLog`]).
+/// One line a minute for refusals past the distinct ones.
+static MORE_REFUSALS: std::sync::LazyLock<LogEvery> =
+    std::sync::LazyLock::new(|| LogEvery::new(std::time::Duration::from_secs(60)));
+
+/// Logs a refusal at warn once per distinct `what`+`value` (bounded, see [`REFUSALS`]).
 fn log_refusal(what: &'static str, value: &str, path: &str) {
     let value: String = value.chars().take(100).collect();
     let key = format!("{what} {value}");
-    let mut log = lock(&REFUSALS);
-    if log.seen.contains(&key) {
+    let mut seen = lock(&REFUSALS);
+    if seen.contains(&key) {
         return;
     }
-    if log.seen.len() < REFUSALS_LOGGED {
-        log.seen.push(key);
-        drop(log);
+    if seen.len() < REFUSALS_LOGGED {
+        seen.push(key);
+        drop(seen);
         tracing::warn!(what, value = ?value, path, "admin: request refused: not addressed to this endpoint by one of its own names (a DNS-rebinding or cross-site page?); further ones with this value are not logged");
         return;
     }
-    log.unlogged += 1;
-    let now = std::time::Instant::now();
-    if log
-        .last_summary
-        .is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(60))
-    {
-        let unlogged = std::mem::take(&mut log.unlogged);
-        log.last_summary = Some(now);
-        drop(log);
+    drop(seen);
+    if let Some(unlogged) = MORE_REFUSALS.event() {
         tracing::warn!(what, value = ?value, path, unlogged, "admin: more requests refused for foreign Host/Origin values");
     }
 }

@@ -35,11 +35,7 @@ const CONSUL_STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The host name, for `-node`.
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "wayfinder".into())
+    crate::net::host::name().unwrap_or_else(|| "wayfinder".into())
 }
 
 /// The address Consul binds its cluster ports to.

@@ -83,9 +83,7 @@ fn services(state: &SupervisorState) -> Vec<ServiceReport> {
 pub async fn report(state: &SupervisorState) -> StatusReport {
     StatusReport {
         version: env!("CARGO_PKG_VERSION"),
-        host: std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_default(),
+        host: crate::net::host::name().unwrap_or_default(),
         role: state.plan.role().into(),
         uptime_secs: state.started.elapsed().as_secs_f64(),
         ready: state.ready.load(Ordering::Relaxed),

@@ -386,7 +386,7 @@ fn the_host_address_is_guessed_and_said_so() {
     let text = stdout(&out);
     // The host name comes first; on a machine where it resolves to something
     // other than loopback that is the guess, else DOCKER_HOST.
-    let expected = wayfinder::host_address::guess(&std::collections::HashMap::from([(
+    let expected = wayfinder::net::host::guess(&std::collections::HashMap::from([(
         "DOCKER_HOST".to_string(),
         "tcp://10.4.4.4:2376".to_string(),
     )]))

@@ -989,7 +989,7 @@ fn peer_commands_manage_the_registry() {
     let err = String::from_utf8_lossy(&out.stderr);
     // Without HOST_IP, IP and vpn.endpoint the host address is guessed; only a
     // machine where nothing fits has no endpoint to write.
-    match wayfinder::host_address::guess(&std::collections::HashMap::new()) {
+    match wayfinder::net::host::guess(&std::collections::HashMap::new()) {
         None => {
             assert_eq!(out.status.code(), Some(64), "{err}");
             assert!(err.contains("vpn.endpoint") && err.contains("HOST_IP"), "{err}");

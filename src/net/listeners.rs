@@ -86,7 +86,7 @@ pub fn reaches(listen: SocketAddr, dest: SocketAddr) -> bool {
         return true;
     }
     // A wildcard listener also owns loopback and every local interface address.
-    listen_ip.is_unspecified() && is_local(dest_ip)
+    listen_ip.is_unspecified() && super::host::is_local(dest_ip)
 }
 
 /// IPv4-mapped IPv6 as IPv4.
@@ -105,12 +105,6 @@ fn connected(ip: IpAddr) -> IpAddr {
         IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
         other => other,
     }
-}
-
-/// True when `ip` is this host's: loopback, or assigned to one of its interfaces.
-pub fn is_local(ip: IpAddr) -> bool {
-    // Binding to an address succeeds only if it is assigned to this host.
-    ip.is_loopback() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 #[cfg(test)]

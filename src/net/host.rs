@@ -1,5 +1,6 @@
-//! This host's address: given (`HOST_IP`, or PanteraS's `IP`) or guessed the
-//! way PanteraS's `generate_yml.sh` and README did.
+//! This host: its address, given (`HOST_IP`, or PanteraS's `IP`) or guessed
+//! the way PanteraS's `generate_yml.sh` and README did; its name; the
+//! addresses of its interfaces (the one place they are read).
 //!
 //! ```text
 //!  HOST_IP ─▶ IP ─▶ guess: the host name's address (not loopback)
@@ -70,10 +71,7 @@ fn is_internal_interface(name: &str) -> bool {
 
 /// The guess PanteraS made, in its order; `None` when nothing fits.
 pub fn guess(env: &dyn Env) -> Option<HostAddress> {
-    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|n| n.trim().to_string())
-        .filter(|n| !n.is_empty());
+    let host_name = name();
     if let Some(name) = host_name
         && let Some(ip) = resolve(&name)
     {
@@ -130,15 +128,46 @@ pub fn docker_host_address(value: &str) -> Option<IpAddr> {
 
 /// The interfaces' IPv4 addresses, in the kernel's order.
 fn interfaces() -> Vec<(String, Ipv4Addr)> {
+    interface_addresses()
+        .into_iter()
+        .filter_map(|(name, ip)| match ip {
+            IpAddr::V4(v4) => Some((name, v4)),
+            IpAddr::V6(_) => None,
+        })
+        .collect()
+}
+
+/// Every address of this host's interfaces (IPv4 and IPv6), with the
+/// interface's name, in the kernel's order; empty when they cannot be read.
+pub fn interface_addresses() -> Vec<(String, IpAddr)> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
     };
     addrs
         .filter_map(|ifa| {
-            let ip = ifa.address.as_ref()?.as_sockaddr_in()?.ip();
+            let address = ifa.address.as_ref()?;
+            let ip = match (address.as_sockaddr_in(), address.as_sockaddr_in6()) {
+                (Some(v4), _) => IpAddr::V4(v4.ip()),
+                (_, Some(v6)) => IpAddr::V6(v6.ip()),
+                _ => return None,
+            };
             Some((ifa.interface_name, ip))
         })
         .collect()
+}
+
+/// True when `ip` is this host's: loopback, or assigned to one of its interfaces.
+pub fn is_local(ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    ip.is_loopback() || interface_addresses().iter().any(|(_, a)| a.to_canonical() == ip)
+}
+
+/// This host's name (`/proc/sys/kernel/hostname`), trimmed; `None` when unset.
+pub fn name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
 }
 
 /// The first RFC 1918 address of an interface that is not internal.
