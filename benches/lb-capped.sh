@@ -26,7 +26,9 @@
 #   TLS=1         also the same two tables for HTTP/2 over TLS (h2load, every
 #                 proxy terminating TLS with the same self-signed certificate)   (1)
 #   WF_WORKERS    Wayfinder's `[lb] workers`; empty = its default
-#   WAYFINDER     an already built binary (e.g. for a before/after figure)
+#   WAYFINDER     an already built binary (e.g. for a before/after figure); else
+#                 the tree's release build, or with PROFILE=1 its profiling build
+#                 (target/profiling/wayfinder: symbols kept for perf report)
 #   BEFORE        another Wayfinder binary, measured as `wf-before` in the same
 #                 rounds (same config, other ports): a before/after ratio that the
 #                 machine's drift does not touch
@@ -98,7 +100,8 @@ nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
 haproxy_bin=$(command -v haproxy || echo /usr/sbin/haproxy)
 echo "versions: $("$haproxy_bin" -v | head -1 | awk '{print "HAProxy", $3}'), $("$nginx_bin" -v 2>&1 | awk -F/ '{print "nginx", $2}'), $(wrk -v 2>&1 | head -1 | awk '{print "wrk", $2}'), $(h2load --version | head -1), $(consul version | head -1)"
 
-build_wayfinder "$repo"
+# PROFILE=1 reads symbols (perf report): the profiling build keeps them.
+if [ "${PROFILE:-0}" = 1 ]; then build_wayfinder "$repo" profiling; else build_wayfinder "$repo"; fi
 setup_tmp
 chmod 755 "$tmp" # nginx workers run as nobody
 

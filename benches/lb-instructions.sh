@@ -7,9 +7,17 @@
 # kernel time (the syscalls per request are the same for both: see README.md).
 #
 #   benches/lb-instructions.sh               # SECONDS=10, about 1 minute after the build
+#   WAYFINDER=/work/baseline/wayfinder benches/lb-instructions.sh   # a given binary
+#
+# It builds `cargo build --profile profiling` (target/profiling/wayfinder: the
+# release code with symbols and line tables, so callgrind_annotate can name the
+# functions; the release binary is stripped). The instruction counts are the same
+# as a release binary's: only the symbols differ.
 #
 # Environment (all optional):
 #   SECONDS       length of the measured wrk run under callgrind, seconds     (10)
+#   WAYFINDER     a wayfinder binary to measure instead of building this tree
+#                 (e.g. an older build, for a before/after figure)
 #   CACHE_SIM=1   also simulate the caches and branch predictor (callgrind
 #                 --cache-sim=yes --branch-sim=yes; slower): L1 instruction and
 #                 data misses, last-level misses and mispredicted branches per
@@ -40,7 +48,7 @@ apt_install_missing wrk haproxy nginx-light valgrind
 command -v consul >/dev/null 2>&1 || scripts/install-deps.sh
 nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
 haproxy_bin=$(command -v haproxy || echo /usr/sbin/haproxy)
-build_wayfinder "$repo"
+build_wayfinder "$repo" profiling
 setup_tmp
 chmod 755 "$tmp"
 

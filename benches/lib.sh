@@ -44,14 +44,19 @@ apt_install_missing() {
   if [ $made_policy = 1 ]; then as_root rm -f "$policy"; fi
 }
 
-# build_wayfinder REPO: builds the release wayfinder binary and sets $wayfinder to its path.
-# WAYFINDER=PATH uses that binary instead (e.g. an older build, for a before/after figure).
+# build_wayfinder REPO [PROFILE]: builds the wayfinder binary with the cargo profile
+# PROFILE (release, the default, for speed; profiling for perf and callgrind: the
+# release code with its symbols and debug info, see Cargo.toml) and sets $wayfinder
+# to its path, target/PROFILE/wayfinder.
+# WAYFINDER=PATH uses that binary instead, for any bench (e.g. an older build, for a
+# before/after figure: `WAYFINDER=/path/to/old/wayfinder benches/lb-instructions.sh`).
 build_wayfinder() {
+  local profile=${2:-release}
   if [ -n "${WAYFINDER:-}" ]; then
     wayfinder=$WAYFINDER
   else
-    cargo build --release --bin wayfinder
-    wayfinder="${CARGO_TARGET_DIR:-$1/target}/release/wayfinder"
+    cargo build --profile "$profile" --bin wayfinder
+    wayfinder="${CARGO_TARGET_DIR:-$1/target}/$profile/wayfinder"
   fi
   [ -x "$wayfinder" ] || { echo "$BENCH_NAME: $wayfinder was not built" >&2; exit 1; }
 }

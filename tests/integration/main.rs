@@ -4,6 +4,7 @@
 mod harness;
 mod netns; // network namespaces, veth links and a wireguard-go peer for the vpn tests
 
+mod circles; // src/ has no new file-level import circles (reads the sources; nothing runs)
 mod cli; // black-box: the built binary, its exit codes, signals
 mod consul_view; // the one Consul view at scale (default limits): 1000 services, bounded connections, every change, restarts
 mod deploy; // deploy/ files as fixtures: systemd unit, Dockerfile, compose, restricted/host, Marathon, *.toml
