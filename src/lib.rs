@@ -257,7 +257,7 @@ fn vpn_peer(config: &config::Config, command: PeerCommand) -> Result<(), AppErro
             );
             print!("{text}");
             if qr {
-                let code = vpn::client::qr(&text).map_err(|e| AppError::Vpn(vpn::VpnError::Peer(e)))?;
+                let code = vpn::client::qr(&text).map_err(|e| AppError::Vpn(vpn::VpnError::Peer(e.to_string())))?;
                 println!("\n{code}");
             }
             Ok(())

@@ -42,8 +42,25 @@ pub enum RestrictedError {
         /// The line number (from 1).
         line: usize,
         /// What is wrong.
-        problem: String,
+        problem: Unreadable,
     },
+}
+
+/// Why a line of a restricted file cannot be read as a plain assignment.
+#[derive(Debug, thiserror::Error)]
+pub enum Unreadable {
+    /// Not `KEY=value`.
+    #[error("`{0}` is not a KEY=value assignment")]
+    NotAssignment(String),
+    /// A quote or `${` left open.
+    #[error("a {0} is not closed")]
+    Unclosed(&'static str),
+    /// `` `...` `` or `$(...)`: Wayfinder reads values, it runs nothing.
+    #[error("command substitution {0} is not read")]
+    Substitution(&'static str),
+    /// Words after the value, which a shell would run as a command.
+    #[error("`{0}` after the value would run as a command")]
+    Command(String),
 }
 
 /// The variables of a restricted folder over a base environment.
@@ -101,7 +118,7 @@ impl<'a> Layered<'a> {
     }
 
     /// Applies the assignments of one file.
-    fn apply(&mut self, text: &str) -> Result<(), (usize, String)> {
+    fn apply(&mut self, text: &str) -> Result<(), (usize, Unreadable)> {
         for (i, raw) in text.lines().enumerate() {
             let line = raw.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -109,13 +126,13 @@ impl<'a> Layered<'a> {
             }
             let line = line.strip_prefix("export ").map_or(line, str::trim_start);
             let Some((key, value)) = line.split_once('=') else {
-                return Err((i + 1, format!("`{line}` is not a KEY=value assignment")));
+                return Err((i + 1, Unreadable::NotAssignment(line.to_string())));
             };
             if key.is_empty()
                 || key.starts_with(|c: char| c.is_ascii_digit())
                 || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
             {
-                return Err((i + 1, format!("`{line}` is not a KEY=value assignment")));
+                return Err((i + 1, Unreadable::NotAssignment(line.to_string())));
             }
             let value = self.word(value).map_err(|p| (i + 1, p))?;
             self.vars.insert(key.to_string(), value);
@@ -124,7 +141,7 @@ impl<'a> Layered<'a> {
     }
 
     /// The value of one shell word (quotes and expansions), up to a comment.
-    fn word(&self, text: &str) -> Result<String, String> {
+    fn word(&self, text: &str) -> Result<String, Unreadable> {
         let mut out = String::new();
         let mut chars = text.chars().peekable();
         while let Some(c) = chars.next() {
@@ -133,7 +150,7 @@ impl<'a> Layered<'a> {
                     match chars.next() {
                         Some('\'') => break,
                         Some(c) => out.push(c),
-                        None => return Err("a ' quote is not closed".into()),
+                        None => return Err(Unreadable::Unclosed("' quote")),
                     }
                 },
                 '"' => loop {
@@ -145,16 +162,16 @@ impl<'a> Layered<'a> {
                                 out.push('\\');
                                 out.push(c);
                             }
-                            None => return Err("a \" quote is not closed".into()),
+                            None => return Err(Unreadable::Unclosed("\" quote")),
                         },
                         Some('$') => self.expand(&mut chars, &mut out)?,
-                        Some('`') => return Err("command substitution (`...`) is not read".into()),
+                        Some('`') => return Err(Unreadable::Substitution("`...`")),
                         Some(c) => out.push(c),
-                        None => return Err("a \" quote is not closed".into()),
+                        None => return Err(Unreadable::Unclosed("\" quote")),
                     }
                 },
                 '$' => self.expand(&mut chars, &mut out)?,
-                '`' => return Err("command substitution (`...`) is not read".into()),
+                '`' => return Err(Unreadable::Substitution("`...`")),
                 '\\' => {
                     if let Some(c) = chars.next() {
                         out.push(c);
@@ -168,7 +185,7 @@ impl<'a> Layered<'a> {
                     if rest.is_empty() || rest.starts_with('#') {
                         break;
                     }
-                    return Err(format!("`{rest}` after the value would run as a command"));
+                    return Err(Unreadable::Command(rest.to_string()));
                 }
                 c => out.push(c),
             }
@@ -177,7 +194,7 @@ impl<'a> Layered<'a> {
     }
 
     /// `$VAR`, `${VAR}` or `${VAR:-default}` / `${VAR-default}`, after its `$`.
-    fn expand(&self, chars: &mut std::iter::Peekable<std::str::Chars<'_>>, out: &mut String) -> Result<(), String> {
+    fn expand(&self, chars: &mut std::iter::Peekable<std::str::Chars<'_>>, out: &mut String) -> Result<(), Unreadable> {
         let value_of = |name: &str| -> Option<String> {
             match self.vars.get(name) {
                 Some(v) => Some(v.clone()),
@@ -185,7 +202,7 @@ impl<'a> Layered<'a> {
             }
         };
         if chars.peek() == Some(&'(') {
-            return Err("command substitution $(...) is not read".into());
+            return Err(Unreadable::Substitution("$(...)"));
         }
         if chars.peek() == Some(&'{') {
             chars.next();
@@ -194,7 +211,7 @@ impl<'a> Layered<'a> {
                 match chars.next() {
                     Some('}') => break,
                     Some(c) => inner.push(c),
-                    None => return Err("a ${ is not closed".into()),
+                    None => return Err(Unreadable::Unclosed("${")),
                 }
             }
             let (name, default, empty_too) = match (inner.split_once(":-"), inner.split_once('-')) {

@@ -18,7 +18,6 @@ use arc_swap::ArcSwapOption;
 use tokio_util::sync::CancellationToken;
 
 use super::settings::LbConfig;
-use super::stats::LATENCY_BUCKETS_US;
 use super::status::LbStatus;
 use super::{Inputs, LbError, LbSockets, LbState};
 use crate::component::{
@@ -26,7 +25,6 @@ use crate::component::{
     ServiceReport,
 };
 use crate::consul::settings::ConsulConfig;
-use crate::report::histogram;
 use crate::report::html::escape;
 use crate::report::prometheus::{Kind, Writer};
 
@@ -320,12 +318,7 @@ fn metrics(out: &mut Writer, status: &LbStatus) {
         Kind::Histogram,
         "Time from request to response head.",
     );
-    let latency = histogram::Snapshot {
-        bounds_us: &LATENCY_BUCKETS_US,
-        latency_buckets: status.requests.latency_buckets,
-        latency_sum_us: status.requests.latency_sum_us,
-    };
-    out.histogram("wayfinder_lb_request_duration_seconds", &[], &latency);
+    out.histogram("wayfinder_lb_request_duration_seconds", &[], &status.requests.latency);
     out.family(
         "wayfinder_lb_server_up",
         Kind::Gauge,

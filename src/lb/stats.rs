@@ -9,12 +9,22 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::report::histogram::{BOUNDS, Bounds, Histogram, Snapshot};
+
 /// Upper bounds (microseconds) of the request latency buckets.
-pub const LATENCY_BUCKETS_US: [u64; 10] = [
+pub const LATENCY_BUCKETS_US: [u64; BOUNDS] = [
     250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000, 1_000_000, 10_000_000,
 ];
 /// Propagation samples kept for percentiles.
 const PROPAGATION_SAMPLES: usize = 1024;
+
+/// The request latency buckets (see [`LATENCY_BUCKETS_US`]).
+#[derive(Debug)]
+pub struct RequestLatency;
+
+impl Bounds for RequestLatency {
+    const US: [u64; BOUNDS] = LATENCY_BUCKETS_US;
+}
 
 /// Requests by status class and latency (the whole lb, or one route).
 #[derive(Debug, Default)]
@@ -22,11 +32,8 @@ pub struct RequestCounters {
     /// Requests by status class: 1xx..5xx at index 1..=5; index 0 counts
     /// requests that got no response (client gone).
     pub status_classes: [AtomicU64; 6],
-    /// Request latency histogram (last slot: slower than every bound), up to
-    /// the response head.
-    pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
-    /// Sum of those latencies, microseconds (the `_sum` of the Prometheus histogram).
-    pub latency_sum_us: AtomicU64,
+    /// Request latency up to the response head.
+    pub latency: Histogram<RequestLatency>,
 }
 
 /// A copy of [`RequestCounters`].
@@ -34,10 +41,10 @@ pub struct RequestCounters {
 pub struct RequestSnapshot {
     /// Requests by status class (index = first digit).
     pub status_classes: [u64; 6],
-    /// Request latency histogram (bounds in [`LATENCY_BUCKETS_US`]).
-    pub latency_buckets: [u64; LATENCY_BUCKETS_US.len() + 1],
-    /// Sum of the request latencies, microseconds.
-    pub latency_sum_us: u64,
+    /// Request latency (`latency_buckets`, `latency_sum_us`; bounds in
+    /// [`LATENCY_BUCKETS_US`]).
+    #[serde(flatten)]
+    pub latency: Snapshot,
 }
 
 impl RequestSnapshot {
@@ -53,13 +60,7 @@ impl RequestCounters {
     pub fn record(&self, status: u16, took: Duration) {
         let class = usize::from(status / 100).min(5);
         self.status_classes[class].fetch_add(1, Ordering::Relaxed);
-        let us = took.as_micros() as u64;
-        let bucket = LATENCY_BUCKETS_US
-            .iter()
-            .position(|&b| us <= b)
-            .unwrap_or(LATENCY_BUCKETS_US.len());
-        self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
+        self.latency.record(took);
     }
 
     /// A copy of the counters.
@@ -67,8 +68,7 @@ impl RequestCounters {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         RequestSnapshot {
             status_classes: std::array::from_fn(|i| load(&self.status_classes[i])),
-            latency_buckets: std::array::from_fn(|i| load(&self.latency_buckets[i])),
-            latency_sum_us: load(&self.latency_sum_us),
+            latency: self.latency.snapshot(),
         }
     }
 }

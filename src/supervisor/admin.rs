@@ -445,10 +445,10 @@ async fn component_action(
             return respond(
                 StatusCode::BAD_REQUEST,
                 "text/html; charset=utf-8",
-                refusal_page(&message, &query),
+                refusal_page(&message.to_string(), &query),
             );
         }
-        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message.to_string()),
     };
     let Some(component) = state.component(name) else {
         return error(StatusCode::NOT_FOUND, "not found; try / or /api/status");
@@ -474,15 +474,18 @@ async fn component_action(
 }
 
 /// The request body, at most [`MAX_BODY`] bytes.
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, String> {
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, BodyError> {
     use http_body_util::BodyExt;
     match http_body_util::Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) => Err(format!(
-            "could not read the request body (at most {MAX_BODY} bytes): {e}"
-        )),
+        Err(e) => Err(BodyError(e)),
     }
 }
+
+/// A request body that was too long or broken off.
+#[derive(Debug, thiserror::Error)]
+#[error("could not read the request body (at most {MAX_BODY} bytes): {0}")]
+struct BodyError(Box<dyn std::error::Error + Send + Sync>);
 
 /// Serves the admin endpoint until `shutdown`.
 pub async fn serve(listener: TcpListener, state: Arc<SupervisorState>, shutdown: CancellationToken) {

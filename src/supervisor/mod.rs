@@ -477,7 +477,7 @@ pub async fn run(
     let task = tokio::spawn(monitor_consul(state.clone(), ready_tx, stop.clone()));
     running.push(Running::own("consul monitor", stop, task));
 
-    let runs_consul = state.plan.starts("consul");
+    let runs_consul = state.plan.starts_consul();
     let program_ctx = ProgramContext {
         restart: config.supervisor.restart,
         children: state.children.clone(),
@@ -676,7 +676,7 @@ pub fn banner(state: &SupervisorState) -> String {
         ));
     }
     let consul = appliance.reachable(config.consul.http);
-    if state.plan.starts("consul") {
+    if state.plan.starts_consul() {
         out.push_str(&format!("  consul   http://{consul}/ui/\n"));
     } else {
         out.push_str(&format!("  consul   http://{consul}/ (not started by up)\n"));

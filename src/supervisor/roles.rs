@@ -16,7 +16,7 @@
 
 use crate::components::{ComponentKind, RunsOn};
 use crate::config::Config;
-use crate::config::shared::ConfigError;
+use crate::config::shared::{ConfigError, parse_bool};
 use crate::env::{self, Env};
 
 /// The mode of the built-in Consul agent.
@@ -75,9 +75,14 @@ impl Plan {
         self.units.iter().filter(|u| u.start)
     }
 
-    /// True when `name` starts.
+    /// True when the unit called `name` starts.
     pub fn starts(&self, name: &str) -> bool {
         self.starting().any(|u| u.name == name)
+    }
+
+    /// True when the built-in Consul agent starts.
+    pub fn starts_consul(&self) -> bool {
+        self.starting().any(|u| matches!(u.kind, UnitKind::Consul(_)))
     }
 
     /// A short description: `standalone (master + slave)`, `master`, ...
@@ -108,18 +113,9 @@ impl Plan {
 
 /// A boolean variable: `true|1|yes|on` or `false|0|no|off`; unset is `None`.
 fn env_bool(env: &dyn Env, var: &str) -> Result<Option<bool>, ConfigError> {
-    let Some(text) = env.get(var) else {
-        return Ok(None);
-    };
-    match text.trim().to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" => Ok(Some(true)),
-        "false" | "0" | "no" | "off" => Ok(Some(false)),
-        other => Err(ConfigError {
-            file: "environment".into(),
-            key: var.into(),
-            problem: format!("`{other}` is not true or false"),
-        }),
-    }
+    env.get(var)
+        .map(|text| parse_bool(&text).map_err(|problem| ConfigError::env(var, problem)))
+        .transpose()
 }
 
 /// The first of the variables that is set (a name and its PanteraS alias); both

@@ -56,16 +56,21 @@ impl ClientConfig {
     }
 }
 
+/// A client config too long for a QR code.
+#[derive(Debug, thiserror::Error)]
+#[error("could not draw a QR code: {0}")]
+pub struct QrError(#[from] qrcode::types::QrError);
+
 /// `text` as a QR code drawn with Unicode half blocks (two modules per line).
-pub fn qr(text: &str) -> Result<String, String> {
-    let code = QrCode::new(text.as_bytes()).map_err(|e| format!("could not draw a QR code: {e}"))?;
+pub fn qr(text: &str) -> Result<String, QrError> {
+    let code = QrCode::new(text.as_bytes())?;
     Ok(code.render::<Dense1x2>().quiet_zone(true).build())
 }
 
 /// `text` as a QR code in SVG, without the XML declaration so that it can sit
 /// inline in an HTML page (it scales: the page sets its displayed size).
-pub fn qr_svg(text: &str) -> Result<String, String> {
-    let code = QrCode::new(text.as_bytes()).map_err(|e| format!("could not draw a QR code: {e}"))?;
+pub fn qr_svg(text: &str) -> Result<String, QrError> {
+    let code = QrCode::new(text.as_bytes())?;
     let image = code
         .render::<svg::Color>()
         .quiet_zone(true)

@@ -325,7 +325,8 @@ fn add(vpn: &Vpn, started: bool, body: &[u8], is_form: bool) -> Result<NewPeerAn
         other => refuse(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
     })?;
     let config = added.client.render();
-    let qr_svg = super::client::qr_svg(&config).map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    let qr_svg =
+        super::client::qr_svg(&config).map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     tracing::info!(
         peer = %added.record.name,
         address = %added.record.address,

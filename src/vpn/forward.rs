@@ -137,31 +137,55 @@ pub fn nft_program() -> Result<PathBuf, VpnError> {
     find_program("nft", std::env::var_os("PATH").as_deref(), NFT_FALLBACKS).ok_or(VpnError::NoNft)
 }
 
+/// Why `nft` did not apply a script.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    /// It could not be started or waited for.
+    #[error("could not run {program}: {source}")]
+    Run {
+        /// The `nft` program.
+        program: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// It refused the script.
+    #[error("{program} exited with {status}: {message}")]
+    Refused {
+        /// The `nft` program.
+        program: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// What it wrote on stderr.
+        message: String,
+    },
+}
+
 /// Runs `nft -f -` with `script` on stdin; the error is nft's own message.
-fn run_nft(program: &Path, script: &str) -> Result<(), String> {
+fn run_nft(program: &Path, script: &str) -> Result<(), NftError> {
+    let run = |source| NftError::Run {
+        program: program.display().to_string(),
+        source,
+    };
     let mut child = Command::new(program)
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("could not run {}: {e}", program.display()))?;
+        .map_err(run)?;
     if let Some(mut stdin) = child.stdin.take() {
         // A write error shows as nft's failure below.
         let _ = stdin.write_all(script.as_bytes());
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("could not wait for {}: {e}", program.display()))?;
+    let out = child.wait_with_output().map_err(run)?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "{} exited with {}: {}",
-            program.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(NftError::Refused {
+            program: program.display().to_string(),
+            status: out.status,
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
