@@ -24,7 +24,7 @@ use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use tokio_util::sync::CancellationToken;
 
-use super::wire::{self, Query, rtype};
+use super::wire::{Query, rtype};
 use crate::config::WildcardTarget;
 use crate::consul::CatalogView;
 
@@ -199,9 +199,4 @@ impl LbAnswers {
         m.add_authorities(authority);
         m.to_vec().ok()
     }
-}
-
-/// True when the wire name is `service.<consul domain>` or below it.
-pub fn is_consul_service_name(qname: &[u8], service_zone_wire: &[u8]) -> bool {
-    wire::name_in_zone(qname, service_zone_wire)
 }

@@ -63,7 +63,6 @@ pub mod rcode {
 }
 
 const FLAG_QR: u16 = 0x8000;
-const FLAG_AA: u16 = 0x0400;
 const FLAG_TC: u16 = 0x0200;
 const FLAG_RD: u16 = 0x0100;
 const FLAG_RA: u16 = 0x0080;
@@ -617,13 +616,6 @@ pub fn answers_question(request: &[u8], resp: &[u8]) -> bool {
 /// The TC bit of a response.
 pub fn is_truncated(resp: &[u8]) -> bool {
     resp.len() > 2 && u16::from_be_bytes([resp[2], resp[3]]) & FLAG_TC != 0
-}
-
-/// Sets the AA bit of a response template (authoritative local data).
-pub fn set_authoritative(wire: &mut [u8]) {
-    if wire.len() >= 4 {
-        wire[2] |= (FLAG_AA >> 8) as u8;
-    }
 }
 
 /// A name in lower-case, uncompressed wire form (for zone membership checks).
