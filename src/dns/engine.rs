@@ -31,9 +31,9 @@ use moka::Expiry;
 use moka::sync::Cache;
 
 use super::forward::{ForwardError, ForwardOptions, Forwarder};
-use super::stats::{DnsStats, Route};
+use super::stats::{AnswerSource, DnsStats};
 use super::wildcard::LbAnswers;
-use super::wire::{self, Malformed, Query, Template, Transport, TtlRewrite, rcode, rtype};
+use super::wire::{self, Malformed, ParsedQuery, Template, Transport, TtlRewrite, rcode, rtype};
 use super::zones::Zones;
 use crate::config::{Config, ConsulARecords};
 
@@ -54,7 +54,7 @@ enum EntryKind {
     /// From an upstream, valid until `fresh_until`, then stale.
     Upstream,
     /// Built here from LB hosts or zones, valid while the generation holds.
-    Local { generation: u64, route: Route },
+    Local { generation: u64, route: AnswerSource },
 }
 
 #[derive(Debug)]
@@ -257,19 +257,19 @@ impl Engine {
             }
             Err(Malformed::Reply { id, flags, rcode }) => {
                 wire::header_error(id, flags, rcode, out);
-                self.stats.at(Route::Rejected).answered(rcode);
+                self.stats.at(AnswerSource::Rejected).answered(rcode);
                 return Verdict::Answered;
             }
         };
         if !self.allowed(src.ip()) {
             wire::error_response(&query, u16::from(rcode::REFUSED), out);
-            self.stats.at(Route::Rejected).answered(rcode::REFUSED);
+            self.stats.at(AnswerSource::Rejected).answered(rcode::REFUSED);
             return Verdict::Answered;
         }
         if query.edns.is_some_and(|e| e.version > 0) {
             // RFC 6891 6.1.3: BADVERS (16) for versions we do not speak.
             wire::error_response(&query, 16, out);
-            self.stats.at(Route::Rejected).answered(16);
+            self.stats.at(AnswerSource::Rejected).answered(16);
             return Verdict::Answered;
         }
         let limit = query.response_limit(transport);
@@ -282,7 +282,7 @@ impl Engine {
 
     /// True when `query` goes to the Consul forwarder (a `*.consul` name not
     /// answered with LB hosts): what a UDP worker may ask Consul itself.
-    pub fn is_consul_forwarded(&self, query: &Query<'_>) -> bool {
+    pub fn is_consul_forwarded(&self, query: &ParsedQuery<'_>) -> bool {
         wire::name_in_zone(query.qname, &self.consul_zone) && !self.is_lb_consul_question(query)
     }
 
@@ -291,13 +291,13 @@ impl Engine {
         &self.consul
     }
 
-    fn is_lb_consul_question(&self, query: &Query<'_>) -> bool {
+    fn is_lb_consul_question(&self, query: &ParsedQuery<'_>) -> bool {
         self.lb_for_consul
             && matches!(query.qtype, rtype::A | rtype::AAAA)
             && wire::name_in_zone(query.qname, &self.service_zone)
     }
 
-    fn answer_from_cache(&self, query: &Query<'_>, limit: usize, out: &mut Vec<u8>) -> bool {
+    fn answer_from_cache(&self, query: &ParsedQuery<'_>, limit: usize, out: &mut Vec<u8>) -> bool {
         if wire::name_in_zone(query.qname, &self.consul_zone) && !self.is_lb_consul_question(query) {
             return false;
         }
@@ -319,7 +319,7 @@ impl Engine {
                     return false;
                 }
                 let age = now.saturating_duration_since(entry.stored).as_secs() as u32;
-                (TtlRewrite::Age(age), Route::Upstream)
+                (TtlRewrite::Age(age), AnswerSource::Upstream)
             }
         };
         wire::finish(&entry.template, query, ttl, limit, out);
@@ -366,9 +366,9 @@ impl Engine {
             .map(|(apex, _)| apex);
         let zones = self.zones.current();
         let local = if in_consul || apex.is_some() {
-            Some(Route::Lb)
+            Some(AnswerSource::Lb)
         } else if zones.contains(query.qname) {
-            Some(Route::Zone)
+            Some(AnswerSource::Zone)
         } else {
             None
         };
@@ -382,7 +382,7 @@ impl Engine {
             }
             let generation = self.generation.load(Ordering::Relaxed);
             let answer = match route {
-                Route::Zone => zones.lookup(packet, src).await,
+                AnswerSource::Zone => zones.lookup(packet, src).await,
                 _ => self.lb.answer(&query, apex).ok_or(rcode::SERVFAIL),
             };
             return Some(self.local_answer(&query, key, answer, route, generation, limit, out));
@@ -390,7 +390,7 @@ impl Engine {
         drop(zones);
         if matches!(query.qtype, rtype::AXFR | rtype::IXFR) {
             wire::error_response(&query, u16::from(rcode::REFUSED), &mut out);
-            self.stats.at(Route::Upstream).answered(rcode::REFUSED);
+            self.stats.at(AnswerSource::Upstream).answered(rcode::REFUSED);
             return Some(out);
         }
         Some(self.forward_upstream(&query, key, limit, out).await)
@@ -399,10 +399,10 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     fn local_answer(
         &self,
-        query: &Query<'_>,
+        query: &ParsedQuery<'_>,
         key: &[u8],
         answer: Result<Vec<u8>, u8>,
-        route: Route,
+        route: AnswerSource,
         generation: u64,
         limit: usize,
         mut out: Vec<u8>,
@@ -431,8 +431,8 @@ impl Engine {
         out
     }
 
-    async fn forward_consul(&self, query: &Query<'_>, key: &[u8], limit: usize, mut out: Vec<u8>) -> Vec<u8> {
-        let stats = self.stats.at(Route::Consul);
+    async fn forward_consul(&self, query: &ParsedQuery<'_>, key: &[u8], limit: usize, mut out: Vec<u8>) -> Vec<u8> {
+        let stats = self.stats.at(AnswerSource::Consul);
         let result = self.consul.resolve(key, query, stats).await;
         if let Err(error) = &result {
             self.consul_failed(error, query);
@@ -446,11 +446,11 @@ impl Engine {
     pub fn finish_consul(
         &self,
         result: &Result<Arc<Template>, ForwardError>,
-        query: &Query<'_>,
+        query: &ParsedQuery<'_>,
         limit: usize,
         out: &mut Vec<u8>,
     ) {
-        let stats = self.stats.at(Route::Consul);
+        let stats = self.stats.at(AnswerSource::Consul);
         match result {
             Ok(template) => {
                 wire::finish(template, query, TtlRewrite::Keep, limit, out);
@@ -464,7 +464,7 @@ impl Engine {
     }
 
     /// Logs that Consul did not answer `query` (at most every 10 s).
-    pub fn consul_failed(&self, error: &ForwardError, query: &Query<'_>) {
+    pub fn consul_failed(&self, error: &ForwardError, query: &ParsedQuery<'_>) {
         if self.consul_log.allow() {
             tracing::warn!(%error, name = %wire::name_to_string(query.qname), "consul did not answer; SERVFAIL (logged at most every 10 s)");
         }
@@ -481,8 +481,8 @@ impl Engine {
         ttl.filter(|&v| v > 0)
     }
 
-    async fn forward_upstream(&self, query: &Query<'_>, key: &[u8], limit: usize, mut out: Vec<u8>) -> Vec<u8> {
-        let stats = self.stats.at(Route::Upstream);
+    async fn forward_upstream(&self, query: &ParsedQuery<'_>, key: &[u8], limit: usize, mut out: Vec<u8>) -> Vec<u8> {
+        let stats = self.stats.at(AnswerSource::Upstream);
         let previous = self.cache.get(key);
         if let Some(entry) = &previous {
             // A fresh answer can appear between the fast path and here (TCP, or a

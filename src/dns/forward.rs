@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::stats::RouteStats;
-use super::wire::{self, Query, Template};
+use super::wire::{self, ParsedQuery, Template};
 
 /// Sockets per server in the UDP pool (Consul on loopback).
 const POOL_SIZE: usize = 4;
@@ -258,12 +258,12 @@ impl Forwarder {
     }
 
     /// Resolves `query`'s question; identical questions already on the wire share
-    /// that exchange (`key` identifies the question, see [`Query::key`]). Only
+    /// that exchange (`key` identifies the question, see [`ParsedQuery::key`]). Only
     /// real exchanges are recorded in `stats` (latency, errors), not merged waiters.
     pub async fn resolve(
         &self,
         key: &[u8],
-        query: &Query<'_>,
+        query: &ParsedQuery<'_>,
         stats: &RouteStats,
     ) -> Result<Arc<Template>, ForwardError> {
         let waiting = {
@@ -315,7 +315,7 @@ impl Forwarder {
         healthy
     }
 
-    async fn exchange(&self, query: &Query<'_>, stats: &RouteStats) -> Result<Arc<Template>, ForwardError> {
+    async fn exchange(&self, query: &ParsedQuery<'_>, stats: &RouteStats) -> Result<Arc<Template>, ForwardError> {
         // Held for the whole exchange: one question uses one socket at a time.
         let Some(_slot) = self.slots.acquire() else {
             return Err(ForwardError::Busy {
@@ -331,7 +331,7 @@ impl Forwarder {
     /// holds what servers asked before (by a UDP worker) left behind.
     async fn try_servers(
         &self,
-        query: &Query<'_>,
+        query: &ParsedQuery<'_>,
         stats: &RouteStats,
         order: &[&Server],
         deadline: Instant,
@@ -459,7 +459,7 @@ impl Forwarder {
     /// Recorded in `stats` as [`Forwarder::resolve`] records an exchange.
     pub async fn resolve_after(
         &self,
-        query: &Query<'_>,
+        query: &ParsedQuery<'_>,
         stats: &RouteStats,
         started: Instant,
         first: FirstTry,
@@ -651,7 +651,7 @@ impl Server {
     async fn exchange(
         &self,
         fwd: &Forwarder,
-        query: &Query<'_>,
+        query: &ParsedQuery<'_>,
         limit: Duration,
         stats: &RouteStats,
     ) -> Result<Template, ExchangeError> {
@@ -697,7 +697,7 @@ fn connected_udp(addr: SocketAddr) -> Result<UdpSocket, ExchangeError> {
 /// been cut (it filled the buffer: larger than the payload we advertised).
 async fn fresh_exchange(
     addr: SocketAddr,
-    query: &Query<'_>,
+    query: &ParsedQuery<'_>,
     recursion: bool,
     payload: u16,
     limit: Duration,
@@ -741,7 +741,7 @@ impl PooledSocket {
 
     async fn exchange(
         &self,
-        query: &Query<'_>,
+        query: &ParsedQuery<'_>,
         recursion: bool,
         payload: u16,
         limit: Duration,
@@ -840,7 +840,7 @@ async fn read_responses(
 /// One question over TCP (RFC 7766), used when the UDP answer was truncated.
 async fn tcp_exchange(
     addr: SocketAddr,
-    query: &Query<'_>,
+    query: &ParsedQuery<'_>,
     recursion: bool,
     payload: u16,
     limit: Duration,

@@ -35,9 +35,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::engine::{CONSUL_PAYLOAD, Engine, InflightSlot};
 use super::forward::{ExchangeError, FirstTry, ForwardError};
-use super::stats::Route;
+use super::stats::AnswerSource;
 use super::udp::{Outbox, SlowPath};
-use super::wire::{self, Edns, MAX_KEY_LEN, Query, Transport, TtlRewrite, rcode};
+use super::wire::{self, Edns, MAX_KEY_LEN, ParsedQuery, Transport, TtlRewrite, rcode};
 use crate::udp_batch::RecvBatch;
 
 /// No index.
@@ -186,7 +186,7 @@ impl<T> PendingTable<T> {
     /// `deadline`. `Err` gives the token back: the table is full.
     pub fn add(
         &mut self,
-        query: &Query<'_>,
+        query: &ParsedQuery<'_>,
         key: &[u8],
         token: T,
         now: Instant,
@@ -245,7 +245,7 @@ impl<T> PendingTable<T> {
         Ok(Added::New(ex))
     }
 
-    fn push_waiter(&mut self, ex: u16, query: &Query<'_>, token: T) {
+    fn push_waiter(&mut self, ex: u16, query: &ParsedQuery<'_>, token: T) {
         let w = self.free_waiter;
         let head = self.exchanges[usize::from(ex)].waiters;
         let waiter = &mut self.waiters[usize::from(w)];
@@ -297,7 +297,7 @@ impl<T> PendingTable<T> {
 
     /// Ends exchange `ex`: `each` gets every waiter's question (as the client
     /// sent it) and token; the slots are free again afterwards.
-    pub fn finish(&mut self, ex: u16, mut each: impl FnMut(&Query<'_>, T)) {
+    pub fn finish(&mut self, ex: u16, mut each: impl FnMut(&ParsedQuery<'_>, T)) {
         let e = &mut self.exchanges[usize::from(ex)];
         if !e.live {
             return;
@@ -334,12 +334,12 @@ impl<T> PendingTable<T> {
     }
 }
 
-/// The [`Query`] of a client's header and question as kept by the table
+/// The [`ParsedQuery`] of a client's header and question as kept by the table
 /// (`head` holds exactly those bytes, as [`wire::parse_query`] accepted them).
-pub fn client_query(head: &[u8], edns: Option<Edns>) -> Query<'_> {
+pub fn client_query(head: &[u8], edns: Option<Edns>) -> ParsedQuery<'_> {
     let end = head.len();
     let u16_at = |at: usize| u16::from_be_bytes([head[at], head[at + 1]]);
-    Query {
+    ParsedQuery {
         packet: head,
         id: u16_at(0),
         flags: u16_at(2),
@@ -451,7 +451,7 @@ impl InlineConsul {
     /// `false` leaves it to the caller (the task path).
     pub fn ask(
         &mut self,
-        query: &Query<'_>,
+        query: &ParsedQuery<'_>,
         raw: (&libc::sockaddr_storage, libc::socklen_t),
         addr: SocketAddr,
         now: Instant,
@@ -462,7 +462,7 @@ impl InlineConsul {
         if !forwarder.inline_now() {
             return false;
         }
-        let stats = core.engine.stats().at(Route::Consul);
+        let stats = core.engine.stats().at(AnswerSource::Consul);
         let Some(slot) = core.engine.admit() else {
             return true; // dropped and counted, as on the task path
         };
@@ -536,7 +536,7 @@ impl InlineConsul {
             match self.core.table.answered_by(resp) {
                 Some(ex) => self.core.answered(ex, resp, cut, outbox),
                 None => {
-                    let stats = self.core.engine.stats().at(Route::Consul);
+                    let stats = self.core.engine.stats().at(AnswerSource::Consul);
                     stats.ignored_responses.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -651,7 +651,7 @@ impl Core {
             self.hand_over(ex, FirstTry::FailureAnswer(template));
             return;
         }
-        let stats = self.engine.stats().at(Route::Consul);
+        let stats = self.engine.stats().at(AnswerSource::Consul);
         stats.upstream_latency(self.table.started(ex).elapsed());
         let (wire, ttls) = (&self.wire, &self.ttls);
         self.table.finish(ex, |query, client| {
@@ -675,7 +675,7 @@ impl Core {
     fn failed(&mut self, ex: u16, cause: &ExchangeError, outbox: &mut Outbox) {
         match self.engine.consul_forwarder().inline_failed(cause) {
             Some(error) => {
-                let stats = self.engine.stats().at(Route::Consul);
+                let stats = self.engine.stats().at(AnswerSource::Consul);
                 stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
                 self.fail_now(ex, &error, outbox);
                 self.engine.consul_forwarder().release_slot();
@@ -717,7 +717,7 @@ impl Core {
         let socket = self.client_socket.clone();
         self.slow.spawn(async move {
             let query = client_query(&head, edns);
-            let stats = engine.stats().at(Route::Consul);
+            let stats = engine.stats().at(AnswerSource::Consul);
             let result = engine
                 .consul_forwarder()
                 .resolve_after(&query, stats, started, first)

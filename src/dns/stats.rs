@@ -9,9 +9,10 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Where a question was answered from.
+/// Where a question was answered from; its [`AnswerSource::name`] is the
+/// route label of the metrics and the key of the admin API's `routes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
+pub enum AnswerSource {
     /// Forwarded to Consul (never cached).
     Consul,
     /// The wildcard domain or Consul A/AAAA answered with LB hosts.
@@ -24,18 +25,24 @@ pub enum Route {
     Rejected,
 }
 
-impl Route {
+impl AnswerSource {
     /// Every route, in display order.
-    pub const ALL: [Route; 5] = [Route::Consul, Route::Lb, Route::Zone, Route::Upstream, Route::Rejected];
+    pub const ALL: [AnswerSource; 5] = [
+        AnswerSource::Consul,
+        AnswerSource::Lb,
+        AnswerSource::Zone,
+        AnswerSource::Upstream,
+        AnswerSource::Rejected,
+    ];
 
     /// Name used in logs and metrics.
     pub fn name(self) -> &'static str {
         match self {
-            Route::Consul => "consul",
-            Route::Lb => "lb",
-            Route::Zone => "zone",
-            Route::Upstream => "upstream",
-            Route::Rejected => "rejected",
+            AnswerSource::Consul => "consul",
+            AnswerSource::Lb => "lb",
+            AnswerSource::Zone => "zone",
+            AnswerSource::Upstream => "upstream",
+            AnswerSource::Rejected => "rejected",
         }
     }
 }
@@ -201,7 +208,7 @@ pub struct DnsStats {
 impl DnsStats {
     /// The calling thread's counters of `route`, to record into.
     #[inline]
-    pub fn at(&self, route: Route) -> &RouteStats {
+    pub fn at(&self, route: AnswerSource) -> &RouteStats {
         &self.shards[SHARD.with(Cell::get)].routes[route as usize]
     }
 
@@ -229,7 +236,7 @@ impl DnsStats {
     }
 
     /// The counters of `route`, summed over all threads.
-    pub fn route(&self, route: Route) -> RouteSnapshot {
+    pub fn route(&self, route: AnswerSource) -> RouteSnapshot {
         let mut total = RouteSnapshot::default();
         for shard in &self.shards {
             total.add(&shard.routes[route as usize].snapshot());
@@ -239,7 +246,7 @@ impl DnsStats {
 
     /// Snapshot of every route, by name.
     pub fn snapshot(&self) -> Vec<(&'static str, RouteSnapshot)> {
-        Route::ALL.iter().map(|r| (r.name(), self.route(*r))).collect()
+        AnswerSource::ALL.iter().map(|r| (r.name(), self.route(*r))).collect()
     }
 }
 

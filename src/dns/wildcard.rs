@@ -24,7 +24,7 @@ use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use tokio_util::sync::CancellationToken;
 
-use super::wire::{Query, rtype};
+use super::wire::{ParsedQuery, rtype};
 use crate::config::WildcardTarget;
 use crate::consul::CatalogView;
 
@@ -142,7 +142,7 @@ impl LbAnswers {
 
     /// The response for `query`, whose name is at or below `apex` (the wildcard
     /// domain) or, with `apex = None`, a Consul service name answered with LB hosts.
-    pub fn answer(&self, query: &Query<'_>, apex: Option<&Name>) -> Option<Vec<u8>> {
+    pub fn answer(&self, query: &ParsedQuery<'_>, apex: Option<&Name>) -> Option<Vec<u8>> {
         let name = Name::read(&mut BinDecoder::new(query.qname)).ok()?.to_lowercase();
         let qtype = RecordType::from(query.qtype);
         let targets = self.targets();

@@ -3,10 +3,10 @@
 //! client by patching bytes in place.
 //!
 //! ```text
-//!  query bytes ──parse_query──▶ Query (borrowed: id, flags, qname, qtype, EDNS)
+//!  query bytes ──parse_query──▶ ParsedQuery (borrowed: id, flags, qname, qtype, EDNS)
 //!  upstream/local response ──make_template──▶ Template (ID 0, no OPT, lower-case
 //!                                              question, offsets of every TTL)
-//!  Template + Query ──finish──▶ client response (ID, RD, question case, TTLs aged,
+//!  Template + ParsedQuery ──finish──▶ client response (ID, RD, question case, TTLs aged,
 //!                                OPT appended when the client sent EDNS, TC when
 //!                                it does not fit the client's UDP size)
 //! ```
@@ -91,7 +91,7 @@ pub enum Transport {
 
 /// A parsed query borrowing the packet.
 #[derive(Debug, Clone, Copy)]
-pub struct Query<'a> {
+pub struct ParsedQuery<'a> {
     /// The whole packet.
     pub packet: &'a [u8],
     /// Transaction ID.
@@ -172,7 +172,7 @@ pub fn skip_name(buf: &[u8], mut pos: usize) -> Option<usize> {
 }
 
 /// Parses a query. Only standard queries with exactly one question are answerable.
-pub fn parse_query(packet: &[u8]) -> Result<Query<'_>, Malformed> {
+pub fn parse_query(packet: &[u8]) -> Result<ParsedQuery<'_>, Malformed> {
     if packet.len() < HEADER_LEN {
         return Err(Malformed::Drop);
     }
@@ -237,7 +237,7 @@ pub fn parse_query(packet: &[u8]) -> Result<Query<'_>, Malformed> {
             });
         }
     }
-    Ok(Query {
+    Ok(ParsedQuery {
         packet,
         id,
         flags,
@@ -249,7 +249,7 @@ pub fn parse_query(packet: &[u8]) -> Result<Query<'_>, Malformed> {
     })
 }
 
-impl Query<'_> {
+impl ParsedQuery<'_> {
     /// Recursion desired.
     pub fn rd(&self) -> bool {
         self.flags & FLAG_RD != 0
@@ -458,7 +458,7 @@ pub enum TtlRewrite {
 
 /// Finishes `template` for the client that sent `query` into `out`; `limit` is the
 /// largest response the transport allows (UDP size or 65535 for TCP).
-pub fn finish(template: &Template, query: &Query<'_>, ttl: TtlRewrite, limit: usize, out: &mut Vec<u8>) {
+pub fn finish(template: &Template, query: &ParsedQuery<'_>, ttl: TtlRewrite, limit: usize, out: &mut Vec<u8>) {
     finish_parts(&template.wire, &template.ttl_offsets, query, ttl, limit, out);
 }
 
@@ -466,7 +466,7 @@ pub fn finish(template: &Template, query: &Query<'_>, ttl: TtlRewrite, limit: us
 pub fn finish_parts(
     wire: &[u8],
     ttl_offsets: &[u16],
-    query: &Query<'_>,
+    query: &ParsedQuery<'_>,
     ttl: TtlRewrite,
     limit: usize,
     out: &mut Vec<u8>,
@@ -534,7 +534,7 @@ fn push_opt(out: &mut Vec<u8>, dnssec_ok: bool, extended_rcode: u8) {
 
 /// An error response echoing the question of a parsed query (RFC 1035 4.1.1).
 /// BADVERS (16) is expressed through the OPT extended RCODE (RFC 6891 6.1.3).
-pub fn error_response(query: &Query<'_>, rcode: u16, out: &mut Vec<u8>) {
+pub fn error_response(query: &ParsedQuery<'_>, rcode: u16, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(&query.packet[..query.question_end]);
     let flags = FLAG_QR | FLAG_RA | (query.flags & (FLAG_RD | FLAG_CD)) | (rcode & 0x0F);
@@ -559,7 +559,7 @@ pub fn header_error(id: u16, request_flags: u16, rcode: u8, out: &mut Vec<u8>) {
 /// with every letter's case drawn at random (0x20, draft-vixie-dnsext-dns0x20:
 /// a spoofer must guess those bits too, see [`answers_question`]), RD as asked,
 /// and our own OPT with the client's DO bit.
-pub fn upstream_query(query: &Query<'_>, id: u16, recursion: bool, payload: u16, out: &mut Vec<u8>) {
+pub fn upstream_query(query: &ParsedQuery<'_>, id: u16, recursion: bool, payload: u16, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(&id.to_be_bytes());
     let flags = if recursion { FLAG_RD } else { 0 } | (query.flags & FLAG_CD);
