@@ -24,7 +24,6 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::mem::zeroed;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -35,10 +34,11 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::engine::{CONSUL_PAYLOAD, Engine, InflightSlot};
 use super::forward::{ExchangeError, FirstTry, ForwardError};
+use super::outbox::Outbox;
+use super::slow_path::SlowPath;
 use super::stats::AnswerSource;
-use super::udp::{Outbox, SlowPath};
 use super::wire::{self, Edns, MAX_KEY_LEN, ParsedQuery, Transport, TtlRewrite, rcode};
-use crate::udp_batch::RecvBatch;
+use crate::udp_batch::{OnSendError, RecvBatch, SendBatch};
 
 /// No index.
 const NONE: u16 = u16::MAX;
@@ -366,6 +366,8 @@ pub struct Client {
 pub struct InlineConsul {
     socket: UdpSocket,
     received: RecvBatch<BATCH, ANSWER_SLOT>,
+    /// The requests of [`Core::queued`], pointed at right before each send.
+    requests: SendBatch<BATCH>,
     core: Core,
 }
 
@@ -376,8 +378,6 @@ struct Core {
     table: PendingTable<Client>,
     /// Exchanges whose requests go out with the next [`Core::send_queued`].
     queued: Vec<u16>,
-    send_iovecs: Box<[libc::iovec; BATCH]>,
-    send_hdrs: Box<[libc::mmsghdr; BATCH]>,
     /// An answer made into a template, reused (capacity kept).
     wire: Vec<u8>,
     ttls: Vec<u16>,
@@ -388,11 +388,6 @@ struct Core {
     /// The worker's client socket: the task path answers on it.
     client_socket: Arc<UdpSocket>,
 }
-
-// SAFETY: the raw pointers in the send mmsghdr/iovec arrays are set right
-// before each sendmmsg and point only into this struct's own buffers; they are
-// never used from another thread (the worker owns the struct).
-unsafe impl Send for Core {}
 
 impl InlineConsul {
     /// The worker's Consul client, when the Consul forwarder's first address
@@ -426,10 +421,6 @@ impl InlineConsul {
                 fd: socket.as_raw_fd(),
                 table: PendingTable::new(slots),
                 queued: Vec::with_capacity(BATCH),
-                // SAFETY: all-zero is a valid value for these plain C structs.
-                send_iovecs: Box::new(unsafe { zeroed() }),
-                // SAFETY: as above.
-                send_hdrs: Box::new(unsafe { zeroed() }),
                 wire: Vec::with_capacity(ANSWER_SLOT),
                 ttls: Vec::with_capacity(256),
                 attempt,
@@ -439,6 +430,7 @@ impl InlineConsul {
             },
             socket,
             received: RecvBatch::default(),
+            requests: SendBatch::default(),
         }))
     }
 
@@ -497,7 +489,7 @@ impl InlineConsul {
                 stats.inline_exchanges.fetch_add(1, Ordering::Relaxed);
                 core.queued.push(ex);
                 if core.queued.len() == BATCH {
-                    core.send_queued(outbox);
+                    core.send_queued(&mut self.requests, outbox);
                 }
                 true
             }
@@ -510,7 +502,7 @@ impl InlineConsul {
 
     /// Sends the requests of the exchanges started since the last call.
     pub fn send_queued(&mut self, outbox: &mut Outbox) {
-        self.core.send_queued(outbox);
+        self.core.send_queued(&mut self.requests, outbox);
     }
 
     /// Takes the answers Consul has sent (without waiting) and finishes their
@@ -579,47 +571,28 @@ impl InlineConsul {
 }
 
 impl Core {
-    fn send_queued(&mut self, outbox: &mut Outbox) {
+    /// Sends the requests of the [`Core::queued`] exchanges with `requests`.
+    fn send_queued(&mut self, requests: &mut SendBatch<BATCH>, outbox: &mut Outbox) {
         let count = self.queued.len();
         for (i, &ex) in self.queued.iter().enumerate() {
-            let request = self.table.request(ex);
-            self.send_iovecs[i] = libc::iovec {
-                iov_base: request.as_ptr() as *mut libc::c_void,
-                iov_len: request.len(),
-            };
-            let hdr = &mut self.send_hdrs[i].msg_hdr;
-            hdr.msg_iov = &mut self.send_iovecs[i];
-            hdr.msg_iovlen = 1;
             // Connected: no destination address.
-            hdr.msg_name = std::ptr::null_mut();
-            hdr.msg_namelen = 0;
+            requests.set(i, self.table.request(ex), None);
         }
-        let mut sent = 0;
-        while sent < count {
-            // SAFETY: headers [sent, count) point at the requests of live
-            // exchanges (a failed one keeps its buffer until its slot is
-            // reused, which no call below does before this loop ends).
-            let n = unsafe {
-                libc::sendmmsg(
-                    self.fd,
-                    self.send_hdrs[sent..].as_mut_ptr(),
-                    (count - sent) as libc::c_uint,
-                    0,
-                )
-            };
-            if n > 0 {
-                sent += n as usize;
-                continue;
-            }
-            let cause = ExchangeError::io("send", std::io::Error::last_os_error());
-            if matches!(cause, ExchangeError::Refused) {
-                // An ICMP error from an earlier request: the agent is gone.
-                self.fail_all(&cause, outbox);
-                return;
-            }
-            let ex = self.queued[sent];
-            self.failed(ex, &cause, outbox);
-            sent += 1;
+        // SAFETY: messages [0, count) point at the requests of live exchanges,
+        // set just above; a failed one keeps its buffer until its slot is
+        // reused, which nothing in `on_error` does.
+        unsafe {
+            requests.send(self.fd, count, |i, error| {
+                let cause = ExchangeError::io("send", error);
+                if matches!(cause, ExchangeError::Refused) {
+                    // An ICMP error from an earlier request: the agent is gone.
+                    self.fail_all(&cause, outbox);
+                    return OnSendError::Stop;
+                }
+                let ex = self.queued[i];
+                self.failed(ex, &cause, outbox);
+                OnSendError::Skip
+            });
         }
         self.queued.clear();
     }

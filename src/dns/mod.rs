@@ -20,7 +20,9 @@
 pub mod engine;
 pub mod forward;
 pub mod inline;
+pub mod outbox;
 pub mod settings;
+pub mod slow_path;
 pub mod stats;
 pub mod tcp;
 pub mod udp;

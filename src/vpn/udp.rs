@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::udp_batch::OnSendError;
+
 /// Datagrams per receive call.
 pub const RECV_BATCH: usize = 64;
 /// Receive slot. WireGuard datagrams are at most MTU + 32 bytes; anything larger
@@ -282,23 +284,20 @@ impl SendBatch {
     }
 
     fn send(&mut self, fd: RawFd, messages: usize) -> std::io::Result<()> {
-        let mut done = 0;
-        while done < messages {
-            // SAFETY: headers [done, messages) point at live buffers built above.
-            let n = unsafe { libc::sendmmsg(fd, self.hdrs[done..].as_mut_ptr(), (messages - done) as libc::c_uint, 0) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                match e.kind() {
-                    std::io::ErrorKind::Interrupted => continue,
-                    _ if e.raw_os_error() == Some(libc::EIO) => return Err(e),
-                    // A full buffer or an unreachable peer: drop that message.
-                    _ => done += 1,
+        let mut refused = None;
+        // SAFETY: headers [0, messages) point at live buffers built by `build`.
+        unsafe {
+            crate::udp_batch::send_all(fd, &mut self.hdrs[..messages], |_, e| match e.kind() {
+                std::io::ErrorKind::Interrupted => OnSendError::Retry,
+                _ if e.raw_os_error() == Some(libc::EIO) => {
+                    refused = Some(e);
+                    OnSendError::Stop
                 }
-            } else {
-                done += n as usize;
-            }
-        }
-        Ok(())
+                // A full buffer or an unreachable peer: drop that message.
+                _ => OnSendError::Skip,
+            })
+        };
+        refused.map_or(Ok(()), Err)
     }
 }
 
