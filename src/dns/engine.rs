@@ -30,7 +30,9 @@ use ipnet::IpNet;
 use moka::Expiry;
 use moka::sync::Cache;
 
-use super::forward::{ForwardError, ForwardOptions, Forwarder};
+use super::consul_ask::ConsulAsker;
+use super::forward::{ForwardOptions, Forwarder};
+use super::log_limiter::LogLimiter;
 use super::stats::{AnswerSource, DnsStats};
 use super::wildcard::LbAnswers;
 use super::wire::{self, Malformed, ParsedQuery, Template, Transport, TtlRewrite, rcode, rtype};
@@ -43,8 +45,6 @@ const STALE_TTL: u32 = 30;
 const LOCAL_ENTRY_LIFETIME: Duration = Duration::from_secs(3600);
 /// Class IN.
 const CLASS_IN: u16 = 1;
-/// EDNS payload we advertise to Consul: large, it is (nearly always) local.
-pub(super) const CONSUL_PAYLOAD: u16 = 4096;
 /// What a cache entry costs besides its key and answer bytes: the entry, its
 /// `Arc`, and moka's bookkeeping (hash slot, LRU and timer nodes), estimated.
 const ENTRY_OVERHEAD: usize = 256;
@@ -103,38 +103,14 @@ impl Expiry<Box<[u8]>, Arc<Entry>> for EntryExpiry {
     }
 }
 
-/// Logs at most once per interval (per-query logging under an outage would both
-/// flood the log and slow the hot path).
-struct LogLimiter {
-    next_ms: AtomicU64,
-    base: Instant,
-}
-
-impl LogLimiter {
-    fn new() -> Self {
-        Self {
-            next_ms: AtomicU64::new(0),
-            base: Instant::now(),
-        }
-    }
-
-    fn allow(&self) -> bool {
-        let now = self.base.elapsed().as_millis() as u64;
-        let next = self.next_ms.load(Ordering::Relaxed);
-        now >= next
-            && self
-                .next_ms
-                .compare_exchange(next, now + 10_000, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-    }
-}
-
 /// What the caller of [`Engine::classify`] should do with a packet.
-pub enum Verdict {
+pub enum Verdict<'a> {
     /// The response is in the output buffer: send it.
     Answered,
-    /// Needs the slow path ([`Engine::resolve`]).
-    Resolve,
+    /// Needs the slow path ([`Engine::resolve_query`]), or for a Consul
+    /// question ([`Engine::is_consul_forwarded`]) a UDP worker's own Consul
+    /// client: the parse goes along, so the packet is never parsed again.
+    Resolve(ParsedQuery<'a>),
     /// Do not answer.
     Drop,
 }
@@ -148,7 +124,7 @@ pub struct Engine {
     wildcard: Option<(Name, Vec<u8>)>,
     lb: Arc<LbAnswers>,
     zones: Arc<Zones>,
-    consul: Forwarder,
+    consul: ConsulAsker,
     upstream: Forwarder,
     cache: Cache<Box<[u8]>, Arc<Entry>>,
     generation: AtomicU64,
@@ -158,7 +134,6 @@ pub struct Engine {
     stats: Arc<DnsStats>,
     inflight: AtomicUsize,
     max_inflight: usize,
-    consul_log: LogLimiter,
     upstream_log: LogLimiter,
 }
 
@@ -185,17 +160,7 @@ impl Engine {
             wildcard: dns.wildcard_domain.as_ref().map(|n| (n.clone(), wire::name_to_wire(n))),
             lb,
             zones,
-            consul: Forwarder::new(
-                &config.consul.dns,
-                ForwardOptions {
-                    timeout: dns.consul_timeout,
-                    recursion: false,
-                    payload: CONSUL_PAYLOAD,
-                    pool_loopback: true,
-                    max_forwarded: dns.max_forwarded,
-                },
-                readers.clone(),
-            ),
+            consul: ConsulAsker::new(config, stats.clone(), readers.clone()),
             upstream: Forwarder::new(
                 &dns.upstreams,
                 ForwardOptions {
@@ -215,7 +180,6 @@ impl Engine {
             stats,
             inflight: AtomicUsize::new(0),
             max_inflight: dns.max_inflight,
-            consul_log: LogLimiter::new(),
             upstream_log: LogLimiter::new(),
         }
     }
@@ -248,7 +212,13 @@ impl Engine {
     }
 
     /// The hot path: answers what needs no I/O into `out`.
-    pub fn classify(&self, packet: &[u8], src: SocketAddr, transport: Transport, out: &mut Vec<u8>) -> Verdict {
+    pub fn classify<'a>(
+        &self,
+        packet: &'a [u8],
+        src: SocketAddr,
+        transport: Transport,
+        out: &mut Vec<u8>,
+    ) -> Verdict<'a> {
         let query = match wire::parse_query(packet) {
             Ok(q) => q,
             Err(Malformed::Drop) => {
@@ -276,7 +246,7 @@ impl Engine {
         if self.answer_from_cache(&query, limit, out) {
             Verdict::Answered
         } else {
-            Verdict::Resolve
+            Verdict::Resolve(query)
         }
     }
 
@@ -286,8 +256,8 @@ impl Engine {
         wire::name_in_zone(query.qname, &self.consul_zone) && !self.is_lb_consul_question(query)
     }
 
-    /// The Consul forwarder.
-    pub fn consul_forwarder(&self) -> &Forwarder {
+    /// Who asks Consul.
+    pub fn consul(&self) -> &ConsulAsker {
         &self.consul
     }
 
@@ -341,23 +311,33 @@ impl Engine {
         Some(InflightSlot(self.clone()))
     }
 
-    /// The slow path: answers `packet` (already admitted by [`Engine::classify`]
-    /// or about to be) into a new response; `None` means no answer is sent.
+    /// Both paths for `packet`: [`Engine::classify`], then, when it needs it,
+    /// [`Engine::resolve_query`]; `None` means no answer is sent.
     pub async fn resolve(&self, packet: &[u8], src: SocketAddr, transport: Transport) -> Option<Vec<u8>> {
         let mut out = Vec::with_capacity(512);
         match self.classify(packet, src, transport, &mut out) {
-            Verdict::Answered => return Some(out),
-            Verdict::Drop => return None,
-            Verdict::Resolve => {}
+            Verdict::Answered => Some(out),
+            Verdict::Drop => None,
+            Verdict::Resolve(query) => Some(self.resolve_query(&query, src, transport).await),
         }
-        let query = wire::parse_query(packet).ok()?;
+    }
+
+    /// The slow path: answers `query`, which [`Engine::classify`] gave back
+    /// with [`Verdict::Resolve`] (allowed, and not in the cache then), into a
+    /// new response. The cache is looked at again: an answer may have come
+    /// since (TCP, or a merged query that just finished).
+    pub async fn resolve_query(&self, query: &ParsedQuery<'_>, src: SocketAddr, transport: Transport) -> Vec<u8> {
+        let mut out = Vec::with_capacity(512);
         let limit = query.response_limit(transport);
+        if self.answer_from_cache(query, limit, &mut out) {
+            return out;
+        }
         let mut key_buf = [0u8; wire::MAX_KEY_LEN];
         let key = query.key(&mut key_buf);
 
         let in_consul = wire::name_in_zone(query.qname, &self.consul_zone);
-        if in_consul && !self.is_lb_consul_question(&query) {
-            return Some(self.forward_consul(&query, key, limit, out).await);
+        if in_consul && !self.is_lb_consul_question(query) {
+            return self.consul.resolve(query, key, limit, out).await;
         }
         let apex = self
             .wildcard
@@ -376,24 +356,24 @@ impl Engine {
             // Local data exists in class IN only (RFC 1035 3.2.4); CH and friends
             // for these names are refused rather than answered with IN records.
             if query.qclass != CLASS_IN {
-                wire::error_response(&query, u16::from(rcode::REFUSED), &mut out);
+                wire::error_response(query, u16::from(rcode::REFUSED), &mut out);
                 self.stats.at(route).answered(rcode::REFUSED);
-                return Some(out);
+                return out;
             }
             let generation = self.generation.load(Ordering::Relaxed);
             let answer = match route {
-                AnswerSource::Zone => zones.lookup(packet, src).await,
-                _ => self.lb.answer(&query, apex).ok_or(rcode::SERVFAIL),
+                AnswerSource::Zone => zones.lookup(query.packet, src).await,
+                _ => self.lb.answer(query, apex).ok_or(rcode::SERVFAIL),
             };
-            return Some(self.local_answer(&query, key, answer, route, generation, limit, out));
+            return self.local_answer(query, key, answer, route, generation, limit, out);
         }
         drop(zones);
         if matches!(query.qtype, rtype::AXFR | rtype::IXFR) {
-            wire::error_response(&query, u16::from(rcode::REFUSED), &mut out);
+            wire::error_response(query, u16::from(rcode::REFUSED), &mut out);
             self.stats.at(AnswerSource::Upstream).answered(rcode::REFUSED);
-            return Some(out);
+            return out;
         }
-        Some(self.forward_upstream(&query, key, limit, out).await)
+        self.forward_upstream(query, key, limit, out).await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -429,45 +409,6 @@ impl Engine {
             }),
         );
         out
-    }
-
-    async fn forward_consul(&self, query: &ParsedQuery<'_>, key: &[u8], limit: usize, mut out: Vec<u8>) -> Vec<u8> {
-        let stats = self.stats.at(AnswerSource::Consul);
-        let result = self.consul.resolve(key, query, stats).await;
-        if let Err(error) = &result {
-            self.consul_failed(error, query);
-        }
-        self.finish_consul(&result, query, limit, &mut out);
-        out
-    }
-
-    /// The client's answer to a Consul question from the forwarder's `result`
-    /// (SERVFAIL for an error), counted.
-    pub fn finish_consul(
-        &self,
-        result: &Result<Arc<Template>, ForwardError>,
-        query: &ParsedQuery<'_>,
-        limit: usize,
-        out: &mut Vec<u8>,
-    ) {
-        let stats = self.stats.at(AnswerSource::Consul);
-        match result {
-            Ok(template) => {
-                wire::finish(template, query, TtlRewrite::Keep, limit, out);
-                stats.answered(template.rcode);
-            }
-            Err(_) => {
-                wire::error_response(query, u16::from(rcode::SERVFAIL), out);
-                stats.answered(rcode::SERVFAIL);
-            }
-        }
-    }
-
-    /// Logs that Consul did not answer `query` (at most every 10 s).
-    pub fn consul_failed(&self, error: &ForwardError, query: &ParsedQuery<'_>) {
-        if self.consul_log.allow() {
-            tracing::warn!(%error, name = %wire::name_to_string(query.qname), "consul did not answer; SERVFAIL (logged at most every 10 s)");
-        }
     }
 
     /// How long an upstream answer may be cached: positive answers by their

@@ -32,11 +32,11 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::engine::{CONSUL_PAYLOAD, Engine, InflightSlot};
+use super::consul_ask::CONSUL_PAYLOAD;
+use super::engine::{Engine, InflightSlot};
 use super::forward::{ExchangeError, FirstTry, ForwardError};
 use super::outbox::Outbox;
 use super::slow_path::SlowPath;
-use super::stats::AnswerSource;
 use super::wire::{self, Edns, MAX_KEY_LEN, ParsedQuery, Transport, TtlRewrite, rcode};
 use crate::udp_batch::{OnSendError, RecvBatch, SendBatch};
 
@@ -398,7 +398,7 @@ impl InlineConsul {
         client_socket: &Arc<UdpSocket>,
         slots: usize,
     ) -> std::io::Result<Option<Self>> {
-        let Some((addr, attempt)) = engine.consul_forwarder().inline_target() else {
+        let Some((addr, attempt)) = engine.consul().inline_target() else {
             return Ok(None);
         };
         if slots == 0 {
@@ -450,11 +450,11 @@ impl InlineConsul {
         outbox: &mut Outbox,
     ) -> bool {
         let core = &mut self.core;
-        let forwarder = core.engine.consul_forwarder();
-        if !forwarder.inline_now() {
+        let consul = core.engine.consul();
+        if !consul.inline_now() {
             return false;
         }
-        let stats = core.engine.stats().at(AnswerSource::Consul);
+        let stats = consul.stats();
         let Some(slot) = core.engine.admit() else {
             return true; // dropped and counted, as on the task path
         };
@@ -473,7 +473,7 @@ impl InlineConsul {
         let result = core
             .table
             .add(query, key, client, now, now + core.attempt, |id, request| {
-                slot_taken = forwarder.take_slot();
+                slot_taken = consul.take_slot();
                 wire::upstream_query(query, id, false, CONSUL_PAYLOAD, request);
             });
         match result {
@@ -482,7 +482,7 @@ impl InlineConsul {
                 if !slot_taken {
                     // Over `max_forwarded`: SERVFAIL at once, as the task path does.
                     stats.over_limit.fetch_add(1, Ordering::Relaxed);
-                    let error = forwarder.busy();
+                    let error = consul.busy();
                     core.fail_now(ex, &error, outbox);
                     return true;
                 }
@@ -528,7 +528,7 @@ impl InlineConsul {
             match self.core.table.answered_by(resp) {
                 Some(ex) => self.core.answered(ex, resp, cut, outbox),
                 None => {
-                    let stats = self.core.engine.stats().at(AnswerSource::Consul);
+                    let stats = self.core.engine.consul().stats();
                     stats.ignored_responses.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -616,15 +616,15 @@ impl Core {
             return;
         };
         let failure = matches!(meta.rcode, rcode::SERVFAIL | rcode::REFUSED);
-        self.engine.consul_forwarder().inline_answered(failure);
+        self.engine.consul().inline_answered(failure);
         if failure
-            && self.engine.consul_forwarder().has_fallback()
+            && self.engine.consul().has_fallback()
             && let Some(template) = wire::make_template(resp)
         {
             self.hand_over(ex, FirstTry::FailureAnswer(template));
             return;
         }
-        let stats = self.engine.stats().at(AnswerSource::Consul);
+        let stats = self.engine.consul().stats();
         stats.upstream_latency(self.table.started(ex).elapsed());
         let (wire, ttls) = (&self.wire, &self.ttls);
         self.table.finish(ex, |query, client| {
@@ -640,18 +640,18 @@ impl Core {
             stats.answered(meta.rcode);
             outbox.push(&client.raw, client.raw_len);
         });
-        self.engine.consul_forwarder().release_slot();
+        self.engine.consul().release_slot();
     }
 
     /// Exchange `ex` failed with the first Consul address: SERVFAIL when there
     /// is no other, else on to the others in a task.
     fn failed(&mut self, ex: u16, cause: &ExchangeError, outbox: &mut Outbox) {
-        match self.engine.consul_forwarder().inline_failed(cause) {
+        match self.engine.consul().inline_failed(cause) {
             Some(error) => {
-                let stats = self.engine.stats().at(AnswerSource::Consul);
+                let stats = self.engine.consul().stats();
                 stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
                 self.fail_now(ex, &error, outbox);
-                self.engine.consul_forwarder().release_slot();
+                self.engine.consul().release_slot();
             }
             None => self.hand_over(ex, FirstTry::Failed(cause.clone())),
         }
@@ -663,11 +663,13 @@ impl Core {
         let mut logged = false;
         self.table.finish(ex, |query, client| {
             if !logged {
-                engine.consul_failed(error, query);
+                engine.consul().log_failure(error, query);
                 logged = true;
             }
             let out = outbox.buf();
-            engine.finish_consul(&Err(error.clone()), query, query.response_limit(Transport::Udp), out);
+            engine
+                .consul()
+                .finish(&Err(error.clone()), query, query.response_limit(Transport::Udp), out);
             outbox.push(&client.raw, client.raw_len);
         });
     }
@@ -682,7 +684,7 @@ impl Core {
             waiters.push((query.packet.to_vec(), query.edns, client));
         });
         let Some((head, edns, _)) = waiters.first() else {
-            self.engine.consul_forwarder().release_slot();
+            self.engine.consul().release_slot();
             return;
         };
         let (head, edns) = (head.clone(), *edns);
@@ -690,18 +692,13 @@ impl Core {
         let socket = self.client_socket.clone();
         self.slow.spawn(async move {
             let query = client_query(&head, edns);
-            let stats = engine.stats().at(AnswerSource::Consul);
-            let result = engine
-                .consul_forwarder()
-                .resolve_after(&query, stats, started, first)
-                .await;
-            if let Err(error) = &result {
-                engine.consul_failed(error, &query);
-            }
+            let result = engine.consul().resolve_after(&query, started, first).await;
             let mut out = Vec::with_capacity(512);
             for (head, edns, client) in &waiters {
                 let query = client_query(head, *edns);
-                engine.finish_consul(&result, &query, query.response_limit(Transport::Udp), &mut out);
+                engine
+                    .consul()
+                    .finish(&result, &query, query.response_limit(Transport::Udp), &mut out);
                 let _ = socket.send_to(&out, client.addr);
             }
         });

@@ -17,9 +17,11 @@
 //! on some packet) ends [`run`] with [`DnsError::WorkerDied`], so the supervisor
 //! restarts the dns rather than let it answer on fewer sockets.
 
+pub mod consul_ask;
 pub mod engine;
 pub mod forward;
 pub mod inline;
+pub mod log_limiter;
 pub mod outbox;
 pub mod settings;
 pub mod slow_path;

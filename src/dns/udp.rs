@@ -24,7 +24,7 @@ use super::inline::InlineConsul;
 use super::outbox::Outbox;
 // Re-exported for `dns::run`, which names it through this module.
 pub use super::slow_path::SlowPath;
-use super::wire::{self, Transport};
+use super::wire::{ParsedQuery, Transport};
 use crate::udp_batch::RecvBatch;
 
 /// How often an idle worker checks for shutdown.
@@ -113,9 +113,8 @@ impl Worker {
                         }
                     }
                     Verdict::Drop => {}
-                    Verdict::Resolve => {
+                    Verdict::Resolve(query) => {
                         if let Some(inline) = self.inline.as_mut()
-                            && let Ok(query) = wire::parse_query(packet)
                             && self.engine.is_consul_forwarded(&query)
                             && let Some(raw) = self.received.source_raw(i)
                             && inline.ask(
@@ -128,7 +127,7 @@ impl Worker {
                         {
                             continue;
                         }
-                        resolve_later(&self.engine, &self.slow, &self.socket, packet, src);
+                        resolve_later(&self.engine, &self.slow, &self.socket, &query, src);
                     }
                 }
             }
@@ -147,17 +146,23 @@ impl Worker {
     }
 }
 
-/// The task path: the question is copied out (the next receive reuses the
-/// slot) and resolved in a tokio task, which answers on the client socket.
-fn resolve_later(engine: &Arc<Engine>, slow: &SlowPath, socket: &Arc<UdpSocket>, packet: &[u8], src: SocketAddr) {
+/// The task path: the question is copied out with its parse (the next
+/// receive reuses the slot) and resolved in a tokio task, which answers on
+/// the client socket.
+fn resolve_later(
+    engine: &Arc<Engine>,
+    slow: &SlowPath,
+    socket: &Arc<UdpSocket>,
+    query: &ParsedQuery<'_>,
+    src: SocketAddr,
+) {
     let Some(slot) = engine.admit() else { return };
-    let packet = packet.to_vec();
+    let query = query.to_owned_query();
     let engine = engine.clone();
     let socket = socket.clone();
     slow.spawn(async move {
         let _slot = slot;
-        if let Some(response) = engine.resolve(&packet, src, Transport::Udp).await {
-            let _ = socket.send_to(&response, src);
-        }
+        let response = engine.resolve_query(&query.get(), src, Transport::Udp).await;
+        let _ = socket.send_to(&response, src);
     });
 }

@@ -110,6 +110,56 @@ pub struct ParsedQuery<'a> {
     pub edns: Option<Edns>,
 }
 
+/// A [`ParsedQuery`] with its own copy of the packet, for a task to take
+/// along: made from the parse, so the packet is not parsed again.
+#[derive(Debug, Clone)]
+pub struct OwnedQuery {
+    packet: Box<[u8]>,
+    /// Where the question name lies in `packet`.
+    qname: std::ops::Range<usize>,
+    id: u16,
+    flags: u16,
+    qtype: u16,
+    qclass: u16,
+    question_end: usize,
+    edns: Option<Edns>,
+}
+
+impl OwnedQuery {
+    /// The query, borrowing the copy.
+    #[inline]
+    pub fn get(&self) -> ParsedQuery<'_> {
+        ParsedQuery {
+            packet: &self.packet,
+            id: self.id,
+            flags: self.flags,
+            qname: &self.packet[self.qname.clone()],
+            qtype: self.qtype,
+            qclass: self.qclass,
+            question_end: self.question_end,
+            edns: self.edns,
+        }
+    }
+}
+
+impl ParsedQuery<'_> {
+    /// This query with a copy of its packet.
+    pub fn to_owned_query(&self) -> OwnedQuery {
+        // `qname` lies inside `packet` (both come from the parse).
+        let start = self.qname.as_ptr() as usize - self.packet.as_ptr() as usize;
+        OwnedQuery {
+            packet: self.packet.into(),
+            qname: start..start + self.qname.len(),
+            id: self.id,
+            flags: self.flags,
+            qtype: self.qtype,
+            qclass: self.qclass,
+            question_end: self.question_end,
+            edns: self.edns,
+        }
+    }
+}
+
 /// Why a packet is not an answerable query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Malformed {
@@ -657,6 +707,38 @@ mod tests {
             m.set_edns(e);
         }
         m.to_vec().unwrap()
+    }
+
+    /// A query taken along by a task is the same query, without parsing again.
+    #[test]
+    fn an_owned_query_is_the_parsed_one() {
+        let packet = query_bytes("Web.Service.Consul.", RecordType::SRV, true);
+        let parsed = parse_query(&packet).unwrap();
+        let owned = parsed.to_owned_query();
+        drop(packet);
+        let back = owned.get();
+        let again = query_bytes("Web.Service.Consul.", RecordType::SRV, true);
+        let want = parse_query(&again).unwrap();
+        assert_eq!(back.packet, want.packet);
+        assert_eq!(back.qname, want.qname);
+        assert_eq!(
+            (
+                back.id,
+                back.flags,
+                back.qtype,
+                back.qclass,
+                back.question_end,
+                back.edns
+            ),
+            (
+                want.id,
+                want.flags,
+                want.qtype,
+                want.qclass,
+                want.question_end,
+                want.edns
+            )
+        );
     }
 
     #[test]
