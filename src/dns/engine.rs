@@ -1,13 +1,14 @@
 //! The question router and answer cache: every query, from UDP or TCP, ends here.
 //!
 //! ```text
-//!  packet ─parse─▶ allowed? ──no──▶ REFUSED
-//!    │ fast path (inline in the receive loop, no task, no allocation):
+//!  packet ─parse (once)─▶ allowed? ──no──▶ REFUSED
+//!    │ fast path (classify, inline in the receive loop, no task, no allocation):
 //!    ├─ not Consul, and the cache holds a valid pre-encoded answer ─▶ finish() ─▶ send
+//!    │  else Verdict::Resolve(the parsed query):
 //!    ├─ *.consul over UDP, Consul on loopback ─▶ the worker's own Consul socket
 //!    │                            (inline.rs: merged per worker, never cached)
-//!    │ slow path (a tokio task):
-//!    ├─ *.consul ───────────────▶ Consul forwarder (merged, never cached)
+//!    │ slow path (resolve_query, a tokio task, with the parse taken along):
+//!    ├─ *.consul ───────────────▶ ConsulAsker (consul_ask.rs: merged, never cached)
 //!    ├─ consul A/AAAA, mode lb ─▶ LB hosts   ┐
 //!    ├─ wildcard domain ────────▶ LB hosts   ├─ local answer, cached under the
 //!    ├─ zones_dir zone ─────────▶ Catalog    ┘  current generation

@@ -4,7 +4,8 @@
 //!
 //! ```text
 //!  client datagram ─classify─▶ a *.consul question for the Consul forwarder
-//!     ├─ first Consul address held down (another is up) ─▶ task path (Engine::resolve)
+//!     │  (its parse from Verdict::Resolve; the rules are ConsulAsker's)
+//!     ├─ first Consul address held down (another is up) ─▶ task path (Engine::resolve_query)
 //!     ├─ this worker has it on the wire already ─▶ a waiter of that exchange (merged)
 //!     ├─ table full (exchanges or waiters) ─▶ task path, counted (inline_overflow)
 //!     └─ new exchange: ID random and unique in the table, 0x20 case, sent on
@@ -12,7 +13,7 @@
 //!  datagram on that socket (recvmmsg) ─ID─▶ exchange ─question byte for byte─▶
 //!     ├─ answer ─▶ finished for every waiter into the worker's answer batch
 //!     ├─ TC or cut, SERVFAIL/REFUSED with another address, malformed, ICMP
-//!     │  refused, deadline ─▶ Forwarder::resolve_after in a task (TCP, the other
+//!     │  refused, deadline ─▶ ConsulAsker::resolve_after in a task (TCP, the other
 //!     │  addresses, all within dns.consul_timeout)
 //!     └─ anything else (wrong ID, case or question: late, stray, spoofed) ─▶ ignored, counted
 //!  only one Consul address, and it failed ─▶ SERVFAIL from the worker (logged, rate-limited)

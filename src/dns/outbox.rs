@@ -1,4 +1,4 @@
-//! The answers a UDP worker sends from its client socket: up to [`OUT`] a
+//! The answers a UDP worker sends from its client socket: up to 64 a
 //! batch, sent with one `sendmmsg` ([`crate::udp_batch::SendBatch`]). Both the
 //! worker's own loop (`udp.rs`) and its Consul client (`inline.rs`) write
 //! into it.
@@ -11,7 +11,7 @@ const OUT: usize = 64;
 /// Capacity of an answer buffer, made once (a larger answer grows it).
 const ANSWER_CAPACITY: usize = 4096;
 
-/// Answers to send from the client socket: up to [`OUT`], sent with one
+/// Answers to send from the client socket: up to 64 (`OUT`), sent with one
 /// `sendmmsg`; the headers are pointed into `bufs` and `addrs` right before
 /// it, which are allocated once and never resized.
 pub struct Outbox {
