@@ -268,6 +268,11 @@ impl Engine {
             && wire::name_in_zone(query.qname, &self.service_zone)
     }
 
+    /// Writes the cached answer to `query` into `out`, counted; `false` when
+    /// there is none (or it is no longer valid). Inlined always: it is most of
+    /// [`Engine::classify`], the hot path, and its second caller (the slow
+    /// path) would otherwise make it a call of its own there.
+    #[inline(always)]
     fn answer_from_cache(&self, query: &ParsedQuery<'_>, limit: usize, out: &mut Vec<u8>) -> bool {
         if wire::name_in_zone(query.qname, &self.consul_zone) && !self.is_lb_consul_question(query) {
             return false;
