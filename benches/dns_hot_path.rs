@@ -3,7 +3,7 @@
 //! What it measures, one client query each iteration:
 //!
 //! * `wire/*`: the building blocks of every cached answer: `parse_query` (header,
-//!   question, EDNS), `Query::key` (the cache key), `finish` (patch a cached
+//!   question, EDNS), `ParsedQuery::key` (the cache key), `finish` (patch a cached
 //!   template for one client: ID, flags, question case, TTLs aged, OPT appended),
 //!   `parse+key+finish` (all three, i.e. the fast path minus the cache lookup), and
 //!   `make_template` (turning an upstream response into a template: once per cache

@@ -23,7 +23,6 @@ pub mod restricted;
 pub mod signals;
 pub mod supervisor;
 pub mod threads;
-pub mod udp_batch;
 pub mod vpn;
 
 use std::future::Future;

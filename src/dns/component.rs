@@ -17,14 +17,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio_util::sync::CancellationToken;
 
 use super::settings::DnsConfig;
-use super::stats::{DnsStats, LATENCY_BUCKETS_US, RouteSnapshot, TcpClose};
+use super::stats::{DnsStats, RouteSnapshot, TcpClose};
 use super::{DnsControl, DnsError, DnsSockets};
 use crate::component::{
     ApiAnswer, ApiRequest, Appliance, Banner, Bound, BoxFuture, Component, ComponentError, Failure, Host, Listener,
     Listening, PageParts,
 };
 use crate::consul::settings::ConsulConfig;
-use crate::report::histogram;
 use crate::report::html::escape;
 use crate::report::prometheus::{Kind, Writer};
 
@@ -314,15 +313,10 @@ fn metrics(out: &mut Writer, stats: &DnsStats) {
         "Latency of exchanges with Consul and the upstream resolvers, by route.",
     );
     for (route, s) in &routes {
-        let snapshot = histogram::Snapshot {
-            bounds_us: &LATENCY_BUCKETS_US,
-            latency_buckets: s.latency_buckets,
-            latency_sum_us: s.latency_sum_us,
-        };
         out.histogram(
             "wayfinder_dns_upstream_request_duration_seconds",
             &[("route", route)],
-            &snapshot,
+            &s.latency,
         );
     }
     out.single(

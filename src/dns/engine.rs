@@ -1,13 +1,14 @@
 //! The question router and answer cache: every query, from UDP or TCP, ends here.
 //!
 //! ```text
-//!  packet ─parse─▶ allowed? ──no──▶ REFUSED
-//!    │ fast path (inline in the receive loop, no task, no allocation):
+//!  packet ─parse (once)─▶ allowed? ──no──▶ REFUSED
+//!    │ fast path (classify, inline in the receive loop, no task, no allocation):
 //!    ├─ not Consul, and the cache holds a valid pre-encoded answer ─▶ finish() ─▶ send
+//!    │  else Verdict::Resolve(the parsed query):
 //!    ├─ *.consul over UDP, Consul on loopback ─▶ the worker's own Consul socket
 //!    │                            (inline.rs: merged per worker, never cached)
-//!    │ slow path (a tokio task):
-//!    ├─ *.consul ───────────────▶ Consul forwarder (merged, never cached)
+//!    │ slow path (resolve_query, a tokio task, with the parse taken along):
+//!    ├─ *.consul ───────────────▶ ConsulAsker (consul_ask.rs: merged, never cached)
 //!    ├─ consul A/AAAA, mode lb ─▶ LB hosts   ┐
 //!    ├─ wildcard domain ────────▶ LB hosts   ├─ local answer, cached under the
 //!    ├─ zones_dir zone ─────────▶ Catalog    ┘  current generation
@@ -30,13 +31,15 @@ use ipnet::IpNet;
 use moka::Expiry;
 use moka::sync::Cache;
 
-use super::forward::{ForwardError, ForwardOptions, Forwarder};
+use super::consul_ask::{ConsulAsker, FAILURE_LOG_EVERY};
+use super::forward::{ForwardOptions, Forwarder};
 use super::settings::{ConsulARecords, DnsConfig};
-use super::stats::{DnsStats, Route};
+use super::stats::{AnswerSource, DnsStats};
 use super::wildcard::LbAnswers;
-use super::wire::{self, Malformed, Query, Template, Transport, TtlRewrite, rcode, rtype};
+use super::wire::{self, Malformed, ParsedQuery, Template, Transport, TtlRewrite, rcode, rtype};
 use super::zones::Zones;
 use crate::consul::settings::ConsulConfig;
+use crate::report::throttle::LogEvery;
 
 /// TTL of a stale answer (RFC 8767 section 4 suggests 30 seconds).
 const STALE_TTL: u32 = 30;
@@ -44,8 +47,6 @@ const STALE_TTL: u32 = 30;
 const LOCAL_ENTRY_LIFETIME: Duration = Duration::from_secs(3600);
 /// Class IN.
 const CLASS_IN: u16 = 1;
-/// EDNS payload we advertise to Consul: large, it is (nearly always) local.
-pub(super) const CONSUL_PAYLOAD: u16 = 4096;
 /// What a cache entry costs besides its key and answer bytes: the entry, its
 /// `Arc`, and moka's bookkeeping (hash slot, LRU and timer nodes), estimated.
 const ENTRY_OVERHEAD: usize = 256;
@@ -55,7 +56,7 @@ enum EntryKind {
     /// From an upstream, valid until `fresh_until`, then stale.
     Upstream,
     /// Built here from LB hosts or zones, valid while the generation holds.
-    Local { generation: u64, route: Route },
+    Local { generation: u64, route: AnswerSource },
 }
 
 #[derive(Debug)]
@@ -104,38 +105,14 @@ impl Expiry<Box<[u8]>, Arc<Entry>> for EntryExpiry {
     }
 }
 
-/// Logs at most once per interval (per-query logging under an outage would both
-/// flood the log and slow the hot path).
-struct LogLimiter {
-    next_ms: AtomicU64,
-    base: Instant,
-}
-
-impl LogLimiter {
-    fn new() -> Self {
-        Self {
-            next_ms: AtomicU64::new(0),
-            base: Instant::now(),
-        }
-    }
-
-    fn allow(&self) -> bool {
-        let now = self.base.elapsed().as_millis() as u64;
-        let next = self.next_ms.load(Ordering::Relaxed);
-        now >= next
-            && self
-                .next_ms
-                .compare_exchange(next, now + 10_000, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-    }
-}
-
 /// What the caller of [`Engine::classify`] should do with a packet.
-pub enum Verdict {
+pub enum Verdict<'a> {
     /// The response is in the output buffer: send it.
     Answered,
-    /// Needs the slow path ([`Engine::resolve`]).
-    Resolve,
+    /// Needs the slow path ([`Engine::resolve_query`]), or for a Consul
+    /// question ([`Engine::is_consul_forwarded`]) a UDP worker's own Consul
+    /// client: the parse goes along, so the packet is never parsed again.
+    Resolve(ParsedQuery<'a>),
     /// Do not answer.
     Drop,
 }
@@ -149,7 +126,7 @@ pub struct Engine {
     wildcard: Option<(Name, Vec<u8>)>,
     lb: Arc<LbAnswers>,
     zones: Arc<Zones>,
-    consul: Forwarder,
+    consul: ConsulAsker,
     upstream: Forwarder,
     cache: Cache<Box<[u8]>, Arc<Entry>>,
     generation: AtomicU64,
@@ -159,8 +136,7 @@ pub struct Engine {
     stats: Arc<DnsStats>,
     inflight: AtomicUsize,
     max_inflight: usize,
-    consul_log: LogLimiter,
-    upstream_log: LogLimiter,
+    upstream_log: LogEvery,
 }
 
 impl Engine {
@@ -186,17 +162,7 @@ impl Engine {
             wildcard: dns.wildcard_domain.as_ref().map(|n| (n.clone(), wire::name_to_wire(n))),
             lb,
             zones,
-            consul: Forwarder::new(
-                &consul.dns,
-                ForwardOptions {
-                    timeout: dns.consul_timeout,
-                    recursion: false,
-                    payload: CONSUL_PAYLOAD,
-                    pool_loopback: true,
-                    max_forwarded: dns.max_forwarded,
-                },
-                readers.clone(),
-            ),
+            consul: ConsulAsker::new(dns, consul, stats.clone(), readers.clone()),
             upstream: Forwarder::new(
                 &dns.upstreams,
                 ForwardOptions {
@@ -216,8 +182,7 @@ impl Engine {
             stats,
             inflight: AtomicUsize::new(0),
             max_inflight: dns.max_inflight,
-            consul_log: LogLimiter::new(),
-            upstream_log: LogLimiter::new(),
+            upstream_log: LogEvery::new(FAILURE_LOG_EVERY),
         }
     }
 
@@ -249,7 +214,13 @@ impl Engine {
     }
 
     /// The hot path: answers what needs no I/O into `out`.
-    pub fn classify(&self, packet: &[u8], src: SocketAddr, transport: Transport, out: &mut Vec<u8>) -> Verdict {
+    pub fn classify<'a>(
+        &self,
+        packet: &'a [u8],
+        src: SocketAddr,
+        transport: Transport,
+        out: &mut Vec<u8>,
+    ) -> Verdict<'a> {
         let query = match wire::parse_query(packet) {
             Ok(q) => q,
             Err(Malformed::Drop) => {
@@ -258,47 +229,52 @@ impl Engine {
             }
             Err(Malformed::Reply { id, flags, rcode }) => {
                 wire::header_error(id, flags, rcode, out);
-                self.stats.at(Route::Rejected).answered(rcode);
+                self.stats.at(AnswerSource::Rejected).answered(rcode);
                 return Verdict::Answered;
             }
         };
         if !self.allowed(src.ip()) {
             wire::error_response(&query, u16::from(rcode::REFUSED), out);
-            self.stats.at(Route::Rejected).answered(rcode::REFUSED);
+            self.stats.at(AnswerSource::Rejected).answered(rcode::REFUSED);
             return Verdict::Answered;
         }
         if query.edns.is_some_and(|e| e.version > 0) {
             // RFC 6891 6.1.3: BADVERS (16) for versions we do not speak.
             wire::error_response(&query, 16, out);
-            self.stats.at(Route::Rejected).answered(16);
+            self.stats.at(AnswerSource::Rejected).answered(16);
             return Verdict::Answered;
         }
         let limit = query.response_limit(transport);
         if self.answer_from_cache(&query, limit, out) {
             Verdict::Answered
         } else {
-            Verdict::Resolve
+            Verdict::Resolve(query)
         }
     }
 
     /// True when `query` goes to the Consul forwarder (a `*.consul` name not
     /// answered with LB hosts): what a UDP worker may ask Consul itself.
-    pub fn is_consul_forwarded(&self, query: &Query<'_>) -> bool {
+    pub fn is_consul_forwarded(&self, query: &ParsedQuery<'_>) -> bool {
         wire::name_in_zone(query.qname, &self.consul_zone) && !self.is_lb_consul_question(query)
     }
 
-    /// The Consul forwarder.
-    pub fn consul_forwarder(&self) -> &Forwarder {
+    /// Who asks Consul.
+    pub fn consul(&self) -> &ConsulAsker {
         &self.consul
     }
 
-    fn is_lb_consul_question(&self, query: &Query<'_>) -> bool {
+    fn is_lb_consul_question(&self, query: &ParsedQuery<'_>) -> bool {
         self.lb_for_consul
             && matches!(query.qtype, rtype::A | rtype::AAAA)
             && wire::name_in_zone(query.qname, &self.service_zone)
     }
 
-    fn answer_from_cache(&self, query: &Query<'_>, limit: usize, out: &mut Vec<u8>) -> bool {
+    /// Writes the cached answer to `query` into `out`, counted; `false` when
+    /// there is none (or it is no longer valid). Inlined always: it is most of
+    /// [`Engine::classify`], the hot path, and its second caller (the slow
+    /// path) would otherwise make it a call of its own there.
+    #[inline(always)]
+    fn answer_from_cache(&self, query: &ParsedQuery<'_>, limit: usize, out: &mut Vec<u8>) -> bool {
         if wire::name_in_zone(query.qname, &self.consul_zone) && !self.is_lb_consul_question(query) {
             return false;
         }
@@ -320,7 +296,7 @@ impl Engine {
                     return false;
                 }
                 let age = now.saturating_duration_since(entry.stored).as_secs() as u32;
-                (TtlRewrite::Age(age), Route::Upstream)
+                (TtlRewrite::Age(age), AnswerSource::Upstream)
             }
         };
         wire::finish(&entry.template, query, ttl, limit, out);
@@ -342,23 +318,33 @@ impl Engine {
         Some(InflightSlot(self.clone()))
     }
 
-    /// The slow path: answers `packet` (already admitted by [`Engine::classify`]
-    /// or about to be) into a new response; `None` means no answer is sent.
+    /// Both paths for `packet`: [`Engine::classify`], then, when it needs it,
+    /// [`Engine::resolve_query`]; `None` means no answer is sent.
     pub async fn resolve(&self, packet: &[u8], src: SocketAddr, transport: Transport) -> Option<Vec<u8>> {
         let mut out = Vec::with_capacity(512);
         match self.classify(packet, src, transport, &mut out) {
-            Verdict::Answered => return Some(out),
-            Verdict::Drop => return None,
-            Verdict::Resolve => {}
+            Verdict::Answered => Some(out),
+            Verdict::Drop => None,
+            Verdict::Resolve(query) => Some(self.resolve_query(&query, src, transport).await),
         }
-        let query = wire::parse_query(packet).ok()?;
+    }
+
+    /// The slow path: answers `query`, which [`Engine::classify`] gave back
+    /// with [`Verdict::Resolve`] (allowed, and not in the cache then), into a
+    /// new response. The cache is looked at again: an answer may have come
+    /// since (TCP, or a merged query that just finished).
+    pub async fn resolve_query(&self, query: &ParsedQuery<'_>, src: SocketAddr, transport: Transport) -> Vec<u8> {
+        let mut out = Vec::with_capacity(512);
         let limit = query.response_limit(transport);
+        if self.answer_from_cache(query, limit, &mut out) {
+            return out;
+        }
         let mut key_buf = [0u8; wire::MAX_KEY_LEN];
         let key = query.key(&mut key_buf);
 
         let in_consul = wire::name_in_zone(query.qname, &self.consul_zone);
-        if in_consul && !self.is_lb_consul_question(&query) {
-            return Some(self.forward_consul(&query, key, limit, out).await);
+        if in_consul && !self.is_lb_consul_question(query) {
+            return self.consul.resolve(query, key, limit, out).await;
         }
         let apex = self
             .wildcard
@@ -367,9 +353,9 @@ impl Engine {
             .map(|(apex, _)| apex);
         let zones = self.zones.current();
         let local = if in_consul || apex.is_some() {
-            Some(Route::Lb)
+            Some(AnswerSource::Lb)
         } else if zones.contains(query.qname) {
-            Some(Route::Zone)
+            Some(AnswerSource::Zone)
         } else {
             None
         };
@@ -377,33 +363,33 @@ impl Engine {
             // Local data exists in class IN only (RFC 1035 3.2.4); CH and friends
             // for these names are refused rather than answered with IN records.
             if query.qclass != CLASS_IN {
-                wire::error_response(&query, u16::from(rcode::REFUSED), &mut out);
+                wire::error_response(query, u16::from(rcode::REFUSED), &mut out);
                 self.stats.at(route).answered(rcode::REFUSED);
-                return Some(out);
+                return out;
             }
             let generation = self.generation.load(Ordering::Relaxed);
             let answer = match route {
-                Route::Zone => zones.lookup(packet, src).await,
-                _ => self.lb.answer(&query, apex).ok_or(rcode::SERVFAIL),
+                AnswerSource::Zone => zones.lookup(query.packet, src).await,
+                _ => self.lb.answer(query, apex).ok_or(rcode::SERVFAIL),
             };
-            return Some(self.local_answer(&query, key, answer, route, generation, limit, out));
+            return self.local_answer(query, key, answer, route, generation, limit, out);
         }
         drop(zones);
         if matches!(query.qtype, rtype::AXFR | rtype::IXFR) {
-            wire::error_response(&query, u16::from(rcode::REFUSED), &mut out);
-            self.stats.at(Route::Upstream).answered(rcode::REFUSED);
-            return Some(out);
+            wire::error_response(query, u16::from(rcode::REFUSED), &mut out);
+            self.stats.at(AnswerSource::Upstream).answered(rcode::REFUSED);
+            return out;
         }
-        Some(self.forward_upstream(&query, key, limit, out).await)
+        self.forward_upstream(query, key, limit, out).await
     }
 
     #[allow(clippy::too_many_arguments)]
     fn local_answer(
         &self,
-        query: &Query<'_>,
+        query: &ParsedQuery<'_>,
         key: &[u8],
         answer: Result<Vec<u8>, u8>,
-        route: Route,
+        route: AnswerSource,
         generation: u64,
         limit: usize,
         mut out: Vec<u8>,
@@ -432,45 +418,6 @@ impl Engine {
         out
     }
 
-    async fn forward_consul(&self, query: &Query<'_>, key: &[u8], limit: usize, mut out: Vec<u8>) -> Vec<u8> {
-        let stats = self.stats.at(Route::Consul);
-        let result = self.consul.resolve(key, query, stats).await;
-        if let Err(error) = &result {
-            self.consul_failed(error, query);
-        }
-        self.finish_consul(&result, query, limit, &mut out);
-        out
-    }
-
-    /// The client's answer to a Consul question from the forwarder's `result`
-    /// (SERVFAIL for an error), counted.
-    pub fn finish_consul(
-        &self,
-        result: &Result<Arc<Template>, ForwardError>,
-        query: &Query<'_>,
-        limit: usize,
-        out: &mut Vec<u8>,
-    ) {
-        let stats = self.stats.at(Route::Consul);
-        match result {
-            Ok(template) => {
-                wire::finish(template, query, TtlRewrite::Keep, limit, out);
-                stats.answered(template.rcode);
-            }
-            Err(_) => {
-                wire::error_response(query, u16::from(rcode::SERVFAIL), out);
-                stats.answered(rcode::SERVFAIL);
-            }
-        }
-    }
-
-    /// Logs that Consul did not answer `query` (at most every 10 s).
-    pub fn consul_failed(&self, error: &ForwardError, query: &Query<'_>) {
-        if self.consul_log.allow() {
-            tracing::warn!(%error, name = %wire::name_to_string(query.qname), "consul did not answer; SERVFAIL (logged at most every 10 s)");
-        }
-    }
-
     /// How long an upstream answer may be cached: positive answers by their
     /// smallest TTL, NXDOMAIN/NODATA by the SOA (RFC 2308 5); errors never.
     fn cache_ttl(&self, t: &Template) -> Option<u32> {
@@ -482,8 +429,8 @@ impl Engine {
         ttl.filter(|&v| v > 0)
     }
 
-    async fn forward_upstream(&self, query: &Query<'_>, key: &[u8], limit: usize, mut out: Vec<u8>) -> Vec<u8> {
-        let stats = self.stats.at(Route::Upstream);
+    async fn forward_upstream(&self, query: &ParsedQuery<'_>, key: &[u8], limit: usize, mut out: Vec<u8>) -> Vec<u8> {
+        let stats = self.stats.at(AnswerSource::Upstream);
         let previous = self.cache.get(key);
         if let Some(entry) = &previous {
             // A fresh answer can appear between the fast path and here (TCP, or a
@@ -530,8 +477,8 @@ impl Engine {
                 }
             }
             Err(error) => {
-                if self.upstream_log.allow() {
-                    tracing::warn!(%error, name = %wire::name_to_string(query.qname), "upstream resolvers did not answer; SERVFAIL (logged at most every 10 s)");
+                if let Some(failures) = self.upstream_log.event() {
+                    tracing::warn!(%error, failures, name = %wire::name_to_string(query.qname), "upstream resolvers did not answer; SERVFAIL (logged at most every 10 s, with the failures since the last line)");
                 }
                 wire::error_response(query, u16::from(rcode::SERVFAIL), &mut out);
                 stats.answered(rcode::SERVFAIL);

@@ -31,9 +31,10 @@
 //! they all went to the same dead agent.
 //!
 //! The UDP workers ask that first pooled server themselves, on sockets of
-//! their own (`inline.rs`), under the same `max_forwarded` slots, hold-down
-//! and deadline; what they cannot finish there (truncated answers, failures
-//! with other servers left) comes back through [`Forwarder::resolve_after`].
+//! their own (`inline.rs`, under the rules of `consul_ask.rs`), with the same
+//! `max_forwarded` slots, hold-down and deadline; what they cannot finish
+//! there (truncated answers, failures with other servers left) comes back
+//! through [`Forwarder::resolve_after`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -49,7 +50,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::stats::RouteStats;
-use super::wire::{self, Query, Template};
+use super::wire::{self, ParsedQuery, Template};
 
 /// Sockets per server in the UDP pool (Consul on loopback).
 const POOL_SIZE: usize = 4;
@@ -205,7 +206,8 @@ impl Drop for EndedEarly {
     }
 }
 
-struct Server {
+/// One server of a [`Forwarder`], with its health.
+pub(super) struct Server {
     addr: SocketAddr,
     /// `Some` for a pooled server; the sockets are created on first use, inside
     /// the runtime.
@@ -230,7 +232,8 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the forwarders' epoch: what hold-downs are kept in.
+pub(super) fn now_ms() -> u64 {
     epoch().elapsed().as_millis() as u64
 }
 
@@ -258,12 +261,12 @@ impl Forwarder {
     }
 
     /// Resolves `query`'s question; identical questions already on the wire share
-    /// that exchange (`key` identifies the question, see [`Query::key`]). Only
+    /// that exchange (`key` identifies the question, see [`ParsedQuery::key`]). Only
     /// real exchanges are recorded in `stats` (latency, errors), not merged waiters.
     pub async fn resolve(
         &self,
         key: &[u8],
-        query: &Query<'_>,
+        query: &ParsedQuery<'_>,
         stats: &RouteStats,
     ) -> Result<Arc<Template>, ForwardError> {
         let waiting = {
@@ -315,7 +318,7 @@ impl Forwarder {
         healthy
     }
 
-    async fn exchange(&self, query: &Query<'_>, stats: &RouteStats) -> Result<Arc<Template>, ForwardError> {
+    async fn exchange(&self, query: &ParsedQuery<'_>, stats: &RouteStats) -> Result<Arc<Template>, ForwardError> {
         // Held for the whole exchange: one question uses one socket at a time.
         let Some(_slot) = self.slots.acquire() else {
             return Err(ForwardError::Busy {
@@ -331,7 +334,7 @@ impl Forwarder {
     /// holds what servers asked before (by a UDP worker) left behind.
     async fn try_servers(
         &self,
-        query: &Query<'_>,
+        query: &ParsedQuery<'_>,
         stats: &RouteStats,
         order: &[&Server],
         deadline: Instant,
@@ -367,7 +370,7 @@ impl Forwarder {
     }
 
     /// The error of a question no server answered; `last` is the last failure.
-    fn final_error(&self, last: Option<(SocketAddr, ExchangeError)>) -> ForwardError {
+    pub(super) fn final_error(&self, last: Option<(SocketAddr, ExchangeError)>) -> ForwardError {
         match last {
             Some((server, cause)) if !matches!(cause, ExchangeError::Timeout) => {
                 ForwardError::Unreachable { server, cause }
@@ -384,28 +387,14 @@ impl Forwarder {
         }
     }
 
-    /// Where a UDP worker may ask questions itself, on its own connected
-    /// socket: the first server, when it is a pooled one (Consul on loopback),
-    /// with the share of the deadline that server gets. `None`: every question
-    /// goes through [`Forwarder::resolve`].
-    pub fn inline_target(&self) -> Option<(SocketAddr, Duration)> {
-        let first = self.servers.first()?;
-        first.pool.as_ref()?;
-        Some((first.addr, self.options.timeout / self.servers.len() as u32))
+    /// The servers, in configured order.
+    pub(super) fn servers(&self) -> &[Server] {
+        &self.servers
     }
 
-    /// Whether a UDP worker should ask the first server itself now: yes unless
-    /// it is held down while others are not (those come first then, through
-    /// [`Forwarder::resolve`]).
-    pub fn inline_now(&self) -> bool {
-        let now = now_ms();
-        match self.servers.split_first() {
-            Some((first, rest)) => {
-                first.down_until_ms.load(Ordering::Relaxed) <= now
-                    || rest.iter().all(|s| s.down_until_ms.load(Ordering::Relaxed) > now)
-            }
-            None => false,
-        }
+    /// How this forwarder talks to its servers.
+    pub(super) fn options(&self) -> &ForwardOptions {
+        &self.options
     }
 
     /// Takes one `max_forwarded` slot for a UDP worker's own exchange; `false`
@@ -421,37 +410,6 @@ impl Forwarder {
         self.slots.release();
     }
 
-    /// The error for a question that found every slot taken.
-    pub fn busy(&self) -> ForwardError {
-        ForwardError::Busy {
-            limit: self.options.max_forwarded,
-        }
-    }
-
-    /// A UDP worker's own exchange with the first server got an answer:
-    /// `failure` (SERVFAIL, REFUSED) holds that server down, any other clears it.
-    pub fn inline_answered(&self, failure: bool) {
-        if let Some(first) = self.servers.first() {
-            if failure { first.hold_down() } else { first.healthy() }
-        }
-    }
-
-    /// A UDP worker's own exchange with the first server failed with `cause`:
-    /// that server is held down. With no other server this is the question's
-    /// final error (the worker answers SERVFAIL, as [`Forwarder::resolve`]
-    /// would); `None`: hand it to [`Forwarder::resolve_after`].
-    pub fn inline_failed(&self, cause: &ExchangeError) -> Option<ForwardError> {
-        let first = self.servers.first()?;
-        first.hold_down();
-        (self.servers.len() == 1).then(|| self.final_error(Some((first.addr, cause.clone()))))
-    }
-
-    /// Whether a UDP worker must hand an exchange that failed with the first
-    /// server over to [`Forwarder::resolve_after`] (there are other servers).
-    pub fn has_fallback(&self) -> bool {
-        self.servers.len() > 1
-    }
-
     /// Goes on with a question a UDP worker asked the first server itself,
     /// `started` at that moment, holding a slot from [`Forwarder::take_slot`]
     /// (released here): over TCP to that server when its answer was truncated,
@@ -459,7 +417,7 @@ impl Forwarder {
     /// Recorded in `stats` as [`Forwarder::resolve`] records an exchange.
     pub async fn resolve_after(
         &self,
-        query: &Query<'_>,
+        query: &ParsedQuery<'_>,
         stats: &RouteStats,
         started: Instant,
         first: FirstTry,
@@ -620,14 +578,29 @@ impl Drop for LeaderGuard<'_> {
 }
 
 impl Server {
+    /// Its address.
+    pub(super) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Whether it is asked over long-lived pooled sockets (Consul on loopback).
+    pub(super) fn is_pooled(&self) -> bool {
+        self.pool.is_some()
+    }
+
+    /// Whether it is held down at `now_ms` ([`now_ms`]).
+    pub(super) fn is_held_down(&self, now_ms: u64) -> bool {
+        self.down_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+
     /// Answered well: no longer held down (a store only when it was).
-    fn healthy(&self) {
+    pub(super) fn healthy(&self) {
         if self.down_until_ms.load(Ordering::Relaxed) != 0 {
             self.down_until_ms.store(0, Ordering::Relaxed);
         }
     }
 
-    fn hold_down(&self) {
+    pub(super) fn hold_down(&self) {
         self.down_until_ms
             .store(now_ms() + HOLD_DOWN.as_millis() as u64, Ordering::Relaxed);
     }
@@ -651,7 +624,7 @@ impl Server {
     async fn exchange(
         &self,
         fwd: &Forwarder,
-        query: &Query<'_>,
+        query: &ParsedQuery<'_>,
         limit: Duration,
         stats: &RouteStats,
     ) -> Result<Template, ExchangeError> {
@@ -697,7 +670,7 @@ fn connected_udp(addr: SocketAddr) -> Result<UdpSocket, ExchangeError> {
 /// been cut (it filled the buffer: larger than the payload we advertised).
 async fn fresh_exchange(
     addr: SocketAddr,
-    query: &Query<'_>,
+    query: &ParsedQuery<'_>,
     recursion: bool,
     payload: u16,
     limit: Duration,
@@ -741,7 +714,7 @@ impl PooledSocket {
 
     async fn exchange(
         &self,
-        query: &Query<'_>,
+        query: &ParsedQuery<'_>,
         recursion: bool,
         payload: u16,
         limit: Duration,
@@ -840,7 +813,7 @@ async fn read_responses(
 /// One question over TCP (RFC 7766), used when the UDP answer was truncated.
 async fn tcp_exchange(
     addr: SocketAddr,
-    query: &Query<'_>,
+    query: &ParsedQuery<'_>,
     recursion: bool,
     payload: u16,
     limit: Duration,

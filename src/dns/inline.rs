@@ -4,7 +4,8 @@
 //!
 //! ```text
 //!  client datagram ─classify─▶ a *.consul question for the Consul forwarder
-//!     ├─ first Consul address held down (another is up) ─▶ task path (Engine::resolve)
+//!     │  (its parse from Verdict::Resolve; the rules are ConsulAsker's)
+//!     ├─ first Consul address held down (another is up) ─▶ task path (Engine::resolve_query)
 //!     ├─ this worker has it on the wire already ─▶ a waiter of that exchange (merged)
 //!     ├─ table full (exchanges or waiters) ─▶ task path, counted (inline_overflow)
 //!     └─ new exchange: ID random and unique in the table, 0x20 case, sent on
@@ -12,7 +13,7 @@
 //!  datagram on that socket (recvmmsg) ─ID─▶ exchange ─question byte for byte─▶
 //!     ├─ answer ─▶ finished for every waiter into the worker's answer batch
 //!     ├─ TC or cut, SERVFAIL/REFUSED with another address, malformed, ICMP
-//!     │  refused, deadline ─▶ Forwarder::resolve_after in a task (TCP, the other
+//!     │  refused, deadline ─▶ ConsulAsker::resolve_after in a task (TCP, the other
 //!     │  addresses, all within dns.consul_timeout)
 //!     └─ anything else (wrong ID, case or question: late, stray, spoofed) ─▶ ignored, counted
 //!  only one Consul address, and it failed ─▶ SERVFAIL from the worker (logged, rate-limited)
@@ -24,7 +25,6 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::mem::zeroed;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -33,12 +33,13 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::engine::{CONSUL_PAYLOAD, Engine, InflightSlot};
+use super::consul_ask::CONSUL_PAYLOAD;
+use super::engine::{Engine, InflightSlot};
 use super::forward::{ExchangeError, FirstTry, ForwardError};
-use super::stats::Route;
-use super::udp::{Outbox, SlowPath};
-use super::wire::{self, Edns, MAX_KEY_LEN, Query, Transport, TtlRewrite, rcode};
-use crate::udp_batch::RecvBatch;
+use super::outbox::Outbox;
+use super::slow_path::SlowPath;
+use super::wire::{self, Edns, MAX_KEY_LEN, ParsedQuery, Transport, TtlRewrite, rcode};
+use crate::net::udp_batch::{OnSendError, RecvBatch, SendBatch};
 
 /// No index.
 const NONE: u16 = u16::MAX;
@@ -186,7 +187,7 @@ impl<T> PendingTable<T> {
     /// `deadline`. `Err` gives the token back: the table is full.
     pub fn add(
         &mut self,
-        query: &Query<'_>,
+        query: &ParsedQuery<'_>,
         key: &[u8],
         token: T,
         now: Instant,
@@ -245,7 +246,7 @@ impl<T> PendingTable<T> {
         Ok(Added::New(ex))
     }
 
-    fn push_waiter(&mut self, ex: u16, query: &Query<'_>, token: T) {
+    fn push_waiter(&mut self, ex: u16, query: &ParsedQuery<'_>, token: T) {
         let w = self.free_waiter;
         let head = self.exchanges[usize::from(ex)].waiters;
         let waiter = &mut self.waiters[usize::from(w)];
@@ -297,7 +298,7 @@ impl<T> PendingTable<T> {
 
     /// Ends exchange `ex`: `each` gets every waiter's question (as the client
     /// sent it) and token; the slots are free again afterwards.
-    pub fn finish(&mut self, ex: u16, mut each: impl FnMut(&Query<'_>, T)) {
+    pub fn finish(&mut self, ex: u16, mut each: impl FnMut(&ParsedQuery<'_>, T)) {
         let e = &mut self.exchanges[usize::from(ex)];
         if !e.live {
             return;
@@ -334,12 +335,12 @@ impl<T> PendingTable<T> {
     }
 }
 
-/// The [`Query`] of a client's header and question as kept by the table
+/// The [`ParsedQuery`] of a client's header and question as kept by the table
 /// (`head` holds exactly those bytes, as [`wire::parse_query`] accepted them).
-pub fn client_query(head: &[u8], edns: Option<Edns>) -> Query<'_> {
+pub fn client_query(head: &[u8], edns: Option<Edns>) -> ParsedQuery<'_> {
     let end = head.len();
     let u16_at = |at: usize| u16::from_be_bytes([head[at], head[at + 1]]);
-    Query {
+    ParsedQuery {
         packet: head,
         id: u16_at(0),
         flags: u16_at(2),
@@ -366,6 +367,8 @@ pub struct Client {
 pub struct InlineConsul {
     socket: UdpSocket,
     received: RecvBatch<BATCH, ANSWER_SLOT>,
+    /// The requests of [`Core::queued`], pointed at right before each send.
+    requests: SendBatch<BATCH>,
     core: Core,
 }
 
@@ -376,8 +379,6 @@ struct Core {
     table: PendingTable<Client>,
     /// Exchanges whose requests go out with the next [`Core::send_queued`].
     queued: Vec<u16>,
-    send_iovecs: Box<[libc::iovec; BATCH]>,
-    send_hdrs: Box<[libc::mmsghdr; BATCH]>,
     /// An answer made into a template, reused (capacity kept).
     wire: Vec<u8>,
     ttls: Vec<u16>,
@@ -389,11 +390,6 @@ struct Core {
     client_socket: Arc<UdpSocket>,
 }
 
-// SAFETY: the raw pointers in the send mmsghdr/iovec arrays are set right
-// before each sendmmsg and point only into this struct's own buffers; they are
-// never used from another thread (the worker owns the struct).
-unsafe impl Send for Core {}
-
 impl InlineConsul {
     /// The worker's Consul client, when the Consul forwarder's first address
     /// is one a worker may ask itself (loopback) and `slots` is not 0.
@@ -403,7 +399,7 @@ impl InlineConsul {
         client_socket: &Arc<UdpSocket>,
         slots: usize,
     ) -> std::io::Result<Option<Self>> {
-        let Some((addr, attempt)) = engine.consul_forwarder().inline_target() else {
+        let Some((addr, attempt)) = engine.consul().inline_target() else {
             return Ok(None);
         };
         if slots == 0 {
@@ -426,10 +422,6 @@ impl InlineConsul {
                 fd: socket.as_raw_fd(),
                 table: PendingTable::new(slots),
                 queued: Vec::with_capacity(BATCH),
-                // SAFETY: all-zero is a valid value for these plain C structs.
-                send_iovecs: Box::new(unsafe { zeroed() }),
-                // SAFETY: as above.
-                send_hdrs: Box::new(unsafe { zeroed() }),
                 wire: Vec::with_capacity(ANSWER_SLOT),
                 ttls: Vec::with_capacity(256),
                 attempt,
@@ -439,6 +431,7 @@ impl InlineConsul {
             },
             socket,
             received: RecvBatch::default(),
+            requests: SendBatch::default(),
         }))
     }
 
@@ -451,18 +444,18 @@ impl InlineConsul {
     /// `false` leaves it to the caller (the task path).
     pub fn ask(
         &mut self,
-        query: &Query<'_>,
+        query: &ParsedQuery<'_>,
         raw: (&libc::sockaddr_storage, libc::socklen_t),
         addr: SocketAddr,
         now: Instant,
         outbox: &mut Outbox,
     ) -> bool {
         let core = &mut self.core;
-        let forwarder = core.engine.consul_forwarder();
-        if !forwarder.inline_now() {
+        let consul = core.engine.consul();
+        if !consul.inline_now() {
             return false;
         }
-        let stats = core.engine.stats().at(Route::Consul);
+        let stats = consul.stats();
         let Some(slot) = core.engine.admit() else {
             return true; // dropped and counted, as on the task path
         };
@@ -481,7 +474,7 @@ impl InlineConsul {
         let result = core
             .table
             .add(query, key, client, now, now + core.attempt, |id, request| {
-                slot_taken = forwarder.take_slot();
+                slot_taken = consul.take_slot();
                 wire::upstream_query(query, id, false, CONSUL_PAYLOAD, request);
             });
         match result {
@@ -490,14 +483,14 @@ impl InlineConsul {
                 if !slot_taken {
                     // Over `max_forwarded`: SERVFAIL at once, as the task path does.
                     stats.over_limit.fetch_add(1, Ordering::Relaxed);
-                    let error = forwarder.busy();
+                    let error = consul.busy();
                     core.fail_now(ex, &error, outbox);
                     return true;
                 }
                 stats.inline_exchanges.fetch_add(1, Ordering::Relaxed);
                 core.queued.push(ex);
                 if core.queued.len() == BATCH {
-                    core.send_queued(outbox);
+                    core.send_queued(&mut self.requests, outbox);
                 }
                 true
             }
@@ -510,7 +503,7 @@ impl InlineConsul {
 
     /// Sends the requests of the exchanges started since the last call.
     pub fn send_queued(&mut self, outbox: &mut Outbox) {
-        self.core.send_queued(outbox);
+        self.core.send_queued(&mut self.requests, outbox);
     }
 
     /// Takes the answers Consul has sent (without waiting) and finishes their
@@ -536,7 +529,7 @@ impl InlineConsul {
             match self.core.table.answered_by(resp) {
                 Some(ex) => self.core.answered(ex, resp, cut, outbox),
                 None => {
-                    let stats = self.core.engine.stats().at(Route::Consul);
+                    let stats = self.core.engine.consul().stats();
                     stats.ignored_responses.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -579,47 +572,28 @@ impl InlineConsul {
 }
 
 impl Core {
-    fn send_queued(&mut self, outbox: &mut Outbox) {
+    /// Sends the requests of the [`Core::queued`] exchanges with `requests`.
+    fn send_queued(&mut self, requests: &mut SendBatch<BATCH>, outbox: &mut Outbox) {
         let count = self.queued.len();
         for (i, &ex) in self.queued.iter().enumerate() {
-            let request = self.table.request(ex);
-            self.send_iovecs[i] = libc::iovec {
-                iov_base: request.as_ptr() as *mut libc::c_void,
-                iov_len: request.len(),
-            };
-            let hdr = &mut self.send_hdrs[i].msg_hdr;
-            hdr.msg_iov = &mut self.send_iovecs[i];
-            hdr.msg_iovlen = 1;
             // Connected: no destination address.
-            hdr.msg_name = std::ptr::null_mut();
-            hdr.msg_namelen = 0;
+            requests.set(i, self.table.request(ex), None);
         }
-        let mut sent = 0;
-        while sent < count {
-            // SAFETY: headers [sent, count) point at the requests of live
-            // exchanges (a failed one keeps its buffer until its slot is
-            // reused, which no call below does before this loop ends).
-            let n = unsafe {
-                libc::sendmmsg(
-                    self.fd,
-                    self.send_hdrs[sent..].as_mut_ptr(),
-                    (count - sent) as libc::c_uint,
-                    0,
-                )
-            };
-            if n > 0 {
-                sent += n as usize;
-                continue;
-            }
-            let cause = ExchangeError::io("send", std::io::Error::last_os_error());
-            if matches!(cause, ExchangeError::Refused) {
-                // An ICMP error from an earlier request: the agent is gone.
-                self.fail_all(&cause, outbox);
-                return;
-            }
-            let ex = self.queued[sent];
-            self.failed(ex, &cause, outbox);
-            sent += 1;
+        // SAFETY: messages [0, count) point at the requests of live exchanges,
+        // set just above; a failed one keeps its buffer until its slot is
+        // reused, which nothing in `on_error` does.
+        unsafe {
+            requests.send(self.fd, count, |i, error| {
+                let cause = ExchangeError::io("send", error);
+                if matches!(cause, ExchangeError::Refused) {
+                    // An ICMP error from an earlier request: the agent is gone.
+                    self.fail_all(&cause, outbox);
+                    return OnSendError::Stop;
+                }
+                let ex = self.queued[i];
+                self.failed(ex, &cause, outbox);
+                OnSendError::Skip
+            });
         }
         self.queued.clear();
     }
@@ -643,15 +617,15 @@ impl Core {
             return;
         };
         let failure = matches!(meta.rcode, rcode::SERVFAIL | rcode::REFUSED);
-        self.engine.consul_forwarder().inline_answered(failure);
+        self.engine.consul().inline_answered(failure);
         if failure
-            && self.engine.consul_forwarder().has_fallback()
+            && self.engine.consul().has_fallback()
             && let Some(template) = wire::make_template(resp)
         {
             self.hand_over(ex, FirstTry::FailureAnswer(template));
             return;
         }
-        let stats = self.engine.stats().at(Route::Consul);
+        let stats = self.engine.consul().stats();
         stats.upstream_latency(self.table.started(ex).elapsed());
         let (wire, ttls) = (&self.wire, &self.ttls);
         self.table.finish(ex, |query, client| {
@@ -667,18 +641,18 @@ impl Core {
             stats.answered(meta.rcode);
             outbox.push(&client.raw, client.raw_len);
         });
-        self.engine.consul_forwarder().release_slot();
+        self.engine.consul().release_slot();
     }
 
     /// Exchange `ex` failed with the first Consul address: SERVFAIL when there
     /// is no other, else on to the others in a task.
     fn failed(&mut self, ex: u16, cause: &ExchangeError, outbox: &mut Outbox) {
-        match self.engine.consul_forwarder().inline_failed(cause) {
+        match self.engine.consul().inline_failed(cause) {
             Some(error) => {
-                let stats = self.engine.stats().at(Route::Consul);
+                let stats = self.engine.consul().stats();
                 stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
                 self.fail_now(ex, &error, outbox);
-                self.engine.consul_forwarder().release_slot();
+                self.engine.consul().release_slot();
             }
             None => self.hand_over(ex, FirstTry::Failed(cause.clone())),
         }
@@ -690,11 +664,13 @@ impl Core {
         let mut logged = false;
         self.table.finish(ex, |query, client| {
             if !logged {
-                engine.consul_failed(error, query);
+                engine.consul().log_failure(error, query);
                 logged = true;
             }
             let out = outbox.buf();
-            engine.finish_consul(&Err(error.clone()), query, query.response_limit(Transport::Udp), out);
+            engine
+                .consul()
+                .finish(&Err(error.clone()), query, query.response_limit(Transport::Udp), out);
             outbox.push(&client.raw, client.raw_len);
         });
     }
@@ -709,7 +685,7 @@ impl Core {
             waiters.push((query.packet.to_vec(), query.edns, client));
         });
         let Some((head, edns, _)) = waiters.first() else {
-            self.engine.consul_forwarder().release_slot();
+            self.engine.consul().release_slot();
             return;
         };
         let (head, edns) = (head.clone(), *edns);
@@ -717,18 +693,13 @@ impl Core {
         let socket = self.client_socket.clone();
         self.slow.spawn(async move {
             let query = client_query(&head, edns);
-            let stats = engine.stats().at(Route::Consul);
-            let result = engine
-                .consul_forwarder()
-                .resolve_after(&query, stats, started, first)
-                .await;
-            if let Err(error) = &result {
-                engine.consul_failed(error, &query);
-            }
+            let result = engine.consul().resolve_after(&query, started, first).await;
             let mut out = Vec::with_capacity(512);
             for (head, edns, client) in &waiters {
                 let query = client_query(head, *edns);
-                engine.finish_consul(&result, &query, query.response_limit(Transport::Udp), &mut out);
+                engine
+                    .consul()
+                    .finish(&result, &query, query.response_limit(Transport::Udp), &mut out);
                 let _ = socket.send_to(&out, client.addr);
             }
         });

@@ -18,10 +18,13 @@
 //! restarts the dns rather than let it answer on fewer sockets.
 
 pub mod component;
+pub mod consul_ask;
 pub mod engine;
 pub mod forward;
 pub mod inline;
+pub mod outbox;
 pub mod settings;
+pub mod slow_path;
 pub mod stats;
 pub mod tcp;
 pub mod udp;

@@ -5,13 +5,15 @@
 //! between cores on every query); readers sum the shards into a [`RouteSnapshot`].
 //! Nothing here allocates after start.
 
+use crate::report::histogram::{BOUNDS, Bounds, Histogram, Snapshot};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Where a question was answered from.
+/// Where a question was answered from; its [`AnswerSource::name`] is the
+/// route label of the metrics and the key of the admin API's `routes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
+pub enum AnswerSource {
     /// Forwarded to Consul (never cached).
     Consul,
     /// The wildcard domain or Consul A/AAAA answered with LB hosts.
@@ -24,24 +26,38 @@ pub enum Route {
     Rejected,
 }
 
-impl Route {
+impl AnswerSource {
     /// Every route, in display order.
-    pub const ALL: [Route; 5] = [Route::Consul, Route::Lb, Route::Zone, Route::Upstream, Route::Rejected];
+    pub const ALL: [AnswerSource; 5] = [
+        AnswerSource::Consul,
+        AnswerSource::Lb,
+        AnswerSource::Zone,
+        AnswerSource::Upstream,
+        AnswerSource::Rejected,
+    ];
 
     /// Name used in logs and metrics.
     pub fn name(self) -> &'static str {
         match self {
-            Route::Consul => "consul",
-            Route::Lb => "lb",
-            Route::Zone => "zone",
-            Route::Upstream => "upstream",
-            Route::Rejected => "rejected",
+            AnswerSource::Consul => "consul",
+            AnswerSource::Lb => "lb",
+            AnswerSource::Zone => "zone",
+            AnswerSource::Upstream => "upstream",
+            AnswerSource::Rejected => "rejected",
         }
     }
 }
 
 /// Upper bounds (microseconds) of the upstream latency histogram buckets.
-pub const LATENCY_BUCKETS_US: [u64; 10] = [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000, 1_000_000];
+pub const LATENCY_BUCKETS_US: [u64; BOUNDS] = [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000, 1_000_000];
+
+/// The upstream latency buckets (see [`LATENCY_BUCKETS_US`]).
+#[derive(Debug)]
+pub struct UpstreamLatency;
+
+impl Bounds for UpstreamLatency {
+    const US: [u64; BOUNDS] = LATENCY_BUCKETS_US;
+}
 
 /// Counters of one route.
 #[derive(Debug, Default)]
@@ -54,10 +70,8 @@ pub struct RouteStats {
     pub cache_hits: AtomicU64,
     /// Expired answers served because every upstream failed (RFC 8767).
     pub stale_served: AtomicU64,
-    /// Upstream exchanges by latency bucket; the last slot is "slower".
-    pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
-    /// Sum of upstream latencies, microseconds.
-    pub latency_sum_us: AtomicU64,
+    /// Upstream exchanges by latency.
+    pub latency: Histogram<UpstreamLatency>,
     /// Upstream exchanges that failed (timeout, unreachable).
     pub upstream_errors: AtomicU64,
     /// Datagrams on a question's socket that were not its answer (wrong ID,
@@ -83,13 +97,7 @@ impl RouteStats {
 
     /// Records one upstream exchange.
     pub fn upstream_latency(&self, took: Duration) {
-        let us = took.as_micros() as u64;
-        let bucket = LATENCY_BUCKETS_US
-            .iter()
-            .position(|&b| us <= b)
-            .unwrap_or(LATENCY_BUCKETS_US.len());
-        self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
+        self.latency.record(took);
     }
 
     /// A copy of the counters.
@@ -100,8 +108,7 @@ impl RouteStats {
             rcodes: std::array::from_fn(|i| load(&self.rcodes[i])),
             cache_hits: load(&self.cache_hits),
             stale_served: load(&self.stale_served),
-            latency_buckets: std::array::from_fn(|i| load(&self.latency_buckets[i])),
-            latency_sum_us: load(&self.latency_sum_us),
+            latency: self.latency.snapshot(),
             upstream_errors: load(&self.upstream_errors),
             ignored_responses: load(&self.ignored_responses),
             over_limit: load(&self.over_limit),
@@ -122,10 +129,9 @@ pub struct RouteSnapshot {
     pub cache_hits: u64,
     /// Stale answers served.
     pub stale_served: u64,
-    /// Upstream latency histogram.
-    pub latency_buckets: [u64; LATENCY_BUCKETS_US.len() + 1],
-    /// Upstream latency sum, microseconds.
-    pub latency_sum_us: u64,
+    /// Upstream latency (`latency_buckets`, `latency_sum_us`).
+    #[serde(flatten)]
+    pub latency: Snapshot,
     /// Failed upstream exchanges.
     pub upstream_errors: u64,
     /// Datagrams ignored on a question's socket (not its answer).
@@ -201,7 +207,7 @@ pub struct DnsStats {
 impl DnsStats {
     /// The calling thread's counters of `route`, to record into.
     #[inline]
-    pub fn at(&self, route: Route) -> &RouteStats {
+    pub fn at(&self, route: AnswerSource) -> &RouteStats {
         &self.shards[SHARD.with(Cell::get)].routes[route as usize]
     }
 
@@ -229,7 +235,7 @@ impl DnsStats {
     }
 
     /// The counters of `route`, summed over all threads.
-    pub fn route(&self, route: Route) -> RouteSnapshot {
+    pub fn route(&self, route: AnswerSource) -> RouteSnapshot {
         let mut total = RouteSnapshot::default();
         for shard in &self.shards {
             total.add(&shard.routes[route as usize].snapshot());
@@ -239,7 +245,7 @@ impl DnsStats {
 
     /// Snapshot of every route, by name.
     pub fn snapshot(&self) -> Vec<(&'static str, RouteSnapshot)> {
-        Route::ALL.iter().map(|r| (r.name(), self.route(*r))).collect()
+        AnswerSource::ALL.iter().map(|r| (r.name(), self.route(*r))).collect()
     }
 }
 
@@ -251,10 +257,7 @@ impl RouteSnapshot {
         }
         self.cache_hits += other.cache_hits;
         self.stale_served += other.stale_served;
-        for (a, b) in self.latency_buckets.iter_mut().zip(other.latency_buckets) {
-            *a += b;
-        }
-        self.latency_sum_us += other.latency_sum_us;
+        self.latency.add(&other.latency);
         self.upstream_errors += other.upstream_errors;
         self.ignored_responses += other.ignored_responses;
         self.over_limit += other.over_limit;
@@ -264,6 +267,6 @@ impl RouteSnapshot {
 
     /// Upstream exchanges made (merged questions count once).
     pub fn exchanges(&self) -> u64 {
-        self.latency_buckets.iter().sum()
+        self.latency.count()
     }
 }

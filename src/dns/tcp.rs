@@ -118,20 +118,13 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, engine: &Engine, id
             Ok(Err(e)) => return Err(e),
             Err(_) => return Ok(()),
         }
-        let response = match engine.classify(&message, peer, Transport::Tcp, &mut out) {
-            Verdict::Answered => Some(out.as_slice()),
-            Verdict::Drop => return Ok(()),
-            Verdict::Resolve => None,
-        };
         let resolved;
-        let response = match response {
-            Some(r) => r,
-            None => {
-                resolved = engine.resolve(&message, peer, Transport::Tcp).await;
-                match &resolved {
-                    Some(r) => r.as_slice(),
-                    None => return Ok(()),
-                }
+        let response = match engine.classify(&message, peer, Transport::Tcp, &mut out) {
+            Verdict::Answered => out.as_slice(),
+            Verdict::Drop => return Ok(()),
+            Verdict::Resolve(query) => {
+                resolved = engine.resolve_query(&query, peer, Transport::Tcp).await;
+                resolved.as_slice()
             }
         };
         framed.clear();

@@ -11,7 +11,6 @@
 //! shutdown; `dns::run` watches the threads and fails when one ends (or
 //! panics) before.
 
-use std::mem::zeroed;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -19,43 +18,21 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::engine::{Engine, Verdict};
 use super::inline::InlineConsul;
-use super::wire::{self, Transport};
-use crate::udp_batch::RecvBatch;
+use super::outbox::Outbox;
+// Re-exported for `dns::run`, which names it through this module.
+pub use super::slow_path::SlowPath;
+use super::wire::{ParsedQuery, Transport};
+use crate::net::udp_batch::RecvBatch;
 
 /// How often an idle worker checks for shutdown.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(200);
 /// Datagrams received per syscall at most.
 const BATCH: usize = 32;
-/// Answers sent per syscall at most (cached ones and Consul's, which may fan
-/// out to several merged clients); a full batch is sent at once.
-const OUT: usize = 64;
 /// Receive slot per datagram. Queries are small; a larger datagram is dropped.
 const SLOT: usize = 4096;
-
-/// Where the questions a worker cannot answer in its own loop go: tasks on
-/// the dns's runtime, tracked so that `dns::run` waits for them at shutdown
-/// (each is bounded by its forwarder's timeout and ends on its shutdown).
-#[derive(Clone)]
-pub struct SlowPath {
-    runtime: tokio::runtime::Handle,
-    tasks: TaskTracker,
-}
-
-impl SlowPath {
-    /// Tasks on `runtime`, tracked by `tasks`.
-    pub fn new(runtime: tokio::runtime::Handle, tasks: TaskTracker) -> Self {
-        Self { runtime, tasks }
-    }
-
-    /// Runs `task` on the runtime.
-    pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        self.tasks.spawn_on(task, &self.runtime);
-    }
-}
 
 /// Starts one worker thread per socket; each asks Consul itself, with up to
 /// `inline_slots` questions on the wire (see [`super::inline`]).
@@ -97,99 +74,6 @@ struct Worker {
     inline: Option<InlineConsul>,
 }
 
-/// Answers to send from the client socket: up to [`OUT`], sent with one
-/// `sendmmsg`; the headers are filled right before it, pointing into `bufs`
-/// and `addrs`, which are allocated once and never resized.
-pub struct Outbox {
-    fd: libc::c_int,
-    bufs: Vec<Vec<u8>>,
-    addrs: Box<[libc::sockaddr_storage; OUT]>,
-    addr_lens: [libc::socklen_t; OUT],
-    iovecs: Box<[libc::iovec; OUT]>,
-    hdrs: Box<[libc::mmsghdr; OUT]>,
-    len: usize,
-}
-
-// SAFETY: the raw pointers inside the mmsghdr/iovec arrays point only into
-// this struct's own buffers and are set right before each use; the outbox is
-// moved into its worker thread before use.
-unsafe impl Send for Outbox {}
-
-impl Outbox {
-    fn new(fd: libc::c_int) -> Self {
-        Outbox {
-            fd,
-            bufs: (0..OUT).map(|_| Vec::with_capacity(SLOT)).collect(),
-            // SAFETY: all-zero is a valid value for these plain C structs.
-            addrs: Box::new(unsafe { zeroed() }),
-            addr_lens: [0; OUT],
-            // SAFETY: as above.
-            iovecs: Box::new(unsafe { zeroed() }),
-            // SAFETY: as above.
-            hdrs: Box::new(unsafe { zeroed() }),
-            len: 0,
-        }
-    }
-
-    /// The buffer for the next answer (the batch is sent first when full);
-    /// [`Outbox::push`] queues what was written into it.
-    pub fn buf(&mut self) -> &mut Vec<u8> {
-        if self.len == OUT {
-            self.flush();
-        }
-        &mut self.bufs[self.len]
-    }
-
-    /// Queues the answer just written into [`Outbox::buf`] for `addr`.
-    pub fn push(&mut self, addr: &libc::sockaddr_storage, len: libc::socklen_t) {
-        if self.len == OUT {
-            // `buf` was not called first: nothing was written for this answer.
-            return;
-        }
-        self.addrs[self.len] = *addr;
-        self.addr_lens[self.len] = len;
-        self.len += 1;
-    }
-
-    /// Sends the queued answers.
-    pub fn flush(&mut self) {
-        let count = self.len;
-        for i in 0..count {
-            let out = &mut self.bufs[i];
-            self.iovecs[i] = libc::iovec {
-                iov_base: out.as_mut_ptr().cast(),
-                iov_len: out.len(),
-            };
-            let hdr = &mut self.hdrs[i].msg_hdr;
-            hdr.msg_iov = &mut self.iovecs[i];
-            hdr.msg_iovlen = 1;
-            hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
-            hdr.msg_namelen = self.addr_lens[i];
-        }
-        let mut sent = 0;
-        while sent < count {
-            // SAFETY: headers [sent, count) point at live answer buffers and
-            // addresses, set just above.
-            let n = unsafe {
-                libc::sendmmsg(
-                    self.fd,
-                    self.hdrs[sent..].as_mut_ptr(),
-                    (count - sent) as libc::c_uint,
-                    0,
-                )
-            };
-            if n <= 0 {
-                // A full send buffer or an unreachable client: skip that answer
-                // (UDP clients retry) rather than stall the loop.
-                sent += 1;
-            } else {
-                sent += n as usize;
-            }
-        }
-        self.len = 0;
-    }
-}
-
 impl Worker {
     fn new(socket: Arc<UdpSocket>, engine: Arc<Engine>, slow: SlowPath, inline: Option<InlineConsul>) -> Self {
         Worker {
@@ -229,9 +113,8 @@ impl Worker {
                         }
                     }
                     Verdict::Drop => {}
-                    Verdict::Resolve => {
+                    Verdict::Resolve(query) => {
                         if let Some(inline) = self.inline.as_mut()
-                            && let Ok(query) = wire::parse_query(packet)
                             && self.engine.is_consul_forwarded(&query)
                             && let Some(raw) = self.received.source_raw(i)
                             && inline.ask(
@@ -244,7 +127,7 @@ impl Worker {
                         {
                             continue;
                         }
-                        resolve_later(&self.engine, &self.slow, &self.socket, packet, src);
+                        resolve_later(&self.engine, &self.slow, &self.socket, &query, src);
                     }
                 }
             }
@@ -253,7 +136,7 @@ impl Worker {
                 if !inline.idle() {
                     let answers = inline.receive(&mut self.outbox);
                     inline.expire(now, &mut self.outbox);
-                    if received == 0 && answers == 0 && self.outbox.len == 0 && !inline.idle() {
+                    if received == 0 && answers == 0 && self.outbox.is_empty() && !inline.idle() {
                         inline.wait(fd, now, SHUTDOWN_POLL);
                     }
                 }
@@ -263,17 +146,23 @@ impl Worker {
     }
 }
 
-/// The task path: the question is copied out (the next receive reuses the
-/// slot) and resolved in a tokio task, which answers on the client socket.
-fn resolve_later(engine: &Arc<Engine>, slow: &SlowPath, socket: &Arc<UdpSocket>, packet: &[u8], src: SocketAddr) {
+/// The task path: the question is copied out with its parse (the next
+/// receive reuses the slot) and resolved in a tokio task, which answers on
+/// the client socket.
+fn resolve_later(
+    engine: &Arc<Engine>,
+    slow: &SlowPath,
+    socket: &Arc<UdpSocket>,
+    query: &ParsedQuery<'_>,
+    src: SocketAddr,
+) {
     let Some(slot) = engine.admit() else { return };
-    let packet = packet.to_vec();
+    let query = query.to_owned_query();
     let engine = engine.clone();
     let socket = socket.clone();
     slow.spawn(async move {
         let _slot = slot;
-        if let Some(response) = engine.resolve(&packet, src, Transport::Udp).await {
-            let _ = socket.send_to(&response, src);
-        }
+        let response = engine.resolve_query(&query.get(), src, Transport::Udp).await;
+        let _ = socket.send_to(&response, src);
     });
 }

@@ -25,7 +25,7 @@ use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use tokio_util::sync::CancellationToken;
 
 use super::settings::WildcardTarget;
-use super::wire::{self, Query, rtype};
+use super::wire::{ParsedQuery, rtype};
 use crate::consul::CatalogView;
 
 /// The current LB hosts and how to answer for them.
@@ -142,7 +142,7 @@ impl LbAnswers {
 
     /// The response for `query`, whose name is at or below `apex` (the wildcard
     /// domain) or, with `apex = None`, a Consul service name answered with LB hosts.
-    pub fn answer(&self, query: &Query<'_>, apex: Option<&Name>) -> Option<Vec<u8>> {
+    pub fn answer(&self, query: &ParsedQuery<'_>, apex: Option<&Name>) -> Option<Vec<u8>> {
         let name = Name::read(&mut BinDecoder::new(query.qname)).ok()?.to_lowercase();
         let qtype = RecordType::from(query.qtype);
         let targets = self.targets();
@@ -199,9 +199,4 @@ impl LbAnswers {
         m.add_authorities(authority);
         m.to_vec().ok()
     }
-}
-
-/// True when the wire name is `service.<consul domain>` or below it.
-pub fn is_consul_service_name(qname: &[u8], service_zone_wire: &[u8]) -> bool {
-    wire::name_in_zone(qname, service_zone_wire)
 }

@@ -3,10 +3,10 @@
 //! client by patching bytes in place.
 //!
 //! ```text
-//!  query bytes ──parse_query──▶ Query (borrowed: id, flags, qname, qtype, EDNS)
+//!  query bytes ──parse_query──▶ ParsedQuery (borrowed: id, flags, qname, qtype, EDNS)
 //!  upstream/local response ──make_template──▶ Template (ID 0, no OPT, lower-case
 //!                                              question, offsets of every TTL)
-//!  Template + Query ──finish──▶ client response (ID, RD, question case, TTLs aged,
+//!  Template + ParsedQuery ──finish──▶ client response (ID, RD, question case, TTLs aged,
 //!                                OPT appended when the client sent EDNS, TC when
 //!                                it does not fit the client's UDP size)
 //! ```
@@ -63,7 +63,6 @@ pub mod rcode {
 }
 
 const FLAG_QR: u16 = 0x8000;
-const FLAG_AA: u16 = 0x0400;
 const FLAG_TC: u16 = 0x0200;
 const FLAG_RD: u16 = 0x0100;
 const FLAG_RA: u16 = 0x0080;
@@ -92,7 +91,7 @@ pub enum Transport {
 
 /// A parsed query borrowing the packet.
 #[derive(Debug, Clone, Copy)]
-pub struct Query<'a> {
+pub struct ParsedQuery<'a> {
     /// The whole packet.
     pub packet: &'a [u8],
     /// Transaction ID.
@@ -109,6 +108,56 @@ pub struct Query<'a> {
     pub question_end: usize,
     /// EDNS, when the client sent an OPT record.
     pub edns: Option<Edns>,
+}
+
+/// A [`ParsedQuery`] with its own copy of the packet, for a task to take
+/// along: made from the parse, so the packet is not parsed again.
+#[derive(Debug, Clone)]
+pub struct OwnedQuery {
+    packet: Box<[u8]>,
+    /// Where the question name lies in `packet`.
+    qname: std::ops::Range<usize>,
+    id: u16,
+    flags: u16,
+    qtype: u16,
+    qclass: u16,
+    question_end: usize,
+    edns: Option<Edns>,
+}
+
+impl OwnedQuery {
+    /// The query, borrowing the copy.
+    #[inline]
+    pub fn get(&self) -> ParsedQuery<'_> {
+        ParsedQuery {
+            packet: &self.packet,
+            id: self.id,
+            flags: self.flags,
+            qname: &self.packet[self.qname.clone()],
+            qtype: self.qtype,
+            qclass: self.qclass,
+            question_end: self.question_end,
+            edns: self.edns,
+        }
+    }
+}
+
+impl ParsedQuery<'_> {
+    /// This query with a copy of its packet.
+    pub fn to_owned_query(&self) -> OwnedQuery {
+        // `qname` lies inside `packet` (both come from the parse).
+        let start = self.qname.as_ptr() as usize - self.packet.as_ptr() as usize;
+        OwnedQuery {
+            packet: self.packet.into(),
+            qname: start..start + self.qname.len(),
+            id: self.id,
+            flags: self.flags,
+            qtype: self.qtype,
+            qclass: self.qclass,
+            question_end: self.question_end,
+            edns: self.edns,
+        }
+    }
 }
 
 /// Why a packet is not an answerable query.
@@ -173,7 +222,7 @@ pub fn skip_name(buf: &[u8], mut pos: usize) -> Option<usize> {
 }
 
 /// Parses a query. Only standard queries with exactly one question are answerable.
-pub fn parse_query(packet: &[u8]) -> Result<Query<'_>, Malformed> {
+pub fn parse_query(packet: &[u8]) -> Result<ParsedQuery<'_>, Malformed> {
     if packet.len() < HEADER_LEN {
         return Err(Malformed::Drop);
     }
@@ -238,7 +287,7 @@ pub fn parse_query(packet: &[u8]) -> Result<Query<'_>, Malformed> {
             });
         }
     }
-    Ok(Query {
+    Ok(ParsedQuery {
         packet,
         id,
         flags,
@@ -250,7 +299,7 @@ pub fn parse_query(packet: &[u8]) -> Result<Query<'_>, Malformed> {
     })
 }
 
-impl Query<'_> {
+impl ParsedQuery<'_> {
     /// Recursion desired.
     pub fn rd(&self) -> bool {
         self.flags & FLAG_RD != 0
@@ -459,7 +508,7 @@ pub enum TtlRewrite {
 
 /// Finishes `template` for the client that sent `query` into `out`; `limit` is the
 /// largest response the transport allows (UDP size or 65535 for TCP).
-pub fn finish(template: &Template, query: &Query<'_>, ttl: TtlRewrite, limit: usize, out: &mut Vec<u8>) {
+pub fn finish(template: &Template, query: &ParsedQuery<'_>, ttl: TtlRewrite, limit: usize, out: &mut Vec<u8>) {
     finish_parts(&template.wire, &template.ttl_offsets, query, ttl, limit, out);
 }
 
@@ -467,7 +516,7 @@ pub fn finish(template: &Template, query: &Query<'_>, ttl: TtlRewrite, limit: us
 pub fn finish_parts(
     wire: &[u8],
     ttl_offsets: &[u16],
-    query: &Query<'_>,
+    query: &ParsedQuery<'_>,
     ttl: TtlRewrite,
     limit: usize,
     out: &mut Vec<u8>,
@@ -535,7 +584,7 @@ fn push_opt(out: &mut Vec<u8>, dnssec_ok: bool, extended_rcode: u8) {
 
 /// An error response echoing the question of a parsed query (RFC 1035 4.1.1).
 /// BADVERS (16) is expressed through the OPT extended RCODE (RFC 6891 6.1.3).
-pub fn error_response(query: &Query<'_>, rcode: u16, out: &mut Vec<u8>) {
+pub fn error_response(query: &ParsedQuery<'_>, rcode: u16, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(&query.packet[..query.question_end]);
     let flags = FLAG_QR | FLAG_RA | (query.flags & (FLAG_RD | FLAG_CD)) | (rcode & 0x0F);
@@ -560,7 +609,7 @@ pub fn header_error(id: u16, request_flags: u16, rcode: u8, out: &mut Vec<u8>) {
 /// with every letter's case drawn at random (0x20, draft-vixie-dnsext-dns0x20:
 /// a spoofer must guess those bits too, see [`answers_question`]), RD as asked,
 /// and our own OPT with the client's DO bit.
-pub fn upstream_query(query: &Query<'_>, id: u16, recursion: bool, payload: u16, out: &mut Vec<u8>) {
+pub fn upstream_query(query: &ParsedQuery<'_>, id: u16, recursion: bool, payload: u16, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(&id.to_be_bytes());
     let flags = if recursion { FLAG_RD } else { 0 } | (query.flags & FLAG_CD);
@@ -619,13 +668,6 @@ pub fn is_truncated(resp: &[u8]) -> bool {
     resp.len() > 2 && u16::from_be_bytes([resp[2], resp[3]]) & FLAG_TC != 0
 }
 
-/// Sets the AA bit of a response template (authoritative local data).
-pub fn set_authoritative(wire: &mut [u8]) {
-    if wire.len() >= 4 {
-        wire[2] |= (FLAG_AA >> 8) as u8;
-    }
-}
-
 /// A name in lower-case, uncompressed wire form (for zone membership checks).
 pub fn name_to_wire(name: &hickory_proto::rr::Name) -> Vec<u8> {
     use hickory_proto::serialize::binary::BinEncodable;
@@ -665,6 +707,38 @@ mod tests {
             m.set_edns(e);
         }
         m.to_vec().unwrap()
+    }
+
+    /// A query taken along by a task is the same query, without parsing again.
+    #[test]
+    fn an_owned_query_is_the_parsed_one() {
+        let packet = query_bytes("Web.Service.Consul.", RecordType::SRV, true);
+        let parsed = parse_query(&packet).unwrap();
+        let owned = parsed.to_owned_query();
+        drop(packet);
+        let back = owned.get();
+        let again = query_bytes("Web.Service.Consul.", RecordType::SRV, true);
+        let want = parse_query(&again).unwrap();
+        assert_eq!(back.packet, want.packet);
+        assert_eq!(back.qname, want.qname);
+        assert_eq!(
+            (
+                back.id,
+                back.flags,
+                back.qtype,
+                back.qclass,
+                back.question_end,
+                back.edns
+            ),
+            (
+                want.id,
+                want.flags,
+                want.qtype,
+                want.qclass,
+                want.question_end,
+                want.edns
+            )
+        );
     }
 
     #[test]

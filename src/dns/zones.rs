@@ -109,8 +109,26 @@ impl ResponseHandler for Capture {
 pub struct ZoneError {
     /// The file.
     pub path: PathBuf,
-    /// What is wrong.
-    pub problem: String,
+    /// What is wrong (printed here, so not a `source`).
+    pub problem: ZoneFileError,
+}
+
+/// What is wrong with one zone file. Each cause is printed in the message,
+/// once, so none is a `source`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ZoneFileError {
+    /// The file's name, less `.zone`, is not a domain name.
+    #[error("file name is not a zone origin: {0}")]
+    Origin(String),
+    /// The file could not be read.
+    #[error("could not read: {0}")]
+    Read(Arc<std::io::Error>),
+    /// The master file does not parse (hickory's message names file and line).
+    #[error("{0}")]
+    Parse(Arc<hickory_proto::serialize::txt::ParseError>),
+    /// The records do not make a zone (e.g. no SOA).
+    #[error("{0}")]
+    Zone(String),
 }
 
 struct Loaded {
@@ -232,19 +250,19 @@ impl Zones {
     }
 }
 
-fn load_zone(path: &Path) -> Result<(Name, InMemoryZoneHandler), String> {
+fn load_zone(path: &Path) -> Result<(Name, InMemoryZoneHandler), ZoneFileError> {
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let origin_text = file_name.strip_suffix(".zone").unwrap_or(&file_name);
-    let origin =
-        crate::config::shared::parse_domain(origin_text).map_err(|e| format!("file name is not a zone origin: {e}"))?;
-    let text = std::fs::read_to_string(path).map_err(|e| format!("could not read: {e}"))?;
+    let origin = crate::config::shared::parse_domain(origin_text).map_err(ZoneFileError::Origin)?;
+    let text = std::fs::read_to_string(path).map_err(|e| ZoneFileError::Read(Arc::new(e)))?;
     let (origin, records) = Parser::new(text, Some(path.to_path_buf()), Some(origin))
         .parse()
-        .map_err(|e| e.to_string())?;
-    let handler = InMemoryZoneHandler::new(origin.clone(), records, ZoneType::Primary, AxfrPolicy::Deny)?;
+        .map_err(|e| ZoneFileError::Parse(Arc::new(e)))?;
+    let handler = InMemoryZoneHandler::new(origin.clone(), records, ZoneType::Primary, AxfrPolicy::Deny)
+        .map_err(ZoneFileError::Zone)?;
     Ok((origin, handler))
 }
 

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::net::udp_batch::OnSendError;
+
 /// Datagrams per receive call.
 pub const RECV_BATCH: usize = 64;
 /// Receive slot. WireGuard datagrams are at most MTU + 32 bytes; anything larger
@@ -74,7 +76,7 @@ fn set_int(socket: &Socket, option: libc::c_int, value: libc::c_int) -> std::io:
 
 /// Converts a received `sockaddr_storage`; IPv4-mapped IPv6 becomes IPv4.
 pub fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    match crate::udp_batch::socket_addr(storage)? {
+    match crate::net::udp_batch::socket_addr(storage)? {
         SocketAddr::V6(a) => Some(match a.ip().to_ipv4_mapped() {
             Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, a.port())),
             None => SocketAddr::V6(a),
@@ -122,7 +124,7 @@ pub fn send_now(fd: RawFd, v6_socket: bool, data: &[u8], dest: SocketAddr) {
 }
 
 /// Receive buffers for one packet thread.
-pub type RecvBatch = crate::udp_batch::RecvBatch<RECV_BATCH, RECV_SLOT>;
+pub type RecvBatch = crate::net::udp_batch::RecvBatch<RECV_BATCH, RECV_SLOT>;
 
 /// Datagram `i` of the last receive with its source (IPv4-mapped sources of a
 /// dual-stack socket as IPv4, the form peers' endpoints are kept in).
@@ -282,23 +284,20 @@ impl SendBatch {
     }
 
     fn send(&mut self, fd: RawFd, messages: usize) -> std::io::Result<()> {
-        let mut done = 0;
-        while done < messages {
-            // SAFETY: headers [done, messages) point at live buffers built above.
-            let n = unsafe { libc::sendmmsg(fd, self.hdrs[done..].as_mut_ptr(), (messages - done) as libc::c_uint, 0) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                match e.kind() {
-                    std::io::ErrorKind::Interrupted => continue,
-                    _ if e.raw_os_error() == Some(libc::EIO) => return Err(e),
-                    // A full buffer or an unreachable peer: drop that message.
-                    _ => done += 1,
+        let mut refused = None;
+        // SAFETY: headers [0, messages) point at live buffers built by `build`.
+        unsafe {
+            crate::net::udp_batch::send_all(fd, &mut self.hdrs[..messages], |_, e| match e.kind() {
+                std::io::ErrorKind::Interrupted => OnSendError::Retry,
+                _ if e.raw_os_error() == Some(libc::EIO) => {
+                    refused = Some(e);
+                    OnSendError::Stop
                 }
-            } else {
-                done += n as usize;
-            }
-        }
-        Ok(())
+                // A full buffer or an unreachable peer: drop that message.
+                _ => OnSendError::Skip,
+            })
+        };
+        refused.map_or(Ok(()), Err)
     }
 }
 

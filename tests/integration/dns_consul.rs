@@ -99,7 +99,7 @@ async fn health_changes_show_on_the_very_next_query() {
         dig(wf.addr, &[&name, "A"]).await.answers(),
         ["127.0.3.1", "127.0.3.2", "127.0.3.3"]
     );
-    let stats = wf.control.stats.route(wayfinder::dns::stats::Route::Consul);
+    let stats = wf.control.stats.route(wayfinder::dns::stats::AnswerSource::Consul);
     assert_eq!(stats.cache_hits, 0, "consul answers must never come from a cache");
     wf.stop().await;
 }
@@ -149,7 +149,7 @@ async fn dead_consul_gives_servfail_in_time_and_recovers() {
         dig(wf.addr, &["outage.service.consul", "A"]).await.answers(),
         ["127.0.5.1"]
     );
-    let route = || wf.control.stats.route(wayfinder::dns::stats::Route::Consul);
+    let route = || wf.control.stats.route(wayfinder::dns::stats::AnswerSource::Consul);
     assert!(
         route().inline_exchanges >= 1,
         "asked by the UDP worker itself: {:?}",
@@ -198,7 +198,7 @@ async fn second_consul_address_is_used_when_the_first_is_down() {
     // The first question went to the dead address from the UDP worker itself
     // and on to the second in a task; the others (first one held down) went
     // the task path, second address first.
-    let route = wf.control.stats.route(wayfinder::dns::stats::Route::Consul);
+    let route = wf.control.stats.route(wayfinder::dns::stats::AnswerSource::Consul);
     assert!(route.inline_exchanges >= 1, "{route:?}");
     wf.stop().await;
 }
@@ -275,11 +275,11 @@ async fn identical_inflight_questions_are_merged() {
             "{:?} after {:?}; consul route: {:?}",
             m.metadata,
             started.elapsed(),
-            wf.control.stats.route(wayfinder::dns::stats::Route::Consul)
+            wf.control.stats.route(wayfinder::dns::stats::AnswerSource::Consul)
         );
         answered += 1;
     }
-    let stats = wf.control.stats.route(wayfinder::dns::stats::Route::Consul);
+    let stats = wf.control.stats.route(wayfinder::dns::stats::AnswerSource::Consul);
     let exchanges = stats.exchanges();
     assert_eq!(stats.queries, u64::from(total));
     assert!(

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RData;
 use socket2::{Domain, Protocol, Socket, Type};
-use wayfinder::dns::stats::{Route, RouteSnapshot};
+use wayfinder::dns::stats::{AnswerSource, RouteSnapshot};
 
 use crate::harness::{Consul, Wayfinder, consul_section, dig, eventually, unique};
 
@@ -116,7 +116,7 @@ fn srv_ports(m: &Message) -> Vec<u16> {
 }
 
 fn consul_stats(wf: &Wayfinder) -> RouteSnapshot {
-    wf.control.stats.route(Route::Consul)
+    wf.control.stats.route(AnswerSource::Consul)
 }
 
 /// 400 questions (20 services x A/SRV, ten times each, every one with its own

@@ -24,7 +24,7 @@ use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
-use wayfinder::dns::stats::{Route, TcpClose};
+use wayfinder::dns::stats::{AnswerSource, TcpClose};
 
 use crate::harness::{Unbound, Wayfinder, dig, eventually};
 
@@ -278,7 +278,7 @@ async fn spoofed_answers_are_ignored_and_the_real_one_is_taken() {
         again.out
     );
     assert_eq!(upstream.count(), 1);
-    let stats = wf.control.stats.route(Route::Upstream);
+    let stats = wf.control.stats.route(AnswerSource::Upstream);
     assert!(
         stats.ignored_responses >= 2,
         "wrong ID and wrong case counted as ignored: {stats:?}"
@@ -419,7 +419,7 @@ async fn questions_on_the_wire_are_bounded() {
         assert!(*took < Duration::from_secs(5), "took {took:?}");
     }
     assert_eq!(upstream.count(), 4, "nothing over the limit reached the upstream");
-    assert_eq!(wf.control.stats.route(Route::Upstream).over_limit, 6);
+    assert_eq!(wf.control.stats.route(AnswerSource::Upstream).over_limit, 6);
     let held = held.await.unwrap();
     assert_eq!(held.len(), 4);
     assert!(held.values().all(|(r, _)| rcode_of(r) == 2), "the held ones time out");

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::harness::{Unbound, Wayfinder, dig, free_port};
-use wayfinder::dns::stats::Route;
+use wayfinder::dns::stats::AnswerSource;
 
 async fn cached_server(upstream: &Unbound, extra: &str) -> Wayfinder {
     Wayfinder::start(&format!("[dns]\nupstreams = [\"{}\"]\n{extra}", upstream.addr)).await
@@ -28,7 +28,7 @@ async fn upstream_answers_are_cached_and_age() {
     let ttl = aged.section("ANSWER")[0].1;
     assert!((297..=298).contains(&ttl), "TTL should have aged by 2 s: {ttl}");
     assert_eq!(upstream.queries("www.test.", "A"), 1);
-    let stats = wf.control.stats.route(Route::Upstream);
+    let stats = wf.control.stats.route(AnswerSource::Upstream);
     assert_eq!(stats.cache_hits, 2);
     assert_eq!(stats.queries, 3);
     wf.stop().await;
@@ -68,7 +68,7 @@ async fn stale_answers_are_served_when_the_upstream_dies() {
     let never = dig(wf.addr, &["never.test", "A"]).await;
     assert_eq!(never.status(), "SERVFAIL", "{}", never.out);
     assert!(never.took < Duration::from_millis(1000), "took {:?}", never.took);
-    let stats = wf.control.stats.route(Route::Upstream);
+    let stats = wf.control.stats.route(AnswerSource::Upstream);
     assert_eq!(stats.stale_served, 1);
     wf.stop().await;
 }

@@ -1,6 +1,11 @@
-//! Batched UDP receive, shared by the dns workers and the vpn packet loop: one
-//! `recvmmsg` fills up to `N` fixed slots of `SLOT` bytes with datagrams and
-//! their source addresses.
+//! Batched UDP, shared by the dns workers and the vpn packet loop.
+//!
+//! * [`RecvBatch`]: one `recvmmsg` fills up to `N` fixed slots of `SLOT` bytes
+//!   with datagrams and their source addresses.
+//! * [`SendBatch`]: up to `N` datagrams sent with as few `sendmmsg` calls as
+//!   the kernel takes; [`send_all`] is its loop, which the vpn's GSO batch
+//!   uses with headers of its own. What to do with a datagram the kernel
+//!   refuses is the caller's ([`OnSendError`]).
 //!
 //! Every buffer is allocated once, when the batch is made; the `mmsghdr` and
 //! `iovec` arrays point into the slot and address arrays, which is why all of
@@ -143,6 +148,106 @@ impl<const N: usize, const SLOT: usize> RecvBatch<N, SLOT> {
     #[inline]
     pub fn name(&mut self, i: usize) -> (*mut libc::sockaddr_storage, libc::socklen_t) {
         (&mut self.addrs[i], self.hdrs[i].msg_hdr.msg_namelen)
+    }
+}
+
+/// What [`send_all`] does after `sendmmsg` refused a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnSendError {
+    /// Drop that message and go on with the next.
+    Skip,
+    /// Try the same message again (e.g. after `EINTR`).
+    Retry,
+    /// Stop: the rest is not sent.
+    Stop,
+}
+
+/// Sends `hdrs` in order with as few `sendmmsg` calls as the kernel takes.
+/// When the kernel refuses message `i` (or takes none), `on_error(i, error)`
+/// decides what follows. Returns how many messages the kernel took.
+///
+/// # Safety
+///
+/// Every header must point at live buffers (iovecs, data, name, control) of
+/// the lengths it states, for the whole call, also across `on_error`.
+pub unsafe fn send_all(
+    fd: RawFd,
+    hdrs: &mut [libc::mmsghdr],
+    mut on_error: impl FnMut(usize, std::io::Error) -> OnSendError,
+) -> usize {
+    let count = hdrs.len();
+    let (mut done, mut sent) = (0, 0);
+    while done < count {
+        // SAFETY: the caller's promise: headers [done, count) point at live buffers.
+        let n = unsafe { libc::sendmmsg(fd, hdrs[done..].as_mut_ptr(), (count - done) as libc::c_uint, 0) };
+        if n > 0 {
+            done += n as usize;
+            sent += n as usize;
+            continue;
+        }
+        match on_error(done, std::io::Error::last_os_error()) {
+            OnSendError::Skip => done += 1,
+            OnSendError::Retry => {}
+            OnSendError::Stop => break,
+        }
+    }
+    sent
+}
+
+/// Up to `N` outgoing datagrams, one buffer each, sent with [`send_all`]: the
+/// caller keeps the buffers and points header `i` at one with
+/// [`SendBatch::set`] right before [`SendBatch::send`].
+pub struct SendBatch<const N: usize> {
+    iovecs: Box<[libc::iovec; N]>,
+    hdrs: Box<[libc::mmsghdr; N]>,
+}
+
+// SAFETY: the raw pointers in `iovecs`/`hdrs` are set right before each send
+// (to buffers the caller keeps alive for it) and not used in between.
+unsafe impl<const N: usize> Send for SendBatch<N> {}
+
+impl<const N: usize> Default for SendBatch<N> {
+    fn default() -> Self {
+        SendBatch {
+            // SAFETY: all-zero is a valid value for these plain C structs.
+            iovecs: Box::new(unsafe { zeroed() }),
+            // SAFETY: as above.
+            hdrs: Box::new(unsafe { zeroed() }),
+        }
+    }
+}
+
+impl<const N: usize> SendBatch<N> {
+    /// Points message `i` at `data`, for `name` (`None` on a connected socket).
+    #[inline]
+    pub fn set(&mut self, i: usize, data: &[u8], name: Option<(&libc::sockaddr_storage, libc::socklen_t)>) {
+        self.iovecs[i] = libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        };
+        let hdr = &mut self.hdrs[i].msg_hdr;
+        hdr.msg_iov = &mut self.iovecs[i];
+        hdr.msg_iovlen = 1;
+        (hdr.msg_name, hdr.msg_namelen) = match name {
+            Some((addr, len)) => ((addr as *const libc::sockaddr_storage).cast_mut().cast(), len),
+            None => (std::ptr::null_mut(), 0),
+        };
+    }
+
+    /// Sends messages `0..count` as [`send_all`] does.
+    ///
+    /// # Safety
+    ///
+    /// Each of them was [`SendBatch::set`] to buffers that are still alive and
+    /// unchanged, and stay so across `on_error`.
+    pub unsafe fn send(
+        &mut self,
+        fd: RawFd,
+        count: usize,
+        on_error: impl FnMut(usize, std::io::Error) -> OnSendError,
+    ) -> usize {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { send_all(fd, &mut self.hdrs[..count], on_error) }
     }
 }
 
