@@ -631,6 +631,11 @@ struct Runner {
 }
 
 impl Runner {
+    /// Keeps the view current until shutdown.
+    ///
+    /// Long on purpose: one loop owns the view's state machine (full sync,
+    /// per-service fetches, periodic re-sync, back-off), and every branch of its
+    /// `select!` reads and updates the same state.
     async fn run(mut self, mut signals: mpsc::Receiver<Signal>, resync: Duration, shutdown: CancellationToken) {
         let mut pending = Pending {
             full: true,

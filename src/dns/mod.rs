@@ -200,6 +200,10 @@ pub struct DnsControl {
 }
 
 /// Runs the DNS server on `sockets` until `shutdown` is cancelled.
+///
+/// Long on purpose: it starts each part of the dns in dependency order (zones,
+/// wildcard answers, engine, listeners, workers), one call each, then watches
+/// them; the order is the documentation.
 pub async fn run(
     dns: &DnsConfig,
     consul_config: &ConsulConfig,

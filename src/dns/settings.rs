@@ -302,6 +302,10 @@ pub struct Tunnel {
 
 /// Validates `[dns]`: `consul` for the domain overlap, `tunnel` (when the vpn
 /// is on) for the address it also answers on.
+///
+/// Long on purpose: one check per field, in the section's order, over an
+/// exhaustive destructuring (a new field cannot be forgotten); split, the
+/// checks would stand apart from the fields they read.
 pub(crate) fn validate_dns(
     dns: &DnsSection,
     consul: &ConsulConfig,

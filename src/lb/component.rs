@@ -287,6 +287,13 @@ fn code_label(i: usize) -> String {
 /// The lb's Prometheus series (labels as HAProxy's exporter names them:
 /// `proxy` for the service, `server` for an instance, `code` for the status class).
 fn metrics(out: &mut Writer, status: &LbStatus) {
+    request_metrics(out, status);
+    connection_metrics(out, status);
+    table_metrics(out, status);
+}
+
+/// Requests by status class, per service and instance, and their latency.
+fn request_metrics(out: &mut Writer, status: &LbStatus) {
     out.family(
         "wayfinder_lb_http_responses_total",
         Kind::Counter,
@@ -352,6 +359,10 @@ fn metrics(out: &mut Writer, status: &LbStatus) {
             );
         }
     }
+}
+
+/// Client connections, their caps and cuts, retries and the queue.
+fn connection_metrics(out: &mut Writer, status: &LbStatus) {
     out.single(
         "wayfinder_lb_retries_total",
         Kind::Counter,
@@ -403,6 +414,10 @@ fn metrics(out: &mut Writer, status: &LbStatus) {
     ] {
         out.sample("wayfinder_lb_client_connections_cut_total", &[("reason", reason)], n);
     }
+}
+
+/// The routing table: changes, propagation, Consul, readiness, build time.
+fn table_metrics(out: &mut Writer, status: &LbStatus) {
     out.single(
         "wayfinder_lb_routing_changes_total",
         Kind::Counter,

@@ -316,18 +316,9 @@ fn self_signed(
     Ok(index)
 }
 
-/// Runs the load balancer on `sockets` until `shutdown` is cancelled; in-flight
-/// requests are given the grace the caller allows.
-pub async fn run(
-    config: &LbConfig,
-    inputs: &Inputs,
-    sockets: LbSockets,
-    state: Arc<LbState>,
-    consul: Arc<ConsulHub>,
-    stop: CancellationToken,
-) -> Result<(), LbError> {
-    // Cancelled on `stop`, or by the lb itself when a task it needs has ended.
-    let shutdown = stop.child_token();
+/// Raises the open-file limit and sets the client connection caps from it
+/// and the configuration: (the total cap, the open-file limit).
+fn connection_caps(config: &LbConfig, state: &LbState) -> (usize, Option<u64>) {
     let nofile = client::raise_nofile_limit();
     let max_connections = config
         .max_connections
@@ -344,31 +335,52 @@ pub async fn run(
             "lb: lb.max_connections may need more file descriptors than the process may open (a client and a backend socket each); raise LimitNOFILE"
         );
     }
-    // Certificates first: a bad file is a start-up error, before any listener serves.
-    let tls = match &config.https {
-        Some(https) => {
-            let index = if https.certs.is_empty() {
-                self_signed(config, inputs.host_ip, &https.state_dir).map_err(LbError::Certs)?
-            } else {
-                tls::CertIndex::load(&https.certs).map_err(LbError::Certs)?
-            };
-            let resolver = tls::SniResolver::new(index);
-            let _ = state.certs.set(resolver.clone());
-            Some(tokio_rustls::TlsAcceptor::from(
-                tls::server_config(resolver).map_err(LbError::Tls)?,
-            ))
-        }
-        None => None,
+    (max_connections, nofile)
+}
+
+/// The TLS acceptor when HTTPS is on: the configured certificate files, or
+/// the lb's own self-signed one; published in `state` for the status pages.
+fn tls_acceptor(
+    config: &LbConfig,
+    inputs: &Inputs,
+    state: &LbState,
+) -> Result<Option<tokio_rustls::TlsAcceptor>, LbError> {
+    let Some(https) = &config.https else {
+        return Ok(None);
     };
+    let index = if https.certs.is_empty() {
+        self_signed(config, inputs.host_ip, &https.state_dir).map_err(LbError::Certs)?
+    } else {
+        tls::CertIndex::load(&https.certs).map_err(LbError::Certs)?
+    };
+    let resolver = tls::SniResolver::new(index);
+    let _ = state.certs.set(resolver.clone());
+    Ok(Some(tokio_rustls::TlsAcceptor::from(
+        tls::server_config(resolver).map_err(LbError::Tls)?,
+    )))
+}
+
+/// Runs the load balancer on `sockets` until `shutdown` is cancelled; in-flight
+/// requests are given the grace the caller allows.
+pub async fn run(
+    config: &LbConfig,
+    inputs: &Inputs,
+    sockets: LbSockets,
+    state: Arc<LbState>,
+    consul: Arc<ConsulHub>,
+    stop: CancellationToken,
+) -> Result<(), LbError> {
+    // Cancelled on `stop`, or by the lb itself when a task it needs has ended.
+    let shutdown = stop.child_token();
+    let (max_connections, nofile) = connection_caps(config, &state);
+    // Certificates first: a bad file is a start-up error, before any listener serves.
+    let tls = tls_acceptor(config, inputs, &state)?;
     let tasks = TaskTracker::new();
     if let (Some(https), Some(resolver)) = (&config.https, state.certs.get())
         && !https.certs.is_empty()
     {
         tasks.spawn(tls::watch(https.certs.clone(), resolver.clone(), shutdown.clone()));
     }
-    let view = consul.catalog().map_err(LbError::Consul)?;
-    let maxconn = consul.kv_tree(watch::MAXCONN_PREFIX).map_err(LbError::Consul)?;
-    let _ = state.view.set(view.clone());
     // The configuration names the listeners; the bound sockets say where they
     // really are (a port 0 in the file).
     let mut table_config = table_config(config, inputs);
@@ -381,36 +393,7 @@ pub async fn run(
             table_config.policy.own.add(what, addr);
         }
     }
-    let (updates, updates_rx) = tokio::sync::mpsc::unbounded_channel();
-    let remote = tasks.spawn(remote::run(
-        consul.http().clone(),
-        table_config.clone(),
-        state.clone(),
-        updates,
-        shutdown.clone(),
-    ));
-    let builder = tasks.spawn(watch::run(
-        view,
-        maxconn,
-        updates_rx,
-        table_config,
-        state.clone(),
-        shutdown.clone(),
-    ));
-    tasks.spawn(checks::run(
-        state.clone(),
-        config.check_interval,
-        config.check_timeout,
-        shutdown.clone(),
-    ));
-    tasks.spawn(tcp::run(
-        state.clone(),
-        config.http.ip(),
-        config.connect_timeout,
-        config.eject_time.as_millis() as u64,
-        config.tunnel_timeout,
-        shutdown.clone(),
-    ));
+    let (builder, remote) = spawn_table_tasks(config, table_config, &state, &consul, &tasks, &shutdown)?;
     let addr = sockets.http.local_addr().ok();
     let https_addr = sockets.https.as_ref().and_then(|l| l.local_addr().ok());
     let stats_addr = sockets.stats.as_ref().and_then(|l| l.local_addr().ok());
@@ -422,24 +405,7 @@ pub async fn run(
         addr: addr.unwrap_or(config.http),
         source,
     };
-    let mut workers = crate::threads::WatchedThreads::default();
-    for worker in 0..config.workers {
-        let mine = listeners
-            .iter()
-            .map(|(l, tls)| Ok((l.try_clone()?, tls.clone())))
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(bind_error)?;
-        // A proxy of its own per thread: its backend session pool is then used
-        // by one thread only (sessions never hop between runtimes).
-        let proxy = proxy::Proxy::new(config, state.clone(), shutdown.clone());
-        let shutdown = shutdown.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("lb-proxy-{worker}"))
-            .spawn(move || proxy_worker(proxy, mine, shutdown))
-            .map_err(bind_error)?;
-        workers.watch(thread);
-    }
-    drop(listeners);
+    let mut workers = spawn_proxies(config, &state, listeners, &shutdown).map_err(bind_error)?;
     if let Some(listener) = sockets.stats {
         tasks.spawn(status::serve(
             tokio_listener(listener)?,
@@ -449,19 +415,8 @@ pub async fn run(
         ));
     }
     if let (Some(name), Some(bound)) = (&config.register, addr) {
-        // Consul must reach the address it checks: the configured one, else HOST_IP,
-        // else loopback (a single host).
-        let ip = if !bound.ip().is_unspecified() {
-            bound.ip()
-        } else {
-            inputs.host_ip.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]))
-        };
-        tasks.spawn(register::run(
-            consul.http().clone(),
-            name.clone(),
-            SocketAddr::new(ip, bound.port()),
-            shutdown.clone(),
-        ));
+        let at = registered_address(bound, inputs.host_ip);
+        tasks.spawn(register::run(consul.http().clone(), name.clone(), at, shutdown.clone()));
     }
     tracing::info!(
         http = ?addr,
@@ -496,6 +451,89 @@ pub async fn run(
         Some(error) => Err(error),
         None => Ok(()),
     }
+}
+
+/// Starts what keeps the routing table current: the Consul watch that builds
+/// it, the other-datacenter poller, the active checks and the `haproxy_tcp`
+/// listeners. The first two only end on shutdown: their handles are returned.
+fn spawn_table_tasks(
+    config: &LbConfig,
+    table_config: TableConfig,
+    state: &Arc<LbState>,
+    consul: &ConsulHub,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<(tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>), LbError> {
+    let view = consul.catalog().map_err(LbError::Consul)?;
+    let maxconn = consul.kv_tree(watch::MAXCONN_PREFIX).map_err(LbError::Consul)?;
+    let _ = state.view.set(view.clone());
+    let (updates, updates_rx) = tokio::sync::mpsc::unbounded_channel();
+    let remote = tasks.spawn(remote::run(
+        consul.http().clone(),
+        table_config.clone(),
+        state.clone(),
+        updates,
+        shutdown.clone(),
+    ));
+    let builder = tasks.spawn(watch::run(
+        view,
+        maxconn,
+        updates_rx,
+        table_config,
+        state.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(checks::run(
+        state.clone(),
+        config.check_interval,
+        config.check_timeout,
+        shutdown.clone(),
+    ));
+    tasks.spawn(tcp::run(
+        state.clone(),
+        config.http.ip(),
+        config.connect_timeout,
+        config.eject_time.as_millis() as u64,
+        config.tunnel_timeout,
+        shutdown.clone(),
+    ));
+    Ok((builder, remote))
+}
+
+/// Starts `config.workers` proxy threads, each with its own copies of the
+/// `listeners` and a proxy of its own (its backend session pool is then used
+/// by one thread only: sessions never hop between runtimes).
+fn spawn_proxies(
+    config: &LbConfig,
+    state: &Arc<LbState>,
+    listeners: Vec<(std::net::TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
+    shutdown: &CancellationToken,
+) -> std::io::Result<crate::threads::WatchedThreads> {
+    let mut workers = crate::threads::WatchedThreads::default();
+    for worker in 0..config.workers {
+        let mine = listeners
+            .iter()
+            .map(|(l, tls)| Ok((l.try_clone()?, tls.clone())))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let proxy = proxy::Proxy::new(config, state.clone(), shutdown.clone());
+        let shutdown = shutdown.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("lb-proxy-{worker}"))
+            .spawn(move || proxy_worker(proxy, mine, shutdown))?;
+        workers.watch(thread);
+    }
+    Ok(workers)
+}
+
+/// Where the lb registers itself in Consul: Consul must reach the address it
+/// checks: the bound one, else HOST_IP, else loopback (a single host).
+fn registered_address(bound: SocketAddr, host_ip: Option<std::net::IpAddr>) -> SocketAddr {
+    let ip = if bound.ip().is_unspecified() {
+        host_ip.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]))
+    } else {
+        bound.ip()
+    };
+    SocketAddr::new(ip, bound.port())
 }
 
 /// One proxy thread: a single-threaded runtime serving its copies of the

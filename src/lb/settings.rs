@@ -282,6 +282,10 @@ pub struct HttpsConfig {
     pub state_dir: PathBuf,
 }
 
+///
+/// Long on purpose: one check per field, in the section's order, over an
+/// exhaustive destructuring (a new field cannot be forgotten); split, the
+/// checks would stand apart from the fields they read.
 pub(crate) fn validate_lb(
     lb: &LbSection,
     wildcard_domain: Option<&Name>,

@@ -39,6 +39,9 @@ pub struct ComponentContext {
 }
 
 /// Runs one component under supervision until `shutdown`.
+///
+/// Long on purpose: one loop is the component's life (wait for Consul, bind,
+/// run, stop, back off), and each state's `select!` needs the same locals.
 pub async fn supervise(
     component: Arc<dyn Component>,
     first_sockets: Option<Box<dyn Bound>>,

@@ -75,50 +75,56 @@ fn consul_hub(out: &mut Writer, hub: &crate::consul::ConsulHub) {
             w.snapshot().failures,
         );
     }
-    if let Some(view) = hub.catalog_if_started() {
-        let v = view.status().snapshot();
-        let services = view.current().services.len();
-        out.family(
-            "wayfinder_consul_view_up",
-            Kind::Gauge,
-            "1 while the catalog view is kept current.",
-        );
-        out.sample("wayfinder_consul_view_up", &[], u8::from(v.ok));
-        out.family(
-            "wayfinder_consul_view_services",
-            Kind::Gauge,
-            "Services in the catalog view.",
-        );
-        out.sample("wayfinder_consul_view_services", &[], services);
-        out.family(
-            "wayfinder_consul_full_syncs_total",
-            Kind::Counter,
-            "Full reads of the catalog (start, resets, unexplained changes, periodic).",
-        );
-        out.sample("wayfinder_consul_full_syncs_total", &[], v.full_syncs);
-        out.family(
-            "wayfinder_consul_service_fetches_total",
-            Kind::Counter,
-            "Services read one by one after a change.",
-        );
-        out.sample("wayfinder_consul_service_fetches_total", &[], v.fetches);
-        out.family(
-            "wayfinder_consul_sync_corrections_total",
-            Kind::Counter,
-            "Services the periodic full sync found different from what the watches said.",
-        );
-        out.sample("wayfinder_consul_sync_corrections_total", &[], v.corrections);
-        out.family(
-            "wayfinder_consul_full_sync_seconds",
-            Kind::Gauge,
-            "How long the last full read of the catalog took.",
-        );
-        out.sample(
-            "wayfinder_consul_full_sync_seconds",
-            &[],
-            format!("{:.6}", v.last_full_sync_ms / 1000.0),
-        );
-    }
+    consul_view(out, hub);
+}
+
+/// The catalog view's series, once a component has started it.
+fn consul_view(out: &mut Writer, hub: &crate::consul::ConsulHub) {
+    let Some(view) = hub.catalog_if_started() else {
+        return;
+    };
+    let v = view.status().snapshot();
+    let services = view.current().services.len();
+    out.family(
+        "wayfinder_consul_view_up",
+        Kind::Gauge,
+        "1 while the catalog view is kept current.",
+    );
+    out.sample("wayfinder_consul_view_up", &[], u8::from(v.ok));
+    out.family(
+        "wayfinder_consul_view_services",
+        Kind::Gauge,
+        "Services in the catalog view.",
+    );
+    out.sample("wayfinder_consul_view_services", &[], services);
+    out.family(
+        "wayfinder_consul_full_syncs_total",
+        Kind::Counter,
+        "Full reads of the catalog (start, resets, unexplained changes, periodic).",
+    );
+    out.sample("wayfinder_consul_full_syncs_total", &[], v.full_syncs);
+    out.family(
+        "wayfinder_consul_service_fetches_total",
+        Kind::Counter,
+        "Services read one by one after a change.",
+    );
+    out.sample("wayfinder_consul_service_fetches_total", &[], v.fetches);
+    out.family(
+        "wayfinder_consul_sync_corrections_total",
+        Kind::Counter,
+        "Services the periodic full sync found different from what the watches said.",
+    );
+    out.sample("wayfinder_consul_sync_corrections_total", &[], v.corrections);
+    out.family(
+        "wayfinder_consul_full_sync_seconds",
+        Kind::Gauge,
+        "How long the last full read of the catalog took.",
+    );
+    out.sample(
+        "wayfinder_consul_full_sync_seconds",
+        &[],
+        format!("{:.6}", v.last_full_sync_ms / 1000.0),
+    );
 }
 
 /// The metrics text.

@@ -445,139 +445,20 @@ pub async fn run(
     state: Arc<SupervisorState>,
     shutdown: CancellationToken,
 ) -> Result<(), SupervisorError> {
-    let config = state.config.clone();
     {
         let mut addresses = lock(&state.addresses);
         addresses.admin = sockets.admin_addr();
         addresses.components = Listening(sockets.components.iter().flat_map(|(_, b)| b.listening().0).collect());
     }
-    let UpSockets { admin, mut components } = sockets;
+    let UpSockets { admin, components } = sockets;
     // Everything `up` runs, in start order: its own tasks first, so they stop
     // last; a task that ends before shutdown (a panic) stops it all.
-    let mut running: Vec<Running> = Vec::new();
-    if state.adopt_orphans {
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(reaper::run(state.children.clone(), stop.clone()));
-        running.push(Running::own("orphan reaper", stop, task));
-    }
-    if let Some(listener) = admin {
-        let listener = tokio::net::TcpListener::from_std(listener).map_err(|source| SupervisorError::BindAdmin {
-            addr: config
-                .supervisor
-                .admin
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
-            source,
-        })?;
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(admin::serve(listener, state.clone(), stop.clone()));
-        running.push(Running::own("admin endpoint", stop, task));
-    }
-    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(monitor_consul(state.clone(), ready_tx, stop.clone()));
-    running.push(Running::own("consul monitor", stop, task));
+    let (mut running, consul_ready) = start_own_tasks(&state, admin)?;
+    start_units(&state, components, consul_ready, &mut running);
 
-    let runs_consul = state.plan.starts_consul();
-    let program_ctx = ProgramContext {
-        restart: config.supervisor.restart,
-        children: state.children.clone(),
-        consul_ready: runs_consul.then(|| ready_rx.clone()),
-        consul_wait: config.supervisor.consul_wait,
-    };
-    for (planned, handle) in state.plan.units.iter().zip(&state.units) {
-        let token = CancellationToken::new();
-        let (task, grace) = match &planned.kind {
-            UnitKind::Consul(mode) if planned.start => {
-                let program = consul::program(&config, &state.plan, *mode);
-                if let Err(e) = std::fs::create_dir_all(&config.supervisor.consul.data_dir) {
-                    tracing::warn!(dir = %config.supervisor.consul.data_dir.display(), error = %e, "could not create the consul data dir");
-                }
-                tracing::info!(args = ?program.args, "consul agent");
-                let grace = program::worst_stop_time(&program);
-                let task = tokio::spawn(program::supervise(
-                    program,
-                    handle.clone(),
-                    program_ctx.clone(),
-                    true,
-                    token.clone(),
-                ));
-                (task, grace)
-            }
-            UnitKind::Program(i) => {
-                let program = config.supervisor.programs[*i].clone();
-                let grace = program::worst_stop_time(&program);
-                let task = tokio::spawn(program::supervise(
-                    program,
-                    handle.clone(),
-                    program_ctx.clone(),
-                    planned.start,
-                    token.clone(),
-                ));
-                (task, grace)
-            }
-            UnitKind::Component(kind) if planned.start => {
-                let Some(component) = state.component(kind.name()).cloned() else {
-                    continue;
-                };
-                let first = components
-                    .iter()
-                    .position(|(name, _)| *name == kind.name())
-                    .map(|i| components.swap_remove(i).1);
-                let ctx = ComponentContext {
-                    appliance: state.appliance.clone(),
-                    restart: config.supervisor.restart,
-                    consul_ready: (runs_consul && kind.facts().needs_consul).then(|| ready_rx.clone()),
-                    consul_wait: config.supervisor.consul_wait,
-                };
-                let task = tokio::spawn(component::supervise(
-                    component,
-                    first,
-                    ctx,
-                    handle.clone(),
-                    token.clone(),
-                ));
-                (task, component::STOP_GRACE + Duration::from_secs(1))
-            }
-            // Off by role: nothing to supervise.
-            _ => continue,
-        };
-        lock(&state.supervised).push(planned.name.clone());
-        running.push(Running {
-            name: planned.name.clone(),
-            token,
-            task,
-            grace,
-            own: false,
-        });
-    }
-
-    // The ready moment: every unit has left its start-up states (or the wait
-    // for Consul ran out, after which the lb starts anyway).
     // A unit's supervising task only ends on shutdown; one that ends before
     // (a panic in it) leaves its unit unwatched, so `up` stops it all and fails.
-    let mut died = None;
-    let settle = config.supervisor.consul_wait + Duration::from_secs(5);
-    let deadline = tokio::time::Instant::now() + settle;
-    loop {
-        let pending = state.units.iter().any(|u| u.state().is_pending());
-        if !pending || tokio::time::Instant::now() >= deadline {
-            break;
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            ended = first_ended(&mut running) => {
-                died = Some(ended);
-                break;
-            }
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-        }
-    }
-    if died.is_none() && !shutdown.is_cancelled() {
-        state.ready.store(true, Ordering::Relaxed);
-        println!("{}", banner(&state));
-        notify::notify("READY=1");
-        tracing::info!("wayfinder up: ready");
-    }
+    let mut died = wait_ready(&state, &mut running, &shutdown).await;
     if died.is_none() {
         died = tokio::select! {
             biased;
@@ -585,12 +466,9 @@ pub async fn run(
             ended = first_ended(&mut running) => Some(ended),
         };
     }
-    let died = died.map(|(index, joined)| {
+    let failure = died.map(|(index, joined)| {
         let ended = running.remove(index);
-        (ended.name, ended.own, joined)
-    });
-    let failure = died.map(|(name, own, joined)| {
-        let error = death(name, own, joined);
+        let error = death(ended.name, ended.own, joined);
         match &error {
             SupervisorError::UnitDied { unit, message } => {
                 tracing::error!(%unit, how = %message, "a unit's supervisor died; stopping everything");
@@ -619,6 +497,139 @@ pub async fn run(
         Some(error) => Err(error),
         None => Ok(()),
     }
+}
+
+/// `up`'s own tasks: the orphan reaper (in the binary), the admin endpoint,
+/// the Consul monitor; and the receiver that turns `true` once the built-in
+/// Consul has a leader.
+fn start_own_tasks(
+    state: &Arc<SupervisorState>,
+    admin: Option<std::net::TcpListener>,
+) -> Result<(Vec<Running>, tokio::sync::watch::Receiver<bool>), SupervisorError> {
+    let mut running = Vec::new();
+    if state.adopt_orphans {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(reaper::run(state.children.clone(), stop.clone()));
+        running.push(Running::own("orphan reaper", stop, task));
+    }
+    if let Some(listener) = admin {
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|source| SupervisorError::BindAdmin { addr, source })?;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(admin::serve(listener, state.clone(), stop.clone()));
+        running.push(Running::own("admin endpoint", stop, task));
+    }
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(monitor_consul(state.clone(), ready_tx, stop.clone()));
+    running.push(Running::own("consul monitor", stop, task));
+    Ok((running, ready_rx))
+}
+
+/// Starts a supervising task for every unit the plan starts (programs also
+/// when off: an admin restart starts them), in priority order, each on a
+/// token of its own; components get the resources `up` bound for them.
+fn start_units(
+    state: &Arc<SupervisorState>,
+    mut components: Vec<(&'static str, Box<dyn Bound>)>,
+    consul_ready: tokio::sync::watch::Receiver<bool>,
+    running: &mut Vec<Running>,
+) {
+    let config = &state.config;
+    let runs_consul = state.plan.starts_consul();
+    let program_ctx = ProgramContext {
+        restart: config.supervisor.restart,
+        children: state.children.clone(),
+        consul_ready: runs_consul.then(|| consul_ready.clone()),
+        consul_wait: config.supervisor.consul_wait,
+    };
+    for (planned, handle) in state.plan.units.iter().zip(&state.units) {
+        let token = CancellationToken::new();
+        let (task, grace) = match &planned.kind {
+            UnitKind::Consul(mode) if planned.start => {
+                let program = consul::program(config, &state.plan, *mode);
+                if let Err(e) = std::fs::create_dir_all(&config.supervisor.consul.data_dir) {
+                    tracing::warn!(dir = %config.supervisor.consul.data_dir.display(), error = %e, "could not create the consul data dir");
+                }
+                tracing::info!(args = ?program.args, "consul agent");
+                let grace = program::worst_stop_time(&program);
+                let supervise = program::supervise(program, handle.clone(), program_ctx.clone(), true, token.clone());
+                (tokio::spawn(supervise), grace)
+            }
+            UnitKind::Program(i) => {
+                let program = config.supervisor.programs[*i].clone();
+                let grace = program::worst_stop_time(&program);
+                let supervise = program::supervise(
+                    program,
+                    handle.clone(),
+                    program_ctx.clone(),
+                    planned.start,
+                    token.clone(),
+                );
+                (tokio::spawn(supervise), grace)
+            }
+            UnitKind::Component(kind) if planned.start => {
+                let Some(component) = state.component(kind.name()).cloned() else {
+                    continue;
+                };
+                let first = components
+                    .iter()
+                    .position(|(name, _)| *name == kind.name())
+                    .map(|i| components.swap_remove(i).1);
+                let ctx = ComponentContext {
+                    appliance: state.appliance.clone(),
+                    restart: config.supervisor.restart,
+                    consul_ready: (runs_consul && kind.facts().needs_consul).then(|| consul_ready.clone()),
+                    consul_wait: config.supervisor.consul_wait,
+                };
+                let supervise = component::supervise(component, first, ctx, handle.clone(), token.clone());
+                (tokio::spawn(supervise), component::STOP_GRACE + Duration::from_secs(1))
+            }
+            // Off by role: nothing to supervise.
+            _ => continue,
+        };
+        lock(&state.supervised).push(planned.name.clone());
+        running.push(Running {
+            name: planned.name.clone(),
+            token,
+            task,
+            grace,
+            own: false,
+        });
+    }
+}
+
+/// Waits for the ready moment: every unit has left its start-up states (or
+/// the wait for Consul ran out, after which the lb starts anyway); then
+/// prints the banner and tells systemd. A task that ended first is returned.
+async fn wait_ready(
+    state: &SupervisorState,
+    running: &mut [Running],
+    shutdown: &CancellationToken,
+) -> Option<(usize, Result<(), tokio::task::JoinError>)> {
+    let settle = state.config.supervisor.consul_wait + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + settle;
+    loop {
+        let pending = state.units.iter().any(|u| u.state().is_pending());
+        if !pending || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            ended = first_ended(running) => return Some(ended),
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    if !shutdown.is_cancelled() {
+        state.ready.store(true, Ordering::Relaxed);
+        println!("{}", banner(state));
+        notify::notify("READY=1");
+        tracing::info!("wayfinder up: ready");
+    }
+    None
 }
 
 /// The error for a task of `up` that ended before shutdown.

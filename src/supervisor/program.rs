@@ -133,6 +133,10 @@ async fn stop(child: &mut Child, config: &ProgramConfig) -> Option<ExitStatus> {
 
 /// Runs one program under supervision until `shutdown`. With `autostart` false
 /// it waits for an admin restart first.
+///
+/// Long on purpose: one loop is the program's life (start, wait for its end
+/// or a request, back off), and each state's `select!` needs the same locals;
+/// split, they would be passed around as a struct only this loop uses.
 pub async fn supervise(
     config: ProgramConfig,
     handle: Arc<UnitHandle>,

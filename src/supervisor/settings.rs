@@ -302,6 +302,10 @@ fn is_unit_name(name: &str) -> bool {
 }
 
 /// Checks `[supervisor]` and builds its validated form; `err` names the file.
+///
+/// Long on purpose: one check per field, in the section's order, over an
+/// exhaustive destructuring (a new field cannot be forgotten); split, the
+/// checks would stand apart from the fields they read.
 pub fn validate_supervisor(
     section: &SupervisorSection,
     err: &dyn Fn(&str, String) -> ConfigError,

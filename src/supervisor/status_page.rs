@@ -43,7 +43,38 @@ pub fn render(state: &SupervisorState, report: &StatusReport, q: &str) -> String
         uptime = human_secs(report.uptime_secs),
     );
 
-    // Services.
+    services(&mut html, report);
+    units(&mut html, report, q);
+
+    // Where things listen, then each component's own sections.
+    let mut parts = PageParts::default();
+    for c in &state.components {
+        c.page(state.plan.starts(c.name()), q, &mut parts);
+    }
+    html.push_str("<section id=\"listeners\"><h2>Listening</h2><ul>");
+    for item in &parts.listening {
+        let _ = write!(html, "<li>{item}</li>");
+    }
+    if let Some(c) = consul.addr {
+        let _ = write!(html, "<li>consul <code>http://{c}/ui/</code></li>");
+    }
+    if let Some(admin) = report.addresses.admin {
+        let _ = write!(html, "<li>admin <code>http://{admin}/</code> (this page)</li>");
+    }
+    html.push_str("</ul></section>");
+    html.push_str(&parts.sections);
+
+    let _ = writeln!(
+        html,
+        "<p class=\"muted\">wayfinder {} &middot; <a href=\"/api/status{q}\">JSON</a> &middot; \
+         <a href=\"/metrics{q}\">metrics</a></p></main></body></html>",
+        escape(report.version)
+    );
+    html
+}
+
+/// The services, each with its health, URLs, DNS names and instances.
+fn services(html: &mut String, report: &StatusReport) {
     let _ = write!(
         html,
         "<section id=\"services\"><h2>Services ({})</h2>",
@@ -96,8 +127,10 @@ pub fn render(state: &SupervisorState, report: &StatusReport, q: &str) -> String
         html.push_str("</div>");
     }
     html.push_str("</section>");
+}
 
-    // Components and programs.
+/// The components and programs, each with its state and a restart button.
+fn units(html: &mut String, report: &StatusReport, q: &str) {
     html.push_str(
         "<section id=\"units\"><h2>Components and programs</h2><table><thead><tr><th>name</th><th>state</th>\
          <th class=\"wide\">pid</th><th>up</th><th class=\"wide\">restarts</th><th></th></tr></thead><tbody>",
@@ -132,30 +165,4 @@ pub fn render(state: &SupervisorState, report: &StatusReport, q: &str) -> String
         );
     }
     html.push_str("</tbody></table></section>");
-
-    // Where things listen, then each component's own sections.
-    let mut parts = PageParts::default();
-    for c in &state.components {
-        c.page(state.plan.starts(c.name()), q, &mut parts);
-    }
-    html.push_str("<section id=\"listeners\"><h2>Listening</h2><ul>");
-    for item in &parts.listening {
-        let _ = write!(html, "<li>{item}</li>");
-    }
-    if let Some(c) = consul.addr {
-        let _ = write!(html, "<li>consul <code>http://{c}/ui/</code></li>");
-    }
-    if let Some(admin) = report.addresses.admin {
-        let _ = write!(html, "<li>admin <code>http://{admin}/</code> (this page)</li>");
-    }
-    html.push_str("</ul></section>");
-    html.push_str(&parts.sections);
-
-    let _ = writeln!(
-        html,
-        "<p class=\"muted\">wayfinder {} &middot; <a href=\"/api/status{q}\">JSON</a> &middot; \
-         <a href=\"/metrics{q}\">metrics</a></p></main></body></html>",
-        escape(report.version)
-    );
-    html
 }
