@@ -303,23 +303,51 @@ impl Consul {
     }
 
     /// Freezes the agent (SIGSTOP): it answers nothing, and what is sent to
-    /// it waits in its sockets until [`Self::resume`].
+    /// it waits in its sockets until [`Self::resume`]. Returns once every
+    /// thread of the agent is stopped: `kill` returns when the signal is
+    /// queued and one thread woken; the others stop only when that thread has
+    /// run, and until then (long under load) they still answer questions.
     pub fn pause(&self) {
         self.signal("-STOP");
+        self.wait_threads("stopped", |state| matches!(state, 'T' | 't' | 'Z' | 'X'));
     }
 
     /// Lets a paused agent run again (SIGCONT): it answers what waited.
+    /// Returns once no thread of the agent is stopped.
     pub fn resume(&self) {
         self.signal("-CONT");
+        self.wait_threads("running", |state| state != 'T');
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the agent runs").id()
     }
 
     fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("the agent runs").id();
+        let pid = self.pid();
         let status = Command::new("kill")
             .args([signal, &pid.to_string()])
             .status()
             .expect("run kill");
         assert!(status.success(), "kill {signal} {pid}: {status}");
+    }
+
+    /// Waits (10 s at most) until the state of every thread of the agent, from
+    /// `/proc/<pid>/task/*/stat`, is one `ok` accepts.
+    fn wait_threads(&self, what: &str, ok: impl Fn(char) -> bool) {
+        let pid = self.pid();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let states = thread_states(pid);
+            if !states.is_empty() && states.iter().all(|&(_, s)| ok(s)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "consul (pid {pid}) not {what} 10 s after the signal; threads (tid, state): {states:?}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Starts it again on the same ports.
@@ -405,6 +433,25 @@ pub struct BulkInstance {
     pub port: u16,
     /// Tags.
     pub tags: Vec<String>,
+}
+
+/// The scheduler state (`R`, `S`, `T`, ...) of every thread of process `pid`,
+/// with its thread ID, from `/proc/<pid>/task/*/stat` (the state follows the
+/// `)` that closes the command name, which may itself hold `)`).
+fn thread_states(pid: u32) -> Vec<(u32, char)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let tid = task.file_name().to_str()?.parse().ok()?;
+            // A thread that exited in between has no stat any more.
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+            Some((tid, state))
+        })
+        .collect()
 }
 
 /// ESTABLISHED TCP connections that process `pid` holds to `port` on any
