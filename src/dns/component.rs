@@ -233,12 +233,6 @@ impl Component for Dns {
 /// The dns's Prometheus series.
 fn metrics(out: &mut Writer, stats: &DnsStats) {
     let routes = stats.snapshot();
-    let per_route = |out: &mut Writer, name: &str, help: &str, value: &dyn Fn(&RouteSnapshot) -> u64| {
-        out.family(name, Kind::Counter, help);
-        for (route, s) in &routes {
-            out.sample(name, &[("route", route)], value(s));
-        }
-    };
     out.family(
         "wayfinder_dns_responses_total",
         Kind::Counter,
@@ -253,48 +247,50 @@ fn metrics(out: &mut Writer, stats: &DnsStats) {
             );
         }
     }
-    per_route(
-        out,
-        "wayfinder_dns_cache_hits_total",
-        "Answers served from the cache or pre-encoded local data, by route.",
-        &|s| s.cache_hits,
-    );
-    per_route(
-        out,
-        "wayfinder_dns_stale_answers_total",
-        "Expired answers served because every upstream failed (RFC 8767).",
-        &|s| s.stale_served,
-    );
-    per_route(
-        out,
-        "wayfinder_dns_upstream_errors_total",
-        "Upstream or Consul exchanges that failed, by route.",
-        &|s| s.upstream_errors,
-    );
-    per_route(
-        out,
-        "wayfinder_dns_upstream_ignored_total",
-        "Datagrams on a forwarded question's socket that were not its answer (wrong ID, case or question), by route.",
-        &|s| s.ignored_responses,
-    );
-    per_route(
-        out,
-        "wayfinder_dns_upstream_over_limit_total",
-        "Questions not forwarded because dns.max_forwarded were in flight, by route.",
-        &|s| s.over_limit,
-    );
-    per_route(
-        out,
-        "wayfinder_dns_inline_exchanges_total",
-        "Exchanges a UDP worker thread made itself on its own socket (Consul on loopback), by route.",
-        &|s| s.inline_exchanges,
-    );
-    per_route(
-        out,
-        "wayfinder_dns_inline_overflow_total",
-        "Questions that found a UDP worker's pending table (dns.consul_inline_slots) full and took the task path, by route.",
-        &|s| s.inline_overflow,
-    );
+    type Counter = fn(&RouteSnapshot) -> u64;
+    let counters: [(&str, &str, Counter); 7] = [
+        (
+            "wayfinder_dns_cache_hits_total",
+            "Answers served from the cache or pre-encoded local data, by route.",
+            |s| s.cache_hits,
+        ),
+        (
+            "wayfinder_dns_stale_answers_total",
+            "Expired answers served because every upstream failed (RFC 8767).",
+            |s| s.stale_served,
+        ),
+        (
+            "wayfinder_dns_upstream_errors_total",
+            "Upstream or Consul exchanges that failed, by route.",
+            |s| s.upstream_errors,
+        ),
+        (
+            "wayfinder_dns_upstream_ignored_total",
+            "Datagrams on a forwarded question's socket that were not its answer (wrong ID, case or question), by route.",
+            |s| s.ignored_responses,
+        ),
+        (
+            "wayfinder_dns_upstream_over_limit_total",
+            "Questions not forwarded because dns.max_forwarded were in flight, by route.",
+            |s| s.over_limit,
+        ),
+        (
+            "wayfinder_dns_inline_exchanges_total",
+            "Exchanges a UDP worker thread made itself on its own socket (Consul on loopback), by route.",
+            |s| s.inline_exchanges,
+        ),
+        (
+            "wayfinder_dns_inline_overflow_total",
+            "Questions that found a UDP worker's pending table (dns.consul_inline_slots) full and took the task path, by route.",
+            |s| s.inline_overflow,
+        ),
+    ];
+    for (name, help, value) in counters {
+        out.family(name, Kind::Counter, help);
+        for (route, s) in &routes {
+            out.sample(name, &[("route", route)], value(s));
+        }
+    }
     out.family(
         "wayfinder_dns_tcp_closed_total",
         Kind::Counter,
