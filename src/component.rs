@@ -20,8 +20,9 @@
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
+use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::consul::ConsulHub;
@@ -97,12 +98,12 @@ impl Appliance {
 
     /// The appliance's own listeners as known now.
     pub fn own_listeners(&self) -> OwnListeners {
-        self.own.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.own.lock().clone()
     }
 
     /// Records listeners a component has bound.
     pub fn listened(&self, listening: &Listening) {
-        let mut own = self.own.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut own = self.own.lock();
         for l in &listening.0 {
             if l.tcp {
                 own.add(l.what, l.addr);

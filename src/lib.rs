@@ -5,6 +5,15 @@
 //! configuration and runs the chosen command. Each component lives in its own
 //! folder and plugs in through one seam, [`component::Component`]; the
 //! component list ([`components`]) is the one place that knows them all.
+//!
+//! Locks: shared state behind a lock uses `parking_lot::Mutex` (or `RwLock`),
+//! never the std ones (`clippy.toml` makes them a lint error). A parking_lot
+//! lock has no poisoning, so `.lock()` returns the guard with no `expect` or
+//! `PoisonError` to handle, and a `Drop` impl that locks has no panic path
+//! (a panic while already unwinding aborts the process). Locks are held for a
+//! few statements and never across an `.await`; where a lock has to be held
+//! across one, it is a `tokio::sync::Mutex` (the Consul client's idle
+//! connections).
 
 #![warn(missing_docs)]
 

@@ -23,9 +23,10 @@ pub mod watch;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -124,10 +125,6 @@ impl std::fmt::Debug for ConsulHub {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl ConsulHub {
     /// A hub for the agent at `addr`, re-reading the whole catalog every
     /// `resync`; its views run until `shutdown`.
@@ -152,7 +149,7 @@ impl ConsulHub {
         if self.shutdown.is_cancelled() {
             return Err(ConsulError::Closed);
         }
-        let mut slot = lock(&self.catalog);
+        let mut slot = self.catalog.lock();
         if let Some(view) = slot.as_ref().filter(|v| v.is_alive()) {
             return Ok(view.clone());
         }
@@ -163,7 +160,7 @@ impl ConsulHub {
 
     /// The catalog view if someone started it (the status page does not start it).
     pub fn catalog_if_started(&self) -> Option<CatalogView> {
-        lock(&self.catalog).clone()
+        self.catalog.lock().clone()
     }
 
     /// The KV tree under `prefix`, followed live, started on first use.
@@ -171,7 +168,7 @@ impl ConsulHub {
         if self.shutdown.is_cancelled() {
             return Err(ConsulError::Closed);
         }
-        let mut map = lock(&self.kv);
+        let mut map = self.kv.lock();
         if let Some(view) = map.get(prefix).filter(|v| v.is_alive()) {
             return Ok(view.clone());
         }
@@ -183,10 +180,10 @@ impl ConsulHub {
     /// Every watch the hub runs, for metrics.
     pub fn watches(&self) -> Vec<Arc<watch::WatchStats>> {
         let mut out = Vec::new();
-        if let Some(c) = lock(&self.catalog).as_ref() {
+        if let Some(c) = self.catalog.lock().as_ref() {
             out.extend(c.status().watches.iter().cloned());
         }
-        out.extend(lock(&self.kv).values().map(|k| k.stats().clone()));
+        out.extend(self.kv.lock().values().map(|k| k.stats().clone()));
         out
     }
 

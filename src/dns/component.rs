@@ -12,8 +12,9 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
+use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::settings::DnsConfig;
@@ -71,7 +72,7 @@ impl Dns {
     }
 
     fn addresses(&self) -> Vec<SocketAddr> {
-        self.bound.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.bound.lock().clone()
     }
 }
 
@@ -135,7 +136,7 @@ impl Component for Dns {
     }
 
     fn bind(&self) -> Result<Box<dyn Bound>, ComponentError> {
-        let mut bound = self.bound.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut bound = self.bound.lock();
         let listen = if bound.is_empty() { &self.config.listen } else { &*bound };
         let sockets = DnsSockets::bind(listen, self.config.workers)?;
         *bound = sockets.local_addrs();

@@ -39,9 +39,10 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -270,7 +271,7 @@ impl Forwarder {
         stats: &RouteStats,
     ) -> Result<Arc<Template>, ForwardError> {
         let waiting = {
-            let mut inflight = self.inflight.lock().expect("inflight lock");
+            let mut inflight = self.inflight.lock();
             match inflight.get_mut(key) {
                 Some(waiters) => {
                     let (tx, rx) = oneshot::channel();
@@ -558,12 +559,7 @@ impl LeaderGuard<'_> {
     }
 
     fn take(&self) -> Vec<Waiter> {
-        self.forwarder
-            .inflight
-            .lock()
-            .expect("inflight lock")
-            .remove(self.key)
-            .unwrap_or_default()
+        self.forwarder.inflight.lock().remove(self.key).unwrap_or_default()
     }
 }
 
@@ -722,7 +718,7 @@ impl PooledSocket {
         let (tx, rx) = oneshot::channel();
         let mut request = Vec::with_capacity(query.qname.len() + 32);
         let id = {
-            let mut pending = self.pending.lock().expect("pending lock");
+            let mut pending = self.pending.lock();
             let id = loop {
                 let id: u16 = rand::random();
                 if !pending.contains_key(&id) {
@@ -764,7 +760,7 @@ struct PendingGuard<'a> {
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        self.pending.lock().expect("pending lock").remove(&self.id);
+        self.pending.lock().remove(&self.id);
     }
 }
 
@@ -783,7 +779,7 @@ async fn read_responses(
             Ok(n) if n >= wire::HEADER_LEN => {
                 let resp = &buf[..n];
                 let id = u16::from_be_bytes([resp[0], resp[1]]);
-                let mut map = pending.lock().expect("pending lock");
+                let mut map = pending.lock();
                 let matches = map.get(&id).is_some_and(|p| wire::answers_question(&p.request, resp));
                 if matches {
                     if let Some(p) = map.remove(&id) {
@@ -797,7 +793,7 @@ async fn read_responses(
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 // ICMP port unreachable: the agent is not there; every question
                 // on this socket went to it, so all fail over now.
-                let mut map = pending.lock().expect("pending lock");
+                let mut map = pending.lock();
                 for (_, p) in map.drain() {
                     let _ = p.reply.send(Err(ExchangeError::Refused));
                 }

@@ -15,13 +15,14 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use hickory_proto::op::{Message, MessageType, OpCode, Query as HQuery, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, NS, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::settings::WildcardTarget;
@@ -75,7 +76,7 @@ impl LbAnswers {
 
     fn recompute(&self) -> bool {
         let mut all = self.static_targets.clone();
-        for addrs in self.consul_targets.lock().expect("targets lock").values() {
+        for addrs in self.consul_targets.lock().values() {
             all.extend(addrs);
         }
         all.sort();
@@ -89,7 +90,7 @@ impl LbAnswers {
 
     /// True when some target is a Consul service (the view must be followed).
     pub fn follows_consul(&self) -> bool {
-        !self.consul_targets.lock().expect("targets lock").is_empty()
+        !self.consul_targets.lock().is_empty()
     }
 
     /// Follows the `consul:` targets in `view` until `shutdown`; `on_change` runs
@@ -104,7 +105,7 @@ impl LbAnswers {
         loop {
             let picture = pictures.borrow_and_update().clone();
             let changed = {
-                let mut map = self.consul_targets.lock().expect("targets lock");
+                let mut map = self.consul_targets.lock();
                 let mut changed = false;
                 for (service, slot) in map.iter_mut() {
                     // Before the first complete picture, keep what we have: an empty

@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
@@ -28,6 +28,7 @@ use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, ResponseHandler, ResponseInfo};
 use hickory_server::store::in_memory::InMemoryZoneHandler;
 use hickory_server::zone_handler::{AxfrPolicy, Catalog, MessageResponse, ZoneHandler, ZoneType};
+use parking_lot::Mutex;
 
 /// The zones being served right now.
 pub struct ZoneSet {
@@ -71,7 +72,7 @@ impl ZoneSet {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         self.catalog.lookup(&request, None, now, capture.clone()).await;
-        let response = capture.0.lock().expect("capture lock").take();
+        let response = capture.0.lock().take();
         response.ok_or(super::wire::rcode::SERVFAIL)
     }
 }
@@ -98,7 +99,7 @@ impl ResponseHandler for Capture {
         let info = response
             .destructive_emit(&mut encoder)
             .map_err(|e| NetError::from(e.to_string()))?;
-        *self.0.lock().expect("capture lock") = Some(bytes);
+        *self.0.lock() = Some(bytes);
         Ok(info)
     }
 }
@@ -191,14 +192,14 @@ impl Zones {
     pub fn reload(&self, force: bool) -> (bool, Vec<ZoneError>) {
         let files = self.scan();
         {
-            let mut fp = self.fingerprint.lock().expect("fingerprint lock");
+            let mut fp = self.fingerprint.lock();
             if !force && *fp == files {
                 return (false, Vec::new());
             }
             *fp = files.clone();
         }
         let mut errors = Vec::new();
-        let mut loaded = self.loaded.lock().expect("loaded lock");
+        let mut loaded = self.loaded.lock();
         let mut changed = false;
         // Files that disappeared take their zone with them.
         let before = loaded.len();

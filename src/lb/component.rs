@@ -12,9 +12,10 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
+use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::settings::LbConfig;
@@ -128,7 +129,7 @@ impl Component for Lb {
     }
 
     fn bind(&self) -> Result<Box<dyn Bound>, ComponentError> {
-        let mut config = self.config.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut config = self.config.lock();
         let sockets = LbSockets::bind(&config)?;
         let listening = listening_of(&sockets);
         // A port 0 keeps the port it got at the first start.
@@ -143,7 +144,7 @@ impl Component for Lb {
                 _ => config.stats = Some(l.addr),
             }
         }
-        *self.bound.lock().unwrap_or_else(PoisonError::into_inner) = listening;
+        *self.bound.lock() = listening;
         Ok(Box::new(BoundLb {
             sockets,
             config: config.clone(),
@@ -154,7 +155,7 @@ impl Component for Lb {
     }
 
     fn listening(&self) -> Listening {
-        self.bound.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.bound.lock().clone()
     }
 
     fn metrics(&self, out: &mut Writer) {

@@ -172,7 +172,7 @@ pub struct LbState {
     pub landing: status::LandingCache,
     /// Host names of other datacenters requests asked for (see [`remote`]).
     datacenter_wants: tokio::sync::mpsc::Sender<String>,
-    datacenter_wants_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<String>>>,
+    datacenter_wants_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<String>>>,
 }
 
 /// Requests in flight per instance when Consul KV says nothing (PanteraS: 128).
@@ -198,7 +198,7 @@ impl LbState {
             certs: std::sync::OnceLock::new(),
             landing: status::LandingCache::default(),
             datacenter_wants,
-            datacenter_wants_rx: std::sync::Mutex::new(Some(datacenter_wants_rx)),
+            datacenter_wants_rx: parking_lot::Mutex::new(Some(datacenter_wants_rx)),
         })
     }
 
@@ -238,10 +238,7 @@ impl LbState {
 
     /// The receiving end of [`Self::want_datacenter`] (once).
     pub fn take_datacenter_wants(&self) -> Option<tokio::sync::mpsc::Receiver<String>> {
-        self.datacenter_wants_rx
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
+        self.datacenter_wants_rx.lock().take()
     }
 }
 

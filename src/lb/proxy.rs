@@ -30,8 +30,8 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -42,6 +42,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -1006,7 +1007,7 @@ impl SessionPool {
         connect_timeout: Duration,
     ) -> Result<SendRequest<ProxyBody>, SessionError> {
         {
-            let mut idle = self.idle.lock().expect("pool lock");
+            let mut idle = self.idle.lock();
             if let Some(list) = idle.get_mut(&addr) {
                 list.retain(|s| !s.is_closed());
                 if let Some(i) = list.iter().position(SendRequest::is_ready) {
@@ -1040,7 +1041,7 @@ impl SessionPool {
 
     /// Ends every backend connection and waits for their tasks.
     async fn close(&self) {
-        self.idle.lock().expect("pool lock").clear();
+        self.idle.lock().clear();
         self.closing.cancel();
         self.connections.close();
         self.connections.wait().await;
@@ -1048,7 +1049,7 @@ impl SessionPool {
 
     /// Keeps a session for reuse (it becomes ready when its response is read).
     fn checkin(&self, addr: SocketAddr, session: SendRequest<ProxyBody>) {
-        let mut idle = self.idle.lock().expect("pool lock");
+        let mut idle = self.idle.lock();
         let list = idle.entry(addr).or_default();
         if list.len() < MAX_IDLE_PER_INSTANCE {
             list.push(session);
@@ -1058,7 +1059,7 @@ impl SessionPool {
     /// Drops the sessions of addresses that are in no table any more (the
     /// health registry keeps exactly the live ones) and the closed ones.
     fn prune(&self, health: &Carryover) {
-        let mut idle = self.idle.lock().expect("pool lock");
+        let mut idle = self.idle.lock();
         for list in idle.values_mut() {
             list.retain(|s| !s.is_closed());
         }
@@ -1069,7 +1070,7 @@ impl SessionPool {
     /// Addresses with pooled sessions (for the tests).
     #[cfg(test)]
     fn addresses(&self) -> usize {
-        self.idle.lock().expect("pool lock").len()
+        self.idle.lock().len()
     }
 }
 

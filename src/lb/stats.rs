@@ -5,9 +5,10 @@
 //! being live). Relaxed atomics on the request path; the propagation samples
 //! (rare) keep a bounded ring for percentiles.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use crate::report::histogram::{BOUNDS, Bounds, Histogram, Snapshot};
 
@@ -127,7 +128,7 @@ impl LbStats {
     /// Records one routing change and how long it took to go live.
     pub fn propagation(&self, took: Duration) {
         self.changes.fetch_add(1, Ordering::Relaxed);
-        let mut ring = self.propagation.lock().expect("propagation lock");
+        let mut ring = self.propagation.lock();
         if ring.len() == PROPAGATION_SAMPLES {
             ring.remove(0);
         }
@@ -137,7 +138,7 @@ impl LbStats {
     /// A copy of the counters.
     pub fn snapshot(&self) -> LbSnapshot {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut samples = self.propagation.lock().expect("propagation lock").clone();
+        let mut samples = self.propagation.lock().clone();
         samples.sort();
         let pct = |p: usize| (!samples.is_empty()).then(|| samples[(samples.len() - 1) * p / 100]);
         LbSnapshot {

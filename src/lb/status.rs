@@ -331,13 +331,13 @@ pub const LANDING_MAX_AGE: Duration = Duration::from_secs(1);
 /// at most once per [`LANDING_MAX_AGE`] whatever the request rate.
 #[derive(Debug, Default)]
 pub struct LandingCache {
-    page: std::sync::Mutex<Option<(std::time::Instant, Bytes)>>,
+    page: parking_lot::Mutex<Option<(std::time::Instant, Bytes)>>,
 }
 
 impl LandingCache {
     /// The cached page while fresh, else the one `render` makes (kept).
     pub fn get(&self, render: impl FnOnce() -> Bytes) -> Bytes {
-        let mut page = self.page.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut page = self.page.lock();
         match &*page {
             Some((at, body)) if at.elapsed() < LANDING_MAX_AGE => body.clone(),
             _ => {

@@ -11,7 +11,9 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 /// Open connections per source.
 #[derive(Debug, Default)]
@@ -30,7 +32,7 @@ impl Sources {
     /// A slot for a connection from `ip`, unless its source already holds `limit`.
     pub fn take(self: &Arc<Self>, ip: IpAddr, limit: usize) -> Option<SourceSlot> {
         let key = source_of(ip);
-        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut counts = self.counts.lock();
         let count = counts.entry(key).or_insert(0);
         if *count as usize >= limit {
             if *count == 0 {
@@ -47,7 +49,7 @@ impl Sources {
 
     /// Sources with a connection open now.
     pub fn len(&self) -> usize {
-        self.counts.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.counts.lock().len()
     }
 
     /// True when no source has a connection open.
@@ -58,7 +60,7 @@ impl Sources {
 
 impl Drop for SourceSlot {
     fn drop(&mut self) {
-        let mut counts = self.sources.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut counts = self.sources.counts.lock();
         if let Some(count) = counts.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {

@@ -51,8 +51,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::SupervisorState;
 use super::report::report;
-use super::{SupervisorState, lock};
 use crate::component::{ApiAnswer, ApiRequest};
 use crate::report::html::{escape, refusal_page};
 use crate::report::throttle::LogEvery;
@@ -288,7 +288,7 @@ const REFUSALS_LOGGED: usize = 32;
 
 /// Distinct refused `Host`/`Origin` values logged so far, at most
 /// [`REFUSALS_LOGGED`]; past that, [`MORE_REFUSALS`] says how many more.
-static REFUSALS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+static REFUSALS: parking_lot::Mutex<Vec<String>> = parking_lot::Mutex::new(Vec::new());
 
 /// One line a minute for refusals past the distinct ones.
 static MORE_REFUSALS: std::sync::LazyLock<LogEvery> =
@@ -298,7 +298,7 @@ static MORE_REFUSALS: std::sync::LazyLock<LogEvery> =
 fn log_refusal(what: &'static str, value: &str, path: &str) {
     let value: String = value.chars().take(100).collect();
     let key = format!("{what} {value}");
-    let mut seen = lock(&REFUSALS);
+    let mut seen = REFUSALS.lock();
     if seen.contains(&key) {
         return;
     }
@@ -491,7 +491,7 @@ struct BodyError(Box<dyn std::error::Error + Send + Sync>);
 pub async fn serve(listener: TcpListener, state: Arc<SupervisorState>, shutdown: CancellationToken) {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, token = state.config.supervisor.token.is_some(), "admin endpoint listening");
-        lock(&state.addresses).admin = Some(addr);
+        state.addresses.lock().admin = Some(addr);
     }
     let connections = TaskTracker::new();
     let handler = move |req| answer(state.clone(), req);

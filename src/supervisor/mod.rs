@@ -39,10 +39,11 @@ pub mod terminal;
 pub mod unit;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -338,17 +339,17 @@ impl SupervisorState {
 
     /// True when `name` has a supervisor that an admin restart reaches.
     pub fn is_supervised(&self, name: &str) -> bool {
-        lock(&self.supervised).iter().any(|n| n == name)
+        self.supervised.lock().iter().any(|n| n == name)
     }
 
     /// Consul as last probed.
     pub fn consul_health(&self) -> ConsulHealth {
-        lock(&self.consul).clone()
+        self.consul.lock().clone()
     }
 
     /// Listen addresses.
     pub fn addresses(&self) -> Addresses {
-        lock(&self.addresses).clone()
+        self.addresses.lock().clone()
     }
 
     /// What the components are told about this host for their banner lines and pages.
@@ -360,10 +361,6 @@ impl SupervisorState {
             source: self.config.source.clone(),
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Probes Consul's leader endpoint: often until it first answers with a leader
@@ -383,7 +380,7 @@ async fn monitor_consul(
         };
         let has_leader = matches!(&probe, Ok(l) if !l.is_empty());
         {
-            let mut health = lock(&state.consul);
+            let mut health = state.consul.lock();
             match probe {
                 Ok(leader) => {
                     health.reachable = true;
@@ -446,7 +443,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), SupervisorError> {
     {
-        let mut addresses = lock(&state.addresses);
+        let mut addresses = state.addresses.lock();
         addresses.admin = sockets.admin_addr();
         addresses.components = Listening(sockets.components.iter().flat_map(|(_, b)| b.listening().0).collect());
     }
@@ -591,7 +588,7 @@ fn start_units(
             // Off by role: nothing to supervise.
             _ => continue,
         };
-        lock(&state.supervised).push(planned.name.clone());
+        state.supervised.lock().push(planned.name.clone());
         running.push(Running {
             name: planned.name.clone(),
             token,

@@ -82,7 +82,7 @@ fn spawn(config: &ProgramConfig, children: &ChildSet) -> std::io::Result<Child> 
             Ok(())
         });
     }
-    let mut pids = children.lock();
+    let mut pids = children.pids.lock();
     let child = cmd.spawn()?;
     if let Some(pid) = child.id() {
         pids.insert(pid);

@@ -18,9 +18,9 @@
 //! zombie nobody waits for stays one, and is reaped on a later pass.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
@@ -30,19 +30,15 @@ pub const ZOMBIE_GRACE: Duration = Duration::from_secs(1);
 /// The pids of the programs the supervisor spawned itself (tokio reaps those).
 #[derive(Debug, Default)]
 pub struct ChildSet {
-    pids: Mutex<HashSet<u32>>,
+    /// The set; a program is spawned and inserted while it is locked so the
+    /// reaper can never see it exit before it is known.
+    pub pids: Mutex<HashSet<u32>>,
 }
 
 impl ChildSet {
-    /// Holds the set locked; a program is spawned and inserted under this lock
-    /// so the reaper can never see it exit before it is known.
-    pub fn lock(&self) -> MutexGuard<'_, HashSet<u32>> {
-        self.pids.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// Forgets `pid` after its exit was collected.
     pub fn remove(&self, pid: u32) {
-        self.lock().remove(&pid);
+        self.pids.lock().remove(&pid);
     }
 }
 
@@ -137,7 +133,7 @@ fn due(zombies: Vec<u32>, seen: &mut HashMap<u32, Instant>, now: Instant) -> Vec
 /// One pass: reap every zombie child that is not one of ours and has been a
 /// zombie for [`ZOMBIE_GRACE`] (`seen`: when each was first seen as one).
 fn reap_once(children: &ChildSet, seen: &mut HashMap<u32, Instant>, now: Instant) {
-    let ours = children.lock();
+    let ours = children.pids.lock();
     let zombies: Vec<u32> = zombie_children()
         .into_iter()
         .filter(|pid| !ours.contains(pid))

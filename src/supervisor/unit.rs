@@ -10,9 +10,9 @@
 //! ```
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::Notify;
 
@@ -152,9 +152,7 @@ impl UnitHandle {
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut (UnitInfo, Option<Instant>)) -> R) -> R {
-        // A poisoned lock only means a panic elsewhere mid-update; the data is
-        // plain values and still usable.
-        f(&mut self.info.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+        f(&mut self.info.lock())
     }
 
     /// Its name.

@@ -12,11 +12,12 @@
 //! ```
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwapOption;
 use http::{Method, StatusCode};
+use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::admin::{self, NewPeerAnswer, PeerRefusal, VpnPeerReport, VpnReport, refuse};
@@ -66,7 +67,7 @@ impl Vpn {
 
     /// Its section (with the bound port once started).
     pub fn config(&self) -> VpnConfig {
-        self.config.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.config.lock().clone()
     }
 
     /// The state of the last start (it outlives the run).
@@ -81,7 +82,7 @@ impl Vpn {
 
     /// Where WireGuard listens, once bound.
     pub fn listen_addr(&self) -> Option<SocketAddr> {
-        *self.bound.lock().unwrap_or_else(PoisonError::into_inner)
+        *self.bound.lock()
     }
 
     /// The `host:port` client configs dial.
@@ -154,7 +155,7 @@ impl Component for Vpn {
 
     // The state first: an unusable key file is reported before a TUN exists.
     fn bind(&self) -> Result<Box<dyn Bound>, ComponentError> {
-        let mut config = self.config.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut config = self.config.lock();
         let state = match self.state.load_full() {
             Some(s) => s,
             None => {
@@ -166,7 +167,7 @@ impl Component for Vpn {
         let sockets = VpnSockets::bind(&config)?;
         if let Some(addr) = sockets.local_addr() {
             config.listen = addr;
-            *self.bound.lock().unwrap_or_else(PoisonError::into_inner) = Some(addr);
+            *self.bound.lock() = Some(addr);
         }
         Ok(Box::new(BoundVpn {
             sockets,

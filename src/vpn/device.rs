@@ -207,7 +207,7 @@ impl NetToTun {
                 buf.truncate(self.offset + udp::RECV_SLOT);
                 buf.resize(self.offset + udp::RECV_SLOT, 0);
                 let decrypted = {
-                    let mut tunn = peer.lock();
+                    let mut tunn = peer.tunn.lock();
                     match tunn.decapsulate(Some(src.ip()), data, &mut buf[self.offset..]) {
                         TunnResult::WriteToTunnelV4(p, ip) => Some(Some((p.len(), IpAddr::V4(ip)))),
                         TunnResult::WriteToTunnelV6(p, ip) => Some(Some((p.len(), IpAddr::V6(ip)))),
@@ -272,7 +272,7 @@ impl NetToTun {
                     return;
                 };
                 // Stores the cookie for our next initiation; never roams.
-                let _ = peer.lock().decapsulate(Some(src.ip()), data, &mut self.scratch);
+                let _ = peer.tunn.lock().decapsulate(Some(src.ip()), data, &mut self.scratch);
             }
             _ => {}
         }
@@ -282,7 +282,7 @@ impl NetToTun {
 /// Runs an initiation or response through the peer's Tunn, answers it, roams
 /// the endpoint when it authenticated, and flushes packets queued meanwhile.
 fn handshake(scratch: &mut [u8], peer: &Peer, data: &[u8], src: SocketAddr, fd: RawFd, v6: bool, state: &VpnState) {
-    let mut tunn = peer.lock();
+    let mut tunn = peer.tunn.lock();
     let answered = match tunn.decapsulate(Some(src.ip()), data, scratch) {
         TunnResult::WriteToNetwork(out) => {
             let cookie = message_type(out) == Some(COOKIE_REPLY);
@@ -382,7 +382,7 @@ impl TunToNet {
                 if packet.len() + 32 > slot.len() {
                     continue;
                 }
-                let len = match peer.lock().encapsulate(packet, slot) {
+                let len = match peer.tunn.lock().encapsulate(packet, slot) {
                     TunnResult::WriteToNetwork(p) => p.len(),
                     _ => continue,
                 };
@@ -419,7 +419,7 @@ pub async fn timers(state: Arc<VpnState>, udp: Arc<UdpSocket>, shutdown: Cancell
             let table = state.table.load();
             for entry in table.entries() {
                 let peer = &entry.peer;
-                let mut tunn = peer.lock();
+                let mut tunn = peer.tunn.lock();
                 match tunn.update_timers(&mut buf) {
                     TunnResult::WriteToNetwork(out) => {
                         if let Some(endpoint) = peer.endpoint() {

@@ -37,8 +37,8 @@ pub mod udp;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -46,6 +46,7 @@ use boringtun::noise::Tunn;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::IpNet;
+use parking_lot::Mutex;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -220,12 +221,6 @@ impl Peer {
             self.endpoint.store(Some(Arc::new(addr)));
         }
     }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Tunn> {
-        // A panic while holding the lock cannot leave a Tunn half-updated in a
-        // way that matters more than dropping the peer's traffic; keep going.
-        self.tunn.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 /// A peer in the current table, with its registry data.
@@ -376,7 +371,7 @@ impl VpnState {
             .entries
             .iter()
             .map(|e| {
-                let (since, tx, rx, _, _) = e.peer.lock().stats();
+                let (since, tx, rx, _, _) = e.peer.tunn.lock().stats();
                 PeerStatus {
                     name: e.record.name.clone(),
                     public_key: e.record.public_key.clone(),
@@ -486,7 +481,7 @@ impl VpnState {
     /// Builds a table from `records`, keeping the live state of peers whose key
     /// stays; swaps it in when anything differs.
     fn apply(&self, records: &[PeerRecord]) -> bool {
-        let _guard = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = self.rebuild.lock();
         let old = self.table.load_full();
         let unchanged =
             old.entries.len() == records.len() && old.entries.iter().zip(records).all(|(e, r)| e.record == *r);

@@ -16,12 +16,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
+use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 use wayfinder::dns::stats::{AnswerSource, TcpClose};
@@ -136,7 +137,7 @@ impl FakeUpstream {
                         from,
                         packet: buf[..n].to_vec(),
                     };
-                    seen.lock().unwrap().push(s.clone());
+                    seen.lock().push(s.clone());
                     on_query(&s, &socket, &other);
                 }
             });
@@ -150,11 +151,11 @@ impl FakeUpstream {
     }
 
     fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
+        self.seen.lock().clone()
     }
 
     fn count(&self) -> usize {
-        self.seen.lock().unwrap().len()
+        self.seen.lock().len()
     }
 }
 
@@ -338,7 +339,7 @@ async fn icmp_port_unreachable_fails_only_its_question() {
                 raw.send_to(&icmp, &SocketAddr::from(([127, 0, 0, 1], 0)).into())
                     .expect("send ICMP");
             } else {
-                held.lock().unwrap().push(s.clone());
+                held.lock().push(s.clone());
             }
         })
     };
@@ -349,7 +350,7 @@ async fn icmp_port_unreachable_fails_only_its_question() {
         client.send_to(&q, wf.addr).await.unwrap();
     }
     eventually(Duration::from_secs(10), "the upstream holds 5 questions", || {
-        held.lock().unwrap().len() == 5
+        held.lock().len() == 5
     })
     .await;
     let started = Instant::now();
@@ -370,7 +371,7 @@ async fn icmp_port_unreachable_fails_only_its_question() {
         started.elapsed()
     );
     // Now the held questions are answered: each still has its own socket.
-    for s in held.lock().unwrap().iter() {
+    for s in held.lock().iter() {
         upstream
             .socket
             .send_to(&true_reply(&s.packet, [192, 0, 2, 5]), s.from)

@@ -9,8 +9,10 @@
 //! ```
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
+
+use parking_lot::Mutex;
 
 use super::carryover::InstanceState;
 use crate::lb::stats::RequestCounters;
@@ -46,7 +48,7 @@ pub struct Backend {
     /// Requests answered through this route (kept across tables).
     pub counters: Arc<RequestCounters>,
     /// Current weight per instance (nginx's `current_weight`), index-aligned with
-    /// `instances`. A std Mutex: held for a few additions, never across `.await`.
+    /// `instances`. A parking_lot Mutex: held for a few additions, never across `.await`.
     current: Mutex<Vec<i64>>,
 }
 
@@ -85,7 +87,7 @@ impl Backend {
     /// no list.
     pub fn pick_where(&self, now_ms: u64, skip: impl Fn(&BackendInstance) -> bool) -> Option<&BackendInstance> {
         let usable = |i: &BackendInstance| i.weight > 0 && !skip(i);
-        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut current = self.current.lock();
         let chosen = smooth_wrr(&self.instances, &mut current, |i| {
             usable(i) && i.health.is_available(now_ms)
         })

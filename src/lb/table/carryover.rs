@@ -15,9 +15,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
+
+use parking_lot::Mutex;
 
 use crate::lb::stats::RequestCounters;
 
@@ -131,15 +133,14 @@ impl Carryover {
 
     /// The state of `addr`, created on first use (available, nothing in flight).
     pub fn get(&self, addr: SocketAddr) -> Arc<InstanceState> {
-        // The map cannot be left half-updated by a panic, so a poisoned lock is fine to use.
-        let mut map = self.by_addr.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self.by_addr.lock();
         map.entry(addr).or_default().clone()
     }
 
     /// The request counters of a service's route in a datacenter (a route a
     /// table is being built with, so live).
     pub fn route_counters(&self, service: &str, datacenter: &str) -> Arc<RequestCounters> {
-        let mut book = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut book = self.routes.lock();
         let book = &mut *book;
         let (counters, live) = book
             .by_route
@@ -154,7 +155,7 @@ impl Carryover {
 
     /// Requests answered through a route so far, without creating its counters.
     pub fn route_total(&self, service: &str, datacenter: &str) -> Option<u64> {
-        let book = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        let book = self.routes.lock();
         book.by_route
             .get(&(service.to_string(), datacenter.to_string()))
             .map(|(c, _)| c.snapshot().total())
@@ -166,7 +167,7 @@ impl Carryover {
     /// a request go at once, and the rest are kept up to [`MAX_RETIRED_ROUTES`].
     pub fn retain_routes<'a>(&self, live: impl IntoIterator<Item = (&'a str, &'a str)>) {
         let live: HashSet<(&str, &str)> = live.into_iter().collect();
-        let mut book = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut book = self.routes.lock();
         book.by_route.retain(|k, (c, is_live)| {
             *is_live = live.contains(&(k.0.as_str(), k.1.as_str()));
             *is_live || c.snapshot().total() > 0
@@ -191,7 +192,7 @@ impl Carryover {
         gone: impl IntoIterator<Item = (&'a str, &'a str)>,
         back: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) {
-        let mut book = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut book = self.routes.lock();
         let book = &mut *book;
         for (service, datacenter) in gone {
             let key = (service.to_string(), datacenter.to_string());
@@ -222,23 +223,19 @@ impl Carryover {
 
     /// Destination counter sets held (for the tests).
     pub fn route_count(&self) -> usize {
-        self.routes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .by_route
-            .len()
+        self.routes.lock().by_route.len()
     }
 
     /// Forgets instances not in `live` (no longer in any table), so a returning
     /// address starts afresh and the map does not grow forever.
     pub fn retain(&self, live: &HashSet<SocketAddr>) {
-        let mut map = self.by_addr.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self.by_addr.lock();
         map.retain(|addr, _| live.contains(addr));
     }
 
     /// [`Self::retain`] for a delta: forgets the addresses that left every table.
     pub fn forget(&self, gone: impl IntoIterator<Item = SocketAddr>) {
-        let mut map = self.by_addr.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self.by_addr.lock();
         for addr in gone {
             map.remove(&addr);
         }
@@ -246,12 +243,12 @@ impl Carryover {
 
     /// Addresses held (for the tests).
     pub fn addr_count(&self) -> usize {
-        self.by_addr.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.by_addr.lock().len()
     }
 
     /// Removes from `map` the addresses no table has (one lock for all).
     pub fn retain_live<T>(&self, map: &mut HashMap<SocketAddr, T>) {
-        let live = self.by_addr.lock().unwrap_or_else(PoisonError::into_inner);
+        let live = self.by_addr.lock();
         map.retain(|addr, _| live.contains_key(addr));
     }
 

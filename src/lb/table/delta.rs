@@ -853,7 +853,7 @@ mod tests {
             }
         }
         let live: HashSet<SocketAddr> = state.specs().flat_map(|s| s.instances.iter().map(|i| i.addr)).collect();
-        let held = health.by_addr.lock().unwrap();
+        let held = health.by_addr.lock();
         if let Some(a) = held.keys().find(|a| !live.contains(a)) {
             return Err(format!("the carryover still holds {a}, which no spec has"));
         }

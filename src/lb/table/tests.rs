@@ -147,7 +147,7 @@ fn retired_routes_are_bounded_by_delta_too() {
         health.retire_routes([("gone100", "dc1")], []);
         health.retire_routes([], [("gone100", "dc1")]);
     }
-    let book = health.routes.lock().unwrap();
+    let book = health.routes.lock();
     assert!(
         book.retired.len() <= 2 * MAX_RETIRED_ROUTES + 64,
         "{}",
