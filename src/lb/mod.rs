@@ -59,7 +59,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use arc_swap::ArcSwap;
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -126,17 +125,9 @@ impl LbSockets {
     }
 }
 
-/// A listening, non-blocking TCP socket.
-pub fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, LbError> {
-    let bind = || -> std::io::Result<std::net::TcpListener> {
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        socket.set_reuse_address(true)?;
-        socket.set_nonblocking(true)?;
-        socket.bind(&addr.into())?;
-        socket.listen(1024)?;
-        Ok(socket.into())
-    };
-    bind().map_err(|source| LbError::Bind { addr, source })
+/// A listening, non-blocking TCP socket for the lb.
+fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, LbError> {
+    crate::net::listeners::bind_tcp(addr).map_err(|source| LbError::Bind { addr, source })
 }
 
 /// What the lb shares with the admin API and the tests.

@@ -27,6 +27,18 @@ pub fn refuse(stream: tokio::net::TcpStream) {
     drop(stream);
 }
 
+/// A listening, non-blocking TCP socket on `addr` (`SO_REUSEADDR`, backlog
+/// 1024), as every TCP listener of the appliance but the dns's is bound.
+pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
 /// Consul's server RPC, Serf LAN and Serf WAN ports (the agent `up` runs binds
 /// them on the cluster address; they are control plane like its HTTP API).
 pub const CONSUL_CLUSTER_PORTS: [u16; 3] = [8300, 8301, 8302];

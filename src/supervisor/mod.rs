@@ -153,13 +153,7 @@ impl UpSockets {
             .supervisor
             .admin
             .map(|addr| {
-                crate::lb::bind_tcp(addr).map_err(|e| match e {
-                    crate::lb::LbError::Bind { source, .. } => SupervisorError::BindAdmin { addr, source },
-                    other => SupervisorError::BindAdmin {
-                        addr,
-                        source: std::io::Error::other(other.to_string()),
-                    },
-                })
+                crate::net::listeners::bind_tcp(addr).map_err(|source| SupervisorError::BindAdmin { addr, source })
             })
             .transpose()?;
         let mut bound = Vec::new();
