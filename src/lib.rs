@@ -27,6 +27,7 @@ pub mod env;
 pub mod http_server;
 pub mod lb;
 pub mod net;
+pub mod register;
 pub mod report;
 pub mod restricted;
 pub mod signals;
