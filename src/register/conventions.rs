@@ -67,23 +67,22 @@ pub struct Container<'a> {
 
 /// The health check a container asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Check {
+pub struct Check {
+    /// What is checked.
+    pub probe: Probe,
+    /// `SERVICE_CHECK_INTERVAL` (default 10 s).
+    pub interval: Duration,
+    /// `SERVICE_CHECK_TIMEOUT` (default 5 s).
+    pub timeout: Duration,
+}
+
+/// What a [`Check`] does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
     /// `SERVICE_CHECK_HTTP=/health`: GET that path on the service's address.
-    Http {
-        /// The path (starts with `/`).
-        path: String,
-        /// `SERVICE_CHECK_INTERVAL` (default 10 s).
-        interval: Duration,
-        /// `SERVICE_CHECK_TIMEOUT` (default 5 s).
-        timeout: Duration,
-    },
+    Http(String),
     /// `SERVICE_CHECK_TCP=true`: a TCP connect to the service's address.
-    Tcp {
-        /// `SERVICE_CHECK_INTERVAL` (default 10 s).
-        interval: Duration,
-        /// `SERVICE_CHECK_TIMEOUT` (default 5 s).
-        timeout: Duration,
-    },
+    Tcp,
 }
 
 /// One service to register for one port.
@@ -321,9 +320,9 @@ fn check(keys: &mut BTreeMap<String, (String, bool)>) -> Result<Option<Check>, R
         }
         Ok(d)
     };
-    let interval_d = time(interval, 10, "interval")?;
-    let timeout_d = time(timeout, 5, "timeout")?;
-    match (http, tcp) {
+    let interval = time(interval, 10, "interval")?;
+    let timeout = time(timeout, 5, "timeout")?;
+    let probe = match (http, tcp) {
         (Some(path), _) => {
             let path = path.trim().to_string();
             let ok = path.starts_with('/') && path.len() <= 1024 && !path.chars().any(|c| c.is_control() || c == ' ');
@@ -333,18 +332,16 @@ fn check(keys: &mut BTreeMap<String, (String, bool)>) -> Result<Option<Check>, R
                     path.chars().take(64).collect::<String>()
                 )));
             }
-            Ok(Some(Check::Http {
-                path,
-                interval: interval_d,
-                timeout: timeout_d,
-            }))
+            Probe::Http(path)
         }
-        (None, Some(on)) if crate::config::shared::parse_bool(&on) == Ok(true) => Ok(Some(Check::Tcp {
-            interval: interval_d,
-            timeout: timeout_d,
-        })),
-        _ => Ok(None),
-    }
+        (None, Some(on)) if crate::config::shared::parse_bool(&on) == Ok(true) => Probe::Tcp,
+        _ => return Ok(None),
+    };
+    Ok(Some(Check {
+        probe,
+        interval,
+        timeout,
+    }))
 }
 
 #[cfg(test)]
@@ -442,14 +439,17 @@ mod tests {
         );
         assert_eq!(
             s[0].as_ref().unwrap().check,
-            Some(Check::Http {
-                path: "/health".into(),
+            Some(Check {
+                probe: Probe::Http("/health".into()),
                 interval: Duration::from_secs(15),
                 timeout: Duration::from_secs(5)
             })
         );
         let s = run("app", &["SERVICE_CHECK_TCP=true"], &[], &[tcp(80)]);
-        assert!(matches!(s[0].as_ref().unwrap().check, Some(Check::Tcp { .. })));
+        assert!(matches!(
+            s[0].as_ref().unwrap().check,
+            Some(Check { probe: Probe::Tcp, .. })
+        ));
         for bad in [
             "SERVICE_CHECK_INTERVAL=1ms",
             "SERVICE_CHECK_TIMEOUT=forever",
