@@ -143,8 +143,7 @@ pub struct Listening(pub Vec<Listener>);
 
 impl Listening {
     /// The addresses under `key`.
-    pub fn get(&self, key: &str) -> impl Iterator<Item = SocketAddr> + '_ {
-        let key = key.to_string();
+    pub fn get<'a>(&'a self, key: &'a str) -> impl Iterator<Item = SocketAddr> + 'a {
         self.0.iter().filter(move |l| l.key == key).map(|l| l.addr)
     }
 }

@@ -141,7 +141,8 @@ impl Component for Lb {
                         h.listen = l.addr;
                     }
                 }
-                _ => config.stats = Some(l.addr),
+                "lb_stats" => config.stats = Some(l.addr),
+                _ => {}
             }
         }
         *self.bound.lock() = listening;

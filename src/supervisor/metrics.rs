@@ -191,7 +191,7 @@ pub fn render(state: &SupervisorState) -> String {
         "1 while the Consul agent answers and has a leader.",
         u8::from(consul.reachable && consul.leader.as_deref().is_some_and(|l| !l.is_empty())),
     );
-    consul_hub(&mut out, &state.consul_hub);
+    consul_hub(&mut out, &state.appliance.consul);
     for component in state.components.iter().filter(|c| state.plan.starts(c.name())) {
         component.metrics(&mut out);
     }

@@ -207,8 +207,12 @@ pub struct Addresses {
 impl Serialize for Addresses {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let mut keys: Vec<&'static str> = self.components.0.iter().map(|l| l.key).collect();
-        keys.dedup();
+        let mut keys: Vec<&'static str> = Vec::new();
+        for l in &self.components.0 {
+            if !keys.contains(&l.key) {
+                keys.push(l.key);
+            }
+        }
         let mut map = serializer.serialize_map(None)?;
         map.serialize_entry("admin", &self.admin)?;
         for key in keys {
@@ -250,9 +254,6 @@ pub struct SupervisorState {
     pub appliance: Arc<Appliance>,
     /// Consul as last probed.
     pub consul: Mutex<ConsulHealth>,
-    /// The process's access to Consul, shared by the components and the admin
-    /// endpoint (its views outlive component restarts).
-    pub consul_hub: Arc<crate::consul::ConsulHub>,
     /// Listen addresses, filled in by [`run`].
     pub addresses: Mutex<Addresses>,
     /// When `up` started.
@@ -293,7 +294,6 @@ impl SupervisorState {
             })
             .collect();
         Arc::new(Self {
-            consul_hub: appliance.consul.clone(),
             consul: Mutex::new(ConsulHealth {
                 addr: Some(config.consul.http),
                 ..ConsulHealth::default()
@@ -365,7 +365,7 @@ async fn monitor_consul(
     shutdown: CancellationToken,
 ) {
     let addr = state.config.consul.http;
-    let http = state.consul_hub.http().clone();
+    let http = state.appliance.consul.http().clone();
     loop {
         let probe = match tokio::time::timeout(Duration::from_secs(1), http.leader()).await {
             Ok(Ok(leader)) => Ok(leader),

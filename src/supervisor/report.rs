@@ -43,7 +43,7 @@ pub struct StatusReport {
 /// Every service from the process's Consul view (no Consul request per page
 /// view), with what each component adds (the lb: URLs, its view of instances).
 fn services(state: &SupervisorState) -> Vec<ServiceReport> {
-    let Ok(view) = state.consul_hub.catalog() else {
+    let Ok(view) = state.appliance.consul.catalog() else {
         return Vec::new();
     };
     let catalog = view.current();

@@ -106,7 +106,7 @@ async fn a_thousand_services_on_a_bounded_set_of_connections() {
         held <= MAX_CONNECTIONS,
         "{held} connections to the agent, at most {MAX_CONNECTIONS} by design"
     );
-    let gauge = up.state.consul_hub.http().stats().connections();
+    let gauge = up.state.appliance.consul.http().stats().connections();
     assert!(gauge as usize <= MAX_CONNECTIONS, "gauge says {gauge}");
 
     // Another client of the agent, from the same address, changes the catalog
