@@ -52,6 +52,8 @@ pub struct Facts {
     pub runs_on: RunsOn,
     /// It waits for the built-in Consul agent's leader before starting.
     pub needs_consul: bool,
+    /// Its section of `wayfinder status`, from its part of `/api/status`.
+    pub terminal: Option<fn(&mut String, &serde_json::Value)>,
 }
 
 impl ComponentKind {
@@ -71,6 +73,7 @@ impl ComponentKind {
                 switch: (env::START_DNS, Some(env::START_DNSMASQ)),
                 runs_on: RunsOn::Every,
                 needs_consul: false,
+                terminal: None,
             },
             ComponentKind::Lb => Facts {
                 name: "lb",
@@ -78,6 +81,7 @@ impl ComponentKind {
                 switch: (env::START_LB, Some(env::START_CONSUL_TEMPLATE)),
                 runs_on: RunsOn::Slaves,
                 needs_consul: true,
+                terminal: None,
             },
             ComponentKind::Vpn => Facts {
                 name: "vpn",
@@ -85,6 +89,7 @@ impl ComponentKind {
                 switch: (env::START_VPN, None),
                 runs_on: RunsOn::WhereEnabled,
                 needs_consul: false,
+                terminal: Some(vpn::page::terminal),
             },
         }
     }
@@ -158,10 +163,9 @@ pub fn build(kind: ComponentKind, config: &Config, appliance: &Arc<Appliance>) -
 pub fn terminal_sections(report: &serde_json::Value) -> String {
     let mut out = String::new();
     for kind in ComponentKind::ALL {
-        let part = &report[kind.name()];
-        match kind {
-            ComponentKind::Vpn => vpn::page::terminal(&mut out, part),
-            ComponentKind::Dns | ComponentKind::Lb => {}
+        let facts = kind.facts();
+        if let Some(render) = facts.terminal {
+            render(&mut out, &report[facts.name]);
         }
     }
     out
