@@ -29,6 +29,13 @@ pub enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Register this host's containers in Consul from their `SERVICE_*`
+    /// environment and labels, in the foreground (replaces registrator).
+    Register {
+        /// Config file (default: ./wayfinder.toml if present, else built-in defaults).
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Start everything this host's role needs (Consul, dns, lb, programs) and
     /// supervise it (replaces supervisord).
     Up {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::component::{Appliance, Component};
 use crate::config::{Config, FileConfig, Runs};
 use crate::env;
-use crate::{dns, lb, vpn};
+use crate::{dns, lb, register, vpn};
 
 /// An in-process component.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -26,6 +26,8 @@ pub enum ComponentKind {
     Lb,
     /// The WireGuard VPN.
     Vpn,
+    /// The containers' registration in Consul.
+    Register,
 }
 
 /// Where a component runs when no variable says otherwise.
@@ -58,13 +60,20 @@ pub struct Facts {
 
 impl ComponentKind {
     /// Every component, in the order they are shown.
-    pub const ALL: [ComponentKind; 3] = [ComponentKind::Dns, ComponentKind::Lb, ComponentKind::Vpn];
+    pub const ALL: [ComponentKind; 4] = [
+        ComponentKind::Dns,
+        ComponentKind::Lb,
+        ComponentKind::Vpn,
+        ComponentKind::Register,
+    ];
 
     /// Its facts. The vpn starts before the dns so the tunnel address exists
     /// when the dns binds it (it would bind anyway, with IP_FREEBIND), and so
     /// stops after it. Only the lb waits for Consul: it registers itself there
     /// and builds its table from the catalog; the dns serves zones and
-    /// upstream names without Consul, so it starts at once.
+    /// upstream names without Consul, so it starts at once. The register
+    /// writes to Consul, so it waits too, and runs where containers do
+    /// (slaves, as PanteraS ran registrator).
     pub fn facts(self) -> Facts {
         match self {
             ComponentKind::Dns => Facts {
@@ -91,6 +100,14 @@ impl ComponentKind {
                 needs_consul: false,
                 terminal: Some(vpn::page::terminal),
             },
+            ComponentKind::Register => Facts {
+                name: "register",
+                priority: 40,
+                switch: (env::START_REGISTRATOR, None),
+                runs_on: RunsOn::Slaves,
+                needs_consul: true,
+                terminal: Some(register::component::terminal),
+            },
         }
     }
 
@@ -103,7 +120,7 @@ impl ComponentKind {
     pub fn enabled(self, config: &Config) -> bool {
         match self {
             ComponentKind::Vpn => config.vpn.enabled,
-            ComponentKind::Dns | ComponentKind::Lb => true,
+            ComponentKind::Dns | ComponentKind::Lb | ComponentKind::Register => true,
         }
     }
 
@@ -112,7 +129,7 @@ impl ComponentKind {
     pub fn enabled_in(self, file: &FileConfig) -> bool {
         match self {
             ComponentKind::Vpn => file.vpn.enabled,
-            ComponentKind::Dns | ComponentKind::Lb => false,
+            ComponentKind::Dns | ComponentKind::Lb | ComponentKind::Register => false,
         }
     }
 
@@ -122,6 +139,7 @@ impl ComponentKind {
             ComponentKind::Dns => runs.dns = true,
             ComponentKind::Lb => runs.lb = true,
             ComponentKind::Vpn => runs.vpn = true,
+            ComponentKind::Register => runs.register = true,
         }
     }
 }
@@ -154,6 +172,10 @@ pub fn build(kind: ComponentKind, config: &Config, appliance: &Arc<Appliance>) -
         ComponentKind::Vpn => Arc::new(vpn::component::Vpn::new(
             config.vpn.clone(),
             vpn::ClientInputs::new(appliance.host_ip, &consul.domain, &config.source),
+        )),
+        ComponentKind::Register => Arc::new(register::component::Register::new(
+            config.register.clone(),
+            appliance.clone(),
         )),
     }
 }

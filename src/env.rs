@@ -59,6 +59,8 @@ pub const START_DNS: &str = "START_DNS";
 pub const START_LB: &str = "START_LB";
 /// Override: start the vpn component.
 pub const START_VPN: &str = "START_VPN";
+/// Override: start the register component (PanteraS's registrator).
+pub const START_REGISTRATOR: &str = "START_REGISTRATOR";
 /// Override: start the built-in Consul agent.
 pub const START_CONSUL: &str = "START_CONSUL";
 /// PanteraS alias of [`START_DNS`] (dnsmasq was its DNS server).
@@ -86,7 +88,10 @@ pub const VARS: &[(&str, &str)] = &[
         IP,
         "PanteraS's host address: HOST_IP and CONSUL_IP unless given; without HOST_IP and IP the address is guessed (host name, DOCKER_HOST, first private interface address)",
     ),
-    (DOCKER_HOST, "a guess of the host address when HOST_IP and IP are unset"),
+    (
+        DOCKER_HOST,
+        "register.docker; a guess of the host address when HOST_IP and IP are unset",
+    ),
     (CONSUL_IP, "consul.http and consul.dns addresses (ports kept)"),
     (CONSUL_DOMAIN, "consul.domain"),
     (CONSUL_DC, "consul.datacenter"),
@@ -104,6 +109,7 @@ pub const VARS: &[(&str, &str)] = &[
         START_CONSUL,
         "up: start the built-in Consul agent (supervisor.consul.enabled)",
     ),
+    (START_REGISTRATOR, "up: start the register component (default: SLAVE)"),
     (START_DNSMASQ, "up: alias of START_DNS"),
     (START_CONSUL_TEMPLATE, "up: alias of START_LB"),
     (CONSUL_HOSTS, "up: Consul join arguments (-join=HOST ..., retried)"),

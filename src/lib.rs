@@ -211,6 +211,7 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
         }
         Command::Dns { config } => alone(config.as_deref(), components::ComponentKind::Dns).await,
         Command::Lb { config } => alone(config.as_deref(), components::ComponentKind::Lb).await,
+        Command::Register { config } => alone(config.as_deref(), components::ComponentKind::Register).await,
         Command::Vpn { config, action } => match action {
             Some(VpnCommand::Peer { command }) => {
                 let (_, config) =

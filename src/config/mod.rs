@@ -6,6 +6,7 @@
 //!  FileConfig ──validate_for(runs)──▶ Config
 //!      [consul] consul::settings   [dns] dns::settings   [lb] lb::settings
 //!      [vpn] vpn::settings         [supervisor] supervisor::settings
+//!      [register] register::settings
 //! ```
 //!
 //! Each component owns its section: its type, defaults, documentation and
@@ -30,6 +31,7 @@ use crate::dns::settings::{DnsConfig, DnsSection, Tunnel, validate_dns};
 use crate::env::{self, Env};
 use crate::lb::settings::{LbConfig, LbSection, validate_lb};
 use crate::net::listeners::OwnListeners;
+use crate::register::settings::{RegisterConfig, RegisterSection, validate_register};
 use crate::supervisor::settings::{SupervisorConfig, SupervisorSection, validate_supervisor};
 use crate::vpn::settings::{VpnConfig, VpnSection, validate_vpn};
 use shared::{ConfigError, parse_bool, parse_domain};
@@ -56,6 +58,9 @@ pub struct FileConfig {
     /// The WireGuard VPN.
     #[serde(default)]
     pub vpn: VpnSection,
+    /// The containers' registration in Consul.
+    #[serde(default)]
+    pub register: RegisterSection,
 }
 
 /// The validated configuration every component is built from.
@@ -81,6 +86,8 @@ pub struct Config {
     pub supervisor: SupervisorConfig,
     /// WireGuard VPN.
     pub vpn: VpnConfig,
+    /// The containers' registration.
+    pub register: RegisterConfig,
 }
 
 impl Config {
@@ -293,6 +300,9 @@ fn apply_env(file: &mut FileConfig, env: &dyn Env) -> Result<(), ConfigError> {
     if let Some(domain) = env.get(env::HAPROXY_ADD_DOMAIN) {
         file.dns.wildcard_domain = Some(domain);
     }
+    if let Some(docker) = env.get(env::DOCKER_HOST).filter(|d| !d.trim().is_empty()) {
+        file.register.docker = docker;
+    }
     if let Some(token) = env.get(env::WAYFINDER_ADMIN_TOKEN) {
         file.supervisor.token = token;
     }
@@ -327,6 +337,8 @@ pub struct Runs {
     pub lb: bool,
     /// The vpn component (or a peer command).
     pub vpn: bool,
+    /// The register component.
+    pub register: bool,
     /// The supervisor (`up`, `status`).
     pub supervisor: bool,
 }
@@ -337,6 +349,7 @@ impl Runs {
         dns: true,
         lb: true,
         vpn: true,
+        register: true,
         supervisor: true,
     };
     /// Nothing but `[consul]` (the first look of `up`, before the role says
@@ -345,6 +358,7 @@ impl Runs {
         dns: false,
         lb: false,
         vpn: false,
+        register: false,
         supervisor: false,
     };
     /// `wayfinder dns`.
@@ -432,6 +446,12 @@ pub fn validate_for(file: &FileConfig, source: &str, runs: Runs) -> Result<Confi
         || validate_lb(&LbSection::default(), None, &err),
         &mut unchecked,
     )?;
+    let register = checked(
+        runs.register,
+        validate_register(&file.register, &err),
+        || validate_register(&RegisterSection::default(), &err),
+        &mut unchecked,
+    )?;
     let supervisor = checked(
         runs.supervisor,
         validate_supervisor(&file.supervisor, &err),
@@ -446,6 +466,7 @@ pub fn validate_for(file: &FileConfig, source: &str, runs: Runs) -> Result<Confi
         host_address: None,
         supervisor,
         vpn,
+        register,
         consul,
         dns,
         unchecked,

@@ -71,11 +71,15 @@ pub enum Endpoint {
     AgentService,
     /// `/v1/status/leader`.
     StatusLeader,
+    /// `/v1/agent/services`: the local agent's services (the register component).
+    AgentServices,
+    /// `/v1/agent/checks` and `/v1/agent/check/update/<id>`.
+    AgentChecks,
 }
 
 impl Endpoint {
     /// Every endpoint, in metrics order.
-    pub const ALL: [Endpoint; 10] = [
+    pub const ALL: [Endpoint; 12] = [
         Endpoint::HealthCritical,
         Endpoint::HealthWarning,
         Endpoint::UiServices,
@@ -86,6 +90,8 @@ impl Endpoint {
         Endpoint::Datacenters,
         Endpoint::AgentService,
         Endpoint::StatusLeader,
+        Endpoint::AgentServices,
+        Endpoint::AgentChecks,
     ];
 
     /// The metrics label.
@@ -101,6 +107,8 @@ impl Endpoint {
             Endpoint::Datacenters => "catalog_datacenters",
             Endpoint::AgentService => "agent_service",
             Endpoint::StatusLeader => "status_leader",
+            Endpoint::AgentServices => "agent_services",
+            Endpoint::AgentChecks => "agent_checks",
         }
     }
 

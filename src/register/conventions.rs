@@ -38,6 +38,9 @@ pub const MAX_META_VALUE_LEN: usize = 512;
 /// `SERVICE_*` keys read from one container (env and labels together); more
 /// refuse the whole container.
 pub const MAX_KEYS: usize = 256;
+/// Meta keys starting with this are the register component's own
+/// (ownership); a container may not set them.
+pub const RESERVED_META: &str = "wayfinder";
 /// Check intervals and timeouts must lie within this range.
 pub const CHECK_TIMES: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(3600));
 
@@ -115,6 +118,9 @@ pub enum Refused {
     /// A tag is too long, or holds a control character.
     #[error("tag `{0}` is refused: at most {MAX_TAG_LEN} bytes, no control characters")]
     Tag(String),
+    /// A tag the lb would ignore (its warning).
+    #[error("{0}")]
+    LbTag(String),
     /// More tags than [`MAX_TAGS`].
     #[error("{0} tags (at most {MAX_TAGS})")]
     TooManyTags(usize),
@@ -227,7 +233,7 @@ fn definition(
         None => None,
     };
     let tags = match keys.remove("tags") {
-        Some((text, _)) => tags(&text)?,
+        Some((text, _)) => checked_tags(&text)?,
         None => Vec::new(),
     };
     let check = check(&mut keys)?;
@@ -239,7 +245,7 @@ fn definition(
     for (k, v) in &meta {
         let key_ok =
             k.len() <= MAX_META_KEY_LEN && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-        if !key_ok || v.len() > MAX_META_VALUE_LEN || v.chars().any(char::is_control) {
+        if !key_ok || k.starts_with(RESERVED_META) || v.len() > MAX_META_VALUE_LEN || v.chars().any(char::is_control) {
             return Err(Refused::Meta(k.chars().take(64).collect()));
         }
     }
@@ -261,6 +267,17 @@ fn is_dns_label(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// `SERVICE_TAGS` as [`tags`] splits them, each also passing the lb's rules
+/// (`haproxy_weight=abc` is refused here rather than ignored there).
+pub fn checked_tags(text: &str) -> Result<Vec<String>, Refused> {
+    let tags = tags(text)?;
+    let (_, warnings) = crate::lb::tags::parse_tags(&tags);
+    match warnings.into_iter().next() {
+        Some(warning) => Err(Refused::LbTag(warning.chars().take(200).collect())),
+        None => Ok(tags),
+    }
 }
 
 /// `SERVICE_TAGS`: comma-separated, `\,` a comma inside a tag, blanks trimmed,

@@ -249,32 +249,36 @@ mod tests {
         #[rustfmt::skip]
         let cases: &[(Vars, &[&str])] = &[
             // role defaults
-            (&[], &["consul", "dns", "lb"]),
-            (&[("MASTER", t), ("SLAVE", t)], &["consul", "dns", "lb"]),
+            (&[], &["consul", "dns", "lb", "register"]),
+            (&[("MASTER", t), ("SLAVE", t)], &["consul", "dns", "lb", "register"]),
             (&[("MASTER", t), ("SLAVE", f)], &["consul", "dns"]),
-            (&[("MASTER", f), ("SLAVE", t)], &["consul", "dns", "lb"]),
-            (&[("MASTER", f)], &["consul", "dns", "lb"]),
+            (&[("MASTER", f), ("SLAVE", t)], &["consul", "dns", "lb", "register"]),
+            (&[("MASTER", f)], &["consul", "dns", "lb", "register"]),
             (&[("MASTER", f), ("SLAVE", f)], &["consul", "dns"]),
             // START_DNS and its alias START_DNSMASQ
-            (&[("START_DNS", f)], &["consul", "lb"]),
-            (&[("START_DNSMASQ", f)], &["consul", "lb"]),
-            (&[("MASTER", f), ("START_DNSMASQ", "0")], &["consul", "lb"]),
+            (&[("START_DNS", f)], &["consul", "lb", "register"]),
+            (&[("START_DNSMASQ", f)], &["consul", "lb", "register"]),
+            (&[("MASTER", f), ("START_DNSMASQ", "0")], &["consul", "lb", "register"]),
             // START_LB and its alias START_CONSUL_TEMPLATE
-            (&[("START_LB", f)], &["consul", "dns"]),
-            (&[("START_CONSUL_TEMPLATE", f)], &["consul", "dns"]),
+            (&[("START_LB", f)], &["consul", "dns", "register"]),
+            (&[("START_CONSUL_TEMPLATE", f)], &["consul", "dns", "register"]),
             (&[("SLAVE", f), ("START_LB", t)], &["consul", "dns", "lb"]),
             (&[("SLAVE", f), ("START_CONSUL_TEMPLATE", "yes")], &["consul", "dns", "lb"]),
             // START_CONSUL
-            (&[("START_CONSUL", f)], &["dns", "lb"]),
+            (&[("START_CONSUL", f)], &["dns", "lb", "register"]),
             (&[("MASTER", f), ("SLAVE", f), ("START_CONSUL", f)], &["dns"]),
             // START_VPN: the vpn starts before dns (priority 15)
-            (&[("START_VPN", t)], &["consul", "vpn", "dns", "lb"]),
+            (&[("START_VPN", t)], &["consul", "vpn", "dns", "lb", "register"]),
             (&[("MASTER", t), ("SLAVE", f), ("START_VPN", "1")], &["consul", "vpn", "dns"]),
             (&[("MASTER", f), ("SLAVE", f), ("START_VPN", "on")], &["consul", "vpn", "dns"]),
-            (&[("START_VPN", f)], &["consul", "dns", "lb"]),
+            (&[("START_VPN", f)], &["consul", "dns", "lb", "register"]),
+            // START_REGISTRATOR
+            (&[("START_REGISTRATOR", f)], &["consul", "dns", "lb"]),
+            (&[("SLAVE", f), ("START_REGISTRATOR", t)], &["consul", "dns", "register"]),
             // everything off
-            (&[("START_CONSUL", f), ("START_DNS", f), ("START_LB", f)], &[]),
-            (&[("START_CONSUL", f), ("START_DNS", f), ("START_LB", f), ("START_VPN", t)], &["vpn"]),
+            (&[("START_CONSUL", f), ("START_DNS", f), ("START_LB", f)], &["register"]),
+            (&[("START_CONSUL", f), ("START_DNS", f), ("START_LB", f), ("START_REGISTRATOR", f)], &[]),
+            (&[("START_CONSUL", f), ("START_DNS", f), ("START_LB", f), ("START_REGISTRATOR", f), ("START_VPN", t)], &["vpn"]),
         ];
         for (vars, want) in cases {
             assert_eq!(started(vars, ""), *want, "{vars:?}");
@@ -284,13 +288,13 @@ mod tests {
         let on = "[vpn]\nenabled = true\n";
         #[rustfmt::skip]
         let enabled: &[(Vars, &[&str])] = &[
-            (&[], &["consul", "vpn", "dns", "lb"]),
+            (&[], &["consul", "vpn", "dns", "lb", "register"]),
             (&[("MASTER", t), ("SLAVE", f)], &["consul", "vpn", "dns"]),
-            (&[("MASTER", f), ("SLAVE", t)], &["consul", "vpn", "dns", "lb"]),
+            (&[("MASTER", f), ("SLAVE", t)], &["consul", "vpn", "dns", "lb", "register"]),
             (&[("MASTER", f), ("SLAVE", f)], &["consul", "vpn", "dns"]),
-            (&[("START_VPN", f)], &["consul", "dns", "lb"]),
+            (&[("START_VPN", f)], &["consul", "dns", "lb", "register"]),
             (&[("START_VPN", "0"), ("SLAVE", f)], &["consul", "dns"]),
-            (&[("START_VPN", t)], &["consul", "vpn", "dns", "lb"]),
+            (&[("START_VPN", t)], &["consul", "vpn", "dns", "lb", "register"]),
         ];
         for (vars, want) in enabled {
             assert_eq!(started(vars, on), *want, "vpn.enabled, {vars:?}");
@@ -330,8 +334,11 @@ mod tests {
         assert_eq!(p.units[0].kind, UnitKind::Consul(ConsulMode::Server));
 
         let off = "[supervisor.consul]\nenabled = false\n";
-        assert_eq!(started(&[], off), ["dns", "lb"]);
-        assert_eq!(started(&[("START_CONSUL", "true")], off), ["consul", "dns", "lb"]);
+        assert_eq!(started(&[], off), ["dns", "lb", "register"]);
+        assert_eq!(
+            started(&[("START_CONSUL", "true")], off),
+            ["consul", "dns", "lb", "register"]
+        );
     }
 
     #[test]
@@ -339,7 +346,10 @@ mod tests {
         let extra = "[[supervisor.program]]\nname = \"late\"\ncommand = \"true\"\n\
                      [[supervisor.program]]\nname = \"early\"\ncommand = \"true\"\npriority = 15\n\
                      [[supervisor.program]]\nname = \"manual\"\ncommand = \"true\"\nautostart = false\n";
-        assert_eq!(started(&[], extra), ["consul", "early", "dns", "lb", "late"]);
+        assert_eq!(
+            started(&[], extra),
+            ["consul", "early", "dns", "lb", "register", "late"]
+        );
         let p = plan(&HashMap::<String, String>::new(), &config(extra)).unwrap();
         assert!(p.render().contains("off    manual"), "{}", p.render());
     }

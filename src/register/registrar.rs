@@ -1,0 +1,784 @@
+//! The register component's loop: Docker's events in, Consul's agent kept
+//! equal to the host's serving containers, writing only differences.
+//!
+//! ```text
+//!  events reader ──Event──▶ Pending (one mark per container, newest wins; kill = drain)
+//!                  lost stream: reconnect with since=<last event>, then a full resync
+//!  worker ◀─ Pending (a batch: each container once, inspected concurrently, applied in turn)
+//!         ◀─ resync tick: running list + agent read ─▶ diff ─▶ writes (none when equal)
+//!         ◀─ TTL tick: Docker health renewed on its Consul checks
+//!  Book (facts, plans, what the agent holds) ── read by status / metrics
+//! ```
+//!
+//! Level-triggered: an event only says "look at this container again"; what
+//! is written follows from the container's state as Docker reports it then,
+//! so bursts, duplicates and replays (`since=`) cannot apply out of order.
+//! One container is never in two batches at once, so its events apply in
+//! order. A `kill` (`docker stop`) deregisters before the process exits: the
+//! container drains.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::{StreamExt, stream};
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::RegisterError;
+use super::agent;
+use super::docker::{ACTIONS, ContainerFacts, DockerClient, Event};
+use super::plan::{self, Host, Planned, Registration};
+use super::settings::RegisterConfig;
+use crate::consul::ConsulHttp;
+use crate::report::throttle::LogEvery;
+
+/// Containers waiting to be looked at; more make a full resync instead.
+pub const MAX_PENDING: usize = 65_536;
+/// Containers looked at in one batch.
+pub const BATCH: usize = 1024;
+/// Docker inspects in flight at once.
+pub const INSPECTS_IN_FLIGHT: usize = 16;
+/// Consul writes in flight at once (the pool has 3 connections).
+pub const WRITES_IN_FLIGHT: usize = 6;
+/// A container still running this long after the stop signal is registered again.
+pub const DRAIN_FORGET: Duration = Duration::from_secs(600);
+/// Refusal reasons kept per container.
+pub const MAX_REFUSALS: usize = 8;
+/// Retry delays after a Docker or Consul failure.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(10));
+
+/// Signals that ask a process to reload or report rather than stop: a
+/// `kill` with one of them does not drain.
+const NOT_STOPPING: &[i32] = &[libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2, libc::SIGWINCH, 0];
+
+/// What happened to a container since it was last looked at.
+#[derive(Debug, Clone, Copy, Default)]
+struct Mark {
+    /// `Some(true)`: a stop signal (drain); `Some(false)`: started or died.
+    drain: Option<bool>,
+}
+
+/// Containers to look at, filled by the events reader.
+#[derive(Debug, Default)]
+struct Pending {
+    order: Vec<String>,
+    marks: HashMap<String, Mark>,
+    /// Too many, or events lost: look at everything.
+    full: bool,
+}
+
+impl Pending {
+    fn push(&mut self, event: &Event) {
+        if self.full {
+            return;
+        }
+        let mark = match self.marks.get_mut(&event.container) {
+            Some(mark) => mark,
+            None => {
+                if self.order.len() >= MAX_PENDING {
+                    self.full = true;
+                    self.order.clear();
+                    self.marks.clear();
+                    return;
+                }
+                self.order.push(event.container.clone());
+                self.marks.entry(event.container.clone()).or_default()
+            }
+        };
+        match event.action.as_str() {
+            "kill" if !event.signal.is_some_and(|s| NOT_STOPPING.contains(&s)) => mark.drain = Some(true),
+            "start" | "restart" | "unpause" | "die" => mark.drain = Some(false),
+            _ => {}
+        }
+    }
+
+    fn take(&mut self) -> (Vec<(String, Mark)>, bool) {
+        let full = std::mem::take(&mut self.full);
+        let n = self.order.len().min(BATCH);
+        let batch = self
+            .order
+            .drain(..n)
+            .map(|id| {
+                let mark = self.marks.remove(&id).unwrap_or_default();
+                (id, mark)
+            })
+            .collect();
+        (batch, full)
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.order.is_empty() && !self.full
+    }
+}
+
+/// A service Wayfinder holds in the agent.
+#[derive(Debug, Clone)]
+struct Written {
+    container: String,
+    fingerprint: String,
+    /// The TTL check and the status last set on it.
+    health: Option<(String, String)>,
+}
+
+/// One container as the component sees it.
+#[derive(Debug, Clone)]
+pub struct ContainerState {
+    /// Its facts when last inspected.
+    pub facts: ContainerFacts,
+    /// Its plan then.
+    pub planned: Planned,
+    /// Deregistered at a stop signal, waiting to exit.
+    pub draining: Option<Instant>,
+}
+
+/// Everything the worker knows; read by the status and metrics.
+#[derive(Debug, Default)]
+pub struct Book {
+    /// Containers by ID (the serving ones, and those being drained).
+    pub containers: HashMap<String, ContainerState>,
+    /// Service ID → what the agent holds for Wayfinder.
+    written: HashMap<String, Written>,
+    /// IDs of the agent's other services.
+    foreign: HashSet<String>,
+    /// The Docker engine, once connected.
+    pub engine: Option<String>,
+    /// The negotiated Docker API version.
+    pub api_version: Option<String>,
+}
+
+impl Book {
+    /// Services Wayfinder holds in the agent now.
+    pub fn owned(&self) -> usize {
+        self.written.len()
+    }
+
+    /// The services written for `container`: (ID, status of its Docker health check).
+    pub fn services_of(&self, container: &str) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .written
+            .iter()
+            .filter(|(_, w)| w.container == container)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+}
+
+/// Counters and state shared with the component (metrics, status).
+#[derive(Debug)]
+pub struct Stats {
+    /// Events seen, by [`ACTIONS`] slot.
+    pub events: [AtomicU64; ACTIONS.len()],
+    /// Services registered (written).
+    pub registered: AtomicU64,
+    /// Services deregistered.
+    pub deregistered: AtomicU64,
+    /// TTL check updates.
+    pub check_updates: AtomicU64,
+    /// Full resyncs done.
+    pub resyncs: AtomicU64,
+    /// Writes those resyncs made (0 while nothing changes behind Wayfinder's back).
+    pub resync_writes: AtomicU64,
+    /// Docker failures.
+    pub docker_errors: AtomicU64,
+    /// Consul failures.
+    pub consul_errors: AtomicU64,
+    /// The event stream is connected.
+    pub stream_up: AtomicBool,
+    /// When the event stream (re)connected, ms since the UNIX epoch (0: never).
+    pub stream_since_ms: AtomicU64,
+    /// Reconnections of the event stream.
+    pub reconnects: AtomicU64,
+    /// The last error, for the status page.
+    pub last_error: Mutex<Option<String>>,
+    /// The book.
+    pub book: Mutex<Book>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            events: std::array::from_fn(|_| AtomicU64::new(0)),
+            registered: AtomicU64::new(0),
+            deregistered: AtomicU64::new(0),
+            check_updates: AtomicU64::new(0),
+            resyncs: AtomicU64::new(0),
+            resync_writes: AtomicU64::new(0),
+            docker_errors: AtomicU64::new(0),
+            consul_errors: AtomicU64::new(0),
+            stream_up: AtomicBool::new(false),
+            stream_since_ms: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            book: Mutex::new(Book::default()),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// The shared inputs of the reader and the worker.
+struct Run {
+    config: RegisterConfig,
+    consul: ConsulHttp,
+    stats: Arc<Stats>,
+    pending: Mutex<Pending>,
+    wake: Notify,
+    refusal_log: LogEvery,
+}
+
+/// Runs until `shutdown`: connects to Docker (retrying while it is away),
+/// follows its events and keeps Consul equal to the serving containers.
+pub async fn run(
+    config: RegisterConfig,
+    consul: ConsulHttp,
+    host_ip: Option<std::net::IpAddr>,
+    host_name: String,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> Result<(), RegisterError> {
+    let run = Run {
+        config,
+        consul,
+        stats,
+        pending: Mutex::new(Pending::default()),
+        wake: Notify::new(),
+        refusal_log: LogEvery::new(Duration::from_secs(10)),
+    };
+    let docker = tokio::select! {
+        docker = connect(&run) => docker,
+        () = shutdown.cancelled() => return Ok(()),
+    };
+    let engine = match docker.engine_id().await {
+        Ok(id) => id,
+        Err(e) => return Err(e),
+    };
+    {
+        let mut book = run.stats.book.lock();
+        book.engine = Some(engine.clone());
+        book.api_version = Some(docker.api_version());
+    }
+    tracing::info!(endpoint = docker.endpoint(), api = %docker.api_version(), engine = %engine, "register: following docker");
+    let host = Host {
+        ip: host_ip,
+        name: host_name,
+        engine,
+    };
+    tokio::select! {
+        () = read_events(&run, &docker) => Ok(()),
+        result = work(&run, &docker, &host) => result,
+        () = shutdown.cancelled() => Ok(()),
+    }
+}
+
+/// Connects to Docker, retrying with backoff while it is away.
+async fn connect(run: &Run) -> DockerClient {
+    let mut delay = BACKOFF.0;
+    loop {
+        match DockerClient::connect(&run.config.docker).await {
+            Ok(docker) => return docker,
+            Err(e) => {
+                run.stats.docker_errors.fetch_add(1, Ordering::Relaxed);
+                if run.stats.docker_errors.load(Ordering::Relaxed) == 1 || delay == BACKOFF.1 {
+                    tracing::warn!(error = %e, retry_in = ?delay, "register: docker unreachable");
+                }
+                *run.stats.last_error.lock() = Some(e.to_string());
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(BACKOFF.1);
+    }
+}
+
+/// Follows the event stream forever; a lost stream is reconnected from the
+/// last event seen, and a full resync is asked for.
+async fn read_events(run: &Run, docker: &DockerClient) {
+    let mut since = now_ns() - 1_000_000_000;
+    let mut delay = BACKOFF.0;
+    let mut first = true;
+    loop {
+        // A daemon that answers is one whose stream will be served.
+        if let Err(e) = docker.engine_id().await {
+            run.stats.docker_errors.fetch_add(1, Ordering::Relaxed);
+            *run.stats.last_error.lock() = Some(e.to_string());
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(BACKOFF.1);
+            continue;
+        }
+        delay = BACKOFF.0;
+        run.stats.stream_up.store(true, Ordering::Relaxed);
+        run.stats.stream_since_ms.store(now_ms(), Ordering::Relaxed);
+        if !first {
+            run.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("register: docker event stream back; resyncing");
+            run.pending.lock().full = true;
+            run.wake.notify_one();
+        }
+        first = false;
+        let mut events = std::pin::pin!(docker.events(Some(since)));
+        let ended = loop {
+            match events.next().await {
+                Some(Ok(event)) => {
+                    since = since.max(event.time_nano);
+                    if let Some(slot) = ACTIONS.iter().position(|a| *a == event.action) {
+                        run.stats.events[slot].fetch_add(1, Ordering::Relaxed);
+                    }
+                    run.pending.lock().push(&event);
+                    run.wake.notify_one();
+                }
+                Some(Err(e)) => break Some(e),
+                None => break None,
+            }
+        };
+        run.stats.stream_up.store(false, Ordering::Relaxed);
+        match ended {
+            Some(e) => {
+                run.stats.docker_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "register: docker event stream failed; reconnecting");
+                *run.stats.last_error.lock() = Some(e.to_string());
+            }
+            None => tracing::warn!("register: docker closed the event stream; reconnecting"),
+        }
+        tokio::time::sleep(BACKOFF.0).await;
+    }
+}
+
+/// The worker: full resyncs, batches of pending containers, TTL renewals.
+async fn work(run: &Run, docker: &DockerClient, host: &Host) -> Result<(), RegisterError> {
+    let ttl_every = run.config.health_ttl / 3;
+    let mut next_resync = Instant::now();
+    let mut next_ttl = Instant::now() + ttl_every;
+    let mut full = true;
+    let mut delay = BACKOFF.0;
+    loop {
+        let now = Instant::now();
+        if full || now >= next_resync {
+            match resync(run, docker, host, full).await {
+                Ok(()) => {
+                    full = false;
+                    delay = BACKOFF.0;
+                    next_resync = Instant::now() + run.config.resync;
+                }
+                Err(e) => {
+                    note_error(run, &e);
+                    full = true;
+                    next_resync = Instant::now() + delay;
+                    delay = (delay * 2).min(BACKOFF.1);
+                }
+            }
+        }
+        if Instant::now() >= next_ttl {
+            if !renew_health(run).await {
+                next_resync = Instant::now();
+            }
+            next_ttl = Instant::now() + ttl_every;
+        }
+        let (batch, wants_full) = run.pending.lock().take();
+        if wants_full {
+            full = true;
+            continue;
+        }
+        if !batch.is_empty() {
+            if let Err(e) = apply_batch(run, docker, host, batch).await {
+                note_error(run, &e);
+                next_resync = next_resync.min(Instant::now() + delay);
+            }
+            continue;
+        }
+        let wake_at = next_resync.min(next_ttl);
+        tokio::select! {
+            () = run.wake.notified() => {}
+            () = tokio::time::sleep_until(wake_at.into()) => {}
+        }
+    }
+}
+
+fn note_error(run: &Run, e: &RegisterError) {
+    match e {
+        RegisterError::Consul(_) => run.stats.consul_errors.fetch_add(1, Ordering::Relaxed),
+        _ => run.stats.docker_errors.fetch_add(1, Ordering::Relaxed),
+    };
+    tracing::warn!(error = %e, "register: will retry");
+    *run.stats.last_error.lock() = Some(e.to_string());
+}
+
+/// Inspects `ids` concurrently; `None` for containers that are gone.
+async fn inspect_all(
+    docker: &DockerClient,
+    ids: Vec<String>,
+) -> Result<Vec<(String, Option<ContainerFacts>)>, RegisterError> {
+    stream::iter(ids)
+        .map(|id| async move {
+            let facts = docker.inspect(&id).await?;
+            Ok((id, facts))
+        })
+        .buffer_unordered(INSPECTS_IN_FLIGHT)
+        .collect::<Vec<Result<_, RegisterError>>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// Looks at the containers of one batch again and writes what changed.
+async fn apply_batch(
+    run: &Run,
+    docker: &DockerClient,
+    host: &Host,
+    batch: Vec<(String, Mark)>,
+) -> Result<(), RegisterError> {
+    {
+        let mut book = run.stats.book.lock();
+        for (id, mark) in &batch {
+            if let (Some(drain), Some(state)) = (mark.drain, book.containers.get_mut(id)) {
+                state.draining = drain.then(Instant::now);
+            }
+        }
+    }
+    // Deregister drained containers at once, before anything slower.
+    let draining: Vec<String> = batch
+        .iter()
+        .filter(|(_, m)| m.drain == Some(true))
+        .map(|(id, _)| id.clone())
+        .collect();
+    if !draining.is_empty() {
+        let writes = diff(run, &draining, &mut DrainOnly);
+        perform(run, writes, false).await?;
+    }
+    let ids: Vec<String> = batch.into_iter().map(|(id, _)| id).collect();
+    let seen = inspect_all(docker, ids.clone()).await?;
+    let mut fresh = HashMap::new();
+    for (id, facts) in seen {
+        fresh.insert(id, facts);
+    }
+    update_containers(run, host, fresh);
+    let writes = diff(run, &ids, &mut Everything);
+    perform(run, writes, false).await
+}
+
+/// Records freshly inspected facts and their plans.
+fn update_containers(run: &Run, host: &Host, fresh: HashMap<String, Option<ContainerFacts>>) {
+    let mut book = run.stats.book.lock();
+    for (id, facts) in fresh {
+        match facts {
+            Some(facts) if facts.serving => {
+                let draining = book.containers.get(&id).and_then(|s| s.draining);
+                let planned = plan::plan(&facts, &run.config, host);
+                let before = book.containers.get(&id).map(|s| &s.planned.refusals);
+                if !planned.refusals.is_empty()
+                    && before != Some(&planned.refusals)
+                    && run.refusal_log.event().is_some()
+                {
+                    tracing::warn!(container = %facts.name, reasons = ?planned.refusals, "register: refused (some of) its services");
+                }
+                let mut planned = planned;
+                planned.refusals.truncate(MAX_REFUSALS);
+                book.containers.insert(
+                    id,
+                    ContainerState {
+                        facts,
+                        planned,
+                        draining,
+                    },
+                );
+            }
+            _ => {
+                book.containers.remove(&id);
+            }
+        }
+    }
+}
+
+/// One write to the agent.
+#[derive(Debug)]
+enum Write {
+    Register(Box<Registration>),
+    Deregister(String),
+    Status(String, String, &'static str),
+}
+
+/// Which planned services a diff keeps.
+trait Keep {
+    fn keep(&mut self, state: &ContainerState) -> bool;
+}
+struct Everything;
+impl Keep for Everything {
+    fn keep(&mut self, state: &ContainerState) -> bool {
+        state.draining.is_none_or(|at| at.elapsed() > DRAIN_FORGET)
+    }
+}
+/// Only removals: the containers are being drained.
+struct DrainOnly;
+impl Keep for DrainOnly {
+    fn keep(&mut self, _: &ContainerState) -> bool {
+        false
+    }
+}
+
+/// The writes that make the agent hold what `containers` should have.
+fn diff(run: &Run, containers: &[String], keep: &mut dyn Keep) -> Vec<Write> {
+    let mut book = run.stats.book.lock();
+    let mut writes = Vec::new();
+    let wanted_ids: HashSet<&str> = containers.iter().map(String::as_str).collect();
+    let mut desired: HashMap<String, Registration> = HashMap::new();
+    let mut collisions: Vec<(String, String)> = Vec::new();
+    for id in containers {
+        let Some(state) = book.containers.get(id) else { continue };
+        if !keep.keep(state) {
+            continue;
+        }
+        for r in &state.planned.services {
+            let taken_by_other = book.foreign.contains(&r.id)
+                || book.written.get(&r.id).is_some_and(|w| w.container != r.container)
+                || desired.contains_key(&r.id);
+            if taken_by_other {
+                collisions.push((id.clone(), r.id.clone()));
+                continue;
+            }
+            desired.insert(r.id.clone(), r.clone());
+        }
+    }
+    for (container, service) in collisions {
+        if let Some(state) = book.containers.get_mut(&container) {
+            let why = format!("service ID `{service}` belongs to another service");
+            if !state.planned.refusals.contains(&why) && state.planned.refusals.len() < MAX_REFUSALS {
+                tracing::warn!(container = %state.facts.name, service = %service, "register: service ID already taken; refused");
+                state.planned.refusals.push(why);
+            }
+        }
+    }
+    // Removals: held for these containers, no longer desired.
+    for (id, w) in &book.written {
+        if wanted_ids.contains(w.container.as_str()) && !desired.contains_key(id) {
+            writes.push(Write::Deregister(id.clone()));
+        }
+    }
+    for (id, r) in desired {
+        match book.written.get(&id) {
+            Some(w) if w.fingerprint == r.fingerprint => {
+                if let (Some((check, status)), Some((_, held))) = (&r.health, &w.health)
+                    && held != status
+                {
+                    writes.push(Write::Status(id.clone(), check.clone(), status));
+                }
+            }
+            _ => writes.push(Write::Register(Box::new(r))),
+        }
+    }
+    writes
+}
+
+/// Performs `writes` (a few at a time) and records each success in the book.
+async fn perform(run: &Run, writes: Vec<Write>, from_resync: bool) -> Result<(), RegisterError> {
+    if writes.is_empty() {
+        return Ok(());
+    }
+    let consul = &run.consul;
+    let results: Vec<(Write, Result<bool, crate::consul::ConsulError>)> = stream::iter(writes)
+        .map(|w| async move {
+            let result = match &w {
+                Write::Register(r) => agent::register(consul, r).await.map(|()| true),
+                Write::Deregister(id) => agent::deregister(consul, id).await.map(|()| true),
+                Write::Status(_, check, status) => agent::set_status(consul, check, status).await,
+            };
+            (w, result)
+        })
+        .buffer_unordered(WRITES_IN_FLIGHT)
+        .collect()
+        .await;
+    let mut first_error = None;
+    let mut book = run.stats.book.lock();
+    for (write, result) in results {
+        match result {
+            Ok(done) => {
+                if from_resync {
+                    run.stats.resync_writes.fetch_add(1, Ordering::Relaxed);
+                }
+                match write {
+                    Write::Register(r) => {
+                        run.stats.registered.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(service = %r.id, name = %r.body["Name"].as_str().unwrap_or(""), address = %r.body["Address"].as_str().unwrap_or(""), port = %r.body["Port"], "register: registered");
+                        book.written.insert(
+                            r.id.clone(),
+                            Written {
+                                container: r.container.clone(),
+                                fingerprint: r.fingerprint.clone(),
+                                health: r.health.as_ref().map(|(c, s)| (c.clone(), (*s).to_string())),
+                            },
+                        );
+                    }
+                    Write::Deregister(id) => {
+                        run.stats.deregistered.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(service = %id, "register: deregistered");
+                        book.written.remove(&id);
+                    }
+                    Write::Status(id, _, status) => {
+                        run.stats.check_updates.fetch_add(1, Ordering::Relaxed);
+                        if !done {
+                            // The agent lost the check: register it again.
+                            book.written.remove(&id);
+                        } else if let Some(w) = book.written.get_mut(&id)
+                            && let Some(h) = w.health.as_mut()
+                        {
+                            h.1 = status.to_string();
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                if first_error.is_none() {
+                    first_error = Some(e);
+                }
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(RegisterError::Consul(e)),
+        None => Ok(()),
+    }
+}
+
+/// Compares everything: Docker's running containers (inspecting the new
+/// ones, or all of them when events may have been lost) and the agent's
+/// services; writes only the differences.
+async fn resync(run: &Run, docker: &DockerClient, host: &Host, reinspect_all: bool) -> Result<(), RegisterError> {
+    let running: HashSet<String> = docker.running().await?.into_iter().collect();
+    let to_inspect: Vec<String> = {
+        let book = run.stats.book.lock();
+        running
+            .iter()
+            .filter(|id| reinspect_all || !book.containers.contains_key(*id))
+            .cloned()
+            .collect()
+    };
+    let mut fresh: HashMap<String, Option<ContainerFacts>> =
+        inspect_all(docker, to_inspect).await?.into_iter().collect();
+    {
+        let book = run.stats.book.lock();
+        for id in book.containers.keys() {
+            if !running.contains(id) {
+                fresh.insert(id.clone(), None);
+            }
+        }
+    }
+    update_containers(run, host, fresh);
+    let view = agent::read(&run.consul, host).await.map_err(RegisterError::Consul)?;
+    let containers: Vec<String> = {
+        let mut book = run.stats.book.lock();
+        book.foreign = view.foreign;
+        book.written = view
+            .owned
+            .into_iter()
+            .map(|(id, owned)| {
+                let health = {
+                    let check = format!("{id}{}", plan::HEALTH_CHECK_SUFFIX);
+                    view.checks.get(&check).map(|status| (check, status.clone()))
+                };
+                (
+                    id,
+                    Written {
+                        container: owned.container,
+                        fingerprint: owned.fingerprint,
+                        health,
+                    },
+                )
+            })
+            .collect();
+        // Services of containers Docker no longer runs are in the diff too.
+        let mut ids: HashSet<String> = book.containers.keys().cloned().collect();
+        ids.extend(book.written.values().map(|w| w.container.clone()));
+        // Drain marks of containers that outlived their stop are forgotten.
+        for state in book.containers.values_mut() {
+            if state.draining.is_some_and(|at| at.elapsed() > DRAIN_FORGET) {
+                state.draining = None;
+            }
+        }
+        ids.into_iter().collect()
+    };
+    let writes = diff(run, &containers, &mut Everything);
+    run.stats.resyncs.fetch_add(1, Ordering::Relaxed);
+    if !writes.is_empty() {
+        tracing::info!(writes = writes.len(), "register: resync found differences");
+    }
+    perform(run, writes, true).await
+}
+
+/// Renews every Docker-health TTL check with its status; false when the
+/// agent lost one (a resync puts it back).
+async fn renew_health(run: &Run) -> bool {
+    let checks: Vec<Write> = {
+        let book = run.stats.book.lock();
+        book.written
+            .iter()
+            .filter_map(|(id, w)| {
+                let (check, status) = w.health.as_ref()?;
+                let status = match status.as_str() {
+                    "passing" => "passing",
+                    "warning" => "warning",
+                    _ => "critical",
+                };
+                Some(Write::Status(id.clone(), check.clone(), status))
+            })
+            .collect()
+    };
+    let before = run.stats.book.lock().written.len();
+    if let Err(e) = perform(run, checks, false).await {
+        note_error(run, &e);
+        return false;
+    }
+    run.stats.book.lock().written.len() == before
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(id: &str, action: &str, signal: Option<i32>) -> Event {
+        Event {
+            container: id.into(),
+            action: action.into(),
+            signal,
+            time_nano: 0,
+        }
+    }
+
+    #[test]
+    fn pending_keeps_one_mark_per_container_newest_wins() {
+        let mut p = Pending::default();
+        p.push(&ev("a", "start", None));
+        p.push(&ev("b", "kill", Some(15)));
+        p.push(&ev("a", "kill", Some(libc::SIGHUP)));
+        p.push(&ev("c", "kill", Some(9)));
+        p.push(&ev("c", "die", None));
+        let (batch, full) = p.take();
+        assert!(!full);
+        let marks: Vec<(&str, Option<bool>)> = batch.iter().map(|(id, m)| (id.as_str(), m.drain)).collect();
+        assert_eq!(marks, [("a", Some(false)), ("b", Some(true)), ("c", Some(false))]);
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn pending_is_bounded_and_overflows_into_a_full_resync() {
+        let mut p = Pending::default();
+        for i in 0..=MAX_PENDING {
+            p.push(&ev(&format!("{i:x}"), "start", None));
+        }
+        let (batch, full) = p.take();
+        assert!(full && batch.is_empty());
+        assert!(p.marks.is_empty() && p.order.capacity() <= MAX_PENDING + 1);
+    }
+}
