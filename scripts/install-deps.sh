@@ -21,6 +21,9 @@ packages+=(chromium systemd)
 # The vpn tests: wireguard-go is the laptop, ping goes through the tunnel;
 # nftables: the vpn confines its peers with an nft table (and masquerades).
 packages+=(wireguard-go wireguard-tools iputils-ping nftables)
+# register: the tests run their own dockerd and build app images from
+# busybox-static (no registry); the standalone quick start runs the demo image.
+packages+=(docker.io busybox-static)
 [ $want_bench = 1 ] && packages+=(dnsperf iperf3)
 
 missing=()

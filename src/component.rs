@@ -201,6 +201,9 @@ pub struct PageParts {
 pub struct Banner {
     /// `  dns      127.0.0.1:53 (udp+tcp)` lines.
     pub places: Vec<String>,
+    /// Commands that put a service in Consul (tried first; without any, the
+    /// banner shows a registration with curl).
+    pub registers: Vec<String>,
     /// Commands to try.
     pub tries: Vec<String>,
 }

@@ -346,9 +346,15 @@ impl Component for Register {
                 AddressMode::Internal => "internal",
             }
         ));
-        banner
-            .tries
-            .push("  docker run -d -p 8080 -e SERVICE_TAGS=haproxy <image>   # registered, routed, in DNS".into());
+        // `wayfinder/demo`: scripts/demo-image.sh (the standalone script builds it).
+        let docker = if self.config.docker == super::settings::DEFAULT_DOCKER {
+            "docker".to_string()
+        } else {
+            format!("docker -H {}", self.config.docker)
+        };
+        banner.registers.push(format!(
+            "  {docker} run -d -p 8080:8080 -e SERVICE_NAME=web -e SERVICE_TAGS=haproxy wayfinder/demo"
+        ));
     }
 }
 

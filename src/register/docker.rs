@@ -69,8 +69,9 @@ pub enum DockerHealth {
 pub struct Published {
     /// The container's port.
     pub port: Port,
-    /// The host address it is bound to (`None`: every address).
-    pub host_ip: Option<IpAddr>,
+    /// The host address it is bound to (`0.0.0.0` or `::`: every address
+    /// of that family; Docker may give the two families different ports).
+    pub host_ip: IpAddr,
     /// The host port.
     pub host_port: u16,
 }
@@ -98,7 +99,7 @@ pub struct ContainerFacts {
     pub networks: Vec<(String, Option<IpAddr>)>,
     /// Ports it exposes (sorted).
     pub exposed: Vec<Port>,
-    /// Ports the host publishes for it (sorted, one per container port and host port).
+    /// Ports the host publishes for it (sorted; one per binding).
     pub published: Vec<Published>,
 }
 
@@ -306,27 +307,30 @@ fn facts(answer: bollard::models::ContainerInspectResponse) -> ContainerFacts {
             let Some(host_port) = binding.host_port.as_deref().and_then(|p| p.parse::<u16>().ok()) else {
                 continue;
             };
-            let host_ip = binding
+            let Some(host_ip) = binding
                 .host_ip
                 .as_deref()
-                .and_then(|a| a.parse::<IpAddr>().ok())
-                .filter(|a| !a.is_unspecified());
+                .map_or(Some(IpAddr::from([0, 0, 0, 0])), |a| {
+                    if a.is_empty() {
+                        Some(IpAddr::from([0, 0, 0, 0]))
+                    } else {
+                        a.parse::<IpAddr>().ok()
+                    }
+                })
+            else {
+                continue;
+            };
             let entry = Published {
                 port,
                 host_ip,
                 host_port,
             };
-            // `0.0.0.0` and `::` bindings of one port are one.
-            if !published
-                .iter()
-                .any(|p| p.port == port && p.host_port == host_port && (p.host_ip == host_ip || host_ip.is_none()))
-            {
-                published.retain(|p| !(p.port == port && p.host_port == host_port && host_ip.is_none()));
+            if !published.contains(&entry) {
                 published.push(entry);
             }
         }
     }
-    published.sort_by_key(|p| (p.port.private, p.port.udp, p.host_port));
+    published.sort_by_key(|p| (p.port.private, p.port.udp, p.host_ip.is_ipv6(), p.host_port));
     ContainerFacts {
         id: answer.id.unwrap_or_default(),
         name: answer.name.unwrap_or_default().trim_start_matches('/').to_string(),
@@ -388,7 +392,7 @@ mod tests {
                           "ExposedPorts":{"8080/tcp":{},"53/udp":{},"x/sctp":{}}},
                 "State":{"Running":true,"Paused":false,"Health":{"Status":"healthy"}},
                 "HostConfig":{"NetworkMode":"bridge"},
-                "NetworkSettings":{"Ports":{"8080/tcp":[{"HostIp":"0.0.0.0","HostPort":"32768"},{"HostIp":"::","HostPort":"32768"}],"53/udp":null},
+                "NetworkSettings":{"Ports":{"8080/tcp":[{"HostIp":"0.0.0.0","HostPort":"32768"},{"HostIp":"::","HostPort":"32769"}],"53/udp":null},
                                    "Networks":{"bridge":{"IPAddress":"172.17.0.2"}}}}"#,
         )
         .unwrap();
@@ -397,17 +401,16 @@ mod tests {
         assert!(f.serving);
         assert_eq!(f.health, Some(DockerHealth::Healthy));
         assert_eq!(f.exposed.len(), 2);
-        assert_eq!(
-            f.published,
-            vec![Published {
-                port: Port {
-                    private: 8080,
-                    udp: false
-                },
-                host_ip: None,
-                host_port: 32768
-            }]
-        );
+        let port = Port {
+            private: 8080,
+            udp: false,
+        };
+        let published = |ip: &str, host_port| Published {
+            port,
+            host_ip: ip.parse().unwrap(),
+            host_port,
+        };
+        assert_eq!(f.published, vec![published("0.0.0.0", 32768), published("::", 32769)]);
         assert_eq!(
             f.networks,
             vec![("bridge".to_string(), Some("172.17.0.2".parse().unwrap()))]

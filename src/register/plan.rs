@@ -106,6 +106,17 @@ fn mode_of(facts: &ContainerFacts, default: AddressMode) -> Result<AddressMode, 
     }
 }
 
+/// Where a published port is reached: its own address when bound to one,
+/// else `HOST_IP` when of the same family (Docker binds `0.0.0.0` and `::`
+/// separately, sometimes on different ports).
+fn host_binding(p: &super::docker::Published, host_ip: Option<IpAddr>) -> Option<SocketAddr> {
+    if !p.host_ip.is_unspecified() {
+        return Some(SocketAddr::new(p.host_ip, p.host_port));
+    }
+    let ip = host_ip?;
+    (ip.is_ipv4() == p.host_ip.is_ipv4()).then(|| SocketAddr::new(ip, p.host_port))
+}
+
 /// The address of the container on the network `internal` mode uses.
 fn internal_address(facts: &ContainerFacts, network: Option<&str>) -> Option<IpAddr> {
     let find = |name: &str| facts.networks.iter().find(|(n, _)| n == name).and_then(|(_, ip)| *ip);
@@ -149,14 +160,23 @@ pub fn plan(facts: &ContainerFacts, config: &RegisterConfig, host: &Host) -> Pla
         AddressMode::Host => {
             for p in &facts.published {
                 if targets.iter().any(|(port, _)| *port == p.port) {
-                    continue; // one service per container port: the first binding
+                    continue; // one service per container port: the first usable binding
                 }
-                match p.host_ip.or(host.ip) {
-                    Some(ip) => targets.push((p.port, SocketAddr::new(ip, p.host_port))),
-                    None => out.refusals.push(format!(
-                        "port {}: published on every address and HOST_IP is unknown",
+                if let Some(addr) = host_binding(p, host.ip) {
+                    targets.push((p.port, addr));
+                }
+            }
+            for p in &facts.published {
+                if !targets.iter().any(|(port, _)| *port == p.port)
+                    && !out
+                        .refusals
+                        .iter()
+                        .any(|r| r.starts_with(&format!("port {} ", p.port.private)))
+                {
+                    out.refusals.push(format!(
+                        "port {} is published on every address and HOST_IP is unknown (or of the other family)",
                         p.port.private
-                    )),
+                    ));
                 }
             }
         }
@@ -355,7 +375,7 @@ mod tests {
                     private: 8080,
                     udp: false,
                 },
-                host_ip: None,
+                host_ip: "0.0.0.0".parse().unwrap(),
                 host_port: 32768,
             }],
         }
@@ -379,6 +399,37 @@ mod tests {
         let mut other = web();
         other.env = vec!["SERVICE_TAGS=haproxy,x".into()];
         assert_ne!(plan(&other, &config(), &host()).services[0].fingerprint, s.fingerprint);
+    }
+
+    #[test]
+    fn a_port_published_on_both_families_is_registered_with_the_host_ip_family() {
+        let mut c = web();
+        c.published.insert(
+            0,
+            Published {
+                port: Port {
+                    private: 8080,
+                    udp: false,
+                },
+                host_ip: "::".parse().unwrap(),
+                host_port: 32770,
+            },
+        );
+        let p = plan(&c, &config(), &host());
+        assert_eq!(p.services[0].body["Port"], 32768, "{p:?}");
+        let mut v6 = host();
+        v6.ip = Some("fd00::5".parse().unwrap());
+        assert_eq!(plan(&c, &config(), &v6).services[0].body["Port"], 32770);
+        let mut bound = web();
+        bound.published[0].host_ip = "127.0.0.1".parse().unwrap();
+        assert_eq!(
+            plan(&bound, &config(), &host()).services[0].body["Address"],
+            "127.0.0.1"
+        );
+        let mut unknown = host();
+        unknown.ip = None;
+        let p = plan(&web(), &config(), &unknown);
+        assert!(p.services.is_empty() && p.refusals[0].contains("HOST_IP"), "{p:?}");
     }
 
     #[test]
@@ -433,7 +484,7 @@ mod tests {
         c.published = (1..=100)
             .map(|n| Published {
                 port: Port { private: n, udp: false },
-                host_ip: None,
+                host_ip: "0.0.0.0".parse().unwrap(),
                 host_port: 10000 + n,
             })
             .collect();

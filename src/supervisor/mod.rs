@@ -684,10 +684,12 @@ pub fn banner(state: &SupervisorState) -> String {
         out.push_str(&format!("  consul   http://{consul}/ (not started by up)\n"));
     }
     out.push_str("try:\n");
-    out.push_str(&format!(
-        "  curl -X PUT -d '{{\"Name\":\"web\",\"Address\":\"127.0.0.1\",\"Port\":8080,\"Tags\":[\"haproxy\"]}}' http://{consul}/v1/agent/service/register\n"
-    ));
-    for t in &banner.tries {
+    if banner.registers.is_empty() {
+        out.push_str(&format!(
+            "  curl -X PUT -d '{{\"Name\":\"web\",\"Address\":\"127.0.0.1\",\"Port\":8080,\"Tags\":[\"haproxy\"]}}' http://{consul}/v1/agent/service/register\n"
+        ));
+    }
+    for t in banner.registers.iter().chain(&banner.tries) {
         out.push_str(t);
         out.push('\n');
     }
