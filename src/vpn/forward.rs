@@ -12,6 +12,7 @@
 //!  table inet wayfinder_vpn_<interface>       (one per instance; nft tables are
 //!    forward  iifname <tun>: established/related ─▶ accept    per network
 //!             daddr in routes (not back to <tun>) ─▶ accept   namespace, and one
+//!             sent to the tunnel address, DNATed (a port Docker publishes) ─▶ accept
 //!             anything else (other networks, peer to peer) ─▶ drop   interface
 //!    input    iifname <tun>: established/related, daddr tunnel address    name has
 //!             or in routes ─▶ accept; other host addresses ─▶ drop        one owner)
@@ -96,7 +97,9 @@ pub fn ruleset(config: &VpnConfig) -> String {
          \x20   iifname \"{tun}\" ct state established,related accept\n\
          \x20   iifname \"{tun}\" oifname != \"{tun}\" ip daddr @routes4 accept\n\
          \x20   iifname \"{tun}\" oifname != \"{tun}\" ip6 daddr @routes6 accept\n\
-         \x20   iifname \"{tun}\" counter drop comment \"not in vpn.routes\"\n  }}\n"
+         \x20   iifname \"{tun}\" oifname != \"{tun}\" ct status dnat ct original ip daddr {address} accept comment \"a published port at the tunnel address\"\n\
+         \x20   iifname \"{tun}\" counter drop comment \"not in vpn.routes\"\n  }}\n",
+        address = config.address.addr()
     );
     s += &format!(
         "  chain input {{\n    type filter hook input priority filter; policy accept;\n\
@@ -308,6 +311,10 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("iifname \"wf-t\" ip daddr 10.200.0.1 accept"), "{s}");
+        assert!(
+            s.contains("iifname \"wf-t\" oifname != \"wf-t\" ct status dnat ct original ip daddr 10.200.0.1 accept"),
+            "a port published at the tunnel address (Docker's DNAT) is reached: {s}"
+        );
         assert_eq!(s.matches("counter drop").count(), 2, "{s}");
         assert_eq!(s.matches("policy accept").count(), 2, "{s}");
         for line in s.lines().filter(|l| l.contains(" accept") && !l.contains("policy")) {

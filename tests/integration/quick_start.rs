@@ -20,6 +20,9 @@
 //! - `/run/wireguard` is a private tmpfs in the appliance's mount namespace
 //!   (`ip netns exec` gives it one): the quick start's vpn uses the default
 //!   interface name `wf0`, and its control socket must not meet another one.
+//! - `ip netns exec` mounts a fresh /sys, without the cgroup file systems
+//!   dockerd needs: the namespace's shell mounts them again as the host has
+//!   them (see [`cgroup_mounts`]) before it runs the command.
 //! - `DOCKER_HOST` names a socket where no daemon answers, so the script
 //!   starts its own dockerd (in the appliance namespace, state in the clone's
 //!   `.standalone/`) as on a fresh machine, even where the host runs Docker.
@@ -101,6 +104,33 @@ fn until(ns: &Netns, dir: &Path, line: &str, limit: Duration, log: &Path, ok: im
     }
 }
 
+/// Shell commands that mount the cgroup file systems as this process sees
+/// them (the host's), for a namespace whose /sys `ip netns exec` made anew.
+fn cgroup_mounts() -> String {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
+    let mut out = String::new();
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let Some(dash) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        let (point, fstype, options) = (fields[4], fields[dash + 1], fields.get(dash + 3).copied().unwrap_or(""));
+        if !point.starts_with("/sys/fs/cgroup") {
+            continue;
+        }
+        let options: Vec<&str> = options.split(',').filter(|o| *o != "rw" && *o != "ro").collect();
+        let options = if options.is_empty() {
+            String::new()
+        } else {
+            format!("-o {}", options.join(","))
+        };
+        out.push_str(&format!(
+            "mkdir -p {point} && mount -t {fstype} {options} {fstype} {point} || exit 1\n"
+        ));
+    }
+    out
+}
+
 /// Pids of processes named `comm` in `ns`.
 fn pids_named(ns: &Netns, comm: &str) -> Vec<libc::pid_t> {
     let out = run(Command::new("ip").args(["netns", "pids", &ns.name]));
@@ -157,7 +187,8 @@ fn readme_quick_start_with_the_vpn_works_in_a_fresh_clone() {
     let mut cmd = app.cmd("sh");
     cmd.arg("-c")
         .arg(format!(
-            "mkdir -p /run/wireguard && mount -t tmpfs -o mode=0755 quick-start /run/wireguard || exit 1\n{command}"
+            "mkdir -p /run/wireguard && mount -t tmpfs -o mode=0755 quick-start /run/wireguard || exit 1\n{}{command}",
+            cgroup_mounts()
         ))
         .current_dir(&clone)
         .env("WAYFINDER_BIN", wayfinder_bin())
