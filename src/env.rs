@@ -98,7 +98,10 @@ pub const VARS: &[(&str, &str)] = &[
     (HAPROXY_ADD_DOMAIN, "dns.wildcard_domain"),
     (HAPROXY_SSL, "lb.ssl"),
     (MASTER, "up: host role; a master runs Consul as a server (default true)"),
-    (SLAVE, "up: host role; a slave runs the lb (default true)"),
+    (
+        SLAVE,
+        "up: host role; a slave runs the lb and the register component (default true)",
+    ),
     (START_DNS, "up: start the dns component (default: every host)"),
     (START_LB, "up: start the lb component (default: SLAVE)"),
     (
