@@ -66,7 +66,7 @@ impl Register {
                 image: state.facts.image.clone(),
                 services: book.services_of(id),
                 health: state.facts.health.map(|h| format!("{h:?}").to_lowercase()),
-                draining: state.draining.is_some(),
+                draining: book.draining.contains_key(id),
                 refused: state.planned.refusals.clone(),
             })
             .collect();

@@ -131,8 +131,6 @@ pub struct ContainerState {
     pub facts: ContainerFacts,
     /// Its plan then.
     pub planned: Planned,
-    /// Deregistered at a stop signal, waiting to exit.
-    pub draining: Option<Instant>,
 }
 
 /// Everything the worker knows; read by the status and metrics.
@@ -140,6 +138,8 @@ pub struct ContainerState {
 pub struct Book {
     /// Containers by ID (the serving ones, and those being drained).
     pub containers: HashMap<String, ContainerState>,
+    /// Containers sent a stop signal (deregistered, waiting to exit), and when.
+    pub draining: HashMap<String, Instant>,
     /// Service ID → what the agent holds for Wayfinder.
     written: HashMap<String, Written>,
     /// IDs of the agent's other services.
@@ -363,20 +363,19 @@ async fn work(run: &Run, docker: &DockerClient, host: &Host) -> Result<(), Regis
     let ttl_every = run.config.health_ttl / 3;
     let mut next_resync = Instant::now();
     let mut next_ttl = Instant::now() + ttl_every;
-    let mut full = true;
+    // Look at every container again (at start, after lost events), not only new ones.
+    let mut reinspect = true;
     let mut delay = BACKOFF.0;
     loop {
-        let now = Instant::now();
-        if full || now >= next_resync {
-            match resync(run, docker, host, full).await {
+        if Instant::now() >= next_resync {
+            match resync(run, docker, host, reinspect).await {
                 Ok(()) => {
-                    full = false;
+                    reinspect = false;
                     delay = BACKOFF.0;
                     next_resync = Instant::now() + run.config.resync;
                 }
                 Err(e) => {
                     note_error(run, &e);
-                    full = true;
                     next_resync = Instant::now() + delay;
                     delay = (delay * 2).min(BACKOFF.1);
                 }
@@ -390,7 +389,8 @@ async fn work(run: &Run, docker: &DockerClient, host: &Host) -> Result<(), Regis
         }
         let (batch, wants_full) = run.pending.lock().take();
         if wants_full {
-            full = true;
+            reinspect = true;
+            next_resync = Instant::now();
             continue;
         }
         if !batch.is_empty() {
@@ -444,8 +444,14 @@ async fn apply_batch(
     {
         let mut book = run.stats.book.lock();
         for (id, mark) in &batch {
-            if let (Some(drain), Some(state)) = (mark.drain, book.containers.get_mut(id)) {
-                state.draining = drain.then(Instant::now);
+            match mark.drain {
+                Some(true) => {
+                    book.draining.insert(id.clone(), Instant::now());
+                }
+                Some(false) => {
+                    book.draining.remove(id);
+                }
+                None => {}
             }
         }
     }
@@ -456,7 +462,7 @@ async fn apply_batch(
         .map(|(id, _)| id.clone())
         .collect();
     if !draining.is_empty() {
-        let writes = diff(run, &draining, &mut DrainOnly);
+        let writes = diff(run, &draining, Keep::Nothing);
         perform(run, writes, false).await?;
     }
     let ids: Vec<String> = batch.into_iter().map(|(id, _)| id).collect();
@@ -466,7 +472,7 @@ async fn apply_batch(
         fresh.insert(id, facts);
     }
     update_containers(run, host, fresh);
-    let writes = diff(run, &ids, &mut Everything);
+    let writes = diff(run, &ids, Keep::Planned);
     perform(run, writes, false).await
 }
 
@@ -476,7 +482,6 @@ fn update_containers(run: &Run, host: &Host, fresh: HashMap<String, Option<Conta
     for (id, facts) in fresh {
         match facts {
             Some(facts) if facts.serving => {
-                let draining = book.containers.get(&id).and_then(|s| s.draining);
                 let planned = plan::plan(&facts, &run.config, host);
                 let before = book.containers.get(&id).map(|s| &s.planned.refusals);
                 if !planned.refusals.is_empty()
@@ -487,17 +492,11 @@ fn update_containers(run: &Run, host: &Host, fresh: HashMap<String, Option<Conta
                 }
                 let mut planned = planned;
                 planned.refusals.truncate(MAX_REFUSALS);
-                book.containers.insert(
-                    id,
-                    ContainerState {
-                        facts,
-                        planned,
-                        draining,
-                    },
-                );
+                book.containers.insert(id, ContainerState { facts, planned });
             }
             _ => {
                 book.containers.remove(&id);
+                book.draining.remove(&id);
             }
         }
     }
@@ -512,25 +511,28 @@ enum Write {
 }
 
 /// Which planned services a diff keeps.
-trait Keep {
-    fn keep(&mut self, state: &ContainerState) -> bool;
+#[derive(Debug, Clone, Copy)]
+enum Keep {
+    /// Those of containers not being drained.
+    Planned,
+    /// None: the containers are being drained.
+    Nothing,
 }
-struct Everything;
-impl Keep for Everything {
-    fn keep(&mut self, state: &ContainerState) -> bool {
-        state.draining.is_none_or(|at| at.elapsed() > DRAIN_FORGET)
-    }
-}
-/// Only removals: the containers are being drained.
-struct DrainOnly;
-impl Keep for DrainOnly {
-    fn keep(&mut self, _: &ContainerState) -> bool {
-        false
+
+impl Keep {
+    fn keeps(self, book: &Book, container: &str) -> bool {
+        match self {
+            Keep::Nothing => false,
+            Keep::Planned => book
+                .draining
+                .get(container)
+                .is_none_or(|at| at.elapsed() > DRAIN_FORGET),
+        }
     }
 }
 
 /// The writes that make the agent hold what `containers` should have.
-fn diff(run: &Run, containers: &[String], keep: &mut dyn Keep) -> Vec<Write> {
+fn diff(run: &Run, containers: &[String], keep: Keep) -> Vec<Write> {
     let mut book = run.stats.book.lock();
     let mut writes = Vec::new();
     let wanted_ids: HashSet<&str> = containers.iter().map(String::as_str).collect();
@@ -538,7 +540,7 @@ fn diff(run: &Run, containers: &[String], keep: &mut dyn Keep) -> Vec<Write> {
     let mut collisions: Vec<(String, String)> = Vec::new();
     for id in containers {
         let Some(state) = book.containers.get(id) else { continue };
-        if !keep.keep(state) {
+        if !keep.keeps(&book, id) {
             continue;
         }
         for r in &state.planned.services {
@@ -701,15 +703,15 @@ async fn resync(run: &Run, docker: &DockerClient, host: &Host, reinspect_all: bo
         // Services of containers Docker no longer runs are in the diff too.
         let mut ids: HashSet<String> = book.containers.keys().cloned().collect();
         ids.extend(book.written.values().map(|w| w.container.clone()));
-        // Drain marks of containers that outlived their stop are forgotten.
-        for state in book.containers.values_mut() {
-            if state.draining.is_some_and(|at| at.elapsed() > DRAIN_FORGET) {
-                state.draining = None;
-            }
-        }
+        // Drain marks of containers that outlived their stop are forgotten;
+        // those of containers that are gone, too.
+        let Book {
+            draining, containers, ..
+        } = &mut *book;
+        draining.retain(|id, at| at.elapsed() <= DRAIN_FORGET && containers.contains_key(id));
         ids.into_iter().collect()
     };
-    let writes = diff(run, &containers, &mut Everything);
+    let writes = diff(run, &containers, Keep::Planned);
     run.stats.resyncs.fetch_add(1, Ordering::Relaxed);
     if !writes.is_empty() {
         tracing::info!(writes = writes.len(), "register: resync found differences");
