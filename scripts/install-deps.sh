@@ -21,8 +21,9 @@ packages+=(chromium systemd)
 # The vpn tests: wireguard-go is the laptop, ping goes through the tunnel;
 # nftables: the vpn confines its peers with an nft table (and masquerades).
 packages+=(wireguard-go wireguard-tools iputils-ping nftables)
-# register: the tests run their own dockerd and build app images from
-# busybox-static (no registry); the standalone quick start runs the demo image.
+# The register tests run their own dockerd (tests/integration/docker.rs: no
+# system daemon, no registry) and build their app images from busybox-static;
+# the standalone quick start builds its demo image the same way.
 packages+=(docker.io busybox-static)
 [ $want_bench = 1 ] && packages+=(dnsperf iperf3)
 
@@ -35,8 +36,9 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-deps: installing ${missing[*]}"
-  # Packages with services (unbound) must not start them: tests run their own
-  # instances on free ports, and a system unbound would take port 53.
+  # Packages with services (unbound, docker.io's dockerd and containerd) must not
+  # start them: tests run their own instances on free ports and private sockets,
+  # and a system unbound would take port 53.
   policy=/usr/sbin/policy-rc.d
   made_policy=0
   if [ ! -e "$policy" ]; then
@@ -68,4 +70,4 @@ if ! command -v consul >/dev/null 2>&1; then
   as_root install -m 0755 "$work/root/usr/bin/consul" /usr/local/bin/consul
 fi
 
-echo "install-deps: ok ($(consul version | head -1), $(dig -v 2>&1 | head -1), unbound $(unbound -V 2>/dev/null | awk '/^Version/ {print $2}'))"
+echo "install-deps: ok ($(consul version | head -1), $(dig -v 2>&1 | head -1), unbound $(unbound -V 2>/dev/null | awk '/^Version/ {print $2}'), $(dockerd --version))"

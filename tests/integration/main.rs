@@ -1,6 +1,7 @@
 //! Wayfinder's integration tests, one binary (see harness.rs for the real
 //! components they run against).
 
+mod docker; // a private dockerd per test (own bridge, subnet, cgroups, directory) and a busybox app image, for the register tests
 mod harness;
 mod netns; // network namespaces, veth links and a wireguard-go peer for the vpn tests
 
