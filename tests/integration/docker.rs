@@ -483,6 +483,51 @@ impl Dockerd {
         SocketAddr::from(([127, 0, 0, 1], self.published_port(id, port)))
     }
 
+    /// `docker network create` of a bridge network `<label>` on a /24 of its
+    /// own (chosen as the daemon's bridge's is: overlapping nothing on the
+    /// host, and checked again once made, for a parallel test's); its bridge
+    /// is `<daemon name>n<k>`, removed with the daemon. Returns the network's
+    /// name and its subnet (`10.x.y.0/24`).
+    pub fn create_network(&self, label: &str) -> (String, String) {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let k = N.fetch_add(1, Ordering::Relaxed);
+        let bridge = format!("{}n{k}", self.name);
+        assert!(bridge.len() <= 15, "bridge name {bridge} too long");
+        let network = format!("{label}-{k}");
+        for attempt in 0..64u32 {
+            let mut h = std::hash::DefaultHasher::new();
+            (&bridge, attempt).hash(&mut h);
+            let h = h.finish();
+            let subnet = [200 + (h % 55) as u8, (h >> 8) as u8];
+            let net = Ipv4Addr::new(10, subnet[0], subnet[1], 0);
+            if ipv4_in_use(net, 24, &bridge).is_some() {
+                continue;
+            }
+            let cidr = format!("{net}/24");
+            let made = self.try_docker(&[
+                "network",
+                "create",
+                "--driver",
+                "bridge",
+                "--subnet",
+                &cidr,
+                "-o",
+                &format!("com.docker.network.bridge.name={bridge}"),
+                &network,
+            ]);
+            if made.is_err() {
+                continue;
+            }
+            if ipv4_in_use(net, 24, &bridge).is_some() {
+                self.docker(&["network", "rm", &network]);
+                std::thread::sleep(Duration::from_millis(10 + h % 50));
+                continue;
+            }
+            return (network, cidr);
+        }
+        panic!("found no free 10.2xx.y.0/24 for network {network} in 64 tries");
+    }
+
     /// `docker rm -f <ids>` (nothing when `ids` is empty).
     pub fn rm_force(&self, ids: &[&str]) {
         if ids.is_empty() {
@@ -1191,14 +1236,25 @@ fn cleanup(name: &str, dir: &Path) -> Vec<String> {
         }
     }
 
-    let net = Path::new("/sys/class/net").join(name);
-    if net.exists() {
+    // Its bridge, and those of the networks made by `create_network`
+    // (`<name>n<k>`), with their veths.
+    let network_prefix = format!("{name}n");
+    let bridges: Vec<std::ffi::OsString> = std::fs::read_dir("/sys/class/net")
+        .map(|all| {
+            all.flatten()
+                .map(|e| e.file_name())
+                .filter(|f| f.to_str().is_some_and(|f| f == name || f.starts_with(&network_prefix)))
+                .collect()
+        })
+        .unwrap_or_default();
+    for bridge in bridges {
+        let net = Path::new("/sys/class/net").join(&bridge);
         if let Ok(ports) = std::fs::read_dir(net.join("brif")) {
             for port in ports.flatten() {
                 let _ = Command::new("ip").arg("link").arg("del").arg(port.file_name()).output();
             }
         }
-        let _ = Command::new("ip").args(["link", "del", name]).output();
+        let _ = Command::new("ip").arg("link").arg("del").arg(&bridge).output();
     }
 
     // A killed task leaves its cgroup a moment after it is reaped.

@@ -20,6 +20,7 @@ mod lb_bounds; // what clients can hold: connections per source and in total, h2
 mod lb_tls; // HTTPS by SNI, HTTP/2, certificate reload; the stats listener
 mod lb_trust; // what a Consul registration can make the lb reach: own listeners, ports, networks, names
 mod quick_start; // the README's vpn quick start in a fresh clone, in a namespace: dig, lb, a wireguard-go laptop
+mod register; // the register component against a private dockerd and Consul: registered, routed, drained, restarted, hostile input
 mod supervisor; // `up` in-process: restarts, backoff, admin API, metrics, token, status page in Chromium
 mod up; // black-box `wayfinder up`: its own Consul, dig + lb end to end, status, SIGTERM/SIGKILL leave nothing
 mod up_cluster; // three `up` masters in network namespaces; one host cut off, the others keep answering
