@@ -326,7 +326,9 @@ async fn a_published_container_is_registered_resolved_and_routed() {
 
 /// `docker stop` of one of two instances under a steady load through the lb:
 /// the service leaves Consul at the stop signal while the app still serves
-/// (DRAIN_SECONDS), so not one request fails.
+/// (DRAIN_SECONDS), so not one request fails, and the stopped instance gets
+/// no new request long before it exits (without the drain it would serve
+/// until its last second, and the lb would retry what then fails).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_stop_under_load_drains_without_a_failed_request() {
     let dir = tempfile::tempdir().unwrap();
@@ -342,7 +344,7 @@ async fn docker_stop_under_load_drains_without_a_failed_request() {
         "-e",
         "SERVICE_TAGS=haproxy",
         "-e",
-        "DRAIN_SECONDS=2",
+        "DRAIN_SECONDS=5",
     ];
     let a = docker.run(&[&app[..], &[image]].concat());
     let b = docker.run(&[&app[..], &[image]].concat());
@@ -363,9 +365,11 @@ async fn docker_stop_under_load_drains_without_a_failed_request() {
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
     let ok = Arc::new(AtomicU64::new(0));
+    let last_from_a = Arc::new(parking_lot::Mutex::new(None::<Instant>));
     let mut load = Vec::new();
     for _ in 0..4 {
         let (client, stop, failures, ok, lb) = (client.clone(), stop.clone(), failures.clone(), ok.clone(), up.lb);
+        let (last_from_a, a_host) = (last_from_a.clone(), short(&a).to_string());
         load.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let answer = client
@@ -376,6 +380,9 @@ async fn docker_stop_under_load_drains_without_a_failed_request() {
                 match answer {
                     Ok(r) if r.status() == 200 => {
                         ok.fetch_add(1, Ordering::Relaxed);
+                        if r.text().await.unwrap_or_default().trim() == a_host {
+                            *last_from_a.lock() = Some(Instant::now());
+                        }
                     }
                     Ok(r) => failures.lock().push(format!("status {}", r.status())),
                     Err(e) => failures.lock().push(e.to_string()),
@@ -385,6 +392,7 @@ async fn docker_stop_under_load_drains_without_a_failed_request() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = ok.load(Ordering::Relaxed);
+    let stop_sent = Instant::now();
     let stopped = {
         let a = a.clone();
         let host = docker.host();
@@ -401,8 +409,8 @@ async fn docker_stop_under_load_drains_without_a_failed_request() {
         .unwrap()
     };
     assert!(
-        stopped >= Duration::from_secs(2),
-        "the app drained for 2 s: {stopped:?}"
+        stopped >= Duration::from_secs(5),
+        "the app drained for 5 s: {stopped:?}"
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
@@ -421,6 +429,12 @@ async fn docker_stop_under_load_drains_without_a_failed_request() {
     assert!(
         total > before + 20,
         "the load went on during the stop ({before} then {total})"
+    );
+    let last = last_from_a.lock().expect("a answered before the stop");
+    assert!(
+        last.saturating_duration_since(stop_sent) < Duration::from_secs(3),
+        "a still got requests {:?} after the stop signal (it drains for 5 s)",
+        last.saturating_duration_since(stop_sent)
     );
     assert!(of(&consul, &a).is_empty() && of(&consul, &b).len() == 1);
     for _ in 0..5 {
