@@ -124,6 +124,58 @@ struct Written {
     health: Option<(String, String)>,
 }
 
+/// What the agent holds for Wayfinder: by service ID, and indexed by
+/// container so that one container's change costs what it touches.
+#[derive(Debug, Default)]
+struct Held {
+    by_id: HashMap<String, Written>,
+    by_container: HashMap<String, HashSet<String>>,
+}
+
+impl Held {
+    fn from_view(all: impl IntoIterator<Item = (String, Written)>) -> Self {
+        let mut held = Held::default();
+        for (id, w) in all {
+            held.insert(id, w);
+        }
+        held
+    }
+
+    fn insert(&mut self, id: String, w: Written) {
+        if let Some(old) = self.by_id.get(&id)
+            && old.container != w.container
+        {
+            let old = old.container.clone();
+            self.unindex(&old, &id);
+        }
+        self.by_container
+            .entry(w.container.clone())
+            .or_default()
+            .insert(id.clone());
+        self.by_id.insert(id, w);
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some(w) = self.by_id.remove(id) {
+            self.unindex(&w.container, id);
+        }
+    }
+
+    fn unindex(&mut self, container: &str, id: &str) {
+        if let Some(ids) = self.by_container.get_mut(container) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_container.remove(container);
+            }
+        }
+    }
+
+    /// The service IDs held for `container`.
+    fn of(&self, container: &str) -> impl Iterator<Item = &String> {
+        self.by_container.get(container).into_iter().flatten()
+    }
+}
+
 /// One container as the component sees it.
 #[derive(Debug, Clone)]
 pub struct ContainerState {
@@ -141,7 +193,7 @@ pub struct Book {
     /// Containers sent a stop signal (deregistered, waiting to exit), and when.
     pub draining: HashMap<String, Instant>,
     /// Service ID → what the agent holds for Wayfinder.
-    written: HashMap<String, Written>,
+    written: Held,
     /// IDs of the agent's other services.
     foreign: HashSet<String>,
     /// The Docker engine, once connected.
@@ -153,17 +205,12 @@ pub struct Book {
 impl Book {
     /// Services Wayfinder holds in the agent now.
     pub fn owned(&self) -> usize {
-        self.written.len()
+        self.written.by_id.len()
     }
 
     /// The services written for `container`: (ID, status of its Docker health check).
     pub fn services_of(&self, container: &str) -> Vec<String> {
-        let mut ids: Vec<String> = self
-            .written
-            .iter()
-            .filter(|(_, w)| w.container == container)
-            .map(|(id, _)| id.clone())
-            .collect();
+        let mut ids: Vec<String> = self.written.of(container).cloned().collect();
         ids.sort();
         ids
     }
@@ -535,7 +582,6 @@ impl Keep {
 fn diff(run: &Run, containers: &[String], keep: Keep) -> Vec<Write> {
     let mut book = run.stats.book.lock();
     let mut writes = Vec::new();
-    let wanted_ids: HashSet<&str> = containers.iter().map(String::as_str).collect();
     let mut desired: HashMap<String, Registration> = HashMap::new();
     let mut collisions: Vec<(String, String)> = Vec::new();
     for id in containers {
@@ -545,7 +591,11 @@ fn diff(run: &Run, containers: &[String], keep: Keep) -> Vec<Write> {
         }
         for r in &state.planned.services {
             let taken_by_other = book.foreign.contains(&r.id)
-                || book.written.get(&r.id).is_some_and(|w| w.container != r.container)
+                || book
+                    .written
+                    .by_id
+                    .get(&r.id)
+                    .is_some_and(|w| w.container != r.container)
                 || desired.contains_key(&r.id);
             if taken_by_other {
                 collisions.push((id.clone(), r.id.clone()));
@@ -564,13 +614,15 @@ fn diff(run: &Run, containers: &[String], keep: Keep) -> Vec<Write> {
         }
     }
     // Removals: held for these containers, no longer desired.
-    for (id, w) in &book.written {
-        if wanted_ids.contains(w.container.as_str()) && !desired.contains_key(id) {
-            writes.push(Write::Deregister(id.clone()));
+    for container in containers {
+        for id in book.written.of(container) {
+            if !desired.contains_key(id) {
+                writes.push(Write::Deregister(id.clone()));
+            }
         }
     }
     for (id, r) in desired {
-        match book.written.get(&id) {
+        match book.written.by_id.get(&id) {
             Some(w) if w.fingerprint == r.fingerprint => {
                 if let (Some((check, status)), Some((_, held))) = (&r.health, &w.health)
                     && held != status
@@ -633,7 +685,7 @@ async fn perform(run: &Run, writes: Vec<Write>, from_resync: bool) -> Result<(),
                         if !done {
                             // The agent lost the check: register it again.
                             book.written.remove(&id);
-                        } else if let Some(w) = book.written.get_mut(&id)
+                        } else if let Some(w) = book.written.by_id.get_mut(&id)
                             && let Some(h) = w.health.as_mut()
                         {
                             h.1 = status.to_string();
@@ -682,27 +734,23 @@ async fn resync(run: &Run, docker: &DockerClient, host: &Host, reinspect_all: bo
     let containers: Vec<String> = {
         let mut book = run.stats.book.lock();
         book.foreign = view.foreign;
-        book.written = view
-            .owned
-            .into_iter()
-            .map(|(id, owned)| {
-                let health = {
-                    let check = format!("{id}{}", plan::HEALTH_CHECK_SUFFIX);
-                    view.checks.get(&check).map(|status| (check, status.clone()))
-                };
-                (
-                    id,
-                    Written {
-                        container: owned.container,
-                        fingerprint: owned.fingerprint,
-                        health,
-                    },
-                )
-            })
-            .collect();
+        book.written = Held::from_view(view.owned.into_iter().map(|(id, owned)| {
+            let health = {
+                let check = format!("{id}{}", plan::HEALTH_CHECK_SUFFIX);
+                view.checks.get(&check).map(|status| (check, status.clone()))
+            };
+            (
+                id,
+                Written {
+                    container: owned.container,
+                    fingerprint: owned.fingerprint,
+                    health,
+                },
+            )
+        }));
         // Services of containers Docker no longer runs are in the diff too.
         let mut ids: HashSet<String> = book.containers.keys().cloned().collect();
-        ids.extend(book.written.values().map(|w| w.container.clone()));
+        ids.extend(book.written.by_container.keys().cloned());
         // Drain marks of containers that outlived their stop are forgotten;
         // those of containers that are gone, too.
         let Book {
@@ -725,6 +773,7 @@ async fn renew_health(run: &Run) -> bool {
     let checks: Vec<Write> = {
         let book = run.stats.book.lock();
         book.written
+            .by_id
             .iter()
             .filter_map(|(id, w)| {
                 let (check, status) = w.health.as_ref()?;
@@ -737,12 +786,12 @@ async fn renew_health(run: &Run) -> bool {
             })
             .collect()
     };
-    let before = run.stats.book.lock().written.len();
+    let before = run.stats.book.lock().owned();
     if let Err(e) = perform(run, checks, false).await {
         note_error(run, &e);
         return false;
     }
-    run.stats.book.lock().written.len() == before
+    run.stats.book.lock().owned() == before
 }
 
 #[cfg(test)]
@@ -771,6 +820,35 @@ mod tests {
         let marks: Vec<(&str, Option<bool>)> = batch.iter().map(|(id, m)| (id.as_str(), m.drain)).collect();
         assert_eq!(marks, [("a", Some(false)), ("b", Some(true)), ("c", Some(false))]);
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn held_services_are_indexed_by_container() {
+        let w = |c: &str| Written {
+            container: c.into(),
+            fingerprint: String::new(),
+            health: None,
+        };
+        let mut held = Held::from_view([
+            ("s1".to_string(), w("a")),
+            ("s2".to_string(), w("a")),
+            ("s3".to_string(), w("b")),
+        ]);
+        let of = |held: &Held, c: &str| {
+            let mut ids: Vec<String> = held.of(c).cloned().collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(of(&held, "a"), ["s1", "s2"]);
+        held.insert("s2".into(), w("b"));
+        assert_eq!(
+            (of(&held, "a"), of(&held, "b")),
+            (vec!["s1".to_string()], vec!["s2".to_string(), "s3".to_string()])
+        );
+        held.remove("s1");
+        assert!(of(&held, "a").is_empty() && !held.by_container.contains_key("a"));
+        held.remove("unknown");
+        assert_eq!(held.by_id.len(), 2);
     }
 
     #[test]
