@@ -321,6 +321,20 @@ async fn a_published_container_is_registered_resolved_and_routed() {
     );
     assert_eq!(status["event_stream"], true, "{status:#}");
     assert_eq!(up.metric("wayfinder_register_services "), 1.0);
+    let out = Command::new(wayfinder_bin())
+        .args(["status", "--admin", &up.admin.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let name = docker.docker(&["inspect", "--format", "{{.Name}}", &id]);
+    for want in [
+        "register: docker unix://",
+        "events connected",
+        short(&id),
+        name.trim_start_matches('/'),
+    ] {
+        assert!(text.contains(want), "`{want}` not in `wayfinder status`:\n{text}");
+    }
     assert!(up.metric("wayfinder_register_events_total{action=\"start\"} ") >= 1.0);
 }
 

@@ -463,10 +463,9 @@ fn a_peer_reaches_only_the_tunnel_address_and_routes() {
     assert!(ruleset.contains("172.31.0.0/24"), "{ruleset}");
     let (laptop, wg) = lab.wireguard_laptop("laptop");
     wait_ping(&laptop, SERVER, &lab);
-    assert!(
-        ping(&laptop, CONTAINER, 3),
-        "the container network (in vpn.routes) is not reached"
-    );
+    // Reached at all (a retry, not a loss count: under a loaded machine a
+    // single reply may take longer than ping's 2 s wait).
+    wait_ping(&laptop, CONTAINER, &lab);
 
     // The laptop widens its own config to the other network.
     let server_key = {
@@ -497,7 +496,8 @@ fn a_peer_reaches_only_the_tunnel_address_and_routes() {
         !ping(&laptop, "172.30.0.1", 2),
         "a peer reached a host address outside vpn.routes"
     );
-    assert!(ping(&laptop, CONTAINER, 2), "the routes broke");
+    // The routes still work.
+    wait_ping(&laptop, CONTAINER, &lab);
     let dropped = |chain: &str| -> u64 {
         let text = lab.nft(&["list", "chain", "inet", &table, chain]);
         text.split("counter packets ")
@@ -703,10 +703,8 @@ fn peers_are_added_and_removed_without_disturbing_others() {
     }
     assert!(!second.handshake(), "a removed peer can still handshake");
     assert_eq!(lab.delivered(), before, "packets of a removed peer reached the TUN");
-    assert!(
-        ping(&first, SERVER, 3),
-        "the first peer broke when the second was removed"
-    );
+    // The first peer still works.
+    wait_ping(&first, SERVER, &lab);
 }
 
 /// No peer can speak for another: a packet whose inner source is another peer's
