@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::docker::Dockerd;
 use crate::harness::{
-    Consul, dig_until, free_port, http_client, http_get, http_put, require, wait_routed, wayfinder_bin,
+    Consul, die_with_parent, dig_until, free_port, http_client, http_get, http_put, require, wait_routed, wayfinder_bin,
 };
 
 /// How long anything the component does may take here (the benchmark says
@@ -127,14 +127,7 @@ impl Process {
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .process_group(0);
-        // SAFETY: prctl is async-signal-safe and affects only the child.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("start wayfinder");
+        let child = die_with_parent(&mut cmd).spawn().expect("start wayfinder");
         Self {
             child: Some(child),
             log,
