@@ -33,7 +33,6 @@ use super::docker::{ACTIONS, ContainerFacts, DockerClient, Event};
 use super::plan::{self, Host, Planned, Registration};
 use super::settings::RegisterConfig;
 use crate::consul::ConsulHttp;
-use crate::report::throttle::LogEvery;
 
 /// Containers waiting to be looked at; more make a full resync instead.
 pub const MAX_PENDING: usize = 65_536;
@@ -286,7 +285,6 @@ struct Run {
     stats: Arc<Stats>,
     pending: Mutex<Pending>,
     wake: Notify,
-    refusal_log: LogEvery,
 }
 
 /// Runs until `shutdown`: connects to Docker (retrying while it is away),
@@ -305,7 +303,6 @@ pub async fn run(
         stats,
         pending: Mutex::new(Pending::default()),
         wake: Notify::new(),
-        refusal_log: LogEvery::new(Duration::from_secs(10)),
     };
     let docker = tokio::select! {
         docker = connect(&run) => docker,
@@ -529,16 +526,13 @@ fn update_containers(run: &Run, host: &Host, fresh: HashMap<String, Option<Conta
     for (id, facts) in fresh {
         match facts {
             Some(facts) if facts.serving => {
-                let planned = plan::plan(&facts, &run.config, host);
-                let before = book.containers.get(&id).map(|s| &s.planned.refusals);
-                if !planned.refusals.is_empty()
-                    && before != Some(&planned.refusals)
-                    && run.refusal_log.event().is_some()
-                {
-                    tracing::warn!(container = %facts.name, reasons = ?planned.refusals, "register: refused (some of) its services");
-                }
-                let mut planned = planned;
+                let mut planned = plan::plan(&facts, &run.config, host);
                 planned.refusals.truncate(MAX_REFUSALS);
+                // Logged once per container and reason set (not at every look).
+                let before = book.containers.get(&id).map(|s| &s.planned.refusals);
+                if !planned.refusals.is_empty() && before != Some(&planned.refusals) {
+                    tracing::warn!(container = %facts.name, id = %&id[..id.len().min(12)], reasons = ?planned.refusals, "register: refused (some of) its services");
+                }
                 book.containers.insert(id, ContainerState { facts, planned });
             }
             _ => {

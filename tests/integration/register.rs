@@ -453,7 +453,8 @@ async fn docker_stop_under_load_drains_without_a_failed_request() {
 /// Wayfinder killed (SIGKILL) while containers come and go, then started
 /// again: Consul holds exactly what runs. Leftovers it owns (this engine, or
 /// this host under its name, as after a reboot or a rename) go; services it
-/// does not own stay.
+/// does not own stay. While it is dead, a service fed by Docker health turns
+/// critical (its TTL runs out) rather than staying passing.
 #[test]
 fn a_killed_register_started_again_finds_consul_equal_to_reality() {
     let dir = tempfile::tempdir().unwrap();
@@ -462,16 +463,29 @@ fn a_killed_register_started_again_finds_consul_equal_to_reality() {
     let image = docker.app_image();
     let engine = docker.docker(&["info", "--format", "{{.ID}}"]);
     let host = wayfinder::net::host::name().unwrap_or_else(|| "localhost".into());
-    let mut register = register_alone(dir.path(), &docker, &consul, "");
+    let ttl = "health_ttl = \"3s\"\n";
+    let mut register = register_alone(dir.path(), &docker, &consul, ttl);
     let a = docker.run(&["-p", "8080", image]);
     let b = docker.run(&["-p", "8080", image]);
+    let healthy = docker.run(&["-p", "8080", "--health-cmd", "true", "--health-interval", "1s", image]);
     wait_for(
         "a and b registered",
         || register.log(),
         || of(&consul, &a).len() == 1 && of(&consul, &b).len() == 1,
     );
+    let check = format!("{}:docker-health", of_id(&consul, &healthy));
+    wait_for(
+        "healthy passing",
+        || register.log(),
+        || check_status(&consul, &check) == "passing",
+    );
 
     register.kill9();
+    wait_for(
+        "critical once wayfinder is dead",
+        || check_status(&consul, &check),
+        || check_status(&consul, &check) == "critical",
+    );
     docker.docker(&["stop", &a]);
     docker.rm_force(&[&b]);
     let c = docker.run(&["-p", "8080", image]);
@@ -493,7 +507,12 @@ fn a_killed_register_started_again_finds_consul_equal_to_reality() {
         "nothing follows docker while wayfinder is dead"
     );
 
-    let register = register_alone(dir.path(), &docker, &consul, "");
+    let register = register_alone(dir.path(), &docker, &consul, ttl);
+    wait_for(
+        "healthy passing again",
+        || register.log(),
+        || check_status(&consul, &check) == "passing",
+    );
     wait_for(
         "only c registered",
         || format!("{:#?}\n{}", registered(&consul), register.log()),
@@ -502,7 +521,7 @@ fn a_killed_register_started_again_finds_consul_equal_to_reality() {
                 .into_values()
                 .map(|h| h.meta["wayfinder-container"].clone())
                 .collect();
-            ids == BTreeSet::from([c.clone(), "0123456789ab".to_string()])
+            ids == BTreeSet::from([c.clone(), healthy.clone(), "0123456789ab".to_string()])
                 && !agent_services(&consul).contains_key("renamed-host")
                 && !agent_services(&consul).contains_key("after-reboot")
         },
