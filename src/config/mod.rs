@@ -689,6 +689,43 @@ mod tests {
     }
 
     #[test]
+    fn register_section_defaults_docker_host_and_mistakes() {
+        use crate::register::settings::AddressMode;
+        let c = check(MIN, &[]).unwrap();
+        assert_eq!(c.register.docker, "unix:///var/run/docker.sock");
+        assert_eq!(c.register.address, AddressMode::Host);
+        assert_eq!(c.register.resync, std::time::Duration::from_secs(30));
+        let c = check(MIN, &[("DOCKER_HOST", "tcp://10.0.0.5:2375")]).unwrap();
+        assert_eq!(
+            c.register.docker, "tcp://10.0.0.5:2375",
+            "DOCKER_HOST wins over the file"
+        );
+        let c = check(
+            &format!("{MIN}[register]\naddress = \"internal\"\nnetwork = \"front\"\ntags = [\"dc-east\"]\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.register.address, c.register.network.as_deref()),
+            (AddressMode::Internal, Some("front"))
+        );
+        assert_eq!(c.register.tags, ["dc-east"]);
+        for (text, key) in [
+            ("docker = \"ftp://x\"", "register.docker"),
+            ("docker = \"unix://relative.sock\"", "register.docker"),
+            ("resync = \"0s\"", "register.resync"),
+            ("health_ttl = \"1s\"", "register.health_ttl"),
+            ("tags = [\"haproxy_weight=abc\"]", "register.tags"),
+            ("network = \"two words\"", "register.network"),
+            ("address = \"bogus\"", "register.address"),
+            ("bogus = 1", "register.bogus"),
+        ] {
+            let e = check(&format!("{MIN}[register]\n{text}\n"), &[]).unwrap_err();
+            assert_eq!(e.key, key, "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn vpn_section_is_validated_and_feeds_the_dns() {
         let c = check(MIN, &[]).unwrap();
         assert!(!c.vpn.enabled);
