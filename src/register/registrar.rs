@@ -4,7 +4,9 @@
 //! ```text
 //!  events reader ──Event──▶ Pending (one mark per container, newest wins; kill = drain)
 //!                  lost stream: reconnect with since=<last event>, then a full resync
-//!  worker ◀─ Pending (a batch: each container once, inspected concurrently, applied in turn)
+//!  worker ◀─ Pending: stop signals and deaths deregistered at once (drain); then each
+//!            container inspected (16 at once, one inspect per container at a time)
+//!            and applied as soon as its own answer comes
 //!         ◀─ resync tick: running list + agent read ─▶ diff ─▶ writes (none when equal)
 //!         ◀─ TTL tick: Docker health renewed on its Consul checks
 //!  Book (facts, plans, what the agent holds) ── read by status / metrics
@@ -13,8 +15,10 @@
 //! Level-triggered: an event only says "look at this container again"; what
 //! is written follows from the container's state as Docker reports it then,
 //! so bursts, duplicates and replays (`since=`) cannot apply out of order.
-//! One container is never in two batches at once, so its events apply in
-//! order. A `kill` (`docker stop`) deregisters before the process exits: the
+//! One container is never inspected twice at once (an event meanwhile asks
+//! for another look after), so its events apply in order; a slow inspect
+//! (dockerd holds a container's while it starts or cleans it up) holds up
+//! only its own container. A `kill` (`docker stop`) deregisters before the process exits: the
 //! container drains.
 
 use std::collections::{HashMap, HashSet};
@@ -36,7 +40,7 @@ use crate::consul::ConsulHttp;
 
 /// Containers waiting to be looked at; more make a full resync instead.
 pub const MAX_PENDING: usize = 65_536;
-/// Containers looked at in one batch.
+/// Marks taken from the pending set at once (the rest wait a turn).
 pub const BATCH: usize = 1024;
 /// Docker inspects in flight at once.
 pub const INSPECTS_IN_FLIGHT: usize = 16;
@@ -56,7 +60,7 @@ const NOT_STOPPING: &[i32] = &[libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2, libc:
 /// What happened to a container since it was last looked at.
 #[derive(Debug, Clone, Copy, Default)]
 struct Mark {
-    /// `Some(true)`: a stop signal (drain); `Some(false)`: started or died.
+    /// `Some(true)`: a stop signal or death (drain); `Some(false)`: started.
     drain: Option<bool>,
 }
 
@@ -88,8 +92,11 @@ impl Pending {
             }
         };
         match event.action.as_str() {
+            // A stop signal, or the end: out of Consul at once (a `die` after
+            // a `kill` keeps the drain; a `start` after either clears it).
             "kill" if !event.signal.is_some_and(|s| NOT_STOPPING.contains(&s)) => mark.drain = Some(true),
-            "start" | "restart" | "unpause" | "die" => mark.drain = Some(false),
+            "die" => mark.drain = Some(true),
+            "start" | "restart" | "unpause" => mark.drain = Some(false),
             _ => {}
         }
     }
@@ -402,7 +409,10 @@ async fn read_events(run: &Run, docker: &DockerClient) {
     }
 }
 
-/// The worker: full resyncs, batches of pending containers, TTL renewals.
+/// The worker: full resyncs, pending containers looked at again (each
+/// applied as soon as its own inspect answers: dockerd holds a container's
+/// inspect while it starts or cleans it up, and that must not hold up the
+/// others), TTL renewals.
 async fn work(run: &Run, docker: &DockerClient, host: &Host) -> Result<(), RegisterError> {
     let ttl_every = run.config.health_ttl / 3;
     let mut next_resync = Instant::now();
@@ -410,6 +420,7 @@ async fn work(run: &Run, docker: &DockerClient, host: &Host) -> Result<(), Regis
     // Look at every container again (at start, after lost events), not only new ones.
     let mut reinspect = true;
     let mut delay = BACKOFF.0;
+    let mut lookups = Lookups::default();
     loop {
         if Instant::now() >= next_resync {
             match resync(run, docker, host, reinspect).await {
@@ -431,23 +442,86 @@ async fn work(run: &Run, docker: &DockerClient, host: &Host) -> Result<(), Regis
             }
             next_ttl = Instant::now() + ttl_every;
         }
-        let (batch, wants_full) = run.pending.lock().take();
+        let (marks, wants_full) = run.pending.lock().take();
         if wants_full {
             reinspect = true;
             next_resync = Instant::now();
             continue;
         }
-        if !batch.is_empty() {
-            if let Err(e) = apply_batch(run, docker, host, batch).await {
+        if !marks.is_empty() {
+            if let Err(e) = drain_at_once(run, &marks).await {
                 note_error(run, &e);
                 next_resync = next_resync.min(Instant::now() + delay);
             }
-            continue;
+            for (id, _) in marks {
+                lookups.want(id);
+            }
+        }
+        while let Some(id) = lookups.next_to_start() {
+            lookups.in_flight.push(Box::pin(async move {
+                let facts = docker.inspect(&id).await;
+                (id, facts)
+            }));
         }
         let wake_at = next_resync.min(next_ttl);
         tokio::select! {
+            Some((id, facts)) = lookups.in_flight.next(), if !lookups.in_flight.is_empty() => {
+                lookups.done(&id);
+                let applied = match facts {
+                    Ok(facts) => apply(run, host, id, facts).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = applied {
+                    note_error(run, &e);
+                    next_resync = next_resync.min(Instant::now() + delay);
+                }
+            }
             () = run.wake.notified() => {}
             () = tokio::time::sleep_until(wake_at.into()) => {}
+        }
+    }
+}
+
+/// One container's inspect in flight: its ID and what Docker said.
+type Lookup<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (String, Result<Option<ContainerFacts>, RegisterError>)> + Send + 'a>,
+>;
+
+/// The containers to inspect: at most [`INSPECTS_IN_FLIGHT`] at once, one
+/// inspect per container at a time (an event meanwhile asks for another
+/// look after it, so a container's events apply in order).
+#[derive(Default)]
+struct Lookups<'a> {
+    in_flight: futures_util::stream::FuturesUnordered<Lookup<'a>>,
+    busy: HashSet<String>,
+    again: HashSet<String>,
+    queue: std::collections::VecDeque<String>,
+    queued: HashSet<String>,
+}
+
+impl Lookups<'_> {
+    fn want(&mut self, id: String) {
+        if self.busy.contains(&id) {
+            self.again.insert(id);
+        } else if self.queued.insert(id.clone()) {
+            self.queue.push_back(id);
+        }
+    }
+
+    fn next_to_start(&mut self) -> Option<String> {
+        if self.busy.len() >= INSPECTS_IN_FLIGHT {
+            return None;
+        }
+        let id = self.queue.pop_front()?;
+        self.queued.remove(&id);
+        self.busy.insert(id.clone());
+        Some(id)
+    }
+
+    fn done(&mut self, id: &str) {
+        self.busy.remove(id);
+        if self.again.remove(id) {
+            self.want(id.to_string());
         }
     }
 }
@@ -478,19 +552,17 @@ async fn inspect_all(
         .collect()
 }
 
-/// Looks at the containers of one batch again and writes what changed.
-async fn apply_batch(
-    run: &Run,
-    docker: &DockerClient,
-    host: &Host,
-    batch: Vec<(String, Mark)>,
-) -> Result<(), RegisterError> {
+/// Records the marks (stop signals, starts) and deregisters the containers
+/// told to stop or dead at once, before anything slower: they drain.
+async fn drain_at_once(run: &Run, marks: &[(String, Mark)]) -> Result<(), RegisterError> {
+    let mut draining = Vec::new();
     {
         let mut book = run.stats.book.lock();
-        for (id, mark) in &batch {
+        for (id, mark) in marks {
             match mark.drain {
                 Some(true) => {
                     book.draining.insert(id.clone(), Instant::now());
+                    draining.push(id.clone());
                 }
                 Some(false) => {
                     book.draining.remove(id);
@@ -499,24 +571,17 @@ async fn apply_batch(
             }
         }
     }
-    // Deregister drained containers at once, before anything slower.
-    let draining: Vec<String> = batch
-        .iter()
-        .filter(|(_, m)| m.drain == Some(true))
-        .map(|(id, _)| id.clone())
-        .collect();
-    if !draining.is_empty() {
-        let writes = diff(run, &draining, Keep::Nothing);
-        perform(run, writes, false).await?;
+    if draining.is_empty() {
+        return Ok(());
     }
-    let ids: Vec<String> = batch.into_iter().map(|(id, _)| id).collect();
-    let seen = inspect_all(docker, ids.clone()).await?;
-    let mut fresh = HashMap::new();
-    for (id, facts) in seen {
-        fresh.insert(id, facts);
-    }
-    update_containers(run, host, fresh);
-    let writes = diff(run, &ids, Keep::Planned);
+    let writes = diff(run, &draining, Keep::Nothing);
+    perform(run, writes, false).await
+}
+
+/// Applies what Docker said of container `id` (`None`: it is gone).
+async fn apply(run: &Run, host: &Host, id: String, facts: Option<ContainerFacts>) -> Result<(), RegisterError> {
+    update_containers(run, host, HashMap::from([(id.clone(), facts)]));
+    let writes = diff(run, std::slice::from_ref(&id), Keep::Planned);
     perform(run, writes, false).await
 }
 
@@ -809,10 +874,20 @@ mod tests {
         p.push(&ev("a", "kill", Some(libc::SIGHUP)));
         p.push(&ev("c", "kill", Some(9)));
         p.push(&ev("c", "die", None));
+        p.push(&ev("d", "die", None));
+        p.push(&ev("d", "start", None));
         let (batch, full) = p.take();
         assert!(!full);
         let marks: Vec<(&str, Option<bool>)> = batch.iter().map(|(id, m)| (id.as_str(), m.drain)).collect();
-        assert_eq!(marks, [("a", Some(false)), ("b", Some(true)), ("c", Some(false))]);
+        assert_eq!(
+            marks,
+            [
+                ("a", Some(false)),
+                ("b", Some(true)),
+                ("c", Some(true)),
+                ("d", Some(false))
+            ]
+        );
         assert!(p.is_empty());
     }
 
