@@ -22,6 +22,10 @@ packages+=(chromium systemd)
 # nftables: the vpn confines its peers with an nft table (and masquerades).
 packages+=(wireguard-go wireguard-tools iputils-ping nftables)
 [ $want_bench = 1 ] && packages+=(dnsperf iperf3)
+# benches/register-latency.sh runs its own dockerd (Debian's docker.io; no system
+# daemon is started, see the policy below) and builds its app image from
+# busybox-static (no registry is ever asked).
+[ $want_bench = 1 ] && packages+=(docker.io busybox-static)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -32,8 +36,9 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-deps: installing ${missing[*]}"
-  # Packages with services (unbound) must not start them: tests run their own
-  # instances on free ports, and a system unbound would take port 53.
+  # Packages with services (unbound, docker.io's dockerd and containerd) must not
+  # start them: tests and benchmarks run their own instances on free ports and
+  # private sockets, and a system unbound would take port 53.
   policy=/usr/sbin/policy-rc.d
   made_policy=0
   if [ ! -e "$policy" ]; then
