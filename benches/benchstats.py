@@ -31,3 +31,14 @@ def wrk_ms(value, source):
     if not m:
         raise SystemExit(f"cannot parse wrk latency {value!r} in {source}")
     return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[m.group(2)]
+
+
+def pct(values, p):
+    """The p-th percentile of the values that are not None, nearest rank (the
+    smallest value with at least p % of them at or below it); None when there
+    are none."""
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    rank = -(-len(values) * p // 100)  # ceil(n * p / 100)
+    return values[int(max(1, min(len(values), rank))) - 1]

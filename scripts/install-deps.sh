@@ -26,6 +26,10 @@ packages+=(wireguard-go wireguard-tools iputils-ping nftables)
 # the standalone quick start builds its demo image the same way.
 packages+=(docker.io busybox-static)
 [ $want_bench = 1 ] && packages+=(dnsperf iperf3)
+# benches/register-latency.sh runs its own dockerd (Debian's docker.io; no system
+# daemon is started, see the policy below) and builds its app image from
+# busybox-static (no registry is ever asked).
+[ $want_bench = 1 ] && packages+=(docker.io busybox-static)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -37,8 +41,8 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-deps: installing ${missing[*]}"
   # Packages with services (unbound, docker.io's dockerd and containerd) must not
-  # start them: tests run their own instances on free ports and private sockets,
-  # and a system unbound would take port 53.
+  # start them: tests and benchmarks run their own instances on free ports and
+  # private sockets, and a system unbound would take port 53.
   policy=/usr/sbin/policy-rc.d
   made_policy=0
   if [ ! -e "$policy" ]; then
