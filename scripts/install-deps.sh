@@ -23,13 +23,10 @@ packages+=(chromium systemd)
 packages+=(wireguard-go wireguard-tools iputils-ping nftables)
 # The register tests run their own dockerd (tests/integration/docker.rs: no
 # system daemon, no registry) and build their app images from busybox-static;
-# the standalone quick start builds its demo image the same way.
+# the standalone quick start builds its demo image the same way, and so does
+# benches/register-latency.sh (no system daemon is started: see the policy below).
 packages+=(docker.io busybox-static)
 [ $want_bench = 1 ] && packages+=(dnsperf iperf3)
-# benches/register-latency.sh runs its own dockerd (Debian's docker.io; no system
-# daemon is started, see the policy below) and builds its app image from
-# busybox-static (no registry is ever asked).
-[ $want_bench = 1 ] && packages+=(docker.io busybox-static)
 
 missing=()
 for p in "${packages[@]}"; do
