@@ -26,6 +26,10 @@ packages+=(wireguard-go wireguard-tools iputils-ping nftables)
 # the standalone quick start builds its demo image the same way, and so does
 # benches/register-latency.sh (no system daemon is started: see the policy below).
 packages+=(docker.io busybox-static)
+# The image test (tests/integration/image.rs) builds the appliance image the
+# offline way, deploy/build-image.sh: mmdebstrap makes its Debian base from
+# the archive (no Docker Hub), strip/readelf (binutils) strip a debug binary.
+packages+=(mmdebstrap binutils)
 [ $want_bench = 1 ] && packages+=(dnsperf iperf3)
 
 missing=()

@@ -762,7 +762,7 @@ impl PortBlock {
 }
 
 /// Runs `cmd` to completion with its output captured, killing it after `limit`.
-fn output_within(cmd: &mut Command, limit: Duration) -> Result<Output, String> {
+pub fn output_within(cmd: &mut Command, limit: Duration) -> Result<Output, String> {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = die_with_parent(cmd).spawn().map_err(|e| format!("cannot run: {e}"))?;
     let drain = |pipe: Option<Box<dyn Read + Send>>| {

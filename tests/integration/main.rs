@@ -15,6 +15,7 @@ mod dns_local; // wildcard LB domain and zones_dir zones: AA, reloads, broken fi
 mod dns_robustness; // malformed packets over UDP and TCP never hurt the server
 mod dns_trust; // attacks refused: spoofed upstream answers, ICMP errors, forwarding and TCP limits
 mod dns_upstream; // the cache in front of the upstream resolvers: TTLs, negatives, stale
+mod image; // deploy/build-image.sh in a private dockerd: the offline image build, its user, capabilities, consul inside, size
 mod lb; // the load balancer against real Consul and HTTP backends
 mod lb_bounds; // what clients can hold: connections per source and in total, h2 timeouts, stalled readers, the maxconn queue
 mod lb_tls; // HTTPS by SNI, HTTP/2, certificate reload; the stats listener
