@@ -48,6 +48,12 @@ pub enum Command {
         restricted: Option<PathBuf>,
     },
     /// Ask a running `wayfinder up` for its status and print it.
+    ///
+    /// Exit status: 0 when every unit this host's role starts runs and is
+    /// ready; 1 when `up` answered but one is not (they are named at the top
+    /// and on stderr); 69 when no status came (nothing listening at the admin
+    /// address, 401 without the token, not a status); 64 for a configuration
+    /// error (the admin endpoint off, a bad config file).
     Status {
         /// Config file, for the admin address and token (default: ./wayfinder.toml if present).
         #[arg(short, long, value_name = "FILE")]

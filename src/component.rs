@@ -9,6 +9,7 @@
 //!  Bound::listening() ─▶ Appliance::listened    every component learns the others' real ports
 //!  Bound::run(shutdown) ─▶ Result<(), ComponentError>      until cancelled; Err / early Ok = restart
 //!  Component::metrics / status / page / banner             what it shows (per scrape, per view)
+//!  Component::ready                                         running and doing its job? (/api/ready)
 //!  Component::api / reload                                  /api/<name>/..., SIGHUP
 //! ```
 //!
@@ -238,6 +239,13 @@ pub trait Component: std::any::Any + Send + Sync {
 
     /// Its part of `/api/status`; `started`: the plan starts it here.
     fn status(&self, started: bool) -> serde_json::Value;
+
+    /// Whether it does its job yet, asked only while its unit runs (for
+    /// `GET /api/ready`, `wayfinder status`'s exit code, the HEALTHCHECK):
+    /// `Err` says what it still waits for. Default: running is ready.
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
 
     /// Its part of the status page.
     fn page(&self, _started: bool, _page_query: &str, _parts: &mut PageParts) {}

@@ -52,6 +52,14 @@ pub const EXIT_CONFIG: u8 = 64;
 /// Exit status for a panic or a dead worker thread: a bug (`EX_SOFTWARE`).
 pub const EXIT_SOFTWARE: u8 = 70;
 
+/// Exit status of `wayfinder status` when it got no status from the admin
+/// endpoint: nothing listening, a refusal (401), no JSON (`EX_UNAVAILABLE`).
+pub const EXIT_UNAVAILABLE: u8 = 69;
+
+/// Exit status of `wayfinder status` when `up` answered and a unit its role
+/// needs is not ready (Docker's HEALTHCHECK "unhealthy").
+pub const EXIT_NOT_READY: u8 = 1;
+
 /// Everything that can end a command with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -72,6 +80,9 @@ pub enum AppError {
     /// A vpn peer command failed.
     #[error("vpn: {0}")]
     Vpn(#[source] vpn::VpnError),
+    /// `wayfinder status`: `up` answered, and units its role needs are not ready (exit 1).
+    #[error("not ready: {0}")]
+    NotReady(String),
     /// The supervisor's or a component's task panicked (exit 70).
     #[error("the {component} task died: {message}")]
     Panicked {
@@ -94,7 +105,8 @@ impl AppError {
             AppError::Supervisor(
                 supervisor::SupervisorError::UnitDied { .. } | supervisor::SupervisorError::TaskDied { .. },
             ) => EXIT_SOFTWARE,
-            AppError::Supervisor(_) => 1,
+            AppError::Supervisor(supervisor::SupervisorError::Status { .. }) => EXIT_UNAVAILABLE,
+            AppError::NotReady(_) => EXIT_NOT_READY,
             AppError::Vpn(e) => component::Failure::exit_code(e),
             AppError::Panicked { .. } => EXIT_SOFTWARE,
         }
@@ -207,7 +219,13 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
                 print!("{}", supervisor::terminal::render(&report));
                 print!("{}", components::terminal_sections(&report));
             }
-            Ok(())
+            let missing = supervisor::terminal::not_ready(&report);
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                let named: Vec<String> = missing.iter().map(|(unit, why)| format!("{unit} ({why})")).collect();
+                Err(AppError::NotReady(named.join(", ")))
+            }
         }
         Command::Dns { config } => alone(config.as_deref(), components::ComponentKind::Dns).await,
         Command::Lb { config } => alone(config.as_deref(), components::ComponentKind::Lb).await,
@@ -585,5 +603,18 @@ mod tests {
             1,
             "a task that ends is a restartable failure, not a bug"
         );
+    }
+
+    #[test]
+    fn status_exits_1_when_not_ready_and_69_when_it_gets_no_status() {
+        let not_ready = AppError::NotReady("lb (waiting for Consul's leader before starting)".into());
+        assert_eq!(not_ready.exit_code(), 1);
+        assert!(not_ready.to_string().contains("lb (waiting"), "{not_ready}");
+        let unreachable = AppError::Supervisor(supervisor::SupervisorError::Status {
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 9000)),
+            problem: "nothing is listening there".into(),
+        });
+        assert_eq!(unreachable.exit_code(), EXIT_UNAVAILABLE);
+        assert_ne!(EXIT_UNAVAILABLE, EXIT_NOT_READY);
     }
 }

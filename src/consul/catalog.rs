@@ -691,7 +691,11 @@ impl Runner {
                         let backoff = Duration::from_millis((250u64 << failures.min(7)).min(30_000));
                         full_pacer.failed(backoff);
                         self.status.ok.store(false, Ordering::Relaxed);
-                        tracing::warn!(%error, retry_in = ?backoff, "consul: cannot read the catalog; keeping the last picture");
+                        if self.http.phase().failure_is_outage() {
+                            tracing::warn!(%error, retry_in = ?backoff, "consul: cannot read the catalog; keeping the last picture");
+                        } else {
+                            tracing::debug!(%error, retry_in = ?backoff, phase = ?self.http.phase(), "consul: cannot read the catalog while the agent starts or stops");
+                        }
                     }
                 }
                 continue;
@@ -706,7 +710,11 @@ impl Runner {
                 match self.fetch_all(names).await {
                     Ok(c) => changed |= c,
                     Err(error) => {
-                        tracing::warn!(%error, "consul: cannot fetch changed services; full sync");
+                        if self.http.phase().failure_is_outage() {
+                            tracing::warn!(%error, "consul: cannot fetch changed services; full sync");
+                        } else {
+                            tracing::debug!(%error, "consul: cannot fetch changed services while the agent starts or stops; full sync");
+                        }
                         self.status.ok.store(false, Ordering::Relaxed);
                         pending.full = true;
                     }

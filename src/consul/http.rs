@@ -19,7 +19,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -203,6 +203,37 @@ struct Inner {
     lane_slots: Arc<Semaphore>,
     /// Drives the connections (each task ends when its connection closes).
     connections: TaskTracker,
+    /// What the process expects of the agent ([`AgentPhase`] as a number).
+    phase: AtomicU8,
+}
+
+/// What the process expects of the Consul agent right now, so that a failed
+/// request is logged for what it is: an outage (warn), or the agent that `up`
+/// itself is starting or stopping (debug).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentPhase {
+    /// It should answer: a failure is an outage. The default (an agent
+    /// `up` does not run, a one-component command).
+    Up = 0,
+    /// `up` started the agent and it has had no leader yet.
+    Starting = 1,
+    /// The process is shutting down (`up` stops its agent before the views).
+    Stopping = 2,
+}
+
+impl AgentPhase {
+    fn of(n: u8) -> Self {
+        match n {
+            1 => AgentPhase::Starting,
+            2 => AgentPhase::Stopping,
+            _ => AgentPhase::Up,
+        }
+    }
+
+    /// Whether a failed request now is an outage worth a warning.
+    pub fn failure_is_outage(self) -> bool {
+        self == AgentPhase::Up
+    }
 }
 
 impl std::fmt::Debug for ConsulHttp {
@@ -222,8 +253,25 @@ impl ConsulHttp {
                 pool_slots: Arc::new(Semaphore::new(POOL_SIZE)),
                 lane_slots: Arc::new(Semaphore::new(MAX_LANES)),
                 connections: TaskTracker::new(),
+                phase: AtomicU8::new(AgentPhase::Up as u8),
             }),
         }
+    }
+
+    /// What the process expects of the agent now.
+    pub fn phase(&self) -> AgentPhase {
+        AgentPhase::of(self.inner.phase.load(Ordering::Relaxed))
+    }
+
+    /// Says what to expect of the agent from now on. Stopping is final: a
+    /// late "has a leader" does not undo it.
+    pub fn set_phase(&self, phase: AgentPhase) {
+        let _ = self
+            .inner
+            .phase
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+                (AgentPhase::of(now) != AgentPhase::Stopping).then_some(phase as u8)
+            });
     }
 
     /// The agent's address.
@@ -443,6 +491,24 @@ pub fn segment(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_phase_warns_only_when_it_should_answer_and_stopping_is_final() {
+        let http = ConsulHttp::new(SocketAddr::from(([127, 0, 0, 1], 8500)));
+        assert_eq!(http.phase(), AgentPhase::Up, "an agent up does not run should answer");
+        assert!(http.phase().failure_is_outage());
+        http.set_phase(AgentPhase::Starting);
+        assert!(!http.clone().phase().failure_is_outage(), "shared by clones");
+        http.set_phase(AgentPhase::Up);
+        assert!(http.phase().failure_is_outage());
+        http.set_phase(AgentPhase::Stopping);
+        http.set_phase(AgentPhase::Up);
+        assert_eq!(
+            http.phase(),
+            AgentPhase::Stopping,
+            "a late leader does not undo the stop"
+        );
+    }
 
     #[test]
     fn segments_cannot_change_the_url() {

@@ -11,7 +11,9 @@
 //!                         replaces its state, and the next answer shows
 //!                         whether the index went backwards
 //!     otherwise        ─▶ Event { reset: false }
-//!     error            ─▶ backoff 250 ms doubling to 30 s; WatchStats says so
+//!     error            ─▶ backoff 250 ms doubling to 30 s; WatchStats says so;
+//!                         logged at warn only when the agent should answer
+//!                         (not while `up` starts or stops it: AgentPhase)
 //!  then: token bucket (burst 4, one per 10 ms) before the next request
 //! ```
 //!
@@ -304,7 +306,12 @@ pub async fn follow<T: Send + 'static, S: Send + 'static>(
                 stats.failed();
                 let pause = watch.failure();
                 reset = true;
-                tracing::warn!(watch = %stats.name, %error, retry_in = ?pause, "consul watch failed; keeping what it last said");
+                if http.phase().failure_is_outage() {
+                    tracing::warn!(watch = %stats.name, %error, retry_in = ?pause, "consul watch failed; keeping what it last said");
+                } else {
+                    // The agent `up` is starting or stopping: expected, not an outage.
+                    tracing::debug!(watch = %stats.name, %error, retry_in = ?pause, phase = ?http.phase(), "consul watch failed while the agent starts or stops");
+                }
                 pause
             }
         };

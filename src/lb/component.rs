@@ -172,6 +172,14 @@ impl Component for Lb {
         }
     }
 
+    fn ready(&self) -> Result<(), String> {
+        match self.state() {
+            Some(state) if state.is_ready() => Ok(()),
+            Some(_) => Err("waiting for its first routing table from a complete read of Consul".into()),
+            None => Err("not started yet".into()),
+        }
+    }
+
     fn page(&self, started: bool, _q: &str, parts: &mut PageParts) {
         if !started {
             return;

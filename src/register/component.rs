@@ -282,6 +282,16 @@ impl Component for Register {
         serde_json::to_value(self.report(started)).unwrap_or_default()
     }
 
+    fn ready(&self) -> Result<(), String> {
+        if self.stats.stream_up.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        Err(match self.stats.last_error.lock().as_deref() {
+            Some(e) => format!("not following Docker's events: {e}"),
+            None => "not following Docker's events yet".into(),
+        })
+    }
+
     fn page(&self, started: bool, _q: &str, parts: &mut PageParts) {
         if !started {
             return;

@@ -6,6 +6,10 @@
 //!  GET  /                          status page (HTML, rendered here, no script)
 //!  GET  /api/status                StatusReport: units, consul, services, and each
 //!                                  component's own part under its name (dns, lb, vpn)
+//!  GET  /api/ready                 200 {"ready": true} when every unit this host's
+//!                                  role starts runs and is ready (readiness.rs), else
+//!                                  503 {"ready": false, "waiting_for": [{"unit", "why"}]}:
+//!                                  for orchestrators and the image's HEALTHCHECK
 //!  GET  /api/units                 units only
 //!  POST /api/units/<name>/restart  stop it if running, start it now
 //!  *    /api/<component>/...       the component's own actions (Component::api):
@@ -384,6 +388,15 @@ async fn answer(state: Arc<SupervisorState>, req: Request<Incoming>) -> Response
             )
         }
         (&Method::GET, ["healthz"]) => respond(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET | &Method::HEAD, ["api", "ready"]) => {
+            let readiness = super::readiness::check(&state);
+            let status = if readiness.ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            json(status, &readiness)
+        }
         (&Method::GET, ["api", "status"]) => json(StatusCode::OK, &report(&state).await),
         (&Method::GET, ["api", "units"]) => json(
             StatusCode::OK,

@@ -30,6 +30,7 @@ pub mod consul;
 pub mod metrics;
 pub mod notify;
 pub mod program;
+pub mod readiness;
 pub mod reaper;
 pub mod report;
 pub mod roles;
@@ -238,6 +239,10 @@ pub struct ConsulHealth {
     pub leader: Option<String>,
     /// Why the last probe failed.
     pub error: Option<String>,
+    /// When the last probe ended (readiness counts only probes of the agent's
+    /// current run).
+    #[serde(skip)]
+    pub probed: Option<Instant>,
 }
 
 /// The state `up` shares with the admin API.
@@ -386,9 +391,12 @@ async fn monitor_consul(
                     health.error = Some(e);
                 }
             }
+            health.probed = Some(Instant::now());
         }
         if has_leader && !*ready.borrow() {
             tracing::info!(consul = %addr, "consul has a leader");
+            // From now on a failed request to it is an outage, not its start.
+            http.set_phase(crate::consul::http::AgentPhase::Up);
             ready.send_replace(true);
         }
         let pause = if *ready.borrow() {
@@ -442,6 +450,11 @@ pub async fn run(
         addresses.components = Listening(sockets.components.iter().flat_map(|(_, b)| b.listening().0).collect());
     }
     let UpSockets { admin, components } = sockets;
+    let consul_http = state.appliance.consul.http().clone();
+    if state.plan.starts_consul() {
+        // Until its first leader, a failed request to it is its start-up.
+        consul_http.set_phase(crate::consul::http::AgentPhase::Starting);
+    }
     // Everything `up` runs, in start order: its own tasks first, so they stop
     // last; a task that ends before shutdown (a panic) stops it all.
     let (mut running, consul_ready) = start_own_tasks(&state, admin)?;
@@ -473,6 +486,8 @@ pub async fn run(
         error
     });
     notify::notify("STOPPING=1");
+    // Consul stops before the views that follow it: their failures now are ours.
+    consul_http.set_phase(crate::consul::http::AgentPhase::Stopping);
     for unit in running.into_iter().rev() {
         tracing::info!(unit = %unit.name, "stopping");
         unit.token.cancel();

@@ -9,6 +9,7 @@
 //!      ├─ exit ──▶ policy (always | on-failure | never) ──▶ Backoff ──▶ spawn again
 //!      ├─ admin restart ──▶ stop ──▶ spawn at once
 //!      └─ shutdown ──▶ stop: signal the group, wait stop_timeout, SIGKILL the group
+//!                      (logged "stopped" whatever the exit status: it was asked to)
 //! ```
 //!
 //! The whole group is signalled, so a shell's children go with it; whatever is
@@ -208,14 +209,19 @@ pub async fn supervise(
                     _ = handle.restart.notified() => {
                         handle.set_state(UnitState::Stopping);
                         let status = stop(&mut child, &config).await;
-                        handle.ended(format!("restarted by request ({})", status.as_ref().map_or_else(|| "ended".into(), describe)));
+                        // Asked to stop: how it ended (consul exits 1 on SIGTERM) is no failure.
+                        tracing::debug!(program = %config.name, status = %status.as_ref().map_or_else(|| "ended".into(), describe), "program stopped for a restart");
+                        handle.ended("restarted by request".into());
                         Outcome::Restart
                     }
                     _ = shutdown.cancelled() => {
                         handle.set_state(UnitState::Stopping);
                         let status = stop(&mut child, &config).await;
-                        tracing::info!(program = %config.name, status = %status.as_ref().map_or_else(|| "ended".into(), describe), "program stopped");
-                        handle.ended(status.as_ref().map_or_else(|| "stopped".into(), |s| format!("stopped ({})", describe(s))));
+                        // Asked to stop: stopped, whatever its exit status (consul
+                        // exits 1 on SIGTERM); the status is there for debugging.
+                        tracing::debug!(program = %config.name, status = %status.as_ref().map_or_else(|| "ended".into(), describe), "program's exit after the stop request");
+                        tracing::info!(program = %config.name, "program stopped");
+                        handle.ended("stopped".into());
                         Outcome::Shutdown
                     }
                 };

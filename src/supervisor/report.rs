@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
+use super::readiness::Readiness;
 use super::unit::UnitInfo;
 use super::{Addresses, ConsulHealth, SupervisorState};
 use crate::component::{InstanceReport, ServiceReport};
@@ -25,8 +26,10 @@ pub struct StatusReport {
     pub role: String,
     /// Seconds since `up` started.
     pub uptime_secs: f64,
-    /// Every unit has started (or failed).
+    /// Every unit has started (or failed): start-up is over.
     pub ready: bool,
+    /// Whether every unit the role needs runs and is ready now (`GET /api/ready`).
+    pub readiness: Readiness,
     /// Listen addresses.
     pub addresses: Addresses,
     /// The Consul agent.
@@ -87,6 +90,7 @@ pub async fn report(state: &SupervisorState) -> StatusReport {
         role: state.plan.role().into(),
         uptime_secs: state.started.elapsed().as_secs_f64(),
         ready: state.ready.load(Ordering::Relaxed),
+        readiness: super::readiness::check(state),
         addresses: state.addresses(),
         consul: state.consul_health(),
         units: state.units.iter().map(|u| u.snapshot()).collect(),

@@ -3,6 +3,8 @@
 //!
 //! ```text
 //!  -c FILE / --admin ADDR ─▶ GET http://ADDR/api/status (Bearer token) ─▶ JSON ─▶ render()
+//!  exit 0: ready; 1: it answered, and a unit the role needs is not ready
+//!  (`not_ready`, named at the top); 69: no status (nothing listening, 401 ...)
 //! ```
 //!
 //! The JSON is read as a generic value, so an older or newer `up` still prints
@@ -54,22 +56,53 @@ fn s<'a>(v: &'a Value, key: &str) -> &'a str {
     v.get(key).and_then(Value::as_str).unwrap_or("")
 }
 
-/// The picture as text.
+/// The units the role needs that are not ready, as `(unit, why)`, from the
+/// report's `readiness` (`GET /api/ready`'s answer). An `up` too old to say
+/// is taken at its start-up flag.
+pub fn not_ready(v: &Value) -> Vec<(String, String)> {
+    let readiness = &v["readiness"];
+    if readiness.is_null() {
+        return match v["ready"].as_bool() {
+            Some(true) => Vec::new(),
+            _ => vec![("up".into(), "starting".into())],
+        };
+    }
+    if readiness["ready"].as_bool() == Some(true) {
+        return Vec::new();
+    }
+    let waiting: Vec<(String, String)> = readiness["waiting_for"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| (s(w, "unit").to_string(), s(w, "why").to_string()))
+        .collect();
+    if waiting.is_empty() {
+        vec![("up".into(), "not ready (no reason given)".into())]
+    } else {
+        waiting
+    }
+}
+
+/// The picture as text; the units the role needs that are not ready first.
 pub fn render(v: &Value) -> String {
     let mut out = String::new();
+    let missing = not_ready(v);
     let _ = writeln!(
         out,
         "wayfinder {} on {}: {}, {} (up {})",
         s(v, "version"),
         s(v, "host"),
         s(v, "role"),
-        if v["ready"].as_bool() == Some(true) {
-            "ready"
-        } else {
-            "starting"
+        match (missing.is_empty(), v["ready"].as_bool() == Some(true)) {
+            (true, _) => "ready",
+            (false, true) => "NOT READY",
+            (false, false) => "starting",
         },
         human_secs(v["uptime_secs"].as_f64().unwrap_or(0.0)),
     );
+    for (unit, why) in &missing {
+        let _ = writeln!(out, "  not ready: {unit}: {why}");
+    }
     let consul = &v["consul"];
     let leader = s(consul, "leader");
     let _ = writeln!(
@@ -134,4 +167,51 @@ pub fn render(v: &Value) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn not_ready_units_are_named_at_the_top() {
+        let v = json!({
+            "version": "0.1.0", "host": "h", "role": "standalone", "ready": true, "uptime_secs": 3.0,
+            "readiness": {"ready": false, "waiting_for": [
+                {"unit": "consul", "why": "not answering its HTTP API: no answer within 1s"},
+                {"unit": "lb", "why": "waiting for Consul's leader before starting"}
+            ]},
+            "consul": {}, "units": [], "services": [], "addresses": {}
+        });
+        assert_eq!(
+            not_ready(&v),
+            [
+                (
+                    "consul".to_string(),
+                    "not answering its HTTP API: no answer within 1s".to_string()
+                ),
+                (
+                    "lb".to_string(),
+                    "waiting for Consul's leader before starting".to_string()
+                )
+            ]
+        );
+        let text = render(&v);
+        let mut lines = text.lines();
+        assert!(lines.next().unwrap().contains("NOT READY"), "{text}");
+        assert_eq!(
+            lines.next(),
+            Some("  not ready: consul: not answering its HTTP API: no answer within 1s")
+        );
+        let ready = json!({"ready": true, "readiness": {"ready": true}});
+        assert!(not_ready(&ready).is_empty());
+        assert!(render(&ready).lines().next().unwrap().contains(", ready"));
+        // An `up` from before readiness: its start-up flag.
+        assert!(not_ready(&json!({"ready": true})).is_empty());
+        assert_eq!(not_ready(&json!({"ready": false})).len(), 1);
+        // Not ready without a reason still counts as not ready.
+        assert_eq!(not_ready(&json!({"readiness": {"ready": false}})).len(), 1);
+    }
 }

@@ -32,7 +32,12 @@ fn lb_routes(up: &Up) -> String {
 }
 
 /// Role variables that start no built-in unit: only the configured programs.
-const PROGRAMS_ONLY: &[(&str, &str)] = &[("START_CONSUL", "false"), ("START_DNS", "false"), ("START_LB", "false")];
+const PROGRAMS_ONLY: &[(&str, &str)] = &[
+    ("START_CONSUL", "false"),
+    ("START_DNS", "false"),
+    ("START_LB", "false"),
+    ("START_REGISTRATOR", "false"),
+];
 
 fn alive(pid: u32) -> bool {
     // A zombie still has a /proc entry; its state is Z.
@@ -105,8 +110,24 @@ async fn killed_child_restarts_fast_crash_loop_backs_off_to_failed() {
     let once = up.unit("once");
     assert_eq!((once.state, once.restarts), (UnitState::Exited, 0), "{once:?}");
 
-    // An admin restart gives a failed program a fresh start.
+    // Readiness: the failed program is what `up` waits for; the one-shot that
+    // ended well, the running one and the one not autostarted are not.
     let client = http_client();
+    let resp = client
+        .get(format!("http://{}/api/ready", up.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let waiting = body["waiting_for"].as_array().cloned().unwrap_or_default();
+    assert_eq!(waiting.len(), 1, "{body:#}");
+    assert_eq!(waiting[0]["unit"], "crashy", "{body:#}");
+    let why = waiting[0]["why"].as_str().unwrap_or_default();
+    assert!(why.contains("failed") && why.contains("exit status 3"), "{body:#}");
+    assert_eq!(body["ready"], false);
+
+    // An admin restart gives a failed program a fresh start.
     let resp = client
         .post(format!("http://{}/api/units/crashy/restart", up.admin))
         .send()
@@ -666,7 +687,7 @@ async fn admin_api_actions_and_metrics() {
 async fn admin_token_is_required_when_set() {
     let up = Up::start("[supervisor]\ntoken = \"test-token-123\"\n", PROGRAMS_ONLY).await;
     let client = http_client();
-    for path in ["/", "/api/status", "/metrics"] {
+    for path in ["/", "/api/status", "/api/ready", "/metrics"] {
         let resp = client.get(format!("http://{}{path}", up.admin)).send().await.unwrap();
         assert_eq!(resp.status(), 401, "{path}");
         assert_eq!(resp.headers()["www-authenticate"], "Bearer");
@@ -714,7 +735,7 @@ async fn admin_token_is_required_when_set() {
     };
     let out = status(None);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(69), "no status: {err}");
     assert!(err.contains("401"), "{err}");
     let out = status(Some("test-token-123"));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

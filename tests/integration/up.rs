@@ -242,8 +242,13 @@ async fn up_starts_consul_dns_lb_and_sigterm_leaves_nothing() {
         ),
     )
     .unwrap();
+    // No Docker here: the register component would never be ready.
     let mut up = UpProcess::spawn(
-        wayfinder(dir.path(), &["up", "-c", config.to_str().unwrap()], &[]),
+        wayfinder(
+            dir.path(),
+            &["up", "-c", config.to_str().unwrap()],
+            &[("START_REGISTRATOR", "false")],
+        ),
         dir.path(),
     );
     up.wait_ready(Duration::from_secs(60)).await;
@@ -369,6 +374,234 @@ async fn up_starts_consul_dns_lb_and_sigterm_leaves_nothing() {
         "lb stops before consul:\n{log}"
     );
     assert!(log.contains("lb deregistered from consul"), "{log}");
+    assert_quiet_start_and_stop(&log);
+}
+
+/// A normal start and stop of `up` with its own Consul: no warning about the
+/// Consul watches (failing while `up` starts the agent or after it stopped it
+/// is expected), and Consul's stop (it exits 1 on SIGTERM) is no failure.
+fn assert_quiet_start_and_stop(log: &str) {
+    let noisy: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") && (l.contains("consul watch") || l.contains("cannot read the catalog")))
+        .collect();
+    assert!(
+        noisy.is_empty(),
+        "warnings about consul at a normal start/stop:\n{}",
+        noisy.join("\n")
+    );
+    let consul_exit: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("program=consul") && l.contains("exit status"))
+        .collect();
+    assert!(
+        consul_exit.is_empty(),
+        "consul's stop logged as an exit status:\n{}",
+        consul_exit.join("\n")
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" INFO ") && l.contains("program stopped") && l.contains("program=consul")),
+        "consul's stop logged as stopped:\n{log}"
+    );
+}
+
+/// `GET /api/ready` on the admin endpoint.
+async fn ready(client: &reqwest::Client, admin: SocketAddr) -> (u16, serde_json::Value) {
+    match client.get(format!("http://{admin}/api/ready")).send().await {
+        Ok(resp) => {
+            let code = resp.status().as_u16();
+            (code, resp.json().await.unwrap_or_default())
+        }
+        Err(e) => (0, serde_json::json!({ "error": e.to_string() })),
+    }
+}
+
+/// Polls `/api/ready` until `want(code, body)`; the last answer.
+async fn ready_until(
+    client: &reqwest::Client,
+    admin: SocketAddr,
+    limit: Duration,
+    what: &str,
+    up: &UpProcess,
+    want: impl Fn(u16, &serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (code, body) = ready(client, admin).await;
+        if want(code, &body) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still {code} {body:#} after {limit:?}\n{}",
+            up.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn waits_for(body: &serde_json::Value, unit: &str) -> bool {
+    body["waiting_for"]
+        .as_array()
+        .is_some_and(|w| w.iter().any(|u| u["unit"] == unit))
+}
+
+/// Readiness tells the truth (the image's HEALTHCHECK): `/api/ready` is 503
+/// naming what it waits for until Consul, dns and lb are all ready, then 200;
+/// Consul killed, it is 503 until the restarted agent has a leader; Consul
+/// frozen (SIGSTOP: running, not answering), 503 and `wayfinder status` exits 1
+/// naming it, 0 once it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_follows_consul_killed_and_frozen() {
+    require("consul");
+    let dir = tempfile::tempdir().unwrap();
+    let c = consul_ports();
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = dir.path().join("wayfinder.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[consul]\nhttp = \"127.0.0.1:{http}\"\ndns = [\"127.0.0.1:{cdns}\"]\n\
+             [dns]\nlisten = [\"127.0.0.1:{dns}\"]\nupstreams = [\"127.0.0.1:9\"]\nworkers = 1\n\
+             [lb]\nhttp = \"127.0.0.1:{lb}\"\nstats = \"\"\nworkers = 1\n\
+             [supervisor]\nadmin = \"{admin}\"\n\
+             [supervisor.consul]\nnode = \"{node}\"\ndata_dir = \"consul-state\"\n{extra}\n",
+            http = c.http,
+            cdns = c.dns,
+            dns = free_port(),
+            lb = free_port(),
+            node = unique("up-ready"),
+            extra = c.extra,
+        ),
+    )
+    .unwrap();
+    let mut up = UpProcess::spawn(
+        wayfinder(
+            dir.path(),
+            &["up", "-c", config.to_str().unwrap()],
+            &[("START_REGISTRATOR", "false")],
+        ),
+        dir.path(),
+    );
+    let client = http_client();
+    // Before Consul's leader: 503 (when the admin endpoint is quicker than
+    // Consul, as it always has been here) naming consul and the lb.
+    let first = ready_until(&client, admin, Duration::from_secs(30), "an answer", &up, |code, _| {
+        code != 0
+    })
+    .await;
+    if first["ready"] == false {
+        assert!(waits_for(&first, "consul") && waits_for(&first, "lb"), "{first:#}");
+    }
+    let ok = ready_until(&client, admin, Duration::from_secs(60), "ready", &up, |code, _| {
+        code == 200
+    })
+    .await;
+    assert_eq!(ok, serde_json::json!({ "ready": true }));
+    let status = |up: &UpProcess| {
+        let out = wayfinder(dir.path(), &["status", "--admin", &admin.to_string()], &[])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}\n--- stderr:\n{}\n--- up:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            up.stderr()
+        );
+        (out.status.code(), text)
+    };
+    let (code, text) = status(&up);
+    assert_eq!(code, Some(0), "{text}");
+
+    let consul_pid = |client: &reqwest::Client| {
+        let client = client.clone();
+        async move {
+            let units: serde_json::Value = client
+                .get(format!("http://{admin}/api/units"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let consul = units
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|u| u["name"] == "consul")
+                .cloned();
+            consul.and_then(|u| u["pid"].as_u64()).expect("consul runs with a pid") as i32
+        }
+    };
+
+    // Killed: restarted at once, and not ready until the new agent has a leader.
+    let pid = consul_pid(&client).await;
+    // SAFETY: kill(2) on the Consul agent that this test's `up` started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let down = ready_until(
+        &client,
+        admin,
+        Duration::from_secs(10),
+        "503 after consul was killed",
+        &up,
+        |code, _| code == 503,
+    )
+    .await;
+    assert!(waits_for(&down, "consul"), "{down:#}");
+    ready_until(
+        &client,
+        admin,
+        Duration::from_secs(60),
+        "ready again",
+        &up,
+        |code, _| code == 200,
+    )
+    .await;
+    assert_ne!(consul_pid(&client).await, pid, "a new agent");
+
+    // Frozen: running, not answering. 503, and `wayfinder status` exits 1.
+    let pid = consul_pid(&client).await;
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let frozen = ready_until(
+        &client,
+        admin,
+        Duration::from_secs(15),
+        "503 while consul is frozen",
+        &up,
+        |code, b| code == 503 && waits_for(b, "consul"),
+    )
+    .await;
+    let why = frozen["waiting_for"][0]["why"].as_str().unwrap_or_default().to_string();
+    assert!(why.contains("not answering"), "{frozen:#}");
+    let (code, text) = status(&up);
+    // SAFETY: as above; before any assertion, so a failure leaves no frozen agent.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("NOT READY") && text.contains("not ready: consul: not answering"),
+        "{text}"
+    );
+    assert!(
+        text.contains("wayfinder: not ready: consul ("),
+        "named on stderr too: {text}"
+    );
+    ready_until(
+        &client,
+        admin,
+        Duration::from_secs(30),
+        "ready after SIGCONT",
+        &up,
+        |code, _| code == 200,
+    )
+    .await;
+    let (code, text) = status(&up);
+    assert_eq!(code, Some(0), "{text}");
+
+    up.signal(libc::SIGTERM);
+    let status = up.wait_exit(Duration::from_secs(30)).await.expect("stops");
+    assert_eq!(status.code(), Some(0), "{}", up.stderr());
 }
 
 /// A `wayfinder up` killed with SIGKILL cannot stop anything itself: its
@@ -523,7 +756,11 @@ async fn check_shows_the_role_and_mistakes_exit_64() {
     let nobody = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let out = run(&["status", "--admin", &nobody.to_string()], &[]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "no status: EX_UNAVAILABLE, not 1 (not ready): {err}"
+    );
     assert!(
         err.contains(&format!("admin endpoint at {nobody}")) && err.contains("nothing is listening"),
         "{err}"

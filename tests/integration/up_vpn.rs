@@ -194,7 +194,8 @@ fn up_runs_the_vpn_and_the_admin_api_manages_its_peers() {
         require(p);
     }
     // The lb is not what this test is about: off, so only Consul, vpn and dns run.
-    let app = Appliance::start(&[("START_LB", "false")]);
+    // No Docker here: the register component would never be ready.
+    let app = Appliance::start(&[("START_LB", "false"), ("START_REGISTRATOR", "false")]);
     let laptop_ns = laptop(&app);
     let log = app.log();
     assert!(
