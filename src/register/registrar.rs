@@ -304,6 +304,10 @@ pub async fn run(
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) -> Result<(), RegisterError> {
+    // Not following Docker until this run says so, and no longer once it ends
+    // however it ends (readiness and the status read the flag).
+    let _stream_flag = StreamFlag(stats.clone());
+    stats.stream_up.store(false, Ordering::Relaxed);
     let run = Run {
         config,
         consul,
@@ -334,6 +338,15 @@ pub async fn run(
         () = read_events(&run, &docker) => Ok(()),
         result = work(&run, &docker, &host) => result,
         () = shutdown.cancelled() => Ok(()),
+    }
+}
+
+/// Clears [`Stats::stream_up`] when a run ends.
+struct StreamFlag(Arc<Stats>);
+
+impl Drop for StreamFlag {
+    fn drop(&mut self) {
+        self.0.stream_up.store(false, Ordering::Relaxed);
     }
 }
 
