@@ -397,6 +397,31 @@ fn the_host_address_is_guessed_and_said_so() {
     );
 }
 
+/// `docker run --env-file` and compose v1's `env_file:` keep a value's quotes:
+/// the quoted form of every PanteraS value reads as the unquoted one.
+#[test]
+fn quoted_values_from_an_env_file_are_unwrapped() {
+    let (_, out, _dir) = check(
+        "[dns]\nupstreams = [\"192.0.2.1\"]\n",
+        &[
+            ("HAPROXY_ADD_DOMAIN", "\".apps.example.com\""),
+            ("HOST_IP", "'10.1.1.3'"),
+            ("CONSUL_IP", "\"10.1.1.2\""),
+            ("CONSUL_DC", "\"eu1\""),
+            ("MASTER", "\"false\""),
+            ("CONSUL_HOSTS", "\"-join=10.0.0.11 -join=10.0.0.12\""),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{}", stderr(&out));
+    let t = printed_toml(&out);
+    assert_eq!(get(&t, "dns", "wildcard_domain").as_str(), Some(".apps.example.com"));
+    assert_eq!(get(&t, "consul", "http").as_str(), Some("10.1.1.2:8500"));
+    assert_eq!(get(&t, "consul", "datacenter").as_str(), Some("eu1"));
+    let text = stdout(&out);
+    assert!(text.contains("# host address: 10.1.1.3 (from HOST_IP)"), "{text}");
+    assert!(text.contains("MASTER=false"), "{text}");
+}
+
 /// A malformed variable is a configuration error naming the variable.
 #[test]
 fn bad_environment_value_exits_64_naming_the_variable() {
