@@ -28,8 +28,9 @@ impl Env for ProcessEnv {
 }
 
 /// What [`ProcessEnv`] makes of `key`'s raw value: quotes unwrapped for
-/// Wayfinder's own variables, blank as unset.
-fn process_value(key: &str, raw: String) -> Option<String> {
+/// Wayfinder's own variables, blank as unset. Public for tests that stand in
+/// for the process environment.
+pub fn process_value(key: &str, raw: String) -> Option<String> {
     let value = if is_panteras(key) {
         unquote(&raw).to_string()
     } else {

@@ -435,6 +435,43 @@ fn bad_environment_value_exits_64_naming_the_variable() {
     assert!(!err.contains("caused by"), "{err}");
 }
 
+/// `check` refuses a CONSUL_HOSTS/CONSUL_PARAMS word that `consul agent` would
+/// refuse (exit 64, naming the variable), rather than an `up` whose Consul unit
+/// crash-loops into `failed`.
+#[test]
+fn consul_words_consul_would_refuse_exit_64_naming_the_variable() {
+    for (var, value, needle) in [
+        ("CONSUL_HOSTS", "-join=", "-join is empty"),
+        ("CONSUL_HOSTS", "\"-join=10.0.0.1 -join=10.0.0.2", "quote is not closed"),
+        (
+            "CONSUL_HOSTS",
+            "-join=10.0.0.1,10.0.0.2",
+            "-join takes a host name or address",
+        ),
+        ("CONSUL_PARAMS", "-bootstrap-expct 3", "is not a flag of consul agent"),
+        ("CONSUL_PARAMS", "bootstrap-expect=3", "is not a flag"),
+    ] {
+        let (_, out, _dir) = check("[dns]\nupstreams = [\"192.0.2.1\"]\n", &[(var, value)]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{var}={value}: {err}");
+        assert!(err.contains(&format!("environment: {var}:")), "{err}");
+        assert!(err.contains(needle), "{var}={value}: {err}");
+    }
+    let (_, out, _dir) = check(
+        "[dns]\nupstreams = [\"192.0.2.1\"]\n",
+        &[("CONSUL_PARAMS", "-bootstrap-expct 3")],
+    );
+    assert!(stderr(&out).contains("-bootstrap-expect"), "the known flags are listed");
+    let (_, out, _dir) = check(
+        "[dns]\nupstreams = [\"192.0.2.1\"]\n",
+        &[
+            ("CONSUL_HOSTS", "-join=m1 -join m2 m3"),
+            ("CONSUL_PARAMS", "-bootstrap-expect 3 -ui"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{}", stderr(&out));
+}
+
 /// Usage errors are clap's (exit 2); `--version` works.
 #[test]
 fn usage_errors_and_version() {
