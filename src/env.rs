@@ -15,6 +15,12 @@ use std::collections::HashMap;
 pub trait Env {
     /// The value of `key`, if set and not empty.
     fn get(&self, key: &str) -> Option<String>;
+
+    /// Where `key`'s value was written, when a file set it (`restricted/host
+    /// line 6`), for messages that say which line to change.
+    fn origin(&self, _key: &str) -> Option<String> {
+        None
+    }
 }
 
 /// The real process environment.

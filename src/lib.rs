@@ -72,6 +72,15 @@ pub enum AppError {
     /// A vpn peer command failed.
     #[error("vpn: {0}")]
     Vpn(#[source] vpn::VpnError),
+    /// A bind failed because an address is not this host's: the error, and
+    /// which variable (and file line) set that address (exit as the error).
+    #[error("{source}; {hint}")]
+    NotLocal {
+        /// The bind error.
+        source: Box<AppError>,
+        /// Which variables to change, and where they were set.
+        hint: String,
+    },
     /// The supervisor's or a component's task panicked (exit 70).
     #[error("the {component} task died: {message}")]
     Panicked {
@@ -97,7 +106,49 @@ impl AppError {
             AppError::Supervisor(_) => 1,
             AppError::Vpn(e) => component::Failure::exit_code(e),
             AppError::Panicked { .. } => EXIT_SOFTWARE,
+            AppError::NotLocal { source, .. } => source.exit_code(),
         }
+    }
+}
+
+/// A bind that failed because an address is not one of this host's
+/// (`EADDRNOTAVAIL`, as with an example `restricted/host` copied unchanged)
+/// says which of the address variables hold such an address, and the file and
+/// line that set them, so the message names the line to change.
+pub fn explain_not_local(error: AppError, env: &dyn env::Env) -> AppError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    let mut not_available = false;
+    while let Some(e) = cause {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::EADDRNOTAVAIL))
+        {
+            not_available = true;
+        }
+        cause = e.source();
+    }
+    if !not_available {
+        return error;
+    }
+    let culprits: Vec<String> = [env::LISTEN_IP, env::HOST_IP, env::IP, env::CONSUL_IP]
+        .into_iter()
+        .filter_map(|var| {
+            let ip: std::net::IpAddr = env.get(var)?.trim().parse().ok()?;
+            (!net::host::is_local(ip)).then(|| match env.origin(var) {
+                Some(origin) => format!("{var}={ip} ({origin})"),
+                None => format!("{var}={ip} (environment)"),
+            })
+        })
+        .collect();
+    if culprits.is_empty() {
+        return error;
+    }
+    AppError::NotLocal {
+        hint: format!(
+            "not an address of this host: {}; set it to one of this host's addresses, or leave it out \
+             (listeners then take every address and the host address is guessed)",
+            culprits.join(", ")
+        ),
+        source: Box::new(error),
     }
 }
 
@@ -180,7 +231,7 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
             if let Some(l) = &layered {
                 tracing::info!(files = ?l.read, "PanteraS restricted folder read");
             }
-            up(config, plan).await
+            up(config, plan).await.map_err(|e| explain_not_local(e, env))
         }
         Command::Status { config, admin, json } => {
             let (_, config) = config::load(config.as_deref(), &env::ProcessEnv, config::Runs::SUPERVISOR)
@@ -238,7 +289,9 @@ async fn alone(path: Option<&std::path::Path>, kind: components::ComponentKind) 
         component: name,
         source,
     };
-    let bound = component.bind().map_err(failed)?;
+    let bound = component
+        .bind()
+        .map_err(|e| explain_not_local(failed(e), &env::ProcessEnv))?;
     appliance.listened(&bound.listening());
     signals::forward_hangups(vec![component.clone()]);
     let result = until_signal(name, move |shutdown| async move {
