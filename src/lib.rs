@@ -506,6 +506,14 @@ pub fn render_check(
         None => "# host address: none (HOST_IP and IP unset, nothing to guess from: set IP or HOST_IP)\n".into(),
     });
     out.push_str(&format!("# dns upstreams resolved: {:?}\n", config.dns.upstreams));
+    for problem in &config.dns.upstream_problems {
+        out.push_str(&format!("# dns upstream skipped: {problem}\n"));
+    }
+    if config.dns.upstreams.is_empty() {
+        out.push_str(
+            "# dns: no upstream resolver: names outside Consul, the zones and the wildcard domain answer SERVFAIL\n",
+        );
+    }
     out.push_str(&format!("# dns udp workers per address: {}\n", config.dns.workers));
     out.push_str("# wayfinder up would start:\n");
     out.push_str(&plan.render());

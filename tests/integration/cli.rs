@@ -584,6 +584,55 @@ async fn dns_serves_reloads_on_sighup_and_exits_0_on_sigterm() {
     );
 }
 
+/// The compose file mounts the host's `/etc/resolv.conf.orig`; on a host
+/// without one Docker makes a directory there. The dns starts anyway (no exit
+/// 64, so no restart loop): a WARN says why there is no upstream, its zones
+/// still answer, and other names get SERVFAIL at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_file_that_is_a_directory_is_a_warning_not_a_restart_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let zones = dir.path().join("zones");
+    std::fs::create_dir(&zones).unwrap();
+    std::fs::write(zones.join("example.internal.zone"), zone(1, "10.9.9.10")).unwrap();
+    let saved = dir.path().join("resolv.conf.orig");
+    std::fs::create_dir(&saved).unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = dir.path().join("wayfinder.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[dns]\nlisten = [\"{addr}\"]\nupstreams = [{:?}]\nzones_dir = {:?}\nworkers = 2\n",
+            saved.display().to_string(),
+            zones.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = wayfinder(dir.path(), &["check", "-c", config.to_str().unwrap()], &[])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("is a directory"), "{}", stdout(&out));
+    let server = Running::spawn(
+        wayfinder(dir.path(), &["dns", "-c", config.to_str().unwrap()], &[]),
+        dir.path().join("wayfinder.log"),
+    );
+    if let Err(out) = dig_until(
+        addr,
+        &["db.example.internal", "A"],
+        &["10.9.9.10"],
+        Duration::from_secs(10),
+    )
+    .await
+    {
+        panic!("wayfinder dns never answered:\n{out}\nlog:\n{}", server.log());
+    }
+    let d = dig(addr, &["www.example.org", "A"]).await;
+    assert_eq!(d.status(), "SERVFAIL", "{}\nlog:\n{}", d.out, server.log());
+    let log = server.log();
+    assert!(log.contains("WARN") && log.contains("is a directory"), "{log}");
+    assert!(log.contains("no upstream resolver"), "{log}");
+}
+
 /// A listen port that is already taken (UDP or TCP) ends `wayfinder dns` at once
 /// with a non-zero status and `could not bind` naming the address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
