@@ -199,11 +199,14 @@ fn broken_configs_exit_64_naming_file_and_key() {
             "dns.upstreams",
             "loop",
         ),
+        // A missing resolv.conf is a start-up warning, not an error (see
+        // an_upstream_file_that_is_a_directory_is_a_warning_not_a_restart_loop);
+        // an entry that is neither an address nor a path is.
         (
-            "missing resolv.conf",
-            "[dns]\nupstreams = [\"/nonexistent/wayfinder-test/resolv.conf\"]\n".into(),
+            "upstream neither address nor path",
+            "[dns]\nupstreams = [\"resolv.conf\"]\n".into(),
             "dns.upstreams",
-            "/nonexistent/wayfinder-test/resolv.conf",
+            "neither an `IP[:port]` nor a resolv.conf path",
         ),
         (
             "wildcard without targets",
