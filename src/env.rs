@@ -3,6 +3,11 @@
 //! Configuration resolution asks an [`Env`] rather than `std::env`, so tests hand in
 //! a map and never mutate the process environment (which would race between
 //! parallel tests). [`VARS`] is the one table of every variable Wayfinder reads.
+//!
+//! `docker run --env-file` and compose's `env_file:` (v1) keep a value's quotes:
+//! `HAPROXY_ADD_DOMAIN=".apps.example.com"` arrives with them. No real value of
+//! these variables begins and ends with a quote, so [`ProcessEnv`] unwraps one
+//! matching pair ([`unquote`]) of every variable of [`VARS`].
 
 use std::collections::HashMap;
 
@@ -10,6 +15,12 @@ use std::collections::HashMap;
 pub trait Env {
     /// The value of `key`, if set and not empty.
     fn get(&self, key: &str) -> Option<String>;
+
+    /// Where `key`'s value was written, when a file set it (`restricted/host
+    /// line 6`), for messages that say which line to change.
+    fn origin(&self, _key: &str) -> Option<String> {
+        None
+    }
 }
 
 /// The real process environment.
@@ -18,8 +29,39 @@ pub struct ProcessEnv;
 
 impl Env for ProcessEnv {
     fn get(&self, key: &str) -> Option<String> {
-        std::env::var(key).ok().filter(|v| !v.trim().is_empty())
+        process_value(key, std::env::var(key).ok()?)
     }
+}
+
+/// What [`ProcessEnv`] makes of `key`'s raw value: quotes unwrapped for
+/// Wayfinder's own variables, blank as unset. Public for tests that stand in
+/// for the process environment.
+pub fn process_value(key: &str, raw: String) -> Option<String> {
+    let value = if is_panteras(key) {
+        unquote(&raw).to_string()
+    } else {
+        raw
+    };
+    Some(value).filter(|v| !v.trim().is_empty())
+}
+
+/// Whether `key` is one of [`VARS`].
+fn is_panteras(key: &str) -> bool {
+    VARS.iter().any(|(name, _)| *name == key)
+}
+
+/// `value` without one pair of matching surrounding quotes (`"x"` or `'x'`),
+/// as an env file that Docker read literally left them; otherwise `value`.
+/// Blanks around the quotes (`KEY= "x" `) go too. Only the outer pair: `"'x'"`
+/// is `'x'`.
+pub fn unquote(value: &str) -> &str {
+    let trimmed = value.trim();
+    for q in ['"', '\''] {
+        if trimmed.len() >= 2 && trimmed.starts_with(q) && trimmed.ends_with(q) {
+            return &trimmed[1..trimmed.len() - 1];
+        }
+    }
+    value
 }
 
 impl Env for HashMap<String, String> {
@@ -148,5 +190,47 @@ impl Env for Panteras<'_> {
             CONSUL_IP => self.base.get(CONSUL_IP).or_else(|| self.base.get(IP)),
             _ => self.base.get(key),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_pair_of_matching_quotes_is_unwrapped() {
+        for (raw, want) in [
+            ("\".apps.example.com\"", ".apps.example.com"),
+            ("'.apps.example.com'", ".apps.example.com"),
+            ("\"-join=10.0.0.1 -join=10.0.0.2\"", "-join=10.0.0.1 -join=10.0.0.2"),
+            (" \"10.0.0.1\" ", "10.0.0.1"),
+            ("\"'x'\"", "'x'"),
+            ("\"\"", ""),
+            // Not a matching pair: left as it is.
+            ("\"", "\""),
+            ("\"x'", "\"x'"),
+            ("\"x", "\"x"),
+            ("x\"", "x\""),
+            ("10.0.0.1", "10.0.0.1"),
+            ("-retry-join=\"a\" -x", "-retry-join=\"a\" -x"),
+        ] {
+            assert_eq!(unquote(raw), want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn the_process_environment_unwraps_wayfinders_variables() {
+        let read = |k: &str, v: &str| process_value(k, v.to_string());
+        for (key, _) in VARS {
+            assert_eq!(read(key, "\"v\"").as_deref(), Some("v"), "{key}");
+        }
+        assert_eq!(
+            read(HAPROXY_ADD_DOMAIN, "\".apps.example.com\"").as_deref(),
+            Some(".apps.example.com")
+        );
+        assert_eq!(read(LISTEN_IP, "''"), None, "quoted empty is unset");
+        assert_eq!(read(LISTEN_IP, "  "), None);
+        // Not one of Wayfinder's variables: read as it is.
+        assert_eq!(read("PATH", "\"/bin\"").as_deref(), Some("\"/bin\""));
     }
 }

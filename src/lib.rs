@@ -83,6 +83,15 @@ pub enum AppError {
     /// `wayfinder status`: `up` answered, and units its role needs are not ready (exit 1).
     #[error("not ready: {0}")]
     NotReady(String),
+    /// A bind failed because an address is not this host's: the error, and
+    /// which variable (and file line) set that address (exit as the error).
+    #[error("{source}; {hint}")]
+    NotLocal {
+        /// The bind error.
+        source: Box<AppError>,
+        /// Which variables to change, and where they were set.
+        hint: String,
+    },
     /// The supervisor's or a component's task panicked (exit 70).
     #[error("the {component} task died: {message}")]
     Panicked {
@@ -109,7 +118,49 @@ impl AppError {
             AppError::NotReady(_) => EXIT_NOT_READY,
             AppError::Vpn(e) => component::Failure::exit_code(e),
             AppError::Panicked { .. } => EXIT_SOFTWARE,
+            AppError::NotLocal { source, .. } => source.exit_code(),
         }
+    }
+}
+
+/// A bind that failed because an address is not one of this host's
+/// (`EADDRNOTAVAIL`, as with an example `restricted/host` copied unchanged)
+/// says which of the address variables hold such an address, and the file and
+/// line that set them, so the message names the line to change.
+pub fn explain_not_local(error: AppError, env: &dyn env::Env) -> AppError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    let mut not_available = false;
+    while let Some(e) = cause {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::EADDRNOTAVAIL))
+        {
+            not_available = true;
+        }
+        cause = e.source();
+    }
+    if !not_available {
+        return error;
+    }
+    let culprits: Vec<String> = [env::LISTEN_IP, env::HOST_IP, env::IP, env::CONSUL_IP]
+        .into_iter()
+        .filter_map(|var| {
+            let ip: std::net::IpAddr = env.get(var)?.trim().parse().ok()?;
+            (!net::host::is_local(ip)).then(|| match env.origin(var) {
+                Some(origin) => format!("{var}={ip} ({origin})"),
+                None => format!("{var}={ip} (environment)"),
+            })
+        })
+        .collect();
+    if culprits.is_empty() {
+        return error;
+    }
+    AppError::NotLocal {
+        hint: format!(
+            "not an address of this host: {}; set it to one of this host's addresses, or leave it out \
+             (listeners then take every address and the host address is guessed)",
+            culprits.join(", ")
+        ),
+        source: Box::new(error),
     }
 }
 
@@ -192,7 +243,7 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
             if let Some(l) = &layered {
                 tracing::info!(files = ?l.read, "PanteraS restricted folder read");
             }
-            up(config, plan).await
+            up(config, plan).await.map_err(|e| explain_not_local(e, env))
         }
         Command::Status { config, admin, json } => {
             let (_, config) = config::load(config.as_deref(), &env::ProcessEnv, config::Runs::SUPERVISOR)
@@ -256,7 +307,9 @@ async fn alone(path: Option<&std::path::Path>, kind: components::ComponentKind) 
         component: name,
         source,
     };
-    let bound = component.bind().map_err(failed)?;
+    let bound = component
+        .bind()
+        .map_err(|e| explain_not_local(failed(e), &env::ProcessEnv))?;
     appliance.listened(&bound.listening());
     signals::forward_hangups(vec![component.clone()]);
     let result = until_signal(name, move |shutdown| async move {
@@ -471,6 +524,14 @@ pub fn render_check(
         None => "# host address: none (HOST_IP and IP unset, nothing to guess from: set IP or HOST_IP)\n".into(),
     });
     out.push_str(&format!("# dns upstreams resolved: {:?}\n", config.dns.upstreams));
+    for problem in &config.dns.upstream_problems {
+        out.push_str(&format!("# dns upstream skipped: {problem}\n"));
+    }
+    if config.dns.upstreams.is_empty() {
+        out.push_str(
+            "# dns: no upstream resolver: names outside Consul, the zones and the wildcard domain answer SERVFAIL\n",
+        );
+    }
     out.push_str(&format!("# dns udp workers per address: {}\n", config.dns.workers));
     out.push_str("# wayfinder up would start:\n");
     out.push_str(&plan.render());

@@ -66,6 +66,8 @@ pub enum Unreadable {
 /// The variables of a restricted folder over a base environment.
 pub struct Layered<'a> {
     vars: HashMap<String, String>,
+    /// The file and line that set each of `vars`.
+    origins: HashMap<String, (PathBuf, usize)>,
     /// The files that were there, in the order read.
     pub read: Vec<PathBuf>,
     base: &'a dyn Env,
@@ -87,6 +89,13 @@ impl Env for Layered<'_> {
             None => self.base.get(key),
         }
     }
+
+    fn origin(&self, key: &str) -> Option<String> {
+        match self.origins.get(key) {
+            Some((path, line)) => Some(format!("{} line {line}", path.display())),
+            None => self.base.origin(key),
+        }
+    }
 }
 
 impl<'a> Layered<'a> {
@@ -97,6 +106,7 @@ impl<'a> Layered<'a> {
         }
         let mut layered = Layered {
             vars: HashMap::new(),
+            origins: HashMap::new(),
             read: Vec::new(),
             base,
         };
@@ -107,18 +117,20 @@ impl<'a> Layered<'a> {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(source) => return Err(RestrictedError::Read { path, source }),
             };
-            layered.apply(&text).map_err(|(line, problem)| RestrictedError::Line {
-                path: path.clone(),
-                line,
-                problem,
-            })?;
+            layered
+                .apply(&text, &path)
+                .map_err(|(line, problem)| RestrictedError::Line {
+                    path: path.clone(),
+                    line,
+                    problem,
+                })?;
             layered.read.push(path);
         }
         Ok(layered)
     }
 
     /// Applies the assignments of one file.
-    fn apply(&mut self, text: &str) -> Result<(), (usize, Unreadable)> {
+    fn apply(&mut self, text: &str, path: &Path) -> Result<(), (usize, Unreadable)> {
         for (i, raw) in text.lines().enumerate() {
             let line = raw.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -136,6 +148,7 @@ impl<'a> Layered<'a> {
             }
             let value = self.word(value).map_err(|p| (i + 1, p))?;
             self.vars.insert(key.to_string(), value);
+            self.origins.insert(key.to_string(), (path.to_path_buf(), i + 1));
         }
         Ok(())
     }
@@ -283,6 +296,15 @@ mod tests {
         assert_eq!(layered.get("CONSUL_HOSTS").as_deref(), Some("-join=m1 -join=m2"));
         assert_eq!(layered.get("CONSUL_DC").as_deref(), Some("eu west-2"));
         assert_eq!(layered.read.len(), 3);
+        let host = dir.path().join("host").display().to_string();
+        assert_eq!(layered.origin("IP"), Some(format!("{host} line 2")));
+        let overwrite = dir.path().join("overwrite").display().to_string();
+        assert_eq!(
+            layered.origin("CONSUL_DC"),
+            Some(format!("{overwrite} line 1")),
+            "the last wins"
+        );
+        assert_eq!(layered.origin("SLAVE"), None, "from the environment");
     }
 
     #[test]

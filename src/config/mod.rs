@@ -625,8 +625,20 @@ mod tests {
             c.dns.upstreams,
             vec!["192.0.2.7:53".parse().unwrap(), "[fe80::1]:53".parse().unwrap()]
         );
-        let e = check("[dns]\nupstreams = [\"/nonexistent/resolv.conf\"]\n", &[]).unwrap_err();
-        assert!(e.problem.contains("could not read"), "{e}");
+        // A file that gives no resolver is a problem the dns starts with (and
+        // says), never a configuration error that would stop it.
+        let c = check("[dns]\nupstreams = [\"/nonexistent/resolv.conf\"]\n", &[]).unwrap();
+        assert!(c.dns.upstreams.is_empty());
+        assert!(
+            c.dns.upstream_problems[0].contains("could not read"),
+            "{:?}",
+            c.dns.upstream_problems
+        );
+        let e = check("[dns]\nupstreams = [\"resolv.conf\"]\n", &[]).unwrap_err();
+        assert!(
+            e.problem.contains("neither an `IP[:port]` nor a resolv.conf path"),
+            "{e}"
+        );
     }
 
     #[test]

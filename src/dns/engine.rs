@@ -444,6 +444,18 @@ impl Engine {
                 return out;
             }
         }
+        if self.upstream.servers().is_empty() {
+            if let Some(failures) = self.upstream_log.event() {
+                tracing::warn!(
+                    failures,
+                    name = %wire::name_to_string(query.qname),
+                    "no upstream resolver (see the dns start-up warning); SERVFAIL (logged at most every 10 s)"
+                );
+            }
+            wire::error_response(query, u16::from(rcode::SERVFAIL), &mut out);
+            stats.answered(rcode::SERVFAIL);
+            return out;
+        }
         let result = self.upstream.resolve(key, query, stats).await;
         let failed = match &result {
             Ok(t) => matches!(t.rcode, rcode::SERVFAIL | rcode::REFUSED),

@@ -277,6 +277,15 @@ pub async fn run(
         &local,
     )
     .map_err(DnsError::Workers)?;
+    for problem in &dns.upstream_problems {
+        tracing::warn!(%problem, "dns upstream skipped");
+    }
+    if dns.upstreams.is_empty() {
+        tracing::warn!(
+            "no upstream resolver: names outside Consul, the zones and the wildcard domain answer SERVFAIL \
+             (set dns.upstreams, or save the host's resolvers in /etc/resolv.conf.orig)"
+        );
+    }
     tracing::info!(
         listen = ?addrs,
         udp_workers = udp_count,

@@ -220,6 +220,11 @@ pub struct DnsConfig {
     pub allow: Vec<IpNet>,
     /// Upstream resolvers, in order.
     pub upstreams: Vec<SocketAddr>,
+    /// Why some upstream entries gave nothing (a missing or unreadable file, a
+    /// directory, no usable `nameserver`, this server itself); with no
+    /// upstream at all, names outside Consul, the zones and the wildcard
+    /// domain answer SERVFAIL and this says why.
+    pub upstream_problems: Vec<String>,
     /// Zone directory.
     pub zones_dir: PathBuf,
     /// Zone directory poll interval.
@@ -268,6 +273,7 @@ impl DnsConfig {
             listen: dns.listen.clone(),
             allow: dns.allow.clone(),
             upstreams: Vec::new(),
+            upstream_problems: Vec::new(),
             zones_dir: dns.zones_dir.clone(),
             zones_poll: dns.zones_poll,
             wildcard_domain: None,
@@ -399,41 +405,8 @@ pub(crate) fn validate_dns(
         ));
     }
 
-    let explicit = !upstreams.is_empty();
-    let entries: Vec<String> = if explicit {
-        upstreams.clone()
-    } else if Path::new("/etc/resolv.conf.orig").exists() {
-        vec!["/etc/resolv.conf.orig".into()]
-    } else {
-        vec!["/etc/resolv.conf".into()]
-    };
-    let mut resolved = Vec::new();
-    for entry in &entries {
-        for addr in parse_upstream(entry).map_err(|p| err("dns.upstreams", p))? {
-            if let Some(own) = listen.iter().find(|l| crate::net::listeners::reaches(**l, addr)) {
-                if explicit {
-                    return Err(err(
-                        "dns.upstreams",
-                        format!(
-                            "upstream {addr} (from `{entry}`) is this server's own listen address {own}: \
-                             queries would loop; point upstreams at the host's real resolvers"
-                        ),
-                    ));
-                }
-                tracing::warn!(%addr, entry, "skipping upstream that is this server itself");
-                continue;
-            }
-            if !resolved.contains(&addr) {
-                resolved.push(addr);
-            }
-        }
-    }
-    if resolved.is_empty() {
-        return Err(err(
-            "dns.upstreams",
-            format!("no usable upstream resolver in {entries:?}"),
-        ));
-    }
+    let (resolved, upstream_problems) =
+        resolve_upstreams(upstreams, listen, Path::new(DEFAULT_UPSTREAM_FILE)).map_err(|p| err("dns.upstreams", p))?;
 
     let workers = if *workers == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -452,6 +425,7 @@ pub(crate) fn validate_dns(
         listen: listen.clone(),
         allow: allow.clone(),
         upstreams: resolved,
+        upstream_problems,
         zones_dir: zones_dir.clone(),
         zones_poll: *zones_poll,
         wildcard_domain,
@@ -512,22 +486,106 @@ fn parse_target(text: &str) -> Result<WildcardTarget, String> {
         .map_err(|_| format!("`{text}` is neither an IP address nor `consul:SERVICE`"))
 }
 
+/// The host's saved resolvers, the default upstream file (PanteraS's; the
+/// compose file mounts it).
+pub const DEFAULT_UPSTREAM_FILE: &str = "/etc/resolv.conf.orig";
+
+/// `dns.upstreams` as resolvers, with why some entries gave none. Without
+/// entries: `saved` (the host's saved resolvers) when it is a file, else
+/// `/etc/resolv.conf`. A file that is missing, a directory (docker creates one
+/// where a mounted file is missing on the host), unreadable or without a
+/// usable `nameserver` is a problem, not an error: the dns starts without it,
+/// and without any upstream answers other names SERVFAIL, saying why. A
+/// resolver that is this server itself is never used (queries would loop): an
+/// address written in `dns.upstreams` is an error, one read from a file is
+/// skipped. A malformed entry is an error.
+fn resolve_upstreams(
+    upstreams: &[String],
+    listen: &[SocketAddr],
+    saved: &Path,
+) -> Result<(Vec<SocketAddr>, Vec<String>), String> {
+    let mut problems = Vec::new();
+    let entries: Vec<String> = if !upstreams.is_empty() {
+        upstreams.to_vec()
+    } else if saved.is_file() {
+        vec![saved.display().to_string()]
+    } else {
+        if saved.exists() {
+            problems.push(format!(
+                "{} is not a file (docker makes a directory where a mounted file is missing on the host): \
+                 /etc/resolv.conf used instead",
+                saved.display()
+            ));
+        }
+        vec!["/etc/resolv.conf".into()]
+    };
+    let mut resolved = Vec::new();
+    for entry in &entries {
+        let (from_file, addrs) = match parse_upstream(entry)? {
+            Upstream::Addr(addr) => (false, vec![addr]),
+            Upstream::File(Ok(addrs)) => (true, addrs),
+            Upstream::File(Err(problem)) => {
+                problems.push(problem);
+                continue;
+            }
+        };
+        for addr in addrs {
+            if let Some(own) = listen.iter().find(|l| crate::net::listeners::reaches(**l, addr)) {
+                let problem = format!(
+                    "upstream {addr} (from `{entry}`) is this server's own listen address {own}: \
+                     queries would loop; point upstreams at the host's real resolvers"
+                );
+                if !from_file {
+                    return Err(problem);
+                }
+                problems.push(problem);
+                continue;
+            }
+            if !resolved.contains(&addr) {
+                resolved.push(addr);
+            }
+        }
+    }
+    Ok((resolved, problems))
+}
+
+/// What one `dns.upstreams` entry is.
+enum Upstream {
+    /// A resolver's address.
+    Addr(SocketAddr),
+    /// A resolv.conf: its resolvers, or why it gives none.
+    File(Result<Vec<SocketAddr>, String>),
+}
+
 /// An upstream entry: `IP`, `IP:port`, `[v6]:port`, or a resolv.conf path.
-fn parse_upstream(entry: &str) -> Result<Vec<SocketAddr>, String> {
+fn parse_upstream(entry: &str) -> Result<Upstream, String> {
     let entry = entry.trim();
     if let Ok(addr) = entry.parse::<SocketAddr>() {
-        return Ok(vec![addr]);
+        return Ok(Upstream::Addr(addr));
     }
     if let Ok(ip) = entry.parse::<IpAddr>() {
-        return Ok(vec![SocketAddr::new(ip, 53)]);
+        return Ok(Upstream::Addr(SocketAddr::new(ip, 53)));
     }
     if entry.starts_with('/') || entry.starts_with('.') {
-        let text = std::fs::read_to_string(entry).map_err(|e| format!("could not read resolv.conf `{entry}`: {e}"))?;
+        let path = Path::new(entry);
+        if path.is_dir() {
+            return Ok(Upstream::File(Err(format!(
+                "`{entry}` is a directory, not a resolv.conf (docker makes one where a mounted file is missing on the host)"
+            ))));
+        }
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) => {
+                return Ok(Upstream::File(Err(format!(
+                    "could not read resolv.conf `{entry}`: {e}"
+                ))));
+            }
+        };
         let servers = parse_resolv_conf(&text);
         if servers.is_empty() {
-            return Err(format!("`{entry}` has no `nameserver` lines"));
+            return Ok(Upstream::File(Err(format!("`{entry}` has no `nameserver` lines"))));
         }
-        return Ok(servers);
+        return Ok(Upstream::File(Ok(servers)));
     }
     Err(format!(
         "`{entry}` is neither an `IP[:port]` nor a resolv.conf path (paths start with `/`)"
@@ -545,4 +603,91 @@ pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
             Some(SocketAddr::new(ip, 53))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod upstream_tests {
+    use super::*;
+
+    fn listen(addrs: &[&str]) -> Vec<SocketAddr> {
+        addrs.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn an_upstream_file_that_gives_nothing_is_a_problem_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.conf");
+        std::fs::write(&empty, "# no nameserver\nsearch example.com\n").unwrap();
+        let good = dir.path().join("good.conf");
+        std::fs::write(&good, "nameserver 192.0.2.7\n").unwrap();
+        let own = listen(&["127.0.0.1:5353"]);
+        for (entry, needle) in [
+            (dir.path().join("missing.conf"), "could not read"),
+            (dir.path().to_path_buf(), "is a directory"),
+            (empty.clone(), "no `nameserver` lines"),
+        ] {
+            let entries = vec![entry.display().to_string()];
+            let (resolved, problems) = resolve_upstreams(&entries, &own, Path::new("/unused")).unwrap();
+            assert!(resolved.is_empty(), "{entry:?}");
+            assert!(problems.len() == 1 && problems[0].contains(needle), "{problems:?}");
+        }
+        // The other entries still count.
+        let entries = vec![empty.display().to_string(), good.display().to_string()];
+        let (resolved, problems) = resolve_upstreams(&entries, &own, Path::new("/unused")).unwrap();
+        assert_eq!(resolved, listen(&["192.0.2.7:53"]));
+        assert_eq!(problems.len(), 1);
+    }
+
+    #[test]
+    fn a_saved_resolvers_directory_falls_back_to_resolv_conf_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        // What docker makes when the host has no /etc/resolv.conf.orig to mount.
+        let saved = dir.path().join("resolv.conf.orig");
+        std::fs::create_dir(&saved).unwrap();
+        let (_, problems) = resolve_upstreams(&[], &listen(&["127.0.0.1:5353"]), &saved).unwrap();
+        assert!(
+            problems[0].contains("is not a file") && problems[0].contains("/etc/resolv.conf used instead"),
+            "{problems:?}"
+        );
+        // A saved file is read.
+        let saved = dir.path().join("saved.conf");
+        std::fs::write(&saved, "nameserver 192.0.2.9\n").unwrap();
+        let (resolved, problems) = resolve_upstreams(&[], &listen(&["127.0.0.1:5353"]), &saved).unwrap();
+        assert_eq!(resolved, listen(&["192.0.2.9:53"]));
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    #[test]
+    fn the_dns_never_forwards_to_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        // The host pointed at Wayfinder: its resolv.conf names Wayfinder itself.
+        let conf = dir.path().join("resolv.conf");
+        std::fs::write(&conf, "nameserver 127.0.0.1\nnameserver 192.0.2.7\n").unwrap();
+        let wildcard = listen(&["0.0.0.0:53"]);
+        let entries = vec![conf.display().to_string()];
+        let (resolved, problems) = resolve_upstreams(&entries, &wildcard, Path::new("/unused")).unwrap();
+        assert_eq!(resolved, listen(&["192.0.2.7:53"]), "127.0.0.1:53 is this server");
+        assert!(problems[0].contains("queries would loop"), "{problems:?}");
+        // Only itself: no upstream at all rather than a loop.
+        std::fs::write(&conf, "nameserver 127.0.0.1\n").unwrap();
+        let (resolved, _) = resolve_upstreams(&entries, &wildcard, Path::new("/unused")).unwrap();
+        assert!(resolved.is_empty());
+        // Written in dns.upstreams: a configuration error.
+        for (entry, listening) in [
+            ("127.0.0.1:53", "0.0.0.0:53"),
+            ("127.0.0.1", "127.0.0.1:53"),
+            ("10.0.0.5:53", "10.0.0.5:53"),
+        ] {
+            let e = resolve_upstreams(&[entry.into()], &listen(&[listening]), Path::new("/unused")).unwrap_err();
+            assert!(e.contains("queries would loop"), "{entry} on {listening}: {e}");
+        }
+        // Another port of the same host is another server.
+        let (resolved, _) = resolve_upstreams(
+            &["127.0.0.1:53".into()],
+            &listen(&["127.0.0.1:5353"]),
+            Path::new("/unused"),
+        )
+        .unwrap();
+        assert_eq!(resolved, listen(&["127.0.0.1:53"]));
+    }
 }

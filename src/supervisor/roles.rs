@@ -61,9 +61,9 @@ pub struct Plan {
     pub master: bool,
     /// `SLAVE`.
     pub slave: bool,
-    /// `CONSUL_HOSTS`, split into words.
+    /// `CONSUL_HOSTS`, split into words (quotes group) and checked.
     pub consul_hosts: Vec<String>,
-    /// `CONSUL_PARAMS`, split into words.
+    /// `CONSUL_PARAMS`, split into words (quotes group) and checked.
     pub consul_params: Vec<String>,
     /// Every unit, sorted by priority (stable: file order among equals).
     pub units: Vec<PlannedUnit>,
@@ -139,10 +139,11 @@ fn env_override(env: &dyn Env, var: &str, alias: Option<&str>) -> Result<Option<
 pub fn plan(env: &dyn Env, config: &Config) -> Result<Plan, ConfigError> {
     let master = env_bool(env, env::MASTER)?.unwrap_or(true);
     let slave = env_bool(env, env::SLAVE)?.unwrap_or(true);
-    let words = |var: &str| -> Vec<String> {
+    let words = |var: &str| -> Result<Vec<String>, ConfigError> {
         env.get(var)
-            .map(|v| v.split_whitespace().map(str::to_string).collect())
-            .unwrap_or_default()
+            .map(|v| super::consul::agent_words(var, &v))
+            .transpose()
+            .map(Option::unwrap_or_default)
     };
     let mut units = Vec::new();
 
@@ -212,8 +213,8 @@ pub fn plan(env: &dyn Env, config: &Config) -> Result<Plan, ConfigError> {
     Ok(Plan {
         master,
         slave,
-        consul_hosts: words(env::CONSUL_HOSTS),
-        consul_params: words(env::CONSUL_PARAMS),
+        consul_hosts: words(env::CONSUL_HOSTS)?,
+        consul_params: words(env::CONSUL_PARAMS)?,
         units,
     })
 }

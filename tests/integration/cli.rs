@@ -199,11 +199,14 @@ fn broken_configs_exit_64_naming_file_and_key() {
             "dns.upstreams",
             "loop",
         ),
+        // A missing resolv.conf is a start-up warning, not an error (see
+        // an_upstream_file_that_is_a_directory_is_a_warning_not_a_restart_loop);
+        // an entry that is neither an address nor a path is.
         (
-            "missing resolv.conf",
-            "[dns]\nupstreams = [\"/nonexistent/wayfinder-test/resolv.conf\"]\n".into(),
+            "upstream neither address nor path",
+            "[dns]\nupstreams = [\"resolv.conf\"]\n".into(),
             "dns.upstreams",
-            "/nonexistent/wayfinder-test/resolv.conf",
+            "neither an `IP[:port]` nor a resolv.conf path",
         ),
         (
             "wildcard without targets",
@@ -397,6 +400,31 @@ fn the_host_address_is_guessed_and_said_so() {
     );
 }
 
+/// `docker run --env-file` and compose v1's `env_file:` keep a value's quotes:
+/// the quoted form of every PanteraS value reads as the unquoted one.
+#[test]
+fn quoted_values_from_an_env_file_are_unwrapped() {
+    let (_, out, _dir) = check(
+        "[dns]\nupstreams = [\"192.0.2.1\"]\n",
+        &[
+            ("HAPROXY_ADD_DOMAIN", "\".apps.example.com\""),
+            ("HOST_IP", "'10.1.1.3'"),
+            ("CONSUL_IP", "\"10.1.1.2\""),
+            ("CONSUL_DC", "\"eu1\""),
+            ("MASTER", "\"false\""),
+            ("CONSUL_HOSTS", "\"-join=10.0.0.11 -join=10.0.0.12\""),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{}", stderr(&out));
+    let t = printed_toml(&out);
+    assert_eq!(get(&t, "dns", "wildcard_domain").as_str(), Some(".apps.example.com"));
+    assert_eq!(get(&t, "consul", "http").as_str(), Some("10.1.1.2:8500"));
+    assert_eq!(get(&t, "consul", "datacenter").as_str(), Some("eu1"));
+    let text = stdout(&out);
+    assert!(text.contains("# host address: 10.1.1.3 (from HOST_IP)"), "{text}");
+    assert!(text.contains("MASTER=false"), "{text}");
+}
+
 /// A malformed variable is a configuration error naming the variable.
 #[test]
 fn bad_environment_value_exits_64_naming_the_variable() {
@@ -408,6 +436,43 @@ fn bad_environment_value_exits_64_naming_the_variable() {
     // Said once: no `caused by:` repeating the message.
     assert_eq!(err.matches("not-an-ip").count(), 1, "{err}");
     assert!(!err.contains("caused by"), "{err}");
+}
+
+/// `check` refuses a CONSUL_HOSTS/CONSUL_PARAMS word that `consul agent` would
+/// refuse (exit 64, naming the variable), rather than an `up` whose Consul unit
+/// crash-loops into `failed`.
+#[test]
+fn consul_words_consul_would_refuse_exit_64_naming_the_variable() {
+    for (var, value, needle) in [
+        ("CONSUL_HOSTS", "-join=", "-join is empty"),
+        ("CONSUL_HOSTS", "\"-join=10.0.0.1 -join=10.0.0.2", "quote is not closed"),
+        (
+            "CONSUL_HOSTS",
+            "-join=10.0.0.1,10.0.0.2",
+            "-join takes a host name or address",
+        ),
+        ("CONSUL_PARAMS", "-bootstrap-expct 3", "is not a flag of consul agent"),
+        ("CONSUL_PARAMS", "bootstrap-expect=3", "is not a flag"),
+    ] {
+        let (_, out, _dir) = check("[dns]\nupstreams = [\"192.0.2.1\"]\n", &[(var, value)]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{var}={value}: {err}");
+        assert!(err.contains(&format!("environment: {var}:")), "{err}");
+        assert!(err.contains(needle), "{var}={value}: {err}");
+    }
+    let (_, out, _dir) = check(
+        "[dns]\nupstreams = [\"192.0.2.1\"]\n",
+        &[("CONSUL_PARAMS", "-bootstrap-expct 3")],
+    );
+    assert!(stderr(&out).contains("-bootstrap-expect"), "the known flags are listed");
+    let (_, out, _dir) = check(
+        "[dns]\nupstreams = [\"192.0.2.1\"]\n",
+        &[
+            ("CONSUL_HOSTS", "-join=m1 -join m2 m3"),
+            ("CONSUL_PARAMS", "-bootstrap-expect 3 -ui"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{}", stderr(&out));
 }
 
 /// Usage errors are clap's (exit 2); `--version` works.
@@ -520,6 +585,55 @@ async fn dns_serves_reloads_on_sighup_and_exits_0_on_sigterm() {
         "shutdown not logged:\n{}",
         server.log()
     );
+}
+
+/// The compose file mounts the host's `/etc/resolv.conf.orig`; on a host
+/// without one Docker makes a directory there. The dns starts anyway (no exit
+/// 64, so no restart loop): a WARN says why there is no upstream, its zones
+/// still answer, and other names get SERVFAIL at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_file_that_is_a_directory_is_a_warning_not_a_restart_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let zones = dir.path().join("zones");
+    std::fs::create_dir(&zones).unwrap();
+    std::fs::write(zones.join("example.internal.zone"), zone(1, "10.9.9.10")).unwrap();
+    let saved = dir.path().join("resolv.conf.orig");
+    std::fs::create_dir(&saved).unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = dir.path().join("wayfinder.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[dns]\nlisten = [\"{addr}\"]\nupstreams = [{:?}]\nzones_dir = {:?}\nworkers = 2\n",
+            saved.display().to_string(),
+            zones.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = wayfinder(dir.path(), &["check", "-c", config.to_str().unwrap()], &[])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("is a directory"), "{}", stdout(&out));
+    let server = Running::spawn(
+        wayfinder(dir.path(), &["dns", "-c", config.to_str().unwrap()], &[]),
+        dir.path().join("wayfinder.log"),
+    );
+    if let Err(out) = dig_until(
+        addr,
+        &["db.example.internal", "A"],
+        &["10.9.9.10"],
+        Duration::from_secs(10),
+    )
+    .await
+    {
+        panic!("wayfinder dns never answered:\n{out}\nlog:\n{}", server.log());
+    }
+    let d = dig(addr, &["www.example.org", "A"]).await;
+    assert_eq!(d.status(), "SERVFAIL", "{}\nlog:\n{}", d.out, server.log());
+    let log = server.log();
+    assert!(log.contains("WARN") && log.contains("is a directory"), "{log}");
+    assert!(log.contains("no upstream resolver"), "{log}");
 }
 
 /// A listen port that is already taken (UDP or TCP) ends `wayfinder dns` at once

@@ -263,7 +263,8 @@ fn host_file(text: &str) -> Vec<(String, String)> {
                     .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'),
                 "bad key {k}"
             );
-            (k.to_string(), v.trim_matches('"').to_string())
+            // As `docker run --env-file` and compose v1 pass it: quotes kept.
+            (k.to_string(), v.to_string())
         })
         .collect()
 }
@@ -322,7 +323,15 @@ fn restricted_host_examples_use_only_wayfinder_variables_and_give_their_roles() 
         }
     }
     let master1 = host_file(&read("restricted/cluster/master-1/host"));
-    assert!(master1.contains(&("CONSUL_PARAMS".into(), "-bootstrap-expect 3".into())));
+    assert!(master1.contains(&("CONSUL_PARAMS".into(), "\"-bootstrap-expect 3\"".into())));
+    // The standalone example works on any host: no address of another machine.
+    let standalone = host_file(&read("restricted/standalone/host"));
+    for (k, _) in &standalone {
+        assert!(
+            !["IP", "HOST_IP", "LISTEN_IP", "CONSUL_IP"].contains(&k.as_str()),
+            "restricted/standalone/host sets {k}: it would only work on the machine that has that address"
+        );
+    }
     let master2 = host_file(&read("restricted/cluster/master-2/host"));
     assert!(
         !master2.iter().any(|(k, _)| k == "CONSUL_PARAMS"),

@@ -792,3 +792,59 @@ async fn check_shows_the_role_and_mistakes_exit_64() {
         up.stderr()
     );
 }
+
+/// An example `restricted/host` copied unchanged names an address this host
+/// does not have: `up` exits 64 once (no restart loop to read through) and the
+/// message says which variable, in which file and line, to change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_that_is_not_this_hosts_exits_64_naming_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("wayfinder.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[dns]\nupstreams = [\"192.0.2.1\"]\n[lb]\nhttp = \"127.0.0.1:{}\"\nstats = \"127.0.0.1:{}\"\n\
+             [supervisor]\nadmin = \"\"\n",
+            free_port(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let restricted = dir.path().join("restricted");
+    std::fs::create_dir(&restricted).unwrap();
+    std::fs::write(
+        restricted.join("host"),
+        "MASTER=true\nSLAVE=true\n# this host's address:\nLISTEN_IP=192.0.2.10\n",
+    )
+    .unwrap();
+    // The lb binds its listeners at start (the dns binds with IP_FREEBIND,
+    // for the vpn's tunnel address that appears later).
+    let env = [("START_CONSUL", "false"), ("START_DNS", "false")];
+    let restricted = restricted.to_str().unwrap();
+    for (args, env, origin) in [
+        (
+            vec!["up", "-c", config.to_str().unwrap(), "--restricted", restricted],
+            &env[..],
+            format!("({restricted}/host line 4)"),
+        ),
+        (
+            vec!["up", "-c", config.to_str().unwrap()],
+            &[
+                ("START_CONSUL", "false"),
+                ("START_DNS", "false"),
+                ("LISTEN_IP", "\"192.0.2.10\""),
+            ][..],
+            "(environment)".to_string(),
+        ),
+    ] {
+        let mut up = UpProcess::spawn(wayfinder(dir.path(), &args, env), dir.path());
+        let status = up.wait_exit(Duration::from_secs(10)).await.expect("exits");
+        let err = up.stderr();
+        assert_eq!(status.code(), Some(64), "{err}");
+        assert!(err.contains("could not bind"), "{err}");
+        assert!(
+            err.contains(&format!("not an address of this host: LISTEN_IP=192.0.2.10 {origin}")),
+            "{err}"
+        );
+    }
+}
