@@ -27,6 +27,7 @@
 pub mod admin;
 pub mod component;
 pub mod consul;
+pub mod consul_words;
 pub mod metrics;
 pub mod notify;
 pub mod program;

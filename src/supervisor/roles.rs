@@ -141,7 +141,7 @@ pub fn plan(env: &dyn Env, config: &Config) -> Result<Plan, ConfigError> {
     let slave = env_bool(env, env::SLAVE)?.unwrap_or(true);
     let words = |var: &str| -> Result<Vec<String>, ConfigError> {
         env.get(var)
-            .map(|v| super::consul::agent_words(var, &v))
+            .map(|v| super::consul_words::agent_words(var, &v))
             .transpose()
             .map(Option::unwrap_or_default)
     };
