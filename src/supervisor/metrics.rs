@@ -133,8 +133,14 @@ pub fn render(state: &SupervisorState) -> String {
     out.single(
         "wayfinder_up_ready",
         Kind::Gauge,
-        "1 once every unit has started (or failed).",
+        "1 once every unit has started (or failed): start-up is over (see wayfinder_ready for readiness).",
         u8::from(state.ready.load(Ordering::Relaxed)),
+    );
+    out.single(
+        "wayfinder_ready",
+        Kind::Gauge,
+        "1 while every unit this host's role needs is running and ready (GET /api/ready answers 200).",
+        u8::from(super::readiness::check(state).ready),
     );
     out.single(
         "wayfinder_uptime_seconds",

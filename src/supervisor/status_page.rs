@@ -18,6 +18,24 @@ use super::unit::UnitState;
 use crate::component::PageParts;
 use crate::report::html::{STYLE, badge, escape, human_secs};
 
+/// The header's state: starting, ready, or what the role still waits for
+/// (the same answer as `GET /api/ready`).
+fn ready_text(report: &StatusReport) -> String {
+    if !report.ready {
+        return "starting".into();
+    }
+    if report.readiness.ready {
+        return "ready".into();
+    }
+    let waiting: Vec<String> = report
+        .readiness
+        .waiting_for
+        .iter()
+        .map(|w| format!("{} ({})", escape(&w.unit), escape(&w.why)))
+        .collect();
+    format!("<strong>NOT READY</strong>: {}", waiting.join(", "))
+}
+
 /// The page.
 pub fn render(state: &SupervisorState, report: &StatusReport, q: &str) -> String {
     let mut html = String::with_capacity(16 * 1024);
@@ -38,7 +56,7 @@ pub fn render(state: &SupervisorState, report: &StatusReport, q: &str) -> String
          <header><h1>wayfinder on {host}</h1><p>{role} &middot; {ready} &middot; {consul} &middot; up {uptime}</p></header><main>",
         host = escape(&report.host),
         role = escape(&report.role),
-        ready = if report.ready { "ready" } else { "starting" },
+        ready = ready_text(report),
         consul = escape(&consul_text),
         uptime = human_secs(report.uptime_secs),
     );

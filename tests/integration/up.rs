@@ -576,8 +576,28 @@ async fn ready_follows_consul_killed_and_frozen() {
     let why = frozen["waiting_for"][0]["why"].as_str().unwrap_or_default().to_string();
     assert!(why.contains("not answering"), "{frozen:#}");
     let (code, text) = status(&up);
+    let fetch = |path: &'static str| {
+        let client = client.clone();
+        async move {
+            match client
+                .get(format!("http://{admin}{path}"))
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+            {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(e) => format!("GET {path}: {e}"),
+            }
+        }
+    };
+    let (metrics, page) = (fetch("/metrics").await, fetch("/").await);
     // SAFETY: as above; before any assertion, so a failure leaves no frozen agent.
     unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(metrics.lines().any(|l| l == "wayfinder_ready 0"), "{metrics}");
+    assert!(
+        page.contains("<strong>NOT READY</strong>: consul (not answering"),
+        "the status page's header says what waits: {page}"
+    );
     assert_eq!(code, Some(1), "{text}");
     assert!(
         text.contains("NOT READY") && text.contains("not ready: consul: not answering"),
@@ -598,6 +618,8 @@ async fn ready_follows_consul_killed_and_frozen() {
     .await;
     let (code, text) = status(&up);
     assert_eq!(code, Some(0), "{text}");
+    let metrics = fetch("/metrics").await;
+    assert!(metrics.lines().any(|l| l == "wayfinder_ready 1"), "{metrics}");
 
     up.signal(libc::SIGTERM);
     let status = up.wait_exit(Duration::from_secs(30)).await.expect("stops");
