@@ -114,8 +114,10 @@ pub async fn set_status(http: &ConsulHttp, check_id: &str, status: &str) -> Resu
     match http.put_json(Endpoint::AgentChecks, &path, &body).await {
         Ok(()) => Ok(true),
         Err(ConsulError::Status { status, body, .. })
+            // Consul 1.8 answers 500 `CheckID "x" does not have associated
+            // TTL` for a check it does not hold; later versions 404.
             if status == http::StatusCode::NOT_FOUND
-                || (status == http::StatusCode::INTERNAL_SERVER_ERROR && body.contains("not found")) =>
+                || (status == http::StatusCode::INTERNAL_SERVER_ERROR && body.contains("does not have associated TTL")) =>
         {
             Ok(false)
         }

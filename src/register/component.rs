@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::RegisterError;
 use super::docker::ACTIONS;
 use super::registrar::Stats;
-use super::settings::{AddressMode, RegisterConfig};
+use super::settings::RegisterConfig;
 use crate::component::{
     Appliance, Banner, Bound, BoxFuture, Component, ComponentError, Failure, Host, Listening, PageParts,
 };
@@ -75,10 +75,7 @@ impl Register {
         RegisterReport {
             started,
             docker: self.config.docker.clone(),
-            address_mode: match self.config.address {
-                AddressMode::Host => "host",
-                AddressMode::Internal => "internal",
-            },
+            address_mode: self.config.address.name(),
             engine: book.engine.clone(),
             api_version: book.api_version.clone(),
             event_stream: stats.stream_up.load(Ordering::Relaxed),
@@ -233,20 +230,11 @@ impl Component for Register {
             "1 while the Docker event stream is connected.",
             u8::from(s.stream_up.load(Ordering::Relaxed)),
         );
-        let since = s.stream_since_ms.load(Ordering::Relaxed);
-        let age = if since == 0 {
-            0.0
-        } else {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            now.saturating_sub(since) as f64 / 1000.0
-        };
         out.single(
             "wayfinder_register_event_stream_age_seconds",
             Kind::Gauge,
             "Time since the Docker event stream was last (re)connected.",
-            age,
+            s.stream_age().map_or(0.0, |age| age.as_secs_f64()),
         );
         out.single(
             "wayfinder_register_event_stream_reconnects_total",
@@ -351,10 +339,7 @@ impl Component for Register {
         banner.places.push(format!(
             "  register docker {} ({} addresses)",
             self.config.docker,
-            match self.config.address {
-                AddressMode::Host => "host",
-                AddressMode::Internal => "internal",
-            }
+            self.config.address.name()
         ));
         // `wayfinder/demo`: scripts/demo-image.sh (the standalone script builds it).
         let docker = if self.config.docker == super::settings::DEFAULT_DOCKER {

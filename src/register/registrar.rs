@@ -273,6 +273,14 @@ impl Default for Stats {
     }
 }
 
+impl Stats {
+    /// Time since the event stream was last (re)connected (`None`: never).
+    pub fn stream_age(&self) -> Option<Duration> {
+        let since = self.stream_since_ms.load(Ordering::Relaxed);
+        (since > 0).then(|| Duration::from_millis(now_ms().saturating_sub(since)))
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -80,6 +80,16 @@ pub enum AddressMode {
     Internal,
 }
 
+impl AddressMode {
+    /// As written in the file (`host`, `internal`).
+    pub fn name(self) -> &'static str {
+        match self {
+            AddressMode::Host => "host",
+            AddressMode::Internal => "internal",
+        }
+    }
+}
+
 /// Validated `[register]`.
 #[derive(Debug, Clone)]
 pub struct RegisterConfig {

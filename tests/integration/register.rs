@@ -947,3 +947,22 @@ async fn resyncs_write_nothing_when_nothing_changed() {
         .unwrap()
         .expect("register ends cleanly");
 }
+
+/// The agent's own answers the component relies on: a check the agent does
+/// not hold (it lost its state) is "gone", not an error, so the component
+/// registers its service again at once; a TTL check it holds is renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_the_agent_lost_is_told_apart_from_a_failure() {
+    use wayfinder::register::agent;
+    let consul = Consul::start();
+    let http = wayfinder::consul::ConsulHttp::new(consul.http_addr());
+    let held = agent::set_status(&http, "never-registered", "passing").await;
+    assert!(matches!(held, Ok(false)), "a check the agent does not hold: {held:?}");
+    consul.register("held", "held", "10.0.0.1", 80, &[], true);
+    let held = agent::set_status(&http, "service:held", "critical").await;
+    assert!(matches!(held, Ok(true)), "a TTL check the agent holds: {held:?}");
+    assert_eq!(check_status(&consul, "service:held"), "critical");
+    agent::deregister(&http, "never-registered")
+        .await
+        .expect("deregistering what is gone is fine");
+}
