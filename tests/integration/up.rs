@@ -196,6 +196,22 @@ fn consul_ports() -> ConsulPorts {
     }
 }
 
+/// Unit `name` as `GET /api/units` shows it (fails the test when it is not listed).
+async fn unit(client: &reqwest::Client, admin: SocketAddr, name: &str) -> serde_json::Value {
+    let units: serde_json::Value = client
+        .get(format!("http://{admin}/api/units"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    units
+        .as_array()
+        .and_then(|all| all.iter().find(|u| u["name"] == name).cloned())
+        .unwrap_or_else(|| panic!("no unit {name} in {units:#}"))
+}
+
 /// The end-to-end test: `up` starts the real Consul itself, then dns and lb;
 /// a service registered in that Consul (a real nginx) is resolved by dig
 /// through Wayfinder's dns and reached through its lb; `wayfinder status`
@@ -316,20 +332,7 @@ async fn up_starts_consul_dns_lb_and_sigterm_leaves_nothing() {
 
     // `needs_consul`: the registrar checks for a leader at start and exits
     // without one; it waited, so it started once.
-    let units: serde_json::Value = client
-        .get(format!("http://{admin}/api/units"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let registrar = units
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["name"] == "registrar")
-        .unwrap();
+    let registrar = unit(&client, admin, "registrar").await;
     assert_eq!(registrar["restarts"], 0, "{registrar:#}");
     assert_eq!(registrar["state"], "running", "{registrar:#}");
 
@@ -517,21 +520,8 @@ async fn ready_follows_consul_killed_and_frozen() {
     let consul_pid = |client: &reqwest::Client| {
         let client = client.clone();
         async move {
-            let units: serde_json::Value = client
-                .get(format!("http://{admin}/api/units"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let consul = units
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|u| u["name"] == "consul")
-                .cloned();
-            consul.and_then(|u| u["pid"].as_u64()).expect("consul runs with a pid") as i32
+            let consul = unit(&client, admin, "consul").await;
+            consul["pid"].as_u64().expect("consul runs with a pid") as i32
         }
     };
 
