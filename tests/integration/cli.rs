@@ -6,28 +6,16 @@
 
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Unbound, dig, free_port, wayfinder_bin};
+use crate::harness::{Unbound, dig, free_port};
 
 /// Exit status of a configuration error (sysexits `EX_USAGE`).
 const EXIT_CONFIG: i32 = 64;
 
-/// `wayfinder <args>` with a clean, known environment: none of the PanteraS
-/// variables the test process may have, `RUST_LOG=info`, run in `dir`.
-fn wayfinder(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(wayfinder_bin());
-    cmd.args(args).current_dir(dir).env("RUST_LOG", "info");
-    for (var, _) in wayfinder::env::VARS {
-        cmd.env_remove(var);
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd
-}
+use crate::harness::wayfinder_command as wayfinder;
 
 /// Runs `wayfinder check -c <file holding text>` to completion.
 fn check(text: &str, env: &[(&str, &str)]) -> (PathBuf, Output, tempfile::TempDir) {

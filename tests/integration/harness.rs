@@ -783,6 +783,22 @@ impl Dig {
     }
 }
 
+/// `wayfinder <args>` (the built binary) in `dir` with a clean, known
+/// environment: none of the variables Wayfinder reads inherited from the test
+/// process (PanteraS's, `NOTIFY_SOCKET`), `RUST_LOG=info`, then `env`.
+pub fn wayfinder_command(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(wayfinder_bin());
+    cmd.args(args).current_dir(dir).env("RUST_LOG", "info");
+    for (var, _) in wayfinder::env::VARS {
+        cmd.env_remove(var);
+    }
+    cmd.env_remove("NOTIFY_SOCKET");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
 /// The wayfinder binary built for these tests.
 pub fn wayfinder_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_wayfinder"))

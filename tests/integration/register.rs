@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::docker::Dockerd;
 use crate::harness::{
-    Consul, die_with_parent, dig_until, free_port, http_client, http_get, http_put, require, wait_routed, wayfinder_bin,
+    Consul, die_with_parent, dig_until, free_port, http_client, http_get, http_put, require, wait_routed,
+    wayfinder_bin, wayfinder_command,
 };
 
 /// How long anything the component does may take here (the benchmark says
@@ -113,15 +114,7 @@ struct Process {
 impl Process {
     fn spawn(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let log = dir.join(format!("{}.log", args[0]));
-        let mut cmd = Command::new(wayfinder_bin());
-        cmd.args(args).current_dir(dir).env("RUST_LOG", "info");
-        for (var, _) in wayfinder::env::VARS {
-            cmd.env_remove(var);
-        }
-        cmd.env_remove("NOTIFY_SOCKET");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        let mut cmd = wayfinder_command(dir, args, env);
         let out = std::fs::File::create(&log).unwrap();
         cmd.stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())

@@ -11,21 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Nginx, dig_until, free_port, http_client, http_put, require, unique, wait_routed, wayfinder_bin};
+use crate::harness::{Nginx, dig_until, free_port, http_client, http_put, require, unique, wait_routed};
 
-/// `wayfinder <args>` with none of the variables Wayfinder reads inherited.
-fn wayfinder(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(wayfinder_bin());
-    cmd.args(args).current_dir(dir).env("RUST_LOG", "info");
-    for (var, _) in wayfinder::env::VARS {
-        cmd.env_remove(var);
-    }
-    cmd.env_remove("NOTIFY_SOCKET");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd
-}
+use crate::harness::wayfinder_command as wayfinder;
 
 /// Every process descended from `root`, from /proc (pid -> ppid), with its
 /// start time so that a recycled pid is not mistaken for it.
