@@ -477,6 +477,12 @@ async fn work(run: &Run, docker: &DockerClient, host: &Host) -> Result<(), Regis
             for (id, _) in marks {
                 lookups.want(id);
             }
+            if lookups.overflowing() {
+                // More waiting than Pending may hold: look at everything instead.
+                lookups.forget_queue();
+                reinspect = true;
+                next_resync = Instant::now();
+            }
         }
         while let Some(id) = lookups.next_to_start() {
             lookups.in_flight.push(Box::pin(async move {
@@ -527,6 +533,18 @@ impl Lookups<'_> {
         } else if self.queued.insert(id.clone()) {
             self.queue.push_back(id);
         }
+    }
+
+    /// More containers wait than [`MAX_PENDING`].
+    fn overflowing(&self) -> bool {
+        self.queue.len() + self.again.len() > MAX_PENDING
+    }
+
+    /// Drops the containers waiting (not those in flight).
+    fn forget_queue(&mut self) {
+        self.queue.clear();
+        self.queued.clear();
+        self.again.clear();
     }
 
     fn next_to_start(&mut self) -> Option<String> {
@@ -910,6 +928,25 @@ mod tests {
             ]
         );
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn lookups_are_one_per_container_and_bounded() {
+        let mut l = Lookups::default();
+        l.want("a".into());
+        l.want("a".into());
+        assert_eq!(l.next_to_start().as_deref(), Some("a"));
+        assert_eq!(l.next_to_start(), None, "queued once");
+        l.want("a".into());
+        assert_eq!(l.next_to_start(), None, "not twice in flight");
+        l.done("a");
+        assert_eq!(l.next_to_start().as_deref(), Some("a"), "looked at again after");
+        for i in 0..=MAX_PENDING {
+            l.want(format!("{i:x}"));
+        }
+        assert!(l.overflowing());
+        l.forget_queue();
+        assert!(!l.overflowing() && l.queued.is_empty() && l.busy.contains("a"));
     }
 
     #[test]
