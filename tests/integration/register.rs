@@ -394,14 +394,11 @@ async fn docker_stop_under_load_drains_without_a_failed_request() {
     let before = ok.load(Ordering::Relaxed);
     let stop_sent = Instant::now();
     let stopped = {
-        let a = a.clone();
-        let host = docker.host();
+        let mut stop = docker.cli();
+        stop.args(["stop", &a]);
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let out = Command::new(require("docker"))
-                .args(["--host", &host, "stop", &a])
-                .output()
-                .expect("docker stop");
+            let out = stop.output().expect("docker stop");
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             started.elapsed()
         })
