@@ -70,7 +70,8 @@ impl Env for HashMap<String, String> {
     }
 }
 
-/// Bind address of every listener (keeps each listener's port).
+/// Bind addresses of every listener (keeps each listener's port): one
+/// address, or several separated by commas or spaces.
 pub const LISTEN_IP: &str = "LISTEN_IP";
 /// This host's address: the default target of wildcard and LB answers.
 pub const HOST_IP: &str = "HOST_IP";
@@ -87,6 +88,10 @@ pub const CONSUL_DOMAIN: &str = "CONSUL_DOMAIN";
 pub const CONSUL_DC: &str = "CONSUL_DC";
 /// The wildcard domain answered with the load-balancer hosts.
 pub const HAPROXY_ADD_DOMAIN: &str = "HAPROXY_ADD_DOMAIN";
+
+/// How the dns answers A/AAAA for `*.service.<consul domain>`: `consul`
+/// (the instances) or `lb` (the LB hosts, as PanteraS's dnsmasq did).
+pub const DNS_CONSUL_A_RECORDS: &str = "DNS_CONSUL_A_RECORDS";
 
 /// Serve HTTPS from the lb (`true`/`false`).
 pub const HAPROXY_SSL: &str = "HAPROXY_SSL";
@@ -120,7 +125,7 @@ pub const WAYFINDER_ADMIN_TOKEN: &str = "WAYFINDER_ADMIN_TOKEN";
 pub const VARS: &[(&str, &str)] = &[
     (
         LISTEN_IP,
-        "the address of every listener: dns.listen, lb.http, lb.https, lb.stats, vpn.listen (ports kept)",
+        "the addresses of the listeners (ports kept), one or several separated by commas or spaces: dns.listen on each; lb.http and lb.https on the first, lb.also_listen the others; lb.stats and vpn.listen on the first. The docker bridge (docker0) is added to the dns and lb when it exists",
     ),
     (
         HOST_IP,
@@ -138,6 +143,10 @@ pub const VARS: &[(&str, &str)] = &[
     (CONSUL_DOMAIN, "consul.domain"),
     (CONSUL_DC, "consul.datacenter"),
     (HAPROXY_ADD_DOMAIN, "dns.wildcard_domain"),
+    (
+        DNS_CONSUL_A_RECORDS,
+        "dns.consul_a_records: `lb` answers A/AAAA of NAME.service.consul with the LB hosts (PanteraS), `consul` with the instances",
+    ),
     (HAPROXY_SSL, "lb.ssl"),
     (MASTER, "up: host role; a master runs Consul as a server (default true)"),
     (

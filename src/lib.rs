@@ -143,12 +143,20 @@ pub fn explain_not_local(error: AppError, env: &dyn env::Env) -> AppError {
     }
     let culprits: Vec<String> = [env::LISTEN_IP, env::HOST_IP, env::IP, env::CONSUL_IP]
         .into_iter()
-        .filter_map(|var| {
-            let ip: std::net::IpAddr = env.get(var)?.trim().parse().ok()?;
-            (!net::host::is_local(ip)).then(|| match env.origin(var) {
-                Some(origin) => format!("{var}={ip} ({origin})"),
-                None => format!("{var}={ip} (environment)"),
-            })
+        .flat_map(|var| {
+            // LISTEN_IP may name several addresses.
+            let value = env.get(var).unwrap_or_default();
+            let ips: Vec<std::net::IpAddr> = value
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            ips.into_iter()
+                .filter(|&ip| !net::host::is_local(ip))
+                .map(|ip| match env.origin(var) {
+                    Some(origin) => format!("{var}={ip} ({origin})"),
+                    None => format!("{var}={ip} (environment)"),
+                })
+                .collect::<Vec<_>>()
         })
         .collect();
     if culprits.is_empty() {

@@ -95,9 +95,14 @@ impl Config {
     pub fn own_listeners(&self) -> OwnListeners {
         let config = self;
         let mut own = OwnListeners::default();
-        own.add("lb http", config.lb.http);
+        for addr in config.lb.http_addrs() {
+            own.add("lb http", addr);
+        }
         if let Some(https) = &config.lb.https {
             own.add("lb https", https.listen);
+            for &ip in &config.lb.also_listen {
+                own.add("lb https", SocketAddr::new(ip, https.listen.port()));
+            }
         }
         if let Some(stats) = config.lb.stats {
             own.add("lb stats", stats);
@@ -163,7 +168,7 @@ pub fn load(path: Option<&Path>, env: &dyn Env, runs: Runs) -> Result<(FileConfi
         ),
     }
     let env = env::Panteras::new(env, host.as_ref().map(|h| h.ip));
-    let (file, _) = parse_text(&text, &source, &env)?;
+    let (file, _) = parse_text(&text, &source, &env, crate::net::host::docker_bridge())?;
     let config = with_host(validate_for(&file, &source, runs)?, host);
     Ok((file, config))
 }
@@ -211,11 +216,16 @@ pub fn parse(text: &str, source: &str, env: &dyn Env) -> Result<FileConfig, Conf
 /// no key of their own).
 pub fn parse_with_host(text: &str, source: &str, env: &dyn Env) -> Result<(FileConfig, Option<IpAddr>), ConfigError> {
     let host = given_host_address(env)?.map(|h| h.ip);
-    parse_text(text, source, &env::Panteras::new(env, host))
+    parse_text(text, source, &env::Panteras::new(env, host), None)
 }
 
 /// Parses TOML text and applies `env` (already the PanteraS view).
-fn parse_text(text: &str, source: &str, env: &dyn Env) -> Result<(FileConfig, Option<IpAddr>), ConfigError> {
+fn parse_text(
+    text: &str,
+    source: &str,
+    env: &dyn Env,
+    bridge: Option<IpAddr>,
+) -> Result<(FileConfig, Option<IpAddr>), ConfigError> {
     let mut file: FileConfig = toml::from_str(text).map_err(|e| ConfigError {
         file: source.to_string(),
         key: toml_error_key(&e, text),
@@ -224,7 +234,7 @@ fn parse_text(text: &str, source: &str, env: &dyn Env) -> Result<(FileConfig, Op
                 .map(|s| format!(" (line {})", line_of(text, s.start)))
                 .unwrap_or_default(),
     })?;
-    apply_env(&mut file, env)?;
+    apply_env(&mut file, env, bridge)?;
     Ok((file, env_ip(env, env::HOST_IP)?))
 }
 
@@ -269,19 +279,89 @@ fn env_ip(env: &dyn Env, var: &str) -> Result<Option<IpAddr>, ConfigError> {
         .transpose()
 }
 
-/// Applies the PanteraS variables (see [`crate::env::VARS`]) over the file.
-fn apply_env(file: &mut FileConfig, env: &dyn Env) -> Result<(), ConfigError> {
-    if let Some(ip) = env_ip(env, env::LISTEN_IP)? {
-        for addr in &mut file.dns.listen {
-            addr.set_ip(ip);
+/// `LISTEN_IP`'s addresses (commas or spaces between them), with the docker
+/// bridge's address added when there is one and no wildcard address is
+/// named; `None` when `LISTEN_IP` is unset. A wildcard address among others
+/// stands alone (it takes them all).
+fn listen_ips(env: &dyn Env, bridge: Option<IpAddr>) -> Result<Option<Vec<IpAddr>>, ConfigError> {
+    let Some(text) = env.get(env::LISTEN_IP) else {
+        return Ok(None);
+    };
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for word in text
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|w| !w.is_empty())
+    {
+        let ip = word.parse::<IpAddr>().map_err(|e| {
+            env_error(
+                env::LISTEN_IP,
+                format!("`{word}` is not an IP address: {e} (several addresses: separate them with commas)"),
+            )
+        })?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
         }
-        file.lb.http.set_ip(ip);
-        file.lb.https.set_ip(ip);
-        file.vpn.listen.set_ip(ip);
-        if let Ok(mut stats) = file.lb.stats.trim().parse::<SocketAddr>() {
-            stats.set_ip(ip);
-            file.lb.stats = stats.to_string();
+    }
+    if ips.len() > MAX_LISTEN_IPS {
+        return Err(env_error(
+            env::LISTEN_IP,
+            format!("names {} addresses; at most {MAX_LISTEN_IPS}", ips.len()),
+        ));
+    }
+    if let Some(wildcard) = ips.iter().find(|ip| ip.is_unspecified()) {
+        return Ok(Some(vec![*wildcard]));
+    }
+    if let Some(bridge) = bridge.filter(|b| !ips.contains(b)) {
+        ips.push(bridge);
+    }
+    Ok((!ips.is_empty()).then_some(ips))
+}
+
+/// Addresses `LISTEN_IP` may name (each costs every listener a socket).
+const MAX_LISTEN_IPS: usize = 16;
+
+/// Puts the listeners on `ips` (not empty): the dns on each (with each port it
+/// had), the lb's HTTP and HTTPS on the first with `also_listen` the others,
+/// the stats page and the vpn on the first.
+fn apply_listen_ips(file: &mut FileConfig, ips: &[IpAddr]) {
+    let first = ips[0];
+    let mut ports: Vec<u16> = Vec::new();
+    for addr in &file.dns.listen {
+        if !ports.contains(&addr.port()) {
+            ports.push(addr.port());
         }
+    }
+    file.dns.listen = ports
+        .iter()
+        .flat_map(|&port| ips.iter().map(move |&ip| SocketAddr::new(ip, port)))
+        .collect();
+    file.lb.http.set_ip(first);
+    file.lb.https.set_ip(first);
+    file.lb.also_listen = ips[1..].to_vec();
+    file.vpn.listen.set_ip(first);
+    if let Ok(mut stats) = file.lb.stats.trim().parse::<SocketAddr>() {
+        stats.set_ip(first);
+        file.lb.stats = stats.to_string();
+    }
+}
+
+/// Applies the PanteraS variables (see [`crate::env::VARS`]) over the file;
+/// `bridge` is the docker bridge's address, when [`load`] found one.
+fn apply_env(file: &mut FileConfig, env: &dyn Env, bridge: Option<IpAddr>) -> Result<(), ConfigError> {
+    if let Some(ips) = listen_ips(env, bridge)? {
+        apply_listen_ips(file, &ips);
+    }
+    if let Some(mode) = env.get(env::DNS_CONSUL_A_RECORDS) {
+        file.dns.consul_a_records = match mode.trim().to_ascii_lowercase().as_str() {
+            "consul" => crate::dns::settings::ConsulARecords::Consul,
+            "lb" => crate::dns::settings::ConsulARecords::Lb,
+            other => {
+                return Err(env_error(
+                    env::DNS_CONSUL_A_RECORDS,
+                    format!("`{other}` is neither `consul` (the instances) nor `lb` (the LB hosts)"),
+                ));
+            }
+        };
     }
     if let Some(ssl) = env.get(env::HAPROXY_SSL) {
         file.lb.ssl = parse_bool(&ssl).map_err(|p| env_error(env::HAPROXY_SSL, p))?;
@@ -501,6 +581,90 @@ mod tests {
         assert_eq!(c.dns.upstreams, vec!["192.0.2.1:53".parse().unwrap()]);
         assert_eq!(c.dns.consul_timeout, Duration::from_secs(2));
         assert!(c.dns.workers >= 1);
+    }
+
+    #[test]
+    fn listen_ip_names_one_or_several_addresses_and_the_docker_bridge_joins_them() {
+        let c = check(MIN, &[("LISTEN_IP", "10.1.2.3, 10.9.9.9")]).unwrap();
+        assert_eq!(
+            c.dns.listen,
+            vec!["10.1.2.3:53".parse().unwrap(), "10.9.9.9:53".parse().unwrap()]
+        );
+        assert_eq!(c.lb.http, "10.1.2.3:80".parse().unwrap());
+        assert_eq!(c.lb.also_listen, vec!["10.9.9.9".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            c.lb.stats,
+            Some("10.1.2.3:81".parse().unwrap()),
+            "stats on the first only"
+        );
+        assert_eq!(c.vpn.listen, "10.1.2.3:51820".parse().unwrap());
+        let own: Vec<_> = c.own_listeners().iter().map(|l| l.addr).collect();
+        assert!(own.contains(&"10.9.9.9:80".parse().unwrap()), "{own:?}");
+
+        // Each dns port on each address; spaces separate too; duplicates once.
+        let two_ports = format!("{MIN}listen = [\"0.0.0.0:53\", \"0.0.0.0:5353\"]\n");
+        let c = check(&two_ports, &[("LISTEN_IP", "10.1.2.3 10.9.9.9 10.1.2.3")]).unwrap();
+        assert_eq!(c.dns.listen.len(), 4, "{:?}", c.dns.listen);
+
+        // The docker bridge joins a given LISTEN_IP (read by `load`; here by hand).
+        let mut file = parse(MIN, "t", &env(&[])).unwrap();
+        apply_env(
+            &mut file,
+            &env(&[("LISTEN_IP", "10.1.2.3")]),
+            Some("172.17.0.1".parse().unwrap()),
+        )
+        .unwrap();
+        let c = validate(&file, "t").unwrap();
+        assert_eq!(c.dns.listen[1], "172.17.0.1:53".parse().unwrap());
+        assert_eq!(c.lb.also_listen, vec!["172.17.0.1".parse::<IpAddr>().unwrap()]);
+        // ... but not a wildcard one (it takes the bridge already), nor when unset.
+        let mut file = parse(MIN, "t", &env(&[])).unwrap();
+        apply_env(
+            &mut file,
+            &env(&[("LISTEN_IP", "10.1.2.3,0.0.0.0")]),
+            Some("172.17.0.1".parse().unwrap()),
+        )
+        .unwrap();
+        let c = validate(&file, "t").unwrap();
+        assert_eq!(c.dns.listen, vec!["0.0.0.0:53".parse().unwrap()]);
+        assert!(c.lb.also_listen.is_empty());
+        let mut file = parse(MIN, "t", &env(&[])).unwrap();
+        apply_env(&mut file, &env(&[]), Some("172.17.0.1".parse().unwrap())).unwrap();
+        assert_eq!(
+            validate(&file, "t").unwrap().dns.listen,
+            vec!["0.0.0.0:53".parse().unwrap()]
+        );
+
+        // Refused: a word that is no address (named), too many addresses.
+        let e = check(MIN, &[("LISTEN_IP", "10.1.2.3;10.9.9.9")]).unwrap_err();
+        assert!(
+            e.to_string().contains("LISTEN_IP") && e.to_string().contains("commas"),
+            "{e}"
+        );
+        let many: Vec<String> = (1..=17).map(|i| format!("10.0.0.{i}")).collect();
+        let e = check(MIN, &[("LISTEN_IP", &many.join(","))]).unwrap_err();
+        assert!(e.to_string().contains("at most 16"), "{e}");
+        // lb.also_listen needs a specific lb.http, and no wildcard of its own.
+        let e = check(&format!("{MIN}[lb]\nalso_listen = [\"10.0.0.1\"]\n"), &[]).unwrap_err();
+        assert_eq!(e.key, "lb.also_listen", "{e}");
+        let e = check(
+            &format!("{MIN}[lb]\nhttp = \"10.0.0.2:80\"\nalso_listen = [\"0.0.0.0\"]\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "lb.also_listen", "{e}");
+    }
+
+    #[test]
+    fn dns_consul_a_records_comes_from_its_variable() {
+        let targets = format!("{MIN}wildcard_targets = [\"10.0.0.1\"]\n");
+        let c = check(&targets, &[("DNS_CONSUL_A_RECORDS", "lb")]).unwrap();
+        assert_eq!(c.dns.consul_a_records, crate::dns::settings::ConsulARecords::Lb);
+        let lb = format!("{targets}consul_a_records = \"lb\"\n");
+        let c = check(&lb, &[("DNS_CONSUL_A_RECORDS", "Consul")]).unwrap();
+        assert_eq!(c.dns.consul_a_records, crate::dns::settings::ConsulARecords::Consul);
+        let e = check(&targets, &[("DNS_CONSUL_A_RECORDS", "host")]).unwrap_err();
+        assert!(e.to_string().contains("DNS_CONSUL_A_RECORDS"), "{e}");
     }
 
     #[test]

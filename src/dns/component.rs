@@ -83,6 +83,11 @@ pub struct DnsReport {
     pub routes: BTreeMap<&'static str, RouteSnapshot>,
     /// Packets dropped unanswered.
     pub dropped: u64,
+    /// The upstream resolvers for every other name.
+    pub upstreams: Vec<std::net::SocketAddr>,
+    /// Why upstream entries gave nothing (with none left: why other names
+    /// answer SERVFAIL).
+    pub upstream_problems: Vec<String>,
 }
 
 /// One bound start of the dns.
@@ -138,7 +143,7 @@ impl Component for Dns {
     fn bind(&self) -> Result<Box<dyn Bound>, ComponentError> {
         let mut bound = self.bound.lock();
         let listen = if bound.is_empty() { &self.config.listen } else { &*bound };
-        let sockets = DnsSockets::bind(listen, self.config.workers)?;
+        let sockets = DnsSockets::bind(listen, self.config.workers, self.config.tunnel)?;
         *bound = sockets.local_addrs();
         Ok(Box::new(BoundDns {
             sockets,
@@ -168,6 +173,8 @@ impl Component for Dns {
         serde_json::to_value(DnsReport {
             routes: stats.snapshot().into_iter().collect(),
             dropped: stats.dropped(),
+            upstreams: self.config.upstreams.clone(),
+            upstream_problems: self.config.upstream_problems.clone(),
         })
         .unwrap_or_default()
     }
@@ -191,6 +198,9 @@ impl Component for Dns {
             line.push_str(&format!(" ({})", escape(&parts_by_route.join(", "))));
         }
         parts.listening.push(line);
+        parts
+            .listening
+            .push(upstream_line(&self.config.upstreams, &self.config.upstream_problems));
     }
 
     fn banner(&self, appliance: &Appliance, host: &Host, banner: &mut Banner) {
@@ -229,6 +239,30 @@ impl Component for Dns {
             ))
         })
     }
+}
+
+/// The status page's line about the upstreams: where other names go, or
+/// why they answer SERVFAIL.
+fn upstream_line(upstreams: &[std::net::SocketAddr], problems: &[String]) -> String {
+    let why = escape(&problems.join("; "));
+    if upstreams.is_empty() {
+        let why = if why.is_empty() {
+            "none configured".to_string()
+        } else {
+            why
+        };
+        return format!(
+            "dns upstreams: <strong>none</strong>: names outside Consul, the zones and the wildcard domain \
+             answer SERVFAIL ({why}; set dns.upstreams, or save the host's resolvers in /etc/resolv.conf.orig)"
+        );
+    }
+    let list: Vec<String> = upstreams.iter().map(|u| format!("<code>{u}</code>")).collect();
+    let skipped = if why.is_empty() {
+        String::new()
+    } else {
+        format!(" (skipped: {why})")
+    };
+    format!("dns upstreams {}{skipped}", list.join(", "))
 }
 
 /// The dns's Prometheus series.
@@ -322,4 +356,19 @@ fn metrics(out: &mut Writer, stats: &DnsStats) {
         "Packets dropped unanswered.",
         stats.dropped(),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_page_says_why_there_is_no_upstream() {
+        let none = super::upstream_line(&[], &["/etc/resolv.conf.orig is a directory <x>".into()]);
+        assert!(
+            none.contains("<strong>none</strong>") && none.contains("SERVFAIL"),
+            "{none}"
+        );
+        assert!(none.contains("is a directory &lt;x&gt;"), "escaped: {none}");
+        let some = super::upstream_line(&["192.0.2.1:53".parse().unwrap()], &[]);
+        assert_eq!(some, "dns upstreams <code>192.0.2.1:53</code>");
+    }
 }

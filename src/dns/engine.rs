@@ -120,6 +120,8 @@ pub enum Verdict<'a> {
 /// Routes questions and owns the answer cache.
 pub struct Engine {
     allow: Vec<IpNet>,
+    /// The host's own addresses, always clients (asked only outside `allow`).
+    own: crate::net::host::OwnAddresses,
     consul_zone: Vec<u8>,
     service_zone: Vec<u8>,
     lb_for_consul: bool,
@@ -156,6 +158,7 @@ impl Engine {
             .unwrap_or_else(|| consul.domain.clone());
         Self {
             allow: dns.allow.clone(),
+            own: crate::net::host::OwnAddresses::new(),
             consul_zone: wire::name_to_wire(&consul.domain),
             service_zone: wire::name_to_wire(&service),
             lb_for_consul: dns.consul_a_records == ConsulARecords::Lb,
@@ -203,14 +206,16 @@ impl Engine {
         &self.stats
     }
 
-    /// True when `ip` may ask us questions.
+    /// True when `ip` may ask us questions: inside `allow`, or one of this
+    /// host's own addresses (its queries to the docker bridge may arrive
+    /// masqueraded from its outward address).
     #[inline]
     pub fn allowed(&self, ip: IpAddr) -> bool {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,
         };
-        self.allow.iter().any(|net| net.contains(&ip))
+        self.allow.iter().any(|net| net.contains(&ip)) || self.own.contains(ip)
     }
 
     /// The hot path: answers what needs no I/O into `out`.

@@ -32,7 +32,7 @@ pub mod wildcard;
 pub mod wire;
 pub mod zones;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -95,13 +95,18 @@ impl DnsSockets {
     /// Binds `workers` UDP sockets and one TCP listener on each address. Port 0
     /// picks a free port, shared by the UDP and TCP sockets of that address (tried
     /// again with another port when TCP happens to have that one in use).
-    pub fn bind(listen: &[SocketAddr], workers: usize) -> Result<Self, DnsError> {
+    ///
+    /// Only `tunnel` (the vpn's address, which appears when the vpn creates
+    /// its interface) is bound with IP_FREEBIND: any other address this host
+    /// does not have is an error at once (EADDRNOTAVAIL), not a listener that
+    /// silently never hears a question.
+    pub fn bind(listen: &[SocketAddr], workers: usize, tunnel: Option<IpAddr>) -> Result<Self, DnsError> {
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
         for &requested in listen {
             let mut attempt = 0;
             let (sockets, listener) = loop {
-                match bind_address(requested, workers) {
+                match bind_address(requested, workers, tunnel == Some(requested.ip())) {
                     Ok(bound) => break bound,
                     Err(DnsError::Bind { source, .. })
                         if requested.port() == 0 && attempt < 20 && source.kind() == std::io::ErrorKind::AddrInUse =>
@@ -127,11 +132,12 @@ impl DnsSockets {
 fn bind_address(
     requested: SocketAddr,
     workers: usize,
+    freebind: bool,
 ) -> Result<(Vec<std::net::UdpSocket>, std::net::TcpListener), DnsError> {
     let mut addr = requested;
     let mut udp = Vec::with_capacity(workers.max(1));
     for _ in 0..workers.max(1) {
-        let socket = udp_socket(addr).map_err(|source| DnsError::Bind {
+        let socket = udp_socket(addr, freebind).map_err(|source| DnsError::Bind {
             proto: "udp",
             addr,
             source,
@@ -145,7 +151,7 @@ fn bind_address(
         }
         udp.push(socket);
     }
-    let tcp = tcp_listener(addr).map_err(|source| DnsError::Bind {
+    let tcp = tcp_listener(addr, freebind).map_err(|source| DnsError::Bind {
         proto: "tcp",
         addr,
         source,
@@ -153,7 +159,7 @@ fn bind_address(
     Ok((udp, tcp))
 }
 
-fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+fn udp_socket(addr: SocketAddr, freebind: bool) -> std::io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
@@ -161,11 +167,9 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     socket.set_reuse_port(true)?;
     // The vpn's tunnel address may not exist yet when the dns starts (the vpn
     // creates the interface): bind it anyway and receive once it appears.
-    let _ = if addr.is_ipv6() {
-        socket.set_freebind_v6(true)
-    } else {
-        socket.set_freebind_v4(true)
-    };
+    if freebind {
+        set_freebind(&socket, addr);
+    }
     // Room for bursts while a worker is busy (the kernel caps this at rmem_max).
     let _ = socket.set_recv_buffer_size(4 << 20);
     let _ = socket.set_send_buffer_size(4 << 20);
@@ -173,17 +177,24 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
-fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_reuse_address(true)?;
+fn set_freebind(socket: &Socket, addr: SocketAddr) {
+    // Without it the bind fails when the address is not there yet, as it would anyway.
     let _ = if addr.is_ipv6() {
         socket.set_freebind_v6(true)
     } else {
         socket.set_freebind_v4(true)
     };
+}
+
+fn tcp_listener(addr: SocketAddr, freebind: bool) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    if freebind {
+        set_freebind(&socket, addr);
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;

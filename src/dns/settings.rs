@@ -216,6 +216,9 @@ pub enum WildcardTarget {
 pub struct DnsConfig {
     /// Listen addresses (UDP and TCP on each).
     pub listen: Vec<SocketAddr>,
+    /// The vpn's tunnel address among `listen`, when the vpn is on: it may
+    /// appear only after the dns binds (the one address bound with IP_FREEBIND).
+    pub tunnel: Option<IpAddr>,
     /// Allowed client networks.
     pub allow: Vec<IpNet>,
     /// Upstream resolvers, in order.
@@ -271,6 +274,7 @@ impl DnsConfig {
         let secs = |d: &Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
         DnsConfig {
             listen: dns.listen.clone(),
+            tunnel: None,
             allow: dns.allow.clone(),
             upstreams: Vec::new(),
             upstream_problems: Vec::new(),
@@ -423,6 +427,7 @@ pub(crate) fn validate_dns(
     let secs = |d: &Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
     Ok(DnsConfig {
         listen: listen.clone(),
+        tunnel: tunnel.map(|t| t.address),
         allow: allow.clone(),
         upstreams: resolved,
         upstream_problems,

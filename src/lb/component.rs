@@ -80,22 +80,23 @@ struct BoundLb {
 }
 
 fn listening_of(sockets: &LbSockets) -> Listening {
-    let mut out = Vec::new();
-    for (key, what, socket) in [
-        ("lb_http", "lb http", Some(&sockets.http)),
-        ("lb_https", "lb https", sockets.https.as_ref()),
-        ("lb_stats", "lb stats", sockets.stats.as_ref()),
-    ] {
-        if let Some(addr) = socket.and_then(|s| s.local_addr().ok()) {
-            out.push(Listener {
+    let out = sockets
+        .all()
+        .filter_map(|(what, socket)| {
+            let key = match what {
+                "lb http" => "lb_http",
+                "lb https" => "lb_https",
+                _ => "lb_stats",
+            };
+            Some(Listener {
                 key,
                 what,
-                addr,
+                addr: socket.local_addr().ok()?,
                 tcp: true,
                 list: false,
-            });
-        }
-    }
+            })
+        })
+        .collect();
     Listening(out)
 }
 
@@ -132,18 +133,17 @@ impl Component for Lb {
         let mut config = self.config.lock();
         let sockets = LbSockets::bind(&config)?;
         let listening = listening_of(&sockets);
-        // A port 0 keeps the port it got at the first start.
-        for l in &listening.0 {
-            match l.key {
-                "lb_http" => config.http = l.addr,
-                "lb_https" => {
-                    if let Some(h) = config.https.as_mut() {
-                        h.listen = l.addr;
-                    }
-                }
-                "lb_stats" => config.stats = Some(l.addr),
-                _ => {}
-            }
+        // A port 0 keeps the port it got at the first start (the first
+        // listener of each kind is the configured one; `also_listen` follow).
+        let first = |key| listening.0.iter().find(|l| l.key == key).map(|l| l.addr);
+        if let Some(addr) = first("lb_http") {
+            config.http = addr;
+        }
+        if let (Some(addr), Some(h)) = (first("lb_https"), config.https.as_mut()) {
+            h.listen = addr;
+        }
+        if let Some(addr) = first("lb_stats") {
+            config.stats = Some(addr);
         }
         *self.bound.lock() = listening;
         Ok(Box::new(BoundLb {

@@ -112,16 +112,47 @@ pub struct LbSockets {
     pub https: Option<std::net::TcpListener>,
     /// The stats listener, unless turned off.
     pub stats: Option<std::net::TcpListener>,
+    /// The HTTP listeners on `also_listen`.
+    pub http_also: Vec<std::net::TcpListener>,
+    /// The HTTPS listeners on `also_listen`, when HTTPS is on.
+    pub https_also: Vec<std::net::TcpListener>,
 }
 
 impl LbSockets {
     /// Binds the listeners the configuration asks for (port 0 picks a free port).
     pub fn bind(config: &LbConfig) -> Result<Self, LbError> {
+        let http = bind_tcp(config.http)?;
+        let https = config.https.as_ref().map(|h| bind_tcp(h.listen)).transpose()?;
+        // `also_listen` on the ports the first listeners got (port 0 included).
+        let also = |first: &std::net::TcpListener| -> Result<Vec<std::net::TcpListener>, LbError> {
+            let port = first.local_addr().map_err(|source| LbError::Bind {
+                addr: config.http,
+                source,
+            })?;
+            config
+                .also_listen
+                .iter()
+                .map(|&ip| bind_tcp(SocketAddr::new(ip, port.port())))
+                .collect()
+        };
         Ok(Self {
-            http: bind_tcp(config.http)?,
-            https: config.https.as_ref().map(|h| bind_tcp(h.listen)).transpose()?,
+            http_also: also(&http)?,
+            https_also: https.as_ref().map(also).transpose()?.unwrap_or_default(),
+            http,
+            https,
             stats: config.stats.map(bind_tcp).transpose()?,
         })
+    }
+}
+
+impl LbSockets {
+    /// Every listener with what it is (`lb http`, `lb https`, `lb stats`).
+    pub fn all(&self) -> impl Iterator<Item = (&'static str, &std::net::TcpListener)> {
+        let http = std::iter::once(&self.http)
+            .chain(&self.http_also)
+            .map(|l| ("lb http", l));
+        let https = self.https.iter().chain(&self.https_also).map(|l| ("lb https", l));
+        http.chain(https).chain(self.stats.iter().map(|l| ("lb stats", l)))
     }
 }
 
@@ -372,12 +403,8 @@ pub async fn run(
     // The configuration names the listeners; the bound sockets say where they
     // really are (a port 0 in the file).
     let mut table_config = table_config(config, inputs);
-    for (what, socket) in [
-        ("lb http", Some(&sockets.http)),
-        ("lb https", sockets.https.as_ref()),
-        ("lb stats", sockets.stats.as_ref()),
-    ] {
-        if let Some(addr) = socket.and_then(|s| s.local_addr().ok()) {
+    for (what, socket) in sockets.all() {
+        if let Ok(addr) = socket.local_addr() {
             table_config.policy.own.add(what, addr);
         }
     }
@@ -386,8 +413,10 @@ pub async fn run(
     let https_addr = sockets.https.as_ref().and_then(|l| l.local_addr().ok());
     let stats_addr = sockets.stats.as_ref().and_then(|l| l.local_addr().ok());
     let mut listeners = vec![(sockets.http, None)];
-    if let (Some(listener), Some(tls)) = (sockets.https, tls) {
-        listeners.push((listener, Some(tls)));
+    listeners.extend(sockets.http_also.into_iter().map(|l| (l, None)));
+    if let Some(tls) = tls {
+        let https = sockets.https.into_iter().chain(sockets.https_also);
+        listeners.extend(https.map(|l| (l, Some(tls.clone()))));
     }
     let bind_error = |source| LbError::Bind {
         addr: addr.unwrap_or(config.http),
@@ -479,7 +508,7 @@ fn spawn_table_tasks(
     ));
     tasks.spawn(tcp::run(
         state.clone(),
-        config.http.ip(),
+        config.http_addrs().iter().map(SocketAddr::ip).collect(),
         config.connect_timeout,
         config.eject_time.as_millis() as u64,
         config.tunnel_timeout,

@@ -9,7 +9,7 @@
 //! The shared `config` module aggregates the sections and decides which are
 //! checked strictly (what the command runs); this module owns the rules.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -26,6 +26,14 @@ pub struct LbSection {
     /// HTTP listener. Default `0.0.0.0:80`; `LISTEN_IP` replaces the address.
     #[serde(default = "default_lb_http")]
     pub http: SocketAddr,
+    /// More addresses the HTTP and HTTPS listeners take, on their ports (not
+    /// the stats page): e.g. the docker bridge next to the host address, so
+    /// containers and other hosts both reach the lb. Default none; `LISTEN_IP`
+    /// with several addresses puts all but the first here, and adds the docker
+    /// bridge (docker0) when it exists. Needs a specific `http` address (a
+    /// wildcard one already takes them all).
+    #[serde(default)]
+    pub also_listen: Vec<IpAddr>,
     /// Extra Host names answered with the landing page (besides `localhost`,
     /// 127.0.0.1, the host name and `HOST_IP`). Default none.
     #[serde(default)]
@@ -224,6 +232,9 @@ fn default_lb_eject_time() -> Duration {
 pub struct LbConfig {
     /// HTTP listener.
     pub http: SocketAddr,
+    /// More addresses of the HTTP and HTTPS listeners (their ports); never a
+    /// wildcard one, never the `http` address again.
+    pub also_listen: Vec<IpAddr>,
     /// Host names answered with the landing page (lower-case, complete list).
     pub landing_hosts: Vec<String>,
     /// The wildcard domain (`HAPROXY_ADD_DOMAIN`) without the trailing dot, with a
@@ -271,6 +282,39 @@ pub struct LbConfig {
     pub tcp_ports: crate::lb::policy::PortRanges,
 }
 
+/// `also_listen` checked against `http`: specific addresses only, each once,
+/// not `http`'s own, and only beside a specific `http` address.
+fn check_also_listen(http: &SocketAddr, also: &[IpAddr]) -> Result<Vec<IpAddr>, String> {
+    if also.is_empty() {
+        return Ok(Vec::new());
+    }
+    if http.ip().is_unspecified() {
+        return Err(format!(
+            "lb.http {http} already takes every address; list further addresses only beside a specific one"
+        ));
+    }
+    let mut out: Vec<IpAddr> = Vec::with_capacity(also.len());
+    for &ip in also {
+        if ip.is_unspecified() {
+            return Err(format!("{ip} is a wildcard address: put it in lb.http instead"));
+        }
+        if ip != http.ip() && !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    Ok(out)
+}
+
+impl LbConfig {
+    /// Every address the HTTP listener takes: `http`, then `also_listen` on
+    /// its port.
+    pub fn http_addrs(&self) -> Vec<SocketAddr> {
+        std::iter::once(self.http)
+            .chain(self.also_listen.iter().map(|&ip| SocketAddr::new(ip, self.http.port())))
+            .collect()
+    }
+}
+
 /// Validated HTTPS settings of the lb.
 #[derive(Debug, Clone)]
 pub struct HttpsConfig {
@@ -293,6 +337,7 @@ pub(crate) fn validate_lb(
 ) -> Result<LbConfig, ConfigError> {
     let LbSection {
         http,
+        also_listen,
         landing_hosts,
         connect_timeout,
         client_timeout,
@@ -319,6 +364,7 @@ pub(crate) fn validate_lb(
         tcp_ports,
     } = lb;
     let tcp_ports = crate::lb::policy::PortRanges::parse(tcp_ports).map_err(|p| err("lb.tcp_ports", p))?;
+    let also_listen = check_also_listen(http, also_listen).map_err(|p| err("lb.also_listen", p))?;
     if state_dir.as_os_str().is_empty() {
         return Err(err("lb.state_dir", "must name a directory".into()));
     }
@@ -377,6 +423,7 @@ pub(crate) fn validate_lb(
     hosts.dedup();
     Ok(LbConfig {
         http: *http,
+        also_listen,
         landing_hosts: hosts,
         add_domain: wildcard_domain.map(|n| format!(".{}", n.to_string().trim_end_matches('.'))),
         connect_timeout: *connect_timeout,

@@ -27,10 +27,11 @@ use super::splice::{SpliceEnd, splice};
 /// Instances tried per connection at most.
 const MAX_ATTEMPTS: usize = 3;
 
-/// Keeps one listener per wanted port on `ip` until shutdown.
+/// Keeps one listener per wanted port on each of `ips` (the lb's HTTP
+/// addresses) until shutdown.
 pub async fn run(
     state: Arc<LbState>,
-    ip: std::net::IpAddr,
+    ips: Vec<std::net::IpAddr>,
     connect_timeout: Duration,
     eject_ms: u64,
     tunnel_timeout: Duration,
@@ -54,30 +55,36 @@ pub async fn run(
             if open.contains_key(&port) {
                 continue;
             }
-            let addr = SocketAddr::new(ip, port);
-            match TcpListener::bind(addr).await {
-                Ok(listener) => {
-                    let token = shutdown.child_token();
-                    open.insert(port, token.clone());
-                    tracing::info!(%addr, "lb: tcp listener opened");
-                    let splices = Splices {
-                        tasks: tasks.clone(),
-                        shutdown: shutdown.clone(),
-                        idle: tunnel_timeout,
-                    };
-                    tasks.spawn(accept(
-                        listener,
-                        port,
-                        state.clone(),
-                        connect_timeout,
-                        eject_ms,
-                        token,
-                        splices,
-                    ));
+            let token = shutdown.child_token();
+            let mut bound = false;
+            for &ip in &ips {
+                let addr = SocketAddr::new(ip, port);
+                match TcpListener::bind(addr).await {
+                    Ok(listener) => {
+                        bound = true;
+                        tracing::info!(%addr, "lb: tcp listener opened");
+                        let splices = Splices {
+                            tasks: tasks.clone(),
+                            shutdown: shutdown.clone(),
+                            idle: tunnel_timeout,
+                        };
+                        tasks.spawn(accept(
+                            listener,
+                            port,
+                            state.clone(),
+                            connect_timeout,
+                            eject_ms,
+                            token.clone(),
+                            splices,
+                        ));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%addr, %error, "lb: cannot open tcp listener; retrying at the next change")
+                    }
                 }
-                Err(error) => {
-                    tracing::warn!(%addr, %error, "lb: cannot open tcp listener; retrying at the next change")
-                }
+            }
+            if bound {
+                open.insert(port, token);
             }
         }
         let ended = tokio::select! {

@@ -13,6 +13,10 @@
 //!
 //! What it came from is kept, so `wayfinder check` and the start-up log can say
 //! "10.0.0.5 (guessed from interface eth0)" and a wrong guess is easy to fix.
+//!
+//! [`OwnAddresses`] is the set of this host's (non-loopback) addresses the dns
+//! always answers: the host's own queries to the docker bridge can arrive
+//! masqueraded from its outward address, which `allow` may not name.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, ToSocketAddrs};
@@ -156,6 +160,92 @@ pub fn interface_addresses() -> Vec<(String, IpAddr)> {
         .collect()
 }
 
+/// This host's non-loopback interface addresses, read at start and again
+/// (at most every [`OwnAddresses::REREAD`]) when asked about an address not
+/// among them, so an address that appears later counts too. Asked only for
+/// clients outside `allow`: the answer path never reads interfaces.
+///
+/// No spoofing concern: Linux drops a packet arriving from outside with a
+/// source address of its own (`accept_local` is off by default).
+pub struct OwnAddresses {
+    addresses: arc_swap::ArcSwap<Vec<IpAddr>>,
+    /// Milliseconds after `epoch` of the last read.
+    read_at: std::sync::atomic::AtomicU64,
+    epoch: std::time::Instant,
+}
+
+impl Default for OwnAddresses {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl OwnAddresses {
+    /// How long a read stands before an unknown address makes it read again.
+    pub const REREAD: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// Reads the interfaces now.
+    pub fn new() -> Self {
+        Self {
+            addresses: arc_swap::ArcSwap::from_pointee(own_addresses()),
+            read_at: std::sync::atomic::AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
+        }
+    }
+
+    /// True when `ip` is one of this host's non-loopback addresses.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        use std::sync::atomic::Ordering;
+        let ip = ip.to_canonical();
+        if self.addresses.load().contains(&ip) {
+            return true;
+        }
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let last = self.read_at.load(Ordering::Relaxed);
+        let due = now.saturating_sub(last) >= Self::REREAD.as_millis() as u64;
+        // One caller reads; the others answer from the old list meanwhile.
+        if due
+            && self
+                .read_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let fresh = own_addresses();
+            let found = fresh.contains(&ip);
+            self.addresses.store(std::sync::Arc::new(fresh));
+            return found;
+        }
+        false
+    }
+}
+
+fn own_addresses() -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = interface_addresses()
+        .into_iter()
+        .map(|(_, ip)| ip.to_canonical())
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The interface Docker's default bridge network uses.
+pub const DOCKER_BRIDGE: &str = "docker0";
+
+/// The IPv4 address of the docker bridge (`docker0`), when it exists: where
+/// containers on the default network reach this host.
+pub fn docker_bridge() -> Option<IpAddr> {
+    bridge_of(&interfaces())
+}
+
+fn bridge_of(interfaces: &[(String, Ipv4Addr)]) -> Option<IpAddr> {
+    interfaces
+        .iter()
+        .find(|(name, _)| name == DOCKER_BRIDGE)
+        .map(|(_, ip)| IpAddr::V4(*ip))
+}
+
 /// True when `ip` is this host's: loopback, or assigned to one of its interfaces.
 pub fn is_local(ip: IpAddr) -> bool {
     let ip = ip.to_canonical();
@@ -180,6 +270,32 @@ fn first_private(interfaces: &[(String, Ipv4Addr)]) -> Option<(String, Ipv4Addr)
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn own_addresses_are_the_interfaces_but_loopback() {
+        let own = super::OwnAddresses::new();
+        let first = super::interface_addresses()
+            .into_iter()
+            .map(|(_, ip)| ip)
+            .find(|ip| !ip.is_loopback())
+            .expect("this test needs a host with a non-loopback interface address");
+        assert!(own.contains(first), "{first}");
+        assert!(
+            !own.contains("127.0.0.1".parse().unwrap()),
+            "loopback is allow's to decide"
+        );
+        assert!(!own.contains("192.0.2.77".parse().unwrap()), "not this host's");
+    }
+
+    #[test]
+    fn the_docker_bridge_is_docker0s_address() {
+        let ifs = [
+            ("eth0".to_string(), std::net::Ipv4Addr::new(10, 0, 0, 5)),
+            ("docker0".to_string(), std::net::Ipv4Addr::new(172, 17, 0, 1)),
+        ];
+        assert_eq!(super::bridge_of(&ifs), Some("172.17.0.1".parse().unwrap()));
+        assert_eq!(super::bridge_of(&ifs[..1]), None);
+    }
+
     use super::*;
 
     #[test]

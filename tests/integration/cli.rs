@@ -846,3 +846,38 @@ async fn up_without_a_consul_binary_exits_64_naming_the_install_step() {
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{log}");
     assert!(!log.contains("supervisor.consul.command"), "{log}");
 }
+
+/// A dns-only host with a `LISTEN_IP` this host does not have stops at once
+/// (exit 64 naming the variable) instead of binding it with IP_FREEBIND and
+/// never hearing a question: only the vpn's tunnel address may be absent at
+/// bind time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_listen_ip_this_host_lacks_exits_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dns.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[consul]\nhttp = \"127.0.0.1:{}\"\n[dns]\nlisten = [\"127.0.0.1:{}\"]\nupstreams = [\"192.0.2.1\"]\n",
+            free_port(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    // TEST-NET-3: never an address of a test machine.
+    let mut server = Running::spawn(
+        wayfinder(
+            dir.path(),
+            &["dns", "-c", config.to_str().unwrap()],
+            &[("LISTEN_IP", "203.0.113.77")],
+        ),
+        dir.path().join("dns.log"),
+    );
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("still running on an address it cannot have; log:\n{}", server.log()));
+    let log = server.log();
+    assert_eq!(status.code(), Some(EXIT_CONFIG), "{log}");
+    assert!(log.contains("LISTEN_IP=203.0.113.77"), "{log}");
+}

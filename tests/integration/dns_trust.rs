@@ -646,3 +646,29 @@ async fn tcp_clients_outside_allow_never_hold_a_slot() {
     assert_eq!(d.status(), "REFUSED", "UDP from outside: {}", d.out);
     wf.stop().await;
 }
+
+/// The host's own addresses are always clients, whatever `allow` says (its
+/// queries to the docker bridge can arrive masqueraded from its outward
+/// address): from this host's non-loopback address a UDP and a TCP question
+/// are answered with `allow` naming neither it nor loopback, while loopback
+/// itself (not an interface address: `allow`'s to decide) stays refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hosts_own_addresses_are_always_clients() {
+    let own = wayfinder::net::host::interface_addresses()
+        .into_iter()
+        .map(|(_, ip)| ip)
+        .find(|ip| ip.is_ipv4() && !ip.is_loopback())
+        .expect("this test needs a non-loopback IPv4 interface address (ip -brief address)");
+    let wf = Wayfinder::start(&format!(
+        "[dns]\nupstreams = [\"192.0.2.53\"]\nallow = [\"198.51.100.0/24\"]\n{LOCAL_CONFIG}"
+    ))
+    .await;
+    let source = own.to_string();
+    for transport in ["+notcp", "+tcp"] {
+        let d = dig(wf.addr, &["-b", &source, "x.apps.example.com", "A", transport]).await;
+        assert_eq!(d.answers(), ["10.0.0.5"], "from {source} {transport}: {}", d.out);
+    }
+    let d = dig(wf.addr, &["x.apps.example.com", "A", "+notcp"]).await;
+    assert_eq!(d.status(), "REFUSED", "from loopback, outside allow: {}", d.out);
+    wf.stop().await;
+}

@@ -624,7 +624,7 @@ impl Wayfinder {
             file.dns.workers = 2;
         }
         let config = wayfinder::config::validate(&file, "test.toml").expect("test config validates");
-        let sockets = DnsSockets::bind(&config.dns.listen, config.dns.workers).expect("bind");
+        let sockets = DnsSockets::bind(&config.dns.listen, config.dns.workers, None).expect("bind");
         let addr = sockets.local_addrs()[0];
         let control = DnsControl::default();
         let shutdown = CancellationToken::new();
