@@ -123,7 +123,6 @@ pub struct Engine {
     /// The host's own addresses, always clients (asked only outside `allow`).
     own: crate::net::host::OwnAddresses,
     consul_zone: Vec<u8>,
-    service_zone: Vec<u8>,
     lb_for_consul: bool,
     wildcard: Option<(Name, Vec<u8>)>,
     lb: Arc<LbAnswers>,
@@ -152,15 +151,10 @@ impl Engine {
         stats: Arc<DnsStats>,
         readers: super::forward::ReaderTasks,
     ) -> Self {
-        let service = Name::from_ascii("service")
-            .ok()
-            .and_then(|s| s.append_domain(&consul.domain).ok())
-            .unwrap_or_else(|| consul.domain.clone());
         Self {
             allow: dns.allow.clone(),
             own: crate::net::host::OwnAddresses::new(),
             consul_zone: wire::name_to_wire(&consul.domain),
-            service_zone: wire::name_to_wire(&service),
             lb_for_consul: dns.consul_a_records == ConsulARecords::Lb,
             wildcard: dns.wildcard_domain.as_ref().map(|n| (n.clone(), wire::name_to_wire(n))),
             lb,
@@ -271,7 +265,7 @@ impl Engine {
     fn is_lb_consul_question(&self, query: &ParsedQuery<'_>) -> bool {
         self.lb_for_consul
             && matches!(query.qtype, rtype::A | rtype::AAAA)
-            && wire::name_in_zone(query.qname, &self.service_zone)
+            && wire::is_service_name(query.qname, &self.consul_zone)
     }
 
     /// Writes the cached answer to `query` into `out`, counted; `false` when

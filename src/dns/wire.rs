@@ -361,6 +361,31 @@ pub fn name_in_zone(name: &[u8], zone: &[u8]) -> bool {
     false
 }
 
+/// True when `name` (wire format, in `zone`) is a Consul service name:
+/// `<labels>.service.<zone>` or, in a named datacenter,
+/// `<labels>.service.<dc>.<zone>` (Consul's `[tag.]name.service[.dc].domain`).
+pub fn is_service_name(name: &[u8], zone: &[u8]) -> bool {
+    if !name_in_zone(name, zone) {
+        return false;
+    }
+    // The labels before the zone: at most 127 in a valid name.
+    let prefix = name.len() - zone.len();
+    let mut starts = [0usize; 128];
+    let (mut n, mut pos) = (0, 0);
+    while pos < prefix && n < starts.len() {
+        starts[n] = pos;
+        n += 1;
+        pos += 1 + name[pos] as usize;
+    }
+    let is_service = |i: usize| {
+        let at = starts[i];
+        let len = name[at] as usize;
+        name.get(at + 1..at + 1 + len)
+            .is_some_and(|l| l.eq_ignore_ascii_case(b"service"))
+    };
+    (n >= 2 && is_service(n - 1)) || (n >= 3 && is_service(n - 2))
+}
+
 /// A response made reusable: ID 0, no OPT record, lower-case question, and the
 /// offset of every TTL so it can be aged.
 #[derive(Debug, Clone)]
@@ -692,6 +717,29 @@ pub fn name_to_string(name: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn service_names_in_this_or_another_datacenter() {
+        let wire = |n: &str| name_to_wire(&Name::from_ascii(n).unwrap());
+        let zone = wire("consul.");
+        for yes in [
+            "web.service.consul.",
+            "v1.web.service.consul.",
+            "web.Service.dc2.consul.",
+        ] {
+            assert!(is_service_name(&wire(yes), &zone), "{yes}");
+        }
+        for no in [
+            "service.consul.",
+            "service.dc1.consul.",
+            "web.node.consul.",
+            "web.service.dc1.x.consul.",
+            "web.service.example.com.",
+            "consul.",
+        ] {
+            assert!(!is_service_name(&wire(no), &zone), "{no}");
+        }
+    }
+
     use super::*;
     use hickory_proto::op::{Message, MessageType, OpCode, Query as HQuery};
     use hickory_proto::rr::{Name, RData, Record, RecordType, rdata::A};
