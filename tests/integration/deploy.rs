@@ -122,7 +122,32 @@ fn systemd_unit_verifies_and_has_the_keys_it_must() {
         text.replace("/usr/local/bin/wayfinder", &wayfinder_bin().display().to_string()),
     )
     .unwrap();
-    let out = Command::new(verify).arg("verify").arg(&copy).output().unwrap();
+    // With the docker hosts' drop-in, found where systemd would (a mistyped
+    // key there is a warning, hence a failure).
+    let dropin_text = read("wayfinder-docker.conf");
+    let dropin = ini(&dropin_text);
+    assert_eq!(
+        dropin["Unit"]["After"],
+        ["docker.service"],
+        "docker0 before LISTEN_IP is read"
+    );
+    assert_eq!(
+        dropin["Service"]["SupplementaryGroups"],
+        ["docker"],
+        "the socket's group"
+    );
+    assert!(
+        text.contains("deploy/wayfinder-docker.conf"),
+        "the unit names its drop-in"
+    );
+    std::fs::create_dir(dir.path().join("wayfinder.service.d")).unwrap();
+    std::fs::write(dir.path().join("wayfinder.service.d/docker.conf"), &dropin_text).unwrap();
+    let out = Command::new(verify)
+        .arg("verify")
+        .arg(&copy)
+        .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.path().display()))
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success() && err.trim().is_empty(),
