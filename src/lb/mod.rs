@@ -39,6 +39,7 @@ pub mod body;
 pub mod checks;
 pub mod client;
 pub mod component;
+pub mod h1;
 pub mod policy;
 pub mod proxy;
 pub mod register;
