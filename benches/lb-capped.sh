@@ -41,6 +41,7 @@
 #                 callers through code built without frame pointers (Rust's
 #                 release code, libc's memmove)                                 (fp)
 #   PERF_FREQ     perf record -F for PROFILE=1 (lower it with dwarf)             (4999)
+#   URING         1: also the uring-tcp line (benches/uring_tcp.rs, Linux 5.19+); 0: not (1)
 #   KEEP_TMP=1    keep the temp dir (configs, logs, raw wrk/h2load output)
 #
 # Every proxy does the same work per request (benches/lib.sh configures all three
@@ -54,6 +55,8 @@
 #              header rewriting: what one request costs a user-space event-loop
 #              proxy at the least on this kernel (one read and one write each way,
 #              epoll). A proxy that does HTTP cannot be cheaper than this.
+#   uring-tcp  the same byte copying on io_uring (benches/uring_tcp.rs): how much
+#              of that floor io_uring's batched submission takes off (issue 23).
 #   direct     wrk straight at backend b1, not capped, no proxy: the load side's
 #              ceiling. When a capped proxy gets near it, the figure is the rig's,
 #              not the proxy's.
@@ -152,7 +155,7 @@ throttled() { awk '$1 == "nr_throttled" {print $2}' "$cg_base/$1/cpu.stat"; }
 
 # --- ports -----------------------------------------------------------------------------
 read -r p_http p_cdns p_grpc p_serf_lan p_serf_wan p_server p_b1 p_b2 p_wf p_hap p_ngx p_tcp \
-  p_wfs p_haps p_ngxs p_wfb p_wfbs < <(free_ports 17)
+  p_wfs p_haps p_ngxs p_wfb p_wfbs p_uring < <(free_ports 18)
 echo "ports:    consul http=$p_http, backends=$p_b1,$p_b2, wayfinder=$p_wf, haproxy=$p_hap, nginx=$p_ngx, tcp-limit=$p_tcp"
 
 load_pin=(taskset -c "$load_cpu")
@@ -256,12 +259,21 @@ EOF
 "$haproxy_bin" -c -q -f "$tmp/tcp-limit.cfg" >"$tmp/tcp-limit-check.log" 2>&1 \
   || die "tcp-limit config is invalid: $(cat "$tmp/tcp-limit-check.log")"
 start tcp-limit "${proxy_pin[@]}" "$haproxy_bin" -db -f "$tmp/tcp-limit.cfg"
+# The io_uring line (URING=1, the default): the same byte copying as tcp-limit
+# on io_uring (benches/uring_tcp.rs: multishot accept and recv, provided
+# buffers, batched submission), round-robin over both backends.
+refs=(tcp-limit)
+if [ "${URING:-1}" = 1 ]; then
+  build_uring_tcp "$repo"
+  start uring-tcp "${proxy_pin[@]}" "$uring_tcp" "127.0.0.1:$p_uring" "127.0.0.1:$p_b1" "127.0.0.1:$p_b2"
+  refs+=(uring-tcp)
+fi
 
 # l7: the HTTP proxies compared; wf-before (BEFORE=binary) is another Wayfinder build.
 l7=(wayfinder haproxy nginx)
 [ -n "${BEFORE:-}" ] && l7=(wayfinder wf-before haproxy nginx)
-proxies=("${l7[@]}" tcp-limit)
-declare -A port=([wayfinder]=$p_wf [wf-before]=$p_wfb [haproxy]=$p_hap [nginx]=$p_ngx [tcp-limit]=$p_tcp [direct]=$p_b1)
+proxies=("${l7[@]}" "${refs[@]}")
+declare -A port=([wayfinder]=$p_wf [wf-before]=$p_wfb [haproxy]=$p_hap [nginx]=$p_ngx [tcp-limit]=$p_tcp [uring-tcp]=$p_uring [direct]=$p_b1)
 declare -A tls_port=([wayfinder]=$p_wfs [wf-before]=$p_wfbs [haproxy]=$p_haps [nginx]=$p_ngxs)
 
 # --- every proxy answers ok from both backends --------------------------------------------
@@ -558,7 +570,8 @@ def ratio(rows, key, a, b, match=lambda r: True):
 print()
 print(f"HTTP/1.1, wrk -t1 -c64 closed loop, each proxy capped at {quota}% of one core (medians over rounds)")
 print(f"{'proxy':<10} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'cpu':>5} {'throttled':>9} {'wrk cpu':>7} {'errors':>6} {'non-2xx':>7}")
-for p in l7 + ["tcp-limit", "direct"]:
+refs = ["tcp-limit"] + (["uring-tcp"] if any(r["proxy"] == "uring-tcp" for r in rows) else [])
+for p in l7 + refs + ["direct"]:
     sel = [r for r in rows if r["proxy"] == p]
     c = lambda k: med([num(r[k]) for r in sel])
     print(f"{p:<10} {fmt(c('reqs'), '8.0f')} {fmt(c('p50_ms'), '7.3f')} {fmt(c('p99_ms'), '7.3f')} "
@@ -570,6 +583,8 @@ t = ratio(rows, "reqs", "wayfinder", "tcp-limit")
 print(f"capped req/s ratios: wayfinder/haproxy {fmt(h, '.2f')}  wayfinder/nginx {fmt(n, '.2f')}  "
       f"wayfinder/tcp-limit {fmt(t, '.2f')}  (haproxy/tcp-limit {fmt(ratio(rows, 'reqs', 'haproxy', 'tcp-limit'), '.2f')}, "
       f"nginx/tcp-limit {fmt(ratio(rows, 'reqs', 'nginx', 'tcp-limit'), '.2f')})")
+if "uring-tcp" in refs:
+    print(f"io_uring vs epoll, same byte copying: uring-tcp/tcp-limit {fmt(ratio(rows, 'reqs', 'uring-tcp', 'tcp-limit'), '.2f')}")
 if "wf-before" in l7:
     print(f"before/after: wayfinder/wf-before {fmt(ratio(rows, 'reqs', 'wayfinder', 'wf-before'), '.2f')}")
 print("target: capped req/s >= 1.2x HAProxy and nginx: "

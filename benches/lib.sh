@@ -61,6 +61,18 @@ build_wayfinder() {
   [ -x "$wayfinder" ] || { echo "$BENCH_NAME: $wayfinder was not built" >&2; exit 1; }
 }
 
+# build_uring_tcp REPO: builds benches/uring_tcp.rs (the io_uring TCP proxy
+# prototype, bench profile) and sets $uring_tcp to its path.
+build_uring_tcp() {
+  uring_tcp=$(cd "$1" && cargo bench --bench uring_tcp --no-run --message-format=json 2>/dev/null \
+    | python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "uring_tcp" and m.get("executable"):
+        print(m["executable"])')
+  [ -x "$uring_tcp" ] || { echo "$BENCH_NAME: benches/uring_tcp.rs was not built (cargo bench --bench uring_tcp --no-run)" >&2; exit 1; }
+}
+
 # Creates the temp dir $tmp and installs the traps that stop every started process and remove it.
 setup_tmp() {
   tmp=$(mktemp -d -t "wayfinder-$BENCH_NAME.XXXXXX")
