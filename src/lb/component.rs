@@ -9,6 +9,7 @@
 //!    bind() ─▶ LbSockets (http, https, stats; port 0 pinned after the first bind)
 //!    BoundLb::run ─▶ LbState::new ─▶ published ─▶ lb::run(section, inputs, sockets, state, hub)
 //!    metrics/status/page/annotate ◀── LbStatus::collect(running state)
+//!    sample ◀── the counters of the running state (once per timeline step; no LbStatus)
 //! ```
 
 use std::net::SocketAddr;
@@ -28,6 +29,38 @@ use crate::component::{
 use crate::consul::settings::ConsulConfig;
 use crate::report::html::escape;
 use crate::report::prometheus::{Kind, Writer};
+use crate::report::timeline::{Chart, Tick, TopK};
+
+/// Chart: requests per second, all and per busiest service.
+static REQUESTS: Chart = Chart {
+    order: 20,
+    id: "lb-requests",
+    title: "lb requests",
+    unit: "/s",
+};
+/// Chart: 5xx answers per second, all and per busiest service.
+static ERRORS: Chart = Chart {
+    order: 21,
+    id: "lb-5xx",
+    title: "lb 5xx answers",
+    unit: "/s",
+};
+/// Chart: request latency quantiles over the last step.
+static LATENCY: Chart = Chart {
+    order: 22,
+    id: "lb-latency",
+    title: "lb latency (request to response head)",
+    unit: "s",
+};
+/// Chart: time from Consul's answer to live routing (recent changes).
+static PROPAGATION: Chart = Chart {
+    order: 41,
+    id: "lb-propagation",
+    title: "propagation: Consul change to live lb routing",
+    unit: "s",
+};
+/// Services charted one by one (the busiest since start; the rest are in "all").
+const CHARTED_SERVICES: usize = 8;
 
 impl Failure for LbError {
     fn exit_code(&self) -> u8 {
@@ -162,6 +195,41 @@ impl Component for Lb {
     fn metrics(&self, out: &mut Writer) {
         if let Some(status) = self.status_now() {
             metrics(out, &status);
+        }
+    }
+
+    fn sample(&self, tick: &mut Tick<'_>) {
+        let Some(state) = self.state() else {
+            return;
+        };
+        let stats = state.stats.snapshot();
+        let all = &stats.requests;
+        tick.counter(&REQUESTS, "all", all.total());
+        tick.counter(&ERRORS, "all", all.status_classes[5]);
+        tick.quantiles(&LATENCY, &all.latency, &[("p50", 0.5), ("p99", 0.99)]);
+        for (label, p) in [("p50", stats.propagation_p50), ("p99", stats.propagation_p99)] {
+            if let Some(p) = p {
+                tick.gauge(&PROPAGATION, label, p.as_secs_f64());
+            }
+        }
+        // One pass over the routes' counters (relaxed loads, no allocation):
+        // the busiest since start get a line each. Ranking by totals since
+        // start keeps a service's line from coming and going with its traffic.
+        let table = state.table.load_full();
+        let mut busiest = TopK::<&super::table::Backend, CHARTED_SERVICES>::default();
+        for backend in table.backends() {
+            let total = backend
+                .counters
+                .status_classes
+                .iter()
+                .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+                .sum();
+            busiest.offer(total, backend);
+        }
+        for (total, backend) in busiest.into_sorted() {
+            tick.counter(&REQUESTS, &backend.service, total);
+            let errors = backend.counters.status_classes[5].load(std::sync::atomic::Ordering::Relaxed);
+            tick.counter(&ERRORS, &backend.service, errors);
         }
     }
 
