@@ -313,3 +313,306 @@ async fn charts_need_the_token() {
     assert!(console.is_empty(), "console messages: {console:#?}");
     up.stop().await;
 }
+
+/// What one PromQL expression names: each `wayfinder_*` series with its label
+/// matchers (`(label, op, value)`), and the labels of its `by`/`without`/`on`/
+/// `ignoring`/`group_*` clauses. A small lexer, enough for the expressions we
+/// ship (the test fails on anything it cannot read).
+#[derive(Debug, Default)]
+struct PromqlUses {
+    series: Vec<(String, Vec<Matcher>)>,
+    grouping: Vec<String>,
+}
+
+/// `(label, op, value)` of a selector.
+type Matcher = (String, String, String);
+
+fn promql_uses(expr: &str) -> PromqlUses {
+    let chars: Vec<char> = expr.chars().collect();
+    let mut uses = PromqlUses::default();
+    let mut i = 0;
+    let ident = |i: &mut usize| -> String {
+        let start = *i;
+        while *i < chars.len() && (chars[*i].is_ascii_alphanumeric() || chars[*i] == '_' || chars[*i] == ':') {
+            *i += 1;
+        }
+        chars[start..*i].iter().collect()
+    };
+    let skip_space = |i: &mut usize| {
+        while *i < chars.len() && chars[*i].is_whitespace() {
+            *i += 1;
+        }
+    };
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '"' {
+            // A string outside a selector (label_replace ...): skipped.
+            i += 1;
+            while i < chars.len() && chars[i] != '"' {
+                i += if chars[i] == '\\' { 2 } else { 1 };
+            }
+            i += 1;
+        } else if c.is_ascii_alphabetic() || c == '_' {
+            let word = ident(&mut i);
+            let mut j = i;
+            skip_space(&mut j);
+            let grouping = ["by", "without", "on", "ignoring", "group_left", "group_right"];
+            if grouping.contains(&word.as_str()) && chars.get(j) == Some(&'(') {
+                let end = j + chars[j..].iter().position(|c| *c == ')').expect("closed grouping");
+                let list: String = chars[j + 1..end].iter().collect();
+                uses.grouping
+                    .extend(list.split(',').map(|l| l.trim().to_string()).filter(|l| !l.is_empty()));
+                i = end + 1;
+            } else if word.starts_with("wayfinder_") {
+                let mut matchers = Vec::new();
+                if chars.get(j) == Some(&'{') {
+                    let mut k = j + 1;
+                    loop {
+                        skip_space(&mut k);
+                        if chars.get(k) == Some(&'}') {
+                            k += 1;
+                            break;
+                        }
+                        let label = ident(&mut k);
+                        skip_space(&mut k);
+                        let op_start = k;
+                        while k < chars.len() && matches!(chars[k], '=' | '!' | '~') {
+                            k += 1;
+                        }
+                        let op: String = chars[op_start..k].iter().collect();
+                        skip_space(&mut k);
+                        assert_eq!(chars.get(k), Some(&'"'), "a quoted value in {expr}");
+                        let vstart = k + 1;
+                        k = vstart;
+                        while chars[k] != '"' {
+                            k += if chars[k] == '\\' { 2 } else { 1 };
+                        }
+                        let value: String = chars[vstart..k].iter().collect();
+                        k += 1;
+                        assert!(!label.is_empty() && !op.is_empty(), "a matcher in {expr}");
+                        matchers.push((label, op, value));
+                        skip_space(&mut k);
+                        if chars.get(k) == Some(&',') {
+                            k += 1;
+                        }
+                    }
+                    i = k;
+                }
+                uses.series.push((word, matchers));
+            }
+        } else {
+            i += 1;
+        }
+    }
+    uses
+}
+
+/// Live `/metrics`: sample name -> label -> values seen.
+type Exported = std::collections::HashMap<String, std::collections::HashMap<String, std::collections::HashSet<String>>>;
+
+fn exported(text: &str) -> Exported {
+    let mut out = Exported::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let (name, labels, _) = crate::supervisor::parse_metric(line).unwrap_or_else(|| panic!("unparsable: {line:?}"));
+        let entry = out.entry(name).or_default();
+        for (k, v) in labels {
+            entry.entry(k).or_default().insert(v);
+        }
+    }
+    out
+}
+
+/// Labels Prometheus adds when it scrapes (never in `/metrics`).
+const SCRAPE_LABELS: [&str; 2] = ["instance", "job"];
+
+/// Every problem of `expr` (from `place`) against the live series.
+fn check_expr(place: &str, expr: &str, live: &Exported) -> Vec<String> {
+    let uses = promql_uses(expr);
+    let mut problems = Vec::new();
+    if uses.series.is_empty() {
+        problems.push(format!("{place}: names no wayfinder_ series: {expr}"));
+    }
+    let mut labels_here: std::collections::HashSet<&str> = SCRAPE_LABELS.into_iter().collect();
+    for (name, matchers) in &uses.series {
+        let Some(labels) = live.get(name) else {
+            problems.push(format!("{place}: {name} is not exported by /metrics"));
+            continue;
+        };
+        labels_here.extend(labels.keys().map(String::as_str));
+        for (label, op, value) in matchers {
+            if SCRAPE_LABELS.contains(&label.as_str()) {
+                continue;
+            }
+            match labels.get(label) {
+                None => problems.push(format!(
+                    "{place}: {name} has no label {label:?} (it has {:?})",
+                    labels.keys()
+                )),
+                Some(values) if op == "=" && !values.contains(value) => problems.push(format!(
+                    "{place}: {name}{{{label}=\"{value}\"}} matches nothing (values: {values:?})"
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    for g in &uses.grouping {
+        if !labels_here.contains(g.as_str()) {
+            problems.push(format!("{place}: groups by {g:?}, which none of its series has"));
+        }
+    }
+    problems
+}
+
+/// The Grafana dashboard and the Prometheus rules in deploy/grafana/, parsed,
+/// checked for shape (one row per component, every panel with a query, every
+/// rule with a severity and a summary, the alerts the appliance needs), and
+/// every series, label and label value they name checked against the
+/// `/metrics` of a live appliance: `up` in a network namespace with its own
+/// Consul, dns, lb (a routed service whose instance refuses: 5xx), register
+/// (no Docker: its stream is down) and vpn (a wireguard-go laptop that has
+/// made a handshake, so per-peer series exist).
+#[test]
+fn grafana_dashboard_and_alert_rules_name_live_series() {
+    for p in ["consul", "curl", "ping", "wireguard-go", "wg", "wg-quick", "nft"] {
+        crate::harness::require(p);
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("wayfinder-dashboard.json")).unwrap())
+            .expect("the dashboard is JSON");
+    let rules: serde_json::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(dir.join("wayfinder-alerts.yml")).unwrap())
+            .expect("the rules are YAML");
+
+    // Shape of the dashboard: a row per component, in order, each with panels.
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let rows: Vec<&str> = panels
+        .iter()
+        .filter(|p| p["type"] == "row")
+        .filter_map(|p| p["title"].as_str())
+        .collect();
+    assert_eq!(rows, ["Appliance and Consul", "dns", "lb", "register", "vpn"]);
+    let mut queries: Vec<(String, String)> = Vec::new();
+    let mut ids = std::collections::HashSet::new();
+    let mut row = "";
+    for p in panels {
+        assert!(ids.insert(p["id"].as_u64().expect("an id")), "duplicate id {}", p["id"]);
+        let g = &p["gridPos"];
+        assert!(
+            g["x"].as_u64().unwrap() + g["w"].as_u64().unwrap() <= 24,
+            "{}",
+            p["title"]
+        );
+        if p["type"] == "row" {
+            row = p["title"].as_str().unwrap();
+            continue;
+        }
+        assert_eq!(p["datasource"]["uid"], "${DS_PROMETHEUS}", "{}", p["title"]);
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{} has no query", p["title"]);
+        for t in targets {
+            let place = format!("dashboard {row} / {}", p["title"].as_str().unwrap());
+            queries.push((place, t["expr"].as_str().expect("an expr").to_string()));
+        }
+    }
+    for (row, _) in rows.iter().zip(0..) {
+        assert!(
+            queries
+                .iter()
+                .any(|(place, _)| place.starts_with(&format!("dashboard {row} /"))),
+            "row {row} has no panel"
+        );
+    }
+    let variable = dashboard["templating"]["list"][0]["definition"].as_str().unwrap();
+    queries.push(("dashboard variable".into(), variable.to_string()));
+
+    // Shape of the rules: the alerts the appliance needs, each complete.
+    let mut alerts = Vec::new();
+    for group in rules["groups"].as_array().expect("groups") {
+        for r in group["rules"].as_array().expect("rules") {
+            let name = r["alert"].as_str().expect("an alert name");
+            assert!(
+                matches!(r["labels"]["severity"].as_str(), Some("warning" | "critical")),
+                "{name}: severity"
+            );
+            assert!(r["annotations"]["summary"].is_string(), "{name}: summary");
+            alerts.push(name.to_string());
+            queries.push((
+                format!("alert {name}"),
+                r["expr"].as_str().expect("an expr").to_string(),
+            ));
+        }
+    }
+    for needed in [
+        "WayfinderConsulUnreachable",
+        "WayfinderConsulWatchStale",
+        "WayfinderComponentRestarting",
+        "WayfinderLb5xxRatio",
+        "WayfinderDnsServfailRatio",
+        "WayfinderVpnPeerTableFull",
+        "WayfinderRegisterEventStreamLost",
+    ] {
+        assert!(alerts.iter().any(|a| a == needed), "no alert {needed}: {alerts:?}");
+    }
+    // The lexer sees what it must (a check of the check).
+    let u = promql_uses("sum by (instance, proxy) (rate(wayfinder_x_total{code=\"5xx\",a=~\"$b\"}[5m]))");
+    assert_eq!(u.grouping, ["instance", "proxy"]);
+    assert_eq!(u.series[0].0, "wayfinder_x_total");
+    assert_eq!(u.series[0].1[0], ("code".into(), "=".into(), "5xx".into()));
+
+    // A live appliance with every component.
+    let app = crate::up_vpn::Appliance::start(&[]);
+    app.wait(Duration::from_secs(30), "consul's leader", |a| {
+        let (code, body) = a.http("GET", "http://127.0.0.1:8500/v1/status/leader", None);
+        code == 200 && body.len() > 4
+    });
+    let (code, body) = app.http(
+        "PUT",
+        "http://127.0.0.1:8500/v1/agent/service/register",
+        Some((
+            "application/json",
+            r#"{"ID":"dash1","Name":"dash","Address":"10.251.0.1","Port":8080,"Tags":["haproxy"]}"#,
+        )),
+    );
+    assert_eq!(code, 200, "register: {body}");
+    app.wait(Duration::from_secs(30), "the lb routes dash", |a| {
+        a.http("GET", "/metrics", None).1.contains("proxy=\"dash\"")
+    });
+    // Requests through the lb: a 5xx (nothing listens at the instance).
+    let _ = app.ns.output(
+        "curl",
+        &["-s", "-m", "5", "-H", "Host: dash.service.consul", "http://127.0.0.1/"],
+    );
+    let (code, added) = app.json("POST", "/api/vpn/peers", Some(r#"{"name": "laptop"}"#));
+    assert_eq!(code, 201, "{added:#}");
+    let mut laptop = crate::up_vpn::laptop(&app);
+    let wg = crate::netns::WireguardGo::start(&mut laptop);
+    wg.configure(&laptop, added["config"].as_str().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !crate::up_vpn::ping_once(&laptop, crate::up_vpn::TUNNEL) {
+        assert!(Instant::now() < deadline, "no handshake; up log:\n{}", app.log());
+    }
+    let (text, _) = app.metrics();
+    let live = exported(&text);
+    let problems: Vec<String> = queries
+        .iter()
+        .flat_map(|(place, expr)| check_expr(place, expr, &live))
+        .collect();
+    assert!(
+        problems.is_empty(),
+        "{} problems:\n{}\n/metrics:\n{text}",
+        problems.len(),
+        problems.join("\n")
+    );
+    // And the check can fail: a misspelt series, label and value are caught.
+    assert_eq!(
+        check_expr(
+            "t",
+            "sum by (instance, server) (wayfinder_lb_http_responses_total{code=\"6xx\"}) + wayfinder_nope",
+            &live
+        )
+        .len(),
+        3
+    );
+    crate::up_vpn::stop(&app);
+}
