@@ -41,6 +41,7 @@ pub mod sampler;
 pub mod settings;
 pub mod status_page;
 pub mod terminal;
+pub mod top;
 pub mod unit;
 
 use std::net::SocketAddr;

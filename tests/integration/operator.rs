@@ -616,3 +616,190 @@ fn grafana_dashboard_and_alert_rules_name_live_series() {
     );
     crate::up_vpn::stop(&app);
 }
+
+/// A private tmux server (its own socket name), killed on drop.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn cmd(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(crate::harness::require("tmux"))
+            .args(["-L", &self.socket, "-f", "/dev/null"])
+            .args(args)
+            .output()
+            .expect("run tmux")
+    }
+
+    /// What the pane of session `top` shows now.
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.cmd(&["capture-pane", "-p", "-t", "top"]).stdout).into_owned()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["kill-server"]);
+    }
+}
+
+/// The figures of `/api/status` that `top` must show, as (what, line start,
+/// words the line holds): the header, every unit with its state and restarts,
+/// the service count, each service's health, and the dns and lb totals.
+fn figures(v: &serde_json::Value) -> Vec<(String, Vec<String>)> {
+    let mut out = vec![(
+        format!(
+            "wayfinder {} on {}",
+            v["version"].as_str().unwrap(),
+            v["host"].as_str().unwrap()
+        ),
+        vec!["ready".to_string()],
+    )];
+    for u in v["units"].as_array().unwrap() {
+        out.push((
+            format!("{} ", u["name"].as_str().unwrap()),
+            vec![u["state"].as_str().unwrap().to_string(), u["restarts"].to_string()],
+        ));
+    }
+    let services = v["services"].as_array().unwrap();
+    out.push((format!("SERVICES ({})", services.len()), vec![]));
+    for s in services {
+        let n = s["instances"].as_array().unwrap().len();
+        out.push((
+            format!("  {}  ", s["name"].as_str().unwrap()),
+            vec![format!("{n}/{n}"), "passing".into()],
+        ));
+    }
+    let zone = v["dns"]["routes"]["zone"]["queries"].as_u64().unwrap();
+    out.push(("  dns zone ".into(), vec![zone.to_string()]));
+    let lb: u64 = v["lb"]["requests"]["status_classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    out.push(("  lb requests ".into(), vec![lb.to_string()]));
+    out
+}
+
+/// The figures `screen` misses (empty: it shows all of them).
+fn missing(screen: &str, figures: &[(String, Vec<String>)]) -> Vec<String> {
+    figures
+        .iter()
+        .filter(|(start, words)| {
+            !screen
+                .lines()
+                .any(|l| l.starts_with(start.as_str()) && words.iter().all(|w| l.split_whitespace().any(|x| x == w)))
+        })
+        .map(|(start, words)| format!("{start:?} with {words:?}"))
+        .collect()
+}
+
+/// `wayfinder top` in a real terminal (tmux): under traffic it shows rates,
+/// and once traffic stops its screen shows the same figures as `/api/status`
+/// (units with state and restarts, services and health, dns and lb totals);
+/// Ctrl-C ends it and gives the terminal back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_in_tmux_shows_the_figures_of_api_status() {
+    let tmux_bin = crate::harness::require("tmux");
+    let consul = &Consul::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("op.internal.zone"), ZONE).unwrap();
+    let (svc, _backend) = tagged_backend(consul, "topweb", "top-backend").await;
+    let up = dns_and_lb(consul, dir.path(), "").await;
+    let (dns, lb) = (up.dns.unwrap(), up.lb.unwrap());
+    wait_routed(
+        &http_client(),
+        lb,
+        &format!("{svc}.service.consul"),
+        Duration::from_secs(30),
+        String::new,
+    )
+    .await;
+    dig_until(
+        dns,
+        &["db.op.internal", "A"],
+        Duration::from_secs(10),
+        "zone served",
+        |d| d.answers() == ["10.9.0.1"],
+    )
+    .await;
+
+    let tmux = Tmux {
+        socket: crate::harness::unique("wftop"),
+    };
+    // A clean environment (no WAYFINDER_* or PanteraS variables) in an empty
+    // directory (no wayfinder.toml): only --admin says where to look.
+    let command = format!(
+        "env -i PATH=/usr/bin:/bin TERM=xterm-256color {} top --admin {} -n 500ms",
+        crate::harness::wayfinder_bin().display(),
+        up.admin
+    );
+    let out = tmux.cmd(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "160",
+        "-y",
+        "100",
+        "-c",
+        &dir.path().display().to_string(),
+        &command,
+    ]);
+    assert!(
+        out.status.success(),
+        "{} new-session: {}",
+        tmux_bin.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Under traffic: rates.
+    let load = Load::start(lb, dns, vec![format!("{svc}.service.consul")]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let screen = tmux.screen();
+        let rate = |row: &str| {
+            screen
+                .lines()
+                .find(|l| l.starts_with(row))
+                .and_then(|l| l.split_whitespace().last().and_then(|r| r.parse::<f64>().ok()))
+        };
+        if rate("  lb requests ").is_some_and(|r| r > 0.0) && rate("  dns zone ").is_some_and(|r| r > 0.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no rates under traffic:\n{screen}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    load.stop().await;
+
+    // Traffic over: the screen settles on /api/status's figures.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = get_text(up.admin, "/api/status").await;
+        assert_eq!(code, 200);
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let want = figures(&status);
+        let screen = tmux.screen();
+        let not_shown = missing(&screen, &want);
+        if not_shown.is_empty() {
+            assert!(screen.contains(&format!("wayfinder top: {}", up.admin)), "{screen}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "top does not show {not_shown:#?}\nscreen:\n{screen}\n/api/status:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Ctrl-C: top ends (the session with it).
+    assert!(tmux.cmd(&["send-keys", "-t", "top", "C-c"]).status.success());
+    eventually(Duration::from_secs(10), "top to end on Ctrl-C", || {
+        !tmux.cmd(&["has-session", "-t", "top"]).status.success()
+    })
+    .await;
+    up.stop().await;
+    consul.deregister(&format!("{svc}-1"));
+}
