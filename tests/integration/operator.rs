@@ -803,3 +803,94 @@ async fn top_in_tmux_shows_the_figures_of_api_status() {
     up.stop().await;
     consul.deregister(&format!("{svc}-1"));
 }
+
+/// The lb's stats page at HAProxy density, against a real Consul and two real
+/// instances, one of which refuses connections: per instance its state and
+/// how long it has held it, weight, in flight / maxconn, connection errors,
+/// and the last active check's result (HAProxy's names, `L4OK`, `L4CON`) and
+/// age; the lb's retries and queue in the header. `/stats.json` carries the
+/// same figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lb_stats_show_each_instance_at_haproxy_density() {
+    let consul = &Consul::start();
+    let svc = crate::harness::unique("dense");
+    let live = crate::harness::HttpBackend::start("dense-live").await;
+    let dead_port = free_port();
+    consul.register(
+        &format!("{svc}-1"),
+        &svc,
+        "127.0.0.1",
+        live.addr.port(),
+        &["haproxy"],
+        true,
+    );
+    consul.register(&format!("{svc}-2"), &svc, "127.0.0.1", dead_port, &["haproxy"], true);
+    let lb = crate::harness::Lb::start(&format!(
+        "{}[lb]\ncheck_interval = \"300ms\"\ncheck_timeout = \"300ms\"\n",
+        consul_section(consul)
+    ))
+    .await;
+    let host = format!("{svc}.service.consul");
+    lb.wait_for(&host, "/", &["dense-live"]).await;
+    // Requests that pick the dead instance are retried on the live one.
+    for _ in 0..20 {
+        let (code, body, _) = lb.get(&host, "/").await;
+        assert_eq!((code, body.as_str()), (200, "dense-live"));
+    }
+    let instance = |v: &serde_json::Value, id: &str| -> serde_json::Value {
+        v["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["service"] == svc.as_str())
+            .flat_map(|r| r["instances"].as_array().unwrap().clone())
+            .find(|i| i["id"] == id)
+            .unwrap_or_else(|| panic!("no instance {id} in {v:#}"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stats = loop {
+        let (code, text) = get_text(lb.stats, "/stats.json").await;
+        assert_eq!(code, 200, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let (ok, bad) = (instance(&v, &format!("{svc}-1")), instance(&v, &format!("{svc}-2")));
+        let done = ok["last_check"] == "L4OK"
+            && bad["last_check"] == "L4CON"
+            && bad["connect_errors"].as_u64() >= Some(1)
+            && bad["available"] == false
+            && bad["since_change_ms"].is_u64()
+            && ok["last_check_age_ms"].as_u64().is_some_and(|age| age < 10_000);
+        if done {
+            assert_eq!(ok["connect_errors"], 0, "{ok:#}");
+            assert!(ok["since_change_ms"].is_null(), "up since the lb saw it: {ok:#}");
+            assert!(v["retries"].as_u64() >= Some(1), "{v:#}");
+            break v;
+        }
+        assert!(Instant::now() < deadline, "instances never showed their checks:\n{v:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (code, page) = get_text(lb.stats, "/").await;
+    assert_eq!(code, 200);
+    for want in [
+        "<th>state</th>",
+        "<th>for</th>",
+        "<th>weight</th>",
+        "<th>in flight / max</th>",
+        "<th>conn errors</th>",
+        "<th>last check</th>",
+        "DOWN (",
+        ">UP<",
+        "L4CON ",
+        "L4OK ",
+        "retried",
+        "queued now",
+        "maxconn ",
+    ] {
+        assert!(
+            page.contains(want),
+            "{want:?} not on the stats page:\n{page}\n{stats:#}"
+        );
+    }
+    lb.stop().await;
+    consul.deregister(&format!("{svc}-1"));
+    consul.deregister(&format!("{svc}-2"));
+}
