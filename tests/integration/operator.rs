@@ -470,7 +470,8 @@ fn check_expr(place: &str, expr: &str, live: &Exported) -> Vec<String> {
 /// `/metrics` of a live appliance: `up` in a network namespace with its own
 /// Consul, dns, lb (a routed service whose instance refuses: 5xx), register
 /// (no Docker: its stream is down) and vpn (a wireguard-go laptop that has
-/// made a handshake, so per-peer series exist).
+/// made a handshake, so per-peer series exist). The vpn's and register's
+/// charts on the status page get their points there too.
 #[test]
 fn grafana_dashboard_and_alert_rules_name_live_series() {
     for p in ["consul", "curl", "ping", "wireguard-go", "wg", "wg-quick", "nft"] {
@@ -604,6 +605,21 @@ fn grafana_dashboard_and_alert_rules_name_live_series() {
         problems.len(),
         problems.join("\n")
     );
+    // The vpn's and register's charts on the page: the laptop's bytes and
+    // handshake age, Docker events (none: no Docker here, but sampled).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, charts) = app.http("GET", "/charts", None);
+        assert_eq!(code, 200, "{charts}");
+        if points(&charts, "vpn-bytes", "laptop rx") >= 1
+            && points(&charts, "vpn-handshake", "laptop") >= 1
+            && points(&charts, "register-writes", "register") >= 1
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no vpn or register points:\n{charts}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
     // And the check can fail: a misspelt series, label and value are caught.
     assert_eq!(
         check_expr(
