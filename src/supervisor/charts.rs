@@ -14,6 +14,8 @@
 //! (the script only refreshes them) and under a CSP that forbids inline
 //! script; and the points are in the DOM, so a browser test can count them.
 //! A refresh is about 10–60 KiB of text (only series with values are drawn).
+//! Until the appliance has run 15 minutes the charts span the time it has
+//! (a minute at least), so its first minutes are not a sliver at the edge.
 
 use std::fmt::Write as _;
 
@@ -64,10 +66,28 @@ fn value(v: f32, unit: &str) -> String {
     format!("{n}{unit}")
 }
 
-/// The polyline points of `points` (x = index from the right end of the
-/// window, y scaled to `max`), split where values are missing.
-fn paths(points: &[Option<f32>], max: f32) -> Vec<String> {
-    let offset = POINTS - points.len();
+/// Points shown at least (one minute): a young appliance's charts span the
+/// time it has run, not 15 minutes of which all but a sliver are empty.
+const MIN_WINDOW: usize = 30;
+
+/// The points the charts show: from the oldest value of any chart (at least
+/// [`MIN_WINDOW`], at most [`POINTS`]).
+fn window(charts: &[ChartData]) -> usize {
+    let oldest = charts
+        .iter()
+        .flat_map(|c| &c.lines)
+        .filter_map(|l| l.points.iter().position(Option::is_some).map(|i| l.points.len() - i))
+        .max()
+        .unwrap_or(0);
+    oldest.clamp(MIN_WINDOW, POINTS)
+}
+
+/// The polyline points of the last `window` of `points` (x = index within
+/// the window, the latest at its right end; y scaled to `max`), split where
+/// values are missing.
+fn paths(points: &[Option<f32>], max: f32, window: usize) -> Vec<String> {
+    let points = &points[points.len().saturating_sub(window)..];
+    let offset = window - points.len();
     let mut out = Vec::new();
     let mut current = String::new();
     for (i, p) in points.iter().enumerate() {
@@ -98,6 +118,8 @@ pub fn render(charts: &[ChartData], q: &str) -> String {
     if charts.is_empty() {
         html.push_str("<p class=\"muted\">No points yet: the first come a few seconds after start.</p>");
     }
+    let window = window(charts);
+    let span = crate::report::html::human_secs((window as u64 * STEP.as_secs()) as f64);
     for c in charts {
         let max = c
             .lines
@@ -110,7 +132,7 @@ pub fn render(charts: &[ChartData], q: &str) -> String {
             html,
             "<figure class=\"chart\" id=\"chart-{id}\"><figcaption>{title}</figcaption>\
              <div class=\"axis\"><span>max {max}</span></div>\
-             <svg viewBox=\"0 0 {POINTS} {HEIGHT}\" preserveAspectRatio=\"none\" role=\"img\" aria-label=\"{title}\">",
+             <svg viewBox=\"0 0 {window} {HEIGHT}\" preserveAspectRatio=\"none\" role=\"img\" aria-label=\"{title}\">",
             id = escape(c.chart.id),
             title = escape(c.chart.title),
             max = escape(&value(max, c.chart.unit)),
@@ -123,7 +145,7 @@ pub fn render(charts: &[ChartData], q: &str) -> String {
                 "<g class=\"line\" data-label=\"{}\" data-points=\"{count}\">",
                 escape(&line.label)
             );
-            for p in paths(&line.points, scale) {
+            for p in paths(&line.points, scale, window) {
                 let _ = write!(
                     html,
                     "<polyline points=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.5\" \
@@ -133,7 +155,11 @@ pub fn render(charts: &[ChartData], q: &str) -> String {
             }
             html.push_str("</g>");
         }
-        html.push_str("</svg><div class=\"axis\"><span>-15m</span><span>now</span></div><ul>");
+        let _ = write!(
+            html,
+            "</svg><div class=\"axis\"><span>-{}</span><span>now</span></div><ul>",
+            escape(&span)
+        );
         for (i, line) in c.lines.iter().enumerate() {
             let latest = line
                 .points
@@ -196,15 +222,21 @@ mod tests {
         assert!(html.contains("requests &lt;by&gt; &quot;service&quot;"), "{html}");
         assert!(html.contains("data-points=\"2\""), "points: {html}");
         assert!(html.contains("data-src=\"/charts?csrf=x&amp;token=y\""), "{html}");
-        // The latest point at the right edge, the highest at the top.
-        assert!(html.contains(&format!("{},2.0", POINTS - 1)), "edge: {html}");
+        // A young timeline spans a minute; the latest point at the right
+        // edge, the highest at the top.
+        assert!(html.contains(&format!("viewBox=\"0 0 {MIN_WINDOW} ")), "{html}");
+        assert!(html.contains(">-1m 0s<"), "{html}");
+        assert!(html.contains(&format!("{},2.0", MIN_WINDOW - 1)), "edge: {html}");
         assert!(html.contains("max 10.0/s"), "max: {html}");
     }
 
     #[test]
     fn gaps_split_lines_and_values_read_short() {
-        let p = paths(&[Some(1.0), None, Some(0.0), Some(1.0)], 1.0);
+        let p = paths(&[Some(1.0), None, Some(0.0), Some(1.0)], 1.0, POINTS);
         assert_eq!(p.len(), 2);
+        assert!(p[1].ends_with(&format!("{},2.0 ", POINTS - 1)), "{p:?}");
+        // A window shorter than the points: only the latest are drawn.
+        assert_eq!(paths(&[Some(1.0), Some(1.0), Some(1.0)], 1.0, 2), ["0,2.0 1,2.0 "]);
         assert_eq!(value(0.0012, "s"), "1.2ms");
         assert_eq!(value(25_000.0, "B/s"), "25.0kB/s");
         assert_eq!(value(3.0, ""), "3.0");
