@@ -18,6 +18,8 @@ packages+=(git)
 # up: the status-page test drives headless Chromium; the deploy test runs
 # `systemd-analyze verify` on deploy/wayfinder.service.
 packages+=(chromium systemd)
+# The operator-view tests run `wayfinder top` in a real terminal.
+packages+=(tmux)
 # The vpn tests: wireguard-go is the laptop, ping goes through the tunnel;
 # nftables: the vpn confines its peers with an nft table (and masquerades).
 packages+=(wireguard-go wireguard-tools iputils-ping nftables)

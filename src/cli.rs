@@ -65,6 +65,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show a running `wayfinder up` live, refreshed in place (like `htop`):
+    /// units, Consul, services, traffic with rates, containers, vpn peers.
+    /// The same figures as `/api/status`; Ctrl-C quits.
+    Top {
+        /// Config file, for the admin address and token (default: ./wayfinder.toml if present).
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Admin endpoint to ask, overriding the config file's `supervisor.admin`.
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<std::net::SocketAddr>,
+        /// Time between refreshes (`2s`, `500ms`; at least 200ms).
+        #[arg(short = 'n', long, value_name = "DURATION", default_value = "2s", value_parser = parse_interval)]
+        interval: std::time::Duration,
+    },
     /// Run the WireGuard VPN server in the foreground, or manage its peers.
     Vpn {
         /// Config file (default: ./wayfinder.toml if present, else built-in defaults).
@@ -114,4 +128,13 @@ pub enum PeerCommand {
         /// The peer's name (or its public key).
         name: String,
     },
+}
+
+/// A refresh interval for `top`: a humantime duration of at least 200 ms.
+fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
+    let d = humantime_serde::re::humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_millis(200) {
+        return Err("at least 200ms".into());
+    }
+    Ok(d)
 }

@@ -9,6 +9,7 @@
 //!  Bound::listening() ─▶ Appliance::listened    every component learns the others' real ports
 //!  Bound::run(shutdown) ─▶ Result<(), ComponentError>      until cancelled; Err / early Ok = restart
 //!  Component::metrics / status / page / banner             what it shows (per scrape, per view)
+//!  Component::sample                                        its chart points (once per timeline::STEP)
 //!  Component::ready                                         running and doing its job? (/api/ready)
 //!  Component::api / reload                                  /api/<name>/..., SIGHUP
 //! ```
@@ -30,6 +31,7 @@ use crate::consul::ConsulHub;
 use crate::consul::settings::ConsulConfig;
 use crate::net::listeners::OwnListeners;
 use crate::report::prometheus;
+use crate::report::timeline::Tick;
 
 /// A boxed future, for the object-safe methods.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -236,6 +238,11 @@ pub trait Component: std::any::Any + Send + Sync {
 
     /// Its Prometheus series (called per scrape, only where it runs).
     fn metrics(&self, _out: &mut prometheus::Writer) {}
+
+    /// Its points of the status page's charts (called once per
+    /// [`crate::report::timeline::STEP`] by the sampler, only where it runs):
+    /// the counters it keeps anyway, read; nothing on a hot path changes.
+    fn sample(&self, _tick: &mut Tick<'_>) {}
 
     /// Its part of `/api/status`; `started`: the plan starts it here.
     fn status(&self, started: bool) -> serde_json::Value;

@@ -254,22 +254,8 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
             up(config, plan).await.map_err(|e| explain_not_local(e, env))
         }
         Command::Status { config, admin, json } => {
-            let (_, config) = config::load(config.as_deref(), &env::ProcessEnv, config::Runs::SUPERVISOR)
-                .map_err(AppError::Config)?;
-            let addr = admin.or(config.supervisor.admin).ok_or_else(|| {
-                AppError::Config(ConfigError {
-                    file: config.source.clone(),
-                    key: "supervisor.admin".into(),
-                    problem: "the admin endpoint is off (\"\"): give --admin ADDR".into(),
-                })
-            })?;
-            // A wildcard bind is asked on loopback.
-            let addr = if addr.ip().is_unspecified() {
-                std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
-            } else {
-                addr
-            };
-            let report = supervisor::terminal::fetch(addr, config.supervisor.token.as_deref())
+            let (addr, token) = admin_endpoint(config.as_deref(), admin)?;
+            let report = supervisor::terminal::fetch(addr, token.as_deref())
                 .await
                 .map_err(AppError::Supervisor)?;
             if json {
@@ -286,6 +272,15 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
                 Err(AppError::NotReady(named.join(", ")))
             }
         }
+        Command::Top {
+            config,
+            admin,
+            interval,
+        } => {
+            let (addr, token) = admin_endpoint(config.as_deref(), admin)?;
+            supervisor::top::run(addr, token.as_deref(), interval).await;
+            Ok(())
+        }
         Command::Dns { config } => alone(config.as_deref(), components::ComponentKind::Dns).await,
         Command::Lb { config } => alone(config.as_deref(), components::ComponentKind::Lb).await,
         Command::Register { config } => alone(config.as_deref(), components::ComponentKind::Register).await,
@@ -299,6 +294,28 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
             None => alone(config.as_deref(), components::ComponentKind::Vpn).await,
         },
     }
+}
+
+/// The admin endpoint `status` and `top` ask (`--admin`, else the config's
+/// `supervisor.admin`; a wildcard bind asked on loopback) and its token.
+fn admin_endpoint(
+    path: Option<&std::path::Path>,
+    admin: Option<std::net::SocketAddr>,
+) -> Result<(std::net::SocketAddr, Option<String>), AppError> {
+    let (_, config) = config::load(path, &env::ProcessEnv, config::Runs::SUPERVISOR).map_err(AppError::Config)?;
+    let addr = admin.or(config.supervisor.admin).ok_or_else(|| {
+        AppError::Config(ConfigError {
+            file: config.source.clone(),
+            key: "supervisor.admin".into(),
+            problem: "the admin endpoint is off (\"\"): give --admin ADDR".into(),
+        })
+    })?;
+    let addr = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
+    Ok((addr, config.supervisor.token.clone()))
 }
 
 /// `wayfinder dns|lb|vpn`: one component, from its section, until SIGTERM/SIGINT.

@@ -8,6 +8,7 @@
 //!    bind() ─▶ DnsSockets (listen addresses; port 0 pinned after the first bind)
 //!    BoundDns::run ─▶ dns::run(section, consul section, sockets, control, hub)
 //!    metrics/status/page ◀── DnsStats (sharded atomics, read per scrape)
+//!    sample ◀── DnsStats (read once per timeline step: answers by kind and RCODE)
 //! ```
 
 use std::collections::BTreeMap;
@@ -27,6 +28,22 @@ use crate::component::{
 use crate::consul::settings::ConsulConfig;
 use crate::report::html::escape;
 use crate::report::prometheus::{Kind, Writer};
+use crate::report::timeline::{Chart, Tick};
+
+/// Chart: answers per second by where they came from.
+static ANSWERS_BY_KIND: Chart = Chart {
+    order: 10,
+    id: "dns-kind",
+    title: "dns answers by kind",
+    unit: "/s",
+};
+/// Chart: answers per second by RCODE.
+static ANSWERS_BY_RCODE: Chart = Chart {
+    order: 11,
+    id: "dns-rcode",
+    title: "dns answers by rcode",
+    unit: "/s",
+};
 
 /// DNS RCODE names by the index of `RouteSnapshot::rcodes`.
 const RCODES: [&str; 7] = [
@@ -163,6 +180,36 @@ impl Component for Dns {
 
     fn metrics(&self, out: &mut Writer) {
         metrics(out, &self.control.stats);
+    }
+
+    fn sample(&self, tick: &mut Tick<'_>) {
+        let stats = &self.control.stats;
+        let route = |r| stats.route(r);
+        use super::stats::AnswerSource;
+        let (consul, lb, zone, upstream, rejected) = (
+            route(AnswerSource::Consul),
+            route(AnswerSource::Lb),
+            route(AnswerSource::Zone),
+            route(AnswerSource::Upstream),
+            route(AnswerSource::Rejected),
+        );
+        for (kind, n) in [
+            ("consul", consul.queries),
+            ("wildcard", lb.queries),
+            ("zone", zone.queries),
+            ("cache", upstream.cache_hits),
+            ("upstream", upstream.queries.saturating_sub(upstream.cache_hits)),
+            ("rejected", rejected.queries),
+        ] {
+            tick.counter(&ANSWERS_BY_KIND, kind, n);
+        }
+        for (i, rcode) in RCODES.iter().enumerate() {
+            let n = [&consul, &lb, &zone, &upstream, &rejected]
+                .iter()
+                .map(|r| r.rcodes[i])
+                .sum();
+            tick.counter(&ANSWERS_BY_RCODE, rcode, n);
+        }
     }
 
     fn status(&self, started: bool) -> serde_json::Value {

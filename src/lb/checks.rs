@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::LbState;
-use super::table::InstanceState;
+use super::table::{CheckResult, InstanceState};
 use super::tags::HttpCheck;
 
 /// Successes in a row that bring a down instance back (HAProxy `rise`).
@@ -67,13 +67,19 @@ pub async fn run(state: Arc<LbState>, interval: Duration, timeout: Duration, shu
             let slots = slots.clone();
             checks.spawn(async move {
                 let _slot = slots.acquire_owned().await;
+                let http = httpchk.is_some();
                 let result = tokio::time::timeout(timeout, check(addr, httpchk.as_ref()))
                     .await
                     .unwrap_or(Err(CheckError::Timeout(timeout)));
-                (addr, health, service, result)
+                (addr, health, service, http, result)
             });
         }
-        while let Some(Ok((addr, health, service, result))) = checks.join_next().await {
+        while let Some(Ok((addr, health, service, http, result))) = checks.join_next().await {
+            let now_ms = state.health.now_ms().max(1);
+            health
+                .last_check
+                .store(CheckResult::of(&result, http).pack(), Ordering::Relaxed);
+            health.last_check_ms.store(now_ms, Ordering::Relaxed);
             let streak = streaks.entry(addr).or_default();
             if result.is_ok() {
                 streak.ok += 1;
@@ -89,16 +95,36 @@ pub async fn run(state: Arc<LbState>, interval: Duration, timeout: Duration, shu
                 && streak.failed >= FALL
             {
                 health.check_up.store(false, Ordering::Relaxed);
+                health.changed_ms.store(now_ms, Ordering::Relaxed);
                 tracing::warn!(service, %addr, %reason, "lb: instance failed its health check; no new requests");
             } else if !up && streak.ok >= RISE {
                 health.check_up.store(true, Ordering::Relaxed);
+                health.changed_ms.store(now_ms, Ordering::Relaxed);
                 tracing::info!(service, %addr, "lb: instance passes its health check again");
             }
             // A passive ejection (a refused connection) ends early once the
             // instance has passed RISE checks in a row since: it is back.
             if streak.ok >= RISE && health.ejected_until_ms.load(Ordering::Relaxed) > state.health.now_ms() {
                 health.ejected_until_ms.store(0, Ordering::Relaxed);
+                health.changed_ms.store(now_ms, Ordering::Relaxed);
                 tracing::info!(service, %addr, "lb: ejected instance passes its health check; back in service");
+            }
+        }
+    }
+}
+
+impl CheckResult {
+    /// The result of one check; `http`: it was an HTTP check (`haproxy_httpchk`).
+    fn of(result: &Result<(), CheckError>, http: bool) -> Self {
+        match result {
+            Ok(()) if http => CheckResult::L7Ok,
+            Ok(()) => CheckResult::L4Ok,
+            Err(CheckError::Connect(_)) => CheckResult::L4Con,
+            Err(CheckError::Timeout(_)) if http => CheckResult::L7Tout,
+            Err(CheckError::Timeout(_)) => CheckResult::L4Tout,
+            Err(CheckError::Status(s)) => CheckResult::L7Sts(*s),
+            Err(CheckError::Send(_) | CheckError::Read(_) | CheckError::Closed | CheckError::NotHttp) => {
+                CheckResult::L7Rsp
             }
         }
     }

@@ -30,9 +30,9 @@ use super::LbState;
 use super::body::{ProxyBody, error_page, html};
 use super::client::ConnSnapshot;
 use super::stats::{LATENCY_BUCKETS_US, RequestSnapshot};
-use super::table::Backend;
+use super::table::{Backend, CheckResult};
 use super::tls::CertInfo;
-use crate::report::html::escape;
+use crate::report::html::{escape, human_secs};
 
 /// The whole lb, as the status page and the admin API show it.
 #[derive(Debug, Clone, Serialize)]
@@ -119,6 +119,16 @@ pub struct InstanceStatus {
     pub ejected_for_ms: u64,
     /// Requests in flight.
     pub inflight: usize,
+    /// Connections to it that failed (each ejected it; retried elsewhere
+    /// while retries remained).
+    pub connect_errors: u64,
+    /// The last active check's result (`L4OK`, `L7STS 503` ...), once checked.
+    pub last_check: Option<String>,
+    /// How long ago that check ended (ms).
+    pub last_check_age_ms: Option<u64>,
+    /// How long it has been in its present state (ms); None: unchanged since
+    /// the lb first saw it.
+    pub since_change_ms: Option<u64>,
 }
 
 /// One TCP listener.
@@ -144,6 +154,10 @@ impl LbStatus {
                 .iter()
                 .map(|i| {
                     let until = i.health.ejected_until_ms.load(Ordering::Relaxed);
+                    let checked = i.health.last_check_ms.load(Ordering::Relaxed);
+                    // An ejection that expired by itself changed the state at its end.
+                    let expired = if until != 0 && until <= now { until } else { 0 };
+                    let changed = i.health.changed_ms.load(Ordering::Relaxed).max(expired);
                     InstanceStatus {
                         id: i.id.clone(),
                         node: i.node.clone(),
@@ -153,6 +167,11 @@ impl LbStatus {
                         check_up: i.health.check_up.load(Ordering::Relaxed),
                         ejected_for_ms: until.saturating_sub(now),
                         inflight: i.health.inflight.load(Ordering::Relaxed),
+                        connect_errors: i.health.connect_errors.load(Ordering::Relaxed),
+                        last_check: CheckResult::unpack(i.health.last_check.load(Ordering::Relaxed))
+                            .map(|c| c.to_string()),
+                        last_check_age_ms: (checked != 0).then(|| now.saturating_sub(checked)),
+                        since_change_ms: (changed != 0).then(|| now.saturating_sub(changed)),
                     }
                 })
                 .collect()
@@ -225,29 +244,42 @@ impl LbStatus {
             let r = &route.requests;
             let _ = write!(
                 rows,
-                "<tbody><tr class=\"svc\"><th>{}</th><td>{}</td><td>{}</td><td>{} req, {} 5xx</td></tr>",
+                "<tbody><tr class=\"svc\"><th colspan=\"2\">{}<br><span class=\"muted\">{}</span></th>\
+                 <td colspan=\"3\">{}</td><td>{} req<br>{} 5xx</td><td>maxconn {}</td><td></td></tr>",
                 escape(&route.service),
                 escape(&route.datacenter),
                 links.join("<br>"),
                 r.total(),
                 r.status_classes[5],
+                route.maxconn,
             );
             for i in &route.instances {
                 let state = match (i.weight, i.available, i.check_up) {
-                    (0, _, _) => "weight 0",
-                    (_, true, _) => "up",
-                    (_, false, false) => "check failing",
-                    (_, false, true) => "ejected",
+                    (0, _, _) => "MAINT (weight 0)",
+                    (_, true, _) => "UP",
+                    (_, false, false) => "DOWN (check)",
+                    (_, false, true) => "DOWN (ejected)",
+                };
+                let since = i
+                    .since_change_ms
+                    .map_or_else(|| "since seen".to_string(), |ms| human_secs(ms as f64 / 1000.0));
+                let check = match (&i.last_check, i.last_check_age_ms) {
+                    (Some(c), Some(age)) => format!("{} {} ago", escape(c), human_secs(age as f64 / 1000.0)),
+                    _ => "-".to_string(),
                 };
                 let _ = write!(
                     rows,
-                    "<tr class=\"{cls}\"><td>{id}</td><td>{node}</td><td>{addr} w{w}</td><td>{state}, {inflight} in flight</td></tr>",
+                    "<tr class=\"{cls}\"><td>{id}<br><span class=\"muted\">{node}</span></td><td>{addr}</td>\
+                     <td>{state}</td><td>{since}</td><td>{w}</td><td>{inflight} / {maxconn}</td>\
+                     <td>{errors}</td><td>{check}</td></tr>",
                     cls = if i.available { "up" } else { "down" },
                     id = escape(&i.id),
                     node = escape(&i.node),
                     addr = i.addr,
                     w = i.weight,
                     inflight = i.inflight,
+                    maxconn = route.maxconn,
+                    errors = i.connect_errors,
                 );
             }
             rows.push_str("</tbody>");
@@ -298,12 +330,18 @@ impl LbStatus {
              <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>wayfinder lb</title>\
              <style>body{{font-family:system-ui,sans-serif;margin:1em}}table{{border-collapse:collapse;width:100%}}\
              td,th{{padding:.3em .5em;text-align:left;border-bottom:1px solid #ddd;vertical-align:top}}\
-             tr.svc{{background:#f3f3f3}}tr.down td{{color:#b00}}</style></head><body>\
+             tr.svc{{background:#f3f3f3}}tr.down td{{color:#b00}}.muted{{color:#666;font-size:.85em}}\
+             tr.up td:nth-child(3){{color:#1a7f37;font-weight:600}}tr.down td:nth-child(3){{font-weight:600}}</style></head><body>\
              <h1>wayfinder lb</h1><p>Consul: {consul}. Routing changes: {changes} (propagation p99 {p99}). \
-             Requests: {total}. Client connections: {open} open of {max} ({conns_refused} refused at a cap). \
+             Requests: {total} ({errors5} 5xx), {retries} retried, {queued} queued now. \
+             Client connections: {open} open of {max} ({conns_refused} refused at a cap). \
              <a href=\"/stats.json\">JSON</a></p>\
-             <table><thead><tr><th>service</th><th>datacenter</th><th>reached at</th><th>traffic</th></tr></thead>\
+             <table><thead><tr><th>instance</th><th>address</th><th>state</th><th>for</th><th>weight</th>\
+             <th>in flight / max</th><th>conn errors</th><th>last check</th></tr></thead>\
              {rows}</table>{refused}{certs}</body></html>\n",
+            errors5 = self.requests.status_classes[5],
+            retries = self.retries,
+            queued = self.queued,
             changes = self.changes,
             total = self.requests.total(),
             open = self.connections.open,

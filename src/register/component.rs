@@ -8,6 +8,7 @@
 //!  Register (one per process; its Stats and Book outlive restarts)
 //!    bind() ─▶ BoundRegister ─run─▶ register::run(section, Consul pool, HOST_IP, host name)
 //!    metrics / status / page ◀── Stats (counters) + Book (containers, services)
+//!    sample ◀── Stats (counters only, once per timeline step)
 //! ```
 
 use std::fmt::Write as _;
@@ -25,6 +26,22 @@ use crate::component::{
 };
 use crate::report::html::{badge, escape};
 use crate::report::prometheus::{Kind, Writer};
+use crate::report::timeline::{Chart, Tick};
+
+/// Chart: Docker events per second, by action.
+static EVENTS: Chart = Chart {
+    order: 50,
+    id: "register-events",
+    title: "docker events",
+    unit: "/s",
+};
+/// Chart: writes to the Consul agent per second, by operation.
+static WRITES: Chart = Chart {
+    order: 51,
+    id: "register-writes",
+    title: "registrations (writes to the Consul agent)",
+    unit: "/s",
+};
 
 impl Failure for RegisterError {
     fn exit_code(&self) -> u8 {
@@ -264,6 +281,20 @@ impl Component for Register {
                 .filter(|c| !c.planned.refusals.is_empty())
                 .count(),
         );
+    }
+
+    fn sample(&self, tick: &mut Tick<'_>) {
+        let s = &self.stats;
+        for (slot, action) in ACTIONS.iter().enumerate() {
+            tick.counter(&EVENTS, action, s.events[slot].load(Ordering::Relaxed));
+        }
+        for (op, n) in [
+            ("register", &s.registered),
+            ("deregister", &s.deregistered),
+            ("check_update", &s.check_updates),
+        ] {
+            tick.counter(&WRITES, op, n.load(Ordering::Relaxed));
+        }
     }
 
     fn status(&self, started: bool) -> serde_json::Value {

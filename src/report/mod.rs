@@ -14,3 +14,4 @@ pub mod histogram;
 pub mod html;
 pub mod prometheus;
 pub mod throttle;
+pub mod timeline;

@@ -3,7 +3,9 @@
 //! page for people at `/`.
 //!
 //! ```text
-//!  GET  /                          status page (HTML, rendered here, no script)
+//!  GET  /                          status page (HTML; its charts are SVG drawn on the server)
+//!  GET  /charts                    the page's charts alone (what its script refreshes)
+//!  GET  /assets/charts.js          that script (embedded in the binary)
 //!  GET  /api/status                StatusReport: units, consul, services, and each
 //!                                  component's own part under its name (dns, lb, vpn)
 //!  GET  /api/ready                 200 {"ready": true} when every unit this host's
@@ -72,6 +74,21 @@ fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// What the status page may load: its own script (no inline script), fetches
+/// to this endpoint, inline styles, data: images (the favicon); nothing
+/// framed, no base, forms only to here.
+const PAGE_POLICY: &str = "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; \
+                           img-src 'self' data:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'";
+
+/// An HTML answer of the status page's own, under [`PAGE_POLICY`].
+fn page(body: String) -> Response<Body> {
+    let mut resp = respond(StatusCode::OK, "text/html; charset=utf-8", body);
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(PAGE_POLICY));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     resp
 }
 
@@ -381,11 +398,17 @@ async fn answer(state: Arc<SupervisorState>, req: Request<Incoming>) -> Response
     match (&method, segments.as_slice()) {
         (&Method::GET | &Method::HEAD, []) => {
             let report = report(&state).await;
-            respond(
-                StatusCode::OK,
-                "text/html; charset=utf-8",
-                super::status_page::render(&state, &report, &page_query(&state)),
-            )
+            page(super::status_page::render(&state, &report, &page_query(&state)))
+        }
+        (&Method::GET | &Method::HEAD, ["charts"]) => {
+            let charts = state.timeline.lock().charts();
+            page(super::charts::page(&charts, &page_query(&state)))
+        }
+        (&Method::GET | &Method::HEAD, ["assets", "charts.js"]) => {
+            let mut resp = respond(StatusCode::OK, "text/javascript; charset=utf-8", super::charts::SCRIPT);
+            resp.headers_mut()
+                .insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+            resp
         }
         (&Method::GET, ["healthz"]) => respond(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET | &Method::HEAD, ["api", "ready"]) => {

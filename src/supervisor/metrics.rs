@@ -169,14 +169,19 @@ pub fn render(state: &SupervisorState) -> String {
     out.family(
         "wayfinder_supervisor_unit_state",
         Kind::Gauge,
-        "1 for the state each unit is in (off, running, backoff, failed ...).",
+        "1 for the state each unit is in, 0 for every other (off, running, backoff, failed ...).",
     );
+    // Every state of every unit (a state set, as node_exporter's systemd
+    // units): `{state="failed"} == 1` can be alerted on, and a unit leaving a
+    // state shows as 0 rather than as a series that vanished.
     for u in &units {
-        out.sample(
-            "wayfinder_supervisor_unit_state",
-            &[("unit", &u.name), ("state", u.state.name())],
-            1,
-        );
+        for state in UnitState::ALL {
+            out.sample(
+                "wayfinder_supervisor_unit_state",
+                &[("unit", &u.name), ("state", state.name())],
+                u8::from(u.state == state),
+            );
+        }
     }
     out.family(
         "wayfinder_supervisor_unit_up",

@@ -6,6 +6,7 @@
 //!  UpSockets::bind: admin + every component's listeners (port clash = exit 64)
 //!  run(config, sockets, state, shutdown):
 //!    admin::serve ─────────────── JSON API, actions, /metrics, status page
+//!    sampler ─────────────────── a chart point of everything every timeline::STEP
 //!    consul monitor ──────────── leader? ─▶ consul_ready (lb waits, bounded)
 //!    for unit in plan (priority order):
 //!       consul / [[supervisor.program]] ─▶ program::supervise (child process)
@@ -25,6 +26,7 @@
 //! metrics, its part of the status report and page, and its actions.
 
 pub mod admin;
+pub mod charts;
 pub mod component;
 pub mod consul;
 pub mod consul_words;
@@ -35,9 +37,11 @@ pub mod readiness;
 pub mod reaper;
 pub mod report;
 pub mod roles;
+pub mod sampler;
 pub mod settings;
 pub mod status_page;
 pub mod terminal;
+pub mod top;
 pub mod unit;
 
 use std::net::SocketAddr;
@@ -273,6 +277,9 @@ pub struct SupervisorState {
     /// Secret of the status page's forms (random per process): an action with
     /// `Origin: null` must carry it (see `admin::same_site`).
     pub csrf: String,
+    /// The last 15 minutes of every chart (written by the sampler, read by
+    /// the status page); bounded, see [`crate::report::timeline`].
+    pub timeline: Mutex<crate::report::timeline::Timeline>,
     supervised: Mutex<Vec<String>>,
 }
 
@@ -315,6 +322,7 @@ impl SupervisorState {
             children: Arc::new(ChildSet::default()),
             adopt_orphans,
             csrf: format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>()),
+            timeline: Mutex::new(crate::report::timeline::Timeline::default()),
             supervised: Mutex::new(Vec::new()),
         })
     }
@@ -507,7 +515,7 @@ pub async fn run(
 }
 
 /// `up`'s own tasks: the orphan reaper (in the binary), the admin endpoint,
-/// the Consul monitor; and the receiver that turns `true` once the built-in
+/// the chart sampler, the Consul monitor; and the receiver that turns `true` once the built-in
 /// Consul has a leader.
 fn start_own_tasks(
     state: &Arc<SupervisorState>,
@@ -529,6 +537,9 @@ fn start_own_tasks(
         let task = tokio::spawn(admin::serve(listener, state.clone(), stop.clone()));
         running.push(Running::own("admin endpoint", stop, task));
     }
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(sampler::run(state.clone(), stop.clone()));
+    running.push(Running::own("sampler", stop, task));
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let stop = CancellationToken::new();
     let task = tokio::spawn(monitor_consul(state.clone(), ready_tx, stop.clone()));

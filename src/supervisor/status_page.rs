@@ -5,8 +5,10 @@
 //! and an "add peer" form.
 //!
 //! Rendered on the server from the same [`StatusReport`] as `/api/status`: one
-//! self-contained HTML document with inline CSS, no script and no external
-//! asset, laid out in one column so it reads on a phone. "add peer" posts a
+//! HTML document with inline CSS, laid out in one column so it reads on a
+//! phone. Its one asset is the charts' refresh script (embedded in the binary,
+//! `/assets/charts.js`); the charts themselves are SVG drawn here from the
+//! timeline ([`super::charts`]), so the page reads without script. "add peer" posts a
 //! plain form; its answer is the vpn's own page. Each component writes its
 //! own lines and sections ([`crate::component::Component::page`]).
 
@@ -52,8 +54,10 @@ pub fn render(state: &SupervisorState, report: &StatusReport, q: &str) -> String
         html,
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>wayfinder on {host}</title><style>{STYLE}</style></head><body>\
+         <title>wayfinder on {host}</title><link rel=\"icon\" href=\"data:,\"><style>{STYLE}{charts_style}</style>\
+         <script src=\"/assets/charts.js{q}\" defer></script></head><body>\
          <header><h1>wayfinder on {host}</h1><p>{role} &middot; {ready} &middot; {consul} &middot; up {uptime}</p></header><main>",
+        charts_style = super::charts::STYLE,
         host = escape(&report.host),
         role = escape(&report.role),
         ready = ready_text(report),
@@ -61,6 +65,8 @@ pub fn render(state: &SupervisorState, report: &StatusReport, q: &str) -> String
         uptime = human_secs(report.uptime_secs),
     );
 
+    let charts = state.timeline.lock().charts();
+    html.push_str(&super::charts::render(&charts, q));
     services(&mut html, report);
     units(&mut html, report, q);
 

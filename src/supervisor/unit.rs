@@ -43,6 +43,19 @@ pub enum UnitState {
 }
 
 impl UnitState {
+    /// Every state, in life order (the metric's state set).
+    pub const ALL: [UnitState; 9] = [
+        UnitState::Off,
+        UnitState::Waiting,
+        UnitState::Starting,
+        UnitState::Running,
+        UnitState::Backoff,
+        UnitState::Failed,
+        UnitState::Exited,
+        UnitState::Stopping,
+        UnitState::Stopped,
+    ];
+
     /// Lower-case name (as in the JSON).
     pub fn name(self) -> &'static str {
         match self {

@@ -9,6 +9,7 @@
 //!    bind() ─▶ VpnState (key, peers) + VpnSockets (UDP socket, TUN interface)
 //!    BoundVpn::run ─▶ vpn::run(section, sockets, state)
 //!    /api/vpn/peers ─▶ admin::add / admin::remove
+//!    metrics / sample ◀── VpnState::peers (per scrape; once per timeline step)
 //! ```
 
 use std::net::SocketAddr;
@@ -30,6 +31,24 @@ use crate::component::{
 use crate::config::shared::ConfigError;
 use crate::report::html::refusal_page;
 use crate::report::prometheus::{Kind, Writer};
+use crate::report::timeline::{Chart, Tick, TopK};
+
+/// Chart: tunnel payload per second, per busiest peer and direction.
+static BYTES: Chart = Chart {
+    order: 60,
+    id: "vpn-bytes",
+    title: "vpn payload (rx/tx per peer)",
+    unit: "B/s",
+};
+/// Chart: time since each peer's latest handshake.
+static HANDSHAKE_AGE: Chart = Chart {
+    order: 61,
+    id: "vpn-handshake",
+    title: "vpn handshake age per peer",
+    unit: "s",
+};
+/// Peers charted one by one (the most bytes since start).
+const CHARTED_PEERS: usize = 8;
 
 impl Failure for VpnError {
     fn exit_code(&self) -> u8 {
@@ -184,6 +203,28 @@ impl Component for Vpn {
     fn metrics(&self, out: &mut Writer) {
         if let Some(state) = self.running_state() {
             metrics(out, &state);
+        }
+    }
+
+    fn sample(&self, tick: &mut Tick<'_>) {
+        let Some(state) = self.running_state() else {
+            return;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut busiest = TopK::<super::PeerStatus, CHARTED_PEERS>::default();
+        for p in state.peers() {
+            // +1: a peer without traffic yet still shows its handshake age.
+            busiest.offer(p.rx_bytes + p.tx_bytes + 1, p);
+        }
+        for (_, p) in busiest.into_sorted() {
+            tick.counter(&BYTES, &format!("{} rx", p.name), p.rx_bytes);
+            tick.counter(&BYTES, &format!("{} tx", p.name), p.tx_bytes);
+            // `last_handshake` is a Unix time.
+            if let Some(at) = p.last_handshake {
+                tick.gauge(&HANDSHAKE_AGE, &p.name, now.saturating_sub(at).as_secs_f64());
+            }
         }
     }
 
@@ -369,6 +410,12 @@ fn metrics(out: &mut Writer, state: &VpnState) {
         Kind::Gauge,
         "Peers configured on the vpn.",
         peers.len(),
+    );
+    out.single(
+        "wayfinder_vpn_peer_capacity",
+        Kind::Gauge,
+        "Peers the tunnel subnet has addresses for (vpn.address's prefix, less the appliance's own).",
+        state.peer_capacity(),
     );
     out.family(
         "wayfinder_vpn_last_handshake_timestamp_seconds",

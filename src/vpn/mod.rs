@@ -363,6 +363,15 @@ impl VpnState {
         self.port.load(Ordering::Relaxed) as u16
     }
 
+    /// Peers the tunnel subnet has addresses for: its host addresses less
+    /// the appliance's own (a new peer past that is refused: the table is full).
+    pub fn peer_capacity(&self) -> usize {
+        // Host addresses: all but the network and broadcast ones (the
+        // settings allow /30 or shorter), counted without walking them.
+        let size = 1u64 << (32 - u32::from(self.config.address.prefix_len()));
+        usize::try_from(size.saturating_sub(3)).unwrap_or(usize::MAX)
+    }
+
     /// Every peer with live statistics.
     pub fn peers(&self) -> Vec<PeerStatus> {
         let table = self.table.load();

@@ -21,6 +21,7 @@ mod lb; // the load balancer against real Consul and HTTP backends
 mod lb_bounds; // what clients can hold: connections per source and in total, h2 timeouts, stalled readers, the maxconn queue
 mod lb_tls; // HTTPS by SNI, HTTP/2, certificate reload; the stats listener
 mod lb_trust; // what a Consul registration can make the lb reach: own listeners, ports, networks, names
+mod operator; // issue 22: the status page's live charts in Chromium under traffic, the token over them, deploy/grafana against a live /metrics, `wayfinder top` in tmux
 mod quick_start; // the README's vpn quick start in a fresh clone, in a namespace: dig, lb, a wireguard-go laptop
 mod register; // the register component against a private dockerd and Consul: registered, routed, drained, restarted, hostile input
 mod supervisor; // `up` in-process: restarts, backoff, admin API, metrics, token, status page in Chromium

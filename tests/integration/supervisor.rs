@@ -32,7 +32,7 @@ fn lb_routes(up: &Up) -> String {
 }
 
 /// Role variables that start no built-in unit: only the configured programs.
-const PROGRAMS_ONLY: &[(&str, &str)] = &[
+pub(crate) const PROGRAMS_ONLY: &[(&str, &str)] = &[
     ("START_CONSUL", "false"),
     ("START_DNS", "false"),
     ("START_LB", "false"),
@@ -876,7 +876,7 @@ pub(crate) const CHROMIUM_FLAGS: &[&str] = &[
 
 /// Runs headless Chromium from Debian with a fresh profile; `args` add the mode
 /// (`--dump-dom` or `--screenshot=...`).
-async fn chromium(url: &str, args: &[String]) -> std::process::Output {
+pub(crate) async fn chromium(url: &str, args: &[String]) -> std::process::Output {
     let profile = tempfile::tempdir().unwrap();
     let run = tokio::process::Command::new(require("chromium"))
         .args(CHROMIUM_FLAGS)

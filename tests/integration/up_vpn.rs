@@ -15,16 +15,16 @@ use std::time::{Duration, Instant};
 use crate::harness::{require, wayfinder_bin};
 use crate::netns::{Netns, WireguardGo, link, unique};
 
-const TUNNEL: &str = "10.200.0.1";
+pub(crate) const TUNNEL: &str = "10.200.0.1";
 
 /// Parsed `/metrics`: (name, sorted labels) -> value.
-type Metrics = HashMap<(String, Vec<(String, String)>), f64>;
+pub(crate) type Metrics = HashMap<(String, Vec<(String, String)>), f64>;
 const ADMIN: &str = "127.0.0.1:9000";
 
 /// One `wayfinder up` in its own namespace, with its files in a temp dir.
-struct Appliance {
-    ns: Netns,
-    dir: tempfile::TempDir,
+pub(crate) struct Appliance {
+    pub(crate) ns: Netns,
+    pub(crate) dir: tempfile::TempDir,
     config: PathBuf,
     /// The vpn's TUN interface (unique: its control socket is in the shared
     /// /var/run/wireguard).
@@ -36,7 +36,7 @@ impl Appliance {
     /// Writes the config (vpn enabled; the endpoint is the namespace's `wan0`
     /// address) and starts `up` with the role variables `env`; waits until it
     /// is ready.
-    fn start(env: &[(&str, &str)]) -> Self {
+    pub(crate) fn start(env: &[(&str, &str)]) -> Self {
         let ns = Netns::new();
         let dir = tempfile::tempdir().unwrap();
         let interface = unique("wfu");
@@ -78,12 +78,12 @@ impl Appliance {
         app
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Waits for `f`, failing with the log of `up`.
-    fn wait(&self, limit: Duration, what: &str, f: impl Fn(&Self) -> bool) {
+    pub(crate) fn wait(&self, limit: Duration, what: &str, f: impl Fn(&Self) -> bool) {
         let deadline = Instant::now() + limit;
         while !f(self) {
             assert!(
@@ -97,7 +97,7 @@ impl Appliance {
 
     /// `curl` inside the namespace: (status code, body). `body` is sent with
     /// its content type when given.
-    fn http(&self, method: &str, url: &str, body: Option<(&str, &str)>) -> (u16, String) {
+    pub(crate) fn http(&self, method: &str, url: &str, body: Option<(&str, &str)>) -> (u16, String) {
         let mut args = vec![
             "-s".to_string(),
             "-m".into(),
@@ -128,20 +128,20 @@ impl Appliance {
         (code.trim().parse().unwrap_or(0), body.to_string())
     }
 
-    fn json(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    pub(crate) fn json(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
         let (code, text) = self.http(method, path, body.map(|b| ("application/json", b)));
         let value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path}: {code} {text:?}: {e}"));
         (code, value)
     }
 
-    fn status(&self) -> serde_json::Value {
+    pub(crate) fn status(&self) -> serde_json::Value {
         let (code, v) = self.json("GET", "/api/status", None);
         assert_eq!(code, 200, "{v:#}");
         v
     }
 
     /// Unit `name` as `/api/status` reports it.
-    fn unit(&self, name: &str) -> serde_json::Value {
+    pub(crate) fn unit(&self, name: &str) -> serde_json::Value {
         let status = self.status();
         let units = status["units"].as_array().expect("units");
         units
@@ -152,7 +152,7 @@ impl Appliance {
     }
 
     /// `/metrics` as (name, labels) -> value.
-    fn metrics(&self) -> (String, Metrics) {
+    pub(crate) fn metrics(&self) -> (String, Metrics) {
         let (code, text) = self.http("GET", "/metrics", None);
         assert_eq!(code, 200, "{text}");
         let mut out = HashMap::new();
@@ -168,21 +168,21 @@ impl Appliance {
 }
 
 /// The value of `name{labels}` in parsed metrics.
-fn metric(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn metric(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let mut want: Vec<(String, String)> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     want.sort();
     m.get(&(name.to_string(), want)).copied()
 }
 
 /// A laptop namespace on the appliance's `wan0` (10.251.0.0/24).
-fn laptop(app: &Appliance) -> Netns {
+pub(crate) fn laptop(app: &Appliance) -> Netns {
     let ns = Netns::new();
     link(&app.ns, "wan0", "10.251.0.1/24", &ns, "wan", "10.251.0.2/24");
     ns
 }
 
 /// One ping from `ns` to `target` (1 s wait); true on a reply.
-fn ping_once(ns: &Netns, target: &str) -> bool {
+pub(crate) fn ping_once(ns: &Netns, target: &str) -> bool {
     let out = ns.output("ping", &["-c", "1", "-W", "1", target]);
     out.status.success()
 }
@@ -410,7 +410,7 @@ fn up_runs_the_vpn_and_the_admin_api_manages_its_peers() {
 
 /// SIGTERM to `up` in `app`; waits until the vpn's interface and control socket
 /// are gone.
-fn stop(app: &Appliance) {
+pub(crate) fn stop(app: &Appliance) {
     // Earlier restarts logged their own stops: wait for one more.
     let stops_before = app.log().matches("vpn stopped").count();
     let out = Command::new("ip")

@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use parking_lot::Mutex;
@@ -44,6 +44,88 @@ pub struct InstanceState {
     /// Told (`notify_one`) whenever an in-flight slot is given back, so a
     /// request queued for a full instance is woken, not polling.
     pub freed: tokio::sync::Notify,
+    /// Connections to it that failed (each one ejected it; the request was
+    /// retried elsewhere while retries remained). Counted on that error path only.
+    pub connect_errors: AtomicU64,
+    /// When the last active check ended (ms after the [`Carryover`] epoch; 0: none yet).
+    pub last_check_ms: AtomicU64,
+    /// Its result, see [`CheckResult`] (0: none yet).
+    pub last_check: AtomicU32,
+    /// When it last went down or up (check verdict, ejection; ms after the
+    /// epoch; 0: not since the lb first saw it). An ejection that simply
+    /// expires is a change at `ejected_until_ms`, read from there.
+    pub changed_ms: AtomicU64,
+}
+
+/// The result of an active check, as HAProxy's stats page names them
+/// (`L4OK`, `L4CON`, `L4TOUT`, `L7OK`, `L7STS 503`, `L7RSP`, `L7TOUT`), packed
+/// in a `u32` for [`InstanceState::last_check`]: the kind above the low 16
+/// bits, an HTTP status in them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckResult {
+    /// TCP connect succeeded (no `haproxy_httpchk`).
+    L4Ok,
+    /// TCP connect refused or failed.
+    L4Con,
+    /// No TCP connection within the timeout.
+    L4Tout,
+    /// HTTP check answered 2xx/3xx.
+    L7Ok,
+    /// HTTP check answered with another status.
+    L7Sts(u16),
+    /// HTTP check got no valid answer (closed, not HTTP, a read or write error).
+    L7Rsp,
+    /// HTTP check without an answer within the timeout.
+    L7Tout,
+}
+
+impl CheckResult {
+    /// Packed for [`InstanceState::last_check`] (never 0).
+    pub fn pack(self) -> u32 {
+        let (kind, status) = match self {
+            CheckResult::L4Ok => (1, 0),
+            CheckResult::L4Con => (2, 0),
+            CheckResult::L4Tout => (3, 0),
+            CheckResult::L7Ok => (4, 0),
+            CheckResult::L7Sts(s) => (5, s),
+            CheckResult::L7Rsp => (6, 0),
+            CheckResult::L7Tout => (7, 0),
+        };
+        (kind << 16) | u32::from(status)
+    }
+
+    /// Unpacked (None for 0 or garbage).
+    pub fn unpack(packed: u32) -> Option<Self> {
+        Some(match packed >> 16 {
+            1 => CheckResult::L4Ok,
+            2 => CheckResult::L4Con,
+            3 => CheckResult::L4Tout,
+            4 => CheckResult::L7Ok,
+            5 => CheckResult::L7Sts(packed as u16),
+            6 => CheckResult::L7Rsp,
+            7 => CheckResult::L7Tout,
+            _ => return None,
+        })
+    }
+
+    /// True for a passing check.
+    pub fn passed(self) -> bool {
+        matches!(self, CheckResult::L4Ok | CheckResult::L7Ok)
+    }
+}
+
+impl std::fmt::Display for CheckResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckResult::L4Ok => f.write_str("L4OK"),
+            CheckResult::L4Con => f.write_str("L4CON"),
+            CheckResult::L4Tout => f.write_str("L4TOUT"),
+            CheckResult::L7Ok => f.write_str("L7OK"),
+            CheckResult::L7Sts(s) => write!(f, "L7STS {s}"),
+            CheckResult::L7Rsp => f.write_str("L7RSP"),
+            CheckResult::L7Tout => f.write_str("L7TOUT"),
+        }
+    }
 }
 
 // Not derived: a derived Default would start with check_up = false.
@@ -54,6 +136,10 @@ impl Default for InstanceState {
             check_up: AtomicBool::new(true),
             inflight: AtomicUsize::new(0),
             freed: tokio::sync::Notify::new(),
+            connect_errors: AtomicU64::new(0),
+            last_check_ms: AtomicU64::new(0),
+            last_check: AtomicU32::new(0),
+            changed_ms: AtomicU64::new(0),
         }
     }
 }
@@ -260,7 +346,13 @@ impl Carryover {
     /// Passive ejection after a connect failure: skip the instance for `for_ms`.
     /// Never shortens an ejection already running.
     pub fn eject(&self, h: &InstanceState, for_ms: u64) {
-        let until = self.now_ms().saturating_add(for_ms);
-        h.ejected_until_ms.fetch_max(until, Ordering::Relaxed);
+        let now = self.now_ms();
+        let until = now.saturating_add(for_ms);
+        let before = h.ejected_until_ms.fetch_max(until, Ordering::Relaxed);
+        h.connect_errors.fetch_add(1, Ordering::Relaxed);
+        // Was serving, now ejected: a state change (for the stats page).
+        if before <= now {
+            h.changed_ms.store(now.max(1), Ordering::Relaxed);
+        }
     }
 }

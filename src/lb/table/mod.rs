@@ -62,7 +62,7 @@ mod spec;
 mod tests;
 
 pub use backend::{Backend, BackendInstance};
-pub use carryover::{Carryover, InstanceState, MAX_RETIRED_ROUTES};
+pub use carryover::{Carryover, CheckResult, InstanceState, MAX_RETIRED_ROUTES};
 pub use delta::{Applied, RouteDifferences, TableState};
 pub use routing::{Destination, RoutingTable, other_datacenter_name};
 pub use spec::{InstanceSpec, ServiceSpec, TableConfig};
