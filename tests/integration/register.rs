@@ -790,7 +790,15 @@ fn internal_mode_registers_the_address_on_a_user_defined_network() {
     let ip: std::net::Ipv4Addr = held.address.parse().unwrap();
     assert!(net.contains(&ip), "{held:?} in {subnet}");
     assert_eq!(held.port, 8080);
-    let body = http_get(SocketAddr::from((ip, 8080)), "/").unwrap();
+    // Registered at the container's start, which can come before its httpd
+    // listens: the address answers once the app is up.
+    let at = SocketAddr::from((ip, 8080));
+    wait_for(
+        "the app answers at its registered address",
+        || register.log(),
+        || http_get(at, "/").is_ok(),
+    );
+    let body = http_get(at, "/").unwrap();
     assert_eq!(body.trim(), short(&id));
 }
 
