@@ -202,16 +202,9 @@ pub fn parse_request<'b>(
     max_len: usize,
 ) -> Result<Option<RequestHead<'b>>, Refusal> {
     let mut req = httparse::Request::new(headers);
-    let len = match req.parse(buf) {
-        Ok(Status::Complete(len)) => len,
-        Ok(Status::Partial) if buf.len() >= max_len => return Err(Refusal::TooLarge),
-        Ok(Status::Partial) => return Ok(None),
-        Err(e) => return Err(parse_error(e)),
+    let Some(len) = head_len(req.parse(buf), buf, max_len)? else {
+        return Ok(None);
     };
-    if len > max_len {
-        return Err(Refusal::TooLarge);
-    }
-    check_line_ends(&buf[..len])?;
     let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
         return Err(Refusal::Malformed("incomplete request line"));
     };
@@ -262,16 +255,9 @@ pub fn parse_response<'b>(
     method: &str,
 ) -> Result<Option<ResponseHead<'b>>, Refusal> {
     let mut res = httparse::Response::new(headers);
-    let len = match res.parse(buf) {
-        Ok(Status::Complete(len)) => len,
-        Ok(Status::Partial) if buf.len() >= max_len => return Err(Refusal::TooLarge),
-        Ok(Status::Partial) => return Ok(None),
-        Err(e) => return Err(parse_error(e)),
+    let Some(len) = head_len(res.parse(buf), buf, max_len)? else {
+        return Ok(None);
     };
-    if len > max_len {
-        return Err(Refusal::TooLarge);
-    }
-    check_line_ends(&buf[..len])?;
     let (Some(status), Some(minor)) = (res.code, res.version) else {
         return Err(Refusal::Malformed("incomplete status line"));
     };
@@ -295,6 +281,22 @@ pub fn parse_response<'b>(
         keep_alive: facts.keep_alive(version) && framing != Framing::UntilClose,
         drop: facts.drop,
     }))
+}
+
+/// The length of a complete head from httparse's verdict, `None` while it
+/// is incomplete; refused beyond `max_len` or with a bare LF.
+fn head_len(parsed: httparse::Result<usize>, buf: &[u8], max_len: usize) -> Result<Option<usize>, Refusal> {
+    let len = match parsed {
+        Ok(Status::Complete(len)) => len,
+        Ok(Status::Partial) if buf.len() >= max_len => return Err(Refusal::TooLarge),
+        Ok(Status::Partial) => return Ok(None),
+        Err(e) => return Err(parse_error(e)),
+    };
+    if len > max_len {
+        return Err(Refusal::TooLarge);
+    }
+    check_line_ends(&buf[..len])?;
+    Ok(Some(len))
 }
 
 fn parse_error(e: httparse::Error) -> Refusal {
