@@ -44,6 +44,8 @@ pub struct InstanceState {
     /// Told (`notify_one`) whenever an in-flight slot is given back, so a
     /// request queued for a full instance is woken, not polling.
     pub freed: tokio::sync::Notify,
+    /// Which client sources hold its in-flight slots (the per-client share).
+    pub holders: crate::lb::share::Holders,
 }
 
 // Not derived: a derived Default would start with check_up = false.
@@ -54,6 +56,7 @@ impl Default for InstanceState {
             check_up: AtomicBool::new(true),
             inflight: AtomicUsize::new(0),
             freed: tokio::sync::Notify::new(),
+            holders: crate::lb::share::Holders::default(),
         }
     }
 }
