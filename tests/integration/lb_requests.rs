@@ -202,8 +202,9 @@ async fn slow_bodies_take_no_slot_over_http1() {
         inflight <= 1,
         "attackers held {inflight} slots (only the normal client should)"
     );
-    assert!(lb.state.stats.snapshot().body_too_slow >= ATTACKERS as u64);
-    assert_eq!(lb.state.bodies.used(), 0, "the buffered bodies are given back");
+    let status = wayfinder::lb::status::LbStatus::collect(&lb.state);
+    assert!(status.body_too_slow >= ATTACKERS as u64, "counted on the status page");
+    assert_eq!(status.body_buffer_bytes, 0, "the buffered bodies are given back");
 }
 
 /// A request body that sends what its channel is given.
