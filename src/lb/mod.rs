@@ -5,7 +5,10 @@
 //!  ConsulHub view ──watch::run (changed services)──▶ RoutingTable ──ArcSwap──┐
 //!  client ──TCP──▶ proxy::serve (hyper, HTTP/1.1 keep-alive) ──route()──────┤
 //!  client ──TLS──▶ proxy::serve (SNI cert from tls::SniResolver; h2 or 1.1) ─┘
-//!                     └─ Backend::pick (smooth WRR, ejected instances skipped)
+//!                     ├─ upload: the request body read first (bounded per request and in
+//!                     │  total), held to min_body_rate and request_timeout
+//!                     └─ Backend::pick (smooth WRR, ejected instances skipped; share: one
+//!                        client source at most max_client_share of an instance)
 //!                         └─ pool: connected backend sessions, retry on another
 //!                            instance when a connection cannot be made
 //!  tcp::run: haproxy_tcp= listeners opened and closed as the table changes

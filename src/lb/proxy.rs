@@ -811,6 +811,8 @@ impl Proxy {
     fn outgoing_headers(&self, request: &http::request::Parts, client: &ClientConn, upgrade: bool) -> HeaderMap {
         let incoming = &request.headers;
         let mut headers = incoming.clone();
+        // Room for the six the lb adds: the map grows at most once.
+        headers.reserve(6);
         let upgrade_value = upgrade.then(|| headers.get(header::UPGRADE).cloned()).flatten();
         strip_headers(&mut headers, Strip::Request);
         if let Some(value) = upgrade_value {
@@ -1042,9 +1044,14 @@ fn try_reserve<'b>(
     let at_cap = |i: &BackendInstance| i.health.inflight.load(Ordering::Acquire) >= maxconn;
     // Looked up (under the holders' lock) only when the instance has at least
     // `cap` requests in flight: below that, no source can hold `cap` of them.
+    // Only while another thread is between its two counts can a source hold
+    // more than the instance counts; once a `try_take` failed, look always,
+    // so this loop never spins on that instance.
+    let always_look = std::cell::Cell::new(false);
     let over_share = |i: &BackendInstance| {
         share.is_some_and(|s| {
-            i.health.inflight.load(Ordering::Acquire) >= s.cap && i.health.holders.held_by(s.source) >= s.cap
+            (always_look.get() || i.health.inflight.load(Ordering::Acquire) >= s.cap)
+                && i.health.holders.held_by(s.source) >= s.cap
         })
     };
     loop {
@@ -1063,6 +1070,7 @@ fn try_reserve<'b>(
             && !instance.health.holders.try_take(s.source, s.cap)
         {
             // Another request of this client took its last share meanwhile.
+            always_look.set(true);
             continue;
         }
         // Reserve the slot atomically: another request may have taken the last
