@@ -704,6 +704,45 @@ mod tests {
         assert_eq!(e.key, "lb.stats", "{e}");
     }
 
+    /// The request-body and per-client limits of issue 21: their defaults, and
+    /// every value that would switch one off or make no sense is refused.
+    #[test]
+    fn lb_body_and_share_limits() {
+        let c = check(MIN, &[]).unwrap();
+        assert_eq!(c.lb.body_buffer_bytes, 64 << 10);
+        assert_eq!(c.lb.body_buffer_total_bytes, 64 << 20);
+        assert_eq!(c.lb.min_body_rate, 500);
+        assert_eq!(c.lb.request_timeout, Duration::from_secs(300));
+        assert_eq!(c.lb.max_client_share, 50);
+        let c = check(
+            &format!(
+                "{MIN}[lb]\nbody_buffer_bytes = 10\nbody_buffer_total_bytes = 10\nmin_body_rate = 1\n\
+                 request_timeout = \"2s\"\nmax_client_share = 100\n"
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.lb.body_buffer_bytes, c.lb.min_body_rate, c.lb.max_client_share),
+            (10, 1, 100)
+        );
+        for (text, key) in [
+            ("body_buffer_bytes = 0", "lb.body_buffer_bytes"),
+            ("body_buffer_total_bytes = 0", "lb.body_buffer_total_bytes"),
+            (
+                "body_buffer_bytes = 2048\nbody_buffer_total_bytes = 1024",
+                "lb.body_buffer_bytes",
+            ),
+            ("min_body_rate = 0", "lb.min_body_rate"),
+            ("request_timeout = \"0s\"", "lb.request_timeout"),
+            ("max_client_share = 0", "lb.max_client_share"),
+            ("max_client_share = 101", "lb.max_client_share"),
+        ] {
+            let e = check(&format!("{MIN}[lb]\n{text}\n"), &[]).unwrap_err();
+            assert_eq!(e.key, key, "{text}: {e}");
+        }
+    }
+
     #[test]
     fn unknown_keys_are_rejected_in_every_table() {
         for text in [

@@ -497,6 +497,24 @@ fn connection_metrics(out: &mut Writer, status: &LbStatus) {
     ] {
         out.sample("wayfinder_lb_client_connections_cut_total", &[("reason", reason)], n);
     }
+    out.family(
+        "wayfinder_lb_requests_refused_total",
+        Kind::Counter,
+        "Requests the lb answered itself: body_too_slow and request_deadline (408, min_body_rate, request_timeout), over_share (429, max_client_share).",
+    );
+    for (reason, n) in [
+        ("body_too_slow", status.body_too_slow),
+        ("request_deadline", status.request_deadline),
+        ("over_share", status.over_share),
+    ] {
+        out.sample("wayfinder_lb_requests_refused_total", &[("reason", reason)], n);
+    }
+    out.single(
+        "wayfinder_lb_body_buffer_bytes",
+        Kind::Gauge,
+        "Request body bytes buffered before an instance is chosen, all requests together (cap: lb.body_buffer_total_bytes).",
+        status.body_buffer_bytes,
+    );
 }
 
 /// The routing table: changes, propagation, Consul, readiness, build time.

@@ -5,7 +5,10 @@
 //!  ConsulHub view ──watch::run (changed services)──▶ RoutingTable ──ArcSwap──┐
 //!  client ──TCP──▶ proxy::serve (hyper, HTTP/1.1 keep-alive) ──route()──────┤
 //!  client ──TLS──▶ proxy::serve (SNI cert from tls::SniResolver; h2 or 1.1) ─┘
-//!                     └─ Backend::pick (smooth WRR, ejected instances skipped)
+//!                     ├─ upload: the request body read first (bounded per request and in
+//!                     │  total), held to min_body_rate and request_timeout
+//!                     └─ Backend::pick (smooth WRR, ejected instances skipped; share: one
+//!                        client source at most max_client_share of an instance)
 //!                         └─ pool: connected backend sessions, retry on another
 //!                            instance when a connection cannot be made
 //!  tcp::run: haproxy_tcp= listeners opened and closed as the table changes
@@ -46,6 +49,7 @@ pub mod register;
 pub mod remote;
 pub mod selfsigned;
 pub mod settings;
+pub mod share;
 pub mod splice;
 pub mod stats;
 pub mod status;
@@ -53,6 +57,7 @@ pub mod table;
 pub mod tags;
 pub mod tcp;
 pub mod tls;
+pub mod upload;
 pub mod watch;
 
 use std::net::SocketAddr;
@@ -187,6 +192,9 @@ pub struct LbState {
     pub maxconn: ArcSwap<std::collections::HashMap<String, usize>>,
     /// Requests waiting for a free instance right now (bounded).
     pub queued: std::sync::atomic::AtomicUsize,
+    /// The memory buffered request bodies hold, all proxy threads together
+    /// (`body_buffer_total_bytes`; see [`upload`]).
+    pub bodies: Arc<upload::BodyBudget>,
     /// Client connections open, per source and in total, and their caps.
     pub conns: Arc<client::ConnLimits>,
     /// The HTTPS certificates in force, when HTTPS is on.
@@ -217,6 +225,7 @@ impl LbState {
             changes: tokio::sync::watch::Sender::new(0),
             maxconn: ArcSwap::from_pointee(std::collections::HashMap::new()),
             queued: std::sync::atomic::AtomicUsize::new(0),
+            bodies: Arc::new(upload::BodyBudget::default()),
             conns: Arc::new(client::ConnLimits::default()),
             certs: std::sync::OnceLock::new(),
             landing: status::LandingCache::default(),
@@ -393,6 +402,7 @@ pub async fn run(
     // Cancelled on `stop`, or by the lb itself when a task it needs has ended.
     let shutdown = stop.child_token();
     let (max_connections, nofile) = connection_caps(config, &state);
+    state.bodies.set_max(config.body_buffer_total_bytes);
     // Certificates first: a bad file is a start-up error, before any listener serves.
     let tls = tls_acceptor(config, inputs, &state)?;
     let tasks = TaskTracker::new();

@@ -3,15 +3,36 @@
 //! ```text
 //!  accept ─▶ [TLS handshake, ALPN h2 → hyper http2]
 //!         ─▶ hyper http1 (keep-alive, header size limit → 431; idle and slow heads: the watchdog)
-//!    request ─▶ table.route(Host, path) ─▶ Landing page | 503 page | Backend
-//!      Backend: pick an instance (smooth WRR) ─▶ checkout a pooled session
+//!    request ─▶ two Host lines (h2: two `host` fields) → 400
+//!           ─▶ table.route(authority of the target, else Host; path) ─▶ Landing page | 503 page | Backend
+//!      Backend: the body read first, up to body_buffer_bytes (`super::upload`;
+//!               slower than min_body_rate, or past request_timeout → 408)
+//!         ─▶ pick an instance (smooth WRR) below maxconn where this client holds
+//!            less than its max_client_share (none: 429) ─▶ checkout a pooled session
 //!         connect failed ─▶ eject the instance, pick another (the request body is
-//!                           still untouched, so any request can be retried)
+//!                           still unsent, so any request can be retried)
 //!         session failed after sending ─▶ retried only when the request had no body
 //!      response streamed back; 101 Switching Protocols ─▶ both upgraded
 //!      connections spliced (WebSocket and other Upgrades; `super::splice`:
 //!      tracked, cut after `tunnel_timeout` without a byte and at shutdown)
 //! ```
+//!
+//! The request headers the backend gets (`Proxy::outgoing_headers`): the
+//! lb owns these, whatever the client sent (PanteraS's HAProxy appended
+//! `X-Forwarded-For` with `option forwardfor` and added `X-Unique-ID`):
+//!
+//! | header | what the lb does |
+//! |---|---|
+//! | `Host` | the target's authority when it has one (absolute-form, h2 `:authority`), else the client's one Host |
+//! | `X-Forwarded-For` | appended: every client line, in order, joined with `, `, then the client's address |
+//! | `Forwarded` | appended (RFC 7239): the client's lines, then `for=<address>;proto=<http\|https>` |
+//! | `X-Real-IP` | set to the client's address (client copies removed) |
+//! | `X-Forwarded-Proto` | set to `http` or `https` (client copies removed) |
+//! | `X-Forwarded-Host` | set to the Host sent on (client copies removed) |
+//! | `X-Unique-ID` | set to the lb's own id, one per request, kept across retries (client copies removed) |
+//! | `Content-Length` | one line of plain digits (`099` → `99`) |
+//! | hop-by-hop (`Connection` and what it names, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, `Keep-Alive`, `Proxy-Connection`, `Proxy-Authorization`) | removed (an Upgrade the backend is asked for is set again) |
+//! | names with `_` (`Transfer_Encoding`, `X_User`) | removed, as nginx does by default |
 //!
 //! Sessions are hyper client connections kept per instance address; a session is
 //! reused once hyper reports it ready, so no request waits behind another. The
@@ -24,11 +45,14 @@
 //! without a first request (h2: preface) after `handshake_timeout` are cut.
 //! Requests over an instance's maxconn wait for a slot to be freed
 //! ([`InstanceState::freed`](super::table::InstanceState)), in a queue of at
-//! most `max_queued`, for at most `queue_timeout`.
+//! most `max_queued`, for at most `queue_timeout`; a request whose client
+//! already holds its share of every instance with room is not queued (429):
+//! neither one client address nor one h2 connection can take a whole
+//! instance ([`super::share`]).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -37,8 +61,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty};
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -54,6 +78,7 @@ use super::client::{self, Activity, ClientBody, ClientIo, ConnSlot, Cut, Request
 use super::settings::LbConfig;
 use super::splice::SpliceEnd;
 use super::table::{Backend, BackendInstance, Carryover, Destination};
+use super::upload::{BodyError, BodyRules, ClockedBody, ForwardBody};
 
 /// Instances tried for one request at most.
 const MAX_ATTEMPTS: usize = 3;
@@ -105,8 +130,13 @@ impl Scheme {
 /// computed once per connection rather than per request.
 #[derive(Clone)]
 struct ClientConn {
-    /// The client's IP, ready to be the `X-Forwarded-For` value.
+    /// The client's IP, ready to be the `X-Forwarded-For` and `X-Real-IP` value.
     ip: HeaderValue,
+    /// This hop's `Forwarded` element, `for=<ip>;proto=<scheme>` (RFC 7239 4:
+    /// an IPv6 address quoted, in brackets); the Host is in `X-Forwarded-Host`.
+    forwarded: HeaderValue,
+    /// The client's source for `max_client_share` (an IPv4 address, an IPv6 /64).
+    source: IpAddr,
     /// How it reached the proxy (`X-Forwarded-Proto`).
     scheme: Scheme,
     /// What the connection's watchdog reads (request bodies report to it).
@@ -115,8 +145,21 @@ struct ClientConn {
 
 impl ClientConn {
     fn new(peer: SocketAddr, scheme: Scheme, activity: Arc<Activity>) -> Self {
-        let ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Self { ip, scheme, activity }
+        let unknown = || HeaderValue::from_static("unknown");
+        let ip = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or_else(|_| unknown());
+        let proto = scheme.as_str();
+        let forwarded = match peer.ip() {
+            IpAddr::V4(v4) => format!("for={v4};proto={proto}"),
+            IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto={proto}"),
+        };
+        let forwarded = HeaderValue::from_str(&forwarded).unwrap_or_else(|_| unknown());
+        Self {
+            ip,
+            forwarded,
+            source: crate::net::sources::source_of(peer.ip()),
+            scheme,
+            activity,
+        }
     }
 }
 
@@ -124,6 +167,8 @@ impl ClientConn {
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_UNIQUE_ID: HeaderName = HeaderName::from_static("x-unique-id");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -140,6 +185,10 @@ pub struct Proxy {
     eject_ms: u64,
     queue_timeout: Duration,
     max_queued: usize,
+    /// The limits on request bodies (buffer, rate, deadline).
+    body_rules: BodyRules,
+    /// `max_client_share`, in percent of an instance's maxconn.
+    client_share: u8,
     ready_timeout: Duration,
     request_ids: AtomicU64,
     id_prefix: u32,
@@ -165,6 +214,8 @@ impl Proxy {
             eject_ms: config.eject_time.as_millis() as u64,
             queue_timeout: config.queue_timeout,
             max_queued: config.max_queued,
+            body_rules: BodyRules::new(config.body_buffer_bytes, config.min_body_rate, config.request_timeout),
+            client_share: config.max_client_share,
             ready_timeout: config.ready_timeout,
             request_ids: AtomicU64::new(0),
             id_prefix: rand::random(),
@@ -419,19 +470,25 @@ impl Proxy {
                 .sum::<usize>()
                 + req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
             if head_bytes > MAX_HEADER_BYTES {
-                let mut resp = error_page(
+                return self.refuse(
                     StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                     "The request headers are too large.",
+                    req.version(),
+                    started,
                 );
-                if req.version() < http::Version::HTTP_2 {
-                    resp.headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
-                self.state
-                    .stats
-                    .requests
-                    .record(resp.status().as_u16(), started.elapsed());
-                return resp;
+            }
+            // RFC 9112 3.2: a request with more than one Host line gets 400 (also
+            // two `host` fields over h2): the lb would route by one and the
+            // backend might read the other.
+            let mut hosts = req.headers().get_all(header::HOST).iter();
+            let host_header = hosts.next();
+            if hosts.next().is_some() {
+                return self.refuse(
+                    StatusCode::BAD_REQUEST,
+                    "The request has more than one Host header.",
+                    req.version(),
+                    started,
+                );
             }
             // Until the first table from a complete read of Consul is live, an empty
             // table would answer 503 for services that exist: wait for it instead.
@@ -449,11 +506,13 @@ impl Proxy {
                 return resp;
             }
             let table = self.state.table.load_full();
-            let host = req
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .or_else(|| req.uri().host());
+            // The target's authority wins over Host: an absolute-form target
+            // (RFC 9112 3.2.2) and h2's `:authority` (RFC 9113 8.3.1); the
+            // backend is then sent that as its Host (`outgoing_headers`).
+            let host = match req.uri().authority() {
+                Some(authority) => Some(authority_host(authority)),
+                None => host_header.and_then(|h| h.to_str().ok()),
+            };
             let route = table.route(host, req.uri().path());
             let response = match route {
                 Destination::Landing => super::status::landing_page(&self.state),
@@ -472,7 +531,7 @@ impl Proxy {
                     }
                     let backend = backend.clone();
                     drop(table);
-                    let response = self.forward(req, client, &backend).await;
+                    let response = self.forward(req, client, &backend, started).await;
                     backend.counters.record(response.status().as_u16(), started.elapsed());
                     response
                 }
@@ -485,10 +544,26 @@ impl Proxy {
         }
     }
 
-    /// Proxies one request to `backend`: up to [`MAX_ATTEMPTS`] instances,
-    /// each picked with a free slot ([`Self::pick_with_capacity`]), a pooled
-    /// session checked out (a failed connect ejects the instance and tries
-    /// another), the request sent, and the answer relayed ([`Self::relay`]).
+    /// The lb's own answer to a request it will not forward, counted; HTTP/1
+    /// connections are closed after it (what is left of the request on the
+    /// connection is not read).
+    fn refuse(
+        &self,
+        status: StatusCode,
+        message: &str,
+        version: http::Version,
+        started: Instant,
+    ) -> Response<ProxyBody> {
+        self.state.stats.requests.record(status.as_u16(), started.elapsed());
+        refusal(status, message, version)
+    }
+
+    /// Proxies one request to `backend`: its body read up to
+    /// `body_buffer_bytes` first ([`Self::read_body`]), then up to
+    /// [`MAX_ATTEMPTS`] instances, each picked with a free slot and under the
+    /// client's share ([`Self::pick_with_capacity`]), a pooled session checked
+    /// out (a failed connect ejects the instance and tries another), the
+    /// request sent, and the answer relayed ([`Self::relay`]).
     /// The steps after the pick stay in this one future: the per-request
     /// future's size and layout are measured (`benches/lb-instructions.sh`),
     /// so the helpers it calls are synchronous and inlined.
@@ -499,6 +574,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         client: &'a ClientConn,
         backend: &'a Backend,
+        started: Instant,
     ) -> impl Future<Output = Response<ProxyBody>> + 'a {
         async move {
             let wants_upgrade = req.headers().contains_key(header::UPGRADE);
@@ -506,8 +582,17 @@ impl Proxy {
             let (parts, body) = req.into_parts();
             // A request without a body can be sent again after any failure that
             // happened before a response; one with a body only before it was sent.
-            let bodiless = is_bodiless(&parts.headers);
-            let mut body = Some(body);
+            // (hyper knows: no length, `Content-Length: 0`, h2 END_STREAM on HEADERS.)
+            let bodiless = body.is_end_stream();
+            // Before any slot is taken: a slow upload holds memory, not an instance.
+            let mut body = if bodiless {
+                None
+            } else {
+                match self.read_body(body, client, started).await {
+                    Ok(body) => Some(body),
+                    Err(error) => return self.body_cut(&error, parts.version),
+                }
+            };
             // Built once; rebuilt only for a retry (rare), not cloned per attempt.
             let first_headers = self.outgoing_headers(&parts, client, wants_upgrade);
             let unique_id = first_headers.get(X_UNIQUE_ID).cloned();
@@ -518,23 +603,42 @@ impl Proxy {
                 .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
             let mut tried = Tried::default();
             let maxconn = self.maxconn(backend);
+            let share = super::share::share_cap(maxconn, self.client_share).map(|cap| Share {
+                source: client.source,
+                cap,
+            });
             for attempt in 0..MAX_ATTEMPTS {
-                let Some(instance) = self.pick_with_capacity(backend, maxconn, &tried).await else {
-                    if tried.len == 0 && !backend.instances.is_empty() {
+                let instance = match self.pick_with_capacity(backend, maxconn, &tried, share).await {
+                    Ok(instance) => instance,
+                    Err(NoSlot::OverShare) if tried.len == 0 => {
+                        self.state.stats.over_share.fetch_add(1, Ordering::Relaxed);
+                        let mut resp = error_page(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            "Too many of your requests are in flight on this service.",
+                        );
+                        resp.headers_mut()
+                            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                        return resp;
+                    }
+                    Err(_) if tried.len == 0 && !backend.instances.is_empty() => {
                         return error_page(
                             StatusCode::SERVICE_UNAVAILABLE,
                             "Every instance of this service is busy.",
                         );
                     }
-                    break;
+                    Err(_) => break,
                 };
                 tried.push(instance.addr);
                 if attempt > 0 {
                     self.state.stats.retries.fetch_add(1, Ordering::Relaxed);
                 }
-                // pick_with_capacity reserved a slot; it is released when the response
-                // body is done, or on any early return.
-                let release = Release(&instance.health);
+                // pick_with_capacity reserved a slot (and the client's share of
+                // it); both are released when the response body is done, or on
+                // any early return.
+                let release = Release {
+                    health: &instance.health,
+                    source: share.map(|s| s.source),
+                };
                 let mut session = match self.pool.checkout(instance.addr, self.connect_timeout).await {
                     Ok(s) => s,
                     Err(error) => {
@@ -547,11 +651,11 @@ impl Proxy {
                 // Built in a block of its own: hyper takes the request at once, so
                 // nothing of it is kept in this future across the await.
                 let sent = {
-                    let out_body: ProxyBody = if bodiless {
-                        empty()
+                    let out_body = if bodiless {
+                        ForwardBody::empty()
                     } else {
                         match body.take() {
-                            Some(b) => RequestBody::new(b, client.activity.clone()).boxed(),
+                            Some(b) => b,
                             None => break,
                         }
                     };
@@ -567,6 +671,11 @@ impl Proxy {
                 match sent {
                     Ok(Ok(resp)) => return self.relay(resp, instance.addr, session, client_upgrade, release),
                     Ok(Err(error)) => {
+                        // The body being sent was cut (too slow, past the deadline):
+                        // the client's fault, not the instance's.
+                        if let Some(cut) = BodyError::behind(&error) {
+                            return self.body_cut(cut, parts.version);
+                        }
                         tracing::debug!(service = %backend.service, addr = %instance.addr, %error, "lb: backend session failed");
                         if !bodiless {
                             return error_page(StatusCode::BAD_GATEWAY, "The service failed while answering.");
@@ -582,6 +691,36 @@ impl Proxy {
                 "No instance of this service could be reached.",
             )
         }
+    }
+
+    /// Reads the start of a request body (all of it up to `body_buffer_bytes`)
+    /// under the body rules; the rest, if any, follows once an instance is chosen.
+    async fn read_body(&self, body: Incoming, client: &ClientConn, started: Instant) -> Result<ForwardBody, BodyError> {
+        let mut clocked = ClockedBody::new(
+            RequestBody::new(body, client.activity.clone()),
+            &self.body_rules,
+            tokio::time::Instant::from_std(started),
+        );
+        let prefix = super::upload::read_prefix(&mut clocked, &self.body_rules, &self.state.bodies).await?;
+        Ok(ForwardBody::new(prefix, clocked))
+    }
+
+    /// The answer to a request whose body was cut (counted by why); the
+    /// connection is closed after it (HTTP/1), the rest of the body unread.
+    fn body_cut(&self, error: &BodyError, version: http::Version) -> Response<ProxyBody> {
+        let (status, message) = match error {
+            BodyError::TooSlow => {
+                self.state.stats.body_too_slow.fetch_add(1, Ordering::Relaxed);
+                (StatusCode::REQUEST_TIMEOUT, "The request body came too slowly.")
+            }
+            BodyError::Deadline => {
+                self.state.stats.request_deadline.fetch_add(1, Ordering::Relaxed);
+                (StatusCode::REQUEST_TIMEOUT, "The request took too long to arrive.")
+            }
+            BodyError::Client(_) => (StatusCode::BAD_REQUEST, "The request body could not be read."),
+        };
+        tracing::debug!(%error, "lb: request body cut");
+        refusal(status, message, version)
     }
 
     /// The per-instance cap of `backend`'s service (`haproxy_maxconn`).
@@ -621,7 +760,7 @@ impl Proxy {
         &self,
         mut resp: Response<Incoming>,
         addr: SocketAddr,
-        session: SendRequest<ProxyBody>,
+        session: SendRequest<ForwardBody>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         release: Release<'_>,
     ) -> Response<ProxyBody> {
@@ -637,7 +776,7 @@ impl Proxy {
         }
         let (mut parts, body) = resp.into_parts();
         if parts.status != StatusCode::SWITCHING_PROTOCOLS {
-            strip_hop_by_hop(&mut parts.headers);
+            strip_headers(&mut parts.headers, Strip::Response);
         }
         // The instance counts this request until its body is done.
         let body = CountedBody {
@@ -647,61 +786,121 @@ impl Proxy {
         Response::from_parts(parts, body.boxed())
     }
 
-    /// An instance below `maxconn` (PanteraS's per-instance cap), with one
-    /// in-flight slot reserved for this request; when all are at the cap, the
-    /// request waits in a bounded queue for up to `queue_timeout`.
+    /// An instance below `maxconn` (PanteraS's per-instance cap) where the
+    /// client is below its `share`, with one in-flight slot reserved for this
+    /// request; when all are at the cap, the request waits in a bounded queue
+    /// for up to `queue_timeout`.
     async fn pick_with_capacity<'b>(
         &self,
         backend: &'b Backend,
         maxconn: usize,
         tried: &Tried,
-    ) -> Option<&'b BackendInstance> {
+        share: Option<Share>,
+    ) -> Result<&'b BackendInstance, NoSlot> {
         let queue = Queue {
             queued: &self.state.queued,
             max: self.max_queued,
             timeout: self.queue_timeout,
         };
-        reserve_instance(backend, maxconn, tried, &self.state.health, &queue).await
+        reserve_instance(backend, maxconn, tried, share, &self.state.health, &queue).await
     }
 
-    /// The request headers as the backend gets them: hop-by-hop headers gone,
-    /// `Host` kept (or taken from an HTTP/2 `:authority`), the forwarding headers
-    /// added. Per request, so it parses no header names and formats nothing but
-    /// the request id.
+    /// The request headers as the backend gets them (the table in the module
+    /// header says which the lb sets, appends to and removes). Per request, so
+    /// it parses no header names and formats nothing but the request id.
     fn outgoing_headers(&self, request: &http::request::Parts, client: &ClientConn, upgrade: bool) -> HeaderMap {
         let incoming = &request.headers;
         let mut headers = incoming.clone();
-        // HTTP/2 carries the host in :authority; the HTTP/1.1 backend needs Host.
-        if !headers.contains_key(header::HOST)
-            && let Some(authority) = request.uri.authority()
-            && let Ok(v) = HeaderValue::from_str(authority.as_str())
-        {
-            headers.insert(header::HOST, v);
-        }
+        // Room for the six the lb adds: the map grows at most once.
+        headers.reserve(6);
         let upgrade_value = upgrade.then(|| headers.get(header::UPGRADE).cloned()).flatten();
-        strip_hop_by_hop(&mut headers);
+        strip_headers(&mut headers, Strip::Request);
         if let Some(value) = upgrade_value {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, value);
         }
-        let forwarded_for = match incoming.get(X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
-            None => client.ip.clone(),
-            Some(prior) => {
-                let mut joined = Vec::with_capacity(prior.len() + 2 + client.ip.len());
-                joined.extend_from_slice(prior);
-                joined.extend_from_slice(b", ");
-                joined.extend_from_slice(client.ip.as_bytes());
-                HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client.ip.clone())
-            }
-        };
-        headers.insert(X_FORWARDED_FOR, forwarded_for);
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.scheme.as_str()));
-        if !headers.contains_key(X_UNIQUE_ID) {
-            let n = self.request_ids.fetch_add(1, Ordering::Relaxed);
-            headers.insert(X_UNIQUE_ID, request_id(self.id_prefix, n));
+        // The target's authority wins over Host (absolute-form, h2 :authority;
+        // the route was chosen by it too), and the HTTP/1.1 backend needs a Host.
+        if let Some(authority) = request.uri.authority()
+            && let Ok(v) = HeaderValue::from_str(authority_host(authority))
+        {
+            headers.insert(header::HOST, v);
         }
+        normalise_content_length(&mut headers);
+        // Appended to (HAProxy's `option forwardfor`, RFC 7239 4): every line
+        // the client sent, in order, then this hop.
+        headers.insert(X_FORWARDED_FOR, append_hop(incoming, X_FORWARDED_FOR, &client.ip));
+        headers.insert(
+            header::FORWARDED,
+            append_hop(incoming, header::FORWARDED, &client.forwarded),
+        );
+        // Set: `insert` replaces every line the client sent.
+        headers.insert(X_REAL_IP, client.ip.clone());
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.scheme.as_str()));
+        match headers.get(header::HOST).cloned() {
+            Some(host) => headers.insert(X_FORWARDED_HOST, host),
+            None => headers.remove(X_FORWARDED_HOST),
+        };
+        let n = self.request_ids.fetch_add(1, Ordering::Relaxed);
+        headers.insert(X_UNIQUE_ID, request_id(self.id_prefix, n));
         headers
     }
+}
+
+/// `name`'s lines in `incoming` joined in order with `, `, then `hop`; just
+/// `hop` when the client sent none (or lines that cannot be joined).
+fn append_hop(incoming: &HeaderMap, name: HeaderName, hop: &HeaderValue) -> HeaderValue {
+    let mut prior = incoming.get_all(name).iter().peekable();
+    if prior.peek().is_none() {
+        return hop.clone();
+    }
+    let mut joined = Vec::with_capacity(128);
+    for value in prior {
+        joined.extend_from_slice(value.as_bytes());
+        joined.extend_from_slice(b", ");
+    }
+    joined.extend_from_slice(hop.as_bytes());
+    HeaderValue::from_maybe_shared(Bytes::from(joined)).unwrap_or_else(|_| hop.clone())
+}
+
+/// `Content-Length` in its one canonical form: a client's `099`, `5, 5` or two
+/// equal lines (which hyper accepted as one length) reach the backend as one
+/// line of plain digits.
+fn normalise_content_length(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else {
+        return;
+    };
+    let digits = first.as_bytes();
+    let canonical =
+        !digits.is_empty() && digits.iter().all(u8::is_ascii_digit) && (digits.len() == 1 || digits[0] != b'0');
+    if canonical && values.next().is_none() {
+        return;
+    }
+    let length = std::str::from_utf8(digits)
+        .ok()
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(length) = length {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
+}
+
+/// The lb's error page for a request it will not forward; HTTP/1 connections
+/// are closed after it (what is left of the request is not read).
+fn refusal(status: StatusCode, message: &str, version: http::Version) -> Response<ProxyBody> {
+    let mut resp = error_page(status, message);
+    if version < http::Version::HTTP_2 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// The host (and port) of a target's authority, without any `user@`.
+fn authority_host(authority: &http::uri::Authority) -> &str {
+    let all = authority.as_str();
+    all.rsplit_once('@').map_or(all, |(_, host)| host)
 }
 
 /// `X-Unique-ID`: 8 hex digits of the proxy's random prefix, 12 of the counter.
@@ -740,34 +939,56 @@ impl Tried {
     }
 }
 
-/// Decrements an instance's in-flight count when dropped.
-struct Release<'a>(&'a Arc<super::table::InstanceState>);
+/// A client's place under `max_client_share` on the instance it reserves:
+/// its source, and how many slots of one instance that source may hold.
+#[derive(Debug, Clone, Copy)]
+struct Share {
+    source: IpAddr,
+    cap: usize,
+}
+
+/// Gives an instance's in-flight slot (and its client's share of it) back when dropped.
+struct Release<'a> {
+    health: &'a Arc<super::table::InstanceState>,
+    /// The client source counted in the instance's holders, when the share is on.
+    source: Option<IpAddr>,
+}
 
 impl Release<'_> {
-    /// Hands the count over to something that outlives this function.
+    /// Hands the slot over to something that outlives this function.
     fn owned(self) -> OwnedRelease {
-        let health = self.0.clone();
+        let owned = OwnedRelease {
+            health: self.health.clone(),
+            source: self.source,
+        };
         std::mem::forget(self);
-        OwnedRelease(health)
+        owned
     }
 }
 
 impl Drop for Release<'_> {
     fn drop(&mut self) {
-        free_slot(self.0);
+        free_slot(self.health, self.source);
     }
 }
 
-struct OwnedRelease(Arc<super::table::InstanceState>);
+struct OwnedRelease {
+    health: Arc<super::table::InstanceState>,
+    source: Option<IpAddr>,
+}
 
 impl Drop for OwnedRelease {
     fn drop(&mut self) {
-        free_slot(&self.0);
+        free_slot(&self.health, self.source);
     }
 }
 
-/// Gives an in-flight slot back and wakes one request queued for it (FIFO).
-fn free_slot(health: &super::table::InstanceState) {
+/// Gives an in-flight slot back (and `source`'s count of it) and wakes one
+/// request queued for it (FIFO).
+fn free_slot(health: &super::table::InstanceState, source: Option<IpAddr>) {
+    if let Some(source) = source {
+        health.holders.give_back(source);
+    }
     health.inflight.fetch_sub(1, Ordering::AcqRel);
     health.freed.notify_one();
 }
@@ -800,19 +1021,58 @@ impl Drop for QueueTicket<'_> {
     }
 }
 
-/// One attempt at an instance with a free slot: the instance (slot reserved),
-/// or whether some instance is merely full (`true`: worth queueing for).
+/// Why no instance slot was reserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoSlot {
+    /// Some instance is merely full: worth queueing for.
+    Full,
+    /// Every instance with room has this client at its `max_client_share`.
+    OverShare,
+    /// No instance can take the request (none usable, or all tried).
+    None,
+}
+
+/// One attempt at an instance with a free slot, under the client's share: the
+/// instance (slot and share reserved), or why there is none.
 fn try_reserve<'b>(
     backend: &'b Backend,
     now_ms: u64,
     maxconn: usize,
     tried: &Tried,
-) -> Result<&'b BackendInstance, bool> {
+    share: Option<Share>,
+) -> Result<&'b BackendInstance, NoSlot> {
     let at_cap = |i: &BackendInstance| i.health.inflight.load(Ordering::Acquire) >= maxconn;
+    // Looked up (under the holders' lock) only when the instance has at least
+    // `cap` requests in flight: below that, no source can hold `cap` of them.
+    // Only while another thread is between its two counts can a source hold
+    // more than the instance counts; once a `try_take` failed, look always,
+    // so this loop never spins on that instance.
+    let always_look = std::cell::Cell::new(false);
+    let over_share = |i: &BackendInstance| {
+        share.is_some_and(|s| {
+            (always_look.get() || i.health.inflight.load(Ordering::Acquire) >= s.cap)
+                && i.health.holders.held_by(s.source) >= s.cap
+        })
+    };
     loop {
-        let Some(instance) = backend.pick_where(now_ms, |i| tried.contains(i.addr) || at_cap(i)) else {
-            return Err(backend.instances.iter().any(|i| !tried.contains(i.addr) && at_cap(i)));
+        let Some(instance) = backend.pick_where(now_ms, |i| tried.contains(i.addr) || at_cap(i) || over_share(i))
+        else {
+            let untried = || backend.instances.iter().filter(|i| !tried.contains(i.addr));
+            return Err(if untried().any(|i| at_cap(i) && !over_share(i)) {
+                NoSlot::Full
+            } else if untried().any(over_share) {
+                NoSlot::OverShare
+            } else {
+                NoSlot::None
+            });
         };
+        if let Some(s) = share
+            && !instance.health.holders.try_take(s.source, s.cap)
+        {
+            // Another request of this client took its last share meanwhile.
+            always_look.set(true);
+            continue;
+        }
         // Reserve the slot atomically: another request may have taken the last
         // one since the cap was read above.
         let reserved = instance
@@ -823,25 +1083,31 @@ fn try_reserve<'b>(
         if reserved {
             return Ok(instance);
         }
+        if let Some(s) = share {
+            instance.health.holders.give_back(s.source);
+        }
     }
 }
 
-/// An instance of `backend` below `maxconn` with a slot reserved for the
-/// caller; when every candidate is full, waits in `queue` until a slot is freed
-/// (woken by [`free_slot`], no polling) or the queue timeout passes.
+/// An instance of `backend` below `maxconn` (and below the client's share)
+/// with a slot reserved for the caller; when every candidate is full, waits in
+/// `queue` until a slot is freed (woken by [`free_slot`], no polling) or the
+/// queue timeout passes.
 async fn reserve_instance<'b>(
     backend: &'b Backend,
     maxconn: usize,
     tried: &Tried,
+    share: Option<Share>,
     health: &Carryover,
     queue: &Queue<'_>,
-) -> Option<&'b BackendInstance> {
-    match try_reserve(backend, health.now_ms(), maxconn, tried) {
-        Ok(instance) => return Some(instance),
-        Err(false) => return None,
-        Err(true) => {}
+) -> Result<&'b BackendInstance, NoSlot> {
+    match try_reserve(backend, health.now_ms(), maxconn, tried, share) {
+        Err(NoSlot::Full) => {}
+        other => return other,
     }
-    let _ticket = QueueTicket::take(queue)?;
+    let Some(_ticket) = QueueTicket::take(queue) else {
+        return Err(NoSlot::Full);
+    };
     let deadline = tokio::time::Instant::now() + queue.timeout;
     loop {
         // Waiting on every candidate, registered before looking again, so a
@@ -855,10 +1121,9 @@ async fn reserve_instance<'b>(
         for f in &mut freed {
             f.as_mut().enable();
         }
-        match try_reserve(backend, health.now_ms(), maxconn, tried) {
-            Ok(instance) => return Some(instance),
-            Err(false) => return None,
-            Err(true) => {}
+        match try_reserve(backend, health.now_ms(), maxconn, tried, share) {
+            Err(NoSlot::Full) => {}
+            other => return other,
         }
         let any_freed = std::future::poll_fn(|cx| {
             if freed.iter_mut().any(|f| f.as_mut().poll(cx).is_ready()) {
@@ -870,7 +1135,7 @@ async fn reserve_instance<'b>(
         // A notification taken by a Notified dropped here is handed on to the
         // next waiter (tokio's notify_one semantics), so none is lost.
         if tokio::time::timeout_at(deadline, any_freed).await.is_err() {
-            return None;
+            return Err(NoSlot::Full);
         }
     }
 }
@@ -902,13 +1167,38 @@ impl hyper::body::Body for CountedBody {
     }
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Which headers [`strip_headers`] removes besides the hop-by-hop ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Strip {
+    /// A response: hop-by-hop headers only.
+    Response,
+    /// A request: also names with an underscore (`Transfer_Encoding`), which
+    /// nginx drops by default (`underscores_in_headers off`): a backend or
+    /// framework that maps `_` and `-` to one name (CGI, PHP, WSGI) would
+    /// read them as the header the lb checked under another name.
+    Request,
+}
+
+fn strip_headers(headers: &mut HeaderMap, what: Strip) {
     // Most messages carry none, or only `Connection: keep-alive`: one pass over
     // the names decides, and only names that are there are removed.
     let mut present = 0u8; // bit i: HOP_BY_HOP[i] is there
+    let mut underscored = false;
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
             present |= 1 << i;
+        } else if what == Strip::Request && name.as_str().as_bytes().contains(&b'_') {
+            underscored = true;
+        }
+    }
+    if underscored {
+        let names: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| n.as_str().as_bytes().contains(&b'_'))
+            .cloned()
+            .collect();
+        for name in names {
+            headers.remove(name);
         }
     }
     if present == 0 {
@@ -961,18 +1251,6 @@ async fn splice_upgraded(
     }
 }
 
-/// A request without a body can be sent again after any failure that happened
-/// before a response; one with a body only before it was sent.
-#[inline(always)]
-fn is_bodiless(headers: &HeaderMap) -> bool {
-    !headers.contains_key(header::TRANSFER_ENCODING)
-        && headers.get(header::CONTENT_LENGTH).is_none_or(|v| v.as_bytes() == b"0")
-}
-
-fn empty() -> ProxyBody {
-    Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
-}
-
 /// Why no session to an instance could be had (the `error` of the "cannot
 /// connect" log line; the instance is then ejected).
 #[derive(Debug, thiserror::Error)]
@@ -994,7 +1272,7 @@ enum SessionError {
 /// [`SessionPool::close`] once no client request can need it any more.
 #[derive(Default)]
 struct SessionPool {
-    idle: Mutex<HashMap<SocketAddr, Vec<SendRequest<ProxyBody>>>>,
+    idle: Mutex<HashMap<SocketAddr, Vec<SendRequest<ForwardBody>>>>,
     connections: TaskTracker,
     closing: CancellationToken,
 }
@@ -1005,7 +1283,7 @@ impl SessionPool {
         &self,
         addr: SocketAddr,
         connect_timeout: Duration,
-    ) -> Result<SendRequest<ProxyBody>, SessionError> {
+    ) -> Result<SendRequest<ForwardBody>, SessionError> {
         {
             let mut idle = self.idle.lock();
             if let Some(list) = idle.get_mut(&addr) {
@@ -1048,7 +1326,7 @@ impl SessionPool {
     }
 
     /// Keeps a session for reuse (it becomes ready when its response is read).
-    fn checkin(&self, addr: SocketAddr, session: SendRequest<ProxyBody>) {
+    fn checkin(&self, addr: SocketAddr, session: SendRequest<ForwardBody>) {
         let mut idle = self.idle.lock();
         let list = idle.entry(addr).or_default();
         if list.len() < MAX_IDLE_PER_INSTANCE {
@@ -1103,14 +1381,14 @@ mod tests {
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h);
+        strip_headers(&mut h, Strip::Response);
         let mut names: Vec<_> = h.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
         assert_eq!(names, ["host", "x-kept"]);
 
         let mut plain = HeaderMap::new();
         plain.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
-        strip_hop_by_hop(&mut plain);
+        strip_headers(&mut plain, Strip::Response);
         assert_eq!(plain.len(), 1);
     }
 
@@ -1146,10 +1424,10 @@ mod tests {
         };
         // Both instances at maxconn 1.
         let q = queue(&queued);
-        let a = reserve_instance(&backend, 1, &Tried::default(), &health, &q)
+        let a = reserve_instance(&backend, 1, &Tried::default(), None, &health, &q)
             .await
             .unwrap();
-        let b = reserve_instance(&backend, 1, &Tried::default(), &health, &q)
+        let b = reserve_instance(&backend, 1, &Tried::default(), None, &health, &q)
             .await
             .unwrap();
         assert_ne!(a.addr, b.addr);
@@ -1162,8 +1440,8 @@ mod tests {
                     max: 8,
                     timeout: Duration::from_secs(60),
                 };
-                let got = reserve_instance(&backend, 1, &Tried::default(), &health, &q).await;
-                (got.map(|i| i.addr), tokio::time::Instant::now())
+                let got = reserve_instance(&backend, 1, &Tried::default(), None, &health, &q).await;
+                (got.ok().map(|i| i.addr), tokio::time::Instant::now())
             })
         };
         // The waiter is queued (the paused clock does not move while it waits).
@@ -1174,7 +1452,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(7_001)).await;
         assert_eq!(queued.load(Ordering::Acquire), 1, "still queued after 7 s");
         let freed_at = tokio::time::Instant::now();
-        free_slot(&b.health);
+        free_slot(&b.health, None);
         let (got, served_at) = waiter.await.unwrap();
         assert_eq!(got, Some(b.addr), "the freed instance");
         assert_eq!(served_at, freed_at, "woken by the release, not by a timer");
@@ -1198,7 +1476,7 @@ mod tests {
             max: 2,
             timeout: Duration::from_secs(5),
         };
-        let held = reserve_instance(&backend, 1, &Tried::default(), &health, &q)
+        let held = reserve_instance(&backend, 1, &Tried::default(), None, &health, &q)
             .await
             .unwrap();
         let mut waiters = Vec::new();
@@ -1212,9 +1490,9 @@ mod tests {
                     timeout: Duration::from_secs(5),
                 };
                 let started = tokio::time::Instant::now();
-                let got = reserve_instance(&backend, 1, &Tried::default(), &health, &q)
+                let got = reserve_instance(&backend, 1, &Tried::default(), None, &health, &q)
                     .await
-                    .is_some();
+                    .is_ok();
                 (got, started.elapsed())
             }));
         }
@@ -1223,9 +1501,9 @@ mod tests {
         }
         let started = tokio::time::Instant::now();
         assert!(
-            reserve_instance(&backend, 1, &Tried::default(), &health, &q)
+            reserve_instance(&backend, 1, &Tried::default(), None, &health, &q)
                 .await
-                .is_none(),
+                .is_err(),
             "a third request finds the queue full"
         );
         assert_eq!(started.elapsed(), Duration::ZERO, "refused at once, not after waiting");
@@ -1282,5 +1560,92 @@ mod tests {
             tried.push(b);
         }
         assert_eq!(tried.len, MAX_ATTEMPTS);
+    }
+
+    /// One source holds at most its share of an instance: past it, the next
+    /// instance; past it everywhere, `OverShare` (429), without queueing; another
+    /// source is not affected; a freed slot gives the share back.
+    #[tokio::test(start_paused = true)]
+    async fn a_source_holds_at_most_its_share_of_each_instance() {
+        let health = Carryover::new();
+        let backend = backend(&[(1, &health), (2, &health)]);
+        let queued = AtomicUsize::new(0);
+        let q = Queue {
+            queued: &queued,
+            max: 8,
+            timeout: Duration::from_secs(60),
+        };
+        let attacker = Share {
+            source: "192.0.2.66".parse().unwrap(),
+            cap: 2,
+        };
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let i = reserve_instance(&backend, 4, &Tried::default(), Some(attacker), &health, &q)
+                .await
+                .expect("under the share");
+            held.push(i);
+        }
+        for i in &backend.instances {
+            assert_eq!(i.health.holders.held_by(attacker.source), 2, "{}", i.addr);
+            assert_eq!(i.health.inflight.load(Ordering::Acquire), 2);
+        }
+        let started = tokio::time::Instant::now();
+        let over = reserve_instance(&backend, 4, &Tried::default(), Some(attacker), &health, &q).await;
+        assert_eq!(over.err(), Some(NoSlot::OverShare));
+        assert_eq!(started.elapsed(), Duration::ZERO, "refused at once, not queued");
+        assert_eq!(queued.load(Ordering::Acquire), 0);
+        let other = Share {
+            source: "192.0.2.7".parse().unwrap(),
+            cap: 2,
+        };
+        let served = reserve_instance(&backend, 4, &Tried::default(), Some(other), &health, &q).await;
+        assert!(served.is_ok(), "another source is served");
+        let first = held.remove(0);
+        free_slot(&first.health, Some(attacker.source));
+        assert!(
+            reserve_instance(&backend, 4, &Tried::default(), Some(attacker), &health, &q)
+                .await
+                .is_ok(),
+            "a freed slot gives the share back"
+        );
+    }
+
+    #[test]
+    fn forwarding_headers_are_set_appended_and_removed() {
+        let mut h = HeaderMap::new();
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("2.2.2.2, 3.3.3.3"));
+        let me = HeaderValue::from_static("192.0.2.9");
+        assert_eq!(
+            append_hop(&h, X_FORWARDED_FOR, &me),
+            "1.1.1.1, 2.2.2.2, 3.3.3.3, 192.0.2.9"
+        );
+        assert_eq!(append_hop(&h, header::FORWARDED, &me), "192.0.2.9");
+
+        for (sent, forwarded) in [("099", Some("99")), ("0", None), ("100", None), ("5, 5", Some("5"))] {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from_static(sent));
+            normalise_content_length(&mut h);
+            assert_eq!(h[header::CONTENT_LENGTH], forwarded.unwrap_or(sent), "{sent}");
+        }
+        let mut two = HeaderMap::new();
+        two.append(header::CONTENT_LENGTH, HeaderValue::from_static("7"));
+        two.append(header::CONTENT_LENGTH, HeaderValue::from_static("7"));
+        normalise_content_length(&mut two);
+        assert_eq!(two.get_all(header::CONTENT_LENGTH).iter().count(), 1);
+
+        let mut u = HeaderMap::new();
+        u.insert("transfer_encoding", HeaderValue::from_static("chunked"));
+        u.insert("x_user", HeaderValue::from_static("admin"));
+        u.insert("x-kept", HeaderValue::from_static("1"));
+        let mut response = u.clone();
+        strip_headers(&mut u, Strip::Request);
+        assert_eq!(u.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-kept"]);
+        strip_headers(&mut response, Strip::Response);
+        assert_eq!(response.len(), 3, "responses keep their names");
+
+        let authority: http::uri::Authority = "user:pw@beta.service:8080".parse().unwrap();
+        assert_eq!(authority_host(&authority), "beta.service:8080");
     }
 }

@@ -71,6 +71,42 @@ pub struct LbSection {
     /// Default `1000`; at least 1.
     #[serde(default = "default_lb_max_connections_per_source")]
     pub max_connections_per_source: usize,
+    /// Request body bytes read before an instance is chosen: a body up to this
+    /// size is in the lb whole before it takes one of an instance's maxconn
+    /// slots, so a slow upload holds memory, not a slot (nginx's
+    /// `proxy_request_buffering`, HAProxy's `option http-buffer-request`); a
+    /// longer body has this much in before its slot is taken and streams the
+    /// rest. Kept as the chunks arrived (no copy). Default `65536` (64 KiB); at
+    /// least 1, at most `body_buffer_total_bytes`.
+    #[serde(default = "default_lb_body_buffer_bytes")]
+    pub body_buffer_bytes: usize,
+    /// Memory all buffered request bodies may take together, over every proxy
+    /// thread: once it is spent, a request stops buffering and streams its body
+    /// (holding a slot, under `min_body_rate` and `max_client_share`). Default
+    /// `67108864` (64 MiB); at least 1.
+    #[serde(default = "default_lb_body_buffer_total_bytes")]
+    pub body_buffer_total_bytes: usize,
+    /// Slowest request body accepted, in bytes per second: in every 5 s the lb
+    /// spends waiting for a body, at least 5 × this many bytes must come, else
+    /// the request gets 408 (and its slot, if it had one, is freed). Only time
+    /// spent waiting for the client counts; bytes beyond one window's share are
+    /// not carried over (Apache mod_reqtimeout's `MinRate`, without its credit).
+    /// Default `500`; at least 1.
+    #[serde(default = "default_lb_min_body_rate")]
+    pub min_body_rate: u64,
+    /// Time from a request's head to the last byte of its body, whatever the
+    /// rate (HAProxy's `timeout http-request`, which with a buffered body covers
+    /// it too); a request not complete by then gets 408. Default `300s`.
+    #[serde(default = "default_lb_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Share of one instance's maxconn slots one client source (an IPv4
+    /// address, an IPv6 /64; so also one h2 connection) may hold, in percent,
+    /// at least one slot: a request over it goes to another instance, or gets
+    /// 429 with `Retry-After: 1` when every instance is full or has this client
+    /// at its share. `100` = no share (when the share is not below maxconn,
+    /// nothing is counted). Default `50`; 1 to 100.
+    #[serde(default = "default_lb_max_client_share")]
+    pub max_client_share: u8,
     /// Time a backend may take to start its response. Default `60s`.
     #[serde(default = "default_lb_io_timeout", with = "humantime_serde")]
     pub server_timeout: Duration,
@@ -203,6 +239,29 @@ fn default_lb_max_connections_per_source() -> usize {
     1000
 }
 
+/// `body_buffer_total_bytes` by default (64 MiB).
+pub const DEFAULT_BODY_BUFFER_TOTAL: usize = 64 << 20;
+
+fn default_lb_body_buffer_bytes() -> usize {
+    64 << 10
+}
+
+fn default_lb_body_buffer_total_bytes() -> usize {
+    DEFAULT_BODY_BUFFER_TOTAL
+}
+
+fn default_lb_min_body_rate() -> u64 {
+    500
+}
+
+fn default_lb_request_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_lb_max_client_share() -> u8 {
+    50
+}
+
 fn default_lb_max_queued() -> usize {
     4096
 }
@@ -254,6 +313,16 @@ pub struct LbConfig {
     pub max_connections_per_source: usize,
     /// Cap on requests queued for a free instance.
     pub max_queued: usize,
+    /// Request body bytes read before an instance is chosen.
+    pub body_buffer_bytes: usize,
+    /// Memory all buffered request bodies may take together.
+    pub body_buffer_total_bytes: usize,
+    /// Slowest request body accepted (bytes per second of waiting).
+    pub min_body_rate: u64,
+    /// Head-to-last-body-byte deadline of a request.
+    pub request_timeout: Duration,
+    /// Share of an instance's slots one client source may hold (percent; 100 = off).
+    pub max_client_share: u8,
     /// Backend response-start timeout.
     pub server_timeout: Duration,
     /// Inactivity timeout of spliced connections (HAProxy `timeout tunnel`).
@@ -345,6 +414,11 @@ pub(crate) fn validate_lb(
         handshake_timeout,
         max_connections,
         max_connections_per_source,
+        body_buffer_bytes,
+        body_buffer_total_bytes,
+        min_body_rate,
+        request_timeout,
+        max_client_share,
         server_timeout,
         tunnel_timeout,
         eject_time,
@@ -396,6 +470,7 @@ pub(crate) fn validate_lb(
         ("lb.handshake_timeout", handshake_timeout),
         ("lb.server_timeout", server_timeout),
         ("lb.tunnel_timeout", tunnel_timeout),
+        ("lb.request_timeout", request_timeout),
     ] {
         if d.is_zero() {
             return Err(err(key, "must be longer than 0s".into()));
@@ -404,10 +479,24 @@ pub(crate) fn validate_lb(
     for (key, n) in [
         ("lb.max_connections_per_source", max_connections_per_source),
         ("lb.max_queued", max_queued),
+        ("lb.body_buffer_bytes", body_buffer_bytes),
+        ("lb.body_buffer_total_bytes", body_buffer_total_bytes),
     ] {
         if *n == 0 {
             return Err(err(key, "must be at least 1".into()));
         }
+    }
+    if body_buffer_bytes > body_buffer_total_bytes {
+        return Err(err(
+            "lb.body_buffer_bytes",
+            format!("{body_buffer_bytes} is more than lb.body_buffer_total_bytes ({body_buffer_total_bytes})"),
+        ));
+    }
+    if *min_body_rate == 0 {
+        return Err(err("lb.min_body_rate", "must be at least 1 (bytes per second)".into()));
+    }
+    if !(1..=100).contains(max_client_share) {
+        return Err(err("lb.max_client_share", "must be a percentage from 1 to 100".into()));
     }
     let mut hosts: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "[::1]".into()];
     if let Some(name) = crate::net::host::name() {
@@ -433,6 +522,11 @@ pub(crate) fn validate_lb(
         max_connections: (*max_connections > 0).then_some(*max_connections),
         max_connections_per_source: *max_connections_per_source,
         max_queued: *max_queued,
+        body_buffer_bytes: *body_buffer_bytes,
+        body_buffer_total_bytes: *body_buffer_total_bytes,
+        min_body_rate: *min_body_rate,
+        request_timeout: *request_timeout,
+        max_client_share: *max_client_share,
         server_timeout: *server_timeout,
         tunnel_timeout: *tunnel_timeout,
         eject_time: *eject_time,

@@ -92,6 +92,13 @@ pub struct LbStats {
     pub cut_idle: AtomicU64,
     /// See `cut_stalled`.
     pub cut_handshake: AtomicU64,
+    /// Requests answered 408 because their body came slower than `min_body_rate`.
+    pub body_too_slow: AtomicU64,
+    /// Requests answered 408 because they were not complete within `request_timeout`.
+    pub request_deadline: AtomicU64,
+    /// Requests answered 429: their client held its `max_client_share` of
+    /// every instance that had room.
+    pub over_share: AtomicU64,
     propagation: Mutex<Vec<Duration>>,
     /// How long the last table build took (µs).
     last_build_us: AtomicU64,
@@ -114,6 +121,12 @@ pub struct LbSnapshot {
     pub cut_idle: u64,
     /// Connections closed before their first request or h2 preface (`handshake_timeout`).
     pub cut_handshake: u64,
+    /// Requests cut for a body slower than `min_body_rate` (408).
+    pub body_too_slow: u64,
+    /// Requests cut at `request_timeout` (408).
+    pub request_deadline: u64,
+    /// Requests refused over their client's `max_client_share` (429).
+    pub over_share: u64,
     /// Median propagation time of the recent changes.
     pub propagation_p50: Option<Duration>,
     /// 99th percentile propagation time of the recent changes.
@@ -148,6 +161,9 @@ impl LbStats {
             cut_stalled: load(&self.cut_stalled),
             cut_idle: load(&self.cut_idle),
             cut_handshake: load(&self.cut_handshake),
+            body_too_slow: load(&self.body_too_slow),
+            request_deadline: load(&self.request_deadline),
+            over_share: load(&self.over_share),
             propagation_p50: pct(50),
             propagation_p99: pct(99),
             last_build: Duration::from_micros(load(&self.last_build_us)),

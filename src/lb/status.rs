@@ -67,6 +67,18 @@ pub struct LbStatus {
     pub cut_idle: u64,
     /// Connections closed before their first request or h2 preface (`handshake_timeout`).
     pub cut_handshake: u64,
+    /// Requests answered 408: a body slower than `min_body_rate`.
+    pub body_too_slow: u64,
+    /// Requests answered 408: not complete within `request_timeout`.
+    pub request_deadline: u64,
+    /// Requests answered 429: their client held its `max_client_share` of every instance with room.
+    pub over_share: u64,
+    /// Bytes of request bodies buffered right now, all proxy threads together.
+    pub body_buffer_bytes: usize,
+    /// Their cap (`body_buffer_total_bytes`).
+    pub body_buffer_max: usize,
+    /// Requests that found the body memory spent and streamed their body.
+    pub body_buffer_spent: u64,
     /// Every request answered (routes, landing page, unknown names).
     pub requests: RequestSnapshot,
     /// Upper bounds of the latency buckets, microseconds (the last bucket has none).
@@ -220,6 +232,12 @@ impl LbStatus {
             cut_stalled: stats.cut_stalled,
             cut_idle: stats.cut_idle,
             cut_handshake: stats.cut_handshake,
+            body_too_slow: stats.body_too_slow,
+            request_deadline: stats.request_deadline,
+            over_share: stats.over_share,
+            body_buffer_bytes: state.bodies.used(),
+            body_buffer_max: state.bodies.max(),
+            body_buffer_spent: state.bodies.spent.load(Ordering::Relaxed),
             requests: stats.requests,
             latency_bounds_us: &LATENCY_BUCKETS_US,
             routes,

@@ -144,6 +144,16 @@ fn check_prints_the_effective_configuration() {
         Some("127.0.0.1:8500"),
         "default filled in"
     );
+    // The request-body and per-client limits (issue 21), defaults filled in.
+    for (key, value) in [
+        ("body_buffer_bytes", toml::Value::Integer(65536)),
+        ("body_buffer_total_bytes", toml::Value::Integer(64 << 20)),
+        ("min_body_rate", toml::Value::Integer(500)),
+        ("request_timeout", toml::Value::String("5m".into())),
+        ("max_client_share", toml::Value::Integer(50)),
+    ] {
+        assert_eq!(get(&t, "lb", key), &value, "lb.{key}");
+    }
     assert!(
         stdout(&out).contains("# dns upstreams resolved: [192.0.2.1:53]"),
         "{}",

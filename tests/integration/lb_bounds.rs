@@ -136,7 +136,7 @@ async fn set_maxconn(lb: &Lb, svc: &str, n: usize) {
 }
 
 /// A TCP connection to `to` from the source address `from`.
-async fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
+pub async fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::from((from, 0))).unwrap();
     socket.connect(to).await.unwrap()
@@ -262,7 +262,7 @@ async fn connections_are_capped_per_source_and_in_total() {
 }
 
 /// A rustls client trusting `cert_pem`, offering `alpn`.
-fn tls_connector(cert_pem: &std::path::Path, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+pub fn tls_connector(cert_pem: &std::path::Path, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();

@@ -645,6 +645,11 @@ async fn admin_api_actions_and_metrics() {
     );
     assert_eq!(value("wayfinder_consul_up", &[]), 1.0);
     assert_eq!(value("wayfinder_up_ready", &[]), 1.0);
+    // Issue 21: the requests the lb answered itself, and its body memory.
+    for reason in ["body_too_slow", "request_deadline", "over_share"] {
+        assert_eq!(value("wayfinder_lb_requests_refused_total", &[("reason", reason)]), 0.0);
+    }
+    assert_eq!(value("wayfinder_lb_body_buffer_bytes", &[]), 0.0);
     // Prometheus conventions: counters end in `_total`, histograms are in
     // seconds, and every name is in base units (no `_ms`, `_us`, `_kb`).
     for (family, kind) in &typed {

@@ -55,6 +55,8 @@ pub struct InstanceState {
     /// epoch; 0: not since the lb first saw it). An ejection that simply
     /// expires is a change at `ejected_until_ms`, read from there.
     pub changed_ms: AtomicU64,
+    /// Which client sources hold its in-flight slots (the per-client share).
+    pub holders: crate::lb::share::Holders,
 }
 
 /// The result of an active check, as HAProxy's stats page names them
@@ -140,6 +142,7 @@ impl Default for InstanceState {
             last_check_ms: AtomicU64::new(0),
             last_check: AtomicU32::new(0),
             changed_ms: AtomicU64::new(0),
+            holders: crate::lb::share::Holders::default(),
         }
     }
 }
