@@ -429,6 +429,18 @@ fn request_metrics(out: &mut Writer, status: &LbStatus) {
         }
     }
     out.family(
+        "wayfinder_lb_backend_current_queue",
+        Kind::Gauge,
+        "Requests of a service (backend) waiting for an instance below its maxconn.",
+    );
+    for r in &status.routes {
+        out.sample(
+            "wayfinder_lb_backend_current_queue",
+            &[("proxy", &r.service), ("datacenter", &r.datacenter)],
+            r.requests.queued,
+        );
+    }
+    out.family(
         "wayfinder_lb_server_current_sessions",
         Kind::Gauge,
         "Requests in flight per instance (server).",

@@ -1004,6 +1004,12 @@ struct Queue<'a> {
 struct QueueTicket<'a>(&'a AtomicUsize);
 
 impl<'a> QueueTicket<'a> {
+    /// A place in a count with no bound of its own (a route's part of the queue).
+    fn join(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+
     fn take(queue: &Queue<'a>) -> Option<Self> {
         queue
             .queued
@@ -1108,6 +1114,8 @@ async fn reserve_instance<'b>(
     let Some(_ticket) = QueueTicket::take(queue) else {
         return Err(NoSlot::Full);
     };
+    // The route's own share of the queue, shown per service on the stats page.
+    let _route_place = QueueTicket::join(&backend.counters.queued);
     let deadline = tokio::time::Instant::now() + queue.timeout;
     loop {
         // Waiting on every candidate, registered before looking again, so a

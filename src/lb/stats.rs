@@ -35,6 +35,9 @@ pub struct RequestCounters {
     pub status_classes: [AtomicU64; 6],
     /// Request latency up to the response head.
     pub latency: Histogram<RequestLatency>,
+    /// Requests of this route waiting for an instance below its maxconn now
+    /// (HAProxy's backend queue; their sum is [`LbState`](super::LbState)'s `queued`).
+    pub queued: std::sync::atomic::AtomicUsize,
 }
 
 /// A copy of [`RequestCounters`].
@@ -46,6 +49,8 @@ pub struct RequestSnapshot {
     /// [`LATENCY_BUCKETS_US`]).
     #[serde(flatten)]
     pub latency: Snapshot,
+    /// Requests waiting for an instance now.
+    pub queued: usize,
 }
 
 impl RequestSnapshot {
@@ -70,6 +75,7 @@ impl RequestCounters {
         RequestSnapshot {
             status_classes: std::array::from_fn(|i| load(&self.status_classes[i])),
             latency: self.latency.snapshot(),
+            queued: self.queued.load(Ordering::Relaxed),
         }
     }
 }

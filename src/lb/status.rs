@@ -263,13 +263,14 @@ impl LbStatus {
             let _ = write!(
                 rows,
                 "<tbody><tr class=\"svc\"><th colspan=\"2\">{}<br><span class=\"muted\">{}</span></th>\
-                 <td colspan=\"3\">{}</td><td>{} req<br>{} 5xx</td><td>maxconn {}</td><td></td></tr>",
+                 <td colspan=\"3\">{}</td><td>{} req<br>{} 5xx</td><td>maxconn {}<br>{} queued</td><td></td></tr>",
                 escape(&route.service),
                 escape(&route.datacenter),
                 links.join("<br>"),
                 r.total(),
                 r.status_classes[5],
                 route.maxconn,
+                r.queued,
             );
             for i in &route.instances {
                 let state = match (i.weight, i.available, i.check_up) {

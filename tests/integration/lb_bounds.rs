@@ -433,6 +433,14 @@ async fn the_maxconn_queue_serves_on_release_and_stays_bounded() {
         state.queued.load(std::sync::atomic::Ordering::Relaxed) == 1
     })
     .await;
+    // The route shows its part of the queue (stats page, /stats.json, /metrics).
+    let status = wayfinder::lb::status::LbStatus::collect(&lb.state);
+    let route = status.routes.iter().find(|r| r.service == svc).expect("the route");
+    assert_eq!(route.requests.queued, 1, "the route's queue");
+    assert!(
+        status.render_html().contains("1 queued"),
+        "the page shows the route's queue"
+    );
     let started = Instant::now();
     let (status, _, _) = lb.get(&host, "/").await;
     assert_eq!(status, 503, "the queue (max_queued = 1) is full");
@@ -450,4 +458,10 @@ async fn the_maxconn_queue_serves_on_release_and_stays_bounded() {
         "served when the slot freed"
     );
     assert_eq!(held.await.unwrap().0, 200);
+    let status = wayfinder::lb::status::LbStatus::collect(&lb.state);
+    assert_eq!(
+        status.routes.iter().map(|r| r.requests.queued).sum::<usize>(),
+        0,
+        "the queue is empty again"
+    );
 }
