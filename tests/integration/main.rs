@@ -5,8 +5,9 @@ mod docker; // a private dockerd per test (own bridge, subnet, cgroups, director
 mod harness;
 mod netns; // network namespaces, veth links and a wireguard-go peer for the vpn tests
 
-mod circles; // src/ has no new file-level import circles (reads the sources; nothing runs)
+mod circles;
 mod cli; // black-box: the built binary, its exit codes, signals
+mod compose; // deploy/docker-compose.yml with compose v1 and v2 in a namespace: healthy, registered, vpn, HEALTHCHECK, stop, state; --env-file // src/ has no new file-level import circles (reads the sources; nothing runs)
 mod consul_view; // the one Consul view at scale (default limits): 1000 services, bounded connections, every change, restarts
 mod deploy; // deploy/ files as fixtures: systemd unit, Dockerfile, compose, restricted/host, Marathon, *.toml
 mod dns_consul; // *.consul forwarded to a real Consul agent: freshness, failover, truncation
