@@ -18,9 +18,11 @@
 //! - the vpn inside: a peer added on the admin endpoint, a wireguard-go
 //!   laptop in another namespace resolves the service through the tunnel and
 //!   reaches it through the lb on the tunnel address.
-//! - HEALTHCHECK tells the truth: Consul hung (SIGSTOP) turns the container
-//!   `unhealthy`; killed then, the supervisor restarts it and the container
-//!   turns `healthy` again.
+//! - HEALTHCHECK tells the truth (the image's own settings): Consul hung
+//!   (SIGSTOP) turns the container `unhealthy`; killed then, the supervisor
+//!   restarts it and the container turns `healthy` again. Killed until the
+//!   supervisor gives it up: `unhealthy`, the probes saying so; restarted on
+//!   the admin endpoint: `healthy`.
 //! - a Consul KV key written, `docker-compose stop` (measured; exit 0, no
 //!   SIGKILL, within the 45 s grace period), `down` (the named volume stays).
 //! - compose v2 (`docker compose`) `up -d` of the same project: healthy,
@@ -163,17 +165,49 @@ fn wait_health(d: &Dockerd, container: &str, want: &str, limit: Duration) -> Dur
     }
 }
 
+/// Waits until the appliance's `GET /api/ready` (admin endpoint, loopback of
+/// the host network) answers 200: what its HEALTHCHECK's next probe sees.
+fn wait_ready(d: &Dockerd, host: &Netns, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let out = host.output(
+            "curl",
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-m",
+                "2",
+                "http://127.0.0.1:9000/api/ready",
+            ],
+        );
+        if String::from_utf8_lossy(&out.stdout) == "200" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ready in {limit:?}:\n{}",
+            logs(d, CONTAINER)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The host pid of the process named `comm` in the container, if any.
+fn try_pid_in(d: &Dockerd, container: &str, comm: &str) -> Option<libc::pid_t> {
+    let top = d.try_docker(&["top", container, "-eo", "pid,comm"]).ok()?;
+    top.lines().skip(1).find_map(|l| {
+        let mut f = l.split_whitespace();
+        let pid = f.next()?.parse().ok()?;
+        (f.next()? == comm).then_some(pid)
+    })
+}
+
 /// The host pid of the process named `comm` in the container.
 fn pid_in(d: &Dockerd, container: &str, comm: &str) -> libc::pid_t {
-    let top = d.docker(&["top", container, "-eo", "pid,comm"]);
-    top.lines()
-        .skip(1)
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            let pid = f.next()?.parse().ok()?;
-            (f.next()? == comm).then_some(pid)
-        })
-        .unwrap_or_else(|| panic!("no {comm} in {container}:\n{top}"))
+    try_pid_in(d, container, comm).unwrap_or_else(|| panic!("no {comm} in {container}:\n{}", logs(d, container)))
 }
 
 /// `docker inspect` of the exit: (exit code, OOM-killed), after a stop.
@@ -294,9 +328,11 @@ fn shipped_compose_stack_v1_and_v2_registers_serves_the_vpn_and_keeps_state() {
     // compose v1: up, healthy.
     let up_started = Instant::now();
     compose.run(false, &["up", "-d"]);
+    wait_ready(&d, &host, HEALTHY_LIMIT);
+    let v1_ready = up_started.elapsed();
     wait_health(&d, CONTAINER, "healthy", HEALTHY_LIMIT);
     let v1_healthy = up_started.elapsed();
-    eprintln!("compose v1: up -d to healthy in {v1_healthy:.1?}");
+    eprintln!("compose v1: up -d to ready (/api/ready) in {v1_ready:.1?}, to healthy in {v1_healthy:.1?}");
     assert_eq!(
         d.docker(&[
             "inspect",
@@ -409,6 +445,58 @@ fn shipped_compose_stack_v1_and_v2_registers_serves_the_vpn_and_keeps_state() {
     let to_healthy = wait_health(&d, CONTAINER, "healthy", HEALTHY_LIMIT);
     assert_ne!(pid_in(&d, CONTAINER, "consul"), consul, "Consul was restarted");
     eprintln!("HEALTHCHECK: Consul hung -> unhealthy in {to_unhealthy:.1?}; killed -> healthy in {to_healthy:.1?}");
+    // Killed again and again until the supervisor gives it up (failed):
+    // unhealthy, saying so; restarted on the admin endpoint: healthy.
+    let started = Instant::now();
+    let mut killed = Vec::new();
+    let status = || {
+        d.try_docker(&[
+            "exec",
+            CONTAINER,
+            "wayfinder",
+            "status",
+            "-c",
+            "/etc/wayfinder/wayfinder.toml",
+        ])
+        .unwrap_or_else(|e| e)
+    };
+    while !status().contains("not ready: consul: failed too often") {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "Consul killed {} times and not given up: {}",
+            killed.len(),
+            status()
+        );
+        if let Some(pid) = try_pid_in(&d, CONTAINER, "consul").filter(|p| !killed.contains(p)) {
+            // SAFETY: kill(2) on the container's Consul, which this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            killed.push(pid);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let to_unhealthy = wait_health(&d, CONTAINER, "unhealthy", HEALTHY_LIMIT);
+    let why = d.docker(&["inspect", "-f", "{{json .State.Health}}", CONTAINER]);
+    assert!(why.contains("failed too often"), "the failing probes say why: {why}");
+    until_in(
+        &host,
+        "curl",
+        &[
+            "-s",
+            "-m",
+            "5",
+            "-X",
+            "POST",
+            "http://127.0.0.1:9000/api/units/consul/restart",
+        ],
+        Duration::from_secs(10),
+        |_| true,
+        context,
+    );
+    let to_healthy = wait_health(&d, CONTAINER, "healthy", HEALTHY_LIMIT);
+    eprintln!(
+        "HEALTHCHECK: Consul killed {} times -> given up, unhealthy {to_unhealthy:.1?} later; restarted -> healthy in {to_healthy:.1?}",
+        killed.len()
+    );
 
     // State in the named volume: a KV key, then stop (timed) and down.
     let consul_addr = format!("CONSUL_HTTP_ADDR={HOST_IP}:8500");
@@ -433,9 +521,11 @@ fn shipped_compose_stack_v1_and_v2_registers_serves_the_vpn_and_keeps_state() {
     // compose v2, the same project: healthy again, the key kept.
     let up_started = Instant::now();
     compose.run(true, &["up", "-d"]);
+    wait_ready(&d, &host, HEALTHY_LIMIT);
+    let v2_ready = up_started.elapsed();
     wait_health(&d, CONTAINER, "healthy", HEALTHY_LIMIT);
     let v2_healthy = up_started.elapsed();
-    eprintln!("compose v2: up -d to healthy in {v2_healthy:.1?}");
+    eprintln!("compose v2: up -d to ready (/api/ready) in {v2_ready:.1?}, to healthy in {v2_healthy:.1?}");
     let kept = d.docker(&[
         "exec",
         "-e",
