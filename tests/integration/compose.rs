@@ -186,11 +186,14 @@ fn wait_ready(d: &Dockerd, host: &Netns, limit: Duration) {
         if String::from_utf8_lossy(&out.stdout) == "200" {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "not ready in {limit:?}:\n{}",
-            logs(d, CONTAINER)
-        );
+        if Instant::now() >= deadline {
+            let why = host.output("curl", &["-s", "-m", "2", "http://127.0.0.1:9000/api/ready"]);
+            panic!(
+                "not ready in {limit:?}: {}\nlog:\n{}",
+                String::from_utf8_lossy(&why.stdout),
+                logs(d, CONTAINER)
+            );
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
