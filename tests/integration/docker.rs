@@ -21,6 +21,11 @@
 //! cleans up after owners that are gone ([`sweep_stale`]); nothing without
 //! such a record is ever touched.
 //!
+//! [`Dockerd::start_in`] runs the daemon inside a network namespace (an
+//! `ip netns` one the test made): its bridge and its host-network containers
+//! are that namespace's, so an appliance container on `--network host` binds
+//! :53 and :80 there (tests/integration/compose.rs).
+//!
 //! The daemon runs without iptables (`--iptables=false --ip-masq=false
 //! --ip-forward=false`: nothing global on the host changes); published ports
 //! work through docker-proxy, the userland proxy, on 127.0.0.1 or all
