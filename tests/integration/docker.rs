@@ -246,7 +246,9 @@ impl Dockerd {
         let tun = netns.as_ref().map(|_| tun_node(&self.dir));
         private_mounts_and_ports(&mut cmd, &self.dir.join("ip_local_port_range"), netns, tun);
         let child = spawn_lasting(cmd).unwrap_or_else(|e| {
-            panic!("spawn dockerd (unshare a mount namespace, bind-mount its port range there, exec): {e}")
+            panic!(
+                "spawn dockerd ([setns into its network namespace,] unshare a mount namespace, bind-mount its port range [and /dev/net/tun] there, exec): {e}"
+            )
         });
         self.child = Some(child);
         self.wait_ready();
@@ -718,7 +720,9 @@ fn spawn_lasting(cmd: Command) -> std::io::Result<Child> {
 /// the host's (host mounts still reach it, its mounts stay in it), where
 /// `range` is bind-mounted over /proc/sys/net/ipv4/ip_local_port_range:
 /// dockerd reads its ephemeral host ports from there, once, and without
-/// this every daemon would start at the same port.
+/// this every daemon would start at the same port. With `netns`, it first
+/// enters that network namespace; with `tun`, that node is bind-mounted over
+/// /dev/net/tun (see [`Dockerd::start_in`]).
 fn private_mounts_and_ports(cmd: &mut Command, range: &Path, netns: Option<std::fs::File>, tun: Option<PathBuf>) {
     use std::os::unix::process::CommandExt;
     let range = std::ffi::CString::new(range.as_os_str().as_bytes()).expect("a path without NUL");
