@@ -14,7 +14,10 @@
 //!   Docker's `healthy` (the image's own HEALTHCHECK).
 //! - the register component inside (uid 900, the socket's group from
 //!   `group_add`) registers an app container of the same daemon: `dig SRV`
-//!   against the appliance's dns, HTTP through its lb.
+//!   against the appliance's dns, HTTP through its lb; from client
+//!   containers on the default bridge and on a user-defined network with the
+//!   appliance as resolver: SRV, and `http://web.apps.example.com/` (the
+//!   wildcard domain, getaddrinfo) through the lb.
 //! - the vpn inside: a peer added on the admin endpoint, a wireguard-go
 //!   laptop in another namespace resolves the service through the tunnel and
 //!   reaches it through the lb on the tunnel address.
@@ -385,6 +388,64 @@ fn shipped_compose_stack_v1_and_v2_registers_serves_the_vpn_and_keeps_state() {
         context,
     );
     assert_eq!(hello.trim(), &app[..12]);
+
+    // Client containers on the default bridge and on a user-defined network,
+    // the appliance as their resolver at their network's gateway (the
+    // bridge's address: deploy/README.md, "Pointing the host and its
+    // containers at Wayfinder"): SRV through the busybox resolver, the
+    // wildcard domain through getaddrinfo (glibc) and HTTP through the lb by
+    // that URL (deploy/README.md's `http://web.apps.example.com/`). Not the
+    // host address: the dns on 0.0.0.0:53 answers from the address the route
+    // back to the client gives (the gateway), and the client's resolver
+    // drops an answer from another address than it asked.
+    let (network, subnet) = d.create_network("clients");
+    let gateway = subnet.replace(".0/24", ".1");
+    let bridge_ip = d.bridge_ip().to_string();
+    for (net, resolver) in [("bridge", bridge_ip.as_str()), (network.as_str(), gateway.as_str())] {
+        // `image` runs `shell -c script` on `net` with the appliance as resolver.
+        let in_client = |image: &str, shell: &str, script: &str, ok: &dyn Fn(&str) -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let out = d.try_docker(&[
+                    "run",
+                    "--rm",
+                    "--network",
+                    net,
+                    "--dns",
+                    resolver,
+                    "--entrypoint",
+                    shell,
+                    image,
+                    "-c",
+                    script,
+                ]);
+                match out {
+                    Ok(out) if ok(&out) => return out,
+                    other => assert!(
+                        Instant::now() < deadline,
+                        "`{script}` in a container on {net}: {other:?}\n{}",
+                        context()
+                    ),
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        };
+        in_client(d.app_image(), "sh", "nslookup -type=SRV web.service.consul", &|out| {
+            out.contains(&format!(" {port} "))
+        });
+        // getaddrinfo needs glibc's NSS, which the static busybox lacks: the
+        // appliance image (Debian) is the client here, bash's /dev/tcp the
+        // HTTP client.
+        let body = in_client(
+            IMAGE,
+            "bash",
+            "getent hosts web.apps.example.com >&2 && exec 3<>/dev/tcp/web.apps.example.com/80 \
+             && printf 'GET / HTTP/1.0\\r\\nHost: web.apps.example.com\\r\\n\\r\\n' >&3 && timeout 10 cat <&3",
+            &|out| out.lines().last().is_some_and(|l| l.trim() == &app[..12]),
+        );
+        assert!(body.starts_with("HTTP/1.") && body.contains(" 200 "), "{body}");
+    }
+    d.docker(&["network", "rm", &network]);
 
     // The vpn in the container: a peer from the admin endpoint (loopback of
     // the host network), a wireguard-go laptop resolving and reaching web.
