@@ -28,6 +28,9 @@ packages+=(wireguard-go wireguard-tools iputils-ping nftables)
 # the standalone quick start builds its demo image the same way, and so does
 # benches/register-latency.sh (no system daemon is started: see the policy below).
 packages+=(docker.io busybox-static)
+# The compose test (tests/integration/compose.rs) runs deploy/docker-compose.yml
+# with compose v1, Debian's `docker-compose` 1.29 (v2 below).
+packages+=(docker-compose)
 # The image test (tests/integration/image.rs) builds the appliance image the
 # offline way, deploy/build-image.sh: mmdebstrap makes its Debian base from
 # the archive (no Docker Hub), strip/readelf (binutils) strip a debug binary.
@@ -58,23 +61,48 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ $made_policy = 1 ] && as_root rm -f "$policy"
 fi
 
-if ! command -v consul >/dev/null 2>&1; then
-  echo "install-deps: installing consul from Debian bullseye"
+# A package of another Debian suite without touching the system's apt state:
+# a private sources.list, lists and archives in a temporary directory; the
+# package is unpacked (never installed with dpkg) and the caller copies out
+# what it needs from $root, the unpacked tree.
+fetched=()
+trap 'rm -rf "${fetched[@]}"' EXIT
+from_suite() { # SUITE PACKAGE[=VERSION]
+  local suite=$1 package=$2 mirror work
   mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
   if [ -z "$mirror" ]; then
     mirror=$(awk '/^deb / && $0 !~ /security/ {for (i=2;i<=NF;i++) if ($i ~ /^https?:/) {print $i; exit}}' /etc/apt/sources.list 2>/dev/null || true)
   fi
   [ -n "$mirror" ] || { echo "install-deps: cannot find the Debian mirror in /etc/apt/sources.list.d/debian.sources" >&2; exit 1; }
   work=$(mktemp -d)
-  trap 'rm -rf "$work"' EXIT
+  fetched+=("$work")
   mkdir -p "$work/lists/partial" "$work/archives/partial"
-  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror bullseye main" >"$work/sources.list"
-  apt_opts=(-o APT::Sandbox::User=root -o Dir::Etc::SourceList="$work/sources.list" -o Dir::Etc::SourceParts=/dev/null
-            -o Dir::State::Lists="$work/lists" -o Dir::Cache::Archives="$work/archives")
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $suite main" >"$work/sources.list"
+  local apt_opts=(-o APT::Sandbox::User=root -o Dir::Etc::SourceList="$work/sources.list" -o Dir::Etc::SourceParts=/dev/null
+                  -o Dir::State::Lists="$work/lists" -o Dir::Cache::Archives="$work/archives")
   apt-get "${apt_opts[@]}" update -qq
-  (cd "$work" && apt-get "${apt_opts[@]}" download consul)
-  dpkg-deb -x "$work"/consul_*.deb "$work/root"
-  as_root install -m 0755 "$work/root/usr/bin/consul" /usr/local/bin/consul
+  (cd "$work" && apt-get "${apt_opts[@]}" download "$package")
+  dpkg-deb -x "$work"/"${package%%=*}"_*.deb "$work/root"
+  root=$work/root
+}
+
+if ! command -v consul >/dev/null 2>&1; then
+  echo "install-deps: installing consul from Debian bullseye"
+  from_suite bullseye consul
+  as_root install -m 0755 "$root/usr/bin/consul" /usr/local/bin/consul
+fi
+
+# Compose v2 (`docker compose`), beside bookworm's v1 (`docker-compose`): the
+# compose test (tests/integration/compose.rs) runs the shipped file with both.
+# Bookworm has no v2; Debian trixie's docker-compose package is v2 (a Go
+# binary needing only libc >= 2.34), unpacked from trixie as Consul is from
+# bullseye and installed as a CLI plugin where both docker CLIs (Debian's
+# 20.10 and a newer one) look. Kept once there.
+compose_plugin=/usr/local/lib/docker/cli-plugins/docker-compose
+if [ ! -x "$compose_plugin" ]; then
+  echo "install-deps: installing compose v2 (docker compose) from Debian trixie"
+  from_suite trixie docker-compose
+  as_root install -D -m 0755 "$root/usr/libexec/docker/cli-plugins/docker-compose" "$compose_plugin"
 fi
 
 echo "install-deps: ok ($(consul version | head -1), $(dig -v 2>&1 | head -1), unbound $(unbound -V 2>/dev/null | awk '/^Version/ {print $2}'), $(dockerd --version))"

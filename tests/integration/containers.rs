@@ -34,25 +34,6 @@ const IMAGE: &str = "wayfinder:containers";
 /// How long anything here may take to become true.
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// Builds the appliance image in `d` with the test's binary.
-fn build_image(d: &Dockerd) {
-    require("mmdebstrap");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/build-image.sh");
-    let mut cmd = Command::new("bash");
-    cmd.arg(&script)
-        .arg(IMAGE)
-        .env("DOCKER_HOST", d.host())
-        .env("DOCKER_CONFIG", d.dir().join("cli"))
-        .env("WAYFINDER_BIN", env!("CARGO_BIN_EXE_wayfinder"))
-        .env_remove("DOCKER_CONTEXT");
-    let out = output_within(&mut cmd, Duration::from_secs(600)).unwrap_or_else(|e| panic!("build-image.sh: {e}"));
-    assert!(
-        out.status.success(),
-        "deploy/build-image.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// deploy/appliance.toml as shipped, with only what a test must change: the
 /// test's Consul agent, its upstream, a free admin port. Listeners, A-record
 /// mode and wildcard targets stay as shipped (LISTEN_IP places them).
@@ -209,7 +190,7 @@ fn containers_reach_the_appliance_by_every_presented_name_and_url() {
     let consul = Consul::start();
     let upstream = Unbound::start(&["up.test. 300 IN A 192.0.2.99"]);
     let d = Dockerd::start();
-    build_image(&d);
+    crate::image::build(&d, IMAGE);
     let app = d.app_image();
     let bridge = IpAddr::V4(d.bridge_ip());
     let bridge_text = bridge.to_string();

@@ -21,6 +21,11 @@
 //! cleans up after owners that are gone ([`sweep_stale`]); nothing without
 //! such a record is ever touched.
 //!
+//! [`Dockerd::start_in`] runs the daemon inside a network namespace (an
+//! `ip netns` one the test made): its bridge and its host-network containers
+//! are that namespace's, so an appliance container on `--network host` binds
+//! :53 and :80 there (tests/integration/compose.rs).
+//!
 //! The daemon runs without iptables (`--iptables=false --ip-masq=false
 //! --ip-forward=false`: nothing global on the host changes); published ports
 //! work through docker-proxy, the userland proxy, on 127.0.0.1 or all
@@ -113,6 +118,8 @@ pub struct Dockerd {
     ports: PortBlock,
     /// Extra dockerd arguments, kept for [`Self::restart`].
     extra: Vec<String>,
+    /// The network namespace it runs in (`ip netns` name), if not the host's.
+    netns: Option<String>,
     /// The daemon, while it runs.
     child: Option<Child>,
     /// Whether [`APP_IMAGE`] is imported (it survives restarts).
@@ -130,6 +137,19 @@ impl Dockerd {
     /// Blocks for about 0.3 s on an idle machine. Fails the test, naming the
     /// install step, when dockerd, docker or ip is missing.
     pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_in(None, extra)
+    }
+
+    /// [`Self::start_with`] inside network namespace `netns` (an `ip netns`
+    /// name, e.g. a [`crate::netns::Netns`]'s, which must outlive the
+    /// daemon): its bridge, its containers' networks and `--network host`
+    /// are that namespace's, so a host-network container may bind any port
+    /// there. Only the network namespace is entered: /sys and the cgroup
+    /// file systems stay the host's. In its mount namespace /dev/net/tun is
+    /// a node of mode 0666 (the same device), as stock hosts have it: Docker
+    /// gives `--device /dev/net/tun` the host node's mode, and some test
+    /// machines have 0600, which no container user but root may open.
+    pub fn start_in(netns: Option<&str>, extra: &[&str]) -> Self {
         require("dockerd");
         require("ip");
         let cli = require("docker");
@@ -173,10 +193,11 @@ impl Dockerd {
             dir,
             cli,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            netns: netns.map(str::to_string),
             child: None,
             imported: Mutex::new(false),
         };
-        dockerd.subnet = make_bridge(&dockerd.name);
+        dockerd.subnet = make_bridge(&dockerd.name, dockerd.netns.as_deref());
         dockerd.launch();
         dockerd
     }
@@ -218,9 +239,16 @@ impl Dockerd {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(stderr);
-        private_mounts_and_ports(&mut cmd, &self.dir.join("ip_local_port_range"));
+        let netns = self.netns.as_ref().map(|ns| {
+            let path = Path::new("/run/netns").join(ns);
+            std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+        });
+        let tun = netns.as_ref().map(|_| tun_node(&self.dir));
+        private_mounts_and_ports(&mut cmd, &self.dir.join("ip_local_port_range"), netns, tun);
         let child = spawn_lasting(cmd).unwrap_or_else(|e| {
-            panic!("spawn dockerd (unshare a mount namespace, bind-mount its port range there, exec): {e}")
+            panic!(
+                "spawn dockerd ([setns into its network namespace,] unshare a mount namespace, bind-mount its port range [and /dev/net/tun] there, exec): {e}"
+            )
         });
         self.child = Some(child);
         self.wait_ready();
@@ -500,7 +528,7 @@ impl Dockerd {
             let h = h.finish();
             let subnet = [200 + (h % 55) as u8, (h >> 8) as u8];
             let net = Ipv4Addr::new(10, subnet[0], subnet[1], 0);
-            if ipv4_in_use(net, 24, &bridge).is_some() {
+            if ipv4_in_use(net, 24, &bridge, self.netns.as_deref()).is_some() {
                 continue;
             }
             let cidr = format!("{net}/24");
@@ -518,7 +546,7 @@ impl Dockerd {
             if made.is_err() {
                 continue;
             }
-            if ipv4_in_use(net, 24, &bridge).is_some() {
+            if ipv4_in_use(net, 24, &bridge, self.netns.as_deref()).is_some() {
                 self.docker(&["network", "rm", &network]);
                 std::thread::sleep(Duration::from_millis(10 + h % 50));
                 continue;
@@ -692,10 +720,13 @@ fn spawn_lasting(cmd: Command) -> std::io::Result<Child> {
 /// the host's (host mounts still reach it, its mounts stay in it), where
 /// `range` is bind-mounted over /proc/sys/net/ipv4/ip_local_port_range:
 /// dockerd reads its ephemeral host ports from there, once, and without
-/// this every daemon would start at the same port.
-fn private_mounts_and_ports(cmd: &mut Command, range: &Path) {
+/// this every daemon would start at the same port. With `netns`, it first
+/// enters that network namespace; with `tun`, that node is bind-mounted over
+/// /dev/net/tun (see [`Dockerd::start_in`]).
+fn private_mounts_and_ports(cmd: &mut Command, range: &Path, netns: Option<std::fs::File>, tun: Option<PathBuf>) {
     use std::os::unix::process::CommandExt;
     let range = std::ffi::CString::new(range.as_os_str().as_bytes()).expect("a path without NUL");
+    let tun = tun.map(|t| std::ffi::CString::new(t.as_os_str().as_bytes()).expect("a path without NUL"));
     // SAFETY: unshare(2) and mount(2) are async-signal-safe; the strings are
     // allocated before the fork and only read in the child, which allocates
     // nothing (hence errors without context: see the spawn's panic).
@@ -703,15 +734,42 @@ fn private_mounts_and_ports(cmd: &mut Command, range: &Path) {
         cmd.pre_exec(move || {
             let (null, no_data) = (std::ptr::null(), std::ptr::null());
             let target = c"/proc/sys/net/ipv4/ip_local_port_range";
+            // The network namespace first: the port range file bound below
+            // is then the namespace's (it reads per network namespace).
+            if let Some(ns) = &netns
+                && libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
             if libc::unshare(libc::CLONE_NEWNS) != 0
                 || libc::mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_SLAVE, no_data) != 0
                 || libc::mount(range.as_ptr(), target.as_ptr(), null, libc::MS_BIND, no_data) != 0
             {
                 return Err(std::io::Error::last_os_error());
             }
+            if let Some(tun) = &tun
+                && libc::mount(tun.as_ptr(), c"/dev/net/tun".as_ptr(), null, libc::MS_BIND, no_data) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         })
     };
+}
+
+/// A TUN device node (char 10:200) of mode 0666 in `dir`, made once.
+fn tun_node(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("tun");
+    if !path.exists() {
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("a path without NUL");
+        // SAFETY: mknod(2) with a NUL-terminated path we own.
+        let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(10, 200)) };
+        assert_eq!(rc, 0, "mknod {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+    path
 }
 
 /// A block of host ports for one daemon's published ports, held (flock on
@@ -813,7 +871,8 @@ fn ping(socket: &Path) -> bool {
 /// Makes bridge `name` with the gateway address of a /24 no route or address
 /// of the host overlaps (`10.<200..=254>.<0..=255>.0/24`, derived from the
 /// name and the attempt); returns the subnet's middle octets.
-fn make_bridge(name: &str) -> [u8; 2] {
+fn make_bridge(name: &str, netns: Option<&str>) -> [u8; 2] {
+    let ip = |args: &[&str]| ip_in(netns, args);
     ip(&["link", "add", name, "type", "bridge"]);
     for attempt in 0..64u32 {
         let mut h = std::hash::DefaultHasher::new();
@@ -821,7 +880,7 @@ fn make_bridge(name: &str) -> [u8; 2] {
         let h = h.finish();
         let subnet = [200 + (h % 55) as u8, (h >> 8) as u8];
         let net = Ipv4Addr::new(10, subnet[0], subnet[1], 0);
-        if ipv4_in_use(net, 24, name).is_some() {
+        if ipv4_in_use(net, 24, name, netns).is_some() {
             continue;
         }
         ip(&[
@@ -833,7 +892,7 @@ fn make_bridge(name: &str) -> [u8; 2] {
         ]);
         // Another process may have taken the same /24 at the same moment:
         // whoever sees the other gives it up and tries another.
-        if let Some(other) = ipv4_in_use(net, 24, name) {
+        if let Some(other) = ipv4_in_use(net, 24, name, netns) {
             eprintln!(
                 "dockerd {name}: 10.{}.{}.0/24 is also on {other}; trying another",
                 subnet[0], subnet[1]
@@ -845,13 +904,17 @@ fn make_bridge(name: &str) -> [u8; 2] {
         ip(&["link", "set", name, "up"]);
         return subnet;
     }
-    let _ = Command::new("ip").args(["link", "del", name]).status();
+    let _ = Command::new("ip")
+        .args(netns.map(|ns| ["-n", ns]).iter().flatten())
+        .args(["link", "del", name])
+        .status();
     panic!("found no free 10.2xx.y.0/24 for bridge {name} in 64 tries");
 }
 
-/// `ip <args>`, which must succeed.
-fn ip(args: &[&str]) {
+/// `ip [-n <netns>] <args>`, which must succeed.
+fn ip_in(netns: Option<&str>, args: &[&str]) {
     let out = Command::new("ip")
+        .args(netns.map(|ns| ["-n", ns]).iter().flatten())
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("run ip {}: {e}", args.join(" ")));
@@ -866,7 +929,7 @@ fn ip(args: &[&str]) {
 
 /// An IPv4 address or route of the host (any table) overlapping
 /// `net/len`, on a device other than `except_dev`: what it is, for messages.
-fn ipv4_in_use(net: Ipv4Addr, len: u8, except_dev: &str) -> Option<String> {
+fn ipv4_in_use(net: Ipv4Addr, len: u8, except_dev: &str, netns: Option<&str>) -> Option<String> {
     let overlaps = |prefix: &str| -> bool {
         let (addr, plen) = prefix.split_once('/').unwrap_or((prefix, "32"));
         let (Ok(addr), Ok(plen)) = (addr.parse::<Ipv4Addr>(), plen.parse::<u8>()) else {
@@ -878,6 +941,7 @@ fn ipv4_in_use(net: Ipv4Addr, len: u8, except_dev: &str) -> Option<String> {
     };
     let lines = |args: &[&str]| -> Vec<String> {
         Command::new("ip")
+            .args(netns.map(|ns| ["-n", ns]).iter().flatten())
             .args(args)
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect())

@@ -7,8 +7,9 @@ mod netns; // network namespaces, veth links and a wireguard-go peer for the vpn
 
 mod circles; // src/ has no new file-level import circles (reads the sources; nothing runs)
 mod cli; // black-box: the built binary, its exit codes, signals
-mod consul_view;
-mod containers; // client containers on the default bridge and a user network reach the appliance (shipped appliance.toml) by every presented name and URL // the one Consul view at scale (default limits): 1000 services, bounded connections, every change, restarts
+mod compose; // deploy/docker-compose.yml with compose v1 and v2 in a namespace: healthy, registered, vpn, HEALTHCHECK, stop, state; --env-file
+mod consul_view; // the one Consul view at scale (default limits): 1000 services, bounded connections, every change, restarts
+mod containers; // client containers on the default bridge and a user network reach the appliance (shipped appliance.toml) by every presented name and URL
 mod deploy; // deploy/ files as fixtures: systemd unit, Dockerfile, compose, restricted/host, Marathon, *.toml
 mod dns_consul; // *.consul forwarded to a real Consul agent: freshness, failover, truncation
 mod dns_inline; // Consul asked from the UDP worker's own loop: many at once, 0x20 kept, its table's limit, late and forged answers
