@@ -39,7 +39,7 @@ use super::forward::{ExchangeError, FirstTry, ForwardError};
 use super::outbox::Outbox;
 use super::slow_path::SlowPath;
 use super::wire::{self, Edns, MAX_KEY_LEN, ParsedQuery, Transport, TtlRewrite, rcode};
-use crate::net::udp_batch::{OnSendError, RecvBatch, SendBatch};
+use crate::net::udp_batch::{OnSendError, RecvBatch, ReplyFrom, SendBatch};
 
 /// No index.
 const NONE: u16 = u16::MAX;
@@ -357,6 +357,8 @@ pub struct Client {
     /// Its address, as `recvmmsg` gave it (for the worker's `sendmmsg`).
     raw: libc::sockaddr_storage,
     raw_len: libc::socklen_t,
+    /// Where its answer goes out from (the address it asked, on a wildcard socket).
+    from: ReplyFrom,
     /// The same address, for the task path.
     addr: SocketAddr,
     /// Released when the client is answered (or given up on).
@@ -447,6 +449,7 @@ impl InlineConsul {
         query: &ParsedQuery<'_>,
         raw: (&libc::sockaddr_storage, libc::socklen_t),
         addr: SocketAddr,
+        from: ReplyFrom,
         now: Instant,
         outbox: &mut Outbox,
     ) -> bool {
@@ -468,6 +471,7 @@ impl InlineConsul {
         let client = Client {
             raw: *raw.0,
             raw_len: raw.1,
+            from,
             addr,
             _slot: slot,
         };
@@ -639,7 +643,7 @@ impl Core {
                 out,
             );
             stats.answered(meta.rcode);
-            outbox.push(&client.raw, client.raw_len);
+            outbox.push(&client.raw, client.raw_len, client.from);
         });
         self.engine.consul().release_slot();
     }
@@ -671,7 +675,7 @@ impl Core {
             engine
                 .consul()
                 .finish(&Err(error.clone()), query, query.response_limit(Transport::Udp), out);
-            outbox.push(&client.raw, client.raw_len);
+            outbox.push(&client.raw, client.raw_len, client.from);
         });
     }
 
@@ -700,7 +704,7 @@ impl Core {
                 engine
                     .consul()
                     .finish(&result, &query, query.response_limit(Transport::Udp), &mut out);
-                let _ = socket.send_to(&out, client.addr);
+                let _ = crate::net::udp_batch::send_from(socket.as_raw_fd(), &out, client.addr, client.from);
             }
         });
     }

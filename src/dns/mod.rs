@@ -170,6 +170,12 @@ fn udp_socket(addr: SocketAddr, freebind: bool) -> std::io::Result<std::net::Udp
     if freebind {
         set_freebind(&socket, addr);
     }
+    // On a wildcard address each question carries the address it was sent
+    // to, and its answer goes out from there (see net::udp_batch).
+    if addr.ip().is_unspecified() {
+        use std::os::fd::AsRawFd;
+        crate::net::udp_batch::enable_pktinfo(socket.as_raw_fd(), addr.is_ipv6())?;
+    }
     // Room for bursts while a worker is busy (the kernel caps this at rmem_max).
     let _ = socket.set_recv_buffer_size(4 << 20);
     let _ = socket.set_send_buffer_size(4 << 20);

@@ -3,7 +3,7 @@
 //! worker's own loop (`udp.rs`) and its Consul client (`inline.rs`) write
 //! into it.
 
-use crate::net::udp_batch::{OnSendError, SendBatch};
+use crate::net::udp_batch::{Control, OnSendError, ReplyFrom, SendBatch};
 
 /// Answers sent per syscall at most (cached ones and Consul's, which may fan
 /// out to several merged clients); a full batch is sent at once.
@@ -19,6 +19,9 @@ pub struct Outbox {
     bufs: Vec<Vec<u8>>,
     addrs: Box<[libc::sockaddr_storage; OUT]>,
     addr_lens: [libc::socklen_t; OUT],
+    /// Where each answer goes out from (a wildcard socket: the address asked).
+    froms: [ReplyFrom; OUT],
+    controls: Box<[Control; OUT]>,
     batch: SendBatch<OUT>,
     len: usize,
 }
@@ -32,6 +35,8 @@ impl Outbox {
             // SAFETY: all-zero is a valid value for this plain C struct.
             addrs: Box::new(unsafe { std::mem::zeroed() }),
             addr_lens: [0; OUT],
+            froms: [ReplyFrom::Any; OUT],
+            controls: Box::new([Control::default(); OUT]),
             batch: SendBatch::default(),
             len: 0,
         }
@@ -51,14 +56,16 @@ impl Outbox {
         &mut self.bufs[self.len]
     }
 
-    /// Queues the answer just written into [`Outbox::buf`] for `addr`.
-    pub fn push(&mut self, addr: &libc::sockaddr_storage, len: libc::socklen_t) {
+    /// Queues the answer just written into [`Outbox::buf`] for `addr`, sent
+    /// from `from` (the address the question was sent to, on a wildcard socket).
+    pub fn push(&mut self, addr: &libc::sockaddr_storage, len: libc::socklen_t, from: ReplyFrom) {
         if self.len == OUT {
             // `buf` was not called first: nothing was written for this answer.
             return;
         }
         self.addrs[self.len] = *addr;
         self.addr_lens[self.len] = len;
+        self.froms[self.len] = from;
         self.len += 1;
     }
 
@@ -68,9 +75,13 @@ impl Outbox {
         for i in 0..count {
             self.batch
                 .set(i, &self.bufs[i], Some((&self.addrs[i], self.addr_lens[i])));
+            if self.froms[i] != ReplyFrom::Any {
+                let len = self.froms[i].write(&mut self.controls[i]);
+                self.batch.set_control(i, &self.controls[i], len);
+            }
         }
-        // SAFETY: messages [0, count) were just pointed at `bufs` and `addrs`,
-        // which nothing changes before `send` returns.
+        // SAFETY: messages [0, count) were just pointed at `bufs`, `addrs` and
+        // `controls`, which nothing changes before `send` returns.
         unsafe {
             // A full send buffer or an unreachable client: skip that answer
             // (UDP clients retry) rather than stall the loop.

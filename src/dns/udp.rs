@@ -25,7 +25,7 @@ use super::outbox::Outbox;
 // Re-exported for `dns::run`, which names it through this module.
 pub use super::slow_path::SlowPath;
 use super::wire::{ParsedQuery, Transport};
-use crate::net::udp_batch::RecvBatch;
+use crate::net::udp_batch::{RecvBatch, ReplyFrom, send_from};
 
 /// How often an idle worker checks for shutdown.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(200);
@@ -109,7 +109,7 @@ impl Worker {
                 match self.engine.classify(packet, src, Transport::Udp, self.outbox.buf()) {
                     Verdict::Answered => {
                         if let Some((raw, len)) = self.received.source_raw(i) {
-                            self.outbox.push(raw, len);
+                            self.outbox.push(raw, len, self.received.destination(i));
                         }
                     }
                     Verdict::Drop => {}
@@ -121,13 +121,15 @@ impl Worker {
                                 &query,
                                 raw,
                                 src,
+                                self.received.destination(i),
                                 *now.get_or_insert_with(Instant::now),
                                 &mut self.outbox,
                             )
                         {
                             continue;
                         }
-                        resolve_later(&self.engine, &self.slow, &self.socket, &query, src);
+                        let from = self.received.destination(i);
+                        resolve_later(&self.engine, &self.slow, &self.socket, &query, src, from);
                     }
                 }
             }
@@ -155,6 +157,7 @@ fn resolve_later(
     socket: &Arc<UdpSocket>,
     query: &ParsedQuery<'_>,
     src: SocketAddr,
+    from: ReplyFrom,
 ) {
     let Some(slot) = engine.admit() else { return };
     let query = query.to_owned_query();
@@ -163,6 +166,6 @@ fn resolve_later(
     slow.spawn(async move {
         let _slot = slot;
         let response = engine.resolve_query(&query.get(), src, Transport::Udp).await;
-        let _ = socket.send_to(&response, src);
+        let _ = send_from(socket.as_raw_fd(), &response, src, from);
     });
 }

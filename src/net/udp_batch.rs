@@ -10,15 +10,180 @@
 //! Every buffer is allocated once, when the batch is made; the `mmsghdr` and
 //! `iovec` arrays point into the slot and address arrays, which is why all of
 //! them are boxed and never resized.
+//!
+//! On a socket bound to a wildcard address, [`enable_pktinfo`] makes each
+//! datagram carry the local address it was sent to ([`RecvBatch::destination`]),
+//! and a reply names it as its source ([`ReplyFrom`], [`SendBatch::set_control`],
+//! [`send_from`]): without it the kernel picks the source by the route back,
+//! and a client that asked the host's address through the docker bridge gets
+//! an answer from the bridge's address, which its resolver drops.
 
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::RawFd;
 
+/// Bytes of ancillary data a datagram may carry here: one `in6_pktinfo`
+/// (`CMSG_SPACE(20)` = 40 on 64-bit Linux), as 8-byte-aligned words.
+const CONTROL_WORDS: usize = 8;
+/// The same in bytes.
+pub const CONTROL_BYTES: usize = CONTROL_WORDS * 8;
+
+/// Ancillary data of one message, aligned for `cmsghdr`.
+pub type Control = [u64; CONTROL_WORDS];
+
+/// The local address a datagram was sent to, which its reply goes out from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReplyFrom {
+    /// Not known (a socket bound to one address): the kernel's choice.
+    #[default]
+    Any,
+    /// This IPv4 address.
+    V4(Ipv4Addr),
+    /// This IPv6 address, on this interface (needed for link-local ones).
+    V6 {
+        /// The address.
+        addr: Ipv6Addr,
+        /// The interface it came in on.
+        ifindex: u32,
+    },
+}
+
+impl ReplyFrom {
+    /// Writes the `IP_PKTINFO` / `IPV6_PKTINFO` message that sends from this
+    /// address into `control`; the bytes used (0 for [`ReplyFrom::Any`]).
+    pub fn write(&self, control: &mut Control) -> usize {
+        // SAFETY: `control` is CONTROL_BYTES long and 8-byte aligned, room for
+        // one cmsghdr with an in6_pktinfo (the larger of the two payloads).
+        unsafe {
+            let base = control.as_mut_ptr().cast::<u8>();
+            let cmsg = base.cast::<libc::cmsghdr>();
+            match *self {
+                ReplyFrom::Any => 0,
+                ReplyFrom::V4(ip) => {
+                    let len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32);
+                    (*cmsg).cmsg_level = libc::IPPROTO_IP;
+                    (*cmsg).cmsg_type = libc::IP_PKTINFO;
+                    (*cmsg).cmsg_len = len as usize;
+                    let info = libc::in_pktinfo {
+                        // 0: the route decides the interface; the source is set.
+                        ipi_ifindex: 0,
+                        ipi_spec_dst: libc::in_addr {
+                            s_addr: u32::from(ip).to_be(),
+                        },
+                        ipi_addr: libc::in_addr { s_addr: 0 },
+                    };
+                    std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::in_pktinfo>(), info);
+                    libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) as usize
+                }
+                ReplyFrom::V6 { addr, ifindex } => {
+                    let len = libc::CMSG_LEN(size_of::<libc::in6_pktinfo>() as u32);
+                    (*cmsg).cmsg_level = libc::IPPROTO_IPV6;
+                    (*cmsg).cmsg_type = libc::IPV6_PKTINFO;
+                    (*cmsg).cmsg_len = len as usize;
+                    let info = libc::in6_pktinfo {
+                        ipi6_addr: libc::in6_addr { s6_addr: addr.octets() },
+                        ipi6_ifindex: ifindex,
+                    };
+                    std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::in6_pktinfo>(), info);
+                    libc::CMSG_SPACE(size_of::<libc::in6_pktinfo>() as u32) as usize
+                }
+            }
+        }
+    }
+}
+
+/// Makes every datagram `fd` receives carry its destination address (for a
+/// socket bound to a wildcard address; see the module header).
+pub fn enable_pktinfo(fd: RawFd, ipv6: bool) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    let (level, name) = if ipv6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_PKTINFO)
+    };
+    // SAFETY: a plain int option on a socket we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The destination in a received message's ancillary data, if it has one.
+///
+/// # Safety
+///
+/// `hdr` is a header `recvmsg`/`recvmmsg` just filled, its control buffer alive.
+unsafe fn destination_of(hdr: &libc::msghdr) -> ReplyFrom {
+    if hdr.msg_controllen == 0 || hdr.msg_control.is_null() {
+        return ReplyFrom::Any;
+    }
+    // SAFETY: the caller's promise; the CMSG_* walk stays within msg_controllen.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
+        while !cmsg.is_null() {
+            let (level, kind) = ((*cmsg).cmsg_level, (*cmsg).cmsg_type);
+            if level == libc::IPPROTO_IP && kind == libc::IP_PKTINFO {
+                let info = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::in_pktinfo>());
+                return ReplyFrom::V4(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)));
+            }
+            if level == libc::IPPROTO_IPV6 && kind == libc::IPV6_PKTINFO {
+                let info = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::in6_pktinfo>());
+                return ReplyFrom::V6 {
+                    addr: Ipv6Addr::from(info.ipi6_addr.s6_addr),
+                    ifindex: info.ipi6_ifindex,
+                };
+            }
+            cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
+        }
+    }
+    ReplyFrom::Any
+}
+
+/// Sends one datagram to `to` from `from` (see [`ReplyFrom`]): the task
+/// path's reply on a wildcard socket.
+pub fn send_from(fd: RawFd, data: &[u8], to: SocketAddr, from: ReplyFrom) -> std::io::Result<usize> {
+    let to = socket2::SockAddr::from(to);
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let mut control: Control = [0; CONTROL_WORDS];
+    let control_len = from.write(&mut control);
+    // SAFETY: all-zero is a valid msghdr; every pointer set below is alive
+    // for the call.
+    let mut hdr: libc::msghdr = unsafe { zeroed() };
+    hdr.msg_name = to.as_ptr() as *mut libc::c_void;
+    hdr.msg_namelen = to.len();
+    hdr.msg_iov = &mut iov;
+    hdr.msg_iovlen = 1;
+    if control_len > 0 {
+        hdr.msg_control = control.as_mut_ptr().cast();
+        hdr.msg_controllen = control_len;
+    }
+    // SAFETY: as above.
+    let n = unsafe { libc::sendmsg(fd, &hdr, 0) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// Receive buffers for `N` datagrams of up to `SLOT` bytes.
 pub struct RecvBatch<const N: usize, const SLOT: usize> {
     slots: Box<[u8]>,
     addrs: Box<[libc::sockaddr_storage; N]>,
+    controls: Box<[Control; N]>,
     iovecs: Box<[libc::iovec; N]>,
     hdrs: Box<[libc::mmsghdr; N]>,
     count: usize,
@@ -34,6 +199,7 @@ impl<const N: usize, const SLOT: usize> Default for RecvBatch<N, SLOT> {
         let mut batch = RecvBatch {
             slots: vec![0u8; N * SLOT].into_boxed_slice(),
             addrs: Box::new(unsafe { zeroed() }),
+            controls: Box::new([[0; CONTROL_WORDS]; N]),
             iovecs: Box::new(unsafe { zeroed() }),
             hdrs: Box::new(unsafe { zeroed() }),
             count: 0,
@@ -47,6 +213,7 @@ impl<const N: usize, const SLOT: usize> Default for RecvBatch<N, SLOT> {
             hdr.msg_iov = &mut batch.iovecs[i];
             hdr.msg_iovlen = 1;
             hdr.msg_name = (&mut batch.addrs[i] as *mut libc::sockaddr_storage).cast();
+            hdr.msg_control = batch.controls[i].as_mut_ptr().cast();
         }
         batch
     }
@@ -82,6 +249,7 @@ impl<const N: usize, const SLOT: usize> RecvBatch<N, SLOT> {
     fn recv_with(&mut self, fd: RawFd, flags: libc::c_int) -> std::io::Result<usize> {
         for hdr in self.hdrs.iter_mut() {
             hdr.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            hdr.msg_hdr.msg_controllen = CONTROL_BYTES;
             hdr.msg_hdr.msg_flags = 0;
             hdr.msg_len = 0;
         }
@@ -142,6 +310,18 @@ impl<const N: usize, const SLOT: usize> RecvBatch<N, SLOT> {
     pub fn source_raw(&self, i: usize) -> Option<(&libc::sockaddr_storage, libc::socklen_t)> {
         let hdr = self.hdrs.get(i)?;
         (i < self.count).then(|| (&self.addrs[i], hdr.msg_hdr.msg_namelen))
+    }
+
+    /// The local address datagram `i` was sent to, when the socket reports
+    /// it ([`enable_pktinfo`]): where its reply must come from.
+    #[inline]
+    pub fn destination(&self, i: usize) -> ReplyFrom {
+        match self.hdrs.get(i) {
+            // SAFETY: the last receive filled header i, whose control buffer
+            // is this batch's own.
+            Some(hdr) if i < self.count => unsafe { destination_of(&hdr.msg_hdr) },
+            _ => ReplyFrom::Any,
+        }
     }
 
     /// The source address of datagram `i` in C form, for a reply's `msg_name`.
@@ -232,6 +412,17 @@ impl<const N: usize> SendBatch<N> {
             Some((addr, len)) => ((addr as *const libc::sockaddr_storage).cast_mut().cast(), len),
             None => (std::ptr::null_mut(), 0),
         };
+        hdr.msg_control = std::ptr::null_mut();
+        hdr.msg_controllen = 0;
+    }
+
+    /// Gives message `i` (after [`SendBatch::set`]) the ancillary data in
+    /// `control`'s first `len` bytes (a [`ReplyFrom`]'s source address).
+    #[inline]
+    pub fn set_control(&mut self, i: usize, control: &Control, len: usize) {
+        let hdr = &mut self.hdrs[i].msg_hdr;
+        hdr.msg_control = control.as_ptr().cast_mut().cast();
+        hdr.msg_controllen = len.min(CONTROL_BYTES);
     }
 
     /// Sends messages `0..count` as [`send_all`] does.

@@ -891,3 +891,57 @@ async fn a_dns_listen_ip_this_host_lacks_exits_naming_it() {
     assert_eq!(status.code(), Some(EXIT_CONFIG), "{log}");
     assert!(log.contains("LISTEN_IP=203.0.113.77"), "{log}");
 }
+
+/// A dns on a wildcard address answers from the address it was asked on
+/// (IP_PKTINFO), on every path: a local answer from the worker's batch, an
+/// upstream answer from the task path, a Consul failure from the worker's own
+/// Consul client, and TCP. Without it the kernel picks the source by the
+/// route back (here 127.0.0.1 for a question to 127.0.0.5; on a docker host
+/// the bridge's address for a container asking the host's), and the
+/// client's resolver drops the answer: dig says "reply from unexpected source".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_dns_answers_from_the_address_it_was_asked_on() {
+    let upstream = Unbound::start(&["up.test. 300 IN A 192.0.2.99"]);
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("wayfinder.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[consul]\nhttp = \"127.0.0.1:{}\"\ndns = [\"127.0.0.1:{}\"]\n\
+             [dns]\nlisten = [\"0.0.0.0:{port}\"]\nupstreams = [\"{}\"]\nworkers = 1\n\
+             wildcard_domain = \".apps.example.com\"\nwildcard_targets = [\"10.0.0.5\"]\nconsul_timeout = \"500ms\"\n",
+            free_port(),
+            free_port(),
+            upstream.addr,
+        ),
+    )
+    .unwrap();
+    let server = Running::spawn(
+        wayfinder(dir.path(), &["dns", "-c", config.to_str().unwrap()], &[]),
+        dir.path().join("wayfinder.log"),
+    );
+    // Another loopback address than the one dig sends from.
+    let asked = SocketAddr::from(([127, 0, 0, 5], port));
+    if let Err(out) = dig_until(
+        asked,
+        &["x.apps.example.com", "A"],
+        &["10.0.0.5"],
+        Duration::from_secs(10),
+    )
+    .await
+    {
+        panic!("no answer from the address asked:\n{out}\nlog:\n{}", server.log());
+    }
+    let d = dig(asked, &["up.test", "A"]).await;
+    assert_eq!(d.answers(), ["192.0.2.99"], "the task path: {}", d.out);
+    let d = dig(asked, &["web.service.consul", "A"]).await;
+    assert_eq!(
+        d.status(),
+        "SERVFAIL",
+        "the worker's Consul client (no Consul here): {}",
+        d.out
+    );
+    let d = dig(asked, &["x.apps.example.com", "A", "+tcp"]).await;
+    assert_eq!(d.answers(), ["10.0.0.5"], "TCP: {}", d.out);
+}

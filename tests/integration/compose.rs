@@ -390,18 +390,18 @@ fn shipped_compose_stack_v1_and_v2_registers_serves_the_vpn_and_keeps_state() {
     assert_eq!(hello.trim(), &app[..12]);
 
     // Client containers on the default bridge and on a user-defined network,
-    // the appliance as their resolver at their network's gateway (the
-    // bridge's address: deploy/README.md, "Pointing the host and its
-    // containers at Wayfinder"): SRV through the busybox resolver, the
+    // the appliance as their resolver at the two addresses deploy/README.md
+    // ("Pointing the host and its containers at Wayfinder") offers: the
+    // bridge's address, and the host's. SRV through the busybox resolver, the
     // wildcard domain through getaddrinfo (glibc) and HTTP through the lb by
-    // that URL (deploy/README.md's `http://web.apps.example.com/`). Not the
-    // host address: the dns on 0.0.0.0:53 answers from the address the route
-    // back to the client gives (the gateway), and the client's resolver
-    // drops an answer from another address than it asked.
-    let (network, subnet) = d.create_network("clients");
-    let gateway = subnet.replace(".0/24", ".1");
+    // that URL (deploy/README.md's `http://web.apps.example.com/`). The dns
+    // listens on 0.0.0.0:53 and answers from the address it was asked on
+    // (IP_PKTINFO): asked at the host's address from a container, the route
+    // back would otherwise give the bridge's, and the client's resolver drops
+    // an answer from another address than it asked.
+    let (network, _subnet) = d.create_network("clients");
     let bridge_ip = d.bridge_ip().to_string();
-    for (net, resolver) in [("bridge", bridge_ip.as_str()), (network.as_str(), gateway.as_str())] {
+    for (net, resolver) in [("bridge", bridge_ip.as_str()), (network.as_str(), HOST_IP)] {
         // `image` runs `shell -c script` on `net` with the appliance as resolver.
         let in_client = |image: &str, shell: &str, script: &str, ok: &dyn Fn(&str) -> bool| {
             let deadline = Instant::now() + Duration::from_secs(30);
