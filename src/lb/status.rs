@@ -356,7 +356,7 @@ impl LbStatus {
              Client connections: {open} open of {max} ({conns_refused} refused at a cap). \
              <a href=\"/stats.json\">JSON</a></p>\
              <table><thead><tr><th>instance</th><th>address</th><th>state</th><th>for</th><th>weight</th>\
-             <th>in flight / max</th><th>conn errors</th><th>last check</th></tr></thead>\
+             <th>in flight / max</th><th>conn errors (each retried elsewhere)</th><th>last check</th></tr></thead>\
              {rows}</table>{refused}{certs}</body></html>\n",
             errors5 = self.requests.status_classes[5],
             retries = self.retries,

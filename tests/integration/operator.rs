@@ -891,7 +891,7 @@ async fn lb_stats_show_each_instance_at_haproxy_density() {
         "<th>for</th>",
         "<th>weight</th>",
         "<th>in flight / max</th>",
-        "<th>conn errors</th>",
+        "<th>conn errors (each retried elsewhere)</th>",
         "<th>last check</th>",
         "DOWN (",
         ">UP<",
@@ -900,6 +900,7 @@ async fn lb_stats_show_each_instance_at_haproxy_density() {
         "retried",
         "queued now",
         "maxconn ",
+        " queued</td>",
     ] {
         assert!(
             page.contains(want),
