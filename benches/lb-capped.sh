@@ -191,6 +191,11 @@ fi
 write_lb_config "$p_http" "$p_cdns" "$p_wf"
 # write_lb_config ends with the [lb] table: more of its keys are appended.
 [ -n "${WF_WORKERS:-}" ] && echo "workers = $WF_WORKERS" >>"$tmp/wayfinder.toml"
+# Every request here comes from 127.0.0.1, one client source: the per-client
+# share of an instance's slots (max_client_share, 50% by default; HAProxy and
+# nginx have none) would answer h2load's 160 streams 429 past half of them.
+# Off, so the three proxies do the same work; WF_CLIENT_SHARE=50 measures it on.
+echo "max_client_share = ${WF_CLIENT_SHARE:-100}" >>"$tmp/wayfinder.toml"
 if [ "$tls" = 1 ]; then
   printf 'ssl = true\nhttps = "127.0.0.1:%s"\ncerts = ["%s"]\n' "$p_wfs" "$tmp/certs/web.service.pem" >>"$tmp/wayfinder.toml"
 fi
