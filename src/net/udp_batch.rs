@@ -95,19 +95,23 @@ impl ReplyFrom {
 /// Makes every datagram `fd` receives carry its destination address (for a
 /// socket bound to a wildcard address; see the module header).
 pub fn enable_pktinfo(fd: RawFd, ipv6: bool) -> std::io::Result<()> {
-    let on: libc::c_int = 1;
-    let (level, name) = if ipv6 {
-        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+    if ipv6 {
+        set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)
     } else {
-        (libc::IPPROTO_IP, libc::IP_PKTINFO)
-    };
-    // SAFETY: a plain int option on a socket we own.
+        set_int_option(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)
+    }
+}
+
+/// `setsockopt(fd, level, name, &value)` for an `int` option (what socket2
+/// does not offer: SO_RCVBUFFORCE, IP_PKTINFO ...).
+pub fn set_int_option(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: a plain int option; the kernel checks the descriptor.
     let rc = unsafe {
         libc::setsockopt(
             fd,
             level,
             name,
-            (&on as *const libc::c_int).cast(),
+            (&value as *const libc::c_int).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };

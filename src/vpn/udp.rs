@@ -57,21 +57,7 @@ const BUFFER: libc::c_int = 4 << 20;
 
 fn set_int(socket: &Socket, option: libc::c_int, value: libc::c_int) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    // SAFETY: a plain int option on a socket we own.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            (&value as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    crate::net::udp_batch::set_int_option(socket.as_raw_fd(), libc::SOL_SOCKET, option, value)
 }
 
 /// Converts a received `sockaddr_storage`; IPv4-mapped IPv6 becomes IPv4.
