@@ -19,14 +19,14 @@
 //! test's own bridge address, which no other test has.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::docker::{Dockerd, output_within};
-use crate::harness::{Consul, Unbound, free_port, http_get, require, wayfinder_command};
+use crate::harness::{Consul, Process, Unbound, free_port, http_get, require};
 
 /// The appliance image, built by `deploy/build-image.sh` (image.rs tests the build itself).
 const IMAGE: &str = "wayfinder:containers";
@@ -35,68 +35,44 @@ const IMAGE: &str = "wayfinder:containers";
 const LIMIT: Duration = Duration::from_secs(60);
 
 /// deploy/appliance.toml as shipped, with only what a test must change: the
-/// test's Consul agent, its upstream, a free admin port. Listeners, A-record
-/// mode and wildcard targets stay as shipped (LISTEN_IP places them).
-fn appliance_config(dir: &Path, consul: &Consul, upstream: SocketAddr, docker: &Dockerd) -> std::path::PathBuf {
+/// test's Consul agent, its upstream, a free admin port (returned with the
+/// file's path). Listeners, A-record mode and wildcard targets stay as
+/// shipped (LISTEN_IP places them).
+fn appliance_config(dir: &Path, consul: &Consul, upstream: SocketAddr, docker: &Dockerd) -> (PathBuf, SocketAddr) {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/appliance.toml");
     let text = std::fs::read_to_string(&shipped).unwrap();
     let mut doc: toml::Table = text.parse().expect("deploy/appliance.toml parses");
-    let table = |doc: &mut toml::Table, key: &str| -> toml::Table {
-        doc.get(key).and_then(|v| v.as_table()).cloned().unwrap_or_default()
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut set = |section: &str, key: &str, value: toml::Value| {
+        let table = doc
+            .entry(section)
+            .or_insert_with(|| toml::Table::new().into())
+            .as_table_mut()
+            .expect("a section is a table");
+        table.insert(key.into(), value);
     };
-    let mut consul_section = table(&mut doc, "consul");
-    consul_section.insert("http".into(), consul.http_addr().to_string().into());
-    consul_section.insert("dns".into(), vec![consul.dns_addr().to_string()].into());
-    doc.insert("consul".into(), consul_section.into());
-    let mut dns = table(&mut doc, "dns");
-    dns.insert("upstreams".into(), vec![upstream.to_string()].into());
-    dns.insert("workers".into(), 1.into());
-    doc.insert("dns".into(), dns.into());
-    let mut lb = table(&mut doc, "lb");
-    lb.insert("workers".into(), 1.into());
-    doc.insert("lb".into(), lb.into());
-    let mut supervisor = table(&mut doc, "supervisor");
-    supervisor.insert("admin".into(), format!("127.0.0.1:{}", free_port()).into());
-    doc.insert("supervisor".into(), supervisor.into());
-    let mut register = table(&mut doc, "register");
-    register.insert("docker".into(), docker.host().into());
-    doc.insert("register".into(), register.into());
+    set("consul", "http", consul.http_addr().to_string().into());
+    set("consul", "dns", vec![consul.dns_addr().to_string()].into());
+    set("dns", "upstreams", vec![upstream.to_string()].into());
+    set("dns", "workers", 1.into());
+    set("lb", "workers", 1.into());
+    set("supervisor", "admin", admin.to_string().into());
+    set("register", "docker", docker.host().into());
     let path = dir.join("wayfinder.toml");
     std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
-    path
+    (path, admin)
 }
 
-/// `wayfinder up`, killed with its process group when dropped.
-struct Up {
-    child: std::process::Child,
-    log: std::path::PathBuf,
-    admin: SocketAddr,
+/// `/api/status` of the admin endpoint at `admin` (null when it does not answer).
+fn status(admin: SocketAddr) -> Value {
+    let body = http_get(admin, "/api/status").unwrap_or_default();
+    serde_json::from_str(&body).unwrap_or_default()
 }
 
-impl Up {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn status(&self) -> Value {
-        let body = http_get(self.admin, "/api/status").unwrap_or_default();
-        serde_json::from_str(&body).unwrap_or_default()
-    }
-
-    fn ready(&self) -> bool {
-        let body = http_get(self.admin, "/api/ready").unwrap_or_default();
-        serde_json::from_str::<Value>(&body).is_ok_and(|v| v["ready"] == true)
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        // The group: `up` and anything it started.
-        unsafe {
-            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
-        }
-        let _ = self.child.wait();
-    }
+/// Whether `/api/ready` says ready.
+fn ready(admin: SocketAddr) -> bool {
+    let body = http_get(admin, "/api/ready").unwrap_or_default();
+    serde_json::from_str::<Value>(&body).is_ok_and(|v| v["ready"] == true)
 }
 
 /// Waits until `f` gives `Some`, or fails naming `what` with `context()`.
@@ -203,14 +179,8 @@ fn containers_reach_the_appliance_by_every_presented_name_and_url() {
         .expect("this test needs a non-loopback IPv4 interface address (ip -brief address)");
     let outward_text = outward.to_string();
 
-    let config = appliance_config(dir.path(), &consul, upstream.addr, &d);
-    let log = dir.path().join("up.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let admin: SocketAddr = {
-        let doc: toml::Table = std::fs::read_to_string(&config).unwrap().parse().unwrap();
-        doc["supervisor"]["admin"].as_str().unwrap().parse().unwrap()
-    };
-    let mut cmd = wayfinder_command(
+    let (config, admin) = appliance_config(dir.path(), &consul, upstream.addr, &d);
+    let up = Process::spawn(
         dir.path(),
         &["up", "-c", config.to_str().unwrap()],
         &[
@@ -222,21 +192,10 @@ fn containers_reach_the_appliance_by_every_presented_name_and_url() {
             ("HAPROXY_ADD_DOMAIN", ".apps.example.com"),
         ],
     );
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out);
-    let up = Up {
-        child: crate::harness::die_with_parent(&mut cmd)
-            .spawn()
-            .expect("start wayfinder up"),
-        log,
-        admin,
-    };
     wait_some(
         "wayfinder up ready (/api/ready)",
-        || format!("{:?}\n{}", http_get(up.admin, "/api/ready"), up.log()),
-        || up.ready().then_some(()),
+        || format!("{:?}\n{}", http_get(admin, "/api/ready"), up.log()),
+        || ready(admin).then_some(()),
     );
 
     // The app, registered by the register component and routed by the lb.
@@ -252,9 +211,9 @@ fn containers_reach_the_appliance_by_every_presented_name_and_url() {
     let hostname = web[..12].to_string();
     let presented = wait_some(
         "web on the status page with its URLs and names",
-        || format!("{:#}\n{}", up.status()["services"], up.log()),
+        || format!("{:#}\n{}", status(admin)["services"], up.log()),
         || {
-            let status = up.status();
+            let status = status(admin);
             let web = status["services"]
                 .as_array()?
                 .iter()

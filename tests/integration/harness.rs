@@ -1377,3 +1377,60 @@ pub fn register_tagged(consul: &Consul, prefix: &str, port: u16) -> String {
     consul.register(&format!("{svc}-1"), &svc, "127.0.0.1", port, &["haproxy"], true);
     svc
 }
+
+/// `wayfinder <args>` (the built binary) with its own directory and log, killed
+/// with its process group when dropped (or when the test process dies).
+pub struct Process {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Starts `wayfinder <args>` in `dir`, its output in `dir/<args[0]>.log`.
+    pub fn spawn(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let log = dir.join(format!("{}.log", args[0]));
+        let mut cmd = wayfinder_command(dir, args, env);
+        let out = std::fs::File::create(&log).unwrap();
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .process_group(0);
+        let child = die_with_parent(&mut cmd).spawn().expect("start wayfinder");
+        Self {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (60 s at most) until its log holds `want`; fails if it exits first.
+    pub fn wait_log(&mut self, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.log().contains(want) {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("wayfinder exited ({status}) before `{want}`:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "no `{want}` in the log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, as an OOM killer or a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child's process group.
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

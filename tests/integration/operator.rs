@@ -89,6 +89,26 @@ impl Drop for Load {
     }
 }
 
+/// Waits until the lb routes `svc` and the dns serves the test zone.
+async fn wait_serving(dns: SocketAddr, lb: SocketAddr, svc: &str) {
+    wait_routed(
+        &http_client(),
+        lb,
+        &format!("{svc}.service.consul"),
+        Duration::from_secs(30),
+        String::new,
+    )
+    .await;
+    dig_until(
+        dns,
+        &["db.op.internal", "A"],
+        Duration::from_secs(10),
+        "zone served",
+        |d| d.answers() == ["10.9.0.1"],
+    )
+    .await;
+}
+
 /// The points drawn for `label` in chart `chart` of a charts section (0 when absent).
 fn points(html: &str, chart: &str, label: &str) -> usize {
     let Some(start) = html.find(&format!("id=\"chart-{chart}\"")) else {
@@ -167,23 +187,7 @@ async fn status_page_charts_live_in_chromium() {
     let dead = register_tagged(consul, "chartdead", free_port());
     let up = dns_and_lb(consul, dir.path(), "").await;
     let (dns, lb) = (up.dns.unwrap(), up.lb.unwrap());
-    let client = http_client();
-    wait_routed(
-        &client,
-        lb,
-        &format!("{svc}.service.consul"),
-        Duration::from_secs(30),
-        String::new,
-    )
-    .await;
-    dig_until(
-        dns,
-        &["db.op.internal", "A"],
-        Duration::from_secs(10),
-        "zone served",
-        |d| d.answers() == ["10.9.0.1"],
-    )
-    .await;
+    wait_serving(dns, lb, &svc).await;
     let load = Load::start(
         lb,
         dns,
@@ -724,22 +728,7 @@ async fn top_in_tmux_shows_the_figures_of_api_status() {
     let (svc, _backend) = tagged_backend(consul, "topweb", "top-backend").await;
     let up = dns_and_lb(consul, dir.path(), "").await;
     let (dns, lb) = (up.dns.unwrap(), up.lb.unwrap());
-    wait_routed(
-        &http_client(),
-        lb,
-        &format!("{svc}.service.consul"),
-        Duration::from_secs(30),
-        String::new,
-    )
-    .await;
-    dig_until(
-        dns,
-        &["db.op.internal", "A"],
-        Duration::from_secs(10),
-        "zone served",
-        |d| d.answers() == ["10.9.0.1"],
-    )
-    .await;
+    wait_serving(dns, lb, &svc).await;
 
     let tmux = Tmux {
         socket: crate::harness::unique("wftop"),

@@ -9,9 +9,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -21,8 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::docker::Dockerd;
 use crate::harness::{
-    Consul, die_with_parent, dig_until, free_port, http_client, http_get, http_put, require, wait_routed,
-    wayfinder_bin, wayfinder_command,
+    Consul, Process, dig_until, free_port, http_client, http_get, http_put, require, wait_routed, wayfinder_bin,
 };
 
 /// How long anything the component does may take here (the benchmark says
@@ -102,60 +100,6 @@ fn check_status(consul: &Consul, id: &str) -> String {
     let body = http_get(consul.http_addr(), "/v1/agent/checks").unwrap_or_default();
     let all: Value = serde_json::from_str(&body).unwrap_or_default();
     all[id]["Status"].as_str().unwrap_or("").to_string()
-}
-
-/// `wayfinder <args>` (the built binary) with its own directory and log, killed
-/// with its process group when dropped (or when the test process dies).
-struct Process {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Process {
-    fn spawn(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let log = dir.join(format!("{}.log", args[0]));
-        let mut cmd = wayfinder_command(dir, args, env);
-        let out = std::fs::File::create(&log).unwrap();
-        cmd.stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .process_group(0);
-        let child = die_with_parent(&mut cmd).spawn().expect("start wayfinder");
-        Self {
-            child: Some(child),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_log(&mut self, want: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.log().contains(want) {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("wayfinder exited ({status}) before `{want}`:\n{}", self.log());
-            }
-            assert!(Instant::now() < deadline, "no `{want}` in the log:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGKILL, as an OOM killer or a crash would.
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on our own child's process group.
-            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill9();
-    }
 }
 
 /// `wayfinder register` alone against `docker` and `consul`, this host being
