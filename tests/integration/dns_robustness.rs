@@ -37,24 +37,6 @@ struct Server {
     wf: Wayfinder,
 }
 
-/// `Wayfinder::start`, tried up to three times. `DnsSockets::bind` takes the UDP
-/// port the kernel picks for port 0 and binds TCP on it without retrying; while
-/// other tests run TCP clients, that port is sometimes a client's ephemeral port
-/// (EADDRINUSE). That is a bug of `DnsSockets::bind` (src/dns/mod.rs), not what
-/// these tests are about.
-async fn start_wayfinder(config: String) -> Wayfinder {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let config = config.clone();
-        match tokio::spawn(async move { Wayfinder::start(&config).await }).await {
-            Ok(wf) => return wf,
-            Err(e) if attempt < 3 => eprintln!("Wayfinder::start failed ({e}); retrying"),
-            Err(e) => panic!("Wayfinder::start failed {attempt} times: {e}"),
-        }
-    }
-}
-
 impl Server {
     async fn start(extra: &str) -> Self {
         let upstream = Unbound::start(&["www.test. 300 IN A 192.0.2.10"]);
@@ -65,7 +47,7 @@ impl Server {
              wildcard_targets = [\"10.0.0.5\"]\ntcp_connections_per_source = 1024\n{extra}",
             upstream.addr
         );
-        let wf = start_wayfinder(config).await;
+        let wf = Wayfinder::start(&config).await;
         Server { upstream, wf }
     }
 
@@ -1040,7 +1022,7 @@ async fn malformed_upstream_responses_are_contained() {
         }
     })
     .await;
-    let wf = start_wayfinder(format!(
+    let wf = Wayfinder::start(&format!(
         "[dns]\nupstreams = [\"{upstream}\"]\nwildcard_domain = \".apps.example.com\"\n\
          wildcard_targets = [\"10.0.0.5\"]\n"
     ))

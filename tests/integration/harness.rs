@@ -1,5 +1,5 @@
 //! Real components for the integration tests: a Consul agent, an unbound upstream,
-//! `dig`, and Wayfinder (in-process on port 0, or the built binary).
+//! `dig`, and Wayfinder (in-process on a [`free_port`], or the built binary).
 //!
 //! Every port is picked free at run time and every process is killed when its
 //! handle drops (or, for the shared agent, when the test binary exits), so test
@@ -47,15 +47,39 @@ pub fn require(program: &str) -> PathBuf {
     })
 }
 
-/// A port free for both UDP and TCP on 127.0.0.1 right now.
+/// A port free for both UDP and TCP on 127.0.0.1 right now, for a server of a
+/// test to bind, taken from below the kernel's ephemeral range, never from it.
+///
+/// A port from the ephemeral range can be handed to a client at the same time:
+/// dig (BIND 9.18) sets SO_REUSEPORT on its UDP socket and binds 0.0.0.0:0, so
+/// the kernel may give it the port of a server of the same user that also set
+/// SO_REUSEPORT (Wayfinder's dns workers, unbound); dig then sends to itself and
+/// reads its own question back ("query response not set"). TCP clients'
+/// ports come from that range too. Ports are handed out in turn (a process-wide
+/// counter from a per-process start), each checked bindable.
 pub fn free_port() -> u16 {
-    loop {
-        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-        let port = udp.local_addr().unwrap().port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    assert!(
+        ephemeral_low >= LOWEST + 1_000,
+        "net.ipv4.ip_local_port_range starts at {ephemeral_low}: the tests need ports \
+         {LOWEST}..{} outside it (sysctl -w net.ipv4.ip_local_port_range=\"32768 60999\")",
+        LOWEST + 1_000
+    );
+    let span = ephemeral_low - LOWEST;
+    let start = std::process::id().wrapping_mul(7_919);
+    for _ in 0..span {
+        let port = (LOWEST + start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() && TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
+    panic!("no port free for UDP and TCP on 127.0.0.1 in {LOWEST}..{ephemeral_low}");
 }
 
 /// Puts the child in its own process group and kills it if the test process dies.
@@ -615,11 +639,13 @@ pub struct Wayfinder {
 
 impl Wayfinder {
     /// Starts the dns component from TOML text; the listen address is replaced
-    /// by 127.0.0.1:0. Must be called inside a multi-thread tokio runtime.
+    /// by 127.0.0.1 on a [`free_port`] (not port 0: see there why a server's
+    /// port must not come from the ephemeral range). Must be called inside a
+    /// multi-thread tokio runtime.
     pub async fn start(toml: &str) -> Self {
         let env = std::collections::HashMap::<String, String>::new();
         let mut file = wayfinder::config::parse(toml, "test.toml", &env).expect("test config parses");
-        file.dns.listen = vec![SocketAddr::from(([127, 0, 0, 1], 0))];
+        file.dns.listen = vec![SocketAddr::from(([127, 0, 0, 1], free_port()))];
         if file.dns.workers == 0 {
             file.dns.workers = 2;
         }
