@@ -329,16 +329,16 @@ impl Activity {
         u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.last_progress_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    fn wait_started(&self) {
+    pub(crate) fn wait_started(&self) {
         self.touch();
         self.waiting.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn wait_ended(&self) {
+    pub(crate) fn wait_ended(&self) {
         self.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 

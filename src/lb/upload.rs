@@ -43,6 +43,13 @@ pub enum BodyError {
     /// Reading the client's body failed (it went away, or sent a bad chunk).
     #[error("could not read the request body: {0}")]
     Client(#[source] hyper::Error),
+    /// The client's connection failed or closed before the body was in (the
+    /// lb's own HTTP/1.1 path).
+    #[error("the client went away during the request body: {0}")]
+    ClientGone(#[source] std::io::Error),
+    /// A chunked body broke RFC 9112's rules (the lb's own HTTP/1.1 path).
+    #[error("a malformed chunked request body: {0}")]
+    Chunked(#[source] super::h1::chunked::ChunkError),
     /// Less than `min_body_rate × RATE_WINDOW` bytes in a window of waiting.
     #[error("the request body came slower than lb.min_body_rate")]
     TooSlow,
@@ -123,14 +130,34 @@ impl BodyBudget {
 }
 
 /// Bytes of the [`BodyBudget`] one request holds; given back when dropped.
-struct Reservation {
+pub struct Reservation {
     budget: Arc<BodyBudget>,
     bytes: usize,
 }
 
 impl Reservation {
+    /// Nothing reserved yet from `budget`.
+    pub fn new(budget: &Arc<BodyBudget>) -> Self {
+        Self {
+            budget: budget.clone(),
+            bytes: 0,
+        }
+    }
+
+    /// Reserves `n` more bytes, unless the budget would go over; a refusal is
+    /// counted in [`BodyBudget::spent`].
+    pub fn try_add(&mut self, n: usize) -> bool {
+        if self.budget.try_take(n) {
+            self.bytes += n;
+            true
+        } else {
+            self.budget.spent.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+
     /// Gives back `n` of the bytes (their chunk has gone on).
-    fn release(&mut self, n: usize) {
+    pub fn release(&mut self, n: usize) {
         let n = n.min(self.bytes);
         self.bytes -= n;
         self.budget.give_back(n);
@@ -165,9 +192,11 @@ impl BodyRules {
     }
 }
 
-/// A request body held to `min_body_rate` and the request's deadline.
-pub struct ClockedBody {
-    inner: RequestBody,
+/// `min_body_rate` and `request_timeout` for one request, as arithmetic on
+/// the bytes that came and the time spent waiting for them: [`ClockedBody`]
+/// (hyper's bodies) and the own HTTP/1.1 path both keep one.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyClock {
     /// When the whole request must be in.
     deadline: Instant,
     quota: u64,
@@ -175,6 +204,56 @@ pub struct ClockedBody {
     window_bytes: u64,
     /// Time spent waiting for the client since the last full quota.
     waited: Duration,
+}
+
+impl BodyClock {
+    /// The rules for a request that arrived at `started`.
+    pub fn new(rules: &BodyRules, started: Instant) -> Self {
+        Self {
+            deadline: started + rules.request_timeout,
+            quota: rules.quota,
+            window_bytes: 0,
+            waited: Duration::ZERO,
+        }
+    }
+
+    /// `n` bytes came at `now`, after `waited` spent waiting for them; past the
+    /// request's deadline that is an error, also for a client never waited for.
+    pub fn arrived(&mut self, n: usize, waited: Duration, now: Instant) -> Result<(), BodyError> {
+        self.waited += waited;
+        self.window_bytes += n as u64;
+        if self.window_bytes >= self.quota {
+            // A full quota: a new window of waiting begins.
+            self.window_bytes = 0;
+            self.waited = Duration::ZERO;
+        }
+        if now >= self.deadline {
+            return Err(BodyError::Deadline);
+        }
+        Ok(())
+    }
+
+    /// When a wait for the client that began at `since` must end.
+    pub fn due(&self, since: Instant) -> Instant {
+        (since + RATE_WINDOW.saturating_sub(self.waited)).min(self.deadline)
+    }
+
+    /// Why a wait that began at `since` fails at `now`, if it does by then.
+    pub fn expired(&self, since: Instant, now: Instant) -> Option<BodyError> {
+        if now >= self.deadline {
+            Some(BodyError::Deadline)
+        } else if now >= since + RATE_WINDOW.saturating_sub(self.waited) {
+            Some(BodyError::TooSlow)
+        } else {
+            None
+        }
+    }
+}
+
+/// A request body held to `min_body_rate` and the request's deadline.
+pub struct ClockedBody {
+    inner: RequestBody,
+    clock: BodyClock,
     /// Set while the last poll found nothing (the lb is waiting for the client).
     waiting_since: Option<Instant>,
     /// Wakes the body at its next due time while it waits; made on the first wait.
@@ -187,10 +266,7 @@ impl ClockedBody {
     pub fn new(inner: RequestBody, rules: &BodyRules, started: Instant) -> Self {
         Self {
             inner,
-            deadline: started + rules.request_timeout,
-            quota: rules.quota,
-            window_bytes: 0,
-            waited: Duration::ZERO,
+            clock: BodyClock::new(rules, started),
             waiting_since: None,
             timer: None,
             failed: false,
@@ -216,21 +292,10 @@ impl Body for ClockedBody {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     let now = Instant::now();
-                    if let Some(since) = this.waiting_since.take() {
-                        this.waited += now - since;
-                    }
-                    if let Some(data) = frame.data_ref() {
-                        this.window_bytes += data.len() as u64;
-                        if this.window_bytes >= this.quota {
-                            // A full quota: a new window of waiting begins.
-                            this.window_bytes = 0;
-                            this.waited = Duration::ZERO;
-                        }
-                    }
-                    // Also for a client the lb never waits for: the deadline
-                    // bounds the whole request.
-                    if now >= this.deadline {
-                        return this.fail(BodyError::Deadline);
+                    let waited = this.waiting_since.take().map_or(Duration::ZERO, |since| now - since);
+                    let n = frame.data_ref().map_or(0, Bytes::len);
+                    if let Err(why) = this.clock.arrived(n, waited, now) {
+                        return this.fail(why);
                     }
                     return Poll::Ready(Some(Ok(frame)));
                 }
@@ -239,14 +304,10 @@ impl Body for ClockedBody {
                 Poll::Pending => {
                     let now = Instant::now();
                     let since = *this.waiting_since.get_or_insert(now);
-                    let too_slow_at = since + RATE_WINDOW.saturating_sub(this.waited);
-                    if now >= this.deadline {
-                        return this.fail(BodyError::Deadline);
+                    if let Some(why) = this.clock.expired(since, now) {
+                        return this.fail(why);
                     }
-                    if now >= too_slow_at {
-                        return this.fail(BodyError::TooSlow);
-                    }
-                    let due = too_slow_at.min(this.deadline);
+                    let due = this.clock.due(since);
                     let timer = match &mut this.timer {
                         Some(timer) => {
                             timer.as_mut().reset(due);
@@ -293,10 +354,7 @@ pub async fn read_prefix(
         chunks: Vec::new(),
         trailers: None,
         ended: false,
-        reservation: Reservation {
-            budget: budget.clone(),
-            bytes: 0,
-        },
+        reservation: Reservation::new(budget),
     };
     let mut buffered = 0usize;
     while buffered < rules.buffer {
@@ -309,12 +367,9 @@ pub async fn read_prefix(
                 let n = data.len();
                 buffered += n;
                 prefix.chunks.push(data);
-                if budget.try_take(n) {
-                    prefix.reservation.bytes += n;
-                } else {
+                if !prefix.reservation.try_add(n) {
                     // Spent: this chunk (hyper has read it anyway) goes on with
                     // the rest, streamed once an instance is chosen.
-                    budget.spent.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
                 if body.is_end_stream() {

@@ -80,6 +80,9 @@ use super::splice::SpliceEnd;
 use super::table::{Backend, BackendInstance, Carryover, Destination};
 use super::upload::{BodyError, BodyRules, ClockedBody, ForwardBody};
 
+mod conns;
+mod http1;
+
 /// Instances tried for one request at most.
 const MAX_ATTEMPTS: usize = 3;
 /// Idle sessions kept per backend instance.
@@ -130,6 +133,8 @@ impl Scheme {
 /// computed once per connection rather than per request.
 #[derive(Clone)]
 struct ClientConn {
+    /// The client's address (for the logs).
+    peer: SocketAddr,
     /// The client's IP, ready to be the `X-Forwarded-For` and `X-Real-IP` value.
     ip: HeaderValue,
     /// This hop's `Forwarded` element, `for=<ip>;proto=<scheme>` (RFC 7239 4:
@@ -154,6 +159,7 @@ impl ClientConn {
         };
         let forwarded = HeaderValue::from_str(&forwarded).unwrap_or_else(|_| unknown());
         Self {
+            peer,
             ip,
             forwarded,
             source: crate::net::sources::source_of(peer.ip()),
@@ -175,7 +181,10 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// The proxy and its backend sessions.
 pub struct Proxy {
     state: Arc<LbState>,
+    /// hyper sessions to backends (HTTP/2 clients' requests).
     pool: SessionPool,
+    /// Plain connections to backends (the own HTTP/1.1 path's).
+    conns: conns::ConnPool,
     connect_timeout: Duration,
     client_timeout: Duration,
     handshake_timeout: Duration,
@@ -206,6 +215,7 @@ impl Proxy {
         Arc::new(Self {
             state,
             pool: SessionPool::default(),
+            conns: conns::ConnPool::default(),
             connect_timeout: config.connect_timeout,
             client_timeout: config.client_timeout,
             handshake_timeout: config.handshake_timeout,
@@ -260,7 +270,8 @@ impl Proxy {
                 None => tasks.spawn(async move {
                     let activity = Activity::new(accepted, false);
                     let io = ClientIo::new(stream, activity.clone(), slot);
-                    proxy.http1(io, activity, peer, Scheme::Http, shutdown).await
+                    let client = ClientConn::new(peer, Scheme::Http, activity);
+                    proxy.own_http1(io, client, shutdown).await
                 }),
                 Some(tls) => {
                     let tls = tls.clone();
@@ -299,7 +310,8 @@ impl Proxy {
         if h2 {
             self.http2(io, activity, peer, shutdown).await;
         } else {
-            self.http1(io, activity, peer, Scheme::Https, shutdown).await;
+            let client = ClientConn::new(peer, Scheme::Https, activity);
+            self.own_http1(io, client, shutdown).await;
         }
     }
 
@@ -329,49 +341,6 @@ impl Proxy {
                 Ok::<_, Infallible>(resp.map(|body| ClientBody::new(body, stream)))
             })
         })
-    }
-
-    async fn http1<S>(
-        self: Arc<Self>,
-        io: ClientIo<S>,
-        activity: Arc<Activity>,
-        peer: SocketAddr,
-        scheme: Scheme,
-        shutdown: CancellationToken,
-    ) where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let service = self.clone().service(ClientConn::new(peer, scheme, activity.clone()));
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        // No hyper timer: keep-alive idling and slow request heads are the
-        // watchdog's `head_ms` deadline (one per connection; hyper's header
-        // timer was a timer armed and cancelled per request).
-        builder
-            .keep_alive(true)
-            .max_buf_size(2 * MAX_HEADER_BYTES)
-            // One flat buffer per write, sent with send(2), instead of a writev(2)
-            // of head and body chunks: for the small answers most requests get,
-            // the kernel's iovec walk costs more than copying the body (see
-            // benches/README.md, lb-capped.sh PROFILE=1).
-            .writev(false);
-        let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
-        let watchdog = client::watch(&activity, self.timeouts);
-        tokio::pin!(conn, watchdog);
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(%peer, error = %e, "lb client connection ended");
-                }
-            }
-            cut = &mut watchdog => self.cut(peer, cut),
-            _ = shutdown.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                tokio::select! {
-                    _ = conn => {}
-                    cut = watchdog => self.cut(peer, cut),
-                }
-            }
-        }
     }
 
     async fn http2<S>(
@@ -429,6 +398,7 @@ impl Proxy {
     /// After the client connections and tunnels have ended: closes the backend
     /// sessions and waits for their connection tasks.
     pub async fn close_sessions(&self) {
+        self.conns.clear();
         self.pool.close().await;
     }
 
@@ -444,6 +414,7 @@ impl Proxy {
                 _ = tokio::time::sleep(POOL_SWEEP) => {}
             }
             self.pool.prune(&self.state.health);
+            self.conns.prune(&self.state.health);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(POOL_SWEEP_GAP) => {}
@@ -717,7 +688,9 @@ impl Proxy {
                 self.state.stats.request_deadline.fetch_add(1, Ordering::Relaxed);
                 (StatusCode::REQUEST_TIMEOUT, "The request took too long to arrive.")
             }
-            BodyError::Client(_) => (StatusCode::BAD_REQUEST, "The request body could not be read."),
+            BodyError::Client(_) | BodyError::ClientGone(_) | BodyError::Chunked(_) => {
+                (StatusCode::BAD_REQUEST, "The request body could not be read.")
+            }
         };
         tracing::debug!(%error, "lb: request body cut");
         refusal(status, message, version)

@@ -1,0 +1,1222 @@
+//! The lb's own HTTP/1.1 path: client connections (plain and TLS after ALPN
+//! chose HTTP/1.1) are read, framed ([`crate::lb::h1`]), routed and relayed
+//! here, with pooled backend connections ([`super::conns`]); hyper keeps
+//! HTTP/2. One task per client connection, its buffers made once; a request
+//! whose head and body came in one read and whose answer comes in one read
+//! costs four syscalls: read, send to the backend, read, send to the client.
+//!
+//! ```text
+//!  client bytes ─▶ head complete (blank line) ─▶ h1::parse_request ──Refusal──▶ 4xx/5xx, close
+//!     ─▶ route (authority of the target, else Host) ─▶ Landing | 503 | Backend
+//!     Backend: body read first, up to body_buffer_bytes (decoded when chunked;
+//!              min_body_rate and request_timeout → 408), as `super::forward` does
+//!       ─▶ pick (maxconn, share, queue: `super::reserve_instance`) ─▶ pooled
+//!          connection or connect (failed: eject, next instance)
+//!       ─▶ head (the lb's headers, see `super`) + buffered body in one write;
+//!          a longer body streamed after it (Content-Length, or re-chunked)
+//!       ─▶ response head (server_timeout) ─▶ h1::parse_response ─▶ head to the
+//!          client (hop-by-hop fields dropped) ─▶ body relayed by its framing
+//!          (chunked passed through as checked; to an HTTP/1.0 client decoded)
+//!       ─▶ backend connection back to the pool when it stays open and clean
+//!     101 to an Upgrade ─▶ both connections spliced (`super::splice`)
+//! ```
+//!
+//! A request that failed on a pooled connection before any byte of an answer
+//! goes again on a new connection to the same instance (the backend closed it
+//! while idle) when its whole body is still at hand; other failures before an
+//! answer try the next instance only for a request without a body, as the
+//! hyper path does. The connection's watchdog ([`crate::lb::client::watch`])
+//! cuts idle and stalled clients as before; requests report to it (a head
+//! complete starts a stream, the response done ends it).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use http::{Response, StatusCode};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use super::conns::{BackendConn, ConnectError};
+use super::{ClientConn, MAX_ATTEMPTS, MAX_HEADER_BYTES, NoSlot, Proxy, Release, Share, Tried, request_id};
+use crate::lb::body::{ProxyBody, error_page};
+use crate::lb::client::{self, ClientIo};
+use crate::lb::h1::{self, Framing, RequestHead, ResponseHead, Version, chunked};
+use crate::lb::table::{Backend, Destination};
+use crate::lb::upload::{BodyClock, BodyError, Reservation};
+
+/// Room made in a read buffer before each read.
+const READ_CHUNK: usize = 16 * 1024;
+/// Largest head parsed (request or response); the request's fields are held
+/// to [`MAX_HEADER_BYTES`] as on the hyper path.
+const MAX_HEAD: usize = 2 * MAX_HEADER_BYTES;
+/// Bytes of a body copied into the head's write rather than written apart.
+const COALESCE: usize = 16 * 1024;
+/// How long a closing connection keeps reading what the client still sends,
+/// so that closing with unread bytes does not reset it before it read the answer.
+const LINGER: Duration = Duration::from_millis(500);
+
+/// What follows one exchange on a client connection.
+enum Next {
+    /// Read the next request.
+    KeepAlive,
+    /// The head is not complete yet (a blank line came before it did).
+    NeedMore,
+    /// Close the connection (after reading what the client still sends).
+    Close,
+    /// Splice the client with this backend connection (101 Switching Protocols).
+    Tunnel(BackendConn),
+}
+
+/// Why a request could not be sent on a backend connection.
+enum SendError {
+    /// The client's body failed (slow, too late, gone, malformed).
+    Body(BodyError),
+    /// The backend connection failed.
+    Backend(std::io::Error),
+}
+
+/// Why relaying an answer stopped early.
+enum RelayError {
+    /// The backend failed, closed or sent a malformed body.
+    Backend,
+    /// The client went away.
+    Client,
+}
+
+/// The request body on the own path: the part read before an instance is
+/// chosen (decoded when chunked), and how to read the rest.
+struct InBody {
+    framing: Framing,
+    /// Body data read so far and not yet sent.
+    prefix: Vec<u8>,
+    /// The whole body is in `prefix`.
+    ended: bool,
+    /// Content-Length: bytes still to read from the client.
+    left: u64,
+    decoder: chunked::Decoder,
+    clock: BodyClock,
+    reservation: Reservation,
+}
+
+/// The connection's buffers, made once: the client's bytes, the request head
+/// sent to the backend (kept for a retry) and the answer head sent to the client.
+struct Buffers {
+    client: BytesMut,
+    request: Vec<u8>,
+    answer: Vec<u8>,
+}
+
+impl Proxy {
+    /// Serves one HTTP/1.1 client connection until it closes, the watchdog
+    /// cuts it, or shutdown (after the request in progress).
+    pub(super) async fn own_http1<S>(
+        self: Arc<Self>,
+        mut io: ClientIo<S>,
+        client: ClientConn,
+        shutdown: CancellationToken,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut bufs = Buffers {
+            client: BytesMut::with_capacity(READ_CHUNK),
+            request: Vec::with_capacity(1024),
+            answer: Vec::with_capacity(1024),
+        };
+        let activity = client.activity.clone();
+        let end = {
+            let exchanges = self.exchanges(&mut io, &mut bufs, &client, &shutdown);
+            let watchdog = client::watch(&activity, self.timeouts);
+            tokio::pin!(exchanges, watchdog);
+            tokio::select! {
+                next = &mut exchanges => next,
+                cut = &mut watchdog => {
+                    self.cut(client.peer, cut);
+                    return;
+                }
+            }
+        };
+        match end {
+            Next::Tunnel(backend) => self.tunnel(io, bufs.client, backend, &shutdown).await,
+            _ => linger(io).await,
+        }
+    }
+
+    /// Exchanges until the connection is to close or be spliced.
+    async fn exchanges<S>(
+        &self,
+        io: &mut ClientIo<S>,
+        bufs: &mut Buffers,
+        client: &ClientConn,
+        shutdown: &CancellationToken,
+    ) -> Next
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut scanned = 0;
+        loop {
+            if !head_complete(&bufs.client, &mut scanned) {
+                if bufs.client.len() >= MAX_HEAD {
+                    let _ = self.refuse_h1(io, &mut bufs.answer, h1::Refusal::TooLarge).await;
+                    return Next::Close;
+                }
+                bufs.client.reserve(READ_CHUNK);
+                let read = if bufs.client.is_empty() {
+                    // Between requests: shutdown closes the connection now.
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return Next::Close,
+                        r = io.read_buf(&mut bufs.client) => r,
+                    }
+                } else {
+                    io.read_buf(&mut bufs.client).await
+                };
+                match read {
+                    Ok(0) | Err(_) => return Next::Close,
+                    Ok(_) => continue,
+                }
+            }
+            match self.exchange(io, bufs, client).await {
+                Next::KeepAlive if !shutdown.is_cancelled() => scanned = 0,
+                Next::KeepAlive => return Next::Close,
+                // A blank line before the request line: read on past it.
+                Next::NeedMore => scanned = bufs.client.len(),
+                other => return other,
+            }
+        }
+    }
+
+    /// One request, from its complete head in `bufs.client` to its answer sent.
+    async fn exchange<S>(&self, io: &mut ClientIo<S>, bufs: &mut Buffers, client: &ClientConn) -> Next
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let started = Instant::now();
+        let mut fields = h1::EMPTY_HEADERS;
+        let head = match h1::parse_request(&bufs.client, &mut fields, MAX_HEAD) {
+            Ok(Some(head)) => head,
+            Ok(None) => return Next::NeedMore,
+            Err(refusal) => {
+                tracing::debug!(peer = %client.peer, %refusal, "lb: request refused");
+                let _ = self.refuse_h1(io, &mut bufs.answer, refusal).await;
+                return Next::Close;
+            }
+        };
+        let fields = &fields[..head.fields];
+        let _stream = client.activity.stream_started();
+        let head_bytes: usize =
+            fields.iter().map(|f| f.name.len() + f.value.len() + 4).sum::<usize>() + head.target.len();
+        if head_bytes > MAX_HEADER_BYTES {
+            let _ = self.refuse_h1(io, &mut bufs.answer, h1::Refusal::TooLarge).await;
+            return Next::Close;
+        }
+        let is_head = head.method == "HEAD";
+        let has_body = head.framing != Framing::Empty;
+        // Until the first table from a complete read of Consul is live, an empty
+        // table would answer 503 for services that exist: wait for it instead.
+        if !self.state.is_ready() && !self.state.wait_ready(self.ready_timeout).await {
+            let mut resp = error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The load balancer is still reading the service catalog from Consul.",
+            );
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+            return self
+                .answer(
+                    io,
+                    &mut bufs.answer,
+                    resp,
+                    head.keep_alive && !has_body,
+                    is_head,
+                    started,
+                )
+                .await;
+        }
+        let host = std::str::from_utf8(head.authority).ok().filter(|h| !h.is_empty());
+        let path = head.path();
+        let route_path = path.split_once('?').map_or(path, |(p, _)| p);
+        let table = self.state.table.load_full();
+        let backend = match table.route(host, route_path) {
+            Destination::Backend(backend) => backend.clone(),
+            Destination::OtherDatacenter(Some(backend)) => {
+                if let Some(host) = host {
+                    self.state.want_datacenter(host);
+                }
+                backend.clone()
+            }
+            other => {
+                let resp = match other {
+                    Destination::Landing => crate::lb::status::landing_page(&self.state),
+                    _ => {
+                        if let (Destination::OtherDatacenter(None), Some(host)) = (&other, host) {
+                            self.state.want_datacenter(host);
+                        }
+                        error_page(StatusCode::SERVICE_UNAVAILABLE, "No service answers to this name.")
+                    }
+                };
+                let keep_alive = head.keep_alive && !has_body;
+                return self
+                    .answer(io, &mut bufs.answer, resp, keep_alive, is_head, started)
+                    .await;
+            }
+        };
+        drop(table);
+        let expect_continue = head.expect_continue && has_body;
+        let n = self.request_ids.fetch_add(1, Ordering::Relaxed);
+        let unique_id = request_id(self.id_prefix, n);
+        write_request_head(
+            &mut bufs.request,
+            &head,
+            fields,
+            client,
+            expect_continue,
+            unique_id.as_bytes(),
+        );
+        let facts = Exchange {
+            framing: head.framing,
+            keep_alive: head.keep_alive,
+            upgrade: head.upgrade,
+            is_head,
+            version: head.version,
+        };
+        let head_len = head.len;
+        bufs.client.advance(head_len);
+        let (status, next) = self
+            .forward_h1(io, bufs, client, &backend, &facts, expect_continue, started)
+            .await;
+        backend.counters.record(status, started.elapsed());
+        self.state.stats.requests.record(status, started.elapsed());
+        next
+    }
+
+    /// Forwards one request to `backend` and relays its answer: the status the
+    /// client got (for the counters) and what follows on the connection.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_h1<S>(
+        &self,
+        io: &mut ClientIo<S>,
+        bufs: &mut Buffers,
+        client: &ClientConn,
+        backend: &Backend,
+        facts: &Exchange,
+        expect_continue: bool,
+        started: Instant,
+    ) -> (u16, Next)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut body = InBody {
+            framing: facts.framing,
+            prefix: Vec::new(),
+            ended: facts.framing == Framing::Empty,
+            left: match facts.framing {
+                Framing::Length(n) => n,
+                _ => 0,
+            },
+            decoder: chunked::Decoder::new(),
+            clock: BodyClock::new(&self.body_rules, tokio::time::Instant::from_std(started)),
+            reservation: Reservation::new(&self.state.bodies),
+        };
+        if !body.ended {
+            if expect_continue
+                && bufs.client.is_empty()
+                && io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err()
+            {
+                return (499, Next::Close);
+            }
+            // Before any slot is taken: a slow upload holds memory, not an instance.
+            if let Err(error) = self.read_body_prefix(io, &mut bufs.client, &mut body, client).await {
+                return self.body_cut_h1(io, &mut bufs.answer, &error, facts.is_head).await;
+            }
+        }
+        let mut tried = Tried::default();
+        let maxconn = self.maxconn(backend);
+        let share = crate::lb::share::share_cap(maxconn, self.client_share).map(|cap| Share {
+            source: client.source,
+            cap,
+        });
+        let mut attempts = 0;
+        while attempts < MAX_ATTEMPTS {
+            attempts += 1;
+            let instance = match self.pick_with_capacity(backend, maxconn, &tried, share).await {
+                Ok(instance) => instance,
+                Err(NoSlot::OverShare) if tried.len == 0 => {
+                    self.state.stats.over_share.fetch_add(1, Ordering::Relaxed);
+                    let mut resp = error_page(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "Too many of your requests are in flight on this service.",
+                    );
+                    resp.headers_mut()
+                        .insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+                    return self.own_answer(io, bufs, resp, facts, &body).await;
+                }
+                Err(_) if tried.len == 0 && !backend.instances.is_empty() => {
+                    let resp = error_page(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Every instance of this service is busy.",
+                    );
+                    return self.own_answer(io, bufs, resp, facts, &body).await;
+                }
+                Err(_) => break,
+            };
+            tried.push(instance.addr);
+            if attempts > 1 {
+                self.state.stats.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            // Released when the answer is relayed, or on any early return.
+            let release = Release {
+                health: &instance.health,
+                source: share.map(|s| s.source),
+            };
+            let mut conn = match self.conns.take(instance.addr) {
+                Some(conn) => conn,
+                None => match BackendConn::connect(instance.addr, self.connect_timeout).await {
+                    Ok(conn) => conn,
+                    Err(error) => {
+                        self.connect_failed(backend, instance, &error);
+                        continue;
+                    }
+                },
+            };
+            // Sent, and the answer's head read; a pooled connection the backend
+            // closed while idle is replaced once, when the body is still at hand.
+            let answered = loop {
+                let result = match self.send_request(io, bufs, &mut conn, &mut body, client).await {
+                    Ok(()) => self.read_answer_head(&mut conn).await,
+                    Err(SendError::Body(error)) => {
+                        return self.body_cut_h1(io, &mut bufs.answer, &error, facts.is_head).await;
+                    }
+                    Err(SendError::Backend(error)) => Err(AnswerError::Io(error)),
+                };
+                match result {
+                    Err(AnswerError::Io(_)) if conn.reused && body.ended => {
+                        match BackendConn::connect(instance.addr, self.connect_timeout).await {
+                            Ok(fresh) => conn = fresh,
+                            Err(error) => {
+                                self.connect_failed(backend, instance, &error);
+                                break Err(AnswerError::Retry);
+                            }
+                        }
+                    }
+                    other => break other,
+                }
+            };
+            match answered {
+                Ok(()) => {
+                    return self.relay_h1(io, bufs, conn, instance.addr, facts, release).await;
+                }
+                Err(AnswerError::Retry) => continue,
+                Err(AnswerError::Timeout) => {
+                    let resp = error_page(StatusCode::GATEWAY_TIMEOUT, "The service did not answer in time.");
+                    return self.own_answer(io, bufs, resp, facts, &body).await;
+                }
+                Err(error) => {
+                    tracing::debug!(service = %backend.service, addr = %instance.addr, %error, "lb: backend connection failed");
+                    if facts.framing != Framing::Empty {
+                        let resp = error_page(StatusCode::BAD_GATEWAY, "The service failed while answering.");
+                        return self.own_answer(io, bufs, resp, facts, &body).await;
+                    }
+                }
+            }
+        }
+        let resp = error_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "No instance of this service could be reached.",
+        );
+        self.own_answer(io, bufs, resp, facts, &body).await
+    }
+
+    /// A connect that failed: logged, the instance ejected.
+    fn connect_failed(&self, backend: &Backend, instance: &crate::lb::table::BackendInstance, error: &ConnectError) {
+        tracing::warn!(service = %backend.service, instance = %instance.id, addr = %instance.addr, %error,
+            "lb: cannot connect; instance ejected, trying another");
+        self.state.health.eject(&instance.health, self.eject_ms);
+    }
+
+    /// Reads the body until it ends, `body_buffer_bytes` are in, or the body
+    /// budget is spent.
+    async fn read_body_prefix<S>(
+        &self,
+        io: &mut ClientIo<S>,
+        buf: &mut BytesMut,
+        body: &mut InBody,
+        client: &ClientConn,
+    ) -> Result<(), BodyError>
+    where
+        S: AsyncRead + Unpin,
+    {
+        let limit = self.body_rules.buffer;
+        while !body.ended && body.prefix.len() < limit {
+            if buf.is_empty() {
+                read_clocked(io, buf, &mut body.clock, client).await?;
+            }
+            let before = body.prefix.len();
+            take_body(buf, body, limit)?;
+            let added = body.prefix.len() - before;
+            if added > 0 && !body.reservation.try_add(added) {
+                // Spent: go on with what is in; the rest is streamed.
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the request head and the buffered body to the backend, then
+    /// streams the rest of the body from the client.
+    async fn send_request<S>(
+        &self,
+        io: &mut ClientIo<S>,
+        bufs: &mut Buffers,
+        conn: &mut BackendConn,
+        body: &mut InBody,
+        client: &ClientConn,
+    ) -> Result<(), SendError>
+    where
+        S: AsyncRead + Unpin,
+    {
+        let request = &mut bufs.request;
+        let mark = request.len();
+        // The framing line: the whole body is in hand (its length is known), or
+        // the rest follows, by its length or re-chunked.
+        let chunked_out = !body.ended && body.framing == Framing::Chunked;
+        if body.framing != Framing::Empty {
+            if chunked_out {
+                request.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+            } else {
+                let length = match body.framing {
+                    Framing::Length(n) => n,
+                    _ => body.prefix.len() as u64,
+                };
+                request.extend_from_slice(b"Content-Length: ");
+                request.extend_from_slice(itoa::Buffer::new().format(length).as_bytes());
+                request.extend_from_slice(b"\r\n");
+            }
+        }
+        request.extend_from_slice(b"\r\n");
+        if chunked_out {
+            push_chunk(request, &body.prefix);
+        } else {
+            request.extend_from_slice(&body.prefix);
+        }
+        let sent = conn.stream.write_all(request).await;
+        request.truncate(mark);
+        sent.map_err(SendError::Backend)?;
+        if body.ended {
+            return Ok(());
+        }
+        // The rest, as it comes: the buffered part is gone.
+        let sent = body.prefix.len();
+        body.prefix.clear();
+        body.reservation.release(sent);
+        let mut out = Vec::with_capacity(READ_CHUNK);
+        loop {
+            if bufs.client.is_empty() {
+                read_clocked(io, &mut bufs.client, &mut body.clock, client)
+                    .await
+                    .map_err(SendError::Body)?;
+            }
+            take_body(&mut bufs.client, body, usize::MAX).map_err(SendError::Body)?;
+            out.clear();
+            if chunked_out {
+                if !body.prefix.is_empty() {
+                    push_chunk(&mut out, &body.prefix);
+                }
+                if body.ended {
+                    out.extend_from_slice(b"0\r\n\r\n");
+                }
+            } else {
+                out.extend_from_slice(&body.prefix);
+            }
+            body.prefix.clear();
+            conn.stream.write_all(&out).await.map_err(SendError::Backend)?;
+            if body.ended {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads until the answer's head (a final one; 1xx other than 101 are
+    /// skipped) is complete in `conn.buf`, within `server_timeout`.
+    async fn read_answer_head(&self, conn: &mut BackendConn) -> Result<(), AnswerError> {
+        let deadline = tokio::time::Instant::now() + self.server_timeout;
+        let mut scanned = 0;
+        loop {
+            if head_complete(&conn.buf, &mut scanned) {
+                // Interim answers (100 Continue, 103 Early Hints) are not passed on.
+                if let Some(skip) = interim_len(&conn.buf) {
+                    conn.buf.advance(skip);
+                    scanned = 0;
+                    continue;
+                }
+                return Ok(());
+            }
+            if conn.buf.len() >= MAX_HEAD {
+                return Err(AnswerError::Malformed);
+            }
+            conn.buf.reserve(READ_CHUNK);
+            let got_any = !conn.buf.is_empty();
+            match tokio::time::timeout_at(deadline, conn.stream.read_buf(&mut conn.buf)).await {
+                Err(_) => return Err(AnswerError::Timeout),
+                Ok(Ok(0)) if got_any => return Err(AnswerError::Malformed),
+                Ok(Ok(0)) => {
+                    return Err(AnswerError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+                Ok(Ok(_)) => conn.reused = false,
+                Ok(Err(e)) => return Err(AnswerError::Io(e)),
+            }
+        }
+    }
+
+    /// Sends the answer whose head is in `conn.buf` to the client and relays
+    /// its body; the connection goes back to the pool when it can.
+    async fn relay_h1<S>(
+        &self,
+        io: &mut ClientIo<S>,
+        bufs: &mut Buffers,
+        mut conn: BackendConn,
+        addr: std::net::SocketAddr,
+        facts: &Exchange,
+        release: Release<'_>,
+    ) -> (u16, Next)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let method = if facts.is_head { "HEAD" } else { "GET" };
+        let mut fields = h1::EMPTY_HEADERS;
+        let answer = match h1::parse_response(&conn.buf, &mut fields, MAX_HEAD, method) {
+            Ok(Some(answer)) => answer,
+            _ => {
+                drop(release);
+                let resp = error_page(StatusCode::BAD_GATEWAY, "The service sent a malformed answer.");
+                return self.answer_closing(io, &mut bufs.answer, resp, facts).await;
+            }
+        };
+        let status = answer.status;
+        if status == 101 {
+            if !facts.upgrade {
+                drop(release);
+                let resp = error_page(StatusCode::BAD_GATEWAY, "The service switched protocols unasked.");
+                return self.answer_closing(io, &mut bufs.answer, resp, facts).await;
+            }
+            // The 101 as it came (its Upgrade and Connection fields included).
+            let len = answer.len;
+            let sent = io.write_all(&conn.buf[..len]).await;
+            conn.buf.advance(len);
+            drop(release);
+            return match sent {
+                Ok(()) => (101, Next::Tunnel(conn)),
+                Err(_) => (101, Next::Close),
+            };
+        }
+        // To an HTTP/1.0 client a chunked body goes decoded, delimited by the close.
+        let dechunk = answer.framing == Framing::Chunked && facts.version == Version::Http10;
+        let client_keeps = facts.keep_alive && answer.framing != Framing::UntilClose && !dechunk;
+        write_answer_head(
+            &mut bufs.answer,
+            &answer,
+            &fields[..answer.fields],
+            client_keeps,
+            facts.version,
+            dechunk,
+        );
+        let (framing, backend_keeps, len) = (answer.framing, answer.keep_alive, answer.len);
+        conn.buf.advance(len);
+        let relayed = relay_body(io, &mut conn, &mut bufs.answer, framing, dechunk, self.server_timeout).await;
+        drop(release);
+        let flushed = io.flush().await.is_ok();
+        match relayed {
+            Ok(()) => {
+                if backend_keeps && conn.buf.is_empty() {
+                    self.conns.put(addr, conn);
+                }
+                let next = if client_keeps && flushed {
+                    Next::KeepAlive
+                } else {
+                    Next::Close
+                };
+                (status, next)
+            }
+            Err(RelayError::Backend) => {
+                tracing::debug!(%addr, "lb: the service's answer broke off");
+                (status, Next::Close)
+            }
+            Err(RelayError::Client) => (status, Next::Close),
+        }
+    }
+
+    /// The lb's own answer to a request it forwarded nowhere: the connection
+    /// stays open only when the request had no body left unread.
+    async fn own_answer<S>(
+        &self,
+        io: &mut ClientIo<S>,
+        bufs: &mut Buffers,
+        resp: Response<ProxyBody>,
+        facts: &Exchange,
+        body: &InBody,
+    ) -> (u16, Next)
+    where
+        S: AsyncWrite + Unpin,
+    {
+        let status = resp.status().as_u16();
+        let keep_alive = facts.keep_alive && body.ended;
+        let next = self
+            .write_own(io, &mut bufs.answer, resp, keep_alive, facts.is_head)
+            .await;
+        (status, next)
+    }
+
+    /// [`Self::own_answer`] closing the connection.
+    async fn answer_closing<S>(
+        &self,
+        io: &mut ClientIo<S>,
+        out: &mut Vec<u8>,
+        resp: Response<ProxyBody>,
+        facts: &Exchange,
+    ) -> (u16, Next)
+    where
+        S: AsyncWrite + Unpin,
+    {
+        let status = resp.status().as_u16();
+        self.write_own(io, out, resp, false, facts.is_head).await;
+        (status, Next::Close)
+    }
+
+    /// The lb's own answer, counted (requests not forwarded to a backend).
+    async fn answer<S>(
+        &self,
+        io: &mut ClientIo<S>,
+        out: &mut Vec<u8>,
+        resp: Response<ProxyBody>,
+        keep_alive: bool,
+        is_head: bool,
+        started: Instant,
+    ) -> Next
+    where
+        S: AsyncWrite + Unpin,
+    {
+        self.state
+            .stats
+            .requests
+            .record(resp.status().as_u16(), started.elapsed());
+        self.write_own(io, out, resp, keep_alive, is_head).await
+    }
+
+    /// A refused request head: the status the refusal names, counted; the
+    /// connection is then closed.
+    async fn refuse_h1<S>(&self, io: &mut ClientIo<S>, out: &mut Vec<u8>, refusal: h1::Refusal) -> Next
+    where
+        S: AsyncWrite + Unpin,
+    {
+        let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::BAD_REQUEST);
+        let message = match refusal {
+            h1::Refusal::TooLarge => "The request headers are too large.".to_string(),
+            h1::Refusal::DuplicateHost => "The request has more than one Host header.".to_string(),
+            other => format!("The request is malformed: {other}."),
+        };
+        self.state.stats.requests.record(status.as_u16(), Duration::ZERO);
+        self.write_own(io, out, error_page(status, &message), false, false)
+            .await
+    }
+
+    /// The answer to a request whose body was cut (counted by why).
+    async fn body_cut_h1<S>(
+        &self,
+        io: &mut ClientIo<S>,
+        out: &mut Vec<u8>,
+        error: &BodyError,
+        is_head: bool,
+    ) -> (u16, Next)
+    where
+        S: AsyncWrite + Unpin,
+    {
+        let resp = self.body_cut(error, http::Version::HTTP_11);
+        let status = resp.status().as_u16();
+        self.write_own(io, out, resp, false, is_head).await;
+        (status, Next::Close)
+    }
+
+    /// Writes a response the lb made itself (error and status pages).
+    async fn write_own<S>(
+        &self,
+        io: &mut ClientIo<S>,
+        out: &mut Vec<u8>,
+        resp: Response<ProxyBody>,
+        keep_alive: bool,
+        is_head: bool,
+    ) -> Next
+    where
+        S: AsyncWrite + Unpin,
+    {
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        out.clear();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(parts.status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in &parts.headers {
+            if name == http::header::CONNECTION || name == http::header::CONTENT_LENGTH {
+                continue;
+            }
+            push_field(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+        push_field(
+            out,
+            b"content-length",
+            itoa::Buffer::new().format(body.len()).as_bytes(),
+        );
+        if !keep_alive {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        if !is_head {
+            out.extend_from_slice(&body);
+        }
+        let written = io.write_all(out).await.is_ok() && io.flush().await.is_ok();
+        if written && keep_alive {
+            Next::KeepAlive
+        } else {
+            Next::Close
+        }
+    }
+
+    /// Splices a client with the backend that switched protocols for it,
+    /// after handing each side what was read ahead from the other.
+    async fn tunnel<S>(
+        &self,
+        mut io: ClientIo<S>,
+        ahead: BytesMut,
+        mut backend: BackendConn,
+        shutdown: &CancellationToken,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        if !ahead.is_empty() && backend.stream.write_all(&ahead).await.is_err() {
+            return;
+        }
+        if !backend.buf.is_empty() && (io.write_all(&backend.buf).await.is_err() || io.flush().await.is_err()) {
+            return;
+        }
+        let end = crate::lb::splice::splice(io, backend.stream, self.tunnel_timeout, shutdown).await;
+        if end == crate::lb::splice::SpliceEnd::Idle {
+            tracing::debug!("lb: upgraded connection idle for tunnel_timeout; closed");
+        }
+    }
+}
+
+/// What the relay needs to know about the request, after its head is gone
+/// from the buffer.
+struct Exchange {
+    framing: Framing,
+    keep_alive: bool,
+    upgrade: bool,
+    is_head: bool,
+    version: Version,
+}
+
+/// Why no usable answer head came.
+#[derive(Debug, thiserror::Error)]
+enum AnswerError {
+    /// The connection failed or closed before an answer began.
+    #[error("{0}")]
+    Io(std::io::Error),
+    /// The connection closed or overflowed inside the head.
+    #[error("a malformed answer")]
+    Malformed,
+    /// No answer within `server_timeout`.
+    #[error("no answer in time")]
+    Timeout,
+    /// Try the next instance (no connection could be made).
+    #[error("no connection")]
+    Retry,
+}
+
+/// Whether `buf` holds a complete head: a blank line (CRLF CRLF, or a bare LF
+/// one, which the parser then refuses). `scanned` keeps where the last look
+/// ended, so a head that comes in pieces is scanned once.
+fn head_complete(buf: &[u8], scanned: &mut usize) -> bool {
+    let from = scanned.saturating_sub(3);
+    let mut at = from;
+    while let Some(i) = buf[at..].iter().position(|&b| b == b'\n') {
+        let lf = at + i;
+        match (buf.get(lf + 1), buf.get(lf + 2)) {
+            (Some(b'\n'), _) | (Some(b'\r'), Some(b'\n')) => return true,
+            _ => at = lf + 1,
+        }
+    }
+    *scanned = buf.len();
+    false
+}
+
+/// The length of an interim (1xx other than 101) answer head at the start of
+/// `buf`, which is complete.
+fn interim_len(buf: &[u8]) -> Option<usize> {
+    if buf.len() < 12 || !buf.starts_with(b"HTTP/1.") || buf[9] != b'1' || &buf[9..12] == b"101" {
+        return None;
+    }
+    let mut fields = h1::EMPTY_HEADERS;
+    match h1::parse_response(buf, &mut fields, MAX_HEAD, "GET") {
+        Ok(Some(head)) if (100..200).contains(&head.status) && head.status != 101 => Some(head.len),
+        _ => None,
+    }
+}
+
+/// Moves body bytes from the client's buffer into `body.prefix` (decoded when
+/// chunked), until the body ends or `limit` bytes are in the prefix.
+fn take_body(buf: &mut BytesMut, body: &mut InBody, limit: usize) -> Result<(), BodyError> {
+    match body.framing {
+        Framing::Empty | Framing::UntilClose => body.ended = true,
+        Framing::Length(_) => {
+            let room = limit.saturating_sub(body.prefix.len()) as u64;
+            let take = body.left.min(buf.len() as u64).min(room) as usize;
+            body.prefix.extend_from_slice(&buf[..take]);
+            buf.advance(take);
+            body.left -= take as u64;
+            body.ended = body.left == 0;
+        }
+        Framing::Chunked => {
+            while !buf.is_empty() && body.prefix.len() < limit {
+                let step = body.decoder.step(buf).map_err(BodyError::Chunked)?;
+                if let Some(data) = step.data {
+                    body.prefix.extend_from_slice(&buf[data]);
+                }
+                buf.advance(step.consumed);
+                if step.done {
+                    body.ended = true;
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads more of the request body from the client, held to the body's clock;
+/// the watchdog sees the lb waiting for the client meanwhile.
+async fn read_clocked<S>(
+    io: &mut ClientIo<S>,
+    buf: &mut BytesMut,
+    clock: &mut BodyClock,
+    client: &ClientConn,
+) -> Result<(), BodyError>
+where
+    S: AsyncRead + Unpin,
+{
+    buf.reserve(READ_CHUNK);
+    let since = tokio::time::Instant::now();
+    client.activity.wait_started();
+    let read = tokio::time::timeout_at(clock.due(since), io.read_buf(buf)).await;
+    client.activity.wait_ended();
+    let now = tokio::time::Instant::now();
+    match read {
+        Ok(Ok(0)) => Err(BodyError::ClientGone(std::io::ErrorKind::UnexpectedEof.into())),
+        Ok(Ok(n)) => {
+            client.activity.touch();
+            clock.arrived(n, now - since, now)
+        }
+        Ok(Err(e)) => Err(BodyError::ClientGone(e)),
+        Err(_) => Err(clock.expired(since, now).unwrap_or(BodyError::TooSlow)),
+    }
+}
+
+/// Copies the answer's body from the backend to the client by its framing;
+/// `out` holds the answer's head, sent with the first bytes of the body.
+async fn relay_body<S>(
+    io: &mut ClientIo<S>,
+    conn: &mut BackendConn,
+    out: &mut Vec<u8>,
+    framing: Framing,
+    dechunk: bool,
+    server_timeout: Duration,
+) -> Result<(), RelayError>
+where
+    S: AsyncWrite + Unpin,
+{
+    let mut left = match framing {
+        Framing::Length(n) => n,
+        _ => 0,
+    };
+    let mut decoder = chunked::Decoder::new();
+    loop {
+        // What is in the buffer and belongs to this body goes out.
+        let done = match framing {
+            Framing::Empty => true,
+            Framing::Length(_) => {
+                let take = left.min(conn.buf.len() as u64) as usize;
+                send_part(io, out, &conn.buf[..take]).await?;
+                conn.buf.advance(take);
+                left -= take as u64;
+                left == 0
+            }
+            Framing::Chunked => {
+                let mut done = false;
+                while !conn.buf.is_empty() && !done {
+                    let step = decoder.step(&conn.buf).map_err(|_| RelayError::Backend)?;
+                    if dechunk {
+                        if let Some(data) = step.data {
+                            send_part(io, out, &conn.buf[data]).await?;
+                        }
+                    } else {
+                        send_part(io, out, &conn.buf[..step.consumed]).await?;
+                    }
+                    conn.buf.advance(step.consumed);
+                    done = step.done;
+                }
+                done
+            }
+            Framing::UntilClose => {
+                let all = conn.buf.len();
+                send_part(io, out, &conn.buf[..all]).await?;
+                conn.buf.clear();
+                false
+            }
+        };
+        if done {
+            if !out.is_empty() {
+                io.write_all(out).await.map_err(|_| RelayError::Client)?;
+                out.clear();
+            }
+            return Ok(());
+        }
+        // Before waiting for the backend, the client gets what is pending.
+        if !out.is_empty() {
+            io.write_all(out).await.map_err(|_| RelayError::Client)?;
+            out.clear();
+        }
+        conn.buf.reserve(READ_CHUNK);
+        match tokio::time::timeout(server_timeout, conn.stream.read_buf(&mut conn.buf)).await {
+            Ok(Ok(0)) if framing == Framing::UntilClose => return Ok(()),
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Err(RelayError::Backend),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Adds `part` to what goes to the client next: copied behind the head when
+/// small, else the head is written first and `part` after it.
+async fn send_part<S>(io: &mut ClientIo<S>, out: &mut Vec<u8>, part: &[u8]) -> Result<(), RelayError>
+where
+    S: AsyncWrite + Unpin,
+{
+    if out.len() + part.len() <= COALESCE {
+        out.extend_from_slice(part);
+        return Ok(());
+    }
+    if !out.is_empty() {
+        io.write_all(out).await.map_err(|_| RelayError::Client)?;
+        out.clear();
+    }
+    io.write_all(part).await.map_err(|_| RelayError::Client)
+}
+
+/// Appends `name: value` CRLF.
+fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `data` as one chunk (nothing for no data: a zero chunk ends the body).
+fn push_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    out.extend_from_slice(format!("{:X}\r\n", data.len()).as_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The headers the lb owns (see the table in `super`'s header): the client's
+/// lines of these are not forwarded as they are.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Owned {
+    Host,
+    XForwardedFor,
+    Forwarded,
+    Set,
+    Expect,
+}
+
+/// Which owned header `name` is, if any (ASCII case-insensitive).
+fn owned(name: &str) -> Option<Owned> {
+    let is = |h: &str| name.eq_ignore_ascii_case(h);
+    match name.len() {
+        4 if is("host") => Some(Owned::Host),
+        6 if is("expect") => Some(Owned::Expect),
+        9 if is("forwarded") => Some(Owned::Forwarded),
+        9 if is("x-real-ip") => Some(Owned::Set),
+        11 if is("x-unique-id") => Some(Owned::Set),
+        15 if is("x-forwarded-for") => Some(Owned::XForwardedFor),
+        16 if is("x-forwarded-host") => Some(Owned::Set),
+        17 if is("x-forwarded-proto") => Some(Owned::Set),
+        _ => None,
+    }
+}
+
+/// The request head as the backend gets it, without its framing line and
+/// the blank line (added when it is sent): the same headers the hyper path
+/// sends (`Proxy::outgoing_headers`).
+fn write_request_head(
+    out: &mut Vec<u8>,
+    head: &RequestHead<'_>,
+    fields: &[httparse::Header<'_>],
+    client: &ClientConn,
+    expect_handled: bool,
+    unique_id: &[u8],
+) {
+    out.clear();
+    out.extend_from_slice(head.method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(head.path().as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if !head.authority.is_empty() {
+        push_field(out, b"Host", head.authority);
+    }
+    let (mut xff, mut forwarded) = (false, false);
+    let mut upgrade: &[u8] = b"";
+    for (i, field) in fields.iter().enumerate() {
+        if head.drop.contains(i) {
+            if head.upgrade && field.name.eq_ignore_ascii_case("upgrade") {
+                upgrade = field.value;
+            }
+            continue;
+        }
+        match owned(field.name) {
+            None => push_field(out, field.name.as_bytes(), field.value),
+            Some(Owned::XForwardedFor) => xff = true,
+            Some(Owned::Forwarded) => forwarded = true,
+            Some(Owned::Expect) if !expect_handled => push_field(out, field.name.as_bytes(), field.value),
+            Some(_) => {}
+        }
+    }
+    // Appended to: every line the client sent, in order, then this hop.
+    for (present, name, wanted, hop) in [
+        (xff, &b"X-Forwarded-For"[..], Owned::XForwardedFor, client.ip.as_bytes()),
+        (
+            forwarded,
+            &b"Forwarded"[..],
+            Owned::Forwarded,
+            client.forwarded.as_bytes(),
+        ),
+    ] {
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        if present {
+            for (i, field) in fields.iter().enumerate() {
+                if !head.drop.contains(i) && owned(field.name) == Some(wanted) {
+                    out.extend_from_slice(field.value);
+                    out.extend_from_slice(b", ");
+                }
+            }
+        }
+        out.extend_from_slice(hop);
+        out.extend_from_slice(b"\r\n");
+    }
+    push_field(out, b"X-Real-IP", client.ip.as_bytes());
+    push_field(out, b"X-Forwarded-Proto", client.scheme.as_str().as_bytes());
+    if !head.authority.is_empty() {
+        push_field(out, b"X-Forwarded-Host", head.authority);
+    }
+    push_field(out, b"X-Unique-ID", unique_id);
+    if head.upgrade {
+        out.extend_from_slice(b"Connection: upgrade\r\n");
+        push_field(out, b"Upgrade", upgrade);
+    }
+}
+
+/// The answer's head as the client gets it: hop-by-hop fields dropped, the
+/// framing fields kept as the backend sent them (checked by the parser), and
+/// the connection's fate said.
+fn write_answer_head(
+    out: &mut Vec<u8>,
+    answer: &ResponseHead<'_>,
+    fields: &[httparse::Header<'_>],
+    keep_alive: bool,
+    client_version: Version,
+    dechunk: bool,
+) {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa::Buffer::new().format(answer.status).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(answer.reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (i, field) in fields.iter().enumerate() {
+        let name = field.name;
+        let framing_field =
+            name.eq_ignore_ascii_case("content-length") || (name.eq_ignore_ascii_case("transfer-encoding") && !dechunk);
+        if answer.drop.contains(i) && !framing_field && !name.contains('_') {
+            continue;
+        }
+        push_field(out, name.as_bytes(), field.value);
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"Connection: close\r\n");
+    } else if client_version == Version::Http10 {
+        out.extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Closes a client connection: what the client still sends is read for a
+/// moment (a close with unread bytes would reset the connection, and the
+/// client could lose the answer it has not read yet), then it is shut.
+async fn linger<S>(mut io: ClientIo<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = io.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        let mut total = 0usize;
+        while total < 256 * 1024 {
+            match io.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_head_is_complete_at_its_blank_line_however_it_arrives() {
+        let whole = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        for cut in 1..whole.len() {
+            let mut scanned = 0;
+            assert!(!head_complete(&whole[..cut], &mut scanned), "{cut}");
+            assert!(head_complete(&whole[..], &mut scanned), "{cut}");
+        }
+        let mut scanned = 0;
+        assert!(
+            head_complete(b"GET / HTTP/1.1\nHost: a\n\n", &mut scanned),
+            "bare LF: the parser refuses it"
+        );
+    }
+
+    #[test]
+    fn interim_answers_are_recognised_and_101_is_not_one() {
+        assert_eq!(
+            interim_len(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"),
+            Some(25)
+        );
+        assert_eq!(interim_len(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"), None);
+        assert_eq!(interim_len(b"HTTP/1.1 200 OK\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn owned_headers_are_found_in_any_case() {
+        assert!(owned("HOST") == Some(Owned::Host));
+        assert!(owned("X-Forwarded-For") == Some(Owned::XForwardedFor));
+        assert!(owned("x-unique-id") == Some(Owned::Set));
+        assert!(owned("x-forwarded-fox").is_none());
+    }
+}
