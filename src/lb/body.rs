@@ -17,8 +17,11 @@ use http::{Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 
+/// The error of a response body: a backend's answer that broke off.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The body of every response the lb sends.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// An HTML answer with `status`, never cached.
 pub fn html(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {

@@ -543,7 +543,7 @@ fn spawn_proxies(
             .iter()
             .map(|(l, tls)| Ok((l.try_clone()?, tls.clone())))
             .collect::<std::io::Result<Vec<_>>>()?;
-        let proxy = proxy::Proxy::new(config, state.clone(), shutdown.clone());
+        let proxy = proxy::Proxy::new(config, state.clone());
         let shutdown = shutdown.clone();
         let thread = std::thread::Builder::new()
             .name(format!("lb-proxy-{worker}"))
@@ -597,8 +597,6 @@ fn proxy_worker(
         }
         connections.close();
         connections.wait().await;
-        proxy.tunnels.close();
-        proxy.tunnels.wait().await;
         proxy.close_sessions().await;
     });
 }

@@ -157,7 +157,7 @@ pub struct RequestHead<'b> {
     /// `Expect: 100-continue`.
     pub expect_continue: bool,
     /// Fields not to forward as they are: hop-by-hop ones (Connection, what it
-    /// names, Keep-Alive, Proxy-Connection, TE, Upgrade), the framing ones
+    /// names, Keep-Alive, Proxy-Connection, TE, Trailer, Proxy-Authorization, Upgrade), the framing ones
     /// (Content-Length, Transfer-Encoding: the proxy writes its own) and
     /// names with an underscore.
     pub drop: Marks,
@@ -389,7 +389,7 @@ impl<'b> Fields<'b> {
                 upgrade_field = true;
             } else if name.eq_ignore_ascii_case("expect") {
                 f.expect_continue = value.eq_ignore_ascii_case(b"100-continue");
-            } else if ["keep-alive", "proxy-connection", "te"]
+            } else if ["keep-alive", "proxy-connection", "te", "trailer", "proxy-authorization"]
                 .iter()
                 .any(|h| name.eq_ignore_ascii_case(h))
             {

@@ -9,6 +9,10 @@
 //!  table change / POOL_SWEEP ─▶ ConnPool::prune (addresses no table has, closed ones)
 //! ```
 //!
+//! HTTP/2 clients' requests use the same connections: their answer's body is
+//! an [`AnswerBody`], read from the connection as the client asks for it, and
+//! the connection goes back to the pool when the body ended cleanly.
+//!
 //! A pooled connection is looked at once when taken: the runtime already
 //! knows (from epoll, without a syscall) whether the socket became readable
 //! while idle; only then is it read to tell a close from stray bytes, and
@@ -17,14 +21,20 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::task::{Context, Poll};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::body::{Body, Frame, SizeHint};
 use parking_lot::Mutex;
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::MAX_IDLE_PER_INSTANCE;
+use super::{MAX_IDLE_PER_INSTANCE, OwnedRelease};
+use crate::lb::body::BoxError;
+use crate::lb::h1::{Framing, chunked};
 use crate::lb::table::Carryover;
 
 /// Read buffer made for a new backend connection (it grows for large heads).
@@ -70,6 +80,162 @@ impl BackendConn {
                 let mut byte = [0u8; 1];
                 matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
             }
+        }
+    }
+}
+
+/// An answer's body read from its backend connection as the client asks for
+/// it (HTTP/2 clients); the connection goes back to the pool when the body
+/// ended cleanly and the backend keeps it open, and the instance's slot is
+/// given back when the body is done or dropped.
+pub(super) struct AnswerBody {
+    conn: Option<BackendConn>,
+    framing: Framing,
+    /// Content-Length: bytes still to come.
+    left: u64,
+    decoder: chunked::Decoder,
+    /// The backend keeps the connection open after this answer.
+    keep: bool,
+    addr: SocketAddr,
+    pool: Arc<ConnPool>,
+    _release: OwnedRelease,
+}
+
+impl AnswerBody {
+    /// The body of the answer whose head was just taken from `conn.buf`.
+    pub fn new(
+        conn: BackendConn,
+        framing: Framing,
+        keep: bool,
+        addr: SocketAddr,
+        pool: Arc<ConnPool>,
+        release: OwnedRelease,
+    ) -> Self {
+        let mut body = Self {
+            conn: Some(conn),
+            framing,
+            left: match framing {
+                Framing::Length(n) => n,
+                _ => 0,
+            },
+            decoder: chunked::Decoder::new(),
+            keep,
+            addr,
+            pool,
+            _release: release,
+        };
+        if framing == Framing::Empty || framing == Framing::Length(0) {
+            body.finish(true);
+        }
+        body
+    }
+
+    /// The body is over: the connection goes back to the pool when it `clean`ly
+    /// ended, the backend keeps it, and nothing unread is on it.
+    fn finish(&mut self, clean: bool) {
+        if let Some(conn) = self.conn.take()
+            && clean
+            && self.keep
+            && conn.buf.is_empty()
+        {
+            self.pool.put(self.addr, conn);
+        }
+    }
+
+    /// The next piece of body data in the connection's buffer, if there is one.
+    fn buffered(&mut self) -> Result<Option<Bytes>, BoxError> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(None);
+        };
+        match self.framing {
+            Framing::Empty => Ok(None),
+            Framing::Length(_) => {
+                if conn.buf.is_empty() {
+                    return Ok(None);
+                }
+                let take = self.left.min(conn.buf.len() as u64) as usize;
+                let data = conn.buf.split_to(take).freeze();
+                self.left -= take as u64;
+                if self.left == 0 {
+                    self.finish(true);
+                }
+                Ok(Some(data))
+            }
+            Framing::Chunked => {
+                while !conn.buf.is_empty() {
+                    let step = self.decoder.step(&conn.buf)?;
+                    if let Some(range) = step.data {
+                        conn.buf.advance(range.start);
+                        let data = conn.buf.split_to(range.len()).freeze();
+                        conn.buf.advance(step.consumed - range.end);
+                        return Ok(Some(data));
+                    }
+                    conn.buf.advance(step.consumed);
+                    if step.done {
+                        self.finish(true);
+                        return Ok(None);
+                    }
+                }
+                Ok(None)
+            }
+            Framing::UntilClose => Ok((!conn.buf.is_empty()).then(|| conn.buf.split().freeze())),
+        }
+    }
+}
+
+impl Body for AnswerBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            match this.buffered() {
+                Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(None) => {}
+                Err(e) => {
+                    this.finish(false);
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            conn.buf.reserve(READ_BUFFER);
+            let dst = conn.buf.spare_capacity_mut();
+            let mut read = ReadBuf::uninit(dst);
+            let polled = ready!(Pin::new(&mut conn.stream).poll_read(cx, &mut read));
+            let n = read.filled().len();
+            match polled {
+                Ok(()) if n > 0 => {
+                    // SAFETY: `poll_read` initialised the first `n` bytes of the spare capacity.
+                    unsafe { conn.buf.set_len(conn.buf.len() + n) };
+                }
+                Ok(()) if this.framing == Framing::UntilClose => {
+                    this.finish(false);
+                    return Poll::Ready(None);
+                }
+                Ok(()) => {
+                    this.finish(false);
+                    return Poll::Ready(Some(Err("the service's answer broke off".into())));
+                }
+                Err(e) => {
+                    this.finish(false);
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.conn.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (self.framing, &self.conn) {
+            (_, None) => SizeHint::with_exact(0),
+            (Framing::Length(_), Some(_)) => SizeHint::with_exact(self.left),
+            _ => SizeHint::default(),
         }
     }
 }

@@ -29,8 +29,10 @@
 //! cuts idle and stalled clients as before; requests report to it (a head
 //! complete starts a stream, the response done ends it).
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -39,13 +41,14 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use super::conns::{BackendConn, ConnectError};
-use super::{ClientConn, MAX_ATTEMPTS, MAX_HEADER_BYTES, NoSlot, Proxy, Release, Share, Tried, request_id};
+use super::OwnedRelease;
+use super::conns::{AnswerBody, BackendConn, ConnPool, ConnectError};
+use super::{ClientConn, MAX_ATTEMPTS, MAX_HEADER_BYTES, NoSlot, Proxy, Release, Share, Tried, request_id_bytes};
 use crate::lb::body::{ProxyBody, error_page};
 use crate::lb::client::{self, ClientIo};
 use crate::lb::h1::{self, Framing, RequestHead, ResponseHead, Version, chunked};
 use crate::lb::table::{Backend, Destination};
-use crate::lb::upload::{BodyClock, BodyError, Reservation};
+use crate::lb::upload::{BodyClock, BodyError, ForwardBody, Reservation};
 
 /// Room made in a read buffer before each read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -71,11 +74,20 @@ enum Next {
 }
 
 /// Why a request could not be sent on a backend connection.
-enum SendError {
+pub(super) enum SendError {
     /// The client's body failed (slow, too late, gone, malformed).
     Body(BodyError),
     /// The backend connection failed.
     Backend(std::io::Error),
+}
+
+impl From<SendError> for AnswerError {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::Body(cut) => AnswerError::Body(cut),
+            SendError::Backend(io) => AnswerError::Io(io),
+        }
+    }
 }
 
 /// Why relaying an answer stopped early.
@@ -98,7 +110,24 @@ struct InBody {
     left: u64,
     decoder: chunked::Decoder,
     clock: BodyClock,
-    reservation: Reservation,
+    /// The body budget this request's buffered bytes hold (made with the first).
+    reservation: Option<Reservation>,
+}
+
+impl InBody {
+    /// Holds `n` more buffered bytes in the body budget; false once it is spent.
+    fn reserve(&mut self, budget: &Arc<crate::lb::upload::BodyBudget>, n: usize) -> bool {
+        self.reservation
+            .get_or_insert_with(|| Reservation::new(budget))
+            .try_add(n)
+    }
+
+    /// The buffered bytes went on: their part of the budget comes back.
+    fn sent(&mut self, n: usize) {
+        if let Some(r) = &mut self.reservation {
+            r.release(n);
+        }
+    }
 }
 
 /// The connection's buffers, made once: the client's bytes, the request head
@@ -237,7 +266,7 @@ impl Proxy {
         let host = std::str::from_utf8(head.authority).ok().filter(|h| !h.is_empty());
         let path = head.path();
         let route_path = path.split_once('?').map_or(path, |(p, _)| p);
-        let table = self.state.table.load_full();
+        let table = self.state.table.load();
         let backend = match table.route(host, route_path) {
             Destination::Backend(backend) => backend.clone(),
             Destination::OtherDatacenter(Some(backend)) => {
@@ -265,15 +294,8 @@ impl Proxy {
         drop(table);
         let expect_continue = head.expect_continue && has_body;
         let n = self.request_ids.fetch_add(1, Ordering::Relaxed);
-        let unique_id = request_id(self.id_prefix, n);
-        write_request_head(
-            &mut bufs.request,
-            &head,
-            fields,
-            client,
-            expect_continue,
-            unique_id.as_bytes(),
-        );
+        let unique_id = request_id_bytes(self.id_prefix, n);
+        write_request_head(&mut bufs.request, &head, fields, client, expect_continue, &unique_id);
         let facts = Exchange {
             framing: head.framing,
             keep_alive: head.keep_alive,
@@ -286,8 +308,9 @@ impl Proxy {
         let (status, next) = self
             .forward_h1(io, bufs, client, &backend, &facts, expect_continue, started)
             .await;
-        backend.counters.record(status, started.elapsed());
-        self.state.stats.requests.record(status, started.elapsed());
+        let took = started.elapsed();
+        backend.counters.record(status, took);
+        self.state.stats.requests.record(status, took);
         next
     }
 
@@ -317,7 +340,7 @@ impl Proxy {
             },
             decoder: chunked::Decoder::new(),
             clock: BodyClock::new(&self.body_rules, tokio::time::Instant::from_std(started)),
-            reservation: Reservation::new(&self.state.bodies),
+            reservation: None,
         };
         if !body.ended {
             if expect_continue
@@ -429,7 +452,12 @@ impl Proxy {
     }
 
     /// A connect that failed: logged, the instance ejected.
-    fn connect_failed(&self, backend: &Backend, instance: &crate::lb::table::BackendInstance, error: &ConnectError) {
+    pub(super) fn connect_failed(
+        &self,
+        backend: &Backend,
+        instance: &crate::lb::table::BackendInstance,
+        error: &ConnectError,
+    ) {
         tracing::warn!(service = %backend.service, instance = %instance.id, addr = %instance.addr, %error,
             "lb: cannot connect; instance ejected, trying another");
         self.state.health.eject(&instance.health, self.eject_ms);
@@ -455,7 +483,7 @@ impl Proxy {
             let before = body.prefix.len();
             take_body(buf, body, limit)?;
             let added = body.prefix.len() - before;
-            if added > 0 && !body.reservation.try_add(added) {
+            if added > 0 && !body.reserve(&self.state.bodies, added) {
                 // Spent: go on with what is in; the rest is streamed.
                 break;
             }
@@ -509,7 +537,7 @@ impl Proxy {
         // The rest, as it comes: the buffered part is gone.
         let sent = body.prefix.len();
         body.prefix.clear();
-        body.reservation.release(sent);
+        body.sent(sent);
         let mut out = Vec::with_capacity(READ_CHUNK);
         loop {
             if bufs.client.is_empty() {
@@ -539,7 +567,7 @@ impl Proxy {
 
     /// Reads until the answer's head (a final one; 1xx other than 101 are
     /// skipped) is complete in `conn.buf`, within `server_timeout`.
-    async fn read_answer_head(&self, conn: &mut BackendConn) -> Result<(), AnswerError> {
+    pub(super) async fn read_answer_head(&self, conn: &mut BackendConn) -> Result<(), AnswerError> {
         let deadline = tokio::time::Instant::now() + self.server_timeout;
         let mut scanned = 0;
         loop {
@@ -819,7 +847,10 @@ struct Exchange {
 
 /// Why no usable answer head came.
 #[derive(Debug, thiserror::Error)]
-enum AnswerError {
+pub(super) enum AnswerError {
+    /// The client's body failed while it was sent (HTTP/2 clients).
+    #[error("{0}")]
+    Body(BodyError),
     /// The connection failed or closed before an answer began.
     #[error("{0}")]
     Io(std::io::Error),
@@ -1160,6 +1191,120 @@ fn write_answer_head(
         out.extend_from_slice(b"Connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// The request line and headers (HTTP/2 clients' requests, as
+/// `Proxy::outgoing_headers` made them), without the framing line and the
+/// blank line, which [`send_hyper_request`] adds.
+pub(super) fn write_head_of(out: &mut Vec<u8>, method: &http::Method, target: &str, headers: &http::HeaderMap) {
+    out.clear();
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        // The framing is the lb's: written by send_hyper_request.
+        if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+            continue;
+        }
+        push_field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+}
+
+/// Sends a request whose head [`write_head_of`] wrote in `head`, with its
+/// body: all of it in one write when it is in hand (a `Content-Length`),
+/// else re-chunked as it comes.
+pub(super) async fn send_hyper_request(
+    conn: &mut BackendConn,
+    head: &mut Vec<u8>,
+    body: Option<ForwardBody>,
+) -> Result<(), SendError> {
+    use hyper::body::Body as _;
+    let Some(mut body) = body else {
+        head.extend_from_slice(b"\r\n");
+        return conn.stream.write_all(head).await.map_err(SendError::Backend);
+    };
+    let exact = body.size_hint().exact();
+    match exact {
+        Some(n) => {
+            head.extend_from_slice(b"Content-Length: ");
+            head.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            head.extend_from_slice(b"\r\n\r\n");
+        }
+        None => head.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n"),
+    }
+    loop {
+        // What is ready goes into one write; a wait for the client sends what is pending first.
+        let frame = match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                conn.stream.write_all(head).await.map_err(SendError::Backend)?;
+                head.clear();
+                body.frame().await
+            }
+        };
+        match frame {
+            None => break,
+            Some(Err(cut)) => return Err(SendError::Body(cut)),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if exact.is_some() {
+                        head.extend_from_slice(&data);
+                    } else {
+                        push_chunk(head, &data);
+                    }
+                }
+            }
+        }
+        if head.len() >= COALESCE {
+            conn.stream.write_all(head).await.map_err(SendError::Backend)?;
+            head.clear();
+        }
+    }
+    if exact.is_none() {
+        head.extend_from_slice(b"0\r\n\r\n");
+    }
+    conn.stream.write_all(head).await.map_err(SendError::Backend)
+}
+
+/// The answer whose head is in `conn.buf`, as an HTTP/2 client gets it: its
+/// fields but the hop-by-hop ones (HTTP/2 has no Connection or
+/// Transfer-Encoding), the body read from the connection as the client asks.
+/// None for a head that is malformed or a 101 (HTTP/2 upgrades nothing).
+pub(super) fn answer_of(
+    mut conn: BackendConn,
+    is_head: bool,
+    addr: std::net::SocketAddr,
+    pool: &Arc<ConnPool>,
+    release: OwnedRelease,
+) -> Option<Response<ProxyBody>> {
+    let method = if is_head { "HEAD" } else { "GET" };
+    let mut fields = h1::EMPTY_HEADERS;
+    let answer = h1::parse_response(&conn.buf, &mut fields, MAX_HEAD, method).ok()??;
+    if answer.status == 101 {
+        return None;
+    }
+    let mut resp = Response::new(());
+    *resp.status_mut() = StatusCode::from_u16(answer.status).ok()?;
+    let headers = resp.headers_mut();
+    headers.reserve(answer.fields);
+    for (i, field) in fields[..answer.fields].iter().enumerate() {
+        let content_length = field.name.eq_ignore_ascii_case("content-length");
+        if answer.drop.contains(i) && !content_length && !field.name.contains('_') {
+            continue;
+        }
+        let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(field.name.as_bytes()),
+            http::HeaderValue::from_bytes(field.value),
+        ) else {
+            continue;
+        };
+        headers.append(name, value);
+    }
+    let (framing, keep, len) = (answer.framing, answer.keep_alive, answer.len);
+    conn.buf.advance(len);
+    let body = AnswerBody::new(conn, framing, keep, addr, pool.clone(), release);
+    Some(resp.map(|()| body.boxed()))
 }
 
 /// Closes a client connection: what the client still sends is read for a

@@ -1,20 +1,24 @@
-//! The HTTP proxy: client connections in, backend sessions out.
+//! The HTTP proxy: client connections in, backend connections out.
 //!
 //! ```text
-//!  accept ─▶ [TLS handshake, ALPN h2 → hyper http2]
-//!         ─▶ hyper http1 (keep-alive, header size limit → 431; idle and slow heads: the watchdog)
+//!  accept ─▶ [TLS handshake, ALPN h2 → hyper http2, else HTTP/1.1]
+//!         ─▶ HTTP/1.1: the lb's own path (`http1`: lb/h1 framing, strict RFC 9112;
+//!            431 for large heads; idle and slow heads: the watchdog)
+//!         ─▶ HTTP/2: hyper's server, one `handle` per stream
 //!    request ─▶ two Host lines (h2: two `host` fields) → 400
 //!           ─▶ table.route(authority of the target, else Host; path) ─▶ Landing page | 503 page | Backend
 //!      Backend: the body read first, up to body_buffer_bytes (`super::upload`;
 //!               slower than min_body_rate, or past request_timeout → 408)
 //!         ─▶ pick an instance (smooth WRR) below maxconn where this client holds
-//!            less than its max_client_share (none: 429) ─▶ checkout a pooled session
+//!            less than its max_client_share (none: 429) ─▶ a pooled connection
+//!            (`conns`), else a new one
 //!         connect failed ─▶ eject the instance, pick another (the request body is
 //!                           still unsent, so any request can be retried)
-//!         session failed after sending ─▶ retried only when the request had no body
-//!      response streamed back; 101 Switching Protocols ─▶ both upgraded
-//!      connections spliced (WebSocket and other Upgrades; `super::splice`:
-//!      tracked, cut after `tunnel_timeout` without a byte and at shutdown)
+//!         failed after sending ─▶ retried only when the request had no body
+//!      answer relayed (HTTP/1.1: by its framing; h2: `conns::AnswerBody`);
+//!      101 Switching Protocols (HTTP/1.1) ─▶ both connections spliced
+//!      (WebSocket and other Upgrades; `super::splice`: cut after
+//!      `tunnel_timeout` without a byte and at shutdown)
 //! ```
 //!
 //! The request headers the backend gets (`Proxy::outgoing_headers`): the
@@ -34,10 +38,10 @@
 //! | hop-by-hop (`Connection` and what it names, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, `Keep-Alive`, `Proxy-Connection`, `Proxy-Authorization`) | removed (an Upgrade the backend is asked for is set again) |
 //! | names with `_` (`Transfer_Encoding`, `X_User`) | removed, as nginx does by default |
 //!
-//! Sessions are hyper client connections kept per instance address; a session is
-//! reused once hyper reports it ready, so no request waits behind another. The
-//! pool forgets addresses that left the routing table (checked after every
-//! table change and every [`POOL_SWEEP`]).
+//! Backend connections are plain HTTP/1.1 over TCP, one request at a time,
+//! kept per instance address and per proxy thread (`conns::ConnPool`) for
+//! HTTP/1.1 and HTTP/2 clients alike. The pool forgets addresses that left the
+//! routing table (checked after every table change and every [`POOL_SWEEP`]).
 //!
 //! Client connections are admitted under [`super::client::ConnLimits`] and
 //! watched by [`super::client::watch`]: a client that stalls for
@@ -50,7 +54,6 @@
 //! neither one client address nor one h2 connection can take a whole
 //! instance ([`super::share`]).
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -60,13 +63,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri};
-use http_body_util::BodyExt;
+use http::{Request, Response, StatusCode};
 use hyper::body::{Body as _, Incoming};
-use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -76,7 +76,6 @@ use super::LbState;
 use super::body::{ProxyBody, error_page};
 use super::client::{self, Activity, ClientBody, ClientIo, ConnSlot, Cut, RequestBody, Timeouts};
 use super::settings::LbConfig;
-use super::splice::SpliceEnd;
 use super::table::{Backend, BackendInstance, Carryover, Destination};
 use super::upload::{BodyError, BodyRules, ClockedBody, ForwardBody};
 
@@ -181,10 +180,8 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// The proxy and its backend sessions.
 pub struct Proxy {
     state: Arc<LbState>,
-    /// hyper sessions to backends (HTTP/2 clients' requests).
-    pool: SessionPool,
-    /// Plain connections to backends (the own HTTP/1.1 path's).
-    conns: conns::ConnPool,
+    /// Connections to backends, for HTTP/1.1 and HTTP/2 clients alike.
+    conns: Arc<conns::ConnPool>,
     connect_timeout: Duration,
     client_timeout: Duration,
     handshake_timeout: Duration,
@@ -201,21 +198,16 @@ pub struct Proxy {
     ready_timeout: Duration,
     request_ids: AtomicU64,
     id_prefix: u32,
-    /// Upgraded connections (WebSocket) spliced to their backend: tracked, cut
-    /// at shutdown and after `tunnel_timeout` without a byte; the proxy thread
-    /// waits for them after its client connections.
-    pub tunnels: TaskTracker,
+    /// Idle time after which an upgraded (spliced) connection is cut.
     tunnel_timeout: Duration,
-    shutdown: CancellationToken,
 }
 
 impl Proxy {
     /// A proxy over `state` with the configured timeouts.
-    pub fn new(config: &LbConfig, state: Arc<LbState>, shutdown: CancellationToken) -> Arc<Self> {
+    pub fn new(config: &LbConfig, state: Arc<LbState>) -> Arc<Self> {
         Arc::new(Self {
             state,
-            pool: SessionPool::default(),
-            conns: conns::ConnPool::default(),
+            conns: Arc::default(),
             connect_timeout: config.connect_timeout,
             client_timeout: config.client_timeout,
             handshake_timeout: config.handshake_timeout,
@@ -229,9 +221,7 @@ impl Proxy {
             ready_timeout: config.ready_timeout,
             request_ids: AtomicU64::new(0),
             id_prefix: rand::random(),
-            tunnels: TaskTracker::new(),
             tunnel_timeout: config.tunnel_timeout,
-            shutdown,
         })
     }
 
@@ -395,14 +385,12 @@ impl Proxy {
         tracing::debug!(%peer, ?cut, "lb: client connection cut");
     }
 
-    /// After the client connections and tunnels have ended: closes the backend
-    /// sessions and waits for their connection tasks.
+    /// After the client connections have ended: closes the idle backend connections.
     pub async fn close_sessions(&self) {
         self.conns.clear();
-        self.pool.close().await;
     }
 
-    /// Drops pooled sessions to addresses no table has any more, and closed
+    /// Drops pooled backend connections to addresses no table has any more, and closed
     /// ones, after every table change (at most once per [`POOL_SWEEP_GAP`]) and
     /// every [`POOL_SWEEP`], until shutdown.
     pub async fn sweep_pool(self: Arc<Self>, shutdown: CancellationToken) {
@@ -413,7 +401,6 @@ impl Proxy {
                 r = changes.changed() => if r.is_err() { return },
                 _ = tokio::time::sleep(POOL_SWEEP) => {}
             }
-            self.pool.prune(&self.state.health);
             self.conns.prune(&self.state.health);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -542,14 +529,12 @@ impl Proxy {
     #[expect(clippy::manual_async_fn, reason = "an async fn keeps its arguments twice")]
     fn forward<'a>(
         &'a self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         client: &'a ClientConn,
         backend: &'a Backend,
         started: Instant,
     ) -> impl Future<Output = Response<ProxyBody>> + 'a {
         async move {
-            let wants_upgrade = req.headers().contains_key(header::UPGRADE);
-            let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
             let (parts, body) = req.into_parts();
             // A request without a body can be sent again after any failure that
             // happened before a response; one with a body only before it was sent.
@@ -565,19 +550,18 @@ impl Proxy {
                 }
             };
             // Built once; rebuilt only for a retry (rare), not cloned per attempt.
-            let first_headers = self.outgoing_headers(&parts, client, wants_upgrade);
+            let first_headers = self.outgoing_headers(&parts, client, false);
             let unique_id = first_headers.get(X_UNIQUE_ID).cloned();
             let mut headers = Some(first_headers);
-            let uri = parts
-                .uri
-                .path_and_query()
-                .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+            let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            let is_head = parts.method == http::Method::HEAD;
             let mut tried = Tried::default();
             let maxconn = self.maxconn(backend);
             let share = super::share::share_cap(maxconn, self.client_share).map(|cap| Share {
                 source: client.source,
                 cap,
             });
+            let mut head = Vec::with_capacity(1024);
             for attempt in 0..MAX_ATTEMPTS {
                 let instance = match self.pick_with_capacity(backend, maxconn, &tried, share).await {
                     Ok(instance) => instance,
@@ -610,44 +594,44 @@ impl Proxy {
                     health: &instance.health,
                     source: share.map(|s| s.source),
                 };
-                let mut session = match self.pool.checkout(instance.addr, self.connect_timeout).await {
-                    Ok(s) => s,
-                    Err(error) => {
-                        tracing::warn!(service = %backend.service, instance = %instance.id, addr = %instance.addr, %error,
-                            "lb: cannot connect; instance ejected, trying another");
-                        self.state.health.eject(&instance.health, self.eject_ms);
-                        continue;
+                let mut conn = match self.conns.take(instance.addr) {
+                    Some(conn) => conn,
+                    None => match conns::BackendConn::connect(instance.addr, self.connect_timeout).await {
+                        Ok(conn) => conn,
+                        Err(error) => {
+                            self.connect_failed(backend, instance, &error);
+                            continue;
+                        }
+                    },
+                };
+                let out_headers = headers
+                    .take()
+                    .unwrap_or_else(|| self.retry_headers(&parts, client, unique_id.as_ref()));
+                http1::write_head_of(&mut head, &parts.method, target, &out_headers);
+                let out_body = if bodiless {
+                    None
+                } else {
+                    match body.take() {
+                        Some(b) => Some(b),
+                        None => break,
                     }
                 };
-                // Built in a block of its own: hyper takes the request at once, so
-                // nothing of it is kept in this future across the await.
-                let sent = {
-                    let out_body = if bodiless {
-                        ForwardBody::empty()
-                    } else {
-                        match body.take() {
-                            Some(b) => b,
-                            None => break,
-                        }
-                    };
-                    let mut out = Request::new(out_body);
-                    *out.method_mut() = parts.method.clone();
-                    *out.uri_mut() = uri.clone();
-                    *out.headers_mut() = headers
-                        .take()
-                        .unwrap_or_else(|| self.retry_headers(&parts, client, wants_upgrade, unique_id.as_ref()));
-                    tokio::time::timeout(self.server_timeout, session.send_request(out))
+                let exchange = async {
+                    http1::send_hyper_request(&mut conn, &mut head, out_body)
+                        .await
+                        .map_err(http1::AnswerError::from)?;
+                    self.read_answer_head(&mut conn).await
                 };
-                let sent = sent.await;
-                match sent {
-                    Ok(Ok(resp)) => return self.relay(resp, instance.addr, session, client_upgrade, release),
-                    Ok(Err(error)) => {
-                        // The body being sent was cut (too slow, past the deadline):
-                        // the client's fault, not the instance's.
-                        if let Some(cut) = BodyError::behind(&error) {
-                            return self.body_cut(cut, parts.version);
+                match tokio::time::timeout(self.server_timeout, exchange).await {
+                    Ok(Ok(())) => match http1::answer_of(conn, is_head, instance.addr, &self.conns, release.owned()) {
+                        Some(resp) => return resp,
+                        None => {
+                            return error_page(StatusCode::BAD_GATEWAY, "The service sent a malformed answer.");
                         }
-                        tracing::debug!(service = %backend.service, addr = %instance.addr, %error, "lb: backend session failed");
+                    },
+                    Ok(Err(http1::AnswerError::Body(cut))) => return self.body_cut(&cut, parts.version),
+                    Ok(Err(error)) => {
+                        tracing::debug!(service = %backend.service, addr = %instance.addr, %error, "lb: backend connection failed");
                         if !bodiless {
                             return error_page(StatusCode::BAD_GATEWAY, "The service failed while answering.");
                         }
@@ -713,50 +697,13 @@ impl Proxy {
         &self,
         parts: &http::request::Parts,
         client: &ClientConn,
-        wants_upgrade: bool,
         unique_id: Option<&HeaderValue>,
     ) -> HeaderMap {
-        let mut h = self.outgoing_headers(parts, client, wants_upgrade);
+        let mut h = self.outgoing_headers(parts, client, false);
         if let Some(id) = unique_id {
             h.insert(X_UNIQUE_ID, id.clone());
         }
         h
-    }
-
-    /// The instance's response on its way to the client: the session goes
-    /// back to the pool (or, for 101 Switching Protocols, both upgraded
-    /// connections are spliced), hop-by-hop headers go, and the instance counts
-    /// the request until the body is done. Inlined into [`Self::forward`]'s
-    /// future: the request path is measured by instruction counts.
-    #[inline(always)]
-    fn relay(
-        &self,
-        mut resp: Response<Incoming>,
-        addr: SocketAddr,
-        session: SendRequest<ForwardBody>,
-        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-        release: Release<'_>,
-    ) -> Response<ProxyBody> {
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client) = client_upgrade {
-                let server = hyper::upgrade::on(&mut resp);
-                let (idle, shutdown) = (self.tunnel_timeout, self.shutdown.clone());
-                self.tunnels
-                    .spawn(async move { splice_upgraded(client, server, idle, &shutdown).await });
-            }
-        } else {
-            self.pool.checkin(addr, session);
-        }
-        let (mut parts, body) = resp.into_parts();
-        if parts.status != StatusCode::SWITCHING_PROTOCOLS {
-            strip_headers(&mut parts.headers, Strip::Response);
-        }
-        // The instance counts this request until its body is done.
-        let body = CountedBody {
-            inner: body,
-            _release: release.owned(),
-        };
-        Response::from_parts(parts, body.boxed())
     }
 
     /// An instance below `maxconn` (PanteraS's per-instance cap) where the
@@ -787,7 +734,7 @@ impl Proxy {
         // Room for the six the lb adds: the map grows at most once.
         headers.reserve(6);
         let upgrade_value = upgrade.then(|| headers.get(header::UPGRADE).cloned()).flatten();
-        strip_headers(&mut headers, Strip::Request);
+        strip_headers(&mut headers);
         if let Some(value) = upgrade_value {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, value);
@@ -878,6 +825,12 @@ fn authority_host(authority: &http::uri::Authority) -> &str {
 
 /// `X-Unique-ID`: 8 hex digits of the proxy's random prefix, 12 of the counter.
 fn request_id(prefix: u32, n: u64) -> HeaderValue {
+    HeaderValue::from_bytes(&request_id_bytes(prefix, n)).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// [`request_id`]'s 20 hex digits, as bytes (the own HTTP/1.1 path writes
+/// them into the head without making a `HeaderValue`).
+fn request_id_bytes(prefix: u32, n: u64) -> [u8; 20] {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut id = [0u8; 20];
     let digits = (u64::from(prefix) << 48) | (n & 0xFFFF_FFFF_FFFF);
@@ -889,7 +842,7 @@ fn request_id(prefix: u32, n: u64) -> HeaderValue {
     for (i, slot) in id[4..].iter_mut().enumerate() {
         *slot = HEX[((digits >> (60 - 4 * i)) & 0xF) as usize];
     }
-    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    id
 }
 
 /// The instances one request has tried, without allocating.
@@ -1121,46 +1074,12 @@ async fn reserve_instance<'b>(
     }
 }
 
-/// A response body that keeps its instance's in-flight count until it is done
-/// (or the client goes away).
-struct CountedBody {
-    inner: Incoming,
-    _release: OwnedRelease,
-}
-
-impl hyper::body::Body for CountedBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Which headers [`strip_headers`] removes besides the hop-by-hop ones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Strip {
-    /// A response: hop-by-hop headers only.
-    Response,
-    /// A request: also names with an underscore (`Transfer_Encoding`), which
-    /// nginx drops by default (`underscores_in_headers off`): a backend or
-    /// framework that maps `_` and `-` to one name (CGI, PHP, WSGI) would
-    /// read them as the header the lb checked under another name.
-    Request,
-}
-
-fn strip_headers(headers: &mut HeaderMap, what: Strip) {
+/// Removes the hop-by-hop headers of an HTTP/2 client's request (and what
+/// `Connection` names), and names with an underscore (`Transfer_Encoding`),
+/// which nginx drops by default (`underscores_in_headers off`): a backend or
+/// framework that maps `_` and `-` to one name (CGI, PHP, WSGI) would read
+/// them as the header the lb checked under another name.
+fn strip_headers(headers: &mut HeaderMap) {
     // Most messages carry none, or only `Connection: keep-alive`: one pass over
     // the names decides, and only names that are there are removed.
     let mut present = 0u8; // bit i: HOP_BY_HOP[i] is there
@@ -1168,7 +1087,7 @@ fn strip_headers(headers: &mut HeaderMap, what: Strip) {
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
             present |= 1 << i;
-        } else if what == Strip::Request && name.as_str().as_bytes().contains(&b'_') {
+        } else if name.as_str().as_bytes().contains(&b'_') {
             underscored = true;
         }
     }
@@ -1213,126 +1132,6 @@ fn strip_headers(headers: &mut HeaderMap, what: Strip) {
     }
 }
 
-/// Splices both sides of a 101 Switching Protocols once hyper hands them over.
-async fn splice_upgraded(
-    client: hyper::upgrade::OnUpgrade,
-    server: hyper::upgrade::OnUpgrade,
-    idle: Duration,
-    shutdown: &CancellationToken,
-) {
-    let upgraded = tokio::select! {
-        _ = shutdown.cancelled() => return,
-        both = async { tokio::join!(client, server) } => both,
-    };
-    let (Ok(client), Ok(server)) = upgraded else {
-        return;
-    };
-    if super::splice::splice(TokioIo::new(client), TokioIo::new(server), idle, shutdown).await == SpliceEnd::Idle {
-        tracing::debug!("lb: upgraded connection idle for tunnel_timeout; closed");
-    }
-}
-
-/// Why no session to an instance could be had (the `error` of the "cannot
-/// connect" log line; the instance is then ejected).
-#[derive(Debug, thiserror::Error)]
-enum SessionError {
-    /// No connection within the connect timeout.
-    #[error("connect timed out after {0:?}")]
-    ConnectTimeout(Duration),
-    /// The connection was refused or failed.
-    #[error("{0}")]
-    Connect(std::io::Error),
-    /// The HTTP/1 handshake with the instance failed.
-    #[error("{0}")]
-    Handshake(hyper::Error),
-}
-
-/// Backend sessions by instance address. Addresses come from the routing
-/// table only; [`SessionPool::prune`] forgets those that left it. Each
-/// session's connection runs as a task of `connections`, ended by
-/// [`SessionPool::close`] once no client request can need it any more.
-#[derive(Default)]
-struct SessionPool {
-    idle: Mutex<HashMap<SocketAddr, Vec<SendRequest<ForwardBody>>>>,
-    connections: TaskTracker,
-    closing: CancellationToken,
-}
-
-impl SessionPool {
-    /// A ready session to `addr`: a pooled one, else a new connection.
-    async fn checkout(
-        &self,
-        addr: SocketAddr,
-        connect_timeout: Duration,
-    ) -> Result<SendRequest<ForwardBody>, SessionError> {
-        {
-            let mut idle = self.idle.lock();
-            if let Some(list) = idle.get_mut(&addr) {
-                list.retain(|s| !s.is_closed());
-                if let Some(i) = list.iter().position(SendRequest::is_ready) {
-                    return Ok(list.swap_remove(i));
-                }
-                if list.is_empty() {
-                    idle.remove(&addr);
-                }
-            }
-        }
-        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| SessionError::ConnectTimeout(connect_timeout))?
-            .map_err(SessionError::Connect)?;
-        let _ = stream.set_nodelay(true);
-        // Flat writes, as on the client side (see `http1`).
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .writev(false)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(SessionError::Handshake)?;
-        let closing = self.closing.clone();
-        self.connections.spawn(async move {
-            tokio::select! {
-                _ = conn.with_upgrades() => {}
-                _ = closing.cancelled() => {}
-            }
-        });
-        Ok(sender)
-    }
-
-    /// Ends every backend connection and waits for their tasks.
-    async fn close(&self) {
-        self.idle.lock().clear();
-        self.closing.cancel();
-        self.connections.close();
-        self.connections.wait().await;
-    }
-
-    /// Keeps a session for reuse (it becomes ready when its response is read).
-    fn checkin(&self, addr: SocketAddr, session: SendRequest<ForwardBody>) {
-        let mut idle = self.idle.lock();
-        let list = idle.entry(addr).or_default();
-        if list.len() < MAX_IDLE_PER_INSTANCE {
-            list.push(session);
-        }
-    }
-
-    /// Drops the sessions of addresses that are in no table any more (the
-    /// health registry keeps exactly the live ones) and the closed ones.
-    fn prune(&self, health: &Carryover) {
-        let mut idle = self.idle.lock();
-        for list in idle.values_mut() {
-            list.retain(|s| !s.is_closed());
-        }
-        idle.retain(|_, list| !list.is_empty());
-        health.retain_live(&mut idle);
-    }
-
-    /// Addresses with pooled sessions (for the tests).
-    #[cfg(test)]
-    fn addresses(&self) -> usize {
-        self.idle.lock().len()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1362,14 +1161,14 @@ mod tests {
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert("x-kept", HeaderValue::from_static("1"));
-        strip_headers(&mut h, Strip::Response);
+        strip_headers(&mut h);
         let mut names: Vec<_> = h.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
         assert_eq!(names, ["host", "x-kept"]);
 
         let mut plain = HeaderMap::new();
         plain.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
-        strip_headers(&mut plain, Strip::Response);
+        strip_headers(&mut plain);
         assert_eq!(plain.len(), 1);
     }
 
@@ -1497,38 +1296,6 @@ mod tests {
         assert_eq!(held.health.inflight.load(Ordering::Acquire), 1);
     }
 
-    /// Pooled sessions of addresses that left every table are dropped.
-    #[tokio::test]
-    async fn the_pool_forgets_addresses_that_left_the_table() {
-        let health = Carryover::new();
-        let pool = SessionPool::default();
-        let mut addrs = Vec::new();
-        let mut servers = Vec::new();
-        for _ in 0..3 {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            addrs.push(listener.local_addr().unwrap());
-            servers.push(tokio::spawn(async move {
-                let mut held = Vec::new();
-                while let Ok((s, _)) = listener.accept().await {
-                    held.push(s);
-                }
-            }));
-        }
-        for &addr in &addrs {
-            let _ = health.get(addr);
-            let session = pool.checkout(addr, Duration::from_secs(5)).await.unwrap();
-            pool.checkin(addr, session);
-        }
-        pool.prune(&health);
-        assert_eq!(pool.addresses(), 3, "all three are live");
-        health.retain(&addrs[..1].iter().copied().collect());
-        pool.prune(&health);
-        assert_eq!(pool.addresses(), 1, "the two that left the table are gone");
-        for s in servers {
-            s.abort();
-        }
-    }
-
     #[test]
     fn tried_holds_up_to_max_attempts() {
         let mut tried = Tried::default();
@@ -1620,11 +1387,8 @@ mod tests {
         u.insert("transfer_encoding", HeaderValue::from_static("chunked"));
         u.insert("x_user", HeaderValue::from_static("admin"));
         u.insert("x-kept", HeaderValue::from_static("1"));
-        let mut response = u.clone();
-        strip_headers(&mut u, Strip::Request);
+        strip_headers(&mut u);
         assert_eq!(u.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-kept"]);
-        strip_headers(&mut response, Strip::Response);
-        assert_eq!(response.len(), 3, "responses keep their names");
 
         let authority: http::uri::Authority = "user:pw@beta.service:8080".parse().unwrap();
         assert_eq!(authority_host(&authority), "beta.service:8080");
