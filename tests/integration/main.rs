@@ -20,6 +20,7 @@ mod dns_upstream; // the cache in front of the upstream resolvers: TTLs, negativ
 mod image; // deploy/build-image.sh in a private dockerd: the offline image build, its user, capabilities, consul inside, size
 mod lb; // the load balancer against real Consul and HTTP backends
 mod lb_bounds; // what clients can hold: connections per source and in total, h2 timeouts, stalled readers, the maxconn queue
+mod lb_h1; // the own HTTP/1.1 path at its edges with raw clients and backends: strict framing, chunked and long bodies, 100-continue, pooled closes, pipelining, HTTP/1.0, answer framings, 502
 mod lb_requests; // what one client's requests can make the lb do: slow bodies and slots, per-client share, body memory, Host, forwarding headers
 mod lb_tls; // HTTPS by SNI, HTTP/2, certificate reload; the stats listener
 mod lb_trust; // what a Consul registration can make the lb reach: own listeners, ports, networks, names

@@ -94,6 +94,10 @@ impl From<SendError> for AnswerError {
 enum RelayError {
     /// The backend failed, closed or sent a malformed body.
     Backend,
+    /// The backend sent a malformed body before any byte of the answer went
+    /// to the client (its head was still held to go out with the body): the
+    /// client can still be told 502.
+    Unsent,
     /// The client went away.
     Client,
 }
@@ -670,6 +674,13 @@ impl Proxy {
                 tracing::debug!(%addr, "lb: the service's answer broke off");
                 (status, Next::Close)
             }
+            // Closing without a byte would leave the client with an empty
+            // reply (and count a 200): it gets a 502 instead.
+            Err(RelayError::Unsent) => {
+                tracing::debug!(%addr, "lb: the service sent a malformed body");
+                let resp = error_page(StatusCode::BAD_GATEWAY, "The service sent a malformed answer.");
+                self.answer_closing(io, &mut bufs.answer, resp, facts).await
+            }
             Err(RelayError::Client) => (status, Next::Close),
         }
     }
@@ -971,13 +982,15 @@ where
         _ => 0,
     };
     let mut decoder = chunked::Decoder::new();
+    // Whether anything (the head first) went to the client yet.
+    let mut sent = false;
     loop {
         // What is in the buffer and belongs to this body goes out.
         let done = match framing {
             Framing::Empty => true,
             Framing::Length(_) => {
                 let take = left.min(conn.buf.len() as u64) as usize;
-                send_part(io, out, &conn.buf[..take]).await?;
+                sent |= send_part(io, out, &conn.buf[..take]).await?;
                 conn.buf.advance(take);
                 left -= take as u64;
                 left == 0
@@ -985,13 +998,17 @@ where
             Framing::Chunked => {
                 let mut done = false;
                 while !conn.buf.is_empty() && !done {
-                    let step = decoder.step(&conn.buf).map_err(|_| RelayError::Backend)?;
+                    let step = match decoder.step(&conn.buf) {
+                        Ok(step) => step,
+                        Err(_) if !sent => return Err(RelayError::Unsent),
+                        Err(_) => return Err(RelayError::Backend),
+                    };
                     if dechunk {
                         if let Some(data) = step.data {
-                            send_part(io, out, &conn.buf[data]).await?;
+                            sent |= send_part(io, out, &conn.buf[data]).await?;
                         }
                     } else {
-                        send_part(io, out, &conn.buf[..step.consumed]).await?;
+                        sent |= send_part(io, out, &conn.buf[..step.consumed]).await?;
                     }
                     conn.buf.advance(step.consumed);
                     done = step.done;
@@ -1000,7 +1017,7 @@ where
             }
             Framing::UntilClose => {
                 let all = conn.buf.len();
-                send_part(io, out, &conn.buf[..all]).await?;
+                sent |= send_part(io, out, &conn.buf[..all]).await?;
                 conn.buf.clear();
                 false
             }
@@ -1016,6 +1033,7 @@ where
         if !out.is_empty() {
             io.write_all(out).await.map_err(|_| RelayError::Client)?;
             out.clear();
+            sent = true;
         }
         conn.buf.reserve(READ_CHUNK);
         match tokio::time::timeout(server_timeout, conn.stream.read_buf(&mut conn.buf)).await {
@@ -1027,20 +1045,22 @@ where
 }
 
 /// Adds `part` to what goes to the client next: copied behind the head when
-/// small, else the head is written first and `part` after it.
-async fn send_part<S>(io: &mut ClientIo<S>, out: &mut Vec<u8>, part: &[u8]) -> Result<(), RelayError>
+/// small, else the head is written first and `part` after it. Whether
+/// anything was written.
+async fn send_part<S>(io: &mut ClientIo<S>, out: &mut Vec<u8>, part: &[u8]) -> Result<bool, RelayError>
 where
     S: AsyncWrite + Unpin,
 {
     if out.len() + part.len() <= COALESCE {
         out.extend_from_slice(part);
-        return Ok(());
+        return Ok(false);
     }
     if !out.is_empty() {
         io.write_all(out).await.map_err(|_| RelayError::Client)?;
         out.clear();
     }
-    io.write_all(part).await.map_err(|_| RelayError::Client)
+    io.write_all(part).await.map_err(|_| RelayError::Client)?;
+    Ok(true)
 }
 
 /// Appends `name: value` CRLF.
