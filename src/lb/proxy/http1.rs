@@ -301,6 +301,8 @@ impl Proxy {
         let unique_id = request_id_bytes(self.id_prefix, n);
         write_request_head(&mut bufs.request, &head, fields, client, expect_continue, &unique_id);
         let facts = Exchange {
+            backend: &backend,
+            started,
             framing: head.framing,
             keep_alive: head.keep_alive,
             upgrade: head.upgrade,
@@ -309,31 +311,31 @@ impl Proxy {
         };
         let head_len = head.len;
         bufs.client.advance(head_len);
-        let (status, next) = self
-            .forward_h1(io, bufs, client, &backend, &facts, expect_continue, started)
-            .await;
-        let took = started.elapsed();
-        backend.counters.record(status, took);
-        self.state.stats.requests.record(status, took);
-        next
+        self.forward_h1(io, bufs, client, &facts, expect_continue).await
     }
 
-    /// Forwards one request to `backend` and relays its answer: the status the
-    /// client got (for the counters) and what follows on the connection.
-    #[allow(clippy::too_many_arguments)]
+    /// Counts the answer a forwarded request gets, before it is written (a
+    /// client that has read it sees it counted).
+    fn count(&self, facts: &Exchange<'_>, status: u16) {
+        let took = facts.started.elapsed();
+        facts.backend.counters.record(status, took);
+        self.state.stats.requests.record(status, took);
+    }
+
+    /// Forwards one request to its backend and relays the answer, counted;
+    /// what follows on the connection.
     async fn forward_h1<S>(
         &self,
         io: &mut ClientIo<S>,
         bufs: &mut Buffers,
         client: &ClientConn,
-        backend: &Backend,
-        facts: &Exchange,
+        facts: &Exchange<'_>,
         expect_continue: bool,
-        started: Instant,
-    ) -> (u16, Next)
+    ) -> Next
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        let (backend, started) = (facts.backend, facts.started);
         let mut body = InBody {
             framing: facts.framing,
             prefix: Vec::new(),
@@ -351,11 +353,12 @@ impl Proxy {
                 && bufs.client.is_empty()
                 && io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err()
             {
-                return (499, Next::Close);
+                self.count(facts, 499);
+                return Next::Close;
             }
             // Before any slot is taken: a slow upload holds memory, not an instance.
             if let Err(error) = self.read_body_prefix(io, &mut bufs.client, &mut body, client).await {
-                return self.body_cut_h1(io, &mut bufs.answer, &error, facts.is_head).await;
+                return self.body_cut_h1(io, &mut bufs.answer, &error, facts).await;
             }
         }
         let mut tried = Tried::default();
@@ -413,7 +416,7 @@ impl Proxy {
                 let result = match self.send_request(io, bufs, &mut conn, &mut body, client).await {
                     Ok(()) => self.read_answer_head(&mut conn).await,
                     Err(SendError::Body(error)) => {
-                        return self.body_cut_h1(io, &mut bufs.answer, &error, facts.is_head).await;
+                        return self.body_cut_h1(io, &mut bufs.answer, &error, facts).await;
                     }
                     Err(SendError::Backend(error)) => Err(AnswerError::Io(error)),
                 };
@@ -609,9 +612,9 @@ impl Proxy {
         bufs: &mut Buffers,
         mut conn: BackendConn,
         addr: std::net::SocketAddr,
-        facts: &Exchange,
+        facts: &Exchange<'_>,
         release: Release<'_>,
-    ) -> (u16, Next)
+    ) -> Next
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -634,12 +637,13 @@ impl Proxy {
             }
             // The 101 as it came (its Upgrade and Connection fields included).
             let len = answer.len;
+            self.count(facts, 101);
             let sent = io.write_all(&conn.buf[..len]).await;
             conn.buf.advance(len);
             drop(release);
             return match sent {
-                Ok(()) => (101, Next::Tunnel(conn)),
-                Err(_) => (101, Next::Close),
+                Ok(()) => Next::Tunnel(conn),
+                Err(_) => Next::Close,
             };
         }
         // To an HTTP/1.0 client a chunked body goes decoded, delimited by the close.
@@ -655,6 +659,7 @@ impl Proxy {
         );
         let (framing, backend_keeps, len) = (answer.framing, answer.keep_alive, answer.len);
         conn.buf.advance(len);
+        self.count(facts, status);
         let relayed = relay_body(io, &mut conn, &mut bufs.answer, framing, dechunk, self.server_timeout).await;
         drop(release);
         let flushed = io.flush().await.is_ok();
@@ -663,25 +668,26 @@ impl Proxy {
                 if backend_keeps && conn.buf.is_empty() {
                     self.conns.put(addr, conn);
                 }
-                let next = if client_keeps && flushed {
+                if client_keeps && flushed {
                     Next::KeepAlive
                 } else {
                     Next::Close
-                };
-                (status, next)
+                }
             }
             Err(RelayError::Backend) => {
                 tracing::debug!(%addr, "lb: the service's answer broke off");
-                (status, Next::Close)
+                Next::Close
             }
             // Closing without a byte would leave the client with an empty
-            // reply (and count a 200): it gets a 502 instead.
+            // reply: it gets a 502 instead (counted as the backend's status,
+            // which was counted before the body turned out malformed).
             Err(RelayError::Unsent) => {
                 tracing::debug!(%addr, "lb: the service sent a malformed body");
                 let resp = error_page(StatusCode::BAD_GATEWAY, "The service sent a malformed answer.");
-                self.answer_closing(io, &mut bufs.answer, resp, facts).await
+                self.write_own(io, &mut bufs.answer, resp, false, facts.is_head).await;
+                Next::Close
             }
-            Err(RelayError::Client) => (status, Next::Close),
+            Err(RelayError::Client) => Next::Close,
         }
     }
 
@@ -692,18 +698,16 @@ impl Proxy {
         io: &mut ClientIo<S>,
         bufs: &mut Buffers,
         resp: Response<ProxyBody>,
-        facts: &Exchange,
+        facts: &Exchange<'_>,
         body: &InBody,
-    ) -> (u16, Next)
+    ) -> Next
     where
         S: AsyncWrite + Unpin,
     {
-        let status = resp.status().as_u16();
+        self.count(facts, resp.status().as_u16());
         let keep_alive = facts.keep_alive && body.ended;
-        let next = self
-            .write_own(io, &mut bufs.answer, resp, keep_alive, facts.is_head)
-            .await;
-        (status, next)
+        self.write_own(io, &mut bufs.answer, resp, keep_alive, facts.is_head)
+            .await
     }
 
     /// [`Self::own_answer`] closing the connection.
@@ -712,14 +716,14 @@ impl Proxy {
         io: &mut ClientIo<S>,
         out: &mut Vec<u8>,
         resp: Response<ProxyBody>,
-        facts: &Exchange,
-    ) -> (u16, Next)
+        facts: &Exchange<'_>,
+    ) -> Next
     where
         S: AsyncWrite + Unpin,
     {
-        let status = resp.status().as_u16();
+        self.count(facts, resp.status().as_u16());
         self.write_own(io, out, resp, false, facts.is_head).await;
-        (status, Next::Close)
+        Next::Close
     }
 
     /// The lb's own answer, counted (requests not forwarded to a backend).
@@ -765,15 +769,15 @@ impl Proxy {
         io: &mut ClientIo<S>,
         out: &mut Vec<u8>,
         error: &BodyError,
-        is_head: bool,
-    ) -> (u16, Next)
+        facts: &Exchange<'_>,
+    ) -> Next
     where
         S: AsyncWrite + Unpin,
     {
         let resp = self.body_cut(error, http::Version::HTTP_11);
-        let status = resp.status().as_u16();
-        self.write_own(io, out, resp, false, is_head).await;
-        (status, Next::Close)
+        self.count(facts, resp.status().as_u16());
+        self.write_own(io, out, resp, false, facts.is_head).await;
+        Next::Close
     }
 
     /// Writes a response the lb made itself (error and status pages).
@@ -848,7 +852,11 @@ impl Proxy {
 
 /// What the relay needs to know about the request, after its head is gone
 /// from the buffer.
-struct Exchange {
+struct Exchange<'a> {
+    /// Where it goes (its counters count the answer).
+    backend: &'a Backend,
+    /// When its head was complete.
+    started: Instant,
     framing: Framing,
     keep_alive: bool,
     upgrade: bool,
