@@ -67,8 +67,11 @@ enum Next {
     KeepAlive,
     /// The head is not complete yet (a blank line came before it did).
     NeedMore,
-    /// Close the connection (after reading what the client still sends).
+    /// Close the connection.
     Close,
+    /// Close the connection with the request (or its body) unread: what the
+    /// client still sends is read for a moment first ([`linger`]).
+    Linger,
     /// Splice the client with this backend connection (101 Switching Protocols).
     Tunnel(BackendConn),
 }
@@ -173,7 +176,10 @@ impl Proxy {
         };
         match end {
             Next::Tunnel(backend) => self.tunnel(io, bufs.client, backend, &shutdown).await,
-            _ => linger(io).await,
+            Next::Linger => linger(io).await,
+            _ => {
+                let _ = io.shutdown().await;
+            }
         }
     }
 
@@ -261,7 +267,7 @@ impl Proxy {
                     io,
                     &mut bufs.answer,
                     resp,
-                    head.keep_alive && !has_body,
+                    (head.keep_alive, has_body),
                     is_head,
                     started,
                 )
@@ -289,9 +295,15 @@ impl Proxy {
                         error_page(StatusCode::SERVICE_UNAVAILABLE, "No service answers to this name.")
                     }
                 };
-                let keep_alive = head.keep_alive && !has_body;
                 return self
-                    .answer(io, &mut bufs.answer, resp, keep_alive, is_head, started)
+                    .answer(
+                        io,
+                        &mut bufs.answer,
+                        resp,
+                        (head.keep_alive, has_body),
+                        is_head,
+                        started,
+                    )
                     .await;
             }
         };
@@ -706,8 +718,13 @@ impl Proxy {
     {
         self.count(facts, resp.status().as_u16());
         let keep_alive = facts.keep_alive && body.ended;
-        self.write_own(io, &mut bufs.answer, resp, keep_alive, facts.is_head)
+        match self
+            .write_own(io, &mut bufs.answer, resp, keep_alive, facts.is_head)
             .await
+        {
+            Next::Close if !body.ended => Next::Linger,
+            next => next,
+        }
     }
 
     /// [`Self::own_answer`] closing the connection.
@@ -726,13 +743,15 @@ impl Proxy {
         Next::Close
     }
 
-    /// The lb's own answer, counted (requests not forwarded to a backend).
+    /// The lb's own answer, counted (requests not forwarded to a backend);
+    /// `(keep_alive, has_body)`: the client's wish, and whether a body it sent
+    /// is left unread (the connection then closes, lingering).
     async fn answer<S>(
         &self,
         io: &mut ClientIo<S>,
         out: &mut Vec<u8>,
         resp: Response<ProxyBody>,
-        keep_alive: bool,
+        (keep_alive, has_body): (bool, bool),
         is_head: bool,
         started: Instant,
     ) -> Next
@@ -743,7 +762,8 @@ impl Proxy {
             .stats
             .requests
             .record(resp.status().as_u16(), started.elapsed());
-        self.write_own(io, out, resp, keep_alive, is_head).await
+        let next = self.write_own(io, out, resp, keep_alive && !has_body, is_head).await;
+        if has_body { Next::Linger } else { next }
     }
 
     /// A refused request head: the status the refusal names, counted; the
@@ -760,7 +780,8 @@ impl Proxy {
         };
         self.state.stats.requests.record(status.as_u16(), Duration::ZERO);
         self.write_own(io, out, error_page(status, &message), false, false)
-            .await
+            .await;
+        Next::Linger
     }
 
     /// The answer to a request whose body was cut (counted by why).
@@ -777,7 +798,7 @@ impl Proxy {
         let resp = self.body_cut(error, http::Version::HTTP_11);
         self.count(facts, resp.status().as_u16());
         self.write_own(io, out, resp, false, facts.is_head).await;
-        Next::Close
+        Next::Linger
     }
 
     /// Writes a response the lb made itself (error and status pages).
