@@ -325,6 +325,41 @@ fn check_line_ends(head: &[u8]) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// The field names a head's reading looks at (ASCII case-insensitive),
+/// told apart by length first: one comparison for most names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    ContentLength,
+    TransferEncoding,
+    Host,
+    Connection,
+    Upgrade,
+    Expect,
+    /// Keep-Alive, Proxy-Connection, TE, Trailer, Proxy-Authorization.
+    HopByHop,
+    Other,
+}
+
+impl Known {
+    fn of(name: &str) -> Self {
+        let is = |known: &str| name.eq_ignore_ascii_case(known);
+        match name.len() {
+            2 if is("te") => Known::HopByHop,
+            4 if is("host") => Known::Host,
+            6 if is("expect") => Known::Expect,
+            7 if is("upgrade") => Known::Upgrade,
+            7 if is("trailer") => Known::HopByHop,
+            10 if is("connection") => Known::Connection,
+            10 if is("keep-alive") => Known::HopByHop,
+            14 if is("content-length") => Known::ContentLength,
+            16 if is("proxy-connection") => Known::HopByHop,
+            17 if is("transfer-encoding") => Known::TransferEncoding,
+            19 if is("proxy-authorization") => Known::HopByHop,
+            _ => Known::Other,
+        }
+    }
+}
+
 /// What the fields of a head say about framing and the connection.
 #[derive(Default)]
 struct Fields<'b> {
@@ -345,67 +380,79 @@ impl<'b> Fields<'b> {
         let mut encoding = false;
         let mut upgrade_field = false;
         let mut connection_upgrade = false;
+        let mut connection_fields = false;
         for (i, h) in headers.iter().enumerate() {
-            let name = h.name;
             let value = trim(h.value);
-            if name.contains('_') {
-                f.drop.set(i);
-                continue;
-            }
-            if name.eq_ignore_ascii_case("content-length") {
-                f.drop.set(i);
-                f.length = Some(merge_length(f.length, value)?);
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                f.drop.set(i);
-                if version == Version::Http10 {
-                    return Err(Refusal::EncodingInHttp10);
+            match Known::of(h.name) {
+                Known::Other => {
+                    if h.name.contains('_') {
+                        f.drop.set(i);
+                    }
                 }
-                for coding in list(value) {
-                    if f.chunked || !coding.eq_ignore_ascii_case(b"chunked") {
+                Known::ContentLength => {
+                    f.drop.set(i);
+                    f.length = Some(merge_length(f.length, value)?);
+                }
+                Known::TransferEncoding => {
+                    f.drop.set(i);
+                    if version == Version::Http10 {
+                        return Err(Refusal::EncodingInHttp10);
+                    }
+                    for coding in list(value) {
+                        if f.chunked || !coding.eq_ignore_ascii_case(b"chunked") {
+                            return Err(Refusal::UnsupportedCoding);
+                        }
+                        f.chunked = true;
+                    }
+                    if !f.chunked {
                         return Err(Refusal::UnsupportedCoding);
                     }
-                    f.chunked = true;
+                    encoding = true;
                 }
-                if !f.chunked {
-                    return Err(Refusal::UnsupportedCoding);
+                Known::Host => {
+                    f.hosts += 1;
+                    f.host = value;
                 }
-                encoding = true;
-            } else if name.eq_ignore_ascii_case("host") {
-                f.hosts += 1;
-                f.host = value;
-            } else if name.eq_ignore_ascii_case("connection") {
-                f.drop.set(i);
-                for token in list(value) {
-                    if token.eq_ignore_ascii_case(b"close") {
-                        f.close = true;
-                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                        f.keep_alive_token = true;
-                    } else if token.eq_ignore_ascii_case(b"upgrade") {
-                        connection_upgrade = true;
+                Known::Connection => {
+                    f.drop.set(i);
+                    connection_fields = true;
+                    for token in list(value) {
+                        if token.eq_ignore_ascii_case(b"close") {
+                            f.close = true;
+                        } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                            f.keep_alive_token = true;
+                        } else if token.eq_ignore_ascii_case(b"upgrade") {
+                            connection_upgrade = true;
+                        }
                     }
                 }
-            } else if name.eq_ignore_ascii_case("upgrade") {
-                f.drop.set(i);
-                upgrade_field = true;
-            } else if name.eq_ignore_ascii_case("expect") {
-                f.expect_continue = value.eq_ignore_ascii_case(b"100-continue");
-            } else if ["keep-alive", "proxy-connection", "te", "trailer", "proxy-authorization"]
-                .iter()
-                .any(|h| name.eq_ignore_ascii_case(h))
-            {
-                f.drop.set(i);
+                Known::Upgrade => {
+                    f.drop.set(i);
+                    upgrade_field = true;
+                }
+                Known::Expect => f.expect_continue = value.eq_ignore_ascii_case(b"100-continue"),
+                Known::HopByHop => f.drop.set(i),
             }
         }
         if encoding && f.length.is_some() {
             return Err(Refusal::LengthAndEncoding);
         }
         f.upgrade = upgrade_field && connection_upgrade;
-        // Fields the Connection field names are this hop's too.
-        for h in headers.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")) {
-            for token in list(trim(h.value)) {
-                for (i, other) in headers.iter().enumerate() {
-                    if other.name.as_bytes().eq_ignore_ascii_case(token) {
-                        f.drop.set(i);
+        // Fields the Connection field names are this hop's too (its usual
+        // tokens name fields dropped anyway, and are skipped).
+        if connection_fields {
+            for h in headers.iter().filter(|h| Known::of(h.name) == Known::Connection) {
+                for token in list(trim(h.value)) {
+                    if [&b"close"[..], b"keep-alive", b"upgrade"]
+                        .iter()
+                        .any(|t| token.eq_ignore_ascii_case(t))
+                    {
+                        continue;
+                    }
+                    for (i, other) in headers.iter().enumerate() {
+                        if other.name.as_bytes().eq_ignore_ascii_case(token) {
+                            f.drop.set(i);
+                        }
                     }
                 }
             }

@@ -426,7 +426,10 @@ impl Proxy {
             // closed while idle is replaced once, when the body is still at hand.
             let answered = loop {
                 let result = match self.send_request(io, bufs, &mut conn, &mut body, client).await {
-                    Ok(()) => self.read_answer_head(&mut conn).await,
+                    Ok(()) => {
+                        let deadline = tokio::time::Instant::now() + self.server_timeout;
+                        self.read_answer_head(&mut conn, deadline).await
+                    }
                     Err(SendError::Body(error)) => {
                         return self.body_cut_h1(io, &mut bufs.answer, &error, facts).await;
                     }
@@ -585,9 +588,13 @@ impl Proxy {
     }
 
     /// Reads until the answer's head (a final one; 1xx other than 101 are
-    /// skipped) is complete in `conn.buf`, within `server_timeout`.
-    pub(super) async fn read_answer_head(&self, conn: &mut BackendConn) -> Result<(), AnswerError> {
-        let deadline = tokio::time::Instant::now() + self.server_timeout;
+    /// skipped) is complete in `conn.buf`, by `deadline` (`server_timeout`
+    /// after the request went out).
+    pub(super) async fn read_answer_head(
+        &self,
+        conn: &mut BackendConn,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), AnswerError> {
         let mut scanned = 0;
         loop {
             if head_complete(&conn.buf, &mut scanned) {
@@ -1333,25 +1340,33 @@ pub(super) fn answer_of(
     if answer.status == 101 {
         return None;
     }
-    let mut resp = Response::new(());
-    *resp.status_mut() = StatusCode::from_u16(answer.status).ok()?;
-    let headers = resp.headers_mut();
-    headers.reserve(answer.fields);
+    let status = StatusCode::from_u16(answer.status).ok()?;
+    // The fields kept, with where their values are in the head: the values
+    // are then slices of the head (no copy, no allocation each).
+    let start = conn.buf.as_ptr() as usize;
+    let mut kept = Vec::with_capacity(answer.fields);
     for (i, field) in fields[..answer.fields].iter().enumerate() {
         let content_length = field.name.eq_ignore_ascii_case("content-length");
         if answer.drop.contains(i) && !content_length && !field.name.contains('_') {
             continue;
         }
-        let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(field.name.as_bytes()),
-            http::HeaderValue::from_bytes(field.value),
-        ) else {
+        let Ok(name) = http::HeaderName::from_bytes(field.name.as_bytes()) else {
             continue;
         };
-        headers.append(name, value);
+        let at = field.value.as_ptr() as usize - start;
+        kept.push((name, at..at + field.value.len()));
     }
     let (framing, keep, len) = (answer.framing, answer.keep_alive, answer.len);
-    conn.buf.advance(len);
+    let head = conn.buf.split_to(len).freeze();
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.reserve(kept.len());
+    for (name, range) in kept {
+        if let Ok(value) = http::HeaderValue::from_maybe_shared(head.slice(range)) {
+            headers.append(name, value);
+        }
+    }
     let body = AnswerBody::new(conn, framing, keep, addr, pool.clone(), release);
     Some(resp.map(|()| body.boxed()))
 }

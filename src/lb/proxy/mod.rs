@@ -616,28 +616,42 @@ impl Proxy {
                         None => break,
                     }
                 };
-                let exchange = async {
-                    http1::send_hyper_request(&mut conn, &mut head, out_body)
+                // One deadline for sending the request and reading the answer's
+                // head (one timer per request, armed only when a read waits).
+                let deadline = tokio::time::Instant::now() + self.server_timeout;
+                let sent = match out_body {
+                    None => http1::send_hyper_request(&mut conn, &mut head, None)
                         .await
-                        .map_err(http1::AnswerError::from)?;
-                    self.read_answer_head(&mut conn).await
+                        .map_err(http1::AnswerError::from),
+                    body => {
+                        match tokio::time::timeout_at(deadline, http1::send_hyper_request(&mut conn, &mut head, body))
+                            .await
+                        {
+                            Ok(sent) => sent.map_err(http1::AnswerError::from),
+                            Err(_) => Err(http1::AnswerError::Timeout),
+                        }
+                    }
                 };
-                match tokio::time::timeout(self.server_timeout, exchange).await {
-                    Ok(Ok(())) => match http1::answer_of(conn, is_head, instance.addr, &self.conns, release.owned()) {
+                let answered = match sent {
+                    Ok(()) => self.read_answer_head(&mut conn, deadline).await,
+                    Err(error) => Err(error),
+                };
+                match answered {
+                    Ok(()) => match http1::answer_of(conn, is_head, instance.addr, &self.conns, release.owned()) {
                         Some(resp) => return resp,
                         None => {
                             return error_page(StatusCode::BAD_GATEWAY, "The service sent a malformed answer.");
                         }
                     },
-                    Ok(Err(http1::AnswerError::Body(cut))) => return self.body_cut(&cut, parts.version),
-                    Ok(Err(error)) => {
+                    Err(http1::AnswerError::Body(cut)) => return self.body_cut(&cut, parts.version),
+                    Err(http1::AnswerError::Timeout) => {
+                        return error_page(StatusCode::GATEWAY_TIMEOUT, "The service did not answer in time.");
+                    }
+                    Err(error) => {
                         tracing::debug!(service = %backend.service, addr = %instance.addr, %error, "lb: backend connection failed");
                         if !bodiless {
                             return error_page(StatusCode::BAD_GATEWAY, "The service failed while answering.");
                         }
-                    }
-                    Err(_) => {
-                        return error_page(StatusCode::GATEWAY_TIMEOUT, "The service did not answer in time.");
                     }
                 }
             }
