@@ -47,7 +47,7 @@ use super::{ClientConn, MAX_ATTEMPTS, MAX_HEADER_BYTES, NoSlot, Proxy, Release, 
 use crate::lb::body::{ProxyBody, error_page};
 use crate::lb::client::{self, ClientIo};
 use crate::lb::h1::{self, Framing, RequestHead, ResponseHead, Version, chunked};
-use crate::lb::table::{Backend, Destination};
+use crate::lb::table::{Backend, BackendInstance, Destination};
 use crate::lb::upload::{BodyClock, BodyError, ForwardBody, Reservation};
 
 /// Room made in a read buffer before each read.
@@ -384,24 +384,10 @@ impl Proxy {
             attempts += 1;
             let instance = match self.pick_with_capacity(backend, maxconn, &tried, share).await {
                 Ok(instance) => instance,
-                Err(NoSlot::OverShare) if tried.len == 0 => {
-                    self.state.stats.over_share.fetch_add(1, Ordering::Relaxed);
-                    let mut resp = error_page(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "Too many of your requests are in flight on this service.",
-                    );
-                    resp.headers_mut()
-                        .insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
-                    return self.own_answer(io, bufs, resp, facts, &body).await;
-                }
-                Err(_) if tried.len == 0 && !backend.instances.is_empty() => {
-                    let resp = error_page(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "Every instance of this service is busy.",
-                    );
-                    return self.own_answer(io, bufs, resp, facts, &body).await;
-                }
-                Err(_) => break,
+                Err(why) => match self.no_slot_answer(why, &tried, backend) {
+                    Some(resp) => return self.own_answer(io, bufs, resp, facts, &body).await,
+                    None => break,
+                },
             };
             tried.push(instance.addr);
             if attempts > 1 {
@@ -412,15 +398,8 @@ impl Proxy {
                 health: &instance.health,
                 source: share.map(|s| s.source),
             };
-            let mut conn = match self.conns.take(instance.addr) {
-                Some(conn) => conn,
-                None => match BackendConn::connect(instance.addr, self.connect_timeout).await {
-                    Ok(conn) => conn,
-                    Err(error) => {
-                        self.connect_failed(backend, instance, &error);
-                        continue;
-                    }
-                },
+            let Some(mut conn) = self.connection_to(backend, instance).await else {
+                continue;
             };
             // Sent, and the answer's head read; a pooled connection the backend
             // closed while idle is replaced once, when the body is still at hand.
@@ -471,6 +450,47 @@ impl Proxy {
             "No instance of this service could be reached.",
         );
         self.own_answer(io, bufs, resp, facts, &body).await
+    }
+
+    /// A pooled connection to `instance`, else a new one; None when it cannot
+    /// be reached (logged, the instance ejected: the caller tries another).
+    pub(super) async fn connection_to(&self, backend: &Backend, instance: &BackendInstance) -> Option<BackendConn> {
+        if let Some(conn) = self.conns.take(instance.addr) {
+            return Some(conn);
+        }
+        match BackendConn::connect(instance.addr, self.connect_timeout).await {
+            Ok(conn) => Some(conn),
+            Err(error) => {
+                self.connect_failed(backend, instance, &error);
+                None
+            }
+        }
+    }
+
+    /// The lb's answer when no slot could be reserved for a request's first
+    /// try (`why`): 429 for a client at its share of every instance with room,
+    /// 503 when every instance is busy; None when there is none left to try
+    /// (the caller's "could not be reached").
+    pub(super) fn no_slot_answer(&self, why: NoSlot, tried: &Tried, backend: &Backend) -> Option<Response<ProxyBody>> {
+        if tried.len > 0 {
+            return None;
+        }
+        if why == NoSlot::OverShare {
+            self.state.stats.over_share.fetch_add(1, Ordering::Relaxed);
+            let mut resp = error_page(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too many of your requests are in flight on this service.",
+            );
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+            return Some(resp);
+        }
+        (!backend.instances.is_empty()).then(|| {
+            error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Every instance of this service is busy.",
+            )
+        })
     }
 
     /// A connect that failed: logged, the instance ejected.

@@ -565,23 +565,10 @@ impl Proxy {
             for attempt in 0..MAX_ATTEMPTS {
                 let instance = match self.pick_with_capacity(backend, maxconn, &tried, share).await {
                     Ok(instance) => instance,
-                    Err(NoSlot::OverShare) if tried.len == 0 => {
-                        self.state.stats.over_share.fetch_add(1, Ordering::Relaxed);
-                        let mut resp = error_page(
-                            StatusCode::TOO_MANY_REQUESTS,
-                            "Too many of your requests are in flight on this service.",
-                        );
-                        resp.headers_mut()
-                            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                        return resp;
-                    }
-                    Err(_) if tried.len == 0 && !backend.instances.is_empty() => {
-                        return error_page(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "Every instance of this service is busy.",
-                        );
-                    }
-                    Err(_) => break,
+                    Err(why) => match self.no_slot_answer(why, &tried, backend) {
+                        Some(resp) => return resp,
+                        None => break,
+                    },
                 };
                 tried.push(instance.addr);
                 if attempt > 0 {
@@ -594,15 +581,8 @@ impl Proxy {
                     health: &instance.health,
                     source: share.map(|s| s.source),
                 };
-                let mut conn = match self.conns.take(instance.addr) {
-                    Some(conn) => conn,
-                    None => match conns::BackendConn::connect(instance.addr, self.connect_timeout).await {
-                        Ok(conn) => conn,
-                        Err(error) => {
-                            self.connect_failed(backend, instance, &error);
-                            continue;
-                        }
-                    },
+                let Some(mut conn) = self.connection_to(backend, instance).await else {
+                    continue;
                 };
                 let out_headers = headers
                     .take()
