@@ -1164,9 +1164,13 @@ fn owned(name: &str) -> Option<Owned> {
     }
 }
 
-/// The request head as the backend gets it, without its framing line and
-/// the blank line (added when it is sent): the same headers the hyper path
-/// sends (`Proxy::outgoing_headers`).
+/// One field of a request as the head writer sees it: its name, its value,
+/// and whether it is this hop's (not forwarded as it is: hop-by-hop, framing,
+/// a name with an underscore).
+type Field<'a> = (&'a str, &'a [u8], bool);
+
+/// The request head as the backend gets it from an HTTP/1.1 client, without
+/// its framing line and the blank line (added when it is sent).
 fn write_request_head(
     out: &mut Vec<u8>,
     head: &RequestHead<'_>,
@@ -1175,28 +1179,86 @@ fn write_request_head(
     expect_handled: bool,
     unique_id: &[u8],
 ) {
+    let upgrade = head
+        .upgrade
+        .then(|| fields.iter().find(|f| f.name.eq_ignore_ascii_case("upgrade")))
+        .flatten()
+        .map(|f| f.value);
+    let fields = || {
+        fields
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.name, f.value, head.drop.contains(i)))
+    };
+    let target = head.path().as_bytes();
+    let request = (head.method.as_bytes(), target, head.authority);
+    write_head_with(out, request, fields, client, expect_handled, unique_id, upgrade);
+}
+
+/// The same for an HTTP/2 client's request, from hyper's request: the target's
+/// authority (`:authority`) wins over a `host` field.
+pub(super) fn write_h2_request_head(
+    out: &mut Vec<u8>,
+    parts: &http::request::Parts,
+    client: &ClientConn,
+    unique_id: &[u8],
+) {
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| super::authority_host(a).as_bytes())
+        .or_else(|| parts.headers.get(http::header::HOST).map(http::HeaderValue::as_bytes))
+        .unwrap_or_default();
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let fields = || {
+        parts
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_bytes(), h2_hop_field(name)))
+    };
+    let request = (parts.method.as_str().as_bytes(), target.as_bytes(), authority);
+    write_head_with(out, request, fields, client, false, unique_id, None);
+}
+
+/// Whether an HTTP/2 request's field is this hop's: hop-by-hop ones (HTTP/2
+/// forbids most of them, `te` is allowed), the framing (written anew), and
+/// names with an underscore (dropped as nginx does).
+fn h2_hop_field(name: &http::HeaderName) -> bool {
+    super::HOP_BY_HOP.contains(name) || name == http::header::CONTENT_LENGTH || name.as_str().contains('_')
+}
+
+/// Writes the request line and the fields: the client's own (what `fields`
+/// iterates, those marked this hop's left out), then the ones the lb owns (see the table in
+/// `super`'s header): Host, X-Forwarded-For and Forwarded appended to,
+/// X-Real-IP, X-Forwarded-Proto, X-Forwarded-Host and X-Unique-ID set, and
+/// the Upgrade asked for.
+fn write_head_with<'f, I: Iterator<Item = Field<'f>>>(
+    out: &mut Vec<u8>,
+    (method, target, authority): (&[u8], &[u8], &[u8]),
+    fields: impl Fn() -> I,
+    client: &ClientConn,
+    expect_handled: bool,
+    unique_id: &[u8],
+    upgrade: Option<&[u8]>,
+) {
     out.clear();
-    out.extend_from_slice(head.method.as_bytes());
+    out.extend_from_slice(method);
     out.push(b' ');
-    out.extend_from_slice(head.path().as_bytes());
+    out.extend_from_slice(target);
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    if !head.authority.is_empty() {
-        push_field(out, b"Host", head.authority);
+    if !authority.is_empty() {
+        push_field(out, b"Host", authority);
     }
     let (mut xff, mut forwarded) = (false, false);
-    let mut upgrade: &[u8] = b"";
-    for (i, field) in fields.iter().enumerate() {
-        if head.drop.contains(i) {
-            if head.upgrade && field.name.eq_ignore_ascii_case("upgrade") {
-                upgrade = field.value;
-            }
+    for (name, value, dropped) in fields() {
+        if dropped {
             continue;
         }
-        match owned(field.name) {
-            None => push_field(out, field.name.as_bytes(), field.value),
+        match owned(name) {
+            None => push_field(out, name.as_bytes(), value),
             Some(Owned::XForwardedFor) => xff = true,
             Some(Owned::Forwarded) => forwarded = true,
-            Some(Owned::Expect) if !expect_handled => push_field(out, field.name.as_bytes(), field.value),
+            Some(Owned::Expect) if !expect_handled => push_field(out, name.as_bytes(), value),
             Some(_) => {}
         }
     }
@@ -1213,9 +1275,9 @@ fn write_request_head(
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
         if present {
-            for (i, field) in fields.iter().enumerate() {
-                if !head.drop.contains(i) && owned(field.name) == Some(wanted) {
-                    out.extend_from_slice(field.value);
+            for (field, value, dropped) in fields() {
+                if !dropped && owned(field) == Some(wanted) {
+                    out.extend_from_slice(value);
                     out.extend_from_slice(b", ");
                 }
             }
@@ -1225,11 +1287,11 @@ fn write_request_head(
     }
     push_field(out, b"X-Real-IP", client.ip.as_bytes());
     push_field(out, b"X-Forwarded-Proto", client.scheme.as_str().as_bytes());
-    if !head.authority.is_empty() {
-        push_field(out, b"X-Forwarded-Host", head.authority);
+    if !authority.is_empty() {
+        push_field(out, b"X-Forwarded-Host", authority);
     }
     push_field(out, b"X-Unique-ID", unique_id);
-    if head.upgrade {
+    if let Some(upgrade) = upgrade {
         out.extend_from_slice(b"Connection: upgrade\r\n");
         push_field(out, b"Upgrade", upgrade);
     }
@@ -1269,25 +1331,7 @@ fn write_answer_head(
     out.extend_from_slice(b"\r\n");
 }
 
-/// The request line and headers (HTTP/2 clients' requests, as
-/// `Proxy::outgoing_headers` made them), without the framing line and the
-/// blank line, which [`send_hyper_request`] adds.
-pub(super) fn write_head_of(out: &mut Vec<u8>, method: &http::Method, target: &str, headers: &http::HeaderMap) {
-    out.clear();
-    out.extend_from_slice(method.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        // The framing is the lb's: written by send_hyper_request.
-        if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
-            continue;
-        }
-        push_field(out, name.as_str().as_bytes(), value.as_bytes());
-    }
-}
-
-/// Sends a request whose head [`write_head_of`] wrote in `head`, with its
+/// Sends a request whose head [`write_h2_request_head`] wrote in `head`, with its
 /// body: all of it in one write when it is in hand (a `Content-Length`),
 /// else re-chunked as it comes.
 pub(super) async fn send_hyper_request(
@@ -1439,6 +1483,46 @@ mod tests {
         );
         assert_eq!(interim_len(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"), None);
         assert_eq!(interim_len(b"HTTP/1.1 200 OK\r\n\r\n"), None);
+    }
+
+    /// An h2 client's request as the backend gets it: `:authority` wins over
+    /// `host`, hop-by-hop, framing and underscore fields go, the lb's own
+    /// fields are set once and the forwarding lines appended to, in order.
+    #[test]
+    fn an_h2_request_head_carries_one_truth() {
+        let mut request = http::Request::get("https://web.service/a?b=1").body(()).unwrap();
+        let h = request.headers_mut();
+        for (name, value) in [
+            ("host", "other.service"),
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2, 3.3.3.3"),
+            ("forwarded", "for=1.1.1.1"),
+            ("x-real-ip", "6.6.6.6"),
+            ("x-unique-id", "mine"),
+            ("x_user", "admin"),
+            ("te", "trailers"),
+            ("content-length", "099"),
+            ("accept", "*/*"),
+        ] {
+            h.append(
+                http::HeaderName::from_static(name),
+                http::HeaderValue::from_static(value),
+            );
+        }
+        let (parts, ()) = request.into_parts();
+        let activity = crate::lb::client::Activity::new(tokio::time::Instant::now(), true);
+        let peer: std::net::SocketAddr = "192.0.2.9:5555".parse().unwrap();
+        let client = ClientConn::new(peer, super::super::Scheme::Https, activity);
+        let mut out = Vec::new();
+        write_h2_request_head(&mut out, &parts, &client, b"00000000000000000001");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /a?b=1 HTTP/1.1\r\nHost: web.service\r\naccept: */*\r\n\
+             X-Forwarded-For: 1.1.1.1, 2.2.2.2, 3.3.3.3, 192.0.2.9\r\n\
+             Forwarded: for=1.1.1.1, for=192.0.2.9;proto=https\r\nX-Real-IP: 192.0.2.9\r\n\
+             X-Forwarded-Proto: https\r\nX-Forwarded-Host: web.service\r\n\
+             X-Unique-ID: 00000000000000000001\r\n"
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@
 //!      `tunnel_timeout` without a byte and at shutdown)
 //! ```
 //!
-//! The request headers the backend gets (`Proxy::outgoing_headers`): the
+//! The request headers the backend gets (`http1::write_head_with`, for both paths): the
 //! lb owns these, whatever the client sent (PanteraS's HAProxy appended
 //! `X-Forwarded-For` with `option forwardfor` and added `X-Unique-ID`):
 //!
@@ -61,8 +61,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
@@ -169,11 +168,6 @@ impl ClientConn {
 }
 
 /// The forwarding headers, as constants: no name parsing per request.
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_UNIQUE_ID: HeaderName = HeaderName::from_static("x-unique-id");
-const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -466,7 +460,7 @@ impl Proxy {
             let table = self.state.table.load_full();
             // The target's authority wins over Host: an absolute-form target
             // (RFC 9112 3.2.2) and h2's `:authority` (RFC 9113 8.3.1); the
-            // backend is then sent that as its Host (`outgoing_headers`).
+            // backend is then sent that as its Host (`http1::write_h2_request_head`).
             let host = match req.uri().authority() {
                 Some(authority) => Some(authority_host(authority)),
                 None => host_header.and_then(|h| h.to_str().ok()),
@@ -549,11 +543,9 @@ impl Proxy {
                     Err(error) => return self.body_cut(&error, parts.version),
                 }
             };
-            // Built once; rebuilt only for a retry (rare), not cloned per attempt.
-            let first_headers = self.outgoing_headers(&parts, client, false);
-            let unique_id = first_headers.get(X_UNIQUE_ID).cloned();
-            let mut headers = Some(first_headers);
-            let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            // One id for every attempt: the instances see one request.
+            let n = self.request_ids.fetch_add(1, Ordering::Relaxed);
+            let unique_id = request_id_bytes(self.id_prefix, n);
             let is_head = parts.method == http::Method::HEAD;
             let mut tried = Tried::default();
             let maxconn = self.maxconn(backend);
@@ -584,10 +576,7 @@ impl Proxy {
                 let Some(mut conn) = self.connection_to(backend, instance).await else {
                     continue;
                 };
-                let out_headers = headers
-                    .take()
-                    .unwrap_or_else(|| self.retry_headers(&parts, client, unique_id.as_ref()));
-                http1::write_head_of(&mut head, &parts.method, target, &out_headers);
+                http1::write_h2_request_head(&mut head, &parts, client, &unique_id);
                 let out_body = if bodiless {
                     None
                 } else {
@@ -685,21 +674,6 @@ impl Proxy {
             .unwrap_or(super::DEFAULT_MAXCONN)
     }
 
-    /// The headers of a retry (rare): built again, with the first attempt's
-    /// X-Unique-ID, so the instances see one request.
-    fn retry_headers(
-        &self,
-        parts: &http::request::Parts,
-        client: &ClientConn,
-        unique_id: Option<&HeaderValue>,
-    ) -> HeaderMap {
-        let mut h = self.outgoing_headers(parts, client, false);
-        if let Some(id) = unique_id {
-            h.insert(X_UNIQUE_ID, id.clone());
-        }
-        h
-    }
-
     /// An instance below `maxconn` (PanteraS's per-instance cap) where the
     /// client is below its `share`, with one in-flight slot reserved for this
     /// request; when all are at the cap, the request waits in a bounded queue
@@ -717,86 +691,6 @@ impl Proxy {
             timeout: self.queue_timeout,
         };
         reserve_instance(backend, maxconn, tried, share, &self.state.health, &queue).await
-    }
-
-    /// The request headers as the backend gets them (the table in the module
-    /// header says which the lb sets, appends to and removes). Per request, so
-    /// it parses no header names and formats nothing but the request id.
-    fn outgoing_headers(&self, request: &http::request::Parts, client: &ClientConn, upgrade: bool) -> HeaderMap {
-        let incoming = &request.headers;
-        let mut headers = incoming.clone();
-        // Room for the six the lb adds: the map grows at most once.
-        headers.reserve(6);
-        let upgrade_value = upgrade.then(|| headers.get(header::UPGRADE).cloned()).flatten();
-        strip_headers(&mut headers);
-        if let Some(value) = upgrade_value {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(header::UPGRADE, value);
-        }
-        // The target's authority wins over Host (absolute-form, h2 :authority;
-        // the route was chosen by it too), and the HTTP/1.1 backend needs a Host.
-        if let Some(authority) = request.uri.authority()
-            && let Ok(v) = HeaderValue::from_str(authority_host(authority))
-        {
-            headers.insert(header::HOST, v);
-        }
-        normalise_content_length(&mut headers);
-        // Appended to (HAProxy's `option forwardfor`, RFC 7239 4): every line
-        // the client sent, in order, then this hop.
-        headers.insert(X_FORWARDED_FOR, append_hop(incoming, X_FORWARDED_FOR, &client.ip));
-        headers.insert(
-            header::FORWARDED,
-            append_hop(incoming, header::FORWARDED, &client.forwarded),
-        );
-        // Set: `insert` replaces every line the client sent.
-        headers.insert(X_REAL_IP, client.ip.clone());
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.scheme.as_str()));
-        match headers.get(header::HOST).cloned() {
-            Some(host) => headers.insert(X_FORWARDED_HOST, host),
-            None => headers.remove(X_FORWARDED_HOST),
-        };
-        let n = self.request_ids.fetch_add(1, Ordering::Relaxed);
-        headers.insert(X_UNIQUE_ID, request_id(self.id_prefix, n));
-        headers
-    }
-}
-
-/// `name`'s lines in `incoming` joined in order with `, `, then `hop`; just
-/// `hop` when the client sent none (or lines that cannot be joined).
-fn append_hop(incoming: &HeaderMap, name: HeaderName, hop: &HeaderValue) -> HeaderValue {
-    let mut prior = incoming.get_all(name).iter().peekable();
-    if prior.peek().is_none() {
-        return hop.clone();
-    }
-    let mut joined = Vec::with_capacity(128);
-    for value in prior {
-        joined.extend_from_slice(value.as_bytes());
-        joined.extend_from_slice(b", ");
-    }
-    joined.extend_from_slice(hop.as_bytes());
-    HeaderValue::from_maybe_shared(Bytes::from(joined)).unwrap_or_else(|_| hop.clone())
-}
-
-/// `Content-Length` in its one canonical form: a client's `099`, `5, 5` or two
-/// equal lines (which hyper accepted as one length) reach the backend as one
-/// line of plain digits.
-fn normalise_content_length(headers: &mut HeaderMap) {
-    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
-    let Some(first) = values.next() else {
-        return;
-    };
-    let digits = first.as_bytes();
-    let canonical =
-        !digits.is_empty() && digits.iter().all(u8::is_ascii_digit) && (digits.len() == 1 || digits[0] != b'0');
-    if canonical && values.next().is_none() {
-        return;
-    }
-    let length = std::str::from_utf8(digits)
-        .ok()
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if let Some(length) = length {
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
 }
 
@@ -817,13 +711,8 @@ fn authority_host(authority: &http::uri::Authority) -> &str {
     all.rsplit_once('@').map_or(all, |(_, host)| host)
 }
 
-/// `X-Unique-ID`: 8 hex digits of the proxy's random prefix, 12 of the counter.
-fn request_id(prefix: u32, n: u64) -> HeaderValue {
-    HeaderValue::from_bytes(&request_id_bytes(prefix, n)).unwrap_or_else(|_| HeaderValue::from_static("0"))
-}
-
-/// [`request_id`]'s 20 hex digits, as bytes (the own HTTP/1.1 path writes
-/// them into the head without making a `HeaderValue`).
+/// `X-Unique-ID`: 8 hex digits of the proxy's random prefix, 12 of the
+/// counter, written into the head as bytes.
 fn request_id_bytes(prefix: u32, n: u64) -> [u8; 20] {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut id = [0u8; 20];
@@ -1068,64 +957,6 @@ async fn reserve_instance<'b>(
     }
 }
 
-/// Removes the hop-by-hop headers of an HTTP/2 client's request (and what
-/// `Connection` names), and names with an underscore (`Transfer_Encoding`),
-/// which nginx drops by default (`underscores_in_headers off`): a backend or
-/// framework that maps `_` and `-` to one name (CGI, PHP, WSGI) would read
-/// them as the header the lb checked under another name.
-fn strip_headers(headers: &mut HeaderMap) {
-    // Most messages carry none, or only `Connection: keep-alive`: one pass over
-    // the names decides, and only names that are there are removed.
-    let mut present = 0u8; // bit i: HOP_BY_HOP[i] is there
-    let mut underscored = false;
-    for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present |= 1 << i;
-        } else if name.as_str().as_bytes().contains(&b'_') {
-            underscored = true;
-        }
-    }
-    if underscored {
-        let names: Vec<HeaderName> = headers
-            .keys()
-            .filter(|n| n.as_str().as_bytes().contains(&b'_'))
-            .cloned()
-            .collect();
-        for name in names {
-            headers.remove(name);
-        }
-    }
-    if present == 0 {
-        return;
-    }
-    let connection = present & 1 != 0; // HOP_BY_HOP[0] is Connection
-    if connection {
-        // Headers named in Connection are hop-by-hop too (the usual tokens name
-        // nothing else, and are skipped without parsing).
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|t| {
-                !["keep-alive", "close", "upgrade"]
-                    .iter()
-                    .any(|k| t.eq_ignore_ascii_case(k))
-            })
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-    }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << i) != 0 {
-            headers.remove(name);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1138,32 +969,9 @@ mod tests {
             (0x0123_4567, 0xABC_DEF0_1234),
             (u32::MAX, (1 << 48) - 1),
         ] {
-            let id = request_id(prefix, n);
-            assert_eq!(id.to_str().unwrap(), format!("{prefix:08X}{n:012X}"));
+            let id = request_id_bytes(prefix, n);
+            assert_eq!(std::str::from_utf8(&id).unwrap(), format!("{prefix:08X}{n:012X}"));
         }
-    }
-
-    #[test]
-    fn hop_by_hop_headers_and_those_named_in_connection_are_stripped() {
-        let mut h = HeaderMap::new();
-        h.insert(header::HOST, HeaderValue::from_static("web.service"));
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, X-Secret, close"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert("x-kept", HeaderValue::from_static("1"));
-        strip_headers(&mut h);
-        let mut names: Vec<_> = h.keys().map(HeaderName::as_str).collect();
-        names.sort_unstable();
-        assert_eq!(names, ["host", "x-kept"]);
-
-        let mut plain = HeaderMap::new();
-        plain.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
-        strip_headers(&mut plain);
-        assert_eq!(plain.len(), 1);
     }
 
     fn backend(instances: &[(u8, &Carryover)]) -> Backend {
@@ -1354,36 +1162,7 @@ mod tests {
     }
 
     #[test]
-    fn forwarding_headers_are_set_appended_and_removed() {
-        let mut h = HeaderMap::new();
-        h.append(X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
-        h.append(X_FORWARDED_FOR, HeaderValue::from_static("2.2.2.2, 3.3.3.3"));
-        let me = HeaderValue::from_static("192.0.2.9");
-        assert_eq!(
-            append_hop(&h, X_FORWARDED_FOR, &me),
-            "1.1.1.1, 2.2.2.2, 3.3.3.3, 192.0.2.9"
-        );
-        assert_eq!(append_hop(&h, header::FORWARDED, &me), "192.0.2.9");
-
-        for (sent, forwarded) in [("099", Some("99")), ("0", None), ("100", None), ("5, 5", Some("5"))] {
-            let mut h = HeaderMap::new();
-            h.insert(header::CONTENT_LENGTH, HeaderValue::from_static(sent));
-            normalise_content_length(&mut h);
-            assert_eq!(h[header::CONTENT_LENGTH], forwarded.unwrap_or(sent), "{sent}");
-        }
-        let mut two = HeaderMap::new();
-        two.append(header::CONTENT_LENGTH, HeaderValue::from_static("7"));
-        two.append(header::CONTENT_LENGTH, HeaderValue::from_static("7"));
-        normalise_content_length(&mut two);
-        assert_eq!(two.get_all(header::CONTENT_LENGTH).iter().count(), 1);
-
-        let mut u = HeaderMap::new();
-        u.insert("transfer_encoding", HeaderValue::from_static("chunked"));
-        u.insert("x_user", HeaderValue::from_static("admin"));
-        u.insert("x-kept", HeaderValue::from_static("1"));
-        strip_headers(&mut u);
-        assert_eq!(u.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-kept"]);
-
+    fn an_authority_loses_its_userinfo() {
         let authority: http::uri::Authority = "user:pw@beta.service:8080".parse().unwrap();
         assert_eq!(authority_host(&authority), "beta.service:8080");
     }
