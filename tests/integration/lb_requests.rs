@@ -744,6 +744,15 @@ async fn two_hosts_are_refused_and_the_target_authority_wins() {
 /// `X-Forwarded-For` and `Forwarded` appended to (every client line kept in
 /// order, then the real address); `Content-Length: 099` forwarded as `99`;
 /// `Transfer_Encoding` and other underscore names dropped.
+/// The values of the `name: value` lines of an echo backend's report, in order.
+fn header_values(seen: &str, name: &str) -> Vec<String> {
+    let prefix = format!("{name}: ");
+    seen.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lb_forwards_one_truth_about_each_request() {
     let t = two_services().await;
@@ -760,14 +769,7 @@ async fn the_lb_forwards_one_truth_about_each_request() {
     )
     .await;
     assert_eq!(status, 200, "{seen}");
-    let lines: Vec<&str> = seen.lines().collect();
-    let values = |name: &str| -> Vec<String> {
-        lines
-            .iter()
-            .filter_map(|l| l.strip_prefix(&format!("{name}: ")))
-            .map(str::to_string)
-            .collect()
-    };
+    let values = |name: &str| header_values(&seen, name);
     assert_eq!(values("x-real-ip"), ["127.0.0.1"], "{seen}");
     assert_eq!(values("x-forwarded-host"), [alpha.as_str()], "{seen}");
     assert_eq!(values("x-forwarded-proto"), ["http"], "{seen}");
@@ -799,12 +801,7 @@ async fn the_lb_forwards_one_truth_about_each_request() {
     )
     .await;
     assert_eq!(status, 200, "{seen}");
-    let values = |name: &str| -> Vec<String> {
-        seen.lines()
-            .filter_map(|l| l.strip_prefix(&format!("{name}: ")))
-            .map(str::to_string)
-            .collect()
-    };
+    let values = |name: &str| header_values(&seen, name);
     assert_eq!(values("x-real-ip"), ["127.0.0.1"], "{seen}");
     assert_eq!(values("x-forwarded-host"), [alpha.as_str()], "{seen}");
     assert_eq!(values("x-forwarded-proto"), ["https"], "{seen}");

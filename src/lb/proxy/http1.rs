@@ -1132,7 +1132,13 @@ fn push_chunk(out: &mut Vec<u8>, data: &[u8]) {
     if data.is_empty() {
         return;
     }
-    out.extend_from_slice(format!("{:X}\r\n", data.len()).as_bytes());
+    // The size in hex, written without formatting machinery (no allocation).
+    let len = data.len();
+    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1);
+    for shift in (0..digits).rev() {
+        out.push(b"0123456789ABCDEF"[(len >> (shift * 4)) & 0xF]);
+    }
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
 }
@@ -1523,6 +1529,21 @@ mod tests {
              X-Forwarded-Proto: https\r\nX-Forwarded-Host: web.service\r\n\
              X-Unique-ID: 00000000000000000001\r\n"
         );
+    }
+
+    #[test]
+    fn chunks_carry_their_size_in_hex() {
+        for (len, size) in [(1usize, "1"), (15, "F"), (16, "10"), (4096, "1000"), (65_535, "FFFF")] {
+            let mut out = Vec::new();
+            push_chunk(&mut out, &vec![b'x'; len]);
+            assert_eq!(
+                out,
+                [format!("{size}\r\n").as_bytes(), &vec![b'x'; len], b"\r\n"].concat()
+            );
+        }
+        let mut out = Vec::new();
+        push_chunk(&mut out, b"");
+        assert!(out.is_empty(), "no data: no chunk (a zero chunk would end the body)");
     }
 
     #[test]
