@@ -12,7 +12,7 @@
 #
 # Environment (all optional):
 #   ROUNDS        rounds; every round measures every proxy once, order rotating  (3)
-#   SECONDS       length of one wrk run, seconds                                 (5)
+#   SECONDS       length of one throughput run (wrk; h2load for HTTP/2), seconds (5)
 #   CONNECTIONS   wrk -c: client connections, all keep-alive                     (64)
 #   QUOTA_PCT     CPU share of one core each proxy may use (cpu.cfs_quota_us)    (30)
 #   PROXY_CPU     the core the proxies are pinned to                             (0)
@@ -21,7 +21,12 @@
 #                 slowest proxy's median capped req/s                            ()
 #   LAT_SHARE     see LAT_RPS (an unsaturated proxy pays more CPU per request:
 #                 a wake-up each, so well below the saturated figure)            (0.3)
-#   LAT_SECONDS   length of one fixed-rate run; 0 skips them                     (5)
+#   LAT_SECONDS   seconds of fixed-rate load each proxy gets in total; 0 skips
+#                 them and the HTTP/2 runs                                       (5)
+#   LAT_SLICE     the fixed-rate load is given in slices of this many seconds,
+#                 the proxies taking turns (order rotating), until each has had
+#                 LAT_SECONDS: a stall of the machine then lands on every proxy
+#                 alike instead of on whichever ran during it                    (1)
 #   LAT_CONNS     h2load -c of the fixed-rate runs                               (16)
 #   TLS=1         also the same two tables for HTTP/2 over TLS (h2load, every
 #                 proxy terminating TLS with the same self-signed certificate)   (1)
@@ -77,6 +82,8 @@ load_cpu=${LOAD_CPU:-1}
 lat_rps=${LAT_RPS:-}
 lat_share=${LAT_SHARE:-0.3}
 lat_seconds=${LAT_SECONDS:-5}
+lat_slice=${LAT_SLICE:-1}
+[[ "$lat_slice" =~ ^[1-9][0-9]*$ ]] || { echo "lb-capped: LAT_SLICE is whole seconds (1 or more), not $lat_slice" >&2; exit 1; }
 lat_conns=${LAT_CONNS:-16}
 tls=${TLS:-1}
 
@@ -89,7 +96,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
 echo "== lb-capped: Wayfinder vs HAProxy vs nginx, each capped at ${quota_pct}% of CPU $proxy_cpu (load on CPU $load_cpu)"
-echo "command:  ROUNDS=$rounds SECONDS=$run_seconds CONNECTIONS=$connections QUOTA_PCT=$quota_pct LAT_SECONDS=$lat_seconds LAT_RPS=${lat_rps:-auto} TLS=$tls WF_WORKERS=${WF_WORKERS:-default} $0 $*"
+echo "command:  ROUNDS=$rounds SECONDS=$run_seconds CONNECTIONS=$connections QUOTA_PCT=$quota_pct LAT_SECONDS=$lat_seconds LAT_SLICE=$lat_slice LAT_RPS=${lat_rps:-auto} TLS=$tls WF_WORKERS=${WF_WORKERS:-default} $0 $*"
 print_machine
 [ "$(nproc)" -ge 2 ] || { echo "lb-capped: needs 2 CPUs (proxies on one, load on the other)" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "lb-capped: run as root (cgroup v1 cpu controller)" >&2; exit 1; }
@@ -347,14 +354,15 @@ EOF
       $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, (late > 0 ? "  (" late " late threads capped)" : "") }'
 }
 
-# h2load_run ROUND NAME KIND RATE OUT: one fixed-rate (RATE > 0) or saturating
-# (RATE = 0) h2load run; KIND h1 (plain HTTP/1.1) or h2 (HTTP/2 over TLS).
-# Appends a row to $tmp/h2load.tsv.
+# h2load_run ROUND NAME KIND RATE SECONDS WARMUP: one fixed-rate (RATE > 0) or
+# saturating (RATE = 0) h2load run of SECONDS after WARMUP (an h2load duration:
+# 1, 250ms); KIND h1 (plain HTTP/1.1) or h2 (HTTP/2 over TLS). Appends a row to
+# $tmp/h2load.tsv; every request's latency stays in the run's --log-file.
 h2load_run() {
-  local r=$1 p=$2 kind=$3 rate=$4 out="$tmp/h2load-$1-$2-$3-$4.out" log="$tmp/h2load-$1-$2-$3-$4.log"
+  local r=$1 p=$2 kind=$3 rate=$4 secs=$5 warmup=$6 out="$tmp/h2load-$1-$2-$3-$4.out" log="$tmp/h2load-$1-$2-$3-$4.log"
   # The URL names web.service (TLS: the SNI), --connect-to sends it to 127.0.0.1, and
   # :authority (HTTP/1.1: Host) is web.service without a port, as wrk's Host header.
-  local args=(-c "$lat_conns" -D "$lat_seconds" --warm-up-time=1 --log-file="$log" -H ':authority: web.service')
+  local args=(-c "$lat_conns" -D "$secs" --warm-up-time="$warmup" --log-file="$log" -H ':authority: web.service')
   local url late=0 tb=0 ta=0 ppids before after t0 t1
   if [ "$kind" = h1 ]; then
     args+=(--h1)
@@ -372,7 +380,7 @@ h2load_run() {
   before=$(cpu_ticks "${ppids[@]}")
   tb=$(throttled "$p")
   t0=$(date +%s.%N)
-  timeout $((lat_seconds + 30)) "${load_pin[@]}" h2load "${args[@]}" "$url" >"$out" 2>&1 \
+  timeout $((secs + 30)) "${load_pin[@]}" h2load "${args[@]}" "$url" >"$out" 2>&1 \
     || die "h2load against $p ($kind) failed: $(tail -3 "$out")"
   t1=$(date +%s.%N)
   after=$(cpu_ticks "${ppids[@]}")
@@ -527,38 +535,54 @@ print(int(min(meds)) if meds else 0)
 EOF
 }
 
-# h2load_rounds KIND RATE: $rounds rounds of h2load_run over the HTTP proxies,
-# the first one rotating from round to round.
+# h2load_rounds KIND: $rounds saturating rounds of h2load_run over the HTTP
+# proxies, the first one rotating from round to round.
 h2load_rounds() {
   local r k
   for r in $(seq 1 "$rounds"); do
     for k in "${!l7[@]}"; do
-      h2load_run "$r" "${l7[$(((r - 1 + k) % ${#l7[@]}))]}" "$1" "$2"
+      h2load_run "$r" "${l7[$(((r - 1 + k) % ${#l7[@]}))]}" "$1" 0 "$run_seconds" 1
+    done
+  done
+}
+
+# h2load_slices KIND RATE: the fixed-rate load in slices of $lat_slice seconds,
+# the HTTP proxies taking turns (the first rotating), until each has had
+# $lat_seconds. Below the cap, a proxy's p99 is set by the few moments the
+# whole proxy stalls (every connection's request late at once: the machine's
+# vCPU or the quota's period, not the proxy's work); slices spread those
+# moments over every proxy alike. The summary pools each proxy's requests.
+h2load_slices() {
+  local s k n=$(((lat_seconds + lat_slice - 1) / lat_slice))
+  for s in $(seq 1 "$n"); do
+    for k in "${!l7[@]}"; do
+      h2load_run "$s" "${l7[$(((s - 1 + k) % ${#l7[@]}))]}" "$1" "$2" "$lat_slice" 250ms >/dev/null
     done
   done
 }
 
 if [ "$lat_seconds" -gt 0 ]; then
   rate=${lat_rps:-$(python3 -c "print(int($(median_reqs "$results") * $lat_share))")}
-  echo "HTTP/1.1 fixed rate: $rate req/s (h2load --h1 -c $lat_conns --rps, ${lat_seconds}s), $rounds rounds"
-  h2load_rounds h1 "$rate"
+  echo "HTTP/1.1 fixed rate: $rate req/s (h2load --h1 -c $lat_conns --rps), ${lat_seconds}s per proxy in ${lat_slice}s slices"
+  h2load_slices h1 "$rate"
 fi
 if [ "$tls" = 1 ] && [ "$lat_seconds" -gt 0 ]; then
-  echo "HTTP/2 over TLS throughput: h2load -c $lat_conns -m 10, ${lat_seconds}s, $rounds rounds"
-  h2load_rounds h2 0
+  echo "HTTP/2 over TLS throughput: h2load -c $lat_conns -m 10, ${run_seconds}s, $rounds rounds"
+  h2load_rounds h2
   rate=${lat_rps:-$(python3 -c "print(int($(median_reqs "$tmp/h2load.tsv" h2) * $lat_share))")}
-  echo "HTTP/2 over TLS fixed rate: $rate req/s"
-  h2load_rounds h2 "$rate"
+  echo "HTTP/2 over TLS fixed rate: $rate req/s, ${lat_seconds}s per proxy in ${lat_slice}s slices"
+  h2load_slices h2 "$rate"
 fi
 
 # --- summary ---------------------------------------------------------------------------------
-python3 - "$results" "$tmp/h2load.tsv" "$quota_pct" "${l7[@]}" <<'EOF'
+python3 - "$results" "$tmp/h2load.tsv" "$quota_pct" "$tmp" "${l7[@]}" <<'EOF'
 import csv, statistics, sys
 from benchstats import fmt, med, num
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 lat = list(csv.DictReader(open(sys.argv[2]), delimiter="\t"))
 quota = sys.argv[3]
-l7 = sys.argv[4:]
+tmp = sys.argv[4]
+l7 = sys.argv[5:]
 
 
 
@@ -609,7 +633,7 @@ for kind, title in (("h1", "HTTP/1.1"), ("h2", "HTTP/2 over TLS")):
             continue
         what = f"fixed rate {part[0]['rate']} req/s" if fixed else "saturating (h2load -m 10)"
         print()
-        print(f"{title}, h2load {what}, capped at {quota}% (medians over rounds)")
+        print(f"{title}, h2load {what}, capped at {quota}% (medians over {'slices' if fixed else 'rounds'})")
         print(f"{'proxy':<10} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'cpu':>5} {'throttled':>9} {'failed':>6} {'non-2xx':>7}")
         for p in l7:
             ps = [r for r in part if r["proxy"] == p]
@@ -620,12 +644,29 @@ for kind, title in (("h1", "HTTP/1.1"), ("h2", "HTTP/2 over TLS")):
         if bad:
             print(f"note: {len(bad)} run(s) had failed or non-2xx requests: " + ", ".join(r["proxy"] + " round " + r["round"] for r in bad))
         if fixed:
+            # Every request of every slice, pooled per proxy (h2load's log: one
+            # line per request, its latency in microseconds third).
+            print(f"every request of the {len(part) // max(1, len(l7))} slices per proxy, pooled (and the slices the quota throttled):")
+            p99 = {}
+            for p in l7:
+                ps = [r for r in part if r["proxy"] == p]
+                us = sorted(int(line.split("\t")[2]) for r in ps
+                            for line in open(f"{tmp}/h2load-{r['round']}-{p}-{kind}-{r['rate']}.log")
+                            if line.count("\t") >= 2)
+                q = lambda x: us[min(len(us) - 1, int(x * len(us)))] / 1000 if us else None
+                p99[p] = q(0.99)
+                print(f"  {p:<10} {len(us):>8} requests  p50 {fmt(q(0.5), '7.3f')}  p99 {fmt(q(0.99), '7.3f')}  "
+                      f"p99.9 {fmt(q(0.999), '7.3f')}  max {fmt(q(1.0), '7.1f')}  "
+                      f"{sum(1 for r in ps if num(r['throttled']))}/{len(ps)}")
             h = ratio(part, "p99_ms", "wayfinder", "haproxy")
             n = ratio(part, "p99_ms", "wayfinder", "nginx")
             b = ratio(part, "p99_ms", "wayfinder", "wf-before")
-            print(f"p99 ratios: wayfinder/haproxy {fmt(h, '.2f')}  wayfinder/nginx {fmt(n, '.2f')}"
-                  + (f"  wayfinder/wf-before {fmt(b, '.2f')}" if b else "") + "; target p99 <= HAProxy's: "
-                  + ("met" if h is not None and h <= 1.0 else "MISSED"))
+            print(f"p99 ratios (median over slices of the ratio to the neighbouring slice): wayfinder/haproxy {fmt(h, '.2f')}  "
+                  f"wayfinder/nginx {fmt(n, '.2f')}" + (f"  wayfinder/wf-before {fmt(b, '.2f')}" if b else "")
+                  + "; target p99 <= HAProxy's: " + ("met" if h is not None and h <= 1.0 else "MISSED"))
+            pooled = lambda a, b: p99[a] / p99[b] if p99.get(a) and p99.get(b) else None
+            print(f"pooled p99 ratios: wayfinder/haproxy {fmt(pooled('wayfinder', 'haproxy'), '.2f')}  "
+                  f"wayfinder/nginx {fmt(pooled('wayfinder', 'nginx'), '.2f')} (set by the few throttled or stalled slices)")
         else:
             h = ratio(part, "reqs", "wayfinder", "haproxy")
             n = ratio(part, "reqs", "wayfinder", "nginx")
