@@ -373,13 +373,16 @@ impl Component for Register {
             self.config.address.name()
         ));
         // `wayfinder/demo`: scripts/demo-image.sh (the standalone script builds it).
+        // `--pull never`: where it was not built (the appliance's container, a
+        // host set up by hand) the command says "No such image" instead of
+        // pulling whatever a public registry holds under that name.
         let docker = if self.config.docker == super::settings::DEFAULT_DOCKER {
             "docker".to_string()
         } else {
             format!("docker -H {}", self.config.docker)
         };
         banner.registers.push(format!(
-            "  {docker} run -d -p 8080:8080 -e SERVICE_NAME=web -e SERVICE_TAGS=haproxy wayfinder/demo"
+            "  {docker} run -d -p 8080:8080 --pull never -e SERVICE_NAME=web -e SERVICE_TAGS=haproxy wayfinder/demo"
         ));
     }
 }

@@ -243,7 +243,10 @@ fn readme_quick_start_with_the_vpn_works_in_a_fresh_clone() {
     };
     let register = line("docker -H unix://");
     assert!(
-        register.contains(" run -d -p 8080:8080 ") && register.contains("SERVICE_TAGS=haproxy"),
+        register.contains(" run -d -p 8080:8080 ")
+            && register.contains("SERVICE_TAGS=haproxy")
+            // The demo image is built here, never pulled from a registry.
+            && register.contains(" --pull never "),
         "{register}"
     );
     until(&app, &clone, &register, Duration::from_secs(30), &log, |_| true);
