@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::harness::{Consul, HttpBackend, Lb, consul_section, eventually, require, tagged_backend, unique};
+use crate::harness::{Consul, HttpBackend, Lb, consul_section, eventually, free_port, require, tagged_backend, unique};
 
 /// Writes a self-signed certificate for `names` (CN = the first) with its key,
 /// HAProxy style.
@@ -387,4 +387,36 @@ async fn https_without_certificates_serves_a_kept_self_signed_one() {
     assert_eq!(certs.len(), 1, "{certs:?}");
     assert_eq!(certs[0]["self_signed"], false, "{certs:?}");
     assert_eq!(certs[0]["sha256"], file_fingerprint(&site).as_str());
+}
+
+/// Before the first complete read of Consul (here: no agent answers at all),
+/// a request waits `ready_timeout` for it, then gets 503 with `Retry-After: 1`
+/// and says why, on each path: plain HTTP/1.1, HTTP/1.1 over TLS and h2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_the_catalog_is_read_every_path_answers_503_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("web.pem");
+    write_cert(&certs, &["web.service"]);
+    // Nothing listens on these ports: the lb never becomes ready.
+    let (http, dns) = (free_port(), free_port());
+    let lb = Lb::start(&format!(
+        "[consul]\nhttp = \"127.0.0.1:{http}\"\ndns = [\"127.0.0.1:{dns}\"]\n\
+         [lb]\nready_timeout = \"300ms\"\nssl = true\ncerts = [\"{}\"]\n",
+        certs.display()
+    ))
+    .await;
+    assert!(!lb.state.is_ready());
+    let why = "still reading the service catalog from Consul";
+    let (status, body, headers) = lb.get("web.service", "/").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains(why), "{body}");
+    assert_eq!(headers.get("retry-after").map(|v| v.as_bytes()), Some(&b"1"[..]));
+    let https = lb.https.expect("https listener");
+    for http2 in [false, true] {
+        let answer = curl(https, "web.service", "/", http2).await;
+        assert_eq!(answer.version, if http2 { "2" } else { "1.1" }, "{answer:?}");
+        assert_eq!(answer.status, 503, "{answer:?}");
+        assert!(answer.body.contains(why), "{answer:?}");
+        assert!(answer.headers.contains("\nretry-after: 1\r"), "{answer:?}");
+    }
 }

@@ -47,7 +47,7 @@ use super::{ClientConn, MAX_ATTEMPTS, MAX_HEADER_BYTES, NoSlot, Proxy, Release, 
 use crate::lb::body::{ProxyBody, error_page};
 use crate::lb::client::{self, ClientIo};
 use crate::lb::h1::{self, Framing, RequestHead, ResponseHead, Version, chunked};
-use crate::lb::table::{Backend, BackendInstance, Destination};
+use crate::lb::table::{Backend, BackendInstance};
 use crate::lb::upload::{BodyClock, BodyError, ForwardBody, Reservation};
 
 /// Room made in a read buffer before each read.
@@ -253,61 +253,16 @@ impl Proxy {
         }
         let is_head = head.method == "HEAD";
         let has_body = head.framing != Framing::Empty;
-        // Until the first table from a complete read of Consul is live, an empty
-        // table would answer 503 for services that exist: wait for it instead.
-        if !self.state.is_ready() && !self.state.wait_ready(self.ready_timeout).await {
-            let mut resp = error_page(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "The load balancer is still reading the service catalog from Consul.",
-            );
-            resp.headers_mut()
-                .insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
-            return self
-                .answer(
-                    io,
-                    &mut bufs.answer,
-                    resp,
-                    (head.keep_alive, has_body),
-                    is_head,
-                    started,
-                )
-                .await;
-        }
         let host = std::str::from_utf8(head.authority).ok().filter(|h| !h.is_empty());
         let path = head.path();
         let route_path = path.split_once('?').map_or(path, |(p, _)| p);
-        let table = self.state.table.load();
-        let backend = match table.route(host, route_path) {
-            Destination::Backend(backend) => backend.clone(),
-            Destination::OtherDatacenter(Some(backend)) => {
-                if let Some(host) = host {
-                    self.state.want_datacenter(host);
-                }
-                backend.clone()
-            }
-            other => {
-                let resp = match other {
-                    Destination::Landing => crate::lb::status::landing_page(&self.state),
-                    _ => {
-                        if let (Destination::OtherDatacenter(None), Some(host)) = (&other, host) {
-                            self.state.want_datacenter(host);
-                        }
-                        error_page(StatusCode::SERVICE_UNAVAILABLE, "No service answers to this name.")
-                    }
-                };
-                return self
-                    .answer(
-                        io,
-                        &mut bufs.answer,
-                        resp,
-                        (head.keep_alive, has_body),
-                        is_head,
-                        started,
-                    )
-                    .await;
+        let backend = match self.destination(host, route_path).await {
+            Ok(backend) => backend,
+            Err(own) => {
+                let wish = (head.keep_alive, has_body);
+                return self.answer(io, &mut bufs.answer, own, wish, is_head, started).await;
             }
         };
-        drop(table);
         let expect_continue = head.expect_continue && has_body;
         let n = self.request_ids.fetch_add(1, Ordering::Relaxed);
         let unique_id = request_id_bytes(self.id_prefix, n);

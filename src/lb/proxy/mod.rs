@@ -442,22 +442,6 @@ impl Proxy {
                     started,
                 );
             }
-            // Until the first table from a complete read of Consul is live, an empty
-            // table would answer 503 for services that exist: wait for it instead.
-            if !self.state.is_ready() && !self.state.wait_ready(self.ready_timeout).await {
-                let mut resp = error_page(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "The load balancer is still reading the service catalog from Consul.",
-                );
-                resp.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                self.state
-                    .stats
-                    .requests
-                    .record(resp.status().as_u16(), started.elapsed());
-                return resp;
-            }
-            let table = self.state.table.load_full();
             // The target's authority wins over Host: an absolute-form target
             // (RFC 9112 3.2.2) and h2's `:authority` (RFC 9113 8.3.1); the
             // backend is then sent that as its Host (`http1::write_h2_request_head`).
@@ -465,34 +449,50 @@ impl Proxy {
                 Some(authority) => Some(authority_host(authority)),
                 None => host_header.and_then(|h| h.to_str().ok()),
             };
-            let route = table.route(host, req.uri().path());
-            let response = match route {
-                Destination::Landing => super::status::landing_page(&self.state),
-                Destination::NotFound => {
-                    error_page(StatusCode::SERVICE_UNAVAILABLE, "No service answers to this name.")
-                }
-                Destination::OtherDatacenter(None) => {
-                    if let Some(host) = host {
-                        self.state.want_datacenter(host);
-                    }
-                    error_page(StatusCode::SERVICE_UNAVAILABLE, "No service answers to this name.")
-                }
-                Destination::Backend(backend) | Destination::OtherDatacenter(Some(backend)) => {
-                    if let (Destination::OtherDatacenter(_), Some(host)) = (&route, host) {
-                        self.state.want_datacenter(host);
-                    }
-                    let backend = backend.clone();
-                    drop(table);
+            let response = match self.destination(host, req.uri().path()).await {
+                Ok(backend) => {
                     let response = self.forward(req, client, &backend, started).await;
                     backend.counters.record(response.status().as_u16(), started.elapsed());
                     response
                 }
+                Err(own) => own,
             };
             self.state
                 .stats
                 .requests
                 .record(response.status().as_u16(), started.elapsed());
             response
+        }
+    }
+
+    /// Where a request for `host` and `path` goes, for both paths: its
+    /// backend, or the lb's own answer: 503 with `Retry-After` while the first
+    /// complete read of Consul is not live yet (an empty table would answer
+    /// 503 for services that exist: it is waited for, up to `ready_timeout`),
+    /// the landing page, or 503 when no service answers to the name. A name of
+    /// another datacenter asks the watcher to follow that datacenter.
+    async fn destination(&self, host: Option<&str>, path: &str) -> Result<Arc<Backend>, Response<ProxyBody>> {
+        if !self.state.is_ready() && !self.state.wait_ready(self.ready_timeout).await {
+            let mut resp = error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The load balancer is still reading the service catalog from Consul.",
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return Err(resp);
+        }
+        let table = self.state.table.load();
+        let route = table.route(host, path);
+        if let (Destination::OtherDatacenter(_), Some(host)) = (&route, host) {
+            self.state.want_datacenter(host);
+        }
+        match route {
+            Destination::Backend(backend) | Destination::OtherDatacenter(Some(backend)) => Ok(backend.clone()),
+            Destination::Landing => Err(super::status::landing_page(&self.state)),
+            Destination::NotFound | Destination::OtherDatacenter(None) => Err(error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "No service answers to this name.",
+            )),
         }
     }
 
