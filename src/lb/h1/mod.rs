@@ -438,15 +438,12 @@ impl<'b> Fields<'b> {
             return Err(Refusal::LengthAndEncoding);
         }
         f.upgrade = upgrade_field && connection_upgrade;
-        // Fields the Connection field names are this hop's too (its usual
-        // tokens name fields dropped anyway, and are skipped).
+        // Fields the Connection field names are this hop's too (`keep-alive`
+        // and `upgrade` name fields dropped anyway, and are skipped).
         if connection_fields {
             for h in headers.iter().filter(|h| Known::of(h.name) == Known::Connection) {
                 for token in list(trim(h.value)) {
-                    if [&b"close"[..], b"keep-alive", b"upgrade"]
-                        .iter()
-                        .any(|t| token.eq_ignore_ascii_case(t))
-                    {
+                    if token.eq_ignore_ascii_case(b"keep-alive") || token.eq_ignore_ascii_case(b"upgrade") {
                         continue;
                     }
                     for (i, other) in headers.iter().enumerate() {

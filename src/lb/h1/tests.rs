@@ -186,6 +186,14 @@ fn connection_fields_and_what_is_dropped() {
     assert!(!h.keep_alive);
     let dropped: Vec<usize> = (0..h.fields).filter(|&i| h.drop.contains(i)).collect();
     assert_eq!(dropped, [1, 2, 3, 4, 6, 7], "X-Kept (5) and Host (0) stay");
+    // `close` is an option, and a field of that name is this hop's too.
+    let named = accepted("GET / HTTP/1.1\r\nHost: a\r\nClose: 1\r\nConnection: close\r\n\r\n");
+    assert_eq!(
+        (0..named.fields)
+            .filter(|&i| named.drop.contains(i))
+            .collect::<Vec<_>>(),
+        [1, 2]
+    );
     assert!(!accepted("GET / HTTP/1.0\r\n\r\n").keep_alive);
     assert!(accepted("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
     let ws = accepted("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
